@@ -1,0 +1,407 @@
+"""Ingest: turn one raw row into a validated source record, as the mapping profile says. Pure: no I/O.
+
+Every failure becomes a :class:`FieldProblem` naming the field, the (masked) value and the reason, so the
+row can be rejected and reported while all other rows go on.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pydantic import ValidationError
+
+from connector.model import (
+    RECORD_MODELS,
+    SENSITIVE_FIELDS,
+    GoalTarget,
+    RecordKind,
+    SourceRecord,
+    SupportType,
+)
+from connector.profile import GOAL_TARGET_FIELDS, FieldSpec, Profile, RecordSpec
+from connector.readers.base import RawRow
+
+_EXCEL_EPOCH = datetime(1899, 12, 30)
+_EXCEL_SERIAL = re.compile(r"^\d{4,6}(\.\d+)?$")
+_ROW = "(row)"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldProblem:
+    """Why a row was rejected: the field, the value as shown in reports (masked if sensitive), the reason."""
+
+    field: str
+    value: str
+    reason: str
+
+
+class RowRejected(Exception):
+    """A row failed; carries every problem found in it."""
+
+    def __init__(self, problems: list[FieldProblem]) -> None:
+        super().__init__("; ".join(f"{p.field}: {p.reason}" for p in problems))
+        self.problems = problems
+
+
+def show_value(field: str, value: Any) -> str:
+    """The value as it may appear in a rejects report: masked for patient data, free text and identifiers
+    (the file and row locate the record), shortened otherwise."""
+    if value is None:
+        return ""
+    text = str(value)
+    if field in SENSITIVE_FIELDS or field.endswith(("_id", "_ids")):
+        return f"<masked: {len(text)} characters>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class RowConverter:
+    """Converts raw rows of one record kind with one profile. Build once per kind; call per row."""
+
+    def __init__(self, profile: Profile, kind: RecordKind) -> None:
+        self.profile = profile
+        self.kind = kind
+        self.spec: RecordSpec = profile.records[kind]
+        self.model = RECORD_MODELS[kind]
+        self.zone = ZoneInfo(profile.program.timezone)
+        opts = profile.options
+        self.true_values = {v.casefold() for v in opts.true_values}
+        self.false_values = {v.casefold() for v in opts.false_values}
+        self.earliest = date.fromisoformat(opts.earliest_date)
+        self.latest = date.fromisoformat(opts.latest_date)
+        self.types = {name: _field_type(self.model, name) for name in self.spec.fields}
+
+    def missing_columns(self, header: set[str]) -> dict[str, str]:
+        """Field -> the column it needs that the file lacks (reported once per file, rejected per row)."""
+        missing = {}
+        for name, spec in self.spec.fields.items():
+            for column in spec.columns_used():
+                if column not in header and "." not in column:
+                    missing[name] = column
+        return missing
+
+    def convert(self, row: RawRow) -> SourceRecord:
+        """Return the validated record, or raise RowRejected listing every problem in the row."""
+        if row.error:
+            raise RowRejected([FieldProblem(_ROW, "", row.error)])
+        values: dict[str, Any] = {}
+        original: dict[str, str] = {}
+        problems: list[FieldProblem] = []
+        for name, spec in self.spec.fields.items():
+            try:
+                value = self._field(name, spec, row.values, original)
+            except ValueError as exc:
+                problems.append(FieldProblem(name, show_value(name, _raw(spec, row.values)), str(exc)))
+                continue
+            if value is not None:
+                values[name] = value
+        if self.kind is RecordKind.GOAL:
+            self._assemble_target(values, problems)
+        if self.kind is RecordKind.ENROLLMENT and "mrn_system" not in values:
+            values["mrn_system"] = self.profile.program.mrn_system
+        if self.kind is RecordKind.CONTACT and not values.get("essential_elements"):
+            values["essential_elements"] = self._implied_elements(values.get("support_types", ()))
+        if original:
+            values["original_text"] = original
+        if problems:
+            raise RowRejected(problems)
+        try:
+            return self.model.model_validate(values)
+        except ValidationError as exc:
+            raise RowRejected(_validation_problems(exc, values)) from None
+
+    # -- one field -------------------------------------------------------------------------------------
+
+    def _field(self, name: str, spec: FieldSpec, row: dict[str, Any], original: dict[str, str]) -> Any:
+        ftype = self.types.get(name, str)
+        if spec.checkboxes is not None:
+            return self._checkboxes(name, spec, row, ftype, original)
+        raw = _raw(spec, row)
+        if _is_empty(raw):
+            raw = spec.default
+            if _is_empty(raw):
+                return () if _is_list(ftype) else None
+        if _is_list(ftype):
+            separator = spec.split or self.profile.options.list_separator
+            parts = raw if isinstance(raw, list) else [p for p in str(raw).split(separator) if p.strip()]
+            item_type = typing.get_args(ftype)[0]
+            return tuple(dict.fromkeys(self._scalar(name, spec, p, item_type, original) for p in parts))
+        return self._scalar(name, spec, raw, ftype, original)
+
+    def _scalar(self, name: str, spec: FieldSpec, raw: Any, ftype: Any, original: dict[str, str]) -> Any:
+        if isinstance(ftype, type) and issubclass(ftype, StrEnum):
+            return self._code(name, spec, raw, ftype, original)
+        if ftype is bool:
+            return self._bool(spec, raw)
+        if ftype is datetime:
+            return self._datetime(spec, raw)
+        if ftype is date:
+            return self._date(spec, raw)
+        if ftype is int:
+            return _int(raw)
+        if ftype is Decimal:
+            return _decimal(raw)
+        if isinstance(raw, float) and raw.is_integer():
+            raw = int(raw)  # Excel stores ids typed as numbers as floats: 1042.0 -> "1042"
+        return str(raw).strip() if not isinstance(raw, str) else raw.strip()
+
+    def _code(self, name: str, spec: FieldSpec, raw: Any, enum: type[StrEnum], original: dict[str, str]) -> str:
+        text = str(raw.strip() if isinstance(raw, str) else raw)
+        if isinstance(raw, float) and raw.is_integer():
+            text = str(int(raw))
+        table = self.profile.code_tables.get(spec.codes) if spec.codes else None
+        code = _lookup_code(text, enum, _table_key(self.profile, spec.codes) if table else None)
+        if code is not None:
+            return code
+        policy = spec.unknown or self.profile.options.unknown_codes
+        if policy == "other" and "other" in enum._value2member_map_:
+            original[name] = text
+            return "other"
+        allowed = ", ".join(e.value for e in enum)
+        raise ValueError(f"unknown code {text!r} (allowed: {allowed}; or add it to a code table in the profile)")
+
+    def _checkboxes(self, name: str, spec: FieldSpec, row: dict[str, Any], ftype: Any, original: dict[str, str]) -> Any:
+        boxes = spec.checkboxes
+        assert boxes is not None
+        item_type = typing.get_args(ftype)[0] if _is_list(ftype) else ftype
+        codes = []
+        for suffix, code in boxes.options.items():
+            if self._bool(spec, row.get(boxes.prefix + suffix)):
+                codes.append(self._scalar(name, spec, code, item_type, original))
+        return tuple(dict.fromkeys(codes))
+
+    def _bool(self, spec: FieldSpec, raw: Any) -> bool:
+        if isinstance(raw, bool):
+            return raw
+        if raw is None:
+            return False
+        if isinstance(raw, (int, float)):
+            return raw != 0
+        text = str(raw).strip().casefold()
+        truthy = {v.casefold() for v in spec.true_values} if spec.true_values else self.true_values
+        if text in truthy:
+            return True
+        if spec.true_values or text in self.false_values:
+            return False
+        raise ValueError(f"not a yes/no value: {str(raw)[:40]!r}")
+
+    def _date(self, spec: FieldSpec, raw: Any) -> date:
+        if isinstance(raw, datetime):
+            value = raw.date()
+        elif isinstance(raw, date):
+            value = raw
+        else:
+            value = self._parse_datetime(spec, raw, self.profile.options.date_formats).date()
+        return self._plausible(value)
+
+    def _datetime(self, spec: FieldSpec, raw: Any) -> datetime:
+        if isinstance(raw, datetime):
+            value = raw
+        elif isinstance(raw, date):
+            value = datetime(raw.year, raw.month, raw.day)
+        else:
+            value = self._parse_datetime(spec, raw, self.profile.options.datetime_formats)
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=self.zone)  # local program time; DST handled by zoneinfo
+        self._plausible(value.date())
+        return value
+
+    def _parse_datetime(self, spec: FieldSpec, raw: Any, defaults: list[str]) -> datetime:
+        text = str(raw).strip()
+        if isinstance(raw, (int, float)) or _EXCEL_SERIAL.match(text):
+            return _from_excel_serial(float(raw if isinstance(raw, (int, float)) else text))
+        for fmt in spec.formats or defaults:
+            try:
+                return datetime.strptime(text, fmt)
+            except ValueError:
+                continue
+        try:
+            return datetime.fromisoformat(text)
+        except ValueError:
+            formats = ", ".join(spec.formats or defaults)
+            raise ValueError(f"not a date in an expected format ({formats})") from None
+
+    def _plausible(self, value: date) -> date:
+        if not self.earliest <= value <= self.latest:
+            raise ValueError(f"date {value.isoformat()} is outside {self.earliest} .. {self.latest}")
+        return value
+
+    def _implied_elements(self, support_types: tuple[str, ...]) -> tuple[str, ...]:
+        rules = self.profile.element_rules
+        elements: dict[str, None] = {}
+        for support in support_types:
+            for element in rules.get(SupportType(support), []):
+                elements[element.value] = None
+        return tuple(elements)
+
+    def _assemble_target(self, values: dict[str, Any], problems: list[FieldProblem]) -> None:
+        flat = {f: values.pop(f) for f in GOAL_TARGET_FIELDS if f in values}
+        if not flat:
+            return
+        if "target_measure" not in flat:
+            problems.append(FieldProblem("target_measure", "", "a target value was given without a measure"))
+            return
+        if "target_value" not in flat:
+            problems.append(FieldProblem("target_value", "", "a target measure was given without a value"))
+            return
+        try:
+            values["target"] = GoalTarget(
+                measure=flat["target_measure"],
+                comparator=flat.get("target_comparator", "="),
+                value=flat["target_value"],
+                unit=flat.get("target_unit"),
+            )
+        except ValidationError as exc:
+            for err in exc.errors():
+                field = "target_" + str(err["loc"][0]) if err["loc"] else "target"
+                problems.append(FieldProblem(field, show_value(field, flat.get(field)), err["msg"]))
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+def _raw(spec: FieldSpec, row: dict[str, Any]) -> Any:
+    if spec.column is not None:
+        return _get(row, spec.column)
+    if spec.const is not None:
+        return spec.const
+    if spec.template is not None:
+        parts = {}
+        for column in re.findall(r"{([^{}]+)}", spec.template):
+            value = _get(row, column)
+            if _is_empty(value):
+                return None  # an id built from an empty part is no id
+            parts[column] = _cell_text(value)
+        return re.sub(r"{([^{}]+)}", lambda m: parts[m.group(1)], spec.template)
+    return None
+
+
+def _get(row: dict[str, Any], column: str) -> Any:
+    if column in row:
+        return row[column]
+    node: Any = row
+    for part in column.split("."):  # dotted paths into nested JSON records
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _cell_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or value == []
+
+
+def _is_list(ftype: Any) -> bool:
+    return typing.get_origin(ftype) is tuple
+
+
+def _int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("not a whole number")
+    if isinstance(raw, int):
+        return raw
+    try:
+        number = Decimal(str(raw).strip())
+    except InvalidOperation:
+        raise ValueError("not a whole number") from None
+    if number != number.to_integral_value():
+        raise ValueError("not a whole number")
+    return int(number)
+
+
+def _decimal(raw: Any) -> Decimal:
+    try:
+        value = Decimal(str(raw).strip().replace(",", "."))
+    except InvalidOperation:
+        raise ValueError("not a number") from None
+    if not value.is_finite():
+        raise ValueError("not a finite number")
+    return value
+
+
+def _from_excel_serial(serial: float) -> datetime:
+    if not 1 <= serial < 2958466:  # Excel's valid range: 1900-01-01 .. 9999-12-31
+        raise ValueError("not a valid Excel date serial")
+    return _EXCEL_EPOCH + timedelta(days=serial)
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[\s_]+", "-", text.strip().casefold())
+
+
+@lru_cache(maxsize=256)
+def _enum_index(enum: type[StrEnum]) -> dict[str, str]:
+    return {_normalise(e.value): e.value for e in enum}
+
+
+_TABLE_CACHE: dict[int, dict[str, dict[str, str]]] = {}
+
+
+def _table_key(profile: Profile, name: str | None) -> dict[str, str] | None:
+    """The normalised spelling -> code index of a code table (built once per profile)."""
+    if name is None:
+        return None
+    tables = _TABLE_CACHE.get(id(profile))
+    if tables is None:
+        tables = {
+            table: {_normalise(str(s)): code for code, spellings in entries.items() for s in [code, *spellings]}
+            for table, entries in profile.code_tables.items()
+        }
+        _TABLE_CACHE[id(profile)] = tables
+    return tables.get(name)
+
+
+def _lookup_code(text: str, enum: type[StrEnum], table: dict[str, str] | None) -> str | None:
+    key = _normalise(text)
+    if table is not None and key in table:
+        key = _normalise(table[key])
+    return _enum_index(enum).get(key)
+
+
+def _field_type(model: type[SourceRecord], name: str) -> Any:
+    """The plain Python type of a model field: Optional and Annotated unwrapped, tuples kept as tuple[X]."""
+    if name in GOAL_TARGET_FIELDS:
+        return {"target_measure": GoalTarget.model_fields["measure"].annotation,
+                "target_comparator": GoalTarget.model_fields["comparator"].annotation,
+                "target_value": Decimal, "target_unit": str}[name]
+    annotation = model.model_fields[name].annotation
+    return _unwrap(annotation)
+
+
+def _unwrap(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0])
+    if origin is tuple:
+        return tuple[_unwrap(typing.get_args(annotation)[0])]  # type: ignore[misc]
+    return annotation
+
+
+def _validation_problems(exc: ValidationError, values: dict[str, Any]) -> list[FieldProblem]:
+    problems = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else _ROW
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            message = "required value is missing"
+        elif err["type"] == "string_pattern_mismatch":
+            message = "contains characters that are not allowed"
+        problems.append(FieldProblem(field, show_value(field, values.get(field)), message))
+    return problems

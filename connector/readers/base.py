@@ -1,0 +1,34 @@
+"""The row type every reader yields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class RowLocation:
+    """Where a row came from: file, optional sheet, and a 1-based row (spreadsheet numbering, header = 1)
+    or line (NDJSON) or array index (JSON)."""
+
+    file: str
+    row: int
+    sheet: str | None = None
+    unit: str = "row"  # "row", "line" or "index"
+
+    def __str__(self) -> str:
+        sheet = f"[{self.sheet}]" if self.sheet else ""
+        return f"{self.file}{sheet} {self.unit} {self.row}"
+
+
+@dataclass(frozen=True, slots=True)
+class RawRow:
+    """One source row before mapping: column -> value (str for text formats; native types from Excel/JSON)."""
+
+    location: RowLocation
+    values: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # set when the row could not be decoded; the row is then rejected
+
+    def is_blank(self) -> bool:
+        """True when every cell is empty (blank spreadsheet rows are counted, not mapped)."""
+        return self.error is None and all(v is None or (isinstance(v, str) and not v.strip()) for v in self.values.values())
