@@ -156,5 +156,214 @@ def _print_read_report(summary: dict[str, Any]) -> None:
             click.echo(f"  ... {len(lines) - 21} more in the report")
 
 
+# -- sync, plan, status, review ------------------------------------------------------------------------
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="PEERSYNC_CONFIG",
+    help="TOML configuration file (env PEERSYNC_CONFIG); PEERSYNC_SECTION__KEY variables override it.",
+)
+
+
+def _settings(config_path: Path | None) -> Any:
+    from connector.config import load_settings
+
+    return load_settings(config_path)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a terminal).")
+@logging_options
+@translate_errors
+def sync(config_path: Path | None, as_json: bool, progress: bool | None) -> None:
+    """Push the program's records to the FHIR server: idempotent, incremental, safe to rerun at any time.
+
+    Exit codes: 0 all landed; 65 rows rejected, quarantined or in review (the rest landed); 69 server
+    unavailable (pending records are sent next run); 75 another run holds the lock; 77 auth; 78 config.
+    """
+    from connector.app import build_client, sync_options
+    from connector.logs import RUN_ID
+    from connector.sync import Syncer
+
+    settings = _settings(config_path)
+    opts = sync_options(settings)
+    client = build_client(settings)
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    bar = _ProgressBar() if show_bar else None
+    syncer = Syncer(opts, client, on_progress=bar.update if bar else None)
+    try:
+        summary = syncer.run(RUN_ID.get())
+    finally:
+        if bar:
+            bar.close()
+    _write_metrics(settings, summary)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict(), indent=2))
+    else:
+        _print_summary(summary.as_dict())
+    sys.exit(summary.exit_code)
+
+
+class _ProgressBar:
+    """click's progress bar on stderr, driven by (done, total) callbacks."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.done = 0
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=max(total, 1), label="participants", file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _write_metrics(settings: Any, summary: Any) -> None:
+    if settings.output.metrics_file is None:
+        return
+    from connector.metrics import write_textfile
+
+    write_textfile(settings.output.metrics_file, summary.as_dict())
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    counts = summary["counts"]
+    click.echo(f"run {summary['run_id']}: {summary['outcome']} (exit {summary['exit_code']}) in {summary['duration_s']}s")
+    read = summary.get("read") or {}
+    if read:
+        click.echo(f"  read {read.get('read', 0)} rows: {read.get('accepted', 0)} accepted, "
+                   f"{read.get('rejected', 0)} rejected")
+    click.echo("  " + ", ".join(f"{name.replace('_', ' ')} {counts[name]}" for name in counts))
+    click.echo(f"  requests {summary['requests']} (writes {summary['write_requests']}, retries {summary['retries']})")
+    for held in summary.get("deletions_held") or []:
+        click.echo(f"  warning: {held}", err=True)
+    if summary.get("rejects_report") and counts.get("rejected"):
+        click.echo(f"  rejects report: {summary['rejects_report']}")
+    if summary.get("error"):
+        click.echo(f"  error: {summary['error']}", err=True)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
+@logging_options
+@translate_errors
+def plan(config_path: Path | None, as_json: bool) -> None:
+    """Dry run: what a sync would create, update, void or leave unchanged, per resource type and participant.
+
+    Reads the inputs and the ledger only; sends nothing to the server.
+    """
+    from connector.app import sync_options
+    from connector.ledger import Ledger
+    from connector.staging import Staging
+    from connector.sync import read_and_plan
+
+    opts = sync_options(_settings(config_path))
+    with tempfile.TemporaryDirectory(prefix="peersync-plan-") as tmp, Staging(Path(tmp) / "s.sqlite") as staging, \
+            Ledger(opts.ledger_path) as ledger:
+        report, computed, rejects = read_and_plan(opts, ledger, staging)
+        review = ledger.reviews()
+    result = computed.as_dict() | {"read": report.as_dict()["total"], "rejects_report": str(rejects),
+                                   "open_reviews": len(review)}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{'resource type':<22}" + "".join(f"{a:>12}" for a in ("create", "update", "void", "delete",
+                                                                           "retry", "unchanged")))
+    for resource_type, counts in result["resources"].items():
+        click.echo(f"{resource_type:<22}" + "".join(f"{counts.get(a, 0):>12}" for a in
+                                                   ("create", "update", "void", "delete", "retry", "unchanged")))
+    totals = result["totals"]
+    click.echo(f"units: {totals}")
+    click.echo(f"participants with changes: {sum(1 for c in result['participants'].values() if any(c.get(a) for a in ('create','update','void','delete','retry')))}")
+    for held in result["deletions_held"]:
+        click.echo(f"warning: {held}", err=True)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@click.option("--runs", default=5, show_default=True, help="How many recent runs to show.")
+@translate_errors
+def status(config_path: Path | None, as_json: bool, runs: int) -> None:
+    """The last runs and the backlog: pending, quarantined and in-review records, open reviews."""
+    from connector.ledger import Ledger
+
+    settings = _settings(config_path)
+    with Ledger(settings.sync.ledger) as ledger:
+        result = {"ledger": str(settings.sync.ledger), "runs": ledger.runs(runs), "units": ledger.state_counts(),
+                  "open_reviews": len(ledger.reviews())}
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    click.echo(f"ledger: {result['ledger']}")
+    click.echo("records by state: " + (", ".join(f"{k} {v}" for k, v in sorted(result["units"].items())) or "none"))
+    click.echo(f"open reviews: {result['open_reviews']}")
+    click.echo(f"{'run':<14}{'started':<27}{'outcome':<12}{'exit':>5}  counts")
+    for run in result["runs"]:
+        counts = (run.get("summary") or {}).get("counts", {})
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        click.echo(f"{run['run_id']:<14}{run['started_at']:<27}{str(run['outcome']):<12}{str(run['exit_code']):>5}  {shown}")
+
+
+@main.group()
+def review() -> None:
+    """The review queue: participants whose Patient was not found or is ambiguous, duplicates on the server."""
+
+
+@review.command("list")
+@config_option
+@click.option("--all", "include_closed", is_flag=True, help="Include dismissed and resolved entries.")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@translate_errors
+def review_list(config_path: Path | None, include_closed: bool, as_json: bool) -> None:
+    """List review entries (subjects are source ids; no patient data)."""
+    from connector.ledger import Ledger
+
+    with Ledger(_settings(config_path).sync.ledger) as ledger:
+        entries = ledger.reviews(include_closed=include_closed)
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    if not entries:
+        click.echo("review queue is empty")
+    for e in entries:
+        click.echo(f"{e['id']:>5}  {e['status']:<9} {e['reason']:<20} {e['subject']:<28} {e['detail'] or ''}")
+
+
+@review.command("retry")
+@config_option
+@click.argument("review_id", type=int)
+@translate_errors
+def review_retry(config_path: Path | None, review_id: int) -> None:
+    """Send a quarantined or reviewed record again on the next sync."""
+    _set_review(config_path, review_id, "retry")
+
+
+@review.command("dismiss")
+@config_option
+@click.argument("review_id", type=int)
+@translate_errors
+def review_dismiss(config_path: Path | None, review_id: int) -> None:
+    """Dismiss a review entry (it stays in the history; the record is not retried automatically)."""
+    _set_review(config_path, review_id, "dismissed")
+
+
+def _set_review(config_path: Path | None, review_id: int, status_value: str) -> None:
+    from connector.ledger import Ledger
+
+    with Ledger(_settings(config_path).sync.ledger) as ledger:
+        if not ledger.set_review_status(review_id, status_value):
+            click.echo(f"error: no review entry {review_id}", err=True)
+            sys.exit(ExitCode.USAGE)
+    click.echo(f"review {review_id}: {status_value}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 from pydantic import ValidationError
 
 from connector.model import (
+    ID_FIELDS,
     RECORD_MODELS,
     SENSITIVE_FIELDS,
     GoalTarget,
@@ -87,6 +88,14 @@ class RowConverter:
                 if column not in header and "." not in column:
                     missing[name] = column
         return missing
+
+    def source_key(self, row: RawRow) -> str | None:
+        """The row's record id as written (best effort, for rows that fail): None when unreadable."""
+        spec = self.spec.fields.get(ID_FIELDS[self.kind])
+        if spec is None or row.error:
+            return None
+        value = _raw(spec, row.values)
+        return None if _is_empty(value) else _cell_text(value)
 
     def convert(self, row: RawRow) -> SourceRecord:
         """Return the validated record, or raise RowRejected listing every problem in the row."""

@@ -378,6 +378,17 @@ RECORD_MODELS: dict[RecordKind, type[SourceRecord]] = {
     RecordKind.PLANNED_CONTACT: PlannedContact,
 }
 
+# The field holding each kind's source id.
+ID_FIELDS: dict[RecordKind, str] = {
+    RecordKind.SUPPORTER: "staff_id",
+    RecordKind.ENROLLMENT: "enrollment_id",
+    RecordKind.GOAL: "goal_id",
+    RecordKind.GOAL_NOTE: "note_id",
+    RecordKind.CONTACT: "contact_id",
+    RecordKind.REFERRAL: "referral_id",
+    RecordKind.PLANNED_CONTACT: "planned_contact_id",
+}
+
 # Fields whose values are patient data or free text: masked in rejects reports and never logged.
 SENSITIVE_FIELDS: frozenset[str] = frozenset(
     {"mrn", "given_name", "family_name", "notes", "text", "description", "outcome_notes", "phone", "email", "npi"}

@@ -156,8 +156,9 @@ def _read_group(
         try:
             record = converter.convert(row)
         except RowRejected as rejected:
+            key = converter.source_key(row)
             for problem in rejected.problems:
-                staging.reject(row.location, kind.value, problem.field, problem.value, problem.reason)
+                staging.reject(row.location, kind.value, problem.field, problem.value, problem.reason, key)
             continue
         staging.add(record, row.location)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from connector.model import RECORD_MODELS, RecordKind, SourceRecord
+from connector.model import ID_FIELDS, RECORD_MODELS, RecordKind, SourceRecord
 from connector.readers.base import RowLocation
 
 _SCHEMA = """
@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS rejects (
     unit TEXT NOT NULL,
     row INTEGER NOT NULL,
     kind TEXT NOT NULL,
+    key TEXT,                -- the row's record id when it could be read (protects it from deletion)
     field TEXT NOT NULL,
     value TEXT NOT NULL,
     reason TEXT NOT NULL
@@ -133,10 +134,11 @@ class Staging:
         if len(self._pending) >= 2000:
             self.flush()
 
-    def reject(self, location: RowLocation, kind: str, field: str, value: str, reason: str) -> None:
-        """Record a rejected row (one entry per problem)."""
+    def reject(self, location: RowLocation, kind: str, field: str, value: str, reason: str,
+               key: str | None = None) -> None:
+        """Record a rejected row (one entry per problem); ``key`` is its record id if known."""
         self._pending_rejects.append(
-            (location.file, location.sheet, location.unit, location.row, kind, field, value, reason)
+            (location.file, location.sheet, location.unit, location.row, kind, key, field, value, reason)
         )
         if len(self._pending_rejects) >= 2000:
             self.flush()
@@ -152,7 +154,7 @@ class Staging:
                 self._pending.clear()
             if self._pending_rejects:
                 self.db.executemany(
-                    "INSERT INTO rejects(file,sheet,unit,row,kind,field,value,reason) VALUES (?,?,?,?,?,?,?,?)",
+                    "INSERT INTO rejects(file,sheet,unit,row,kind,key,field,value,reason) VALUES (?,?,?,?,?,?,?,?,?)",
                     self._pending_rejects,
                 )
                 self._pending_rejects.clear()
@@ -178,8 +180,8 @@ class Staging:
         with self.db:
             for seq in seqs:
                 self.db.execute(
-                    """INSERT INTO rejects(file,sheet,unit,row,kind,field,value,reason)
-                       SELECT file, sheet, unit, row, kind, ?, '<masked: identifier>', ? FROM staged WHERE seq=?""",
+                    """INSERT INTO rejects(file,sheet,unit,row,kind,key,field,value,reason)
+                       SELECT file, sheet, unit, row, kind, key, ?, '<masked: identifier>', ? FROM staged WHERE seq=?""",
                     (field, reason_of[seq], seq),
                 )
                 self.db.execute("DELETE FROM staged WHERE seq=?", (seq,))
@@ -198,7 +200,7 @@ class Staging:
         }
         for kind in {kind for _, kind, *_ in duplicates}:
             seqs = [seq for seq, k, *_ in duplicates if k == kind]
-            self._move_to_rejects(seqs, _id_field(RecordKind(kind)), reasons)
+            self._move_to_rejects(seqs, ID_FIELDS[RecordKind(kind)], reasons)
 
     def _reject_dangling(self, kind: RecordKind, field: str, target: RecordKind) -> None:
         rows = self.db.execute(
@@ -256,18 +258,31 @@ class Staging:
         for (body,) in cursor:
             yield model.model_validate_json(body)
 
+    def rejected_keys(self) -> tuple[set[tuple[str, str]], set[str]]:
+        """((kind, key) of rejected rows whose id was readable, kinds with rejected rows of unknown id)."""
+        known = {(k, key) for k, key in self.db.execute("SELECT DISTINCT kind, key FROM rejects WHERE key IS NOT NULL")}
+        unknown = {k for (k,) in self.db.execute("SELECT DISTINCT kind FROM rejects WHERE key IS NULL")}
+        return known, unknown
+
+    def record(self, kind: RecordKind, key: str) -> SourceRecord | None:
+        """One staged record by kind and source id."""
+        row = self.db.execute("SELECT body FROM staged WHERE kind=? AND key=?", (kind.value, key)).fetchone()
+        return RECORD_MODELS[kind].model_validate_json(row[0]) if row else None
+
+    def keys(self, kind: RecordKind, participant: str) -> list[str]:
+        """Source ids of a participant's records of one kind, in input order."""
+        return [r[0] for r in self.db.execute(
+            "SELECT key FROM staged WHERE kind=? AND participant=? ORDER BY seq", (kind.value, participant))]
+
+    def first_referral_for_cbo(self, resource_id: str) -> SourceRecord | None:
+        """A referral naming a community resource id (to map the CBO Organization)."""
+        row = self.db.execute(
+            "SELECT body FROM staged WHERE kind='referral' AND json_extract(body,'$.resource_id')=? ORDER BY seq LIMIT 1",
+            (resource_id,),
+        ).fetchone()
+        return RECORD_MODELS[RecordKind.REFERRAL].model_validate_json(row[0]) if row else None
+
     def participants(self) -> list[str]:
         """Enrollment ids of all accepted enrollments."""
         return [r[0] for r in self.db.execute("SELECT key FROM staged WHERE kind='enrollment' ORDER BY seq")]
 
-
-def _id_field(kind: RecordKind) -> str:
-    return {
-        RecordKind.SUPPORTER: "staff_id",
-        RecordKind.ENROLLMENT: "enrollment_id",
-        RecordKind.GOAL: "goal_id",
-        RecordKind.GOAL_NOTE: "note_id",
-        RecordKind.CONTACT: "contact_id",
-        RecordKind.REFERRAL: "referral_id",
-        RecordKind.PLANNED_CONTACT: "planned_contact_id",
-    }[kind]

@@ -1,0 +1,133 @@
+"""Transaction bundles: pure assembly of mapped resources into one FHIR transaction.
+
+Each resource becomes an entry with a deterministic ``urn:uuid`` fullUrl and a conditional update
+``PUT Type?identifier=system|value`` (token escaped and percent-encoded). Conditional references made by
+the mappers are rewritten: to the fullUrl of an entry in the same bundle, to ``Type/id`` when the ledger
+knows the server id, to the resolved Patient, or left conditional (the server resolves them in the
+transaction). The same condition never appears twice in one bundle.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from connector.identifiers import conditional_url, parse_conditional_reference
+
+Identity = tuple[str, str, str]  # (resource type, identifier system, identifier value)
+_NAMESPACE = uuid.UUID("6f1c8a52-3c1e-4d8e-9b7a-2f5d0e4c9a10")
+
+
+def identity_of(resource: dict[str, Any]) -> Identity:
+    """(type, system, value) of a resource's business identifier."""
+    ident = resource["identifier"][0]
+    return resource["resourceType"], ident["system"], ident["value"]
+
+
+def full_url(identity: Identity) -> str:
+    """A deterministic urn:uuid for an identity, so a replayed bundle is byte-identical."""
+    return "urn:uuid:" + str(uuid.uuid5(_NAMESPACE, "|".join(identity)))
+
+
+@dataclass
+class UnitWrite:
+    """The resources of one unit (one source record) to write together."""
+
+    unit_key: str
+    kind: str
+    resources: list[dict[str, Any]]
+    voided: bool = False
+
+
+@dataclass
+class BuiltBundle:
+    """A transaction bundle and, per entry, which unit and identity it belongs to (same order)."""
+
+    bundle: dict[str, Any]
+    entries: list[tuple[str, Identity]] = field(default_factory=list)  # (unit_key, identity); Provenance last
+    has_provenance: bool = False
+
+
+def build_transaction(
+    units: Iterable[UnitWrite],
+    *,
+    patient: tuple[Identity, str] | None,
+    resolve: Callable[[Identity], str | None],
+    provenance: Callable[[list[str]], dict[str, Any]] | None = None,
+) -> BuiltBundle:
+    """Assemble units into one transaction bundle.
+
+    ``patient`` maps the Patient's conditional identity to its literal reference ("Patient/123").
+    ``resolve`` returns a known server id for an identity (from the ledger), or None.
+    ``provenance`` builds the Provenance for the list of target fullUrls (POSTed in the same bundle).
+    """
+    units = list(units)
+    in_bundle: dict[Identity, str] = {}
+    for unit in units:
+        for resource in unit.resources:
+            in_bundle.setdefault(identity_of(resource), full_url(identity_of(resource)))
+
+    def rewrite(reference: str) -> str:
+        parsed = parse_conditional_reference(reference)
+        if parsed is None:
+            return reference
+        if patient is not None and parsed == patient[0]:
+            return patient[1]
+        if parsed in in_bundle:
+            return in_bundle[parsed]
+        known = resolve(parsed)
+        return f"{parsed[0]}/{known}" if known else reference
+
+    entries: list[dict[str, Any]] = []
+    index: list[tuple[str, Identity]] = []
+    seen: set[Identity] = set()
+    for unit in units:
+        for resource in unit.resources:
+            identity = identity_of(resource)
+            if identity in seen:
+                continue  # never the same condition twice in one transaction
+            seen.add(identity)
+            _rewrite_references(resource, rewrite)
+            entries.append(
+                {
+                    "fullUrl": in_bundle[identity],
+                    "resource": resource,
+                    "request": {"method": "PUT", "url": conditional_url(*identity)},
+                }
+            )
+            index.append((unit.unit_key, identity))
+    built = BuiltBundle({"resourceType": "Bundle", "type": "transaction", "entry": entries}, index)
+    if provenance is not None and entries:
+        prov = provenance([e["fullUrl"] for e in entries])
+        _rewrite_references(prov, rewrite)
+        entries.append({"fullUrl": "urn:uuid:" + str(uuid.uuid4()), "resource": prov,
+                        "request": {"method": "POST", "url": "Provenance"}})
+        built.has_provenance = True
+    return built
+
+
+def _rewrite_references(node: Any, rewrite: Callable[[str], str]) -> None:
+    """Rewrite every Reference.reference in a resource, in place."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                node[key] = rewrite(value)
+            elif isinstance(value, (dict, list)):
+                _rewrite_references(value, rewrite)
+    elif isinstance(node, list):
+        for item in node:
+            if isinstance(item, (dict, list)):
+                _rewrite_references(item, rewrite)
+
+
+def parse_location(location: str | None) -> tuple[str | None, str | None]:
+    """(id, version) from a transaction-response location such as ``Goal/123/_history/2``."""
+    if not location:
+        return None, None
+    parts = location.split("?")[0].strip("/").split("/")
+    if "_history" in parts:
+        at = parts.index("_history")
+        return parts[at - 1], parts[at + 1] if at + 1 < len(parts) else None
+    return (parts[-1] if len(parts) >= 2 else None), None
