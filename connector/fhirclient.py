@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -136,18 +137,44 @@ class FhirHttpError(PeersyncError):
         super().__init__(f"{method} {path} -> HTTP {status}" + (f": {outcome.text()}" if outcome.issues else ""))
 
 
+@dataclass
+class RequestStats:
+    """What the client did: requests sent (including retries), writes, and retries."""
+
+    requests: int = 0
+    writes: int = 0
+    retries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, *, requests: int = 0, writes: int = 0, retries: int = 0) -> None:
+        """Thread-safe increment."""
+        with self._lock:
+            self.requests += requests
+            self.writes += writes
+            self.retries += retries
+
+
 class CappedRetry(Retry):
-    """urllib3 Retry that never sleeps longer than ``retry_after_cap`` seconds for one Retry-After."""
+    """urllib3 Retry that caps one Retry-After wait and counts every retry it grants."""
 
     retry_after_cap: float = 120.0
+    stats: RequestStats | None = None
 
     def get_retry_after(self, response: Any) -> float | None:
         value = super().get_retry_after(response)
         return None if value is None else min(value, self.retry_after_cap)
 
+    def increment(self, method: str | None = None, *args: Any, **kwargs: Any) -> CappedRetry:
+        retry = super().increment(method, *args, **kwargs)  # raises MaxRetryError when the budget is spent
+        if self.stats is not None:
+            writes = 1 if method in ("POST", "PUT", "PATCH", "DELETE") else 0
+            self.stats.add(requests=1, writes=writes, retries=1)
+        return retry  # type: ignore[return-value]
+
     def new(self, **kw: Any) -> CappedRetry:
         retry = super().new(**kw)
         retry.retry_after_cap = self.retry_after_cap
+        retry.stats = self.stats
         return retry  # type: ignore[return-value]
 
 
@@ -161,8 +188,8 @@ class RetryPolicy:
     jitter: float = 0.5
     retry_after_cap: float = 120.0
 
-    def urllib3_retry(self) -> Retry:
-        """The urllib3 Retry object for these settings."""
+    def urllib3_retry(self, stats: RequestStats | None = None) -> Retry:
+        """The urllib3 Retry object for these settings (counting retries into ``stats``)."""
         retry = CappedRetry(
             total=self.attempts,
             connect=self.attempts,
@@ -179,16 +206,8 @@ class RetryPolicy:
             raise_on_redirect=False,
         )
         retry.retry_after_cap = self.retry_after_cap
+        retry.stats = stats
         return retry
-
-
-@dataclass
-class RequestStats:
-    """What the client did: requests sent (including retries), writes, and retries."""
-
-    requests: int = 0
-    writes: int = 0
-    retries: int = 0
 
 
 class FhirClient:
@@ -207,7 +226,7 @@ class FhirClient:
         self.session = session or requests.Session()
         self.timeout = timeout
         self.stats = RequestStats()
-        adapter = HTTPAdapter(max_retries=(retry or RetryPolicy()).urllib3_retry(), pool_maxsize=pool_size,
+        adapter = HTTPAdapter(max_retries=(retry or RetryPolicy()).urllib3_retry(self.stats), pool_maxsize=pool_size,
                               pool_connections=pool_size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -253,22 +272,19 @@ class FhirClient:
             response = self.session.request(method, url, data=data, params=params, headers=headers,
                                             timeout=self.timeout, allow_redirects=False)
         except requests.exceptions.RetryError as exc:
+            self.stats.add(requests=1)
             raise ServerUnavailableError(f"{method} {_path_only(url, self.base_url)}: retries exhausted") from exc
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            self.stats.add(requests=1)
             raise ServerUnavailableError(
                 f"{method} {_path_only(url, self.base_url)}: server unreachable after retries "
                 f"({exc.__class__.__name__})"
             ) from None
-        history = getattr(getattr(response.raw, "retries", None), "history", ()) or ()
-        self.stats.requests += 1 + len(history)
-        self.stats.retries += len(history)
-        if method in ("POST", "PUT", "PATCH", "DELETE"):
-            self.stats.writes += 1 + len(history)
+        self.stats.add(requests=1, writes=1 if method in ("POST", "PUT", "PATCH", "DELETE") else 0)
         if response.status_code in RETRY_STATUSES:
             # urllib3 gave up with the retry budget spent and handed back the last response.
             raise ServerUnavailableError(
-                f"{method} {_path_only(url, self.base_url)}: HTTP {response.status_code} after "
-                f"{len(history)} retries"
+                f"{method} {_path_only(url, self.base_url)}: HTTP {response.status_code} after retries"
             )
         return response
 
