@@ -312,6 +312,26 @@ def status(config_path: Path | None, as_json: bool, runs: int) -> None:
         click.echo(f"{run['run_id']:<14}{run['started_at']:<27}{str(run['outcome']):<12}{str(run['exit_code']):>5}  {shown}")
 
 
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@translate_errors
+def landed(config_path: Path | None, as_json: bool) -> None:
+    """What is on the server for this program, counted by the server itself (read-only)."""
+    from connector.app import build_client, mapping_context
+    from connector.landed import landed_counts
+
+    settings = _settings(config_path)
+    rows = landed_counts(build_client(settings), mapping_context(settings))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"on {settings.server.base_url}:")
+    click.echo(f"  {'resource type':<22}{'identifier kind':<18}{'total':>8}{'entered-in-error':>18}")
+    for row in rows:
+        click.echo(f"  {row['resource_type']:<22}{row['kind']:<18}{row['total']:>8}{row['entered_in_error']:>18}")
+
+
 @main.group()
 def review() -> None:
     """The review queue: participants whose Patient was not found or is ambiguous, duplicates on the server."""
