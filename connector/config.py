@@ -154,14 +154,14 @@ def format_config_errors(exc: ValidationError, path: Path | None) -> str:
 
 
 def _resolve_paths(settings: Settings, base: Path) -> None:
-    settings.source.inputs = [p if p.is_absolute() else base / p for p in settings.source.inputs]
+    settings.source.inputs = [p if p.is_absolute() else (base / p).resolve() for p in settings.source.inputs]
     profile = Path(settings.source.profile)
     if not profile.is_absolute() and (base / profile).exists():
         settings.source.profile = str(base / profile)
     if not settings.sync.ledger.is_absolute():
-        settings.sync.ledger = base / settings.sync.ledger
+        settings.sync.ledger = (base / settings.sync.ledger).resolve()
     for section, name in (("output", "rejects_dir"), ("output", "metrics_file"), ("server", "ca_bundle")):
         obj = getattr(settings, section)
         value = getattr(obj, name)
         if value is not None and not value.is_absolute():
-            setattr(obj, name, base / value)
+            setattr(obj, name, (base / value).resolve())

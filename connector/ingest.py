@@ -114,8 +114,6 @@ class RowConverter:
                 values[name] = value
         if self.kind is RecordKind.GOAL:
             self._assemble_target(values, problems)
-        if self.kind is RecordKind.ENROLLMENT and "mrn_system" not in values:
-            values["mrn_system"] = self.profile.program.mrn_system
         if self.kind is RecordKind.CONTACT and not values.get("essential_elements"):
             values["essential_elements"] = self._implied_elements(values.get("support_types", ()))
         if original:
@@ -172,7 +170,7 @@ class RowConverter:
             return code
         policy = spec.unknown or self.profile.options.unknown_codes
         if policy == "other" and "other" in enum._value2member_map_:
-            original[name] = text
+            original[name] = f"{original[name]}; {text}" if name in original else text  # keep every spelling
             return "other"
         allowed = ", ".join(e.value for e in enum)
         raise ValueError(f"unknown code {text!r} (allowed: {allowed}; or add it to a code table in the profile)")
@@ -226,7 +224,7 @@ class RowConverter:
     def _parse_datetime(self, spec: FieldSpec, raw: Any, defaults: list[str]) -> datetime:
         text = str(raw).strip()
         if isinstance(raw, (int, float)) or _EXCEL_SERIAL.match(text):
-            return _from_excel_serial(float(raw if isinstance(raw, (int, float)) else text))
+            return _from_excel_serial(raw if isinstance(raw, (int, float)) else float(text))
         for fmt in spec.formats or defaults:
             try:
                 return datetime.strptime(text, fmt)
@@ -327,8 +325,10 @@ def _int(raw: Any) -> int:
         number = Decimal(str(raw).strip())
     except InvalidOperation:
         raise ValueError("not a whole number") from None
-    if number != number.to_integral_value():
+    if not number.is_finite() or number != number.to_integral_value():
         raise ValueError("not a whole number")
+    if number.adjusted() > 15:  # int() of 1e999999999 would hang; no count in a source record is this large
+        raise ValueError("number too large")
     return int(number)
 
 
@@ -357,21 +357,25 @@ def _enum_index(enum: type[StrEnum]) -> dict[str, str]:
     return {_normalise(e.value): e.value for e in enum}
 
 
-_TABLE_CACHE: dict[int, dict[str, dict[str, str]]] = {}
+# id(profile) -> (profile, tables). The profile is kept so its id cannot be reused by another profile while
+# the entry exists (a freed profile's id is often reused: keyed by id alone, a new profile got old tables).
+_TABLE_CACHE: dict[int, tuple[Profile, dict[str, dict[str, str]]]] = {}
 
 
 def _table_key(profile: Profile, name: str | None) -> dict[str, str] | None:
     """The normalised spelling -> code index of a code table (built once per profile)."""
     if name is None:
         return None
-    tables = _TABLE_CACHE.get(id(profile))
-    if tables is None:
+    cached = _TABLE_CACHE.get(id(profile))
+    if cached is None or cached[0] is not profile:
+        if len(_TABLE_CACHE) >= 32:  # bounded: long-running processes load profiles again and again
+            _TABLE_CACHE.clear()
         tables = {
             table: {_normalise(str(s)): code for code, spellings in entries.items() for s in [code, *spellings]}
             for table, entries in profile.code_tables.items()
         }
-        _TABLE_CACHE[id(profile)] = tables
-    return tables.get(name)
+        cached = _TABLE_CACHE[id(profile)] = (profile, tables)
+    return cached[1].get(name)
 
 
 def _lookup_code(text: str, enum: type[StrEnum], table: dict[str, str] | None) -> str | None:

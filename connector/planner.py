@@ -30,7 +30,8 @@ class Act(StrEnum):
     DELETE = "delete"  # gone from the source: void it on the server
     RETRY = "retry"  # unchanged, but not confirmed yet (pending or waiting for review)
     UNCHANGED = "unchanged"
-    QUARANTINED = "quarantined"  # same content the server rejected before: not resent until it changes
+    QUARANTINED = "quarantined"  # same content the server rejected before: not resent until it, or another
+    # record of the same participant, changes (a fixed goal lets the CarePlan that lists it through)
 
 
 WRITE_ACTIONS = frozenset({Act.CREATE, Act.UPDATE, Act.VOID, Act.DELETE, Act.RETRY})
@@ -75,7 +76,7 @@ INSERT OR IGNORE INTO units
 CREATE TEMP TABLE IF NOT EXISTS patient_of AS SELECT key AS participant, '' AS mrn FROM staged WHERE 0;
 DELETE FROM patient_of;
 INSERT INTO patient_of
-    SELECT key, json_extract(body,'$.mrn_system') || '|' || json_extract(body,'$.mrn') FROM staged
+    SELECT key, coalesce(json_extract(body,'$.mrn_system'), '') || '|' || json_extract(body,'$.mrn') FROM staged
     WHERE kind='enrollment';
 INSERT INTO units
     SELECT s.kind || ':' || s.key, s.kind, s.key, s.participant, sha(:fp, s.hash, p.mrn),
@@ -93,7 +94,8 @@ INSERT INTO units
     SELECT 'enrollment:' || e.key, 'enrollment', e.key, e.key,
            sha(:fp, e.hash, (SELECT group_concat(k, ',') FROM (
                SELECT c.kind || ':' || c.key AS k FROM staged c WHERE c.participant=e.key
-               AND c.kind IN ('goal','planned_contact','referral') ORDER BY c.kind, c.key))),
+               AND c.kind IN ('goal','planned_contact','referral') ORDER BY c.kind, c.key)),
+               (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(e.body,'$.supporter_id'))),
            0
     FROM staged e WHERE e.kind='enrollment';
 """
@@ -122,6 +124,9 @@ INSERT INTO plan
     FROM ledger.units l
     WHERE l.voided = 0 AND l.hash IS NOT NULL AND l.kind IN ('contact','goal','planned_contact','referral','enrollment')
       AND NOT EXISTS (SELECT 1 FROM units u WHERE u.unit_key = l.unit_key);
+UPDATE plan SET action = 'retry'
+    WHERE action = 'quarantined' AND participant IN (
+        SELECT participant FROM plan WHERE action IN ('create','update','void','delete','retry'));
 """
 
 

@@ -310,18 +310,25 @@ class Syncer:
                                       self.opts.ctx)
         patient_identity: Identity = ("Patient", mrn_system, enrollment.mrn)
         author = self.opts.ctx.ref("PractitionerRole", KIND_ROLE, enrollment.supporter_id)["reference"]
+        patient = (patient_identity, f"Patient/{patient_id}")
+        deferred: list[tuple[UnitWrite, str | None]] = []
         chunk: list[tuple[UnitWrite, str | None]] = []
         size = 0
         for unit in units:
             if chunk and size + len(unit.resources) > self.opts.max_bundle_entries:
-                self._send(ledger, chunk, patient=(patient_identity, f"Patient/{patient_id}"),
-                           participant=participant, author=author, patient_id=patient_id)
+                self._send(ledger, chunk, patient=patient, participant=participant, author=author,
+                           patient_id=patient_id, deferred=deferred)
                 chunk, size = [], 0
             chunk.append((unit, hashes.get(unit.unit_key)))
             size += len(unit.resources)
         if chunk:
-            self._send(ledger, chunk, patient=(patient_identity, f"Patient/{patient_id}"), participant=participant,
-                       author=author, patient_id=patient_id)
+            self._send(ledger, chunk, patient=patient, participant=participant, author=author, patient_id=patient_id,
+                       deferred=deferred)
+        if deferred:
+            # Units that only failed on a reference to something not yet written (a CarePlan and the requests
+            # that point back at it, split apart): now everything else has landed, send them together once more.
+            self._send(ledger, deferred, patient=patient, participant=participant, author=author,
+                       patient_id=patient_id, deferred=None)
 
     def _resolve_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
         """(patient id, review reason, PHI-free detail). Follows Patient.link replaced-by up to 3 hops."""
@@ -345,22 +352,28 @@ class Syncer:
 
     def _send(self, ledger: Ledger, units: list[tuple[UnitWrite, str | None]], *,
               patient: tuple[Identity, str] | None, participant: str | None, author: str | None,
-              patient_id: str | None = None) -> None:
-        """Send units as one transaction; on a content error, split until the bad units are isolated."""
+              patient_id: str | None = None, deferred: list[tuple[UnitWrite, str | None]] | None = None) -> None:
+        """Send units as one transaction; on a content error, split until the bad units are isolated.
+
+        A single unit that fails only on an unresolved reference is appended to ``deferred`` (when given)
+        instead of being quarantined: its target may land later in the same run.
+        """
         originals = [(copy.deepcopy(u.resources), h) for u, h in units]
         built = self._build(ledger, [u for u, _h in units], patient, author)
         try:
             response = self.client.transaction(built.bundle)
         except FhirHttpError as exc:
+            # Rebuild from pristine copies: the builder rewrote references in place.
+            restored = [(UnitWrite(u.unit_key, u.kind, res, u.voided), h)
+                        for (u, _h0), (res, h) in zip(units, originals, strict=True)]
             if exc.action in (Action.ISOLATE, Action.REVIEW, Action.CONFLICT) and len(units) > 1:
-                # Rebuild from pristine copies: the builder rewrote references in place.
-                restored = [(UnitWrite(u.unit_key, u.kind, res, u.voided), h)
-                            for (u, _h0), (res, h) in zip(units, originals, strict=True)]
                 middle = len(restored) // 2
-                self._send(ledger, restored[:middle], patient=patient, participant=participant, author=author,
-                           patient_id=patient_id)
-                self._send(ledger, restored[middle:], patient=patient, participant=participant, author=author,
-                           patient_id=patient_id)
+                for half in (restored[:middle], restored[middle:]):
+                    self._send(ledger, half, patient=patient, participant=participant, author=author,
+                               patient_id=patient_id, deferred=deferred)
+                return
+            if deferred is not None and _unresolved_reference(exc):
+                deferred.extend(restored)
                 return
             self._record_failure(ledger, units, exc, participant)
             if exc.action is Action.FATAL:
@@ -514,6 +527,12 @@ class Syncer:
     def _count(self, name: str, n: int = 1) -> None:
         with self._counts_lock:
             self.counts[name] += n
+
+
+def _unresolved_reference(exc: FhirHttpError) -> bool:
+    """The server could not resolve a reference (HAPI-1091 conditional, HAPI-1094 literal, or 404)."""
+    text = exc.outcome.text()
+    return exc.status == 404 or "HAPI-1091" in text or "HAPI-1094" in text
 
 
 def _exit_for(summary: RunSummary) -> tuple[int, str]:

@@ -71,6 +71,7 @@ def _map_one(staging: Staging, enrollment: Enrollment, kind: str, source_id: str
             planned_contact_ids=staging.keys(RecordKind.PLANNED_CONTACT, participant),
             referral_ids=staging.keys(RecordKind.REFERRAL, participant),
             ctx=ctx,
+            supporter=staging.record(RecordKind.SUPPORTER, enrollment.supporter_id),
         )
         return UnitWrite(unit_key, kind, resources, voided=False)
     record = staging.record(RecordKind(kind), source_id)

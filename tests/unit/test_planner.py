@@ -116,6 +116,8 @@ def test_quarantined_content_is_not_resent_until_it_changes(tmp_path: Path, ledg
     staging.close()
     staging, plan = plan_for(tmp_path, ledger, contacts(4, edited={1}))
     assert plan.by_kind["contact"][Act.CREATE] == 3  # C1 changed (and C2, C4 were never sent)
+    assert plan.by_kind["contact"][Act.RETRY] == 1  # C3 rides along: its participant has changes
+    assert plan.by_kind["enrollment"][Act.RETRY] == 1
 
 
 def test_fingerprint_change_replans_everything(tmp_path: Path, ledger: Ledger) -> None:

@@ -1,0 +1,103 @@
+"""An enrollment as a US Core CarePlan (with its CareTeam) (fhir-modeling.md §2, §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
+from typing import Any
+
+from connector.identifiers import (
+    KIND_CAREPLAN,
+    KIND_CARETEAM,
+    KIND_CONTACT_REQUEST,
+    KIND_GOAL,
+    KIND_REFERRAL,
+)
+from connector.model import Enrollment, EnrollmentStatus, Supporter
+
+from . import codes
+from ._util import iso_date, resource
+from .context import MappingContext
+from .people import map_careteam
+
+CAREPLAN_TITLE = "Diabetes peer support plan"
+_XHTML = "http://www.w3.org/1999/xhtml"
+_STATUS_TEXT = {
+    EnrollmentStatus.ACTIVE: "active",
+    EnrollmentStatus.ON_HOLD: "on hold",
+    EnrollmentStatus.COMPLETED: "completed",
+    EnrollmentStatus.WITHDRAWN: "withdrawn early",
+}
+
+
+def careplan_ref(e_or_id: Enrollment | str, ctx: MappingContext) -> dict[str, Any]:
+    """Conditional reference to the CarePlan of an enrollment."""
+    enrollment_id = e_or_id if isinstance(e_or_id, str) else e_or_id.enrollment_id
+    return ctx.ref("CarePlan", KIND_CAREPLAN, enrollment_id)
+
+
+def map_enrollment(
+    e: Enrollment,
+    *,
+    goal_ids: Sequence[str],
+    planned_contact_ids: Sequence[str],
+    referral_ids: Sequence[str],
+    ctx: MappingContext,
+    supporter: Supporter | None = None,
+) -> list[dict[str, Any]]:
+    """An enrollment as [CarePlan, CareTeam].
+
+    ``goal_ids``, ``planned_contact_ids`` and ``referral_ids`` are the source ids of the enrollment's goals,
+    planned contacts and referrals (list only those that are sent). ``supporter`` (optional) gives the
+    CareTeam member's role its NUCC code and title; without it the role is text only.
+    """
+    status = codes.ENTERED_IN_ERROR if e.void else codes.CAREPLAN_STATUS[e.status]
+    activities = [{"reference": ctx.ref("CommunicationRequest", KIND_CONTACT_REQUEST, p)} for p in planned_contact_ids]
+    activities += [{"reference": ctx.ref("ServiceRequest", KIND_REFERRAL, r)} for r in referral_ids]
+    careplan = resource(
+        "CarePlan",
+        ctx,
+        text={"status": "generated", "div": _narrative(e, goal_ids, planned_contact_ids, referral_ids, ctx)},
+        identifier=[ctx.ident(KIND_CAREPLAN, e.enrollment_id)],
+        status=status,
+        intent="plan",
+        category=[
+            {"coding": [dict(codes.CAREPLAN_ASSESS_PLAN)]},
+            {"coding": [dict(codes.SNOMED_DIABETES_SM_PLAN)]},
+            codes.local_concept(ctx, codes.CS_CAREPLAN_KIND, "peer-support-plan"),
+        ],
+        title=CAREPLAN_TITLE,
+        subject=ctx.patient_ref(e),
+        period={"start": iso_date(e.start_date), "end": iso_date(e.end_date) if e.end_date else None},
+        author=ctx.organization_ref(),
+        careTeam=[ctx.ref("CareTeam", KIND_CARETEAM, e.enrollment_id)],
+        goal=[ctx.ref("Goal", KIND_GOAL, g) for g in goal_ids],
+        activity=activities,
+    )
+    return [careplan, map_careteam(e, ctx, supporter)]
+
+
+def _narrative(
+    e: Enrollment,
+    goal_ids: Sequence[str],
+    planned_contact_ids: Sequence[str],
+    referral_ids: Sequence[str],
+    ctx: MappingContext,
+) -> str:
+    # Only what the chart may show: program, dates, status and record counts/ids. Never the MRN or a name.
+    # Every piece of source text is escaped (quote=True also covers attribute-breaking quotes).
+    status = "entered in error" if e.void else _STATUS_TEXT[e.status]
+    period = f"{e.start_date.isoformat()} to {e.end_date.isoformat() if e.end_date else 'ongoing'}"
+    goals = ", ".join(escape(g) for g in goal_ids)
+    parts = [
+        f'<div xmlns="{_XHTML}">',
+        f"<p><b>{escape(CAREPLAN_TITLE)}</b>: {escape(ctx.program_name)}</p>",
+        "<ul>",
+        f"<li>Enrollment {escape(e.enrollment_id)}, {escape(status)}, {escape(period)}</li>",
+        f"<li>Goals: {len(goal_ids)}{' (' + goals + ')' if goal_ids else ''}</li>",
+        f"<li>Planned contacts: {len(planned_contact_ids)}</li>",
+        f"<li>Community referrals: {len(referral_ids)}</li>",
+        "</ul>",
+        "</div>",
+    ]
+    return "".join(parts)

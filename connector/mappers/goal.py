@@ -1,0 +1,96 @@
+"""A self-management goal as a US Core Goal (fhir-modeling.md §1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from connector.identifiers import KIND_GOAL, KIND_ROLE, KIND_STAFF
+from connector.model import Behavior, Comparator, Enrollment, Goal, GoalTarget
+
+from . import codes
+from ._util import fhir_decimal, iso_date, resource
+from .context import MappingContext
+
+
+def map_goal(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
+    """A goal in the participant's words, with its ADCES7 behaviour, target, status and progress notes."""
+    notes = [n for n in g.notes if not n.void]
+    status_dates = [g.start_date, *(n.noted_on for n in notes)]
+    return resource(
+        "Goal",
+        ctx,
+        identifier=[ctx.ident(KIND_GOAL, g.goal_id)],
+        lifecycleStatus=codes.ENTERED_IN_ERROR if g.void else g.lifecycle_status.value,
+        achievementStatus=_achievement(g),
+        category=_categories(g, ctx),
+        description={"text": g.description},
+        subject=ctx.patient_ref(e),
+        startDate=iso_date(g.start_date),
+        target=_targets(g),
+        # the last date the program looked at the goal: its start, or the latest progress note
+        statusDate=iso_date(max(status_dates)),
+        expressedBy=_expressed_by(g, e, ctx),
+        note=[
+            {
+                "authorReference": ctx.ref("Practitioner", KIND_STAFF, n.supporter_id) if n.supporter_id else None,
+                "time": iso_date(n.noted_on),
+                "text": n.text,
+            }
+            for n in sorted(notes, key=lambda n: (n.noted_on, n.note_id))
+        ],
+    )
+
+
+def _achievement(g: Goal) -> dict[str, Any] | None:
+    if g.achievement_status is None:
+        return None
+    code = g.achievement_status.value
+    return {"coding": [codes.coding(codes.GOAL_ACHIEVEMENT, code, codes.GOAL_ACHIEVEMENT_DISPLAY[code])]}
+
+
+def _categories(g: Goal, ctx: MappingContext) -> list[dict[str, Any]]:
+    out = [
+        {"coding": [dict(codes.BEHAVIOR_GOAL_CATEGORY[g.behavior])]},
+        codes.local_concept(ctx, codes.CS_ADCES7, g.behavior.value),
+    ]
+    if g.behavior is Behavior.BEING_ACTIVE:
+        # what the Physical Activity IG's Goal profile requires
+        out.append({"coding": [dict(codes.PA_PHYSICAL_ACTIVITY)]})
+    return out
+
+
+def _targets(g: Goal) -> list[dict[str, Any]]:
+    due = iso_date(g.due_date) if g.due_date else None
+    if g.target is None:
+        # a due date alone is a legal target (gol-1 only constrains detail without measure)
+        return [{"dueDate": due}] if due else []
+    measure, quantity = _measure_and_quantity(g.target)
+    return [{"measure": measure, "detailQuantity": quantity, "dueDate": due}]
+
+
+def _measure_and_quantity(t: GoalTarget) -> tuple[dict[str, Any], dict[str, Any]]:
+    units = codes.TARGET_UNITS[t.measure]
+    default = next(iter(units.values()))
+    known = units.get(t.unit) if t.unit else default
+    comparator = None if t.comparator is Comparator.EQ else t.comparator.value
+    if known is None:
+        # an unknown unit: keep the default measure and the unit as written, uncoded (no UCUM claim)
+        loinc, display = default[0], default[1]
+        quantity = {"value": fhir_decimal(t.value), "comparator": comparator, "unit": t.unit}
+    else:
+        loinc, display, ucum, human = known
+        quantity = {
+            "value": fhir_decimal(t.value),
+            "comparator": comparator,
+            "unit": human,
+            "system": codes.UCUM,
+            "code": ucum,
+        }
+    return {"coding": [codes.coding(codes.LOINC, loinc, display)]}, quantity
+
+
+def _expressed_by(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
+    if g.set_by in codes.EXPRESSED_BY_SUPPORTER:
+        return ctx.ref("PractitionerRole", KIND_ROLE, g.supporter_id or e.supporter_id)
+    # set by the participant, or together with the supporter/clinician: the participant owns the goal
+    return ctx.patient_ref(e)

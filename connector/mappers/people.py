@@ -1,0 +1,129 @@
+"""The program, its peer supporters and a participant's care team: Organization, Device, Practitioner,
+PractitionerRole and CareTeam (fhir-modeling.md §4, §5, §7)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from connector.identifiers import (
+    KIND_CARETEAM,
+    KIND_DEVICE,
+    KIND_ORGANIZATION,
+    KIND_ROLE,
+    KIND_STAFF,
+)
+from connector.model import Enrollment, Supporter, SupporterTitle
+
+from . import codes
+from ._util import iso_date, resource
+from .context import DEVICE_IDENTIFIER_VALUE, MappingContext
+
+CARE_TEAM_NAME = "Diabetes peer support team"
+
+
+def map_program(ctx: MappingContext) -> list[dict[str, Any]]:
+    """The program's Organization and the peersync Device that transmits on its behalf."""
+    organization = resource(
+        "Organization",
+        ctx,
+        identifier=[ctx.ident(KIND_ORGANIZATION, ctx.program_id)],
+        active=True,
+        name=ctx.program_name,
+        telecom=[{"system": "phone", "value": ctx.program_phone, "use": "work"}] if ctx.program_phone else [],
+    )
+    device = resource(
+        "Device",
+        ctx,
+        identifier=[ctx.ident(KIND_DEVICE, DEVICE_IDENTIFIER_VALUE)],
+        status="active",
+        manufacturer="peersync project",
+        deviceName=[{"name": "peersync connector", "type": "user-friendly-name"}],
+        type={"text": "FHIR data connector software"},
+        version=[{"value": ctx.connector_version}],
+        owner=ctx.organization_ref(),
+    )
+    return [organization, device]
+
+
+def supporter_role_concept(s: Supporter | None, ctx: MappingContext) -> dict[str, Any]:
+    """The supporter's role: NUCC taxonomy + our title code, text = the title as the program writes it."""
+    if s is None:
+        return {"text": "Peer supporter"}
+    title_code = codes.local_coding(ctx, codes.CS_SUPPORTER_TITLE, s.title.value)
+    text = s.title_text or s.original_text.get("title") or title_code["display"]
+    return {"coding": [dict(codes.TITLE_TAXONOMY[s.title]), title_code], "text": text}
+
+
+def _telecom(phone: str | None, email: str | None) -> list[dict[str, Any]]:
+    out = []
+    if phone:
+        out.append({"system": "phone", "value": phone, "use": "work"})
+    if email:
+        out.append({"system": "email", "value": email, "use": "work"})
+    return out
+
+
+def map_supporter(s: Supporter, ctx: MappingContext) -> list[dict[str, Any]]:
+    """A peer supporter as a Practitioner and their PractitionerRole in the program.
+
+    The role's telecom is the supporter's phone/email, else the program phone (US Core pd-1 needs telecom or
+    endpoint); with neither, it is omitted and pd-1 fails knowingly (see docs/field-coverage.md).
+    """
+    identifiers = [ctx.ident(KIND_STAFF, s.staff_id)]
+    if s.npi:
+        identifiers.append({"use": "official", "system": codes.NPI, "value": s.npi})
+    practitioner = resource(
+        "Practitioner",
+        ctx,
+        identifier=identifiers,
+        active=s.active,
+        name=[{"use": "official", "family": s.family_name, "given": [s.given_name]}],
+        telecom=_telecom(s.phone, s.email),
+    )
+    role_telecom = _telecom(s.phone, s.email)
+    if not role_telecom and ctx.program_phone:
+        role_telecom = [{"system": "phone", "value": ctx.program_phone, "use": "work"}]
+    role = resource(
+        "PractitionerRole",
+        ctx,
+        identifier=[ctx.ident(KIND_ROLE, s.staff_id)],
+        active=s.active,
+        practitioner=ctx.ref("Practitioner", KIND_STAFF, s.staff_id),
+        organization=ctx.organization_ref(),
+        code=[supporter_role_concept(s, ctx)],
+        specialty=[{"coding": [dict(codes.TITLE_TAXONOMY[s.title])]}],
+        telecom=role_telecom,
+    )
+    return [practitioner, role]
+
+
+def map_careteam(e: Enrollment, ctx: MappingContext, supporter: Supporter | None = None) -> dict[str, Any]:
+    """The participant's CareTeam for one enrollment: the patient and their peer supporter."""
+    status = codes.ENTERED_IN_ERROR if e.void else codes.CARETEAM_STATUS[e.status]
+    period = {"start": iso_date(e.start_date), "end": iso_date(e.end_date) if e.end_date else None}
+    return resource(
+        "CareTeam",
+        ctx,
+        identifier=[ctx.ident(KIND_CARETEAM, e.enrollment_id)],
+        status=status,
+        name=CARE_TEAM_NAME,
+        subject=ctx.patient_ref(e),
+        period=period,
+        participant=[
+            {"role": [{"coding": [dict(codes.SNOMED_PATIENT)], "text": "Patient"}], "member": ctx.patient_ref(e)},
+            {
+                "role": [supporter_role_concept(supporter, ctx)],
+                "member": ctx.ref("PractitionerRole", KIND_ROLE, e.supporter_id, _role_display(supporter)),
+                "onBehalfOf": ctx.organization_ref(),
+                "period": {"start": iso_date(e.start_date)},
+            },
+        ],
+        managingOrganization=[ctx.organization_ref()],
+    )
+
+
+def _role_display(supporter: Supporter | None) -> str:
+    # a title, never a name: displays must not carry PHI and staff names add nothing here
+    if supporter is None or supporter.title is SupporterTitle.OTHER:
+        return "Peer supporter"
+    return supporter.title_text or supporter.title.value.replace("-", " ").capitalize()

@@ -1,0 +1,61 @@
+"""US Core Provenance for a change-set: who authored it, and that peersync transmitted it (fhir-modeling.md §7)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+from . import codes
+from ._util import resource
+from .context import MappingContext
+
+SOURCE_RECORD_KIND = "source-record"
+
+
+def map_provenance(
+    targets: Sequence[str],
+    *,
+    activity: Literal["CREATE", "UPDATE", "NULLIFY"],
+    author: str | None,
+    recorded: datetime,
+    ctx: MappingContext,
+    source_entities: Sequence[str] = (),
+) -> dict[str, Any]:
+    """A Provenance over ``targets`` (reference strings, used as given).
+
+    ``author`` is a reference string to the supporter's PractitionerRole; without one the program
+    Organization is the author. ``recorded`` is the mapping time (passed in: mappers read no clock).
+    ``source_entities`` name the source records behind the change, each ``"system|value"`` or a bare value
+    (then in the program's ``source-record`` identifier system); they become ``entity[role=source]``.
+    Provenance has no business identifier in R4.
+    """
+    if not targets:
+        raise ValueError("a Provenance needs at least one target")
+    organization = ctx.organization_ref()
+    author_agent: dict[str, Any] = {"type": {"coding": [dict(codes.PROVENANCE_AUTHOR)]}}
+    if author:
+        author_agent.update(who={"reference": author}, onBehalfOf=organization)
+    else:
+        author_agent.update(who=organization)
+    transmitter = {
+        "type": {"coding": [dict(codes.PROVENANCE_TRANSMITTER)]},
+        "who": ctx.device_ref(),
+        "onBehalfOf": organization,
+    }
+    return resource(
+        "Provenance",
+        ctx,
+        target=[{"reference": t} for t in targets],
+        recorded=ctx.datetime_str(recorded),
+        activity={"coding": [dict(codes.PROVENANCE_ACTIVITY[activity])]},
+        agent=[author_agent, transmitter],
+        entity=[{"role": "source", "what": {"identifier": _entity_identifier(s, ctx)}} for s in source_entities],
+    )
+
+
+def _entity_identifier(entity: str, ctx: MappingContext) -> dict[str, str]:
+    system, sep, value = entity.partition("|")
+    if sep and system and value:
+        return {"system": system, "value": value}
+    return {"system": ctx.system(SOURCE_RECORD_KIND), "value": entity}
