@@ -58,6 +58,18 @@ def logging_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="PEERSYNC_CONFIG",
+    help="TOML configuration file (env PEERSYNC_CONFIG); PEERSYNC_SECTION__KEY variables override it.",
+)
+
+
+def _settings(config_path: Path | None) -> Any:
+    from connector.config import load_settings
+
+    return load_settings(config_path)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="peersync")
 def main() -> None:
@@ -156,19 +168,72 @@ def _print_read_report(summary: dict[str, Any]) -> None:
             click.echo(f"  ... {len(lines) - 21} more in the report")
 
 
+# -- map, terminology --------------------------------------------------------------------------------
+
+
+@main.command("map")
+@click.option("--profile", "profile_ref", required=True, help="Mapping profile (file, folder or shipped name).")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for bundles/, <Type>.ndjson and summary.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@logging_options
+@translate_errors
+def map_command(profile_ref: str, inputs: tuple[Path, ...], out_dir: Path, as_json: bool) -> None:
+    """Map INPUTS to FHIR without a server: a transaction bundle per participant, NDJSON per type, a summary.
+
+    Exits 65 when rows were rejected (see the rejects report in OUT), 0 otherwise.
+    """
+    from connector.mappers import MappingContext
+    from connector.mapstage import map_program
+    from connector.profile import load_profile
+    from connector.source import write_rejects
+    from connector.staging import Staging
+
+    loaded = load_profile(profile_ref)
+    ctx = MappingContext.from_profile(loaded)
+    with tempfile.TemporaryDirectory(prefix="peersync-map-") as tmp, Staging(Path(tmp) / "s.sqlite") as st:
+        summary = map_program(loaded, list(inputs), ctx, out_dir, st)
+        write_rejects(st, out_dir)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        total = summary["read"]["total"]
+        click.echo(f"read {total['read']} rows: {total['accepted']} accepted, {total['rejected']} rejected")
+        click.echo(f"wrote {summary['bundles']} transaction bundles to {out_dir / 'bundles'}")
+        for resource_type, count in summary["resources"].items():
+            click.echo(f"  {resource_type:<22}{count:>8}")
+    sys.exit(ExitCode.RECORDS_REJECTED if summary["read"]["total"]["rejected"] else ExitCode.OK)
+
+
+@main.group()
+def terminology() -> None:
+    """peersync's own CodeSystems and extension definitions (mappings/terminology/)."""
+
+
+@terminology.command("publish")
+@config_option
+@click.option("--dry-run", is_flag=True, help="Print the transaction bundle instead of sending it.")
+@logging_options
+@translate_errors
+def terminology_publish(config_path: Path | None, dry_run: bool) -> None:
+    """Load our CodeSystems, ValueSets and extension StructureDefinitions into the server (conditional by url)."""
+    from connector.terminology import load_terminology, terminology_bundle
+
+    settings = _settings(config_path)
+    bundle = terminology_bundle(load_terminology(), terminology_base=settings.program.terminology_base)
+    if dry_run:
+        click.echo(json.dumps(bundle, indent=2))
+        return
+    from connector.app import build_client
+
+    response = build_client(settings).transaction(bundle)
+    statuses = [e.get("response", {}).get("status", "") for e in response.get("entry", [])]
+    click.echo(f"published {len(statuses)} terminology resources to {settings.server.base_url} "
+               f"({', '.join(sorted(set(statuses)))})")
+
+
 # -- sync, plan, status, review ------------------------------------------------------------------------
-
-config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="PEERSYNC_CONFIG",
-    help="TOML configuration file (env PEERSYNC_CONFIG); PEERSYNC_SECTION__KEY variables override it.",
-)
-
-
-def _settings(config_path: Path | None) -> Any:
-    from connector.config import load_settings
-
-    return load_settings(config_path)
-
 
 @main.command()
 @config_option

@@ -1,0 +1,81 @@
+"""`peersync map`: what a sync would send, written to files, with no server and no ledger.
+
+One transaction bundle per participant (plus one for the program-wide resources), NDJSON per resource
+type, and a summary. References to the Patient stay conditional (``Patient?identifier=...``): only a sync
+resolves them against the EHR.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from connector.bundle import UnitWrite, build_transaction
+from connector.identifiers import identifier_value
+from connector.mappers import MappingContext, map_provenance
+from connector.model import RecordKind
+from connector.profile import Profile
+from connector.source import ReadReport, read_program
+from connector.staging import Staging
+from connector.units import map_global_unit, map_participant_units
+
+PARTICIPANT_KINDS = (RecordKind.GOAL, RecordKind.PLANNED_CONTACT, RecordKind.REFERRAL, RecordKind.CONTACT)
+
+
+def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_dir: Path, staging: Staging,
+                *, recorded: datetime | None = None) -> dict[str, Any]:
+    """Read, map and write every record; return the summary (also written as summary.json)."""
+    recorded = recorded or datetime.now(UTC)
+    report: ReadReport = read_program(profile, inputs, staging)
+    bundles_dir = out_dir / "bundles"
+    bundles_dir.mkdir(parents=True, exist_ok=True)
+    ndjson: dict[str, IO[bytes]] = {}
+    counts: Counter[str] = Counter()
+
+    def emit(name: str, units: list[UnitWrite], author: str | None) -> None:
+        def provenance(targets: list[str]) -> dict[str, Any]:
+            return map_provenance(targets, activity="UPDATE", author=author, recorded=recorded, ctx=ctx)
+
+        built = build_transaction(units, patient=None, resolve=lambda identity: None, provenance=provenance)
+        (bundles_dir / f"{name}.json").write_bytes(orjson.dumps(built.bundle, option=orjson.OPT_INDENT_2))
+        for entry in built.bundle["entry"]:
+            resource = entry["resource"]
+            resource_type = resource["resourceType"]
+            if resource_type not in ndjson:
+                ndjson[resource_type] = (out_dir / f"{resource_type}.ndjson").open("wb")
+            ndjson[resource_type].write(orjson.dumps(resource) + b"\n")
+            counts[resource_type] += 1
+
+    try:
+        global_units = [map_global_unit(staging, "program", ctx.program_id, ctx)]
+        global_units += [map_global_unit(staging, "supporter", s.key, ctx) for s in staging.records(RecordKind.SUPPORTER)]
+        cbo_ids = [r[0] for r in staging.db.execute(
+            "SELECT DISTINCT json_extract(body,'$.resource_id') FROM staged WHERE kind='referral' "
+            "AND json_extract(body,'$.resource_id') IS NOT NULL ORDER BY 1")]
+        global_units += [map_global_unit(staging, "cbo", c, ctx) for c in cbo_ids]
+        emit("_program", [u for u in global_units if u is not None], None)
+        participants = staging.participants()
+        for participant in participants:
+            units = [("enrollment", participant)] + [
+                (kind.value, key) for kind in PARTICIPANT_KINDS for key in staging.keys(kind, participant)]
+            mapped = map_participant_units(staging, participant, units, ctx)
+            enrollment = staging.record(RecordKind.ENROLLMENT, participant)
+            author = ctx.ref("PractitionerRole", "role", enrollment.supporter_id)["reference"] if enrollment else None
+            emit(f"participant-{identifier_value(participant)}", mapped, author)
+    finally:
+        for handle in ndjson.values():
+            handle.close()
+    summary = {
+        "read": report.as_dict(),
+        "participants": len(participants),
+        "bundles": len(participants) + 1,
+        "resources": dict(sorted(counts.items())),
+        "out_dir": str(out_dir),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
