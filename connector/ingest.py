@@ -87,6 +87,8 @@ class RowConverter:
             for column in spec.columns_used():
                 if column not in header and "." not in column:
                     missing[name] = column
+            if spec.checkboxes is not None and not any(h.startswith(spec.checkboxes.prefix) for h in header):
+                missing[name] = spec.checkboxes.prefix + "*"  # a mistyped prefix would otherwise read as "none checked"
         return missing
 
     def source_key(self, row: RawRow) -> str | None:

@@ -94,7 +94,16 @@ class SourceSpec(_Strict):
     files: list[str] = Field(description="File name globs, e.g. ['contacts*.csv'].")
     sheet: str | None = Field(None, description="Worksheet name in an Excel workbook.")
     json_path: str | None = Field(None, description="Dotted path to the array of records in a JSON document.")
-    where: Where | None = None
+    where: Where | list[Where] | None = Field(
+        None, description="Row filter; a list means every condition must hold (e.g. instrument and event)."
+    )
+
+    def accepts(self, row: dict[str, Any]) -> bool:
+        """True when the row passes this kind's `where` filter (or there is none)."""
+        if self.where is None:
+            return True
+        conditions = self.where if isinstance(self.where, list) else [self.where]
+        return all(condition.matches(row) for condition in conditions)
 
 
 class RecordSpec(_Strict):

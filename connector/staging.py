@@ -210,7 +210,8 @@ class Staging:
             (kind.value, target.value),
         ).fetchall()
         if rows:
-            reason = f"refers to a {target.value.replace('_', ' ')} that is not in the input or was rejected"
+            noun = target.value.replace("_", " ")
+            reason = f"refers to {'an' if noun[0] in 'aeiou' else 'a'} {noun} that is not in the input or was rejected"
             seqs = [r[0] for r in rows]
             self._move_to_rejects(seqs, field, dict.fromkeys(seqs, reason))
 
