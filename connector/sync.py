@@ -30,8 +30,8 @@ from connector.bundle import BuiltBundle, Identity, UnitWrite, build_transaction
 from connector.errors import ExitCode, LockHeldError, PeersyncError, ServerUnavailableError
 from connector.fhirclient import Action, FhirClient, FhirHttpError, summarize_outcome
 from connector.identifiers import KIND_ROLE, identifier_system, token_query
-from connector.ledger import STATE_PENDING, STATE_QUARANTINED, STATE_REVIEW, Ledger
-from connector.logs import RUN_ID
+from connector.ledger import STATE_PENDING, STATE_QUARANTINED, STATE_REVIEW, ConfirmedUnit, Ledger
+from connector.logs import RUN_ID, outcome_codes
 from connector.mappers import MappingContext, map_provenance
 from connector.model import Enrollment, RecordKind
 from connector.planner import Act, Plan, compute_plan, mapping_fingerprint, participants_to_write, units_to_write
@@ -81,6 +81,8 @@ class RunSummary:
     deletions_held: list[str] = field(default_factory=list)
     rejects_report: str | None = None
     error: str | None = None
+    # Seconds per phase: read (inputs into staging, rejects report), plan (diff against the ledger), write.
+    phases: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -90,6 +92,8 @@ class RunSummary:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "duration_s": round(self.duration_s, 3),
+            "durations": {"total_s": round(self.duration_s, 3),
+                          **{f"{name}_s": round(self.phases.get(name, 0.0), 3) for name in ("read", "plan", "write")}},
             "outcome": self.outcome,
             "exit_code": self.exit_code,
             "read": self.read,
@@ -103,8 +107,9 @@ class RunSummary:
         }
 
 
+# retried: units sent again this run because an earlier run left them pending, quarantined or in review.
 COUNT_NAMES = ("rejected", "unchanged", "created", "updated", "voided", "deleted", "in_review", "quarantined",
-               "pending", "skipped_quarantined")
+               "pending", "skipped_quarantined", "retried")
 
 
 @dataclass
@@ -149,12 +154,20 @@ class LedgerLock:
         self.lock.release()
 
 
-def read_and_plan(opts: SyncOptions, ledger: Ledger, staging: Staging) -> tuple[ReadReport, Plan, Path]:
-    """Read the inputs into staging, write the rejects report, and compute the plan."""
+def read_and_plan(opts: SyncOptions, ledger: Ledger, staging: Staging,
+                  phases: dict[str, float] | None = None) -> tuple[ReadReport, Plan, Path]:
+    """Read the inputs into staging, write the rejects report, and compute the plan (timed into ``phases``)."""
+    started = time.monotonic()
     report = read_program(opts.profile, opts.inputs, staging)
     csv_path, _json_path, _n = write_rejects(staging, opts.rejects_dir)
+    planned = time.monotonic()
     plan = compute_plan(staging, ledger, program_id=opts.ctx.program_id, fingerprint=program_fingerprint(opts.ctx),
                         max_delete_fraction=opts.max_delete_fraction)
+    if phases is not None:
+        phases["read"], phases["plan"] = planned - started, time.monotonic() - planned
+    log.debug("read %d rows (%d rejected) in %.2fs; planned in %.2fs", report.as_dict()["total"]["read"],
+              report.total_rejected, planned - started, time.monotonic() - planned,
+              extra={"event": "read", "counts": report.as_dict()["total"]})
     return report, plan, csv_path
 
 
@@ -171,6 +184,9 @@ class Syncer:
         self._counts_lock = threading.Lock()
         self._server_down = threading.Event()
         self._conditional_types: set[str] | None = None
+        self._provenance_conditional_create = True
+        self.summary: RunSummary | None = None  # set by run(): the CLI reports it even when the run raises
+        self._write_started: float | None = None
 
     # -- the run ---------------------------------------------------------------------------------------
 
@@ -178,6 +194,7 @@ class Syncer:
         """Read, plan and write; always returns a summary (and records it in the ledger)."""
         started = time.monotonic()
         summary = RunSummary(run_id=run_id, command="sync", started_at=self.clock().isoformat(timespec="seconds"))
+        self.summary = summary
         with LedgerLock(self.opts.ledger_path), Ledger(self.opts.ledger_path) as ledger:
             ledger.start_run(run_id, "sync")
             try:
@@ -185,11 +202,17 @@ class Syncer:
             except PeersyncError as exc:
                 summary.outcome, summary.exit_code, summary.error = "failed", int(exc.exit_code), str(exc)
                 raise
+            except Exception as exc:  # a bug: the run failed (exit 1); never recorded as "ok" from its counts
+                summary.outcome, summary.exit_code = "failed", int(ExitCode.UNEXPECTED)
+                summary.error = f"unexpected {exc.__class__.__name__}"
+                raise
             finally:
                 summary.counts.update(self.counts)
                 stats = self.client.stats
                 summary.requests, summary.write_requests, summary.retries = stats.requests, stats.writes, stats.retries
                 summary.duration_s = time.monotonic() - started
+                if self._write_started is not None:
+                    summary.phases["write"] = time.monotonic() - self._write_started
                 summary.finished_at = self.clock().isoformat(timespec="seconds")
                 if summary.outcome == "running":
                     summary.exit_code, summary.outcome = _exit_for(summary)
@@ -200,17 +223,19 @@ class Syncer:
 
     def _run(self, ledger: Ledger, summary: RunSummary) -> None:
         with tempfile.TemporaryDirectory(prefix="peersync-") as tmp, Staging(Path(tmp) / "staging.sqlite") as staging:
-            report, plan, rejects = read_and_plan(self.opts, ledger, staging)
+            report, plan, rejects = read_and_plan(self.opts, ledger, staging, summary.phases)
             summary.read = report.as_dict()["total"]
             summary.rejects_report = str(rejects)
             summary.deletions_held = plan.deletions_held
             self.counts["rejected"] = report.total_rejected
             self.counts["unchanged"] = plan.total(Act.UNCHANGED)
             self.counts["skipped_quarantined"] = plan.total(Act.QUARANTINED)
+            self.counts["retried"] = plan.total(Act.RETRY)
             log.info("plan: %d units to write, %d unchanged", plan.writes(), plan.total(Act.UNCHANGED),
                      extra={"event": "plan", "counts": plan.as_dict()["totals"]})
             if plan.writes() == 0:
                 return
+            self._write_started = time.monotonic()
             self._check_capabilities()
             self._write_global_units(staging, ledger)
             participants = participants_to_write(staging)
@@ -231,11 +256,11 @@ class Syncer:
 
     def _participant_in_run(self, run_id: str, staging: Staging, ledger: Ledger, participant: str) -> None:
         RUN_ID.set(run_id)  # worker threads carry the run id in their log lines
-        if self._server_down.is_set():
-            self._mark_all(staging, ledger, participant, STATE_PENDING, "not attempted: server unavailable")
-            return
         # SQLite connections are per thread: each worker reads staging through its own connection.
         with Staging(staging.path) as own:
+            if self._server_down.is_set():
+                self._mark_all(own, ledger, participant, STATE_PENDING, "not attempted: server unavailable")
+                return
             try:
                 self._participant(own, ledger, participant)
             except ServerUnavailableError as exc:
@@ -255,7 +280,11 @@ class Syncer:
             for resource in rest.get("resource", []):
                 if resource.get("conditionalUpdate") and self.opts.write_mode == "auto":
                     types.add(resource.get("type", ""))
+                if resource.get("type") == "Provenance":
+                    self._provenance_conditional_create = bool(resource.get("conditionalCreate"))
         self._conditional_types = types
+        log.debug("server offers conditional update for %d resource type(s)", len(types),
+                  extra={"event": "capabilities"})
         missing = sorted(set(STATUS_ELEMENT) - types)
         if missing and self.opts.write_mode == "auto":
             log.warning("server lacks conditional update for %s: using search-then-write for them",
@@ -359,7 +388,7 @@ class Syncer:
         instead of being quarantined: its target may land later in the same run.
         """
         originals = [(copy.deepcopy(u.resources), h) for u, h in units]
-        built = self._build(ledger, [u for u, _h in units], patient, author)
+        built = self._build(ledger, units, patient, author)
         try:
             response = self.client.transaction(built.bundle)
         except FhirHttpError as exc:
@@ -381,8 +410,9 @@ class Syncer:
             return
         self._record_success(ledger, units, built, response, participant, patient_id)
 
-    def _build(self, ledger: Ledger, units: list[UnitWrite], patient: tuple[Identity, str] | None,
-               author: str | None) -> BuiltBundle:
+    def _build(self, ledger: Ledger, hashed_units: list[tuple[UnitWrite, str | None]],
+               patient: tuple[Identity, str] | None, author: str | None) -> BuiltBundle:
+        units = [u for u, _h in hashed_units]
         cache: dict[Identity, str | None] = {}
 
         def resolve(identity: Identity) -> str | None:
@@ -393,10 +423,19 @@ class Syncer:
         activity = ("NULLIFY" if all(u.voided for u in units) else "UPDATE")
         recorded = self.clock()
 
+        # The change-set tag makes the Provenance a conditional create: a replay of the same change-set
+        # (a lost response, a lost ledger) finds the first Provenance instead of adding another.
+        change_set = hashlib.sha256("\n".join(sorted(f"{u.unit_key}={h}" for u, h in hashed_units)).encode()).hexdigest()[:32]
+        tag_system = f"{self.opts.ctx.meta_source}/change-set"
+
         def provenance(targets: list[str]) -> dict[str, Any]:
-            return map_provenance(targets, activity=activity, author=author, recorded=recorded, ctx=self.opts.ctx)
+            prov = map_provenance(targets, activity=activity, author=author, recorded=recorded, ctx=self.opts.ctx)
+            prov.setdefault("meta", {}).setdefault("tag", []).append({"system": tag_system, "code": change_set})
+            return prov
 
         built = build_transaction(units, patient=patient, resolve=resolve, provenance=provenance)
+        if built.has_provenance and self._provenance_conditional_create:
+            built.bundle["entry"][-1]["request"]["ifNoneExist"] = f"_tag={token_query(tag_system, change_set)}"
         if self._conditional_types is not None:
             self._apply_search_mode(built, resolve)
         return built
@@ -429,14 +468,20 @@ class Syncer:
             server_id, version = parse_location(entry.get("response", {}).get("location"))
             confirmed.setdefault(unit_key, []).append((*identity, server_id, version))
             statuses.setdefault(unit_key, []).append(status.split(" ")[0])
-        for unit, unit_hash in units:
+        ledger.record_confirmed_many(
+            [ConfirmedUnit(unit.unit_key, unit.kind, participant, unit_hash or "", unit.voided, patient_id,
+                           confirmed.get(unit.unit_key, []), " ".join(statuses.get(unit.unit_key, [])))
+             for unit, unit_hash in units],
+            run_id=RUN_ID.get())
+        for unit, _unit_hash in units:
             codes = statuses.get(unit.unit_key, [])
-            ledger.record_confirmed(unit.unit_key, kind=unit.kind, participant=participant,
-                                    unit_hash=unit_hash or "", voided=unit.voided, patient_id=patient_id,
-                                    resources=confirmed.get(unit.unit_key, []), detail=" ".join(codes),
-                                    run_id=RUN_ID.get())
             self._count("voided" if unit.voided else "created" if codes and all(c == "201" for c in codes)
                         else "updated")
+        log.debug("transaction landed: %d record(s), %d entries (HTTP %s)", len(units), len(entries),
+                  " ".join(f"{code}x{n}" for code, n in sorted(Counter(str(e.get("response", {}).get("status", ""))
+                                                                        .split(" ")[0] for e in entries).items())),
+                  extra={"event": "transaction", "entries": len(entries),
+                         "participant_key": opaque_key(participant) if participant else "program"})
 
     def _record_failure(self, ledger: Ledger, units: list[tuple[UnitWrite, str | None]], exc: FhirHttpError,
                         participant: str | None) -> None:
@@ -452,7 +497,7 @@ class Syncer:
             ledger.record_state(unit.unit_key, kind=unit.kind, participant=participant, state=state, detail=detail,
                                 run_id=RUN_ID.get(), attempt_hash=unit_hash)
             self._count(counter)
-            log.warning("record %s: HTTP %s (%s)", state, exc.status, exc.outcome.text()[:200],
+            log.warning("record %s: HTTP %s (%s)", state, exc.status, outcome_codes(exc.outcome.issues),
                         extra={"event": state, "key": opaque_key(unit.unit_key), "kind": unit.kind,
                                "status": exc.status})
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 import connector.units
 from connector.ledger import Ledger
@@ -192,8 +193,16 @@ def test_7_lost_ledger_resync_makes_no_duplicates_and_no_new_versions(program: P
     ledger = program.settings().sync.ledger
     for suffix in ("", "-wal", "-shm"):
         Path(str(ledger) + suffix).unlink(missing_ok=True)
+    provenances = provenance_count(program)
     summary = program.sync()
     assert summary.counts["created"] == 0  # everything matched by identifier
     after = versions(server_resources(program))
     assert after == before  # no new versions: HAPI suppresses no-op updates of identical content
+    assert provenance_count(program) == provenances  # replayed change-sets find their Provenance (_tag)
     assert_clean_state(program, REVIEW)
+
+
+def provenance_count(program: Program) -> int:
+    source = program.context().meta_source
+    return requests.get(f"{program.base_url}/Provenance", params={"_source": source, "_summary": "count"},
+                        timeout=60).json()["total"]
