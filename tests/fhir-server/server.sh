@@ -1,0 +1,296 @@
+#!/usr/bin/env bash
+# peersync test FHIR server: build, start, stop and reset a local HAPI FHIR JPA server
+# (R4, H2 in memory) at http://127.0.0.1:${PEERSYNC_FHIR_PORT:-8089}/fhir.
+#
+# Usage: server.sh build|start|stop|restart|status|reset|url|log
+#
+# Environment (all optional):
+#   PEERSYNC_FHIR_PORT              port on 127.0.0.1 (default 8089)
+#   PEERSYNC_FHIR_START_TIMEOUT     seconds to wait for readiness (default 300)
+#   PEERSYNC_FHIR_STOP_GRACE        seconds between TERM and KILL on stop (default 30)
+#   PEERSYNC_FHIR_RUN_DIR           where pid and log files go (default <this dir>/target/run)
+#   PEERSYNC_FHIR_VALIDATE_REQUESTS true = validate every request, reject on ERROR (default false)
+#   PEERSYNC_FHIR_JAVA_OPTS         extra JVM options, appended after the defaults (e.g. -Xmx1g)
+#   PEERSYNC_FHIR_ARGS              extra Spring Boot arguments (e.g. --peersync.fhir.client-id-strategy=ANY)
+#   MVN                             Maven command (default mvn)
+# See README.md beside this file.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PORT="${PEERSYNC_FHIR_PORT:-8089}"
+HOST=127.0.0.1
+BASE_URL="http://${HOST}:${PORT}/fhir"
+START_TIMEOUT="${PEERSYNC_FHIR_START_TIMEOUT:-300}"
+STOP_GRACE="${PEERSYNC_FHIR_STOP_GRACE:-30}"
+RUN_DIR="${PEERSYNC_FHIR_RUN_DIR:-$HERE/target/run}"
+VALIDATE_REQUESTS="${PEERSYNC_FHIR_VALIDATE_REQUESTS:-false}"
+MVN="${MVN:-mvn}"
+
+TARGET="$HERE/target"
+CLASSPATH_FILE="$TARGET/classpath.txt"
+STAMP_FILE="$TARGET/build.stamp"
+PID_FILE="$RUN_DIR/fhir-server-$PORT.pid"
+LOG_FILE="$RUN_DIR/fhir-server-$PORT.log"
+SETTINGS_FILE="$RUN_DIR/fhir-server-$PORT.settings"
+MAIN_CLASS=org.peersync.testserver.FhirTestServer
+
+# JVM defaults: the H2 database lives in the heap; serial GC and C1-only JIT start fastest on 2 cores.
+DEFAULT_JAVA_OPTS=(
+	-Xms256m -Xmx2g
+	-XX:+UseSerialGC
+	-XX:TieredStopAtLevel=1
+	-XX:+ExitOnOutOfMemoryError
+	-Xss1m
+	-Duser.timezone=UTC
+	-Dfile.encoding=UTF-8
+	-Djava.awt.headless=true
+)
+
+log() { printf 'fhir-server: %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ------------------------------------------------------------------ helpers
+
+# http_get URL -> body on stdout; non-zero on connection failure or HTTP error
+http_get() {
+	if command -v curl >/dev/null 2>&1; then
+		curl -fsS --max-time 10 -H 'Accept: application/fhir+json' "$1"
+	else
+		python3 - "$1" <<'PY'
+import sys, urllib.request
+req = urllib.request.Request(sys.argv[1], headers={"Accept": "application/fhir+json"})
+with urllib.request.urlopen(req, timeout=10) as r:
+    sys.stdout.write(r.read().decode("utf-8"))
+PY
+	fi
+}
+
+# http_post_json URL BODY -> body on stdout; non-zero on error
+http_post_json() {
+	if command -v curl >/dev/null 2>&1; then
+		curl -fsS --max-time 300 -X POST -H 'Content-Type: application/fhir+json' \
+			-H 'Accept: application/fhir+json' --data-binary "$2" "$1"
+	else
+		python3 - "$1" "$2" <<'PY'
+import sys, urllib.request
+req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode("utf-8"), method="POST",
+    headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+with urllib.request.urlopen(req, timeout=300) as r:
+    sys.stdout.write(r.read().decode("utf-8"))
+PY
+	fi
+}
+
+is_ready() {
+	# capture first: `curl | grep -q` fails under pipefail when grep exits early (SIGPIPE)
+	local body
+	body="$(http_get "$BASE_URL/metadata" 2>/dev/null)" || return 1
+	grep -q '"resourceType" *: *"CapabilityStatement"' <<<"$body"
+}
+
+port_in_use() {
+	(exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null
+}
+
+# pid from our pid file, only if that process is alive and is our server
+our_pid() {
+	[[ -f "$PID_FILE" ]] || return 1
+	local pid
+	pid="$(cat "$PID_FILE" 2>/dev/null || true)"
+	[[ "$pid" =~ ^[0-9]+$ ]] || return 1
+	kill -0 "$pid" 2>/dev/null || return 1
+	if [[ -r "/proc/$pid/cmdline" ]]; then
+		tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$MAIN_CLASS" || return 1
+	fi
+	echo "$pid"
+}
+
+with_lock() {
+	mkdir -p "$RUN_DIR"
+	if command -v flock >/dev/null 2>&1; then
+		exec 9>"$RUN_DIR/.lock-$PORT"
+		flock -w "$((START_TIMEOUT + 600))" 9 || die "could not get the lock $RUN_DIR/.lock-$PORT"
+	fi
+}
+
+source_hash() {
+	(
+		cd "$HERE"
+		find pom.xml src -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+	) | sha256sum | cut -d' ' -f1
+}
+
+build_is_current() {
+	[[ -f "$CLASSPATH_FILE" && -f "$STAMP_FILE" && -d "$TARGET/classes/org/peersync/testserver" ]] || return 1
+	[[ "$(cat "$STAMP_FILE")" == "$(source_hash)" ]] || return 1
+	local jar
+	while IFS= read -r jar; do
+		[[ -z "$jar" || -f "$jar" ]] || return 1
+	done < <(tr ':' '\n' <"$CLASSPATH_FILE")
+	return 0
+}
+
+# ------------------------------------------------------------------ commands
+
+cmd_build() {
+	if build_is_current; then
+		log "build is up to date (skipping Maven)"
+		return 0
+	fi
+	command -v "$MVN" >/dev/null 2>&1 || die "Maven ('$MVN') not found; install maven (Java 17 + Maven 3.8+)"
+	mkdir -p "$RUN_DIR"
+	rm -f "$STAMP_FILE"
+	local hash started build_log="$RUN_DIR/build.log"
+	hash="$(source_hash)"
+	started=$SECONDS
+	log "building with Maven (offline first) ..."
+	if ! "$MVN" -B -ntp -q -o -f "$HERE/pom.xml" compile >"$build_log" 2>&1; then
+		log "offline build failed (missing artifacts?); building online (first run downloads ~350 MB into ~/.m2) ..."
+		if ! "$MVN" -B -ntp -q -f "$HERE/pom.xml" compile >"$build_log" 2>&1; then
+			tail -n 60 "$build_log" >&2
+			die "Maven build failed (full log: $build_log)"
+		fi
+	fi
+	[[ -s "$CLASSPATH_FILE" ]] || die "Maven did not write $CLASSPATH_FILE"
+	echo "$hash" >"$STAMP_FILE"
+	log "build done in $((SECONDS - started)) s"
+}
+
+cmd_start() {
+	with_lock
+	local pid
+	if pid="$(our_pid)"; then
+		if is_ready; then
+			local running_validate
+			running_validate="$(sed -n 's/^validate_requests=//p' "$SETTINGS_FILE" 2>/dev/null || true)"
+			if [[ -n "$running_validate" && "$running_validate" != "$VALIDATE_REQUESTS" ]]; then
+				log "WARNING: server already running with validate_requests=$running_validate" \
+					"(requested $VALIDATE_REQUESTS); restart it to change that"
+			fi
+			log "already running (pid $pid) at $BASE_URL"
+			echo "$BASE_URL"
+			return 0
+		fi
+		log "pid $pid is alive but not answering; waiting for it"
+	else
+		rm -f "$PID_FILE"
+		if port_in_use; then
+			die "port $PORT on $HOST is in use by another process (not started by this script);" \
+				"stop it or choose another port with PEERSYNC_FHIR_PORT"
+		fi
+		cmd_build
+		command -v java >/dev/null 2>&1 || die "java not found (Java 17+ required)"
+		mkdir -p "$RUN_DIR"
+		local extra_opts=() extra_args=()
+		# shellcheck disable=SC2206
+		[[ -n "${PEERSYNC_FHIR_JAVA_OPTS:-}" ]] && extra_opts=(${PEERSYNC_FHIR_JAVA_OPTS})
+		# shellcheck disable=SC2206
+		[[ -n "${PEERSYNC_FHIR_ARGS:-}" ]] && extra_args=(${PEERSYNC_FHIR_ARGS})
+		local launcher=()
+		command -v setsid >/dev/null 2>&1 && launcher=(setsid)
+		{
+			echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) server.sh start: port=$PORT validate_requests=$VALIDATE_REQUESTS"
+		} >"$LOG_FILE"
+		(
+			cd "$HERE"
+			exec 9>&- # do not hand the start/stop lock to the server process
+			exec "${launcher[@]}" java "${DEFAULT_JAVA_OPTS[@]}" "${extra_opts[@]}" \
+				-cp "$TARGET/classes:$(cat "$CLASSPATH_FILE")" "$MAIN_CLASS" \
+				--server.address="$HOST" --server.port="$PORT" \
+				--peersync.fhir.validate.requests="$VALIDATE_REQUESTS" \
+				"${extra_args[@]}" </dev/null >>"$LOG_FILE" 2>&1
+		) &
+		pid=$!
+		echo "$pid" >"$PID_FILE"
+		printf 'validate_requests=%s\nport=%s\n' "$VALIDATE_REQUESTS" "$PORT" >"$SETTINGS_FILE"
+		log "started pid $pid (log: $LOG_FILE); waiting up to ${START_TIMEOUT}s for $BASE_URL/metadata"
+	fi
+
+	local deadline=$((SECONDS + START_TIMEOUT)) t0=$SECONDS
+	while true; do
+		if ! kill -0 "$pid" 2>/dev/null; then
+			rm -f "$PID_FILE"
+			log "the server process died; last lines of $LOG_FILE:"
+			tail -n 80 "$LOG_FILE" >&2 || true
+			exit 1
+		fi
+		if is_ready; then
+			log "ready after $((SECONDS - t0)) s: $BASE_URL"
+			echo "$BASE_URL"
+			return 0
+		fi
+		if ((SECONDS >= deadline)); then
+			log "not ready after ${START_TIMEOUT}s; last lines of $LOG_FILE:"
+			tail -n 80 "$LOG_FILE" >&2 || true
+			stop_pid "$pid"
+			exit 1
+		fi
+		sleep 1
+	done
+}
+
+stop_pid() {
+	local pid="$1" waited=0
+	kill -TERM "$pid" 2>/dev/null || true
+	while kill -0 "$pid" 2>/dev/null && ((waited < STOP_GRACE * 2)); do
+		sleep 0.5
+		waited=$((waited + 1))
+	done
+	if kill -0 "$pid" 2>/dev/null; then
+		log "pid $pid still alive after ${STOP_GRACE}s; sending KILL"
+		kill -KILL "$pid" 2>/dev/null || true
+		sleep 0.5
+	fi
+	rm -f "$PID_FILE" "$SETTINGS_FILE"
+}
+
+cmd_stop() {
+	with_lock
+	local pid
+	if pid="$(our_pid)"; then
+		log "stopping pid $pid"
+		stop_pid "$pid"
+		log "stopped"
+	else
+		rm -f "$PID_FILE" "$SETTINGS_FILE"
+		log "not running (no live server from $PID_FILE)"
+	fi
+}
+
+cmd_status() {
+	local pid
+	if pid="$(our_pid)"; then
+		if is_ready; then
+			echo "running $BASE_URL (pid $pid)"
+		else
+			echo "running $BASE_URL (pid $pid, not answering yet)"
+		fi
+		return 0
+	fi
+	echo "stopped $BASE_URL"
+	return 3
+}
+
+cmd_reset() {
+	is_ready || die "no server answering at $BASE_URL (start it first)"
+	local body out
+	body='{"resourceType":"Parameters","parameter":[{"name":"expungeEverything","valueBoolean":true}]}'
+	out="$(http_post_json "$BASE_URL/\$expunge" "$body")" || die "\$expunge failed"
+	grep -q '"resourceType" *: *"Parameters"' <<<"$out" || die "unexpected \$expunge response: $out"
+	log "all data expunged"
+}
+
+case "${1:-}" in
+	build) cmd_build ;;
+	start) cmd_start ;;
+	stop) cmd_stop ;;
+	restart) cmd_stop && cmd_start ;;
+	status) cmd_status ;;
+	reset) cmd_reset ;;
+	url) echo "$BASE_URL" ;;
+	log) tail -n "${2:-100}" "$LOG_FILE" ;;
+	*)
+		echo "usage: $0 build|start|stop|restart|status|reset|url|log [N]" >&2
+		exit 2
+		;;
+esac
