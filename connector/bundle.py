@@ -4,7 +4,8 @@ Each resource becomes an entry with a deterministic ``urn:uuid`` fullUrl and a c
 ``PUT Type?identifier=system|value`` (token escaped and percent-encoded). Conditional references made by
 the mappers are rewritten: to the fullUrl of an entry in the same bundle, to ``Type/id`` when the ledger
 knows the server id, to the resolved Patient, or left conditional (the server resolves them in the
-transaction). The same condition never appears twice in one bundle.
+transaction). The rewriting happens in copies: the units' resources are left as mapped. The same condition
+never appears twice in one bundle.
 """
 
 from __future__ import annotations
@@ -89,37 +90,58 @@ def build_transaction(
             if identity in seen:
                 continue  # never the same condition twice in one transaction
             seen.add(identity)
-            _rewrite_references(resource, rewrite)
             entries.append(
                 {
                     "fullUrl": in_bundle[identity],
-                    "resource": resource,
+                    "resource": _rewritten(resource, rewrite),
                     "request": {"method": "PUT", "url": conditional_url(*identity)},
                 }
             )
             index.append((unit.unit_key, identity))
     built = BuiltBundle({"resourceType": "Bundle", "type": "transaction", "entry": entries}, index)
     if provenance is not None and entries:
-        prov = provenance([e["fullUrl"] for e in entries])
-        _rewrite_references(prov, rewrite)
+        prov = _rewritten(provenance([e["fullUrl"] for e in entries]), rewrite)
         entries.append({"fullUrl": "urn:uuid:" + str(uuid.uuid4()), "resource": prov,
                         "request": {"method": "POST", "url": "Provenance"}})
         built.has_provenance = True
     return built
 
 
-def _rewrite_references(node: Any, rewrite: Callable[[str], str]) -> None:
-    """Rewrite every Reference.reference in a resource, in place."""
-    if isinstance(node, dict):
+def _rewritten(resource: dict[str, Any], rewrite: Callable[[str], str]) -> dict[str, Any]:
+    """A copy of a resource with every Reference.reference rewritten; the input is not changed (a failed
+    transaction is rebuilt from the same units). Copy on write: only the dicts and lists on the way to a
+    rewritten reference are new; unchanged elements are shared with the input."""
+    out = _rewrite_node(resource, rewrite)
+    return dict(out) if out is resource else out  # always a new top level (search mode sets its id)
+
+
+def _rewrite_node(node: Any, rewrite: Callable[[str], str]) -> Any:
+    # written for speed: this walks every element of everything peersync sends
+    if type(node) is dict:
+        out = None
         for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                node[key] = rewrite(value)
-            elif isinstance(value, (dict, list)):
-                _rewrite_references(value, rewrite)
-    elif isinstance(node, list):
-        for item in node:
-            if isinstance(item, (dict, list)):
-                _rewrite_references(item, rewrite)
+            kind = type(value)
+            if kind is dict or kind is list:
+                new = _rewrite_node(value, rewrite)
+            elif kind is str and key == "reference":
+                new = rewrite(value)
+            else:
+                continue
+            if new is not value:
+                if out is None:
+                    out = dict(node)
+                out[key] = new
+        return node if out is None else out
+    items = None
+    for index, item in enumerate(node):
+        kind = type(item)
+        if kind is dict or kind is list:
+            new = _rewrite_node(item, rewrite)
+            if new is not item:
+                if items is None:
+                    items = list(node)
+                items[index] = new
+    return node if items is None else items
 
 
 def parse_location(location: str | None) -> tuple[str | None, str | None]:

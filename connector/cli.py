@@ -1,13 +1,20 @@
 """The `peersync` command: a thin layer over the library. It parses options, calls the library, prints,
-and turns library errors into documented exit codes (see docs/exit-codes.md)."""
+and turns library errors into documented exit codes (see docs/exit-codes.md).
+
+stdout carries results (tables, or JSON with --json); stderr carries logs (text or JSON lines), the progress
+bar (terminals only) and errors. Nothing printed here contains patient data.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +22,9 @@ import click
 
 from connector import __version__
 from connector.errors import ExitCode, PeersyncError
-from connector.logs import configure_logging, new_run_id
+from connector.logs import RUN_ID, configure_logging, format_frames, is_verbose, log_format, new_run_id
+
+log = logging.getLogger("connector.cli")
 
 
 class PeersyncCommandError(click.ClickException):
@@ -24,9 +33,51 @@ class PeersyncCommandError(click.ClickException):
     def __init__(self, error: PeersyncError) -> None:
         super().__init__(str(error))
         self.exit_code = int(error.exit_code)
+        self.error_type = type(error).__name__
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        _emit_error(self.format_message(), self.exit_code, error_type=self.error_type)
+
+
+def _emit_error(message: str, exit_code: int, **extra: Any) -> None:
+    """An error on stderr: ``error: ...`` as text, or one more JSON line (with the run id) in JSON mode."""
+    if log_format() == "json":
+        log.error("%s", message, extra={"event": "error", "exit_code": int(exit_code), **extra})
+    else:
+        click.echo(f"error: {message}", err=True)
+
+
+class PeersyncGroup(click.Group):
+    """The root group: unexpected exceptions become exit 1 with a PHI-free message instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if os.environ.get("PEERSYNC_DEBUG"):
+                raise  # the full traceback, for a developer; it may contain record values
+            _report_unexpected(exc)
+            ctx.exit(int(ExitCode.UNEXPECTED))
+
+
+def _report_unexpected(exc: BaseException) -> None:
+    """Where it failed (type, file:line) but not the message, which could quote a record's values."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else ""
+    message = (f"unexpected {type(exc).__name__}{where} (a bug: please report it with this line; rerun with "
+               "-v for the call stack, or PEERSYNC_DEBUG=1 for the full traceback, which may contain record values)")
+    frames = format_frames(exc.__traceback__) if is_verbose() else ""
+    if log_format() == "json":
+        extra = {"frames": [line.strip() for line in frames.splitlines()]} if frames else {}
+        _emit_error(message, ExitCode.UNEXPECTED, error_type=type(exc).__name__, **extra)
+    else:
+        _emit_error(message, ExitCode.UNEXPECTED)
+        if frames:
+            click.echo(frames, err=True)
 
 
 def translate_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,13 +97,15 @@ def logging_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--log-format/--verbose/--quiet, shared by every command that does work."""
 
     @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-                  envvar="PEERSYNC_LOG_FORMAT", help="Log lines on stderr as text or JSON lines.")
+                  envvar="PEERSYNC_LOG_FORMAT",
+                  help="Log lines on stderr: text, or one JSON object per line (env PEERSYNC_LOG_FORMAT).")
     @click.option("-v", "--verbose", is_flag=True, help="More detail in logs (still no patient data).")
-    @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors in logs.")
+    @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors in logs; no progress bar.")
     @functools.wraps(func)
     def wrapper(*args: Any, log_format: str, verbose: bool, quiet: bool, **kwargs: Any) -> Any:
         configure_logging(fmt=log_format, verbose=verbose, quiet=quiet)
         new_run_id()
+        click.get_current_context().meta["peersync.quiet"] = quiet
         return func(*args, **kwargs)
 
     return wrapper
@@ -62,6 +115,7 @@ config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="PEERSYNC_CONFIG",
     help="TOML configuration file (env PEERSYNC_CONFIG); PEERSYNC_SECTION__KEY variables override it.",
 )
+json_option = click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
 
 
 def _settings(config_path: Path | None) -> Any:
@@ -70,16 +124,158 @@ def _settings(config_path: Path | None) -> Any:
     return load_settings(config_path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _warn(message: str) -> None:
+    """A warning on stderr, in the chosen log format."""
+    log.warning("%s", message)
+
+
+def _fail(message: str, code: ExitCode) -> None:
+    """Exit with an error message on stderr, in the chosen log format."""
+    _emit_error(message, code)
+    sys.exit(int(code))
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(cls=PeersyncGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="peersync")
 def main() -> None:
     """peersync carries diabetes peer-support records (contacts, goals, referrals, planned contacts)
     into a clinic EHR as FHIR R4 resources.
 
     \b
+    Start here:  peersync config check FILE   (offline)
+                 peersync doctor --config FILE (server, auth, ledger)
     Exit codes: 0 ok, 1 unexpected error, 2 usage, 65 records rejected or in review,
-    69 server unavailable / retries exhausted, 75 lock held, 77 auth failure, 78 configuration error.
+    69 server unavailable / retries exhausted, 75 lock held, 77 auth failure, 78 configuration error
+    (docs/exit-codes.md).
     """
+
+
+# -- config check, doctor ------------------------------------------------------------------------------
+
+
+@main.group("config")
+def config_group() -> None:
+    """Check a configuration file (docs/configuration.md lists every setting)."""
+
+
+@config_group.command("check")
+@click.argument("config_file", metavar="FILE", envvar="PEERSYNC_CONFIG",
+                type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@logging_options
+@translate_errors
+def config_check(config_file: Path, as_json: bool) -> None:
+    """Validate FILE without network access: unknown keys, wrong types, missing values, unsafe URLs,
+    secret files, the private key, the mapping profile, and writable ledger and report folders.
+
+    PEERSYNC_* environment variables and secrets directories are applied, as for a sync.
+    Exits 78 when any check fails (each failure names its fix), 0 otherwise (warnings allowed).
+    """
+    from connector.doctor import check_config
+
+    report = check_config(config_file)
+    _print_report(report, as_json, title=f"config check {config_file}")
+    sys.exit(report.exit_code())
+
+
+@main.command()
+@config_option
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(1, 600),
+              help="Seconds to wait for each server request.")
+@json_option
+@logging_options
+@translate_errors
+def doctor(config_path: Path | None, timeout: float, as_json: bool) -> None:
+    """Pre-flight check: the configuration, the server and its CapabilityStatement (FHIR R4, transaction,
+    conditional update and identifier search per resource type), authentication and granted scopes,
+    and the ledger. Writes nothing to the server.
+
+    Exits 0 when nothing failed, 78 configuration, 77 authentication, 69 server unreachable.
+    """
+    from connector.doctor import run_doctor
+
+    report = run_doctor(config_path, timeout=timeout)
+    _print_report(report, as_json, title=f"doctor {config_path or '(environment only)'}")
+    sys.exit(report.exit_code())
+
+
+_MARKS = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
+
+
+def _print_report(report: Any, as_json: bool, *, title: str) -> None:
+    if as_json:
+        _echo_json(report.as_dict())
+        return
+    width = max([len(c.name) for c in report.checks] + [10]) + 2
+    click.echo(title)
+    click.echo(f"{'STATUS':<8}{'CHECK':<{width}}DETAIL")
+    for check in report.checks:
+        click.echo(f"{_MARKS[check.status.value]:<8}{check.name:<{width}}{check.detail}")
+        if check.fix:
+            click.echo(f"{'':<8}{'':<{width}}fix: {check.fix}")
+    counts = report.counts()
+    click.echo(f"{counts['pass']} passed, {counts['warn']} warning(s), {counts['fail']} failed, "
+               f"{counts['skip']} skipped: exit {report.exit_code()}")
+
+
+# -- keys, auth -------------------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Signing keys for SMART Backend Services (docs/authentication.md)."""
+
+
+@keys.command("generate")
+@click.option("--alg", type=click.Choice(["ES384", "RS384"]), default="ES384", show_default=True,
+              help="Signing algorithm: ES384 (EC P-384) or RS384 (RSA 3072).")
+@click.option("--kid", required=True, help="Key id, e.g. peersync-2026-11 (a new one for every rotation).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for <kid>.private.pem (mode 0600) and <kid>.jwks.json (register or host this).")
+@click.option("--force", is_flag=True, help="Overwrite existing files of this kid.")
+@logging_options
+@translate_errors
+def keys_generate(alg: str, kid: str, out_dir: Path, force: bool) -> None:
+    """Generate a signing key and its public JWK Set."""
+    from connector.keys import generate_keypair
+
+    key_path, jwks_path = generate_keypair(alg, kid, out_dir, overwrite=force)  # type: ignore[arg-type]
+    click.echo(f"private key: {key_path} (keep it secret; set auth.private_key_file to it)")
+    click.echo(f"JWK Set:     {jwks_path} (register it with the EHR, or host it at an HTTPS URL)")
+
+
+@main.group()
+def auth() -> None:
+    """Authentication against the configured FHIR server."""
+
+
+@auth.command("test")
+@config_option
+@json_option
+@logging_options
+@translate_errors
+def auth_test_command(config_path: Path | None, as_json: bool) -> None:
+    """Obtain a token (if the mode uses one), check the granted scopes, and read /metadata with it.
+
+    Prints what was granted, never the token. Exits 77 when authentication fails.
+    """
+    from connector.authcheck import auth_test
+
+    result = auth_test(_settings(config_path))
+    if as_json:
+        _echo_json(result)
+        return
+    info = result.get("auth", {})
+    click.echo(f"auth mode {info.get('mode')}: ok")
+    for key, value in info.items():
+        if key != "mode" and value not in (None, [], ""):
+            click.echo(f"  {key}: {' '.join(value) if isinstance(value, list) else value}")
+    server = result.get("server", {})
+    click.echo(f"server {server.get('base_url')}: FHIR {server.get('fhir_version')} ({server.get('software')})")
 
 
 # -- profile -------------------------------------------------------------------------------------------
@@ -155,7 +351,7 @@ def _print_read_report(summary: dict[str, Any]) -> None:
     if summary["blank_rows"]:
         click.echo(f"blank rows skipped: {summary['blank_rows']}")
     for warning in summary["warnings"]:
-        click.echo(f"warning: {warning}", err=True)
+        _warn(warning)
     rejects = summary["rejects_report"]
     if t["rejected"]:
         click.echo(f"rejected rows: {t['rejected']} ({rejects['problems']} problems); "
@@ -238,7 +434,8 @@ def terminology_publish(config_path: Path | None, dry_run: bool) -> None:
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a terminal).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: only on a terminal, never with --quiet).")
 @logging_options
 @translate_errors
 def sync(config_path: Path | None, as_json: bool, progress: bool | None) -> None:
@@ -246,32 +443,62 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None) -> None
 
     Exit codes: 0 all landed; 65 rows rejected, quarantined or in review (the rest landed); 69 server
     unavailable (pending records are sent next run); 75 another run holds the lock; 77 auth; 78 config.
+    With --json the summary is printed even when the run fails; [output] metrics_file is written after
+    every run that got as far as the ledger.
     """
     from connector.app import build_client, sync_options
-    from connector.logs import RUN_ID
     from connector.sync import Syncer
+    from connector.transport import redact_url
 
     settings = _settings(config_path)
-    opts = sync_options(settings)
-    client = build_client(settings)
-    show_bar = sys.stderr.isatty() if progress is None else progress
-    bar = _ProgressBar() if show_bar else None
-    syncer = Syncer(opts, client, on_progress=bar.update if bar else None)
+    started = datetime.now(UTC)
+    syncer: Syncer | None = None
+    bar: _ProgressBar | None = None
     try:
+        opts = sync_options(settings)
+        log.info("sync started: peersync %s, server %s, auth %s, profile %s, %d input path(s)", __version__,
+                 redact_url(settings.server.base_url), settings.auth.mode, opts.profile.name, len(opts.inputs),
+                 extra={"event": "run-started"})
+        client = build_client(settings)
+        quiet = click.get_current_context().meta.get("peersync.quiet", False)
+        show_bar = (sys.stderr.isatty() and not quiet) if progress is None else progress
+        bar = _ProgressBar() if show_bar else None
+        syncer = Syncer(opts, client, on_progress=bar.update if bar else None)
         summary = syncer.run(RUN_ID.get())
+    except PeersyncError as exc:
+        # Report the failed run too: monitoring reads the metrics file, scripts read --json.
+        failed = _failed_summary(syncer.summary if syncer else None, exc, started)
+        _write_metrics(settings, failed)
+        if as_json:
+            _echo_json(failed)
+        raise
     finally:
         if bar:
             bar.close()
-    _write_metrics(settings, summary)
+    result = summary.as_dict()
+    _write_metrics(settings, result)
     if as_json:
-        click.echo(json.dumps(summary.as_dict(), indent=2))
+        _echo_json(result)
     else:
-        _print_summary(summary.as_dict())
+        _print_summary(result)
     sys.exit(summary.exit_code)
 
 
+def _failed_summary(summary: Any, exc: PeersyncError, started: datetime) -> dict[str, Any]:
+    """The summary of a run that raised: the run's own if it got as far as the ledger, else a minimal one."""
+    from connector.sync import RunSummary
+
+    if summary is None or summary.outcome == "running":  # failed before the run was recorded (lock, auth...)
+        now = datetime.now(UTC)
+        summary = RunSummary(run_id=RUN_ID.get(), command="sync", started_at=started.isoformat(timespec="seconds"),
+                             finished_at=now.isoformat(timespec="seconds"),
+                             duration_s=(now - started).total_seconds(), outcome="failed",
+                             exit_code=int(exc.exit_code), error=str(exc))
+    return summary.as_dict()
+
+
 class _ProgressBar:
-    """click's progress bar on stderr, driven by (done, total) callbacks."""
+    """click's progress bar on stderr (never stdout: it would corrupt --json), driven by (done, total)."""
 
     def __init__(self) -> None:
         self.bar: Any = None
@@ -289,17 +516,30 @@ class _ProgressBar:
             self.bar.__exit__(None, None, None)
 
 
-def _write_metrics(settings: Any, summary: Any) -> None:
+def _write_metrics(settings: Any, summary: dict[str, Any]) -> None:
     if settings.output.metrics_file is None:
         return
+    from connector.ledger import Ledger
     from connector.metrics import write_textfile
+    from connector.status import backlog
 
-    write_textfile(settings.output.metrics_file, summary.as_dict())
+    try:
+        with Ledger(settings.sync.ledger) as ledger:
+            waiting = backlog(ledger)
+        write_textfile(settings.output.metrics_file, summary, backlog=waiting)
+    except (OSError, PeersyncError) as exc:
+        # Metrics are secondary: a full disk or a bad path must not change the run's exit code.
+        _warn(f"could not write the metrics file {settings.output.metrics_file}: {type(exc).__name__}")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
     counts = summary["counts"]
-    click.echo(f"run {summary['run_id']}: {summary['outcome']} (exit {summary['exit_code']}) in {summary['duration_s']}s")
+    click.echo(f"run {summary['run_id']}: {summary['outcome']} (exit {summary['exit_code']}) "
+               f"in {summary['duration_s']}s")
+    durations = summary.get("durations") or {}
+    if durations:
+        click.echo("  phases: " + ", ".join(f"{name.removesuffix('_s')} {value}s" for name, value in durations.items()
+                                            if name != "total_s"))
     read = summary.get("read") or {}
     if read:
         click.echo(f"  read {read.get('read', 0)} rows: {read.get('accepted', 0)} accepted, "
@@ -307,11 +547,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
     click.echo("  " + ", ".join(f"{name.replace('_', ' ')} {counts[name]}" for name in counts))
     click.echo(f"  requests {summary['requests']} (writes {summary['write_requests']}, retries {summary['retries']})")
     for held in summary.get("deletions_held") or []:
-        click.echo(f"  warning: {held}", err=True)
+        _warn(held)
     if summary.get("rejects_report") and counts.get("rejected"):
         click.echo(f"  rejects report: {summary['rejects_report']}")
     if summary.get("error"):
-        click.echo(f"  error: {summary['error']}", err=True)
+        _warn(f"run error: {summary['error']}")
 
 
 @main.command()
@@ -339,47 +579,82 @@ def plan(config_path: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"{'resource type':<22}" + "".join(f"{a:>12}" for a in ("create", "update", "void", "delete",
-                                                                           "retry", "unchanged")))
+    actions = ("create", "update", "void", "delete", "retry", "unchanged")
+    click.echo(f"{'resource type':<22}" + "".join(f"{a:>12}" for a in actions))
     for resource_type, counts in result["resources"].items():
-        click.echo(f"{resource_type:<22}" + "".join(f"{counts.get(a, 0):>12}" for a in
-                                                   ("create", "update", "void", "delete", "retry", "unchanged")))
+        click.echo(f"{resource_type:<22}" + "".join(f"{counts.get(a, 0):>12}" for a in actions))
     totals = result["totals"]
     click.echo(f"units: {totals}")
-    click.echo(f"participants with changes: {sum(1 for c in result['participants'].values() if any(c.get(a) for a in ('create','update','void','delete','retry')))}")
+    changed = sum(1 for c in result["participants"].values() if any(c.get(a) for a in actions[:5]))
+    click.echo(f"participants with changes: {changed}")
     for held in result["deletions_held"]:
-        click.echo(f"warning: {held}", err=True)
+        _warn(held)
 
 
 @main.command()
 @config_option
-@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
-@click.option("--runs", default=5, show_default=True, help="How many recent runs to show.")
+@json_option
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 1000),
+              help="How many recent runs to show.")
+@logging_options
 @translate_errors
 def status(config_path: Path | None, as_json: bool, runs: int) -> None:
-    """The last runs and the backlog: pending, quarantined and in-review records, open reviews."""
-    from connector.ledger import Ledger
+    """The last runs, the last success, and the backlog: pending, quarantined and in-review records, open reviews.
+
+    Reads the ledger only (a running sync is not disturbed).
+    """
+    from connector.status import status_report
 
     settings = _settings(config_path)
-    with Ledger(settings.sync.ledger) as ledger:
-        result = {"ledger": str(settings.sync.ledger), "runs": ledger.runs(runs), "units": ledger.state_counts(),
-                  "open_reviews": len(ledger.reviews())}
+    result = status_report(settings.sync.ledger, runs)
     if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        _echo_json(result)
         return
     click.echo(f"ledger: {result['ledger']}")
-    click.echo("records by state: " + (", ".join(f"{k} {v}" for k, v in sorted(result["units"].items())) or "none"))
-    click.echo(f"open reviews: {result['open_reviews']}")
-    click.echo(f"{'run':<14}{'started':<27}{'outcome':<12}{'exit':>5}  counts")
+    if not result["ledger_exists"]:
+        click.echo("no ledger yet: no sync has run with this configuration")
+        return
+    last = result["last_run"]
+    if last:
+        click.echo(f"last run:     {last['run_id']} {last['started_at']} {last['outcome']} (exit {last['exit_code']})"
+                   + (f" in {last['duration_s']}s" if last["duration_s"] is not None else ""))
+        read = last["read"]
+        if read:
+            changes = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in last["counts"].items() if v)
+            click.echo(f"              read {read.get('read', 0)} rows, {read.get('rejected', 0)} rejected; "
+                       + (changes or "no changes"))
+    success = result["last_success"]
+    click.echo("last success: " + (f"{success['run_id']} finished {success['finished_at']} "
+                                   f"({_age(success['finished_at'])} ago, exit {success['exit_code']})"
+                                   if success else "never"))
+    b = result["backlog"]
+    click.echo(f"backlog:      pending {b['pending']}, quarantined {b['quarantined']}, in review {b['in_review']}, "
+               f"open reviews {b['open_reviews']}")
+    click.echo(f"{'run':<14}{'started':<27}{'outcome':<12}{'exit':>5}{'secs':>9}  counts")
     for run in result["runs"]:
-        counts = (run.get("summary") or {}).get("counts", {})
-        shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
-        click.echo(f"{run['run_id']:<14}{run['started_at']:<27}{str(run['outcome']):<12}{str(run['exit_code']):>5}  {shown}")
+        shown = ", ".join(f"{k} {v}" for k, v in run["counts"].items() if v)
+        secs = "" if run["duration_s"] is None else f"{run['duration_s']:.1f}"
+        click.echo(f"{run['run_id']:<14}{run['started_at']:<27}{str(run['outcome']):<12}"
+                   f"{str(run['exit_code']):>5}{secs:>9}  {shown}")
+
+
+def _age(iso: str | None) -> str:
+    if not iso:
+        return "?"
+    try:
+        seconds = (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
+    except ValueError:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{max(seconds, 0):.0f} s"
 
 
 @main.command()
 @config_option
-@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@json_option
+@logging_options
 @translate_errors
 def landed(config_path: Path | None, as_json: bool) -> None:
     """What is on the server for this program, counted by the server itself (read-only)."""
@@ -405,7 +680,8 @@ def review() -> None:
 @review.command("list")
 @config_option
 @click.option("--all", "include_closed", is_flag=True, help="Include dismissed and resolved entries.")
-@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@json_option
+@logging_options
 @translate_errors
 def review_list(config_path: Path | None, include_closed: bool, as_json: bool) -> None:
     """List review entries (subjects are source ids; no patient data)."""
@@ -425,6 +701,7 @@ def review_list(config_path: Path | None, include_closed: bool, as_json: bool) -
 @review.command("retry")
 @config_option
 @click.argument("review_id", type=int)
+@logging_options
 @translate_errors
 def review_retry(config_path: Path | None, review_id: int) -> None:
     """Send a quarantined or reviewed record again on the next sync."""
@@ -434,6 +711,7 @@ def review_retry(config_path: Path | None, review_id: int) -> None:
 @review.command("dismiss")
 @config_option
 @click.argument("review_id", type=int)
+@logging_options
 @translate_errors
 def review_dismiss(config_path: Path | None, review_id: int) -> None:
     """Dismiss a review entry (it stays in the history; the record is not retried automatically)."""
@@ -445,8 +723,7 @@ def _set_review(config_path: Path | None, review_id: int, status_value: str) -> 
 
     with Ledger(_settings(config_path).sync.ledger) as ledger:
         if not ledger.set_review_status(review_id, status_value):
-            click.echo(f"error: no review entry {review_id}", err=True)
-            sys.exit(ExitCode.USAGE)
+            _fail(f"no review entry {review_id} (see peersync review list --all)", ExitCode.USAGE)
     click.echo(f"review {review_id}: {status_value}")
 
 

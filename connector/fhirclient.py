@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -24,8 +25,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from connector.errors import AuthError, PeersyncError, ServerUnavailableError
-from connector.transport import check_next_link
+from connector.errors import AuthError, PeersyncError, ServerUnavailableError, TransportError
+from connector.transport import check_next_link, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,8 @@ class FhirClient:
         self.session = session or requests.Session()
         self.timeout = timeout
         self.stats = RequestStats()
-        adapter = HTTPAdapter(max_retries=(retry or RetryPolicy()).urllib3_retry(self.stats), pool_maxsize=pool_size,
+        self.retry = retry or RetryPolicy()
+        adapter = HTTPAdapter(max_retries=self.retry.urllib3_retry(self.stats), pool_maxsize=pool_size,
                               pool_connections=pool_size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -268,18 +270,41 @@ class FhirClient:
             import orjson
 
             data = orjson.dumps(json_body)
-        try:
-            response = self.session.request(method, url, data=data, params=params, headers=headers,
-                                            timeout=self.timeout, allow_redirects=False)
-        except requests.exceptions.RetryError as exc:
-            self.stats.add(requests=1)
-            raise ServerUnavailableError(f"{method} {_path_only(url, self.base_url)}: retries exhausted") from exc
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            self.stats.add(requests=1)
-            raise ServerUnavailableError(
-                f"{method} {_path_only(url, self.base_url)}: server unreachable after retries "
-                f"({exc.__class__.__name__})"
-            ) from None
+        broken = 0
+        while True:
+            try:
+                response = self.session.request(method, url, data=data, params=params, headers=headers,
+                                                timeout=self.timeout, allow_redirects=False)
+                break
+            except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
+                # The connection broke while the body was read: requests reads bodies after urllib3's retry
+                # loop has returned, so retry here, within the same budget (our requests are safe to replay).
+                self.stats.add(requests=1)
+                broken += 1
+                if broken > self.retry.attempts:
+                    raise ServerUnavailableError(
+                        f"{method} {_path_only(url, self.base_url)}: the response broke off {broken} times "
+                        f"({exc.__class__.__name__})"
+                    ) from None
+                self.stats.add(retries=1)
+                time.sleep(min(self.retry.backoff_max, self.retry.backoff_factor * 2 ** (broken - 1)))
+            except requests.exceptions.RetryError as exc:
+                self.stats.add(requests=1)
+                raise ServerUnavailableError(f"{method} {_path_only(url, self.base_url)}: retries exhausted") from exc
+            except requests.exceptions.SSLError as exc:
+                # Not "unavailable": retrying will not help, and nothing was sent. A configuration problem (78).
+                self.stats.add(requests=1)
+                raise TransportError(
+                    f"TLS verification failed for {redact_url(self.base_url)}: {_tls_reason(exc)}. The server's "
+                    "certificate is not trusted; if the EHR uses a private CA, set server.ca_bundle to its PEM file "
+                    "(never verify_tls = false with real data)"
+                ) from None
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+                self.stats.add(requests=1)
+                raise ServerUnavailableError(
+                    f"{method} {_path_only(url, self.base_url)}: server unreachable after retries "
+                    f"({exc.__class__.__name__})"
+                ) from None
         self.stats.add(requests=1, writes=1 if method in ("POST", "PUT", "PATCH", "DELETE") else 0)
         if response.status_code in RETRY_STATUSES:
             # urllib3 gave up with the retry budget spent and handed back the last response.
@@ -331,6 +356,13 @@ def _path_only(url: str, base: str) -> str:
     path = urlsplit(url).path
     base_path = urlsplit(base).path
     return "/" + path[len(base_path):].lstrip("/") if path.startswith(base_path) else path
+
+
+def _tls_reason(exc: Exception) -> str:
+    """The certificate problem in a TLS error ("self-signed certificate", "Hostname mismatch, ..."), briefly."""
+    text = str(exc)
+    match = re.search(r"certificate verify failed: ([^(')\]]+)", text) or re.search(r"(Hostname mismatch[^'\]]*)", text)
+    return match.group(1).strip().rstrip(".,") if match else "the TLS handshake failed"
 
 
 def _json_or_none(response: requests.Response) -> Any:

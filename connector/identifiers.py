@@ -9,9 +9,11 @@ and rewritten by the bundle builder to ``urn:uuid:`` (same bundle) or ``Type/id`
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from urllib.parse import quote
 
 _SAFE = re.compile(r"[A-Za-z0-9.-]")
+_SAFE_ID = re.compile(r"[A-Za-z0-9.-]*")
 
 # Identifier kinds (the last path segment of an identifier system).
 KIND_STAFF = "staff"
@@ -33,7 +35,7 @@ def identifier_value(source_id: str) -> str:
 
     Characters outside [A-Za-z0-9.-] (including '_' itself) become '_' + two hex digits per UTF-8 byte.
     """
-    if all(_SAFE.match(ch) for ch in source_id):
+    if _SAFE_ID.fullmatch(source_id):
         return source_id
     out = []
     for ch in source_id:
@@ -57,9 +59,20 @@ def escape_token(value: str) -> str:
 
 def token_query(system: str, value: str) -> str:
     """``system|value`` for an ``identifier=`` search, escaped then percent-encoded (safe in a URL query)."""
-    return quote(escape_token(system), safe="") + "%7C" + quote(escape_token(value), safe="")
+    # identifier values are usually [A-Za-z0-9._-] (see identifier_value): nothing to escape or encode
+    encoded = value if _UNRESERVED.fullmatch(value) else quote(escape_token(value), safe="")
+    return _encoded_system(system) + "%7C" + encoded
 
 
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")  # what quote() never encodes and escape_token() never escapes
+
+
+@lru_cache(maxsize=1024)
+def _encoded_system(system: str) -> str:
+    return quote(escape_token(system), safe="")
+
+
+@lru_cache(maxsize=65536)
 def conditional_reference(resource_type: str, system: str, value: str) -> str:
     """A conditional reference ``Type?identifier=system|value`` (unencoded: the canonical logical form)."""
     return f"{resource_type}?identifier={escape_token(system)}|{escape_token(value)}"
@@ -70,11 +83,16 @@ def conditional_url(resource_type: str, system: str, value: str) -> str:
     return f"{resource_type}?identifier={token_query(system, value)}"
 
 
+@lru_cache(maxsize=65536)
 def parse_conditional_reference(reference: str) -> tuple[str, str, str] | None:
     """(type, system, value) of a conditional reference made by :func:`conditional_reference`, else None."""
+    # cached: the same few references (Patient, CarePlan, supporter, program) recur in every bundle
     head, sep, query = reference.partition("?identifier=")
     if not sep:
         return None
+    if "\\" not in query:  # nothing escaped: the first '|' separates system and value
+        system, bar, value = query.partition("|")
+        return (head, system, value) if bar else None
     parts = re.split(r"(?<!\\)\|", query, maxsplit=1)
     if len(parts) != 2:
         return None

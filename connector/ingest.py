@@ -79,6 +79,9 @@ class RowConverter:
         self.earliest = date.fromisoformat(opts.earliest_date)
         self.latest = date.fromisoformat(opts.latest_date)
         self.types = {name: _field_type(self.model, name) for name in self.spec.fields}
+        self.lists = {name: _is_list(ftype) for name, ftype in self.types.items()}
+        # (code table, enum, text as written) -> code or None: the same few spellings recur on every row
+        self._codes: dict[tuple[str | None, type[StrEnum], str], str | None] = {}
 
     def missing_columns(self, header: set[str]) -> dict[str, str]:
         """Field -> the column it needs that the file lacks (reported once per file, rejected per row)."""
@@ -134,11 +137,14 @@ class RowConverter:
         if spec.checkboxes is not None:
             return self._checkboxes(name, spec, row, ftype, original)
         raw = _raw(spec, row)
+        is_list = self.lists.get(name)
+        if is_list is None:
+            is_list = _is_list(ftype)
         if _is_empty(raw):
             raw = spec.default
             if _is_empty(raw):
-                return () if _is_list(ftype) else None
-        if _is_list(ftype):
+                return () if is_list else None
+        if is_list:
             separator = spec.split or self.profile.options.list_separator
             parts = raw if isinstance(raw, list) else [p for p in str(raw).split(separator) if p.strip()]
             item_type = typing.get_args(ftype)[0]
@@ -146,6 +152,8 @@ class RowConverter:
         return self._scalar(name, spec, raw, ftype, original)
 
     def _scalar(self, name: str, spec: FieldSpec, raw: Any, ftype: Any, original: dict[str, str]) -> Any:
+        if ftype is str and type(raw) is str:
+            return raw.strip()  # the common case (text cells): skip the type checks below
         if isinstance(ftype, type) and issubclass(ftype, StrEnum):
             return self._code(name, spec, raw, ftype, original)
         if ftype is bool:
@@ -166,8 +174,14 @@ class RowConverter:
         text = str(raw.strip() if isinstance(raw, str) else raw)
         if isinstance(raw, float) and raw.is_integer():
             text = str(int(raw))
-        table = self.profile.code_tables.get(spec.codes) if spec.codes else None
-        code = _lookup_code(text, enum, _table_key(self.profile, spec.codes) if table else None)
+        memo_key = (spec.codes, enum, text)
+        if memo_key in self._codes:
+            code = self._codes[memo_key]
+        else:
+            table = self.profile.code_tables.get(spec.codes) if spec.codes else None
+            code = _lookup_code(text, enum, _table_key(self.profile, spec.codes) if table else None)
+            if len(self._codes) < 10_000:  # bounded: free-text codes must not grow it without limit
+                self._codes[memo_key] = code
         if code is not None:
             return code
         policy = spec.unknown or self.profile.options.unknown_codes
@@ -228,6 +242,8 @@ class RowConverter:
         if isinstance(raw, (int, float)) or _EXCEL_SERIAL.match(text):
             return _from_excel_serial(raw if isinstance(raw, (int, float)) else float(text))
         for fmt in spec.formats or defaults:
+            if not _may_match(text, fmt):
+                continue  # strptime would fail (a literal of the format is missing): skip its costly exception
             try:
                 return datetime.strptime(text, fmt)
             except ValueError:
@@ -348,6 +364,41 @@ def _from_excel_serial(serial: float) -> datetime:
     if not 1 <= serial < 2958466:  # Excel's valid range: 1900-01-01 .. 9999-12-31
         raise ValueError("not a valid Excel date serial")
     return _EXCEL_EPOCH + timedelta(days=serial)
+
+
+@lru_cache(maxsize=256)
+def _format_literals(fmt: str) -> tuple[tuple[str, int], ...]:
+    """The literal characters a strptime format needs in the text, with counts (whitespace, which strptime
+    matches loosely, left out; ASCII letters lower-cased: strptime matches literals ignoring case)."""
+    counts: dict[str, int] = {}
+    i = 0
+    while i < len(fmt):
+        ch = fmt[i]
+        if ch == "%":
+            if fmt[i + 1:i + 2] == "%":
+                counts["%"] = counts.get("%", 0) + 1
+            i += 2  # a directive: matches text, requires no literal
+            continue
+        if not ch.isspace():
+            key = ch.lower() if ch.isascii() else ch
+            counts[key] = counts.get(key, 0) + 1
+        i += 1
+    return tuple(counts.items())
+
+
+def _may_match(text: str, fmt: str) -> bool:
+    """False only when ``datetime.strptime(text, fmt)`` must fail: the text lacks a literal of the format.
+
+    Every literal character of a format is matched by itself (ignoring case), so the text holds at least as
+    many of it. Letters are checked only in ASCII text (non-ASCII case folding has exotic equivalents)."""
+    ascii_text = text.isascii()
+    lowered = text.lower() if ascii_text else text
+    for ch, count in _format_literals(fmt):
+        if ch.isalpha() and not ascii_text:
+            continue
+        if lowered.count(ch) < count:
+            return False
+    return True
 
 
 def _normalise(text: str) -> str:

@@ -123,6 +123,20 @@ class LedgerUnit:
     attempts: int
 
 
+@dataclass(frozen=True)
+class ConfirmedUnit:
+    """A unit the server confirmed: its hash and its resources' (type, system, value, server id, version)."""
+
+    unit_key: str
+    kind: str
+    participant: str | None
+    unit_hash: str
+    voided: bool
+    patient_id: str | None
+    resources: list[tuple[str, str, str, str | None, str | None]]
+    detail: str
+
+
 class Ledger:
     """Thread-safe access to the ledger file. Writes are serialised; each write is one SQLite transaction."""
 
@@ -137,6 +151,11 @@ class Ledger:
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
             self.db.execute("SELECT count(*) FROM units").fetchone()
+            # Damage inside the file (clobbered pages, a cut-off tail) is otherwise found only when a page is
+            # read, in the middle of a run; quick_check reads every page once (about 1 s per 400 MB).
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems)[:200])
         except sqlite3.DatabaseError as exc:
             raise LedgerError(
                 f"ledger {self.path} is unreadable or corrupt ({exc}). Recovery: move it aside "
@@ -180,10 +199,13 @@ class Ledger:
                 self.db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self.db
+                    self.db.execute("COMMIT")
                 except BaseException:
-                    self.db.execute("ROLLBACK")
+                    # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR...): a second
+                    # ROLLBACK would fail and hide the real error ("disk is full") behind "no transaction is active".
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
                     raise
-                self.db.execute("COMMIT")
             except sqlite3.OperationalError as exc:
                 raise LedgerError(_write_failure(self.path, exc)) from exc
 
@@ -244,15 +266,22 @@ class Ledger:
         run_id: str,
     ) -> None:
         """The server confirmed a unit's resources: store ids/versions and mark it sent, atomically."""
+        self.record_confirmed_many([ConfirmedUnit(unit_key, kind, participant, unit_hash, voided, patient_id,
+                                                  resources, detail)], run_id=run_id)
+
+    def record_confirmed_many(self, units: list[ConfirmedUnit], *, run_id: str) -> None:
+        """Several units confirmed by the same server transaction, stored in one ledger transaction (one commit
+        per server transaction, not one per unit: commits serialise the write threads)."""
         with self.transaction() as db:
-            self._upsert_unit(db, unit_key, kind, participant, unit_hash, voided, STATE_SENT, patient_id, detail,
-                              run_id, reset_attempts=True)
-            for resource_type, system, value, server_id, version in resources:
-                db.execute(
+            for unit in units:
+                self._upsert_unit(db, unit.unit_key, unit.kind, unit.participant, unit.unit_hash, unit.voided,
+                                  STATE_SENT, unit.patient_id, unit.detail, run_id, reset_attempts=True)
+                db.executemany(
                     """INSERT INTO resources(resource_type,system,value,unit_key,server_id,version) VALUES(?,?,?,?,?,?)
                        ON CONFLICT(resource_type,system,value) DO UPDATE SET unit_key=excluded.unit_key,
                        server_id=excluded.server_id, version=excluded.version""",
-                    (resource_type, system, value, unit_key, server_id, version),
+                    [(resource_type, system, value, unit.unit_key, server_id, version)
+                     for resource_type, system, value, server_id, version in unit.resources],
                 )
 
     def record_state(

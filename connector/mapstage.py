@@ -1,7 +1,9 @@
 """`peersync map`: what a sync would send, written to files, with no server and no ledger.
 
 One transaction bundle per participant (plus one for the program-wide resources), NDJSON per resource
-type, and a summary. References to the Patient stay conditional (``Patient?identifier=...``): only a sync
+type, and a summary. Like a sync, a participant whose change-set exceeds ``max_bundle_entries`` (100) gets
+several bundles (``participant-<id>.json``, ``participant-<id>-2.json``, ...): units are mapped one at a time
+and written a bundle at a time, so memory does not grow with a participant's history. References to the Patient stay conditional (``Patient?identifier=...``): only a sync
 resolves them against the EHR.
 """
 
@@ -22,13 +24,13 @@ from connector.model import RecordKind
 from connector.profile import Profile
 from connector.source import ReadReport, read_program
 from connector.staging import Staging
-from connector.units import map_global_unit, map_participant_units
+from connector.units import iter_participant_units, map_global_unit
 
 PARTICIPANT_KINDS = (RecordKind.GOAL, RecordKind.PLANNED_CONTACT, RecordKind.REFERRAL, RecordKind.CONTACT)
 
 
 def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_dir: Path, staging: Staging,
-                *, recorded: datetime | None = None) -> dict[str, Any]:
+                *, recorded: datetime | None = None, max_bundle_entries: int = 100) -> dict[str, Any]:
     """Read, map and write every record; return the summary (also written as summary.json)."""
     recorded = recorded or datetime.now(UTC)
     report: ReadReport = read_program(profile, inputs, staging)
@@ -36,11 +38,14 @@ def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_d
     bundles_dir.mkdir(parents=True, exist_ok=True)
     ndjson: dict[str, IO[bytes]] = {}
     counts: Counter[str] = Counter()
+    bundles = 0
 
     def emit(name: str, units: list[UnitWrite], author: str | None) -> None:
         def provenance(targets: list[str]) -> dict[str, Any]:
             return map_provenance(targets, activity="UPDATE", author=author, recorded=recorded, ctx=ctx)
 
+        nonlocal bundles
+        bundles += 1
         built = build_transaction(units, patient=None, resolve=lambda identity: None, provenance=provenance)
         (bundles_dir / f"{name}.json").write_bytes(orjson.dumps(built.bundle, option=orjson.OPT_INDENT_2))
         for entry in built.bundle["entry"]:
@@ -63,17 +68,28 @@ def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_d
         for participant in participants:
             units = [("enrollment", participant)] + [
                 (kind.value, key) for kind in PARTICIPANT_KINDS for key in staging.keys(kind, participant)]
-            mapped = map_participant_units(staging, participant, units, ctx)
             enrollment = staging.record(RecordKind.ENROLLMENT, participant)
             author = ctx.ref("PractitionerRole", "role", enrollment.supporter_id)["reference"] if enrollment else None
-            emit(f"participant-{identifier_value(participant)}", mapped, author)
+            name = f"participant-{identifier_value(participant)}"
+            chunk: list[UnitWrite] = []
+            size = part = 0
+            for unit in iter_participant_units(staging, participant, units, ctx):
+                if chunk and size + len(unit.resources) > max_bundle_entries:  # the rule of Syncer
+                    part += 1
+                    emit(name if part == 1 else f"{name}-{part}", chunk, author)
+                    chunk, size = [], 0
+                chunk.append(unit)
+                size += len(unit.resources)
+            if chunk or part == 0:
+                part += 1
+                emit(name if part == 1 else f"{name}-{part}", chunk, author)
     finally:
         for handle in ndjson.values():
             handle.close()
     summary = {
         "read": report.as_dict(),
         "participants": len(participants),
-        "bundles": len(participants) + 1,
+        "bundles": bundles,
         "resources": dict(sorted(counts.items())),
         "out_dir": str(out_dir),
     }

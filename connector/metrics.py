@@ -1,53 +1,145 @@
-"""Prometheus text-file metrics (node_exporter textfile collector): the run summary's counters."""
+"""Prometheus text-file metrics (node_exporter textfile collector), written after every sync.
+
+The file holds the last run's gauges (exit code, duration per phase, records by outcome, requests), the
+ledger's backlog, and counters that add up across runs (records by outcome, runs by exit code). Counters
+and the last success time are carried over from the previous file, so a failed run does not lose them.
+Written atomically (temp file + rename), as the collector requires. No new dependency: the exposition
+format is plain text (https://prometheus.io/docs/instrumenting/exposition_formats/).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
+from connector import __version__
 
-def render(summary: dict[str, Any], now: float | None = None) -> str:
-    """The metrics text for one run summary."""
-    lines = [
-        "# HELP peersync_records_total Records by outcome in the last run.",
-        "# TYPE peersync_records_total gauge",
-    ]
-    for name, value in summary.get("counts", {}).items():
-        lines.append(f'peersync_records_total{{outcome="{name}"}} {int(value)}')
+SUCCESS_EXIT_CODES = (0, 65)  # the run completed; 65 means some rows need the program's attention
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)(?:\s+\d+)?$")
+
+
+def _labels(**labels: str) -> str:
+    if not labels:
+        return ""
+    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+               for k, v in labels.items())
+    return "{" + ",".join(escaped) + "}"
+
+
+class _Family:
+    """One metric family: HELP, TYPE and its samples."""
+
+    def __init__(self, name: str, kind: str, help_text: str) -> None:
+        self.name, self.kind, self.help = name, kind, help_text
+        self.samples: list[tuple[str, float]] = []
+
+    def add(self, value: float, **labels: str) -> None:
+        self.samples.append((_labels(**labels), value))
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+        for labels, value in self.samples:
+            shown = f"{value:.3f}" if isinstance(value, float) and not value.is_integer() else f"{int(value)}"
+            lines.append(f"{self.name}{labels} {shown}")
+        return lines
+
+
+def _label_values(samples: dict[str, float], name: str, label: str) -> list[str]:
+    """Values of one label among a family's series in parsed samples, in file order."""
+    pattern = re.compile(rf'^{re.escape(name)}\{{{label}="([^"]*)"\}}$')
+    return [m.group(1) for key in samples if (m := pattern.match(key))]
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value for every sample line of a text-format file (also used to carry values over)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line.strip())
+        if match:
+            try:
+                values[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+            except ValueError:
+                continue
+    return values
+
+
+def render(summary: dict[str, Any], now: float | None = None, *, backlog: dict[str, int] | None = None,
+           previous: dict[str, float] | None = None) -> str:
+    """The metrics text for one run summary (plus the ledger backlog and the previous file's counters)."""
+    now = time.time() if now is None else now
+    previous = previous or {}
+    exit_code = int(summary.get("exit_code", 0))
+    families: list[_Family] = []
+
+    def family(name: str, kind: str, help_text: str) -> _Family:
+        fam = _Family(name, kind, help_text)
+        families.append(fam)
+        return fam
+
+    family("peersync_info", "gauge", "peersync version (always 1).").add(1, version=__version__)
+    fam = family("peersync_last_run_exit_code", "gauge",
+                 "Exit code of the last run (0 ok, 65 data issues, 69 server, 75 lock, 77 auth, 78 config).")
+    fam.add(exit_code)
+    family("peersync_last_run_timestamp_seconds", "gauge", "When the last run finished (Unix time).").add(round(now))
+    success = previous.get("peersync_last_success_timestamp_seconds")
+    if exit_code in SUCCESS_EXIT_CODES:
+        success = round(now)
+    if success is not None:
+        family("peersync_last_success_timestamp_seconds", "gauge",
+               "When a run last completed with exit 0 or 65 (Unix time).").add(success)
+    family("peersync_last_run_duration_seconds", "gauge", "Duration of the last run.").add(
+        float(summary.get("duration_s", 0.0)))
+    phases = family("peersync_last_run_phase_duration_seconds", "gauge", "Duration of each phase of the last run.")
+    for phase, seconds in (summary.get("durations") or {}).items():
+        if phase != "total_s":
+            phases.add(float(seconds or 0.0), phase=phase.removesuffix("_s"))
     read = summary.get("read") or {}
-    lines += [
-        "# HELP peersync_rows_read Rows read from the inputs in the last run.",
-        "# TYPE peersync_rows_read gauge",
-        f"peersync_rows_read {int(read.get('read', 0))}",
-        "# HELP peersync_requests_total HTTP requests in the last run (including retries).",
-        "# TYPE peersync_requests_total gauge",
-        f"peersync_requests_total {int(summary.get('requests', 0))}",
-        f"peersync_write_requests_total {int(summary.get('write_requests', 0))}",
-        f"peersync_retries_total {int(summary.get('retries', 0))}",
-        "# HELP peersync_last_run_exit_code Exit code of the last run.",
-        "# TYPE peersync_last_run_exit_code gauge",
-        f"peersync_last_run_exit_code {int(summary.get('exit_code', 0))}",
-        "# HELP peersync_last_run_duration_seconds Duration of the last run.",
-        "# TYPE peersync_last_run_duration_seconds gauge",
-        f"peersync_last_run_duration_seconds {float(summary.get('duration_s', 0.0)):.3f}",
-        "# HELP peersync_last_run_timestamp_seconds When the last run finished.",
-        "# TYPE peersync_last_run_timestamp_seconds gauge",
-        f"peersync_last_run_timestamp_seconds {now or time.time():.0f}",
-    ]
-    if summary.get("exit_code") in (0, 65):
-        lines += [
-            "# HELP peersync_last_success_timestamp_seconds When a run last completed (all sent or only data issues).",
-            "# TYPE peersync_last_success_timestamp_seconds gauge",
-            f"peersync_last_success_timestamp_seconds {now or time.time():.0f}",
-        ]
-    return "\n".join(lines) + "\n"
+    rows = family("peersync_last_run_rows", "gauge", "Input rows in the last run, by result.")
+    for name in ("read", "accepted", "rejected"):
+        rows.add(int(read.get(name, 0)), result=name)
+    records = family("peersync_last_run_records", "gauge", "Records by outcome in the last run.")
+    counts = summary.get("counts") or {}
+    for name, value in counts.items():
+        records.add(int(value), outcome=name)
+    requests = family("peersync_last_run_requests", "gauge", "HTTP requests in the last run, by kind.")
+    requests.add(int(summary.get("requests", 0)), kind="all")
+    requests.add(int(summary.get("write_requests", 0)), kind="write")
+    requests.add(int(summary.get("retries", 0)), kind="retry")
+    if backlog is not None:
+        waiting = family("peersync_backlog_records", "gauge", "Records waiting in the ledger, by state.")
+        for name in ("pending", "quarantined", "in_review"):
+            waiting.add(int(backlog.get(name, 0)), state=name)
+        family("peersync_open_reviews", "gauge", "Open entries in the review queue.").add(
+            int(backlog.get("open_reviews", 0)))
+    # Counters: the previous file's values plus this run's, for every label seen so far (a run that failed
+    # early has no counts, and must not make the totals disappear).
+    total = family("peersync_records_total", "counter", "Records by outcome, summed over all runs.")
+    outcomes = list(counts) + [o for o in _label_values(previous, "peersync_records_total", "outcome")
+                               if o not in counts]
+    for name in outcomes:
+        key = f'peersync_records_total{{outcome="{name}"}}'
+        total.add(int(previous.get(key, 0)) + int(counts.get(name, 0)), outcome=name)
+    runs = family("peersync_runs_total", "counter", "Runs by exit code, summed over all runs.")
+    codes = set(_label_values(previous, "peersync_runs_total", "exit_code")) | {str(exit_code)}
+    for code in sorted(codes, key=lambda c: int(c) if c.isdigit() else 999):
+        key = f'peersync_runs_total{{exit_code="{code}"}}'
+        runs.add(int(previous.get(key, 0)) + (1 if code == str(exit_code) else 0), exit_code=code)
+    return "\n".join(line for fam in families for line in fam.render()) + "\n"
 
 
-def write_textfile(path: Path, summary: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename), as the textfile collector requires."""
+def write_textfile(path: Path, summary: dict[str, Any], *, backlog: dict[str, int] | None = None,
+                   now: float | None = None) -> None:
+    """Write atomically (temp file + rename in the same folder), carrying counters over from the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(render(summary), encoding="utf-8")
+    try:
+        previous = parse_samples(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        previous = {}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(render(summary, now, backlog=backlog, previous=previous), encoding="utf-8")
     os.replace(tmp, path)

@@ -74,6 +74,7 @@ INSERT OR IGNORE INTO units
     FROM staged WHERE kind='referral' AND json_extract(body,'$.resource_id') IS NOT NULL
     GROUP BY json_extract(body,'$.resource_id');
 CREATE TEMP TABLE IF NOT EXISTS patient_of AS SELECT key AS participant, '' AS mrn FROM staged WHERE 0;
+CREATE INDEX IF NOT EXISTS temp.patient_of_participant ON patient_of(participant);
 DELETE FROM patient_of;
 INSERT INTO patient_of
     SELECT key, coalesce(json_extract(body,'$.mrn_system'), '') || '|' || json_extract(body,'$.mrn') FROM staged
@@ -86,7 +87,7 @@ INSERT INTO units
 INSERT INTO units
     SELECT 'goal:' || g.key, 'goal', g.key, g.participant,
            sha(:fp, g.hash, p.mrn, (SELECT group_concat(h, ',') FROM (
-               SELECT n.hash AS h FROM staged n WHERE n.kind='goal_note' AND n.participant=g.participant
+               SELECT n.hash AS h FROM staged n WHERE +n.kind='goal_note' AND n.participant=g.participant
                AND json_extract(n.body,'$.goal_id')=g.key ORDER BY n.key))),
            json_extract(g.body,'$.void')
     FROM staged g JOIN patient_of p ON p.participant = g.participant WHERE g.kind='goal';
@@ -94,7 +95,7 @@ INSERT INTO units
     SELECT 'enrollment:' || e.key, 'enrollment', e.key, e.key,
            sha(:fp, e.hash, (SELECT group_concat(k, ',') FROM (
                SELECT c.kind || ':' || c.key AS k FROM staged c WHERE c.participant=e.key
-               AND c.kind IN ('goal','planned_contact','referral') ORDER BY c.kind, c.key)),
+               AND +c.kind IN ('goal','planned_contact','referral') ORDER BY c.kind, c.key)),
                (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(e.body,'$.supporter_id'))),
            0
     FROM staged e WHERE e.kind='enrollment';
@@ -105,6 +106,7 @@ CREATE TABLE IF NOT EXISTS plan (
     unit_key TEXT PRIMARY KEY, kind TEXT NOT NULL, source_id TEXT NOT NULL, participant TEXT,
     hash TEXT, action TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS plan_participant ON plan(participant);
 DELETE FROM plan;
 INSERT INTO plan
     SELECT u.unit_key, u.kind, u.source_id, u.participant, u.hash,

@@ -11,7 +11,7 @@ import fnmatch
 import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from connector.errors import InputError, ProfileError
@@ -72,23 +72,31 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
             files.append(path)
         else:
             raise InputError(f"{path}: input not found")
-    return files
+    unique: dict[Path, Path] = {}  # a file given twice (itself and its folder) is read once
+    for path in files:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging) -> ReadReport:
     """Read every input into ``staging``; reject bad rows with reasons; return the counts."""
     report = ReadReport()
     converters = {kind: RowConverter(profile, kind) for kind in profile.records}
-    for path in expand_inputs(inputs):
+    files = expand_inputs(inputs)
+    # Reports locate rows by file name; same-named files (a/contacts.csv, b/contacts.csv) are named by their
+    # path instead, so their rows stay apart in the report and in the counts.
+    clashing = {name for name, n in Counter(p.name for p in files).items() if n > 1}
+    for path in files:
         kinds = [k for k, spec in profile.records.items() if _matches(path, spec)]
         if not kinds:
             report.warnings.append(f"{path.name}: no record kind of profile {profile.name!r} reads this file; skipped")
             continue
-        report.files.append(path.name)
+        shown = str(path) if path.name in clashing else None
+        report.files.append(shown or path.name)
         if path.suffix.lower() in (".xlsx", ".xlsm"):
             kinds = _kinds_with_sheets(path, kinds, profile, report)
         for group in _groups(path, kinds, profile):
-            _read_group(path, group, profile, converters, staging, report)
+            _read_group(path, group, profile, converters, staging, report, shown)
     staging.finalize()
     report.accepted = staging.counts()
     report.rejected = staging.rejected_rows()
@@ -133,10 +141,13 @@ def _read_group(
     converters: dict[RecordKind, RowConverter],
     staging: Staging,
     report: ReadReport,
+    shown: str | None = None,
 ) -> None:
     source = profile.records[group[0]].source
     missing_reported: set[RecordKind] = set()
     for row in read_rows(path, sheet=source.sheet, json_path=source.json_path):
+        if shown is not None:
+            row = replace(row, location=replace(row.location, file=shown))
         if row.is_blank():
             report.blank_rows += 1
             continue
@@ -167,8 +178,7 @@ def _route(row: RawRow, group: list[RecordKind], profile: Profile) -> RecordKind
     if row.error and len(group) > 1:
         return None
     for kind in group:
-        where = profile.records[kind].source.where
-        if where is None or where.matches(row.values):
+        if profile.records[kind].source.accepts(row.values):
             return kind
     return None
 

@@ -275,6 +275,12 @@ class Staging:
         return [r[0] for r in self.db.execute(
             "SELECT key FROM staged WHERE kind=? AND participant=? ORDER BY seq", (kind.value, participant))]
 
+    def participant_rows(self, participant: str) -> list[tuple[str, str, str]]:
+        """(kind, key, body) of every staged record of one participant, in input order: one query per
+        participant instead of one per record when mapping its units."""
+        return self.db.execute(
+            "SELECT kind, key, body FROM staged WHERE participant=? ORDER BY seq", (participant,)).fetchall()
+
     def first_referral_for_cbo(self, resource_id: str) -> SourceRecord | None:
         """A referral naming a community resource id (to map the CBO Organization)."""
         row = self.db.execute(

@@ -9,7 +9,6 @@ pending for the next run. The ledger marks a unit sent only after the server con
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import tempfile
@@ -34,7 +33,15 @@ from connector.ledger import STATE_PENDING, STATE_QUARANTINED, STATE_REVIEW, Con
 from connector.logs import RUN_ID, outcome_codes
 from connector.mappers import MappingContext, map_provenance
 from connector.model import Enrollment, RecordKind
-from connector.planner import Act, Plan, compute_plan, mapping_fingerprint, participants_to_write, units_to_write
+from connector.planner import (
+    WRITE_ACTIONS,
+    Act,
+    Plan,
+    compute_plan,
+    mapping_fingerprint,
+    participants_to_write,
+    units_to_write,
+)
 from connector.profile import Profile
 from connector.source import ReadReport, read_program, write_rejects
 from connector.staging import Staging
@@ -230,7 +237,7 @@ class Syncer:
             self.counts["rejected"] = report.total_rejected
             self.counts["unchanged"] = plan.total(Act.UNCHANGED)
             self.counts["skipped_quarantined"] = plan.total(Act.QUARANTINED)
-            self.counts["retried"] = plan.total(Act.RETRY)
+            self.counts["retried"] = _retried_units(staging)
             log.info("plan: %d units to write, %d unchanged", plan.writes(), plan.total(Act.UNCHANGED),
                      extra={"event": "plan", "counts": plan.as_dict()["totals"]})
             if plan.writes() == 0:
@@ -360,6 +367,17 @@ class Syncer:
                        patient_id=patient_id, deferred=None)
 
     def _resolve_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
+        """(patient id, review reason, PHI-free detail). A search or read the server refuses (4xx) sends the
+        participant to review: it must not end the run for everyone (exit 1), run after run."""
+        try:
+            return self._match_patient(mrn_system, mrn)
+        except FhirHttpError as exc:
+            if exc.action not in (Action.ISOLATE, Action.CONFLICT):
+                raise
+            return None, "patient-search-failed", f"the server refused the Patient search: HTTP {exc.status}: " \
+                                                  f"{exc.outcome.text()}"[:300]
+
+    def _match_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
         """(patient id, review reason, PHI-free detail). Follows Patient.link replaced-by up to 3 hops."""
         matches = self.client.search_raw(f"Patient?identifier={token_query(mrn_system, mrn)}")
         if not matches:
@@ -387,14 +405,11 @@ class Syncer:
         A single unit that fails only on an unresolved reference is appended to ``deferred`` (when given)
         instead of being quarantined: its target may land later in the same run.
         """
-        originals = [(copy.deepcopy(u.resources), h) for u, h in units]
         built = self._build(ledger, units, patient, author)
         try:
             response = self.client.transaction(built.bundle)
         except FhirHttpError as exc:
-            # Rebuild from pristine copies: the builder rewrote references in place.
-            restored = [(UnitWrite(u.unit_key, u.kind, res, u.voided), h)
-                        for (u, _h0), (res, h) in zip(units, originals, strict=True)]
+            restored = list(units)  # the builder rewrote references in copies: the units are as mapped
             if exc.action in (Action.ISOLATE, Action.REVIEW, Action.CONFLICT) and len(units) > 1:
                 middle = len(restored) // 2
                 for half in (restored[:middle], restored[middle:]):
@@ -572,6 +587,18 @@ class Syncer:
     def _count(self, name: str, n: int = 1) -> None:
         with self._counts_lock:
             self.counts[name] += n
+
+
+def _retried_units(staging: Staging) -> int:
+    """Units this run writes that an earlier run left unconfirmed: pending, quarantined or in review.
+
+    Counted from the plan joined with the ledger (attached by the planner): units in review have no confirmed
+    hash, so the plan calls them 'create' rather than 'retry'.
+    """
+    writes = ",".join(f"'{a.value}'" for a in sorted(WRITE_ACTIONS))
+    return int(staging.db.execute(
+        f"SELECT count(*) FROM plan p JOIN ledger.units l ON l.unit_key = p.unit_key "
+        f"WHERE p.action IN ({writes}) AND l.state != 'sent'").fetchone()[0])
 
 
 def _unresolved_reference(exc: FhirHttpError) -> bool:

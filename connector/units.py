@@ -8,7 +8,7 @@ transactions without a reference ever pointing at something not yet written.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from connector.bundle import UnitWrite
 from connector.mappers import (
@@ -22,7 +22,18 @@ from connector.mappers import (
     map_referral,
     map_supporter,
 )
-from connector.model import Contact, Enrollment, Goal, GoalNote, PlannedContact, RecordKind, Referral, Supporter
+from connector.model import (
+    RECORD_MODELS,
+    Contact,
+    Enrollment,
+    Goal,
+    GoalNote,
+    PlannedContact,
+    RecordKind,
+    Referral,
+    SourceRecord,
+    Supporter,
+)
 from connector.staging import Staging
 
 # Write order inside a participant's change-set (see module docstring).
@@ -49,38 +60,74 @@ def map_participant_units(
     staging: Staging, participant: str, units: Iterable[tuple[str, str]], ctx: MappingContext
 ) -> list[UnitWrite]:
     """Map one participant's units ((kind, source id) pairs) in dependency order."""
-    enrollment = staging.record(RecordKind.ENROLLMENT, participant)
+    return list(iter_participant_units(staging, participant, units, ctx))
+
+
+def iter_participant_units(
+    staging: Staging, participant: str, units: Iterable[tuple[str, str]], ctx: MappingContext
+) -> Iterator[UnitWrite]:
+    """Like :func:`map_participant_units`, mapping each unit only when it is asked for (memory stays flat for a
+    participant with thousands of contacts)."""
+    records = _ParticipantRecords(staging, participant)
+    enrollment = records.record(RecordKind.ENROLLMENT, participant)
     if not isinstance(enrollment, Enrollment):
-        return []
-    out: list[UnitWrite] = []
+        return
     for kind, source_id in sorted(units, key=lambda u: KIND_ORDER.get(u[0], 99)):
-        unit = _map_one(staging, enrollment, kind, source_id, ctx)
+        unit = _map_one(records, enrollment, kind, source_id, ctx)
         if unit is not None:
-            out.append(unit)
-    return out
+            yield unit
 
 
-def _map_one(staging: Staging, enrollment: Enrollment, kind: str, source_id: str,
+class _ParticipantRecords:
+    """One participant's staged records, read with one query and parsed only when a unit needs them."""
+
+    def __init__(self, staging: Staging, participant: str) -> None:
+        self.staging = staging
+        self.participant = participant
+        self.bodies: dict[tuple[str, str], str] = {}
+        self.keys_by_kind: dict[str, list[str]] = {}
+        for kind, key, body in staging.participant_rows(participant):
+            self.bodies[(kind, key)] = body
+            self.keys_by_kind.setdefault(kind, []).append(key)
+        self._notes: dict[str, list[GoalNote]] | None = None
+
+    def record(self, kind: RecordKind, key: str) -> SourceRecord | None:
+        body = self.bodies.get((kind.value, key))
+        if body is None:  # not this participant's (or not staged): ask the store, as before
+            return self.staging.record(kind, key)
+        return RECORD_MODELS[kind].model_validate_json(body)
+
+    def keys(self, kind: RecordKind) -> list[str]:
+        return list(self.keys_by_kind.get(kind.value, ()))
+
+    def notes(self, goal_id: str) -> tuple[GoalNote, ...]:
+        """The participant's notes on one goal, in input order (all notes parsed once per participant)."""
+        if self._notes is None:
+            self._notes = {}
+            for key in self.keys_by_kind.get(RecordKind.GOAL_NOTE.value, ()):
+                note = GoalNote.model_validate_json(self.bodies[(RecordKind.GOAL_NOTE.value, key)])
+                self._notes.setdefault(note.goal_id, []).append(note)
+        return tuple(self._notes.get(goal_id, ()))
+
+
+def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, source_id: str,
              ctx: MappingContext) -> UnitWrite | None:
     unit_key = f"{kind}:{source_id}"
-    participant = enrollment.enrollment_id
     if kind == "enrollment":
         resources = map_enrollment(
             enrollment,
-            goal_ids=staging.keys(RecordKind.GOAL, participant),
-            planned_contact_ids=staging.keys(RecordKind.PLANNED_CONTACT, participant),
-            referral_ids=staging.keys(RecordKind.REFERRAL, participant),
+            goal_ids=records.keys(RecordKind.GOAL),
+            planned_contact_ids=records.keys(RecordKind.PLANNED_CONTACT),
+            referral_ids=records.keys(RecordKind.REFERRAL),
             ctx=ctx,
-            supporter=staging.record(RecordKind.SUPPORTER, enrollment.supporter_id),
+            supporter=records.record(RecordKind.SUPPORTER, enrollment.supporter_id),
         )
         return UnitWrite(unit_key, kind, resources, voided=False)
-    record = staging.record(RecordKind(kind), source_id)
+    record = records.record(RecordKind(kind), source_id)
     if record is None:
         return None
     if isinstance(record, Goal):
-        notes = tuple(n for n in staging.records(RecordKind.GOAL_NOTE, participant)
-                      if isinstance(n, GoalNote) and n.goal_id == record.goal_id)
-        record = record.model_copy(update={"notes": notes})
+        record = record.model_copy(update={"notes": records.notes(record.goal_id)})
         return UnitWrite(unit_key, kind, [map_goal(record, enrollment, ctx)], voided=record.void)
     if isinstance(record, Contact):
         return UnitWrite(unit_key, kind, [map_contact(record, enrollment, ctx)], voided=record.void)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,10 @@ from connector.errors import InputError
 from connector.readers.base import RawRow, RowLocation
 
 _CHUNK = 1 << 20
+# What may still follow a number cut at the end of a chunk ("1e" + "5", "-0." + "25").
+_NUMBER_TAIL = re.compile(r"[0-9eE.+-]*")
+# A decode error this close to the end of the buffer may just be a record cut by the chunk boundary.
+_CUT_MARGIN = 64
 
 
 def read_ndjson(path: Path) -> Iterator[RawRow]:
@@ -22,7 +27,7 @@ def read_ndjson(path: Path) -> Iterator[RawRow]:
             location = RowLocation(path.name, line_number, unit="line")
             try:
                 value = json.loads(line)
-            except (json.JSONDecodeError, UnicodeEncodeError) as exc:
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, or an integer of over 4300 digits
                 yield RawRow(location, {}, error=f"not valid JSON ({_reason(exc)})")
                 continue
             yield _as_row(location, value)
@@ -39,7 +44,7 @@ def read_json(path: Path, json_path: str | None) -> Iterator[RawRow]:
 def _read_nested(path: Path, json_path: str) -> Iterator[RawRow]:
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too-long integers
         raise InputError(f"{path.name}: not valid JSON ({_reason(exc)})") from exc
     node: Any = document
     for part in json_path.split("."):
@@ -71,8 +76,8 @@ def _stream_array(path: Path) -> Iterator[RawRow]:
                 return
             try:
                 value, end = decoder.raw_decode(buffer, pos)
-            except json.JSONDecodeError as exc:
-                if not eof:
+            except (ValueError, RecursionError) as exc:
+                if not eof and _maybe_cut(exc, buffer):
                     more = handle.read(_CHUNK)
                     if more:
                         buffer = buffer[pos:] + more
@@ -83,7 +88,7 @@ def _stream_array(path: Path) -> Iterator[RawRow]:
                 # Truncated or broken document: report once at the failing element and stop.
                 yield RawRow(RowLocation(path.name, index, unit="index"), {}, error=f"not valid JSON ({_reason(exc)})")
                 return
-            if end >= len(buffer) and not eof:
+            if not eof and _NUMBER_TAIL.fullmatch(buffer, end):
                 # A number at the very end of the buffer may continue in the next chunk: read more first.
                 more = handle.read(_CHUNK)
                 if more:
@@ -96,6 +101,14 @@ def _stream_array(path: Path) -> Iterator[RawRow]:
             pos = end
             if pos > _CHUNK:
                 buffer, pos = buffer[pos:], 0
+
+
+def _maybe_cut(exc: Exception, buffer: str) -> bool:
+    """True when a decode error may be due to the record being cut at the end of the buffer (read more then);
+    False for a real error well inside the buffer, so a broken file is not read whole into memory."""
+    if not isinstance(exc, json.JSONDecodeError):
+        return False  # too deeply nested, or an integer of over 4300 digits: more text will not help
+    return exc.msg.startswith("Unterminated string") or exc.pos >= len(buffer) - _CUT_MARGIN
 
 
 def _skip_ws(text: str, pos: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from zipfile import BadZipFile
 
 from openpyxl import load_workbook
 from openpyxl.utils.exceptions import InvalidFileException
@@ -28,8 +29,12 @@ def read_xlsx(path: Path, sheet: str) -> Iterator[RawRow]:
     try:
         if sheet not in workbook.sheetnames:
             raise InputError(f"{path.name}: no worksheet named {sheet!r} (found: {', '.join(workbook.sheetnames)})")
+        worksheet = workbook[sheet]
+        # Read-only mode trusts the size the writing program recorded; a wrong one (some exporters write
+        # A1:A1) would silently drop rows and columns. Forget it and read what is there.
+        worksheet.reset_dimensions()
         names: list[str] | None = None
-        for row_number, cells in enumerate(workbook[sheet].iter_rows(values_only=True), start=1):
+        for row_number, cells in enumerate(worksheet.iter_rows(values_only=True), start=1):
             if names is None:
                 if any(c is not None and str(c).strip() for c in cells):
                     names = [str(c).strip() if c is not None else "" for c in cells]
@@ -48,5 +53,5 @@ def read_xlsx(path: Path, sheet: str) -> Iterator[RawRow]:
 def _open(path: Path) -> Any:
     try:
         return load_workbook(path, read_only=True, data_only=True)
-    except (InvalidFileException, OSError, KeyError, ValueError) as exc:
+    except (InvalidFileException, BadZipFile, OSError, KeyError, ValueError) as exc:
         raise InputError(f"{path.name}: not a readable Excel workbook ({exc.__class__.__name__})") from exc

@@ -1,0 +1,220 @@
+"""CLI commands around a run and the ledger: sync (with a stand-in Syncer: summary, exit codes, metrics,
+progress), status, review, plan and landed. The real sync against a server is in tests/integration."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import responses
+from click.testing import CliRunner, Result
+
+import connector.sync
+from connector.cli import main
+from connector.errors import ExitCode, LockHeldError, ServerUnavailableError
+from connector.ledger import Ledger
+from connector.logs import reset_logging
+from connector.metrics import parse_samples
+from connector.sync import RunSummary
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "fixtures" / "demo" / "template"
+BASE = "https://ehr.example.org/fhir"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.upper().startswith("PEERSYNC_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("PEERSYNC_SECRETS_DIR", "")
+    yield
+    reset_logging()
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False, prog_name="peersync")
+
+
+@pytest.fixture()
+def cfg(tmp_path: Path) -> Path:
+    path = tmp_path / "peersync.toml"
+    path.write_text(f"""
+[source]
+profile = "peersync-template"
+inputs = ["{DEMO}"]
+[server]
+base_url = "http://127.0.0.1:9/fhir"
+[sync]
+ledger = "state/ledger.sqlite"
+[output]
+metrics_file = "metrics/peersync.prom"
+""", encoding="utf-8")
+    return path
+
+
+class FakeSyncer:
+    """Stands in for connector.sync.Syncer: records the summary the way the real one does."""
+
+    behaviour = "ok"
+
+    def __init__(self, opts: Any, client: Any, *, on_progress: Any = None) -> None:
+        self.opts, self.on_progress = opts, on_progress
+        self.summary: RunSummary | None = None
+
+    def run(self, run_id: str) -> RunSummary:
+        summary = RunSummary(run_id=run_id, command="sync", started_at="2026-11-26T12:00:00+00:00")
+        self.summary = summary
+        if self.behaviour == "lock":
+            raise LockHeldError("another peersync run holds the lock")  # before anything is recorded
+        with Ledger(self.opts.ledger_path) as ledger:
+            ledger.start_run(run_id, "sync")
+            if self.on_progress:
+                self.on_progress(0, 2)
+                self.on_progress(2, 2)
+            summary.read = {"read": 10, "accepted": 9, "rejected": 1}
+            summary.counts = Counter(rejected=1, created=5, in_review=2, retried=1)
+            summary.phases = {"read": 0.2, "plan": 0.1, "write": 1.5}
+            summary.duration_s, summary.requests, summary.write_requests = 1.9, 7, 3
+            if self.behaviour == "down":
+                summary.counts["pending"] = 4
+                summary.outcome, summary.exit_code, summary.error = "failed", 69, "server stopped answering"
+                ledger.finish_run(run_id, summary.outcome, summary.exit_code, summary.as_dict())
+                raise ServerUnavailableError("server stopped answering")
+            summary.outcome, summary.exit_code = "partial", 65
+            ledger.finish_run(run_id, summary.outcome, summary.exit_code, summary.as_dict())
+        return summary
+
+
+@pytest.fixture()
+def fake_syncer(monkeypatch: pytest.MonkeyPatch) -> type[FakeSyncer]:
+    monkeypatch.setattr(connector.sync, "Syncer", FakeSyncer)
+    FakeSyncer.behaviour = "ok"
+    return FakeSyncer
+
+
+def metrics(cfg: Path) -> dict[str, float]:
+    return parse_samples((cfg.parent / "metrics" / "peersync.prom").read_text(encoding="utf-8"))
+
+
+def test_sync_json_summary_exit_code_and_metrics(cfg: Path, fake_syncer: type[FakeSyncer]) -> None:
+    result = run("sync", "--config", str(cfg), "--json", "--log-format", "json", "--progress")
+    assert result.exit_code == ExitCode.RECORDS_REJECTED
+    summary = json.loads(result.stdout)  # the progress bar went to stderr: stdout is pure JSON
+    assert summary["outcome"] == "partial" and summary["exit_code"] == 65
+    for name in ("rejected", "unchanged", "created", "updated", "voided", "in_review", "quarantined", "retried"):
+        assert name in summary["counts"]
+    assert summary["read"] == {"read": 10, "accepted": 9, "rejected": 1}
+    assert summary["durations"] == {"total_s": 1.9, "read_s": 0.2, "plan_s": 0.1, "write_s": 1.5}
+    assert summary["retries"] == 0
+    for line in result.stderr.splitlines():
+        if line.startswith("{"):
+            assert json.loads(line)["run_id"] == summary["run_id"]
+    values = metrics(cfg)
+    assert values["peersync_last_run_exit_code"] == 65 and "peersync_last_success_timestamp_seconds" in values
+    assert values['peersync_backlog_records{state="pending"}'] == 0
+
+
+def test_sync_text_summary(cfg: Path, fake_syncer: type[FakeSyncer]) -> None:
+    result = run("sync", "--config", str(cfg))
+    assert result.exit_code == 65
+    assert "partial (exit 65)" in result.stdout and "phases: read 0.2s, plan 0.1s, write 1.5s" in result.stdout
+    assert "read 10 rows: 9 accepted, 1 rejected" in result.stdout
+    assert "participants" not in result.stderr  # no progress bar when stderr is not a terminal
+    assert "sync started: peersync" in result.stderr
+
+
+def test_sync_lock_held_reports_a_failed_run(cfg: Path, fake_syncer: type[FakeSyncer]) -> None:
+    fake_syncer.behaviour = "lock"
+    result = run("sync", "--config", str(cfg), "--json", "--log-format", "json")
+    assert result.exit_code == ExitCode.LOCK_HELD
+    summary = json.loads(result.stdout)
+    assert summary["outcome"] == "failed" and summary["exit_code"] == 75 and "lock" in summary["error"]
+    error = json.loads(result.stderr.splitlines()[-1])
+    assert error["level"] == "error" and error["exit_code"] == 75 and error["error_type"] == "LockHeldError"
+    assert metrics(cfg)["peersync_last_run_exit_code"] == 75
+
+
+def test_sync_server_down_keeps_the_runs_own_summary(cfg: Path, fake_syncer: type[FakeSyncer]) -> None:
+    run("sync", "--config", str(cfg))  # a success first
+    fake_syncer.behaviour = "down"
+    result = run("sync", "--config", str(cfg), "--json")
+    assert result.exit_code == ExitCode.SERVER_UNAVAILABLE
+    summary = json.loads(result.stdout)
+    assert summary["counts"]["pending"] == 4 and summary["exit_code"] == 69
+    assert result.stderr.strip().endswith("error: server stopped answering")
+    values = metrics(cfg)
+    assert values["peersync_last_run_exit_code"] == 69
+    assert values["peersync_last_success_timestamp_seconds"] > 0  # carried over from the first run
+    assert values['peersync_runs_total{exit_code="65"}'] == 1 and values['peersync_runs_total{exit_code="69"}'] == 1
+
+
+def test_sync_quiet_logs_nothing_below_warning(cfg: Path, fake_syncer: type[FakeSyncer]) -> None:
+    result = run("sync", "--config", str(cfg), "-q")
+    assert result.exit_code == 65 and "sync started" not in result.stderr
+
+
+def test_status_without_a_ledger(cfg: Path) -> None:
+    result = run("status", "--config", str(cfg))
+    assert result.exit_code == 0 and "no ledger yet" in result.stdout
+    assert not (cfg.parent / "state" / "ledger.sqlite").exists()  # status never creates it
+    data = json.loads(run("status", "--config", str(cfg), "--json").stdout)
+    assert data["ledger_exists"] is False and data["runs"] == [] and data["last_success"] is None
+
+
+def test_status_shows_last_run_last_success_and_backlog(cfg: Path, fake_syncer: type[FakeSyncer]) -> None:
+    run("sync", "--config", str(cfg))
+    fake_syncer.behaviour = "down"
+    run("sync", "--config", str(cfg))
+    with Ledger(cfg.parent / "state" / "ledger.sqlite") as ledger:
+        ledger.record_state("contact:C1", kind="contact", participant="E1", state="pending", detail="x", run_id="r")
+        ledger.record_state("goal:G1", kind="goal", participant="E1", state="quarantined", detail="x", run_id="r")
+        ledger.open_review("participant:E2", "patient-not-found", "no Patient has this MRN", "r")
+    data = json.loads(run("status", "--config", str(cfg), "--json", "--runs", "1").stdout)
+    assert len(data["runs"]) == 1 and data["last_run"]["exit_code"] == 69
+    assert data["last_run"]["counts"]["pending"] == 4 and data["last_run"]["duration_s"] == 1.9
+    assert data["last_success"]["exit_code"] == 65
+    assert data["backlog"] == {"pending": 1, "quarantined": 1, "in_review": 0, "open_reviews": 1}
+    text = run("status", "--config", str(cfg)).stdout
+    assert "last run:" in text and "last success:" in text and " ago, exit 65)" in text
+    assert "backlog:      pending 1, quarantined 1, in review 0, open reviews 1" in text
+
+
+def test_review_list_retry_dismiss(cfg: Path) -> None:
+    (cfg.parent / "state").mkdir()
+    with Ledger(cfg.parent / "state" / "ledger.sqlite") as ledger:
+        ledger.open_review("participant:E0032", "patient-not-found", "no Patient has this MRN", "r1")
+        ledger.open_review("goal:G7", "duplicate-on-server", "HTTP 412", "r1")
+    listed = run("review", "list", "--config", str(cfg))
+    assert listed.exit_code == 0 and "patient-not-found" in listed.stdout and "duplicate-on-server" in listed.stdout
+    assert run("review", "retry", "--config", str(cfg), "2").stdout.strip() == "review 2: retry"
+    assert run("review", "dismiss", "--config", str(cfg), "1").stdout.strip() == "review 1: dismissed"
+    entries = json.loads(run("review", "list", "--config", str(cfg), "--json").stdout)
+    assert [e["id"] for e in entries] == [2]
+    assert len(json.loads(run("review", "list", "--config", str(cfg), "--all", "--json").stdout)) == 2
+    missing = run("review", "retry", "--config", str(cfg), "99")
+    assert missing.exit_code == ExitCode.USAGE and "no review entry 99" in missing.stderr
+
+
+def test_plan_text_and_json(cfg: Path) -> None:
+    text = run("plan", "--config", str(cfg))
+    assert text.exit_code == 0 and "resource type" in text.stdout and "participants with changes:" in text.stdout
+    data = json.loads(run("plan", "--config", str(cfg), "--json").stdout)
+    assert data["read"]["rejected"] == 8 and data["totals"]["create"] > 0
+
+
+def test_landed(cfg: Path) -> None:
+    cfg.write_text(cfg.read_text().replace("http://127.0.0.1:9/fhir", BASE), encoding="utf-8")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.add(responses.GET, re.compile(re.escape(BASE) + "/.*"), json={"resourceType": "Bundle", "total": 3})
+        text = run("landed", "--config", str(cfg))
+        as_json = run("landed", "--config", str(cfg), "--json")
+    assert text.exit_code == 0 and f"on {BASE}:" in text.stdout
+    rows = json.loads(as_json.stdout)
+    assert {r["resource_type"] for r in rows} >= {"Goal", "Provenance"} and rows[0]["total"] == 3

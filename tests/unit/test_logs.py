@@ -1,0 +1,156 @@
+"""Logging: JSON lines with a run id on every line, text for terminals, and no patient data anywhere."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+from connector.errors import ServerUnavailableError
+from connector.fhirclient import FhirClient, RetryPolicy
+from connector.logs import (
+    configure_logging,
+    log_format,
+    new_run_id,
+    outcome_codes,
+    redact_text,
+    register_secret,
+    reset_logging,
+)
+
+MRN = "MRN8841207"
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    yield
+    reset_logging()
+
+
+def capture(fmt: str = "json", verbose: bool = False, quiet: bool = False) -> io.StringIO:
+    stream = io.StringIO()
+    configure_logging(fmt=fmt, verbose=verbose, quiet=quiet, stream=stream)
+    return stream
+
+
+def json_lines(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_lines_carry_run_id_and_extras() -> None:
+    stream = capture("json")
+    run_id = new_run_id()
+    logging.getLogger("connector.sync").info("plan: %d units", 3, extra={"event": "plan", "counts": {"create": 3}})
+    logging.getLogger("connector.sync").warning("record quarantined", extra={"key": "rk-0123456789ab", "status": 422})
+    lines = json_lines(stream)
+    assert [line["run_id"] for line in lines] == [run_id, run_id]
+    assert lines[0]["message"] == "plan: 3 units" and lines[0]["counts"] == {"create": 3}
+    assert lines[0]["level"] == "info" and lines[0]["logger"] == "connector.sync" and lines[0]["event"] == "plan"
+    assert lines[1]["key"] == "rk-0123456789ab" and lines[1]["status"] == 422
+    assert log_format() == "json"
+
+
+def test_text_format_and_levels() -> None:
+    stream = capture("text")
+    new_run_id()
+    logging.getLogger("connector.x").debug("hidden without --verbose")
+    logging.getLogger("connector.x").info("shown")
+    text = stream.getvalue()
+    assert "hidden" not in text and "INFO    [run " in text and text.rstrip().endswith("shown")
+
+    stream = capture("text", verbose=True)
+    logging.getLogger("connector.x").debug("detail", extra={"key": "rk-1"})
+    assert "DEBUG" in stream.getvalue() and "(key=rk-1)" in stream.getvalue()
+
+    stream = capture("text", quiet=True)
+    logging.getLogger("connector.x").info("not in quiet mode")
+    logging.getLogger("connector.x").warning("still shown")
+    assert "not in quiet" not in stream.getvalue() and "still shown" in stream.getvalue()
+
+
+def test_url_queries_and_identifier_values_are_masked() -> None:
+    text = f"GET /fhir/Patient?identifier=urn:oid:2.16.840%7C{MRN}&_count=1 HTTP/1.1"
+    cleaned = redact_text(text)
+    assert MRN not in cleaned and cleaned.startswith("GET /fhir/Patient?<query redacted>") and "HTTP/1.1" in cleaned
+    assert MRN not in redact_text(f"search identifier=urn:x|{MRN} failed")
+    assert redact_text("what? nothing here") == "what? nothing here"
+
+
+def test_registered_secrets_are_masked() -> None:
+    stream = capture("json")
+    register_secret("tok-abcdef-123")
+    logging.getLogger("connector.auth").warning("server echoed %s", "tok-abcdef-123")
+    assert "tok-abcdef-123" not in stream.getvalue() and "***" in stream.getvalue()
+
+
+def test_exception_messages_are_not_logged_in_json() -> None:
+    stream = capture("json")
+    try:
+        raise ValueError(f"Input should be a valid date, got {MRN}")
+    except ValueError:
+        logging.getLogger("connector.sync").exception("mapping failed")
+    line = json_lines(stream)[0]
+    assert line["error_type"] == "ValueError" and MRN not in stream.getvalue()
+
+
+def test_verbose_text_shows_frames_but_not_the_message() -> None:
+    stream = capture("text", verbose=True)
+    try:
+        raise ValueError(f"bad value {MRN}")
+    except ValueError:
+        logging.getLogger("connector.sync").exception("mapping failed")
+    assert "test_logs.py:" in stream.getvalue() and MRN not in stream.getvalue()
+
+
+def test_third_party_warnings_and_python_warnings_become_json_lines() -> None:
+    stream = capture("json")
+    logging.getLogger("somelib").warning("library warning with ?identifier=x%7C" + MRN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("a library's UserWarning", UserWarning, stacklevel=1)
+    lines = json_lines(stream)
+    assert {line["logger"] for line in lines} == {"somelib", "py.warnings"}
+    assert MRN not in stream.getvalue()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_urllib3_retry_warnings_do_not_leak_identifier_searches() -> None:
+    """urllib3 logs 'Retrying ... : /fhir/Patient?identifier=system|MRN' at WARNING: the query must be masked."""
+    stream = capture("json", verbose=True)
+    new_run_id()
+    client = FhirClient(f"http://127.0.0.1:{_closed_port()}/fhir",
+                        retry=RetryPolicy(attempts=2, backoff_factor=0, backoff_max=0, jitter=0))
+    with pytest.raises(ServerUnavailableError) as info:
+        client.search_raw(f"Patient?identifier=urn:oid:1.2.3%7C{MRN}")
+    assert MRN not in str(info.value)
+    lines = json_lines(stream)
+    assert any(line["logger"].startswith("urllib3") for line in lines), "expected urllib3's retry warnings"
+    assert MRN not in stream.getvalue()
+    assert all(line["run_id"] != "-" for line in lines)
+
+
+def test_outcome_codes_keep_only_codes() -> None:
+    issues = [{"severity": "error", "code": "processing",
+               "diagnostics": "HAPI-1094: Resource Patient/abc not found, Maria Lopez"},
+              {"severity": "warning", "code": "invalid", "diagnostics": "free text Maria"}]
+    assert outcome_codes(issues) == "error/processing HAPI-1094; warning/invalid"
+    assert outcome_codes([]) == "no OperationOutcome"
+
+
+def test_configure_twice_keeps_one_handler() -> None:
+    capture("json")
+    capture("text")
+    ours = [h for h in logging.getLogger().handlers if getattr(h, "_peersync_handler", False)]
+    assert len(ours) == 1
+    reset_logging()
+    assert not [h for h in logging.getLogger().handlers if getattr(h, "_peersync_handler", False)]
