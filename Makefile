@@ -6,7 +6,7 @@ SERVER := tests/fhir-server/server.sh
 DEMO_CONFIG := fixtures/demo/peersync.toml
 PYTEST_ARGS ?=
 
-.PHONY: install server server-stop demo test test-unit bench clean
+.PHONY: install server server-stop demo test test-unit reliability reliability-report bench clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,15 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+
+# The long reliability variant (30 seeded runs per multi-run scenario), then docs/reliability.md from its results.
+# `make test` runs the same suite with short default run counts.
+reliability: install
+	PEERSYNC_RELIABILITY_RUNS=$${PEERSYNC_RELIABILITY_RUNS:-30} $(PY) -m pytest -p no:cacheprovider -m reliability tests/reliability $(PYTEST_ARGS)
+	$(PY) tests/reliability/report.py
+
+reliability-report:
+	$(PY) tests/reliability/report.py
 
 bench: install server
 	$(PY) -m tests.bench.run

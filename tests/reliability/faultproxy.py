@@ -1,0 +1,389 @@
+"""A small fault-injecting HTTP reverse proxy for the reliability suite (loopback only, bounded).
+
+It sits between peersync and the local HAPI server and, per a SEEDED schedule, answers some requests itself
+or breaks them, so a sync can be driven through the failures a real network and a busy EHR produce:
+
+=====================  ==========================================================================================
+fault                  what the client sees                                  did the server commit?
+=====================  ==========================================================================================
+``429``                429 Too Many Requests with ``Retry-After: 1``         no (not forwarded)
+``500`` ``502``        500 / 502 with an OperationOutcome                    no (not forwarded)
+``503``                503 with ``Retry-After: 1``                           no (not forwarded)
+``reset-before``       connection reset (RST) before any response            no (not forwarded)
+``drop-after-commit``  request FORWARDED, server answered, then the          yes: the worst case, the client
+                       connection is reset and the answer is lost             must replay without duplicating
+``500-after-commit``   request forwarded, the real answer replaced by 500    yes
+``truncate-after-      request forwarded, status line, headers and half     yes
+commit``               the body sent, then the connection is reset
+``slow-after-commit``  request forwarded, the answer held back past the     yes
+                       client's read timeout (``slow_seconds``)
+``400-echo``           400 with an OperationOutcome whose diagnostics echo  no (not forwarded)
+                       values of the request, as servers do: the query
+                       string (an MRN search) and text values from the body
+                       (notes, names), quoted and unquoted — for PHI tests
+=====================  ==========================================================================================
+
+The schedule is a ``random.Random(seed)`` consumed once per request in arrival order: with one client
+connection the same seed gives the same faults; with several, the same *multiset* of faults.
+
+Besides faults, a proxy can call ``hook(index, phase, method)`` around each request (``phase`` is
+``"before-forward"`` or ``"after-commit"``): the crash tests use it to SIGKILL the client at a precise
+point (e.g. after the server committed a transaction but before the client heard about it). When the hook
+returns ``"reset"``, the proxy resets the connection instead of going on.
+
+``latency_seconds`` delays every request (the concurrency test uses it to keep a run going). Request and response
+bodies, URLs and headers are never logged.
+
+Bounds: upstream must be a loopback address; request bodies up to ``max_body`` bytes; at most
+``max_requests`` requests (then 503 for everything); every socket has a timeout. The proxy binds 127.0.0.1
+on a free port. Stop it with :meth:`FaultProxy.stop`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import ipaddress
+import json
+import random
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+FAULTS = ("429", "500", "502", "503", "reset-before", "drop-after-commit", "500-after-commit",
+          "truncate-after-commit", "slow-after-commit", "400-echo")
+COMMITTING_FAULTS = frozenset(f for f in FAULTS if f.endswith("-after-commit"))
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+               "transfer-encoding", "upgrade", "content-length"}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _echo_values(body: bytes, limit: int = 4) -> list[str]:
+    """Text values of a request body a server might echo in an error (notes, names, descriptions)."""
+    try:
+        document = json.loads(body or b"null")
+    except ValueError:
+        return []
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if len(found) >= limit:
+            return
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("text", "family", "given", "description", "value") and isinstance(value, str) \
+                        and len(value) > 3 and not value.startswith(("http", "urn:")):
+                    found.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(document)
+    return found
+
+
+def _echo_diagnostics(path: str, body: bytes) -> str:
+    values = _echo_values(body)
+    quoted = "; ".join(f'"{v[:120]}"' for v in values)
+    return (f"HAPI-0450: Failed to process request {path}: invalid value {quoted or '(none)'}; "
+            f"HAPI-1821: element value {values[0][:60] if values else ''} is not valid for Patient?identifier=" +
+            (path.split("identifier=", 1)[1][:80] if "identifier=" in path else "x|y"))
+
+
+def _outcome(status: int, text: str) -> bytes:
+    return json.dumps({"resourceType": "OperationOutcome",
+                       "issue": [{"severity": "error", "code": "transient" if status >= 500 else "throttled",
+                                  "diagnostics": text}]}).encode()
+
+
+@dataclass
+class Schedule:
+    """Which fault (or None) each request gets: seeded, with a fault rate and weights per fault kind.
+
+    ``methods`` limits faults to those HTTP methods (e.g. only POST transactions); ``only`` lets a test
+    fault exactly the requests with these 1-based indexes instead of drawing.
+    """
+
+    seed: int = 0
+    rate: float = 0.0
+    weights: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FAULTS})
+    methods: frozenset[str] | None = None
+    only: dict[int, str] | None = None
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        unknown = set(self.weights) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults: {sorted(unknown)}")
+
+    def draw(self, index: int, method: str) -> str | None:
+        """The fault for request number ``index`` (1-based), or None to forward it untouched."""
+        if self.only is not None:
+            return self.only.get(index)
+        roll, pick = self._rng.random(), self._rng.random()  # always two draws: the stream stays aligned
+        if self.methods is not None and method not in self.methods:
+            return None
+        if roll >= self.rate:
+            return None
+        kinds = [k for k, w in self.weights.items() if w > 0]
+        total = sum(self.weights[k] for k in kinds)
+        acc = 0.0
+        for kind in kinds:
+            acc += self.weights[kind] / total
+            if pick < acc:
+                return kind
+        return kinds[-1]
+
+
+@dataclass
+class Stats:
+    """What the proxy did. ``faults`` counts injected faults by kind."""
+
+    requests: int = 0
+    forwarded: int = 0
+    forwarded_writes: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    by_method: Counter[str] = field(default_factory=Counter)
+    upstream_errors: int = 0
+    echoed: list[str] = field(default_factory=list)  # the first diagnostics of 400-echo answers (PHI tests)
+
+    @property
+    def total_faults(self) -> int:
+        return sum(self.faults.values())
+
+    def as_dict(self) -> dict[str, object]:
+        return {"requests": self.requests, "forwarded": self.forwarded, "forwarded_writes": self.forwarded_writes,
+                "faults": dict(self.faults), "total_faults": self.total_faults, "by_method": dict(self.by_method),
+                "upstream_errors": self.upstream_errors}
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Client went away mid-answer (it was killed, or timed out): not an error worth a traceback."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
+class FaultProxy:
+    """A reverse proxy on 127.0.0.1 in front of ``upstream`` (a loopback FHIR base URL), injecting faults."""
+
+    def __init__(self, upstream: str, schedule: Schedule | None = None, *, slow_seconds: float = 4.0,
+                 latency_seconds: float = 0.0, max_requests: int = 20_000, max_body: int = 64 << 20,
+                 upstream_timeout: float = 120.0,
+                 hook: Callable[[int, str, str], str | None] | None = None) -> None:
+        parts = urlsplit(upstream)
+        if parts.scheme != "http" or not parts.hostname or not _is_loopback(parts.hostname):
+            raise ValueError(f"faultproxy forwards only to http:// on a loopback address, not {upstream!r}")
+        self.upstream_host = parts.hostname
+        self.upstream_port = parts.port or 80
+        self.upstream_path = parts.path.rstrip("/")
+        self.schedule = schedule or Schedule()
+        self.slow_seconds = slow_seconds
+        self.latency_seconds = latency_seconds
+        self.max_requests = max_requests
+        self.max_body = max_body
+        self.upstream_timeout = upstream_timeout
+        self.hook = hook
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="faultproxy", daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        """The FHIR base URL to give the client (same path as upstream, on the proxy's port)."""
+        return f"http://127.0.0.1:{self.port}{self.upstream_path}"
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def reset(self, schedule: Schedule | None = None) -> None:
+        """New schedule and zeroed counters (between phases of a test)."""
+        with self._lock:
+            self.schedule = schedule or Schedule()
+            self.stats = Stats()
+
+    # -- the handler -----------------------------------------------------------------------------------
+
+    def _next(self, method: str) -> tuple[int, str | None]:
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.by_method[method] += 1
+            index = self.stats.requests
+            if index > self.max_requests:
+                return index, "503"
+            fault = self.schedule.draw(index, method)
+            if fault:
+                self.stats.faults[fault] += 1
+            return index, fault
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = 300  # idle keep-alive connections are closed after this
+
+            def log_message(self, format: str, *args: object) -> None:
+                return  # quiet: bodies and URLs (which hold identifiers) are never printed
+
+            def do_GET(self) -> None:
+                self._handle()
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > proxy.max_body:
+                    self._reply(413, _outcome(413, "request too large for the fault proxy"))
+                    return
+                body = self.rfile.read(length) if length else b""
+                index, fault = proxy._next(self.command)
+                if proxy.latency_seconds:
+                    time.sleep(proxy.latency_seconds)
+                if proxy.hook and proxy.hook(index, "before-forward", self.command) == "reset":
+                    self._reset()
+                    return
+                if fault == "429":
+                    self._reply(429, _outcome(429, "slow down"), {"Retry-After": "1"})
+                    return
+                if fault in ("500", "502", "503"):
+                    extra = {"Retry-After": "1"} if fault == "503" else {}
+                    self._reply(int(fault), _outcome(int(fault), f"injected {fault}"), extra)
+                    return
+                if fault == "reset-before":
+                    self._reset()
+                    return
+                if fault == "400-echo":
+                    from urllib.parse import unquote
+
+                    diagnostics = _echo_diagnostics(unquote(self.path), body)
+                    with proxy._lock:
+                        if len(proxy.stats.echoed) < 20:
+                            proxy.stats.echoed.append(diagnostics)
+                    outcome = json.loads(_outcome(400, diagnostics))
+                    outcome["issue"][0]["code"] = "invalid"
+                    self._reply(400, json.dumps(outcome).encode())
+                    return
+                try:
+                    status, reason, headers, payload = self._forward(body)
+                except OSError:
+                    with proxy._lock:
+                        proxy.stats.upstream_errors += 1
+                    self._reply(502, _outcome(502, "upstream unreachable"))
+                    return
+                with proxy._lock:
+                    proxy.stats.forwarded += 1
+                    if self.command in ("POST", "PUT", "PATCH", "DELETE"):
+                        proxy.stats.forwarded_writes += 1
+                if proxy.hook and proxy.hook(index, "after-commit", self.command) == "reset":
+                    self._reset()
+                    return
+                if fault == "drop-after-commit":
+                    self._reset()
+                elif fault == "500-after-commit":
+                    self._reply(500, _outcome(500, "injected 500 after the server committed"))
+                elif fault == "truncate-after-commit":
+                    self._send_head(status, reason, headers, len(payload))
+                    self.wfile.write(payload[: len(payload) // 2])
+                    self.wfile.flush()
+                    self._reset()
+                elif fault == "slow-after-commit":
+                    time.sleep(proxy.slow_seconds)
+                    self._reset()
+                else:
+                    self._send_head(status, reason, headers, len(payload))
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+
+            def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
+                conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
+                                                  timeout=proxy.upstream_timeout)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                    headers["Content-Length"] = str(len(body))
+                    headers["Connection"] = "close"
+                    # The Host header is passed through: HAPI builds paging links from it, so they point here.
+                    conn.request(self.command, self.path, body=body if body or self.command != "GET" else None,
+                                 headers=headers)
+                    response = conn.getresponse()
+                    payload = response.read()
+                    kept = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP]
+                    return response.status, response.reason, kept, payload
+                finally:
+                    conn.close()
+
+            def _send_head(self, status: int, reason: str, headers: list[tuple[str, str]], length: int) -> None:
+                self.send_response_only(status, reason)
+                for key, value in headers:
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+
+            def _reply(self, status: int, payload: bytes, extra: dict[str, str] | None = None) -> None:
+                self.send_response_only(status)
+                self.send_header("Content-Type", "application/fhir+json")
+                for key, value in (extra or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _reset(self) -> None:
+                """Close with RST (SO_LINGER 0): the client gets 'connection reset', nothing more."""
+                try:
+                    self.wfile.flush()
+                except OSError:
+                    pass
+                try:
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                except OSError:
+                    pass
+                self.close_connection = True
+                self.wfile = io.BytesIO()  # the server's finish() flushes this harmlessly
+
+        return Handler
+
+
+__all__ = ["COMMITTING_FAULTS", "FAULTS", "FaultProxy", "Schedule", "Stats"]

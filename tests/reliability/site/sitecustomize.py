@@ -1,0 +1,22 @@
+"""Loaded at start-up by peersync subprocesses of the reliability suite (this folder is put first on PYTHONPATH).
+
+* ``PEERSYNC_NETGUARD=1``: refuse and record any traffic to a non-loopback address (see peersync_netguard).
+* ``PEERSYNC_RELIABILITY_LEDGER_MAX_PAGES=N``: a test hook that simulates a full disk under the ledger: every
+  ledger connection gets ``PRAGMA max_page_count`` = its current size + N pages, so writes fail with
+  SQLITE_FULL ("database or disk is full") once the ledger has grown by N pages. Nothing in connector/ knows
+  about it: the hook wraps ``connector.ledger.Ledger.__init__`` from outside.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("PEERSYNC_NETGUARD") == "1":
+    import peersync_netguard
+
+    peersync_netguard.install()
+
+if os.environ.get("PEERSYNC_RELIABILITY_LEDGER_MAX_PAGES"):
+    import peersync_hooks
+
+    peersync_hooks.limit_ledger_pages(int(os.environ["PEERSYNC_RELIABILITY_LEDGER_MAX_PAGES"]))
