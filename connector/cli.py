@@ -376,7 +376,8 @@ def _print_read_report(summary: dict[str, Any]) -> None:
 @logging_options
 @translate_errors
 def map_command(profile_ref: str, inputs: tuple[Path, ...], out_dir: Path, as_json: bool) -> None:
-    """Map INPUTS to FHIR without a server: a transaction bundle per participant, NDJSON per type, a summary.
+    """Map INPUTS to FHIR without a server: transaction bundles per participant (at most 100 entries
+    each), NDJSON per type, a summary.
 
     Exits 65 when rows were rejected (see the rejects report in OUT), 0 otherwise.
     """

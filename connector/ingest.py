@@ -80,6 +80,13 @@ class RowConverter:
         self.latest = date.fromisoformat(opts.latest_date)
         self.types = {name: _field_type(self.model, name) for name in self.spec.fields}
         self.lists = {name: _is_list(ftype) for name, ftype in self.types.items()}
+        # (field, spec, column of a plain single text field read from one column, else None): convert() takes
+        # the non-blank text cells of those itself; everything else goes through _field()
+        self._fields = [
+            (name, spec, spec.column if spec.column is not None and spec.checkboxes is None
+             and self.types.get(name, str) is str else None)
+            for name, spec in self.spec.fields.items()
+        ]
         # (code table, enum, text as written) -> code or None: the same few spellings recur on every row
         self._codes: dict[tuple[str | None, type[StrEnum], str], str | None] = {}
 
@@ -109,9 +116,17 @@ class RowConverter:
         values: dict[str, Any] = {}
         original: dict[str, str] = {}
         problems: list[FieldProblem] = []
-        for name, spec in self.spec.fields.items():
+        cells = row.values
+        for name, spec, text_column in self._fields:
+            if text_column is not None:  # a plain text field: a non-blank text cell is the value, stripped
+                raw = cells[text_column] if text_column in cells else None
+                if type(raw) is str:
+                    value = raw.strip()
+                    if value:
+                        values[name] = value
+                        continue
             try:
-                value = self._field(name, spec, row.values, original)
+                value = self._field(name, spec, cells, original)
             except ValueError as exc:
                 problems.append(FieldProblem(name, show_value(name, _raw(spec, row.values)), str(exc)))
                 continue

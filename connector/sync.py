@@ -33,6 +33,7 @@ from connector.ledger import STATE_PENDING, STATE_QUARANTINED, STATE_REVIEW, Con
 from connector.logs import RUN_ID, outcome_codes
 from connector.mappers import MappingContext, map_provenance
 from connector.model import Enrollment, RecordKind
+from connector.patients import PatientPrefetch, prefetch_for
 from connector.planner import (
     WRITE_ACTIONS,
     Act,
@@ -194,6 +195,7 @@ class Syncer:
         self._provenance_conditional_create = True
         self.summary: RunSummary | None = None  # set by run(): the CLI reports it even when the run raises
         self._write_started: float | None = None
+        self._patients: PatientPrefetch | None = None  # Patients looked up in batches (first syncs)
 
     # -- the run ---------------------------------------------------------------------------------------
 
@@ -246,6 +248,7 @@ class Syncer:
             self._check_capabilities()
             self._write_global_units(staging, ledger)
             participants = participants_to_write(staging)
+            self._patients = prefetch_for(self.client, staging, participants, self.opts.ctx.mrn_system)
             done = 0
             if self.on_progress:
                 self.on_progress(0, len(participants))
@@ -379,7 +382,9 @@ class Syncer:
 
     def _match_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
         """(patient id, review reason, PHI-free detail). Follows Patient.link replaced-by up to 3 hops."""
-        matches = self.client.search_raw(f"Patient?identifier={token_query(mrn_system, mrn)}")
+        matches = self._patients.matches(mrn_system, mrn) if self._patients else None  # batched look-ups
+        if matches is None:
+            matches = self.client.search_raw(f"Patient?identifier={token_query(mrn_system, mrn)}")
         if not matches:
             return None, "patient-not-found", "no Patient has this participant's MRN"
         if len(matches) > 1:
