@@ -277,6 +277,13 @@ class Syncer:
                 self._server_down.set()
                 log.warning("server unavailable: %s", exc, extra={"event": "server-unavailable"})
                 self._mark_all(own, ledger, participant, STATE_PENDING, "server unavailable")
+            except FhirHttpError as exc:
+                # An answer the write path does not expect (e.g. a read that fails while voiding): this
+                # participant's records stay pending for the next run; the other participants go on.
+                log.warning("participant left pending: HTTP %s on %s", exc.status, exc.path,
+                            extra={"event": "pending", "participant_key": opaque_key(participant),
+                                   "status": exc.status})
+                self._mark_all(own, ledger, participant, STATE_PENDING, f"HTTP {exc.status} on {exc.path}")
 
     # -- capabilities ----------------------------------------------------------------------------------
 
@@ -284,7 +291,15 @@ class Syncer:
         if self.opts.write_mode == "conditional":
             self._conditional_types = None
             return
-        statement = self.client.capabilities()
+        try:
+            statement = self.client.capabilities()
+        except FhirHttpError as exc:
+            # Without a CapabilityStatement, assume the standard conditional update; a server that lacks it
+            # rejects the writes, and those records are quarantined or left pending with the reason.
+            log.warning("could not read the CapabilityStatement (HTTP %s); assuming conditional update",
+                        exc.status, extra={"event": "capabilities-unavailable", "status": exc.status})
+            self._conditional_types = None
+            return
         types: set[str] = set()
         for rest in statement.get("rest", []):
             for resource in rest.get("resource", []):

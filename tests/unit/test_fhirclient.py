@@ -196,3 +196,17 @@ def test_scrub_keeps_codes_and_drops_values() -> None:
     text = scrub('HAPI-0929: Failed to process conditional update "Goal?identifier=https://p/sid/x/goal|G0042" MRN1234567')
     assert "HAPI-0929" in text and "G0042" not in text and "MRN1234567" not in text and "https" not in text
     assert summarize_outcome({"resourceType": "Patient"}).issues == []
+
+
+@responses.activate
+def test_unreadable_capability_statement_falls_back_to_conditional_writes() -> None:
+    """A 4xx on /metadata must not crash a sync: it assumes conditional update and goes on."""
+    from connector.sync import Syncer
+
+    responses.get(BASE + "/metadata", status=400, json=outcome("invalid", "HAPI-1821: bad request"))
+    syncer = Syncer.__new__(Syncer)  # only the capability check is under test
+    syncer.client = FhirClient(BASE, retry=FAST)
+    syncer.opts = type("Opts", (), {"write_mode": "auto"})()
+    syncer._conditional_types = {"Goal"}
+    syncer._check_capabilities()
+    assert syncer._conditional_types is None and syncer._uses_conditional("Communication")
