@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import sqlite3
 import threading
@@ -448,7 +447,3 @@ def _write_failure(path: Path, exc: sqlite3.OperationalError) -> str:
         return f"ledger {path} is locked by another process ({text})"
     return f"cannot write ledger {path}: {text}"
 
-
-def ledger_exists(path: Path | str) -> bool:
-    """True when a ledger file is present."""
-    return os.path.exists(path)

@@ -580,8 +580,8 @@ class Syncer:
                 resource = self.client.read(resource_type, server_id)
                 if resource_type in STATUS_ELEMENT:
                     resource[STATUS_ELEMENT[resource_type]] = "entered-in-error"
-                retired = system.replace(f"/sid/{self.opts.ctx.program_id}/",
-                                         f"/sid/{self.opts.ctx.program_id}/retired/", 1)
+                kind = system.rsplit("/", 1)[1]  # systems are {base}/sid/{program}/{kind}
+                retired = identifier_system(self.opts.ctx.base_url, self.opts.ctx.program_id, kind, retired=True)
                 for ident in resource.get("identifier", []):
                     if ident.get("system") == system and ident.get("value") == value:
                         ident["system"] = retired
@@ -635,10 +635,6 @@ def _exit_for(summary: RunSummary) -> tuple[int, str]:
         return int(ExitCode.RECORDS_REJECTED), "partial"
     return int(ExitCode.OK), "ok"
 
-
-def retired_system(ctx: MappingContext, kind: str) -> str:
-    """The retired identifier system of a kind (records moved to another patient)."""
-    return identifier_system(ctx.base_url, ctx.program_id, kind, retired=True)
 
 
 __all__ = ["Syncer", "SyncOptions", "RunSummary", "LedgerLock", "read_and_plan", "opaque_key", "__version__"]
