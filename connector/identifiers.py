@@ -46,6 +46,7 @@ def identifier_value(source_id: str) -> str:
     return "".join(out)
 
 
+@lru_cache(maxsize=1024)
 def identifier_system(base_url: str, program_id: str, kind: str, *, retired: bool = False) -> str:
     """The identifier system for one kind of record of one program (``retired`` for moved records)."""
     middle = "retired/" if retired else ""

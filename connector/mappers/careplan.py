@@ -16,7 +16,7 @@ from connector.identifiers import (
 from connector.model import Enrollment, EnrollmentStatus, Supporter
 
 from . import codes
-from ._util import iso_date, resource
+from ._util import compact, iso_date, resource
 from .context import MappingContext
 from .people import map_careteam
 
@@ -68,7 +68,7 @@ def map_enrollment(
         ],
         title=CAREPLAN_TITLE,
         subject=ctx.patient_ref(e),
-        period={"start": iso_date(e.start_date), "end": iso_date(e.end_date) if e.end_date else None},
+        period=compact({"start": iso_date(e.start_date), "end": iso_date(e.end_date) if e.end_date else None}),
         author=ctx.organization_ref(),
         careTeam=[ctx.ref("CareTeam", KIND_CARETEAM, e.enrollment_id)],
         goal=[ctx.ref("Goal", KIND_GOAL, g) for g in goal_ids],

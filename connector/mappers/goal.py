@@ -8,7 +8,7 @@ from connector.identifiers import KIND_GOAL, KIND_ROLE, KIND_STAFF
 from connector.model import Behavior, Comparator, Enrollment, Goal, GoalTarget
 
 from . import codes
-from ._util import fhir_decimal, iso_date, resource
+from ._util import compact, fhir_decimal, iso_date, resource
 from .context import MappingContext
 
 
@@ -26,18 +26,18 @@ def map_goal(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
         description={"text": g.description},
         subject=ctx.patient_ref(e),
         startDate=iso_date(g.start_date),
-        target=_targets(g),
+        target=compact(_targets(g)),
         # the last date the program looked at the goal: its start, or the latest progress note
         statusDate=iso_date(max(status_dates)),
         expressedBy=_expressed_by(g, e, ctx),
-        note=[
+        note=compact([
             {
                 "authorReference": ctx.ref("Practitioner", KIND_STAFF, n.supporter_id) if n.supporter_id else None,
                 "time": iso_date(n.noted_on),
                 "text": n.text,
             }
             for n in sorted(notes, key=lambda n: (n.noted_on, n.note_id))
-        ],
+        ]),
     )
 
 

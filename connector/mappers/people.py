@@ -15,7 +15,7 @@ from connector.identifiers import (
 from connector.model import Enrollment, Supporter, SupporterTitle
 
 from . import codes
-from ._util import iso_date, resource
+from ._util import compact, iso_date, resource
 from .context import DEVICE_IDENTIFIER_VALUE, MappingContext
 
 CARE_TEAM_NAME = "Diabetes peer support team"
@@ -100,7 +100,7 @@ def map_supporter(s: Supporter, ctx: MappingContext) -> list[dict[str, Any]]:
 def map_careteam(e: Enrollment, ctx: MappingContext, supporter: Supporter | None = None) -> dict[str, Any]:
     """The participant's CareTeam for one enrollment: the patient and their peer supporter."""
     status = codes.ENTERED_IN_ERROR if e.void else codes.CARETEAM_STATUS[e.status]
-    period = {"start": iso_date(e.start_date), "end": iso_date(e.end_date) if e.end_date else None}
+    period = compact({"start": iso_date(e.start_date), "end": iso_date(e.end_date) if e.end_date else None})
     return resource(
         "CareTeam",
         ctx,

@@ -8,12 +8,14 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from connector import identifiers, mappers, terminology
+from connector.demo import generate_program
 from connector.identifiers import (
     KIND_CAREPLAN,
     KIND_CARETEAM,
@@ -42,6 +44,7 @@ from connector.mappers import (
     map_referral,
     map_supporter,
 )
+from connector.mapstage import PARTICIPANT_KINDS
 from connector.model import (
     Behavior,
     Contact,
@@ -66,6 +69,10 @@ from connector.model import (
     SupportType,
     TargetMeasure,
 )
+from connector.profile import load_profile
+from connector.source import read_program
+from connector.staging import Staging
+from connector.units import map_participant_units
 
 CST = timezone(timedelta(hours=-6))
 RECORDED = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
@@ -154,7 +161,7 @@ def full_participant(ctx: MappingContext) -> list[dict[str, Any]]:
             goal_id="G0001",
             behavior="monitoring",
             description="A1c < 7 <script>alert(1)</script> & more",
-            target=GoalTarget(measure="hba1c", comparator="<", value=Decimal("7")),
+            target=GoalTarget(measure="hba1c", comparator="<", value=Decimal(7)),
             due_date=date(2025, 7, 1),
             achievement_status="improving",
             notes=(
@@ -165,7 +172,7 @@ def full_participant(ctx: MappingContext) -> list[dict[str, Any]]:
         ),
         goal(
             goal_id="G0002",
-            target=GoalTarget(measure="steps-per-day", comparator=">=", value=Decimal("7000")),
+            target=GoalTarget(measure="steps-per-day", comparator=">=", value=Decimal(7000)),
             set_by="supporter",
         ),
         goal(
@@ -647,14 +654,14 @@ def test_goal_target_codes(
 
 
 def test_goal_target_equal_has_no_comparator_and_integral_values_stay_integers(ctx: MappingContext) -> None:
-    q = map_goal(goal(target=GoalTarget(measure="steps-per-day", value=Decimal("7000"))), enrollment(), ctx)["target"][
+    q = map_goal(goal(target=GoalTarget(measure="steps-per-day", value=Decimal(7000))), enrollment(), ctx)["target"][
         0
     ]["detailQuantity"]
     assert "comparator" not in q and q["value"] == 7000 and isinstance(q["value"], int)
 
 
 def test_goal_target_unknown_unit_is_kept_uncoded(ctx: MappingContext) -> None:
-    q = map_goal(goal(target=GoalTarget(measure="body-weight", value=Decimal("80"), unit="stone")), enrollment(), ctx)[
+    q = map_goal(goal(target=GoalTarget(measure="body-weight", value=Decimal(80), unit="stone")), enrollment(), ctx)[
         "target"
     ][0]["detailQuantity"]
     assert q == {"value": 80, "unit": "stone"}
@@ -1075,3 +1082,32 @@ def test_mapped_local_codings_use_the_context_terminology_base() -> None:
     r = map_contact(contact(setting="home", support_types=("emotional",)), enrollment(), ctx)
     assert r["category"][0]["coding"][0]["system"] == "https://fhir.example.org/ps/CodeSystem/peer-support-type"
     assert r["extension"][0]["url"] == "https://fhir.example.org/ps/StructureDefinition/contact-setting"
+
+
+def _mapped_program(profile_name: str, inputs: list[Path]) -> Iterator[dict[str, Any]]:
+    """Every resource one program's input maps to (read, then each participant's units)."""
+    profile = load_profile(profile_name)
+    map_ctx = MappingContext.from_profile(profile)
+    with Staging() as staging:
+        read_program(profile, inputs, staging)
+        for participant in staging.participants():
+            keys = [("enrollment", participant)] + [
+                (kind.value, key) for kind in PARTICIPANT_KINDS for key in staging.keys(kind, participant)
+            ]
+            for unit in map_participant_units(staging, participant, keys, map_ctx):
+                yield from unit.resources
+
+
+@pytest.mark.parametrize(("profile_name", "fmt", "seed"), [
+    ("peersync-template", "template", 20260101), ("peersync-template", "template", 7),
+    ("redcap-example", "redcap", 20260101), ("redcap-example", "redcap", 11),
+])
+def test_mapped_programs_are_compact_all_the_way_down(tmp_path: Path, profile_name: str, fmt: Any, seed: int) -> None:
+    """resource() compacts only the top level: nested elements must come out of the mappers without empties."""
+    generate_program(tmp_path, participants=25, seed=seed, fmt=fmt)
+    count = 0
+    for r in _mapped_program(profile_name, [tmp_path]):
+        count += 1
+        for path, value in walk(r):
+            assert value is not None and value != "" and value != [] and value != {}, f"{r['resourceType']}{path}"
+    assert count > 200
