@@ -3,7 +3,8 @@
 A first sync of thousands of participants otherwise sends one ``Patient?identifier=`` search per participant
 next to its transaction: on a busy server that is a tenth of the server's work. The sync asks this cache first;
 it searches ``identifier=sys|mrn1,sys|mrn2,...`` (FHIR OR) for the next batch of participants in write order,
-once, from whichever worker thread needs it first.
+once, from whichever worker thread needs it first, and starts the search for the batch after it in the
+background, so the workers seldom wait for a look-up.
 
 Only exact (system, value) matches count. An MRN with no exact match in the batch answer is left to the
 caller's own one-participant search, so "not found" (and whatever a server matches more loosely) is decided
@@ -13,9 +14,11 @@ A batch search the server refuses or cannot answer falls back the same way.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from connector.errors import PeersyncError
@@ -34,7 +37,7 @@ MIN_PARTICIPANTS = 2 * BATCH  # for a handful of participants, one search each i
 class PatientPrefetch:
     """Patients by (system, MRN), fetched a batch at a time in the order the participants are written."""
 
-    def __init__(self, client: FhirClient, keys: Iterable[Key], batch: int = BATCH) -> None:
+    def __init__(self, client: FhirClient, keys: Iterable[Key], batch: int = BATCH, *, ahead: bool = True) -> None:
         self.client = client
         self.batch = batch
         self.order: list[Key] = list(dict.fromkeys(keys))
@@ -43,6 +46,8 @@ class PatientPrefetch:
         self._done: set[int] = set()
         self._locks: dict[int, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peersync-patients") if ahead else None
+        self._started: set[int] = set()
 
     def matches(self, system: str, mrn: str) -> list[dict[str, Any]] | None:
         """The Patients whose identifier is exactly (system, mrn); None when the caller must search itself."""
@@ -51,13 +56,32 @@ class PatientPrefetch:
         if index is None:
             return None
         number = index // self.batch
+        self._look_ahead(number + 1)
+        self._ensure(number)
+        return self.found.get(key)
+
+    def close(self) -> None:
+        """Wait for a look-ahead search still running (call once the workers are done)."""
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=True)
+
+    def _ensure(self, number: int) -> None:
         with self._guard:
             lock = self._locks.setdefault(number, threading.Lock())
         with lock:
             if number not in self._done:
                 self._fetch(self.order[number * self.batch:(number + 1) * self.batch])
                 self._done.add(number)
-        return self.found.get(key)
+
+    def _look_ahead(self, number: int) -> None:
+        if self._ahead is None or number * self.batch >= len(self.order):
+            return
+        with self._guard:
+            if number in self._started:
+                return
+            self._started.add(number)
+        context = contextvars.copy_context()  # the run id reaches the look-ahead thread's log lines
+        self._ahead.submit(context.run, self._ensure, number)
 
     def _fetch(self, keys: list[Key]) -> None:
         wanted = set(keys)

@@ -252,14 +252,18 @@ class Syncer:
             done = 0
             if self.on_progress:
                 self.on_progress(0, len(participants))
-            with ThreadPoolExecutor(max_workers=self.opts.concurrency, thread_name_prefix="peersync") as pool:
-                run_id = RUN_ID.get()
-                futures = [pool.submit(self._participant_in_run, run_id, staging, ledger, p) for p in participants]
-                for future in futures:
-                    future.result()
-                    done += 1
-                    if self.on_progress:
-                        self.on_progress(done, len(participants))
+            try:
+                with ThreadPoolExecutor(max_workers=self.opts.concurrency, thread_name_prefix="peersync") as pool:
+                    run_id = RUN_ID.get()
+                    futures = [pool.submit(self._participant_in_run, run_id, staging, ledger, p) for p in participants]
+                    for future in futures:
+                        future.result()
+                        done += 1
+                        if self.on_progress:
+                            self.on_progress(done, len(participants))
+            finally:
+                if self._patients is not None:
+                    self._patients.close()
             if self._server_down.is_set():
                 raise ServerUnavailableError("the FHIR server stopped answering; unsent records stay pending "
                                              "and the next run sends them")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import responses
@@ -47,7 +49,8 @@ def test_one_search_per_batch_exact_matches_and_fallbacks() -> None:
 def test_batches_follow_the_write_order_and_are_fetched_once() -> None:
     responses.get(BASE + "/Patient", json=searchset(patient("1", (SYS, "M1")), patient("2", (SYS, "M2"))))
     responses.get(BASE + "/Patient", json=searchset(patient("3", (SYS, "M3"))))
-    cache = PatientPrefetch(FhirClient(BASE, retry=FAST), [(SYS, "M1"), (SYS, "M2"), (SYS, "M3")], batch=2)
+    cache = PatientPrefetch(FhirClient(BASE, retry=FAST), [(SYS, "M1"), (SYS, "M2"), (SYS, "M3")], batch=2,
+                            ahead=False)
     assert cache.matches(SYS, "M1") and cache.matches(SYS, "M2")
     assert len(responses.calls) == 1
     assert [p["id"] for p in cache.matches(SYS, "M3")] == ["3"]
@@ -60,3 +63,22 @@ def test_a_refused_batch_search_falls_back_to_one_search_each() -> None:
     cache = PatientPrefetch(FhirClient(BASE, retry=FAST), [(SYS, "M1"), (SYS, "M2")], batch=10)
     assert cache.matches(SYS, "M1") is None and cache.matches(SYS, "M2") is None
     assert len(responses.calls) == 1  # the failed batch is not retried for every participant
+
+
+@responses.activate
+def test_the_next_batch_is_searched_ahead_in_the_background() -> None:
+    known = {"M1": patient("1", (SYS, "M1")), "M2": patient("2", (SYS, "M2")), "M3": patient("3", (SYS, "M3"))}
+
+    def answer(request: Any) -> tuple[int, dict, str]:  # the batches may arrive in either order
+        wanted = parse_qs(urlsplit(request.url).query)["identifier"][0].split(",")
+        return 200, {}, json.dumps(searchset(*(known[w.split("|")[1]] for w in wanted)))
+
+    responses.add_callback(responses.GET, BASE + "/Patient", callback=answer)
+    cache = PatientPrefetch(FhirClient(BASE, retry=FAST), [(SYS, "M1"), (SYS, "M2"), (SYS, "M3")], batch=2)
+    assert [p["id"] for p in cache.matches(SYS, "M1")] == ["1"]
+    cache.close()  # waits for the look-ahead of the second batch
+    searched = [parse_qs(urlsplit(c.request.url).query)["identifier"] for c in responses.calls]
+    assert sorted(searched) == sorted([[f"{SYS}|M1,{SYS}|M2"], [f"{SYS}|M3"]])
+    assert [p["id"] for p in cache.matches(SYS, "M3")] == ["3"]
+    assert [p["id"] for p in cache.matches(SYS, "M2")] == ["2"]
+    assert len(responses.calls) == 2  # each batch once, whichever thread searched it
