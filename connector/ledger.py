@@ -142,6 +142,7 @@ class Ledger:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        self._salt: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
@@ -224,7 +225,9 @@ class Ledger:
 
     def mrn_hash(self, mrn_system: str, mrn: str) -> str:
         """A salted hash of an MRN, so the ledger can notice MRN changes without storing MRNs."""
-        salt = self.meta("salt") or ""
+        if self._salt is None:
+            self._salt = self.meta("salt") or ""  # set once, when the ledger is created
+        salt = self._salt
         return hashlib.sha256(f"{salt}|{mrn_system}|{mrn}".encode()).hexdigest()[:32]
 
     # -- units -----------------------------------------------------------------------------------------
@@ -348,8 +351,9 @@ class Ledger:
         return (row[0], row[1], row[2]) if row else None
 
     def set_participant(self, participant: str, *, patient_id: str | None, mrn_hash: str, state: str,
-                        detail: str) -> None:
-        """Record how a participant's Patient was resolved."""
+                        detail: str, close_review: bool = False) -> None:
+        """Record how a participant's Patient was resolved; ``close_review`` also closes the participant's open
+        review entries, in the same transaction."""
         with self.transaction() as db:
             db.execute(
                 """INSERT INTO participants(participant,patient_id,mrn_hash,state,detail,updated_at) VALUES(?,?,?,?,?,?)
@@ -357,6 +361,8 @@ class Ledger:
                    state=excluded.state, detail=excluded.detail, updated_at=excluded.updated_at""",
                 (participant, patient_id, mrn_hash, state, detail, now_iso()),
             )
+            if close_review:
+                self._resolve_review(db, f"participant:{participant}")
 
     # -- review queue ----------------------------------------------------------------------------------
 
@@ -372,11 +378,11 @@ class Ledger:
                 (subject, reason, detail, now_iso(), now_iso(), run_id),
             )
 
-    def resolve_review(self, subject: str) -> None:
+    @staticmethod
+    def _resolve_review(db: sqlite3.Connection, subject: str) -> None:
         """Close open review entries of a subject that has since gone through."""
-        with self.transaction() as db:
-            db.execute("UPDATE review SET status='resolved', updated_at=? WHERE subject=? AND status IN ('open','retry')",
-                       (now_iso(), subject))
+        db.execute("UPDATE review SET status='resolved', updated_at=? WHERE subject=? AND status IN ('open','retry')",
+                   (now_iso(), subject))
 
     def reviews(self, *, include_closed: bool = False) -> list[dict[str, Any]]:
         """Review entries, newest first."""

@@ -351,7 +351,8 @@ class Syncer:
         mrn_system = enrollment.mrn_system or self.opts.ctx.mrn_system
         patient_id, reason, detail = self._resolve_patient(mrn_system, enrollment.mrn)
         ledger.set_participant(participant, patient_id=patient_id, mrn_hash=ledger.mrn_hash(mrn_system, enrollment.mrn),
-                               state="resolved" if patient_id else STATE_REVIEW, detail=detail)
+                               state="resolved" if patient_id else STATE_REVIEW, detail=detail,
+                               close_review=patient_id is not None)
         hashes = {unit_key: unit_hash for unit_key, _k, _s, unit_hash, _a in rows}
         if patient_id is None:
             ledger.open_review(f"participant:{participant}", reason or "patient-unresolved", detail, RUN_ID.get())
@@ -362,7 +363,6 @@ class Syncer:
             log.warning("participant sent to review: %s", reason,
                         extra={"event": "review", "participant_key": opaque_key(participant), "code": reason})
             return
-        ledger.resolve_review(f"participant:{participant}")
         self._retire_moved_units(ledger, [r[0] for r in rows], patient_id)
         units = map_participant_units(staging, participant, [(kind, sid) for _u, kind, sid, _h, _a in rows],
                                       self.opts.ctx)

@@ -218,3 +218,14 @@ def test_landed(cfg: Path) -> None:
     assert text.exit_code == 0 and f"on {BASE}:" in text.stdout
     rows = json.loads(as_json.stdout)
     assert {r["resource_type"] for r in rows} >= {"Goal", "Provenance"} and rows[0]["total"] == 3
+
+
+def test_a_resolved_participant_closes_its_review_in_the_same_write(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        ledger.open_review("participant:E1", "patient-not-found", "no Patient with this MRN", "run-1")
+        ledger.open_review("participant:E2", "patient-not-found", "no Patient with this MRN", "run-1")
+        ledger.set_participant("E2", patient_id=None, mrn_hash="h2", state="review", detail="still missing")
+        ledger.set_participant("E1", patient_id="123", mrn_hash="h1", state="resolved", detail="", close_review=True)
+        assert [r["subject"] for r in ledger.reviews()] == ["participant:E2"]
+        assert [r["status"] for r in ledger.reviews(include_closed=True) if r["subject"] == "participant:E1"] == \
+            ["resolved"]
