@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import requests
@@ -94,8 +94,15 @@ class BenchProgram:
     config: Path
     program_id: str
     mrn_system: str
-    base_url: str
+    base_url: str  # what the measured client talks to (the sync config's server.base_url)
     patient_ids: dict[str, str] = field(default_factory=dict)  # MRN -> server id of its (single) Patient
+    direct_url: str | None = None  # the server itself, when base_url is a proxy in front of it
+
+    @property
+    def setup_url(self) -> str:
+        """Where untimed setup goes (Patient loading, the server-bound side's program-wide bundle): the server
+        itself, never through a proxy."""
+        return self.direct_url or self.base_url
 
     def settings(self) -> Any:
         from connector.config import load_settings
@@ -104,8 +111,11 @@ class BenchProgram:
 
 
 def new_program(data: Dataset, base_url: str, label: str, *, concurrency: int = 4, copy_inputs: bool = False,
-                load: bool = True) -> BenchProgram:
-    """A fresh program id, MRN system, config and ledger over ``data``; its Patients loaded (not timed)."""
+                load: bool = True, direct_url: str | None = None) -> BenchProgram:
+    """A fresh program id, MRN system, config and ledger over ``data``; its Patients loaded (not timed).
+
+    ``base_url`` goes into the config (the server peersync syncs to); ``direct_url``, when ``base_url`` is a proxy,
+    is the server behind it, where the Patients are loaded."""
     program_id = f"{label}{uuid.uuid4().hex[:8]}"
     mrn_system = f"urn:oid:2.16.840.1.113883.3.9999.{uuid.uuid4().int % 10**9}"
     root = work_dir() / "runs" / program_id
@@ -132,7 +142,7 @@ concurrency = {concurrency}
 """,
         encoding="utf-8",
     )
-    program = BenchProgram(data, root, inputs, config, program_id, mrn_system, base_url)
+    program = BenchProgram(data, root, inputs, config, program_id, mrn_system, base_url, direct_url=direct_url)
     if load:
         load_patients(program)
     return program
@@ -159,7 +169,7 @@ def load_patients(program: BenchProgram, chunk: int = 500) -> None:
     with requests.Session() as session:
         for start in range(0, len(entries), chunk):
             part = entries[start:start + chunk]
-            response = session.post(program.base_url, json={"resourceType": "Bundle", "type": "transaction",
+            response = session.post(program.setup_url, json={"resourceType": "Bundle", "type": "transaction",
                                                              "entry": part}, headers=HEADERS, timeout=600)
             response.raise_for_status()
             for entry, answer in zip(part, response.json().get("entry", []), strict=True):
@@ -194,7 +204,7 @@ def server_version(base_url: str) -> str:
 class Timer:
     """``with Timer() as t: ...`` then ``t.seconds``."""
 
-    def __enter__(self) -> Timer:
+    def __enter__(self) -> Self:
         self.started = time.perf_counter()
         self.seconds = 0.0
         return self

@@ -1,7 +1,8 @@
 """Run the benchmarks and print the table: ``python -m tests.bench.run [--quick] [--only SECTION,...]``.
 
 Sections: mapping (in-process, no server), first-sync and resync (the local HAPI server of tests/fhir-server,
-or PEERSYNC_TEST_FHIR_URL), memory (child processes, no server). Every figure with a target is a ratio of two
+or PEERSYNC_TEST_FHIR_URL), first-sync-latency (the same first sync through Toxiproxy adding ~20 ms of round
+trip in front of the local server; tests/bench/latency.py), memory (child processes, no server). Every figure with a target is a ratio of two
 measurements of this run. Results also go to ``<bench dir>/results-<time>.json``. See docs/benchmarks.md.
 
 The local server is reset ($expunge: every resource on it is deleted) before each measured write run, so
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import sys
@@ -21,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import mapping, memory
+from . import latency, mapping, memory
 from .common import (
     Row,
     dataset,
@@ -37,13 +39,22 @@ from .common import (
 )
 from .writes import post_bundles, prebuild_bundles, run_naive, run_peersync
 
-SECTIONS = ("mapping", "first-sync", "resync", "memory")
+SECTIONS = ("mapping", "first-sync", "first-sync-latency", "resync", "memory")
+SERVER_SECTIONS = {"first-sync", "first-sync-latency", "resync"}
+CONCURRENCY = 4  # peersync's sync concurrency and the server-bound loop's threads, in every write section
+# Up to this many participants, peersync and server-bound run twice each in the order A B B A (server-bound,
+# peersync, peersync, server-bound) and the faster run of each side counts: the server speeds up as its JIT
+# warms and slows as other work lands on the shared cores, and the ABBA order spreads that drift over both.
+PAIRED_UP_TO = 1000
 
 # (participants, contacts) per scale. Full: what docs/benchmarks.md reports. Quick: a smoke run of minutes.
 FULL = {
     "mapping": (1000, 20_000),
     "first-sync": [(1000, 0), (10_000, 0)],  # no contact rows: the 10k run fits in minutes
     "naive_participants": 1000,
+    # through Toxiproxy: peersync and server-bound write every participant; the naive client (about 12 requests
+    # per participant, each paying the round trip) the first "naive_participants" of them
+    "first-sync-latency": {"participants": 1000, "contacts": 0, "naive_participants": 200},
     "resync": (2000, 83_300),  # 100k source rows in all (contacts + enrollments, goals, notes, ...)
     "memory": [10_000, 100_000, 1_000_000],
     "memory_participants": 1000,
@@ -52,6 +63,7 @@ QUICK = {
     "mapping": (200, 2000),
     "first-sync": [(100, 0), (300, 0)],
     "naive_participants": 100,
+    "first-sync-latency": {"participants": 100, "contacts": 0, "naive_participants": 30},
     "resync": (200, 8300),
     "memory": [10_000, 100_000],
     "memory_participants": 1000,
@@ -59,11 +71,14 @@ QUICK = {
 
 
 class Bench:
-    def __init__(self, scales: dict[str, Any], base_url: str | None, reset: bool) -> None:
+    def __init__(self, scales: dict[str, Any], base_url: str | None, reset: bool,
+                 one_way_latency_ms: int = latency.ONE_WAY_LATENCY_MS) -> None:
         self.scales = scales
         self.base_url = base_url
         self.reset = reset
+        self.one_way_latency_ms = one_way_latency_ms
         self.results: dict[str, Any] = {}
+        self.warmed_up = False
 
     def log(self, text: str) -> None:
         print(f"[{datetime.now().strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
@@ -90,26 +105,46 @@ class Bench:
         for participants, contacts in self.scales["first-sync"]:
             data = dataset(participants, contacts)
             self.log(f"first sync, {participants} participants: {data.rows} rows")
-            self.fresh_server()
-            program = new_program(data, self.base_url, "sb")
-            bodies, n = prebuild_bundles(program)
-            bound = post_bundles(self.base_url, bodies, n, concurrency=4)
-            self.log(f"  server-bound {bound}")
-            self.fresh_server()
-            program = new_program(data, self.base_url, "ps")
-            ours, summary = run_peersync(program)
-            self.log(f"  peersync {ours}")
+            paired = self._bound_and_peersync(data, self.base_url, "", rounds=2 if participants <= PAIRED_UP_TO else 1)
             self.fresh_server()
             program = new_program(data, self.base_url, "nv")
             naive = run_naive(program, max_participants=self.scales["naive_participants"])
             self.log(f"  naive {naive}")
             out.append({"participants": participants, "contacts": contacts, "rows": data.rows,
-                        "peersync": vars(ours) | {"phases": getattr(summary, "phases", {})},
-                        "server_bound": vars(bound), "naive": vars(naive)})
+                        **paired, "naive": vars(naive)})
+
+    def _bound_and_peersync(self, data: Any, url: str, label: str, *, rounds: int, direct_url: str | None = None,
+                            check: Any = None) -> dict[str, Any]:
+        """Server-bound and peersync over ``data`` into ``url`` on a reset server: once each, or (rounds=2) in
+        the order server-bound, peersync, peersync, server-bound; the faster run of each side is reported.
+        ``check(side, run)`` wraps each timed run (the latency section counts proxy connections with it)."""
+        order = ["server_bound", "peersync"] if rounds == 1 else ["server_bound", "peersync", "peersync", "server_bound"]
+        best: dict[str, dict[str, Any]] = {}
+        history: list[dict[str, Any]] = []
+        for side in order:
+            self.fresh_server()
+            if side == "server_bound":
+                program = new_program(data, url, f"{label}sb", direct_url=direct_url)
+                bodies, n = prebuild_bundles(program)
+                timed = functools.partial(_posted, url, bodies, n)
+            else:
+                program = new_program(data, url, f"{label}ps", direct_url=direct_url, concurrency=CONCURRENCY)
+                assert program.settings().server.base_url == url
+                timed = functools.partial(run_peersync, program)
+            result, summary = check(side, timed) if check else timed()
+            self.log(f"  {side.replace('_', '-')} {result}")
+            run = vars(result) | ({"phases": getattr(summary, "phases", {})} if summary is not None else {})
+            history.append({"side": side, "seconds": result.seconds, "per_second": result.per_second})
+            if side not in best or result.per_second > best[side]["resources"] / best[side]["seconds"]:
+                best[side] = run
+        return {"peersync": best["peersync"], "server_bound": best["server_bound"], "rounds": history}
 
     def warm_up(self) -> None:
-        """JIT-compile the server's write path before anything is timed."""
+        """JIT-compile the server's write path before anything is timed (once per run)."""
         assert self.base_url
+        if self.warmed_up:
+            return
+        self.warmed_up = True
         self.log("warm-up (not measured)")
         data = dataset(100, 300)
         for _ in range(2):
@@ -117,8 +152,63 @@ class Bench:
             run_peersync(program)
             program = new_program(data, self.base_url, "wu")
             bodies, n = prebuild_bundles(program)
-            post_bundles(self.base_url, bodies, n, concurrency=4)
+            post_bundles(self.base_url, bodies, n, concurrency=CONCURRENCY)
             run_naive(new_program(data, self.base_url, "wu"), max_participants=30)
+
+    # -- 2b. first sync through a network with latency ---------------------------------------------------------
+
+    def first_sync_latency(self) -> None:
+        """The three first-sync sides through Toxiproxy (``latency`` toxic on each direction) in front of the local
+        server. Patients are loaded, the server-bound side's program-wide bundle posted and the server reset
+        directly (not timed); everything timed goes through the proxy."""
+        assert self.base_url
+        scale = self.scales["first-sync-latency"]
+        one_way = self.one_way_latency_ms
+        out: dict[str, Any] = {"participants": scale["participants"], "contacts": scale["contacts"],
+                               "one_way_latency_ms": one_way}
+        self.results["first_sync_latency"] = out
+        log_path = work_dir() / "toxiproxy.log"
+        try:
+            proxy = latency.start_proxy(self.base_url, one_way, log_path)
+        except latency.ProxyUnavailable as exc:
+            out["skipped"] = " ".join(str(exc).split())[:300]
+            self.log(f"first sync through Toxiproxy: skipped: {out['skipped']}")
+            return
+        try:
+            self.warm_up()  # the server's JIT, directly (the proxy adds nothing to warm up)
+            self._first_sync_latency(proxy, out, log_path)
+        finally:
+            proxy.stop()
+
+    def _first_sync_latency(self, proxy: latency.toxiproxy.Toxiproxy, out: dict[str, Any], log_path: Path) -> None:
+        assert self.base_url
+        scale = self.scales["first-sync-latency"]
+        via = proxy.base_url
+        out["toxiproxy"] = proxy.version
+        out["toxics"] = proxy.toxics()
+        rtt = latency.round_trip(self.base_url, via)
+        out["round_trip"] = vars(rtt) | {"added_ms": rtt.added_ms, "probe": latency.RTT_PROBE}
+        self.log(f"first sync through Toxiproxy ({via}, {out['one_way_latency_ms']} ms each way): GET "
+                 f"{latency.RTT_PROBE} {rtt.proxied_ms:.1f} ms via proxy, {rtt.direct_ms:.1f} ms direct")
+        data = dataset(scale["participants"], scale["contacts"])
+        out["rows"] = data.rows
+        connections: dict[str, int] = {}
+
+        def through_proxy(side: str, timed: Any) -> Any:
+            before = latency.accepted_connections(log_path)
+            result = timed()
+            connections[side] = connections.get(side, 0) + latency.accepted_connections(log_path) - before
+            if connections[side] == 0:
+                raise RuntimeError(f"first-sync-latency: the {side} side made no connection through the proxy")
+            return result
+
+        rounds = 2 if scale["participants"] <= PAIRED_UP_TO else 1
+        paired = self._bound_and_peersync(data, via, "l", rounds=rounds, direct_url=self.base_url, check=through_proxy)
+        self.fresh_server()
+        program = new_program(data, via, "lnv", direct_url=self.base_url)
+        naive = through_proxy("naive", lambda: run_naive(program, max_participants=scale["naive_participants"]))
+        self.log(f"  naive {naive}")
+        out.update({**paired, "naive": vars(naive), "proxy_connections": connections})
 
     # -- 3 and 4. re-syncs ----------------------------------------------------------------------------------
 
@@ -177,22 +267,22 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
                 f"read → map = {read_map / m['floor_per_s']:.2f}× floor"),
         ]
     for run in results.get("first_sync", []):
-        ours, bound, naive = run["peersync"], run["server_bound"], run["naive"]
-        rate = {k: v["resources"] / v["seconds"] for k, v in (("ours", ours), ("bound", bound), ("naive", naive))}
-        section = f"first sync, {run['participants']:,} participants ({ours['resources']:,} res)"
-        over_naive, over_bound = rate["ours"] / rate["naive"], rate["ours"] / rate["bound"]
-        rows += [
-            Row(section, "peersync sync, concurrency 4", f"{rate['ours']:,.0f} res/s", f"{over_naive:.1f}× naive",
-                "≥ 10× naive", verdict(over_naive >= 10)),
-            Row(section, f"  {ours['seconds']:,.0f} s, {ours['requests']:,} requests",
-                f"{ours['write_requests']:,} writes", f"{over_bound:.2f}× server-bound", "≥ 0.8× server-bound",
-                verdict(over_bound >= 0.8)),
-            Row(section, "server-bound: same bundles, 4 threads", f"{rate['bound']:,.0f} res/s",
-                f"{bound['seconds']:,.0f} s, {bound['requests']:,} requests"),
-            Row(section, f"naive: 1 request per resource ({naive['detail']})", f"{rate['naive']:,.0f} res/s",
-                f"{naive['seconds']:,.0f} s, {naive['requests']:,} requests",
-                f"bound/naive = {rate['bound'] / rate['naive']:.1f}×"),
-        ]
+        section = f"first sync, {run['participants']:,} participants ({run['peersync']['resources']:,} res)"
+        rows += first_sync_rows(section, run)
+    if "first_sync_latency" in results:
+        run = results["first_sync_latency"]
+        rtt = f"{2 * run['one_way_latency_ms']} ms RTT (Toxiproxy)"
+        if "skipped" in run:
+            rows.append(Row(f"first sync, {run['participants']:,} participants, {rtt}", f"skipped: {run['skipped']}",
+                            "-"))
+        else:
+            section = (f"first sync, {run['participants']:,} participants ({run['peersync']['resources']:,} res), "
+                       f"{rtt}")
+            probe = run["round_trip"]
+            rows.append(Row(section, f"latency toxic {run['one_way_latency_ms']} ms each way: small GET, median",
+                            f"+{probe['added_ms']:.1f} ms",
+                            f"{probe['proxied_ms']:.1f} ms via proxy, {probe['direct_ms']:.1f} ms direct"))
+            rows += first_sync_rows(section, run)
     if "resync" in results:
         r = results["resync"]
         first, noop, changed = r["first"], r["noop"], r["changed"]
@@ -221,6 +311,39 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def first_sync_rows(section: str, run: dict[str, Any]) -> list[Row]:
+    """The four rows of one first-sync comparison (peersync, server-bound, naive; rates in resources/s)."""
+    ours, bound, naive = run["peersync"], run["server_bound"], run["naive"]
+    rate = {k: v["resources"] / v["seconds"] for k, v in (("ours", ours), ("bound", bound), ("naive", naive))}
+    over_naive, over_bound = rate["ours"] / rate["naive"], rate["ours"] / rate["bound"]
+    return [
+        Row(section, f"peersync sync, concurrency {CONCURRENCY}", f"{rate['ours']:,.0f} res/s",
+            f"{over_naive:.1f}× naive", "≥ 10× naive", verdict(over_naive >= 10)),
+        Row(section, f"  {ours['seconds']:,.0f} s, {ours['requests']:,} requests",
+            f"{ours['write_requests']:,} writes", f"{over_bound:.2f}× server-bound", "≥ 0.8× server-bound",
+            verdict(over_bound >= 0.8)),
+        Row(section, f"server-bound: same bundles, {CONCURRENCY} threads", f"{rate['bound']:,.0f} res/s",
+            f"{bound['seconds']:,.0f} s, {bound['requests']:,} requests"),
+        *_rounds_rows(section, run.get("rounds", [])),
+        Row(section, f"naive: 1 request per resource ({naive['detail']})", f"{rate['naive']:,.0f} res/s",
+            f"{naive['seconds']:,.0f} s, {naive['requests']:,} requests",
+            f"bound/naive = {rate['bound'] / rate['naive']:.1f}×"),
+    ]
+
+
+def _posted(url: str, bodies: list[bytes], resources: int) -> tuple[Any, None]:
+    """The server-bound loop, shaped like run_peersync's answer (result, no summary)."""
+    return post_bundles(url, bodies, resources, concurrency=CONCURRENCY), None
+
+
+def _rounds_rows(section: str, rounds: list[dict[str, Any]]) -> list[Row]:
+    """One row listing every timed run of a paired (ABBA) comparison, in order; none for a single round."""
+    if len(rounds) < 2:
+        return []
+    runs = ", ".join(f"{'sb' if r['side'] == 'server_bound' else 'ps'} {r['per_second']:,.0f}" for r in rounds)
+    return [Row(section, "  runs in order, res/s (faster of each side counts)", runs)]
+
+
 def change_rows(path: Path, *, fraction_of: int, fraction: float) -> int:
     """Change the notes of evenly spread contact rows: ``fraction`` of ``fraction_of`` source rows."""
     with path.open(newline="", encoding="utf-8") as handle:
@@ -243,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small scales: a smoke run of a few minutes")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--no-reset", action="store_true", help="never $expunge the server between runs")
+    parser.add_argument("--latency-ms", type=int, default=latency.ONE_WAY_LATENCY_MS, metavar="MS",
+                        help="first-sync-latency: Toxiproxy latency on each direction (default "
+                             f"{latency.ONE_WAY_LATENCY_MS}, i.e. a {2 * latency.ONE_WAY_LATENCY_MS} ms round trip)")
     parser.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="print the table of a saved run")
     args = parser.parse_args(argv)
     if args.render:
@@ -257,9 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     base_url = None
     external = fhirserver.external_base_url()
-    if {"first-sync", "resync"} & set(sections):
+    if SERVER_SECTIONS & set(sections):
         base_url = fhirserver.ensure_server()
-    bench = Bench(QUICK if args.quick else FULL, base_url, reset=not args.no_reset and not external)
+    bench = Bench(QUICK if args.quick else FULL, base_url, reset=not args.no_reset and not external,
+                  one_way_latency_ms=args.latency_ms)
     info = machine() | {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                         "server": server_version(base_url) if base_url else "-", "server_url": base_url or "-",
                         "mode": "quick" if args.quick else "full"}
@@ -267,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for section in SECTIONS:
         if section in sections:
+            section_started = time.perf_counter()
             getattr(bench, section.replace("-", "_"))()
+            info[f"minutes_{section}"] = f"{(time.perf_counter() - section_started) / 60:.1f}"
     info["total_minutes"] = f"{(time.perf_counter() - started) / 60:.1f}"
     info["loadavg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     table = render(table_rows(bench.results))
