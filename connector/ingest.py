@@ -47,6 +47,7 @@ _ISO_SHAPES = {
         "%Y-%m-%dT%H:%M:%S": r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\Z",
     }.items()
 }
+_ISO_SAMPLES = {fmt: datetime(2000, 1, 1).strftime(fmt) for fmt in _ISO_SHAPES}  # text of each shape
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,19 +229,30 @@ class RowConverter:
             return self._fast_datetime(formats, as_date=ftype is date)
         return None
 
-    def _fast_datetime(self, formats: list[str], *, as_date: bool) -> Callable[[str], Any]:
+    def _fast_datetime(self, formats: list[str], *, as_date: bool) -> Callable[[str], Any] | None:
         """ISO-shaped text under an ISO format: ``datetime.fromisoformat`` gives what strptime would, at a
-        fraction of the cost. The first format the text may match decides, as in _parse_datetime()."""
-        candidates = [(fmt, _ISO_SHAPES.get(fmt)) for fmt in formats]
+        fraction of the cost. As in _parse_datetime(), the first format the text may match decides: an ISO
+        format is taken only for text of its exact shape and when no format before it may match such text
+        (decided once, here, from a sample of the shape), so the answer is the one _parse_datetime() gives."""
+        shapes = []
+        for k, fmt in enumerate(formats):
+            shape = _ISO_SHAPES.get(fmt)
+            if shape is None:
+                continue
+            sample = _ISO_SAMPLES[fmt]
+            earlier = formats[:k]
+            if any(_may_match(sample, f) or any(ch.isdigit() or not ch.isascii() for ch in f) for f in earlier):
+                continue  # an earlier format may win for some text of this shape: leave it to the general path
+            shapes.append(shape)
+        if not shapes:
+            return None
         zone, earliest, latest = self.zone, self.earliest, self.latest
 
         def parse(raw: str) -> Any:
             text = raw.strip()
-            for fmt, shape in candidates:
-                if not _may_match(text, fmt):
+            for shape in shapes:
+                if not shape.match(text):
                     continue
-                if shape is None or not shape.match(text) or _EXCEL_SERIAL.match(text):
-                    return _SLOW
                 try:
                     value = datetime.fromisoformat(text)
                 except ValueError:

@@ -74,6 +74,8 @@ def read_csv(path: Path) -> Iterator[RawRow]:
         else:
             return
         names = [h.strip().lstrip("\ufeff") for h in header]
+        columns = list({name: i for i, name in reversed(list(enumerate(names))) if name}.items())  # first of a name
+        columns.sort(key=lambda c: c[1])
         cut_off = not _ends_with_line_break(path)
         following = next(reader, None)
         while following is not None:
@@ -93,10 +95,10 @@ def read_csv(path: Path) -> Iterator[RawRow]:
             if text_error:
                 yield RawRow(location, {}, error=text_error)
                 continue
-            values: dict[str, str | None] = {}
-            for i, name in enumerate(names):
-                if name and name not in values:
-                    values[name] = cells[i].strip() if i < len(cells) else None
+            if len(cells) >= len(names):
+                values: dict[str, str | None] = {name: cells[i].strip() for name, i in columns}
+            else:  # a short row: the missing cells are None
+                values = {name: cells[i].strip() if i < len(cells) else None for name, i in columns}
             yield RawRow(location, values)
 
 
@@ -109,11 +111,13 @@ def _ends_with_line_break(path: Path) -> bool:
 
 
 def _undecodable(cells: list[str], encoding: str) -> str | None:
-    for cell in cells:
-        try:
-            cell.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"the row has bytes that are not valid {encoding} text"
+    text = "".join(cells)
+    if text.isascii():
+        return None  # the common case: no escaped byte can be in it
+    try:
+        text.encode("utf-8")  # fails on the surrogates that stand for undecodable bytes
+    except UnicodeEncodeError:
+        return f"the row has bytes that are not valid {encoding} text"
     return None
 
 
