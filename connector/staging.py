@@ -93,12 +93,15 @@ class Reject:
 class Staging:
     """A run's accepted records and rejected rows. Use as a context manager; the file is the caller's."""
 
-    def __init__(self, path: Path | str = ":memory:") -> None:
+    def __init__(self, path: Path | str = ":memory:", *, create: bool = True) -> None:
+        """Open (``create``: set up) the staging file; ``create=False`` opens another connection to one that
+        exists, for a worker thread that only reads it."""
         self.path = path
         self.db = sqlite3.connect(str(path), isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=OFF")
-        self.db.execute("PRAGMA synchronous=OFF")
-        self.db.executescript(_SCHEMA)
+        if create:
+            self.db.execute("PRAGMA journal_mode=OFF")
+            self.db.execute("PRAGMA synchronous=OFF")
+            self.db.executescript(_SCHEMA)
         self._pending: list[tuple] = []
         self._pending_rejects: list[tuple] = []
 

@@ -271,7 +271,7 @@ class Syncer:
     def _participant_in_run(self, run_id: str, staging: Staging, ledger: Ledger, participant: str) -> None:
         RUN_ID.set(run_id)  # worker threads carry the run id in their log lines
         # SQLite connections are per thread: each worker reads staging through its own connection.
-        with Staging(staging.path) as own:
+        with Staging(staging.path, create=False) as own:
             if self._server_down.is_set():
                 self._mark_all(own, ledger, participant, STATE_PENDING, "not attempted: server unavailable")
                 return

@@ -158,14 +158,28 @@ class _PeersyncSession(requests.Session):
     Plain requests lets those environment variables override ``session.verify`` (psf/requests
     #3829), so a configured CA bundle — or an explicit ``verify=False`` — could be silently
     replaced. We keep the environment default only when the session uses the default ``True``.
+
+    The environment (proxy and CA bundle variables) is read once per origin and settings, not on
+    every request: requests walks all of ``os.environ`` each time, a tenth of a sync's client CPU.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._environment: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def merge_environment_settings(  # type: ignore[override]
         self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
     ) -> dict[str, Any]:
         if verify is None and self.verify is not True:
             verify = self.verify
-        return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc, tuple(sorted((proxies or {}).items())), stream, verify,
+               cert if not isinstance(cert, list) else tuple(cert))
+        settings = self._environment.get(key)
+        if settings is None:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            self._environment[key] = settings
+        return {**settings, "proxies": dict(settings["proxies"])}
 
 
 def new_session(

@@ -187,6 +187,31 @@ def test_plain_requests_would_let_env_override_explicit_bundle(monkeypatch: pyte
     assert plain.merge_environment_settings("https://x/", {}, None, None, None)["verify"] == "/env/ca.pem"
 
 
+@responses.activate
+def test_the_environment_is_read_once_per_origin_and_still_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proxy variables reach every request, but os.environ is walked once per origin, not per request."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.clinic.example:3128")
+    monkeypatch.setenv("NO_PROXY", "auth.example.org")
+    calls: list[str] = []
+    real = requests.sessions.get_environ_proxies
+
+    def counting(url: str, no_proxy: object = None) -> dict[str, str]:
+        calls.append(url)
+        return real(url, no_proxy=no_proxy)
+
+    monkeypatch.setattr(requests.sessions, "get_environ_proxies", counting)
+    session = new_session(user_agent="p")
+    ehr = [session.merge_environment_settings(f"https://ehr.example.org/fhir/Goal/{i}", {}, None, None, None)
+           for i in range(3)]
+    auth = session.merge_environment_settings("https://auth.example.org/token", {}, None, None, None)
+    assert [s["proxies"].get("https") for s in ehr] == ["http://proxy.clinic.example:3128"] * 3
+    assert "https" not in auth["proxies"]  # NO_PROXY still decides per host
+    assert len(calls) == 2
+    ehr[0]["proxies"]["https"] = "changed by a caller"
+    assert session.merge_environment_settings("https://ehr.example.org/fhir/x", {}, None, None, None)["proxies"][
+        "https"] == "http://proxy.clinic.example:3128"
+
+
 def test_urllib3_refuses_tls_below_1_2() -> None:
     # SMART requires TLS >= 1.2; we rely on urllib3 2.x's default context for that.
     ctx = create_urllib3_context()
