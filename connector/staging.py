@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,9 +147,22 @@ class Staging:
         if len(self._pending_rejects) >= 2000:
             self.flush()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN ... COMMIT. The connection is in autocommit mode: without it every inserted row would be a
+        transaction of its own (3.5x the cost of staging a row)."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     def flush(self) -> None:
         """Write batched rows."""
-        with self.db:
+        with self._transaction():
             if self._pending:
                 self.db.executemany(
                     "INSERT INTO staged(kind,key,participant,hash,body,file,sheet,unit,row) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -172,7 +186,7 @@ class Staging:
         for kind, field, target in _REFERENCES:
             self._reject_dangling(kind, field, target)
         self._reject_unknown_goal_links()
-        with self.db:
+        with self._transaction():
             self.db.execute(
                 """UPDATE staged SET participant = (
                        SELECT g.participant FROM staged g WHERE g.kind='goal' AND g.key=json_extract(staged.body,'$.goal_id'))
@@ -180,7 +194,7 @@ class Staging:
             )
 
     def _move_to_rejects(self, seqs: list[int], field: str, reason_of: dict[int, str]) -> None:
-        with self.db:
+        with self._transaction():
             for seq in seqs:
                 self.db.execute(
                     """INSERT INTO rejects(file,sheet,unit,row,kind,key,field,value,reason)

@@ -295,3 +295,27 @@ def render(rows: Iterable[Row]) -> str:
 
 def rate(n: float, seconds: float) -> str:
     return f"{n / seconds:,.0f}/s" if seconds > 0 else "-"
+
+
+def fhirserver_pid() -> int | None:
+    """The pid of the local test server on PEERSYNC_FHIR_PORT (tests/fhir-server's pid file), if it runs."""
+    port = os.environ.get("PEERSYNC_FHIR_PORT", "8089")
+    run_dir = Path(os.environ.get("PEERSYNC_FHIR_RUN_DIR", REPO / "tests" / "fhir-server" / "target" / "run"))
+    try:
+        pid = int((run_dir / f"fhir-server-{port}.pid").read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def pin_process(pid: int, cpus: set[int]) -> int:
+    """Set the CPU affinity of every thread of a process (Linux: affinity is per thread); the number of threads."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+            count += 1
+        except (ProcessLookupError, PermissionError):
+            continue  # a thread that ended meanwhile
+    return count

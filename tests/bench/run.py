@@ -2,8 +2,10 @@
 
 Sections: mapping (in-process, no server), first-sync and resync (the local HAPI server of tests/fhir-server,
 or PEERSYNC_TEST_FHIR_URL), first-sync-latency (the same first sync through Toxiproxy adding ~20 ms of round
-trip in front of the local server; tests/bench/latency.py), memory (child processes, no server). Every figure with a target is a ratio of two
-measurements of this run. Results also go to ``<bench dir>/results-<time>.json``. See docs/benchmarks.md.
+trip in front of the local server; tests/bench/latency.py), first-sync-pinned (server-bound and peersync with
+the local server on one CPU and the benchmark on the other, as on separate machines), memory (child
+processes, no server). Every figure with a target is a ratio of two measurements of this run. Results also go
+to ``<bench dir>/results-<time>.json``. See docs/benchmarks.md.
 
 The local server is reset ($expunge: every resource on it is deleted) before each measured write run, so
 every side starts from the same, empty server. Use a server of its own (PEERSYNC_FHIR_PORT=8111 make bench)
@@ -28,8 +30,10 @@ from .common import (
     Row,
     dataset,
     fhirserver,
+    fhirserver_pid,
     machine,
     new_program,
+    pin_process,
     quiet_logs,
     render,
     reset_server,
@@ -39,8 +43,8 @@ from .common import (
 )
 from .writes import post_bundles, prebuild_bundles, run_naive, run_peersync
 
-SECTIONS = ("mapping", "first-sync", "first-sync-latency", "resync", "memory")
-SERVER_SECTIONS = {"first-sync", "first-sync-latency", "resync"}
+SECTIONS = ("mapping", "first-sync", "first-sync-latency", "first-sync-pinned", "resync", "memory")
+SERVER_SECTIONS = {"first-sync", "first-sync-latency", "first-sync-pinned", "resync"}
 CONCURRENCY = 4  # peersync's sync concurrency and the server-bound loop's threads, in every write section
 # Up to this many participants, peersync and server-bound run twice each in the order A B B A (server-bound,
 # peersync, peersync, server-bound) and the faster run of each side counts: the server speeds up as its JIT
@@ -55,6 +59,7 @@ FULL = {
     # through Toxiproxy: peersync and server-bound write every participant; the naive client (about 12 requests
     # per participant, each paying the round trip) the first "naive_participants" of them
     "first-sync-latency": {"participants": 1000, "contacts": 0, "naive_participants": 200},
+    "first-sync-pinned": 1000,  # participants; server-bound and peersync only
     "resync": (2000, 83_300),  # 100k source rows in all (contacts + enrollments, goals, notes, ...)
     "memory": [10_000, 100_000, 1_000_000],
     "memory_participants": 1000,
@@ -64,6 +69,7 @@ QUICK = {
     "first-sync": [(100, 0), (300, 0)],
     "naive_participants": 100,
     "first-sync-latency": {"participants": 100, "contacts": 0, "naive_participants": 30},
+    "first-sync-pinned": 100,
     "resync": (200, 8300),
     "memory": [10_000, 100_000],
     "memory_participants": 1000,
@@ -210,6 +216,37 @@ class Bench:
         self.log(f"  naive {naive}")
         out.update({**paired, "naive": vars(naive), "proxy_connections": connections})
 
+    # -- 2c. first sync with the server and the client on cores of their own --------------------------------------
+
+    def first_sync_pinned(self) -> None:
+        """Server-bound and peersync with the local server's threads on CPU 0 and this process on CPU 1: the client
+        no longer takes CPU from the server, as on separate machines (a deployment's connector does not run on
+        the EHR's host). Needs the local server's pid file and two CPUs; otherwise reported as skipped."""
+        assert self.base_url
+        participants = self.scales["first-sync-pinned"]
+        out: dict[str, Any] = {"participants": participants}
+        self.results["first_sync_pinned"] = out
+        server_pid = fhirserver_pid()
+        cpus = sorted(os.sched_getaffinity(0))
+        if server_pid is None or len(cpus) < 2:
+            out["skipped"] = "needs the local server (its pid file) and two CPUs"
+            self.log(f"first sync pinned: skipped: {out['skipped']}")
+            return
+        self.warm_up()
+        server_cpu, client_cpus = {cpus[0]}, set(cpus[1:])
+        try:
+            threads = pin_process(server_pid, server_cpu)
+            os.sched_setaffinity(0, client_cpus)
+            out["pinning"] = {"server_cpus": sorted(server_cpu), "client_cpus": sorted(client_cpus),
+                              "server_threads": threads}
+            self.log(f"first sync pinned: server ({threads} threads) on CPU {cpus[0]}, client on {sorted(client_cpus)}")
+            data = dataset(participants, 0)
+            out.update(self._bound_and_peersync(data, self.base_url, "pin",
+                                                rounds=2 if participants <= PAIRED_UP_TO else 1))
+        finally:
+            pin_process(server_pid, set(cpus))
+            os.sched_setaffinity(0, set(cpus))
+
     # -- 3 and 4. re-syncs ----------------------------------------------------------------------------------
 
     def resync(self) -> None:
@@ -283,6 +320,23 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
                             f"+{probe['added_ms']:.1f} ms",
                             f"{probe['proxied_ms']:.1f} ms via proxy, {probe['direct_ms']:.1f} ms direct"))
             rows += first_sync_rows(section, run)
+    if "first_sync_pinned" in results:
+        run = results["first_sync_pinned"]
+        if "skipped" in run:
+            rows.append(Row(f"first sync, {run['participants']:,} participants, pinned", f"skipped: {run['skipped']}",
+                            "-"))
+        else:
+            rate = {k: run[k]["resources"] / run[k]["seconds"] for k in ("peersync", "server_bound")}
+            section = (f"first sync, {run['participants']:,} participants ({run['peersync']['resources']:,} res), "
+                       "server and client on separate cores")
+            over_bound = rate["peersync"] / rate["server_bound"]
+            rows += [
+                Row(section, f"peersync sync, concurrency {CONCURRENCY}", f"{rate['peersync']:,.0f} res/s",
+                    f"{over_bound:.2f}× server-bound", "≥ 0.8× server-bound", verdict(over_bound >= 0.8)),
+                Row(section, f"server-bound: same bundles, {CONCURRENCY} threads", f"{rate['server_bound']:,.0f} res/s",
+                    f"{run['server_bound']['seconds']:,.0f} s"),
+                *_rounds_rows(section, run.get("rounds", [])),
+            ]
     if "resync" in results:
         r = results["resync"]
         first, noop, changed = r["first"], r["noop"], r["changed"]
