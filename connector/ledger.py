@@ -347,14 +347,6 @@ class Ledger:
 
     # -- participants ----------------------------------------------------------------------------------
 
-    def participant(self, participant: str) -> tuple[str | None, str | None, str] | None:
-        """(patient_id, mrn_hash, state) of a participant, if known."""
-        with self._lock:
-            row = self.db.execute(
-                "SELECT patient_id, mrn_hash, state FROM participants WHERE participant=?", (participant,)
-            ).fetchone()
-        return (row[0], row[1], row[2]) if row else None
-
     def set_participant(self, participant: str, *, patient_id: str | None, mrn_hash: str, state: str,
                         detail: str, close_review: bool = False) -> None:
         """Record how a participant's Patient was resolved; ``close_review`` also closes the participant's open
