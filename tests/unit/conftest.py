@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
+
+from connector.logs import reset_logging
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -18,3 +23,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def update_golden(request: pytest.FixtureRequest) -> bool:
     """True when the run was started with --update-golden."""
     return bool(request.config.getoption("--update-golden", default=False))
+
+
+@pytest.fixture
+def peersync_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No PEERSYNC_* variables from the developer's shell and no real secrets directory; logging reset after
+    the test (the CLI installs a handler on a CliRunner stream that is closed once the test ends)."""
+    for name in list(os.environ):
+        if name.upper().startswith("PEERSYNC_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("PEERSYNC_SECRETS_DIR", "")
+    yield
+    reset_logging()

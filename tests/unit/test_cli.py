@@ -4,7 +4,6 @@ terminology, and how errors and exit codes come out (text and JSON log formats).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,21 +15,13 @@ from click.testing import CliRunner, Result
 from connector.cli import main
 from connector.doctor import WRITTEN_TYPES
 from connector.errors import ExitCode
-from connector.logs import reset_logging
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "fixtures" / "demo" / "template"
 BASE = "https://ehr.example.org/fhir"
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.upper().startswith("PEERSYNC_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("PEERSYNC_SECRETS_DIR", "")
-    yield
-    reset_logging()  # the CLI installed a handler on a CliRunner stream that is now closed
+pytestmark = pytest.mark.usefixtures("peersync_env")
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:

@@ -4,10 +4,8 @@ progress), status, review, plan and landed. The real sync against a server is in
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,6 @@ import connector.sync
 from connector.cli import main
 from connector.errors import ExitCode, LockHeldError, ServerUnavailableError
 from connector.ledger import Ledger
-from connector.logs import reset_logging
 from connector.metrics import parse_samples
 from connector.sync import RunSummary
 
@@ -28,14 +25,7 @@ DEMO = REPO / "fixtures" / "demo" / "template"
 BASE = "https://ehr.example.org/fhir"
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.upper().startswith("PEERSYNC_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("PEERSYNC_SECRETS_DIR", "")
-    yield
-    reset_logging()
+pytestmark = pytest.mark.usefixtures("peersync_env")
 
 
 def run(*args: str) -> Result:

@@ -28,15 +28,7 @@ base_url = "https://ehr.example.org/fhir/r4/"
 """
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No PEERSYNC_* variables from the developer's shell, and no real /run/secrets."""
-    import os
-
-    for name in list(os.environ):
-        if name.upper().startswith("PEERSYNC_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("PEERSYNC_SECRETS_DIR", "")
+pytestmark = pytest.mark.usefixtures("peersync_env")
 
 
 def write(tmp_path: Path, text: str) -> Path:

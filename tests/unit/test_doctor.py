@@ -25,12 +25,7 @@ TOKEN_URL = "https://ehr.example.org/oauth2/token"
 ACCESS_TOKEN = "at-9f8e7d6c5b4a-secret-token"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("PEERSYNC_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("PEERSYNC_SECRETS_DIR", "")
+pytestmark = pytest.mark.usefixtures("peersync_env")
 
 
 def config(tmp_path: Path, *, server: str = f'base_url = "{BASE}"', auth: str = 'mode = "none"',

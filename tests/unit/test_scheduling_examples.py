@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import configparser
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +22,12 @@ from click.testing import CliRunner
 
 from connector.cli import main
 from connector.keys import generate_keypair
-from connector.logs import reset_logging
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 DEMO = EXAMPLES.parents[1] / "fixtures" / "demo" / "template"
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.upper().startswith("PEERSYNC_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("PEERSYNC_SECRETS_DIR", "")
-    yield
-    reset_logging()
+pytestmark = pytest.mark.usefixtures("peersync_env")
 
 
 def parse_peersync_args(args: list[str]) -> click.Context:
