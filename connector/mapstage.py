@@ -24,9 +24,11 @@ from connector.model import RecordKind
 from connector.profile import Profile
 from connector.source import ReadReport, read_program
 from connector.staging import Staging
-from connector.units import iter_participant_units, map_global_unit
-
-PARTICIPANT_KINDS = (RecordKind.GOAL, RecordKind.PLANNED_CONTACT, RecordKind.REFERRAL, RecordKind.CONTACT)
+from connector.units import (
+    iter_participant_units,
+    map_global_units,
+    participant_unit_keys,
+)
 
 
 def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_dir: Path, staging: Staging,
@@ -57,17 +59,10 @@ def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_d
             counts[resource_type] += 1
 
     try:
-        global_units = [map_global_unit(staging, "program", ctx.program_id, ctx)]
-        global_units += [map_global_unit(staging, "supporter", s.key, ctx) for s in staging.records(RecordKind.SUPPORTER)]
-        cbo_ids = [r[0] for r in staging.db.execute(
-            "SELECT DISTINCT json_extract(body,'$.resource_id') FROM staged WHERE kind='referral' "
-            "AND json_extract(body,'$.resource_id') IS NOT NULL ORDER BY 1")]
-        global_units += [map_global_unit(staging, "cbo", c, ctx) for c in cbo_ids]
-        emit("_program", [u for u in global_units if u is not None], None)
+        emit("_program", map_global_units(staging, ctx), None)
         participants = staging.participants()
         for participant in participants:
-            units = [("enrollment", participant)] + [
-                (kind.value, key) for kind in PARTICIPANT_KINDS for key in staging.keys(kind, participant)]
+            units = participant_unit_keys(staging, participant)
             enrollment = staging.record(RecordKind.ENROLLMENT, participant)
             author = ctx.ref("PractitionerRole", "role", enrollment.supporter_id)["reference"] if enrollment else None
             name = f"participant-{identifier_value(participant)}"

@@ -41,6 +41,28 @@ KIND_ORDER = {"program": 0, "supporter": 1, "cbo": 2, "goal": 3, "planned_contac
               "enrollment": 6, "contact": 7}
 
 
+# The record kinds that are units of a participant besides the enrollment itself.
+PARTICIPANT_KINDS = (RecordKind.GOAL, RecordKind.PLANNED_CONTACT, RecordKind.REFERRAL, RecordKind.CONTACT)
+
+
+def map_global_units(staging: Staging, ctx: MappingContext) -> list[UnitWrite]:
+    """Every program-wide unit of the staged input, mapped: the program, its supporters, the community
+    organizations its referrals name."""
+    units = [map_global_unit(staging, "program", ctx.program_id, ctx)]
+    units += [map_global_unit(staging, "supporter", s.key, ctx) for s in staging.records(RecordKind.SUPPORTER)]
+    cbo_ids = [r[0] for r in staging.db.execute(
+        "SELECT DISTINCT json_extract(body,'$.resource_id') FROM staged WHERE kind='referral' "
+        "AND json_extract(body,'$.resource_id') IS NOT NULL ORDER BY 1")]
+    units += [map_global_unit(staging, "cbo", c, ctx) for c in cbo_ids]
+    return [u for u in units if u is not None]
+
+
+def participant_unit_keys(staging: Staging, participant: str) -> list[tuple[str, str]]:
+    """(kind, source id) of every unit of one participant in the staged input, the enrollment first."""
+    return [("enrollment", participant)] + [
+        (kind.value, key) for kind in PARTICIPANT_KINDS for key in staging.keys(kind, participant)]
+
+
 def map_global_unit(staging: Staging, kind: str, source_id: str, ctx: MappingContext) -> UnitWrite | None:
     """Map a program-wide unit (program, supporter, community organization)."""
     unit_key = f"{kind}:{source_id}"

@@ -29,14 +29,17 @@ import orjson
 
 from connector.bundle import build_transaction
 from connector.mappers import MappingContext, map_provenance
-from connector.mapstage import PARTICIPANT_KINDS
 from connector.profile import load_profile
 from connector.source import read_program
 from connector.staging import Staging
-from connector.units import UnitWrite, map_participant_units
+from connector.units import (
+    UnitWrite,
+    map_global_units,
+    map_participant_units,
+    participant_unit_keys,
+)
 
 from .common import Dataset
-from .writes import _global_units
 
 
 @dataclass
@@ -88,11 +91,9 @@ def _plain(node: Any) -> Any:
 def _unit_batches(staging: Staging, ctx: MappingContext) -> list[Callable[[], list[UnitWrite]]]:
     """The program-wide units, then each participant's, as functions that map them when called."""
     def participant_units(participant: str) -> list[UnitWrite]:
-        keys = [("enrollment", participant)] + [(kind.value, key) for kind in PARTICIPANT_KINDS
-                                                for key in staging.keys(kind, participant)]
-        return map_participant_units(staging, participant, keys, ctx)
+        return map_participant_units(staging, participant, participant_unit_keys(staging, participant), ctx)
 
-    batches: list[Callable[[], list[UnitWrite]]] = [lambda: _global_units(staging, ctx)]
+    batches: list[Callable[[], list[UnitWrite]]] = [lambda: map_global_units(staging, ctx)]
     batches += [lambda p=participant: participant_units(p) for participant in staging.participants()]
     return batches
 

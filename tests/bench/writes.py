@@ -32,13 +32,17 @@ from connector.identifiers import parse_conditional_reference, token_query
 from connector.ledger import Ledger
 from connector.logs import new_run_id
 from connector.mappers._util import compact
-from connector.mapstage import PARTICIPANT_KINDS
 from connector.model import Enrollment, RecordKind
 from connector.planner import compute_plan, participants_to_write, units_to_write
 from connector.source import read_program
 from connector.staging import Staging
 from connector.sync import RunSummary, Syncer, program_fingerprint
-from connector.units import map_global_unit, map_participant_units
+from connector.units import (
+    map_global_unit,
+    map_global_units,
+    map_participant_units,
+    participant_unit_keys,
+)
 
 from .common import HEADERS, BenchProgram, Timer
 
@@ -99,22 +103,10 @@ def _staged(program: BenchProgram, tmp: Path) -> Staging:
     return staging
 
 
-def _global_units(staging: Staging, ctx: Any) -> list[UnitWrite]:
-    units = [map_global_unit(staging, "program", ctx.program_id, ctx)]
-    units += [map_global_unit(staging, "supporter", s.key, ctx) for s in staging.records(RecordKind.SUPPORTER)]
-    cbo_ids = [r[0] for r in staging.db.execute(
-        "SELECT DISTINCT json_extract(body,'$.resource_id') FROM staged WHERE kind='referral' "
-        "AND json_extract(body,'$.resource_id') IS NOT NULL ORDER BY 1")]
-    units += [map_global_unit(staging, "cbo", c, ctx) for c in cbo_ids]
-    return [u for u in units if u is not None]
-
-
 def _participant_units(staging: Staging, participant: str, ctx: Any) -> tuple[Enrollment, list[UnitWrite]]:
-    units = [("enrollment", participant)] + [(kind.value, key) for kind in PARTICIPANT_KINDS
-                                             for key in staging.keys(kind, participant)]
     enrollment = staging.record(RecordKind.ENROLLMENT, participant)
     assert isinstance(enrollment, Enrollment)
-    return enrollment, map_participant_units(staging, participant, units, ctx)
+    return enrollment, map_participant_units(staging, participant, participant_unit_keys(staging, participant), ctx)
 
 
 # -- server-bound: pre-built bundles, minimal loop ------------------------------------------------------------------
@@ -314,7 +306,7 @@ def run_naive(program: BenchProgram, *, max_participants: int | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, _staged(program, Path(tmp)) as staging:
         participants = staging.participants()[:max_participants]
         with Timer() as timer:
-            client.write([r for u in _global_units(staging, ctx) for r in u.resources], None)
+            client.write([r for u in map_global_units(staging, ctx) for r in u.resources], None)
             for participant in participants:
                 enrollment, units = _participant_units(staging, participant, ctx)
                 system = enrollment.mrn_system or program.mrn_system

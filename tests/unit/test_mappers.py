@@ -44,7 +44,6 @@ from connector.mappers import (
     map_referral,
     map_supporter,
 )
-from connector.mapstage import PARTICIPANT_KINDS
 from connector.model import (
     Behavior,
     Contact,
@@ -72,7 +71,7 @@ from connector.model import (
 from connector.profile import load_profile
 from connector.source import read_program
 from connector.staging import Staging
-from connector.units import map_participant_units
+from connector.units import map_participant_units, participant_unit_keys
 
 CST = timezone(timedelta(hours=-6))
 RECORDED = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
@@ -1091,10 +1090,8 @@ def _mapped_program(profile_name: str, inputs: list[Path]) -> Iterator[dict[str,
     with Staging() as staging:
         read_program(profile, inputs, staging)
         for participant in staging.participants():
-            keys = [("enrollment", participant)] + [
-                (kind.value, key) for kind in PARTICIPANT_KINDS for key in staging.keys(kind, participant)
-            ]
-            for unit in map_participant_units(staging, participant, keys, map_ctx):
+            for unit in map_participant_units(staging, participant, participant_unit_keys(staging, participant),
+                                              map_ctx):
                 yield from unit.resources
 
 
