@@ -142,7 +142,7 @@ class Ledger:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._salt: str | None = None
+        self._salt = ""  # set by _migrate(): the MRN salt, created with the ledger
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
@@ -193,8 +193,11 @@ class Ledger:
         for target in range(version, SCHEMA_VERSION):
             with self._lock:
                 MIGRATIONS[target](self.db)
-        if self.meta("salt") is None:
-            self.set_meta("salt", secrets.token_hex(16))
+        salt = self.meta("salt")
+        if salt is None:
+            salt = secrets.token_hex(16)
+            self.set_meta("salt", salt)
+        self._salt = salt
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -230,10 +233,7 @@ class Ledger:
 
     def mrn_hash(self, mrn_system: str, mrn: str) -> str:
         """A salted hash of an MRN, so the ledger can notice MRN changes without storing MRNs."""
-        if self._salt is None:
-            self._salt = self.meta("salt") or ""  # set once, when the ledger is created
-        salt = self._salt
-        return hashlib.sha256(f"{salt}|{mrn_system}|{mrn}".encode()).hexdigest()[:32]
+        return hashlib.sha256(f"{self._salt}|{mrn_system}|{mrn}".encode()).hexdigest()[:32]
 
     # -- units -----------------------------------------------------------------------------------------
 
