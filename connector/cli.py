@@ -22,7 +22,14 @@ import click
 
 from connector import __version__
 from connector.errors import ExitCode, PeersyncError
-from connector.logs import RUN_ID, configure_logging, format_frames, is_verbose, log_format, new_run_id
+from connector.ops.logs import (
+    RUN_ID,
+    configure_logging,
+    format_frames,
+    is_verbose,
+    log_format,
+    new_run_id,
+)
 
 log = logging.getLogger("connector.cli")
 
@@ -119,7 +126,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="JSON on stdo
 
 
 def _settings(config_path: Path | None) -> Any:
-    from connector.config import load_settings
+    from connector.ops.config import load_settings
 
     return load_settings(config_path)
 
@@ -175,7 +182,7 @@ def config_check(config_file: Path, as_json: bool) -> None:
     PEERSYNC_* environment variables and secrets directories are applied, as for a sync.
     Exits 78 when any check fails (each failure names its fix), 0 otherwise (warnings allowed).
     """
-    from connector.doctor import check_config
+    from connector.ops.doctor import check_config
 
     report = check_config(config_file)
     _print_report(report, as_json, title=f"config check {config_file}")
@@ -196,7 +203,7 @@ def doctor(config_path: Path | None, timeout: float, as_json: bool) -> None:
 
     Exits 0 when nothing failed, 78 configuration, 77 authentication, 69 server unreachable.
     """
-    from connector.doctor import run_doctor
+    from connector.ops.doctor import run_doctor
 
     report = run_doctor(config_path, timeout=timeout)
     _print_report(report, as_json, title=f"doctor {config_path or '(environment only)'}")
@@ -241,7 +248,7 @@ def keys() -> None:
 @translate_errors
 def keys_generate(alg: str, kid: str, out_dir: Path, force: bool) -> None:
     """Generate a signing key and its public JWK Set."""
-    from connector.keys import generate_keypair
+    from connector.auth.keys import generate_keypair
 
     key_path, jwks_path = generate_keypair(alg, kid, out_dir, overwrite=force)  # type: ignore[arg-type]
     click.echo(f"private key: {key_path} (keep it secret; set auth.private_key_file to it)")
@@ -263,7 +270,7 @@ def auth_test_command(config_path: Path | None, as_json: bool) -> None:
 
     Prints what was granted, never the token. Exits 77 when authentication fails.
     """
-    from connector.authcheck import auth_test
+    from connector.ops.doctor import auth_test
 
     result = auth_test(_settings(config_path))
     if as_json:
@@ -294,7 +301,7 @@ def profile_check(profile_ref: str) -> None:
 
     PROFILE is a profile.yaml, its folder, or the name of a profile shipped in mappings/.
     """
-    from connector.profile import check_profile, resolve_profile_path
+    from connector.read.profile import check_profile, resolve_profile_path
 
     path = resolve_profile_path(profile_ref)
     loaded, problems = check_profile(path)
@@ -324,9 +331,9 @@ def check(profile_ref: str, inputs: tuple[Path, ...], rejects_dir: Path | None, 
 
     Exits 65 when any row is rejected, 0 when all rows are accepted.
     """
-    from connector.profile import load_profile
-    from connector.source import read_program, write_rejects
-    from connector.staging import Staging
+    from connector.read.profile import load_profile
+    from connector.read.program import read_program, write_rejects
+    from connector.read.staging import Staging
 
     loaded = load_profile(profile_ref)
     with tempfile.TemporaryDirectory(prefix="peersync-check-") as tmp, Staging(Path(tmp) / "staging.sqlite") as st:
@@ -381,11 +388,11 @@ def map_command(profile_ref: str, inputs: tuple[Path, ...], out_dir: Path, as_js
 
     Exits 65 when rows were rejected (see the rejects report in OUT), 0 otherwise.
     """
-    from connector.mappers import MappingContext
-    from connector.mapstage import map_program
-    from connector.profile import load_profile
-    from connector.source import write_rejects
-    from connector.staging import Staging
+    from connector.map import MappingContext
+    from connector.map.export import map_program
+    from connector.read.profile import load_profile
+    from connector.read.program import write_rejects
+    from connector.read.staging import Staging
 
     loaded = load_profile(profile_ref)
     ctx = MappingContext.from_profile(loaded)
@@ -415,14 +422,14 @@ def terminology() -> None:
 @translate_errors
 def terminology_publish(config_path: Path | None, dry_run: bool) -> None:
     """Load our CodeSystems, ValueSets and extension StructureDefinitions into the server (conditional by url)."""
-    from connector.terminology import load_terminology, terminology_bundle
+    from connector.map.terminology import load_terminology, terminology_bundle
 
     settings = _settings(config_path)
     bundle = terminology_bundle(load_terminology(), terminology_base=settings.program.terminology_base)
     if dry_run:
         click.echo(json.dumps(bundle, indent=2))
         return
-    from connector.app import build_client
+    from connector.wiring import build_client
 
     response = build_client(settings).transaction(bundle)
     statuses = [e.get("response", {}).get("status", "") for e in response.get("entry", [])]
@@ -447,9 +454,9 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None) -> None
     With --json the summary is printed even when the run fails; [output] metrics_file is written after
     every run that got as far as the ledger.
     """
-    from connector.app import build_client, sync_options
-    from connector.sync import Syncer
-    from connector.transport import redact_url
+    from connector.run import Syncer
+    from connector.server.transport import redact_url
+    from connector.wiring import build_client, sync_options
 
     settings = _settings(config_path)
     started = datetime.now(UTC)
@@ -487,7 +494,7 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None) -> None
 
 def _failed_summary(summary: Any, exc: PeersyncError, started: datetime) -> dict[str, Any]:
     """The summary of a run that raised: the run's own if it got as far as the ledger, else a minimal one."""
-    from connector.sync import RunSummary
+    from connector.run import RunSummary
 
     if summary is None or summary.outcome == "running":  # failed before the run was recorded (lock, auth...)
         now = datetime.now(UTC)
@@ -520,9 +527,9 @@ class _ProgressBar:
 def _write_metrics(settings: Any, summary: dict[str, Any]) -> None:
     if settings.output.metrics_file is None:
         return
-    from connector.ledger import Ledger
-    from connector.metrics import write_textfile
-    from connector.status import backlog
+    from connector.ops.metrics import write_textfile
+    from connector.ops.status import backlog
+    from connector.plan.ledger import Ledger
 
     try:
         with Ledger(settings.sync.ledger) as ledger:
@@ -565,10 +572,10 @@ def plan(config_path: Path | None, as_json: bool) -> None:
 
     Reads the inputs and the ledger only; sends nothing to the server.
     """
-    from connector.app import sync_options
-    from connector.ledger import Ledger
-    from connector.staging import Staging
-    from connector.sync import read_and_plan
+    from connector.plan.ledger import Ledger
+    from connector.read.staging import Staging
+    from connector.run import read_and_plan
+    from connector.wiring import sync_options
 
     opts = sync_options(_settings(config_path))
     with tempfile.TemporaryDirectory(prefix="peersync-plan-") as tmp, Staging(Path(tmp) / "s.sqlite") as staging, \
@@ -604,7 +611,7 @@ def status(config_path: Path | None, as_json: bool, runs: int) -> None:
 
     Reads the ledger only (a running sync is not disturbed).
     """
-    from connector.status import status_report
+    from connector.ops.status import status_report
 
     settings = _settings(config_path)
     result = status_report(settings.sync.ledger, runs)
@@ -659,8 +666,8 @@ def _age(iso: str | None) -> str:
 @translate_errors
 def landed(config_path: Path | None, as_json: bool) -> None:
     """What is on the server for this program, counted by the server itself (read-only)."""
-    from connector.app import build_client, mapping_context
-    from connector.landed import landed_counts
+    from connector.ops.landed import landed_counts
+    from connector.wiring import build_client, mapping_context
 
     settings = _settings(config_path)
     rows = landed_counts(build_client(settings), mapping_context(settings))
@@ -686,7 +693,7 @@ def review() -> None:
 @translate_errors
 def review_list(config_path: Path | None, include_closed: bool, as_json: bool) -> None:
     """List review entries (subjects are source ids; no patient data)."""
-    from connector.ledger import Ledger
+    from connector.plan.ledger import Ledger
 
     with Ledger(_settings(config_path).sync.ledger) as ledger:
         entries = ledger.reviews(include_closed=include_closed)
@@ -720,7 +727,7 @@ def review_dismiss(config_path: Path | None, review_id: int) -> None:
 
 
 def _set_review(config_path: Path | None, review_id: int, status_value: str) -> None:
-    from connector.ledger import Ledger
+    from connector.plan.ledger import Ledger
 
     with Ledger(_settings(config_path).sync.ledger) as ledger:
         if not ledger.set_review_status(review_id, status_value):

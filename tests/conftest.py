@@ -12,7 +12,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fhirserver  # noqa: E402  (tests/fhirserver.py)
 
-
 # -- FHIR test server: `integration` marker and the `fhir_base_url` fixture ------------------------------------------
 #
 # Integration tests (marked `integration`) need a real FHIR server: PEERSYNC_TEST_FHIR_URL if set, else the local

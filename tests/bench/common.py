@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 import fhirserver
 
-from connector.demo import DEFAULT_SEED, MRN_SYSTEM, generate_program
+from tests.demogen import DEFAULT_SEED, MRN_SYSTEM, generate_program
 
 FHIR_JSON = "application/fhir+json"
 HEADERS = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
@@ -105,7 +105,7 @@ class BenchProgram:
         return self.direct_url or self.base_url
 
     def settings(self) -> Any:
-        from connector.config import load_settings
+        from connector.ops.config import load_settings
 
         return load_settings(self.config)
 

@@ -27,17 +27,17 @@ from typing import Any
 
 import orjson
 
-from connector.bundle import build_transaction
-from connector.mappers import MappingContext, map_provenance
-from connector.profile import load_profile
-from connector.source import read_program
-from connector.staging import Staging
-from connector.units import (
+from connector.map import MappingContext, map_provenance
+from connector.map.units import (
     UnitWrite,
     map_global_units,
     map_participant_units,
     participant_unit_keys,
 )
+from connector.read.profile import load_profile
+from connector.read.program import read_program
+from connector.read.staging import Staging
+from connector.write.bundle import build_transaction
 
 from .common import Dataset
 

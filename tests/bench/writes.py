@@ -26,23 +26,23 @@ from typing import Any
 import orjson
 import requests
 
-from connector.app import build_client, sync_options
-from connector.bundle import UnitWrite, identity_of
 from connector.identifiers import parse_conditional_reference, token_query
-from connector.ledger import Ledger
-from connector.logs import new_run_id
-from connector.mappers._util import compact
-from connector.model import Enrollment, RecordKind
-from connector.planner import compute_plan, participants_to_write, units_to_write
-from connector.source import read_program
-from connector.staging import Staging
-from connector.sync import RunSummary, Syncer, program_fingerprint
-from connector.units import (
+from connector.map._util import compact
+from connector.map.units import (
     map_global_unit,
     map_global_units,
     map_participant_units,
     participant_unit_keys,
 )
+from connector.model import Enrollment, RecordKind
+from connector.ops.logs import new_run_id
+from connector.plan.ledger import Ledger
+from connector.plan.planner import compute_plan, participants_to_write, units_to_write
+from connector.read.program import read_program
+from connector.read.staging import Staging
+from connector.run import RunSummary, Syncer, program_fingerprint
+from connector.wiring import build_client, sync_options
+from connector.write.bundle import UnitWrite, identity_of
 
 from .common import HEADERS, BenchProgram, Timer
 

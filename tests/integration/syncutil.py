@@ -16,18 +16,18 @@ from typing import Any
 
 import requests
 
-from connector.app import build_client, sync_options
-from connector.config import Settings, load_settings
 from connector.identifiers import token_query
-from connector.landed import PROGRAM_RESOURCES
-from connector.logs import new_run_id
-from connector.mappers import MappingContext
+from connector.map import MappingContext
+from connector.map.units import map_global_unit, map_participant_units
 from connector.model import RecordKind
-from connector.planner import Act, compute_plan, units_to_write
-from connector.source import read_program
-from connector.staging import Staging
-from connector.sync import RunSummary, Syncer, program_fingerprint
-from connector.units import map_global_unit, map_participant_units
+from connector.ops.config import Settings, load_settings
+from connector.ops.landed import PROGRAM_RESOURCES
+from connector.ops.logs import new_run_id
+from connector.plan.planner import Act, compute_plan, units_to_write
+from connector.read.program import read_program
+from connector.read.staging import Staging
+from connector.run import RunSummary, Syncer, program_fingerprint
+from connector.wiring import build_client, sync_options
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "fixtures" / "demo"
@@ -62,7 +62,7 @@ class Program:
             raise exc
 
     def context(self) -> MappingContext:
-        from connector.app import mapping_context
+        from connector.wiring import mapping_context
 
         return mapping_context(self.settings())
 

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import fhirserver  # tests/fhirserver.py (tests/ is put on sys.path by tests/conftest.py)
 import pytest
 import requests
-
-import fhirserver  # tests/fhirserver.py (tests/ is put on sys.path by tests/conftest.py)
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,16 @@ from pathlib import Path
 import pytest
 import requests
 
-import connector.units
-from connector.ledger import Ledger
+import connector.map.units
+from connector.plan.ledger import Ledger
 
-from .syncutil import Program, assert_clean_state, demo_summary, make_program, server_resources
+from .syncutil import (
+    Program,
+    assert_clean_state,
+    demo_summary,
+    make_program,
+    server_resources,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -120,7 +126,7 @@ def test_4_unknown_and_ambiguous_mrn_go_to_review_while_others_land(program: Pro
 def test_5_a_rejected_record_is_quarantined_and_the_rest_lands(program: Program,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     victim = landed_contacts_from_inputs(program)[0]
-    original = connector.units.map_contact
+    original = connector.map.units.map_contact
 
     def corrupt(contact, enrollment, ctx):  # type: ignore[no-untyped-def]
         resource = original(contact, enrollment, ctx)
@@ -128,7 +134,7 @@ def test_5_a_rejected_record_is_quarantined_and_the_rest_lands(program: Program,
             resource["status"] = "not-a-status-code"  # the server refuses this code
         return resource
 
-    monkeypatch.setattr(connector.units, "map_contact", corrupt)
+    monkeypatch.setattr(connector.map.units, "map_contact", corrupt)
     summary = program.sync()
     assert summary.counts["quarantined"] == 1
     with Ledger(program.settings().sync.ledger) as ledger:
@@ -141,7 +147,7 @@ def test_5_a_rejected_record_is_quarantined_and_the_rest_lands(program: Program,
     assert all(("Communication", f"contact|{r['contact_id']}") in found for r in siblings)
     assert ("CarePlan", f"careplan|{victim['enrollment_id']}") in found
     # Fixed at the source (here: the corruption removed), the next run sends it and the state is clean.
-    monkeypatch.setattr(connector.units, "map_contact", original)
+    monkeypatch.setattr(connector.map.units, "map_contact", original)
     rows = read_csv(program.inputs / "contacts.csv")
     for row in rows:
         if row["contact_id"] == victim["contact_id"]:

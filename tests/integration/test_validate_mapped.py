@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from connector.identifiers import parse_conditional_reference
-from connector.mappers import (
+from connector.map import (
     US_CORE_PROFILES,
     MappingContext,
     map_cbo,
@@ -35,6 +35,7 @@ from connector.mappers import (
     map_referral,
     map_supporter,
 )
+from connector.map.terminology import load_terminology, terminology_bundle
 from connector.model import (
     Contact,
     Enrollment,
@@ -45,7 +46,6 @@ from connector.model import (
     Referral,
     Supporter,
 )
-from connector.terminology import load_terminology, terminology_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -416,15 +416,15 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
 
 
 def _demo_program(ctx: MappingContext, tmp: Path) -> list[dict[str, Any]] | None:
-    """A small seeded demo program (connector.demo), read back like a real export, mapped."""
+    """A small seeded demo program (tests.demogen), read back like a real export, mapped."""
     try:
-        from connector.demo import generate_program
+        from tests.demogen import generate_program
     except ImportError:
         return None
     from connector.model import RecordKind
-    from connector.profile import load_profile
-    from connector.source import read_program
-    from connector.staging import Staging
+    from connector.read.profile import load_profile
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
 
     generate_program(tmp, fmt="template", participants=6, months=3)
     with Staging() as staging:
@@ -640,7 +640,7 @@ def test_every_mapped_resource_validates(base_url: str, http: requests.Session, 
 def test_demo_program_validates(
     base_url: str, http: requests.Session, conformance_loaded: None, tmp_path: Path
 ) -> None:
-    from connector.profile import load_profile
+    from connector.read.profile import load_profile
 
     ctx = MappingContext.from_profile(
         load_profile("peersync-template"),
@@ -651,5 +651,5 @@ def test_demo_program_validates(
     )
     resources = _demo_program(ctx, tmp_path)
     if resources is None:
-        pytest.skip("connector.demo is not available")
+        pytest.skip("tests.demogen is not available")
     _validate_all(http, base_url, _with_provenance(resources, ctx))

@@ -49,28 +49,28 @@ FIXES = """\
 Each was exposed by the scenario named, fixed with the smallest change, and is now covered by that scenario
 and a unit test (`tests/unit/test_reliability_fixes.py`):
 
-1. `connector/fhirclient.py`: a response cut off mid-body (connection reset after the headers) escaped as
+1. `connector/server/client.py`: a response cut off mid-body (connection reset after the headers) escaped as
    `requests.ChunkedEncodingError` and crashed the run (exit 1): requests reads bodies after urllib3's retry
    loop. Now retried within the same budget, then "server unavailable" (69). *http-faults (truncate-after-commit).*
-2. `connector/sync.py`: once the server was marked unavailable, the remaining participants were marked pending
+2. `connector/write/writer.py`: once the server was marked unavailable, the remaining participants were marked pending
    through the main thread's SQLite connection from worker threads (`ProgrammingError`, exit 1). Each worker
    now uses its own staging connection for that too. *http-faults-trimmed-one-retry.*
-3. `connector/ledger.py`: random bytes inside the ledger's pages passed the open-time check and surfaced
+3. `connector/plan/ledger.py`: random bytes inside the ledger's pages passed the open-time check and surfaced
    mid-run as `sqlite3.DatabaseError` (exit 1, "a bug"). The ledger now runs `PRAGMA quick_check` when opened
    (about 1 s per 400 MB) and reports damage as the documented LedgerError with its recovery path (exit 78).
    *ledger-corrupt-random-bytes-in-pages.*
-4. `connector/sync.py`: a run that ended in an unexpected exception was recorded in the ledger (and logged) as
+4. `connector/write/writer.py`: a run that ended in an unexpected exception was recorded in the ledger (and logged) as
    "ok" with exit 0, while the process exited 1. Now recorded as failed, exit 1. *same scenario.*
-5. `connector/ledger.py`: on a full disk SQLite rolls the transaction back itself; the ledger's own ROLLBACK then
+5. `connector/plan/ledger.py`: on a full disk SQLite rolls the transaction back itself; the ledger's own ROLLBACK then
    failed and replaced "database or disk is full" with "cannot rollback - no transaction is active", so the
    documented disk-full message and advice never appeared. *ledger-disk-full.*
-6. `connector/readers/csv_reader.py`: a CSV file cut off in the middle of a row (no final line break, cells
+6. `connector/read/formats/csv_reader.py`: a CSV file cut off in the middle of a row (no final line break, cells
    missing) had its last row accepted with a cut note and missing columns. That row is now rejected with a
    reason ("the file ends in the middle of this row"). *hostile-input-corpus (truncated file).*
-7. `connector/sync.py`: a Patient search the server refused with a 4xx (e.g. a 400 whose diagnostics echo the
+7. `connector/write/writer.py`: a Patient search the server refused with a 4xx (e.g. a 400 whose diagnostics echo the
    query) ended the whole run with exit 1, run after run. The participant now goes to the review queue
    (`patient-search-failed`, scrubbed detail) and the others land. *phi-leakage (400-echo).*
-8. `connector/fhirclient.py`: an untrusted TLS certificate was reported as "server unreachable after retries
+8. `connector/server/client.py`: an untrusted TLS certificate was reported as "server unreachable after retries
    (SSLError)", exit 69 (retry later, forever). Now a TransportError naming the certificate problem and
    `server.ca_bundle`, exit 78, like the token and doctor paths. *transport-self-signed.*"""
 

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from integration.syncutil import server_resources
 
 from connector.identifiers import identifier_value
-from connector.profile import load_profile
-from connector.source import read_program, write_rejects
-from connector.staging import Staging
+from connector.read.profile import load_profile
+from connector.read.program import read_program, write_rejects
+from connector.read.staging import Staging
 
 from . import hostile_corpus
 from .relutil import RelProgram, assert_no_traceback, check_invariant, run_cli, seed_for

@@ -4,7 +4,7 @@ printed for every name, MRN, birth date, note and identifier value of the fixtur
 
 Record ids (E0001, C000001...) are allowed only where the design keys on them: the ledger and the review queue.
 Rejects reports may show non-identifier cell values (a bad date, an unknown code); identifiers and free text are
-masked there by design (connector.ingest.show_value).
+masked there by design (connector.read.convert.show_value).
 """
 
 from __future__ import annotations

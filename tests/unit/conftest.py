@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from connector.logs import reset_logging
+from connector.ops.logs import reset_logging
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

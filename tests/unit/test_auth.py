@@ -23,11 +23,9 @@ import responses
 import time_machine
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from connector import keys
 from connector.auth import (
     ASSERTION_LIFETIME_SECONDS,
     CLIENT_ASSERTION_TYPE,
-    AuthSettings,
     BasicAuth,
     ClientCredentialsAuth,
     NoAuth,
@@ -35,12 +33,20 @@ from connector.auth import (
     SmartBackendAuth,
     StaticBearerAuth,
     build_auth,
+    keys,
     missing_scopes,
     parse_scope,
     scope_covers,
 )
-from connector.errors import AuthError, ConfigError, ExitCode, ServerUnavailableError, TransportError
-from connector.transport import new_session
+from connector.errors import (
+    AuthError,
+    ConfigError,
+    ExitCode,
+    ServerUnavailableError,
+    TransportError,
+)
+from connector.ops.config import AuthSettings
+from connector.server.transport import new_session
 
 BASE = "https://ehr.example.org/fhir/r4"
 WELL_KNOWN = BASE + "/.well-known/smart-configuration"

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from connector.bundle import UnitWrite, build_transaction, full_url, identity_of, parse_location
 from connector.identifiers import (
     conditional_reference,
     escape_token,
     identifier_value,
     parse_conditional_reference,
     token_query,
+)
+from connector.write.bundle import (
+    UnitWrite,
+    build_transaction,
+    full_url,
+    identity_of,
+    parse_location,
 )
 
 SYS_GOAL = "https://p.example.org/ps/sid/demo/goal"

@@ -13,8 +13,8 @@ from click.testing import CliRunner, Result
 
 from connector.cli import main
 from connector.errors import ExitCode
-from connector.profile import default_mappings_dir
-from connector.source import REJECT_COLUMNS
+from connector.read.profile import default_mappings_dir
+from connector.read.program import REJECT_COLUMNS
 
 # Patient data and identifiers of the messy program below: none may appear in any output.
 SENSITIVE = [
@@ -219,9 +219,9 @@ def test_worked_example_check(tmp_path: Path) -> None:
 
 def test_worked_example_records(tmp_path: Path) -> None:
     from connector.model import RecordKind
-    from connector.profile import load_profile
-    from connector.source import read_program
-    from connector.staging import Staging
+    from connector.read.profile import load_profile
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
 
     with Staging() as staging:
         read_program(load_profile(EXAMPLE), [EXAMPLE / "sample"], staging)

@@ -13,8 +13,8 @@ import responses
 from click.testing import CliRunner, Result
 
 from connector.cli import main
-from connector.doctor import WRITTEN_TYPES
 from connector.errors import ExitCode
+from connector.ops.doctor import WRITTEN_TYPES
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "fixtures" / "demo" / "template"
@@ -247,12 +247,12 @@ def test_config_error_in_text_and_json(tmp_path: Path) -> None:
 
 
 def test_unexpected_errors_exit_1_without_the_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import connector.app
+    import connector.wiring
 
     def boom(settings: object) -> None:
         raise KeyError("MRN8841207")  # a message that could carry a value
 
-    monkeypatch.setattr(connector.app, "sync_options", boom)
+    monkeypatch.setattr(connector.wiring, "sync_options", boom)
     path = write_config(tmp_path)
     result = run("plan", "--config", str(path))
     assert result.exit_code == ExitCode.UNEXPECTED

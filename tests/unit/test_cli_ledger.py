@@ -13,12 +13,12 @@ import pytest
 import responses
 from click.testing import CliRunner, Result
 
-import connector.sync
+import connector.run
 from connector.cli import main
 from connector.errors import ExitCode, LockHeldError, ServerUnavailableError
-from connector.ledger import Ledger
-from connector.metrics import parse_samples
-from connector.sync import RunSummary
+from connector.ops.metrics import parse_samples
+from connector.plan.ledger import Ledger
+from connector.run import RunSummary
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "fixtures" / "demo" / "template"
@@ -50,7 +50,7 @@ metrics_file = "metrics/peersync.prom"
 
 
 class FakeSyncer:
-    """Stands in for connector.sync.Syncer: records the summary the way the real one does."""
+    """Stands in for connector.run.Syncer: records the summary the way the real one does."""
 
     behaviour = "ok"
 
@@ -84,7 +84,7 @@ class FakeSyncer:
 
 @pytest.fixture()
 def fake_syncer(monkeypatch: pytest.MonkeyPatch) -> type[FakeSyncer]:
-    monkeypatch.setattr(connector.sync, "Syncer", FakeSyncer)
+    monkeypatch.setattr(connector.run, "Syncer", FakeSyncer)
     FakeSyncer.behaviour = "ok"
     return FakeSyncer
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from connector.config import (
+from connector.errors import ConfigError
+from connector.ops.config import (
     Settings,
     config_problems,
     find_secret_files,
@@ -16,7 +17,6 @@ from connector.config import (
     secret_dirs,
     unknown_env_settings,
 )
-from connector.errors import ConfigError
 
 MINIMAL = """\
 [source]

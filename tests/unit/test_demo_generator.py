@@ -1,4 +1,4 @@
-"""The seeded synthetic program generator (connector.demo) and the profiles that read its output."""
+"""The seeded synthetic program generator (tests.demogen) and the profiles that read its output."""
 
 from __future__ import annotations
 
@@ -13,18 +13,6 @@ from urllib.parse import unquote
 
 import pytest
 
-from connector import demo
-from connector.demo import (
-    MRN_SYSTEM,
-    TEMPLATE_ALIASES,
-    TEMPLATE_COLUMNS,
-    TEMPLATE_FILES,
-    TEMPLATE_SHEETS,
-    GenerationSummary,
-    generate_program,
-    write_blank_template,
-)
-from connector.ingest import RowConverter
 from connector.model import (
     Behavior,
     ContactMode,
@@ -35,10 +23,22 @@ from connector.model import (
     SupportType,
     TargetMeasure,
 )
-from connector.profile import load_profile
-from connector.readers.base import RawRow, RowLocation
-from connector.source import read_program
-from connector.staging import Staging
+from connector.read.convert import RowConverter
+from connector.read.formats.base import RawRow, RowLocation
+from connector.read.profile import load_profile
+from connector.read.program import read_program
+from connector.read.staging import Staging
+from tests import demogen as demo
+from tests.demogen import (
+    MRN_SYSTEM,
+    TEMPLATE_ALIASES,
+    TEMPLATE_COLUMNS,
+    TEMPLATE_FILES,
+    TEMPLATE_SHEETS,
+    GenerationSummary,
+    generate_program,
+    write_blank_template,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "fixtures" / "demo"
@@ -344,7 +344,7 @@ def test_blank_template_workbook(tmp_path: Path) -> None:
     with zipfile.ZipFile(path) as fresh, zipfile.ZipFile(BLANK_TEMPLATE) as committed:
         assert fresh.namelist() == committed.namelist()
         stale = [n for n in fresh.namelist() if fresh.read(n) != committed.read(n)]
-    assert not stale, f"regenerate with `python -m connector.demo blank-template`: {stale}"
+    assert not stale, f"regenerate with `python -m tests.demogen blank-template`: {stale}"
     workbook = load_workbook(path, read_only=True)
     assert workbook.sheetnames == ["Instructions", *TEMPLATE_SHEETS.values()]
     for kind, sheet in TEMPLATE_SHEETS.items():
@@ -366,7 +366,7 @@ def test_code_tables_follow_the_profile_even_when_ids_are_reused() -> None:
     which then read the old profile's tables (REDCap's numeric codes were unknown)."""
     import gc
 
-    from connector.ingest import _table_key
+    from connector.read.convert import _table_key
 
     loaded = {name: load_profile(name) for name in ("peersync-template", "redcap-example")}
     for i in range(120):  # the old cache failed within a few rounds

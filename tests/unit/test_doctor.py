@@ -14,9 +14,9 @@ import requests
 import responses
 from filelock import FileLock
 
-from connector.doctor import WRITTEN_TYPES, Report, Status, check_config, run_doctor
+from connector.auth.keys import generate_keypair
 from connector.errors import ExitCode
-from connector.keys import generate_keypair
+from connector.ops.doctor import WRITTEN_TYPES, Report, Status, check_config, run_doctor
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_INPUTS = REPO / "fixtures" / "demo" / "template"

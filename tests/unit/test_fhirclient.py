@@ -7,12 +7,12 @@ import time
 import pytest
 import requests
 import responses
-from urllib3.response import HTTPResponse
 from responses import matchers
 from responses.registries import OrderedRegistry
+from urllib3.response import HTTPResponse
 
 from connector.errors import AuthError, ServerUnavailableError, TransportError
-from connector.fhirclient import (
+from connector.server.client import (
     STATUS_ACTIONS,
     Action,
     FhirClient,
@@ -201,10 +201,10 @@ def test_scrub_keeps_codes_and_drops_values() -> None:
 @responses.activate
 def test_unreadable_capability_statement_falls_back_to_conditional_writes() -> None:
     """A 4xx on /metadata must not crash a sync: it assumes conditional update and goes on."""
-    from connector.sync import Syncer
+    from connector.write.writer import Writer
 
     responses.get(BASE + "/metadata", status=400, json=outcome("invalid", "HAPI-1821: bad request"))
-    syncer = Syncer.__new__(Syncer)  # only the capability check is under test
+    syncer = Writer.__new__(Writer)  # only the capability check is under test
     syncer.client = FhirClient(BASE, retry=FAST)
     syncer.opts = type("Opts", (), {"write_mode": "auto"})()
     syncer._conditional_types = {"Goal"}

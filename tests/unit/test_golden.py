@@ -13,9 +13,16 @@ from typing import Any
 
 import pytest
 
-from connector import mappers
-from connector.mappers import MappingContext
-from connector.model import Contact, Enrollment, Goal, PlannedContact, Referral, Supporter
+from connector import map as mappers
+from connector.map import MappingContext
+from connector.model import (
+    Contact,
+    Enrollment,
+    Goal,
+    PlannedContact,
+    Referral,
+    Supporter,
+)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 INPUTS = GOLDEN / "inputs"

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from connector.identifiers import identifier_value
-from connector.ingest import FieldProblem, RowConverter, RowRejected, show_value
 from connector.model import Contact, Enrollment, Goal, RecordKind, SourceRecord
-from connector.profile import Profile, load_profile
-from connector.readers.base import RawRow, RowLocation
+from connector.read.convert import FieldProblem, RowConverter, RowRejected, show_value
+from connector.read.formats.base import RawRow, RowLocation
+from connector.read.profile import Profile, load_profile
 
 PROGRAM = {
     "id": "test-program",
@@ -466,8 +466,8 @@ def test_missing_columns_are_named(template: Profile) -> None:
 
 
 def test_where_filter_routes_rows_of_one_file_to_kinds(tmp_path: Path) -> None:
-    from connector.source import read_program
-    from connector.staging import Staging
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
 
     profile = Profile.model_validate({
         "format_version": 1, "name": "redcap-like", "program": PROGRAM,

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connector.ingest import _SLOW, RowConverter
-from connector.profile import Profile, load_profile
+from connector.read.convert import _SLOW, RowConverter
+from connector.read.profile import Profile, load_profile
 
 PROFILES = ["peersync-template", "redcap-example", "examples/sheets-es"]
 

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from connector import keys
+from connector.auth import keys
 from connector.errors import ConfigError, ExitCode
 
 ALGS = ["RS384", "ES384"]

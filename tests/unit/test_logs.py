@@ -12,8 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from connector.errors import ServerUnavailableError
-from connector.fhirclient import FhirClient, RetryPolicy
-from connector.logs import (
+from connector.ops.logs import (
     configure_logging,
     log_format,
     new_run_id,
@@ -22,6 +21,7 @@ from connector.logs import (
     register_secret,
     reset_logging,
 )
+from connector.server.client import FhirClient, RetryPolicy
 
 MRN = "MRN8841207"
 
@@ -45,12 +45,12 @@ def json_lines(stream: io.StringIO) -> list[dict]:
 def test_json_lines_carry_run_id_and_extras() -> None:
     stream = capture("json")
     run_id = new_run_id()
-    logging.getLogger("connector.sync").info("plan: %d units", 3, extra={"event": "plan", "counts": {"create": 3}})
-    logging.getLogger("connector.sync").warning("record quarantined", extra={"key": "rk-0123456789ab", "status": 422})
+    logging.getLogger("connector.write.writer").info("plan: %d units", 3, extra={"event": "plan", "counts": {"create": 3}})
+    logging.getLogger("connector.write.writer").warning("record quarantined", extra={"key": "rk-0123456789ab", "status": 422})
     lines = json_lines(stream)
     assert [line["run_id"] for line in lines] == [run_id, run_id]
     assert lines[0]["message"] == "plan: 3 units" and lines[0]["counts"] == {"create": 3}
-    assert lines[0]["level"] == "info" and lines[0]["logger"] == "connector.sync" and lines[0]["event"] == "plan"
+    assert lines[0]["level"] == "info" and lines[0]["logger"] == "connector.write.writer" and lines[0]["event"] == "plan"
     assert lines[1]["key"] == "rk-0123456789ab" and lines[1]["status"] == 422
     assert log_format() == "json"
 
@@ -93,7 +93,7 @@ def test_exception_messages_are_not_logged_in_json() -> None:
     try:
         raise ValueError(f"Input should be a valid date, got {MRN}")
     except ValueError:
-        logging.getLogger("connector.sync").exception("mapping failed")
+        logging.getLogger("connector.write.writer").exception("mapping failed")
     line = json_lines(stream)[0]
     assert line["error_type"] == "ValueError" and MRN not in stream.getvalue()
 
@@ -103,7 +103,7 @@ def test_verbose_text_shows_frames_but_not_the_message() -> None:
     try:
         raise ValueError(f"bad value {MRN}")
     except ValueError:
-        logging.getLogger("connector.sync").exception("mapping failed")
+        logging.getLogger("connector.write.writer").exception("mapping failed")
     assert "test_logs.py:" in stream.getvalue() and MRN not in stream.getvalue()
 
 

@@ -1,4 +1,4 @@
-"""The mappers (connector.mappers) and the terminology files they draw on."""
+"""The mappers (connector.map) and the terminology files they draw on."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from connector import identifiers, mappers, terminology
-from connector.demo import generate_program
+from connector import identifiers
+from connector import map as mappers
 from connector.identifiers import (
     KIND_CAREPLAN,
     KIND_CARETEAM,
@@ -31,7 +31,7 @@ from connector.identifiers import (
     KIND_STAFF,
     parse_conditional_reference,
 )
-from connector.mappers import (
+from connector.map import (
     MappingContext,
     codes,
     map_cbo,
@@ -43,7 +43,9 @@ from connector.mappers import (
     map_provenance,
     map_referral,
     map_supporter,
+    terminology,
 )
+from connector.map.units import map_participant_units, participant_unit_keys
 from connector.model import (
     Behavior,
     Contact,
@@ -68,10 +70,10 @@ from connector.model import (
     SupportType,
     TargetMeasure,
 )
-from connector.profile import load_profile
-from connector.source import read_program
-from connector.staging import Staging
-from connector.units import map_participant_units, participant_unit_keys
+from connector.read.profile import load_profile
+from connector.read.program import read_program
+from connector.read.staging import Staging
+from tests.demogen import generate_program
 
 CST = timezone(timedelta(hours=-6))
 RECORDED = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
@@ -439,7 +441,7 @@ def test_context_helpers(ctx: MappingContext) -> None:
 
 
 def test_context_from_profile() -> None:
-    from connector.profile import load_profile
+    from connector.read.profile import load_profile
 
     ctx = MappingContext.from_profile(load_profile("peersync-template"), program_phone="+1")
     assert ctx.program_id == "demo-program" and ctx.timezone == "America/Chicago" and ctx.program_phone == "+1"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from connector.metrics import parse_samples, render, write_textfile
+from connector.ops.metrics import parse_samples, render, write_textfile
 
 SUMMARY = {
     "run_id": "abc", "exit_code": 65, "duration_s": 7.864,

@@ -8,8 +8,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import responses
 
-from connector.fhirclient import FhirClient, RetryPolicy
-from connector.patients import PatientPrefetch
+from connector.server.client import FhirClient, RetryPolicy
+from connector.write.patients import PatientPrefetch
 
 BASE = "https://ehr.test/fhir"
 SYS = "urn:oid:1.2.3"

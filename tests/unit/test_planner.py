@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from connector.ledger import STATE_QUARANTINED, Ledger
-from connector.planner import Act, compute_plan, units_to_write
-from connector.profile import load_profile
-from connector.source import read_program
-from connector.staging import Staging
+from connector.plan.ledger import Ledger, UnitState
+from connector.plan.planner import Act, compute_plan, units_to_write
+from connector.read.profile import load_profile
+from connector.read.program import read_program
+from connector.read.staging import Staging
 
 PROFILE = load_profile("peersync-template")
 
@@ -108,7 +108,7 @@ def test_rejected_row_is_not_a_deletion(tmp_path: Path, ledger: Ledger) -> None:
 def test_quarantined_content_is_not_resent_until_it_changes(tmp_path: Path, ledger: Ledger) -> None:
     staging, _ = plan_for(tmp_path, ledger, contacts(4))
     for unit_key, kind, _sid, unit_hash, _a in units_to_write(staging, "E1"):
-        ledger.record_state(unit_key, kind=kind, participant="E1", state=STATE_QUARANTINED, detail="400",
+        ledger.record_state(unit_key, kind=kind, participant="E1", state=UnitState.QUARANTINED, detail="400",
                             run_id="r", attempt_hash=unit_hash)
     staging.close()
     staging, plan = plan_for(tmp_path, ledger, contacts(4))

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from connector.cli import main
 from connector.errors import ExitCode, ProfileError
 from connector.model import RecordKind
-from connector.profile import (
+from connector.read.profile import (
     PROFILE_FORMAT_VERSION,
     Profile,
     ProfileProblem,

@@ -1,6 +1,6 @@
 """Property-based tests of the read stage: no input crashes it, and the counts always add up.
 
-Each property writes a program folder, runs :func:`connector.source.read_program` through the template profile
+Each property writes a program folder, runs :func:`connector.read.program.read_program` through the template profile
 (or a variant reading NDJSON/JSON), and checks: nothing but a :class:`PeersyncError` escapes (and for CSV and
 NDJSON nothing at all), read = accepted + rejected for every kind, and every non-blank row is counted once.
 """
@@ -24,10 +24,10 @@ from openpyxl import Workbook
 from connector.errors import InputError, PeersyncError
 from connector.identifiers import identifier_value
 from connector.model import RecordKind
-from connector.profile import Profile, load_profile
-from connector.readers import json_reader, read_rows
-from connector.source import ReadReport, read_program
-from connector.staging import Staging
+from connector.read.formats import json_reader, read_rows
+from connector.read.profile import Profile, load_profile
+from connector.read.program import ReadReport, read_program
+from connector.read.staging import Staging
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TEMPLATE = load_profile("peersync-template")
@@ -270,9 +270,9 @@ ANY_CELL = st.one_of(TEMPLATE_VALUES, XLSX_CELLS, st.integers(), st.floats())
 @SETTINGS
 @given(data=st.data(), kind=st.sampled_from(sorted(TEMPLATE.records)))
 def test_no_cell_value_crashes_ingest_for_any_kind(data: st.DataObject, kind: RecordKind) -> None:
-    from connector.ingest import RowConverter, RowRejected
-    from connector.readers.base import RawRow, RowLocation
-    from connector.staging import record_json
+    from connector.read.convert import RowConverter, RowRejected
+    from connector.read.formats.base import RawRow, RowLocation
+    from connector.read.staging import record_json
 
     values = data.draw(st.dictionaries(st.sampled_from(KIND_COLUMNS[kind]), ANY_CELL))
     try:

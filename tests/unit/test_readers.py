@@ -18,9 +18,8 @@ import pytest
 from openpyxl import Workbook
 
 from connector.errors import InputError, PeersyncError
-from connector.readers import RawRow, read_rows, sheet_names
-from connector.readers import json_reader
-from connector.readers.csv_reader import detect_delimiter, detect_encoding
+from connector.read.formats import RawRow, json_reader, read_rows, sheet_names
+from connector.read.formats.csv_reader import detect_delimiter, detect_encoding
 
 
 def rows_of(path: Path, **kwargs: object) -> list[RawRow]:
@@ -475,9 +474,9 @@ def test_excel_not_a_workbook(tmp_path: Path) -> None:
 def test_excel_ids_stored_as_numbers_become_plain_text(tmp_path: Path) -> None:
     # Through the template profile: 1042 / 1042.0 in an id column is the id "1042", not "1042.0".
     from connector.model import RecordKind
-    from connector.profile import load_profile
-    from connector.source import read_program
-    from connector.staging import Staging
+    from connector.read.profile import load_profile
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
 
     wb = Workbook()
     ws = wb.active

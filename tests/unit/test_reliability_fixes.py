@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,14 @@ from connector.errors import (
     ServerUnavailableError,
     TransportError,
 )
-from connector.fhirclient import FhirClient, RetryPolicy
-from connector.ledger import Ledger
-from connector.mappers import MappingContext
-from connector.profile import load_profile
-from connector.readers.csv_reader import read_csv
-from connector.staging import Staging
-from connector.sync import Syncer, SyncOptions
+from connector.map import MappingContext
+from connector.plan.ledger import Ledger
+from connector.read.formats.csv_reader import read_csv
+from connector.read.profile import load_profile
+from connector.read.staging import Staging
+from connector.run import Syncer, SyncOptions
+from connector.server.client import FhirClient, RetryPolicy
+from connector.write.writer import Writer
 
 BASE = "https://ehr.test/fhir"
 FAST = RetryPolicy(attempts=2, backoff_factor=0.0, backoff_max=0.0, jitter=0.0, retry_after_cap=0.0)
@@ -134,6 +136,11 @@ def _syncer(tmp_path: Path, client: FhirClient) -> Syncer:
     return Syncer(opts, client)
 
 
+def _writer(tmp_path: Path, client: FhirClient) -> Writer:
+    syncer = _syncer(tmp_path, client)
+    return Writer(syncer.opts, client, Counter())
+
+
 def test_an_unexpected_error_is_recorded_as_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     syncer = _syncer(tmp_path, FhirClient(BASE, retry=FAST))
 
@@ -150,7 +157,7 @@ def test_an_unexpected_error_is_recorded_as_a_failed_run(tmp_path: Path, monkeyp
 
 
 def test_marking_pending_after_the_server_went_down_uses_the_worker_s_own_connection(tmp_path: Path) -> None:
-    syncer = _syncer(tmp_path, FhirClient(BASE, retry=FAST))
+    syncer = _writer(tmp_path, FhirClient(BASE, retry=FAST))
     syncer._server_down.set()
     errors: list[BaseException] = []
     with Staging(tmp_path / "staging.sqlite") as staging, Ledger(tmp_path / "ledger.sqlite") as ledger:
@@ -180,7 +187,7 @@ def test_a_refused_patient_search_goes_to_review_without_phi(tmp_path: Path) -> 
     responses.get(BASE + "/Patient", status=400, json={"resourceType": "OperationOutcome", "issue": [
         {"severity": "error", "code": "invalid",
          "diagnostics": 'HAPI-0524: bad search Patient?identifier=urn:oid:1|MRN1680963 "Terrence Rodriguez"'}]})
-    syncer = _syncer(tmp_path, FhirClient(BASE, retry=FAST))
+    syncer = _writer(tmp_path, FhirClient(BASE, retry=FAST))
     patient_id, reason, detail = syncer._resolve_patient("urn:oid:1", "MRN1680963")
     assert (patient_id, reason) == (None, "patient-search-failed")
     assert "HTTP 400" in detail and "MRN1680963" not in detail and "Terrence" not in detail

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from connector.auth.keys import generate_keypair
 from connector.cli import main
-from connector.keys import generate_keypair
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 DEMO = EXAMPLES.parents[1] / "fixtures" / "demo" / "template"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from connector.model import Contact, Enrollment, RecordKind, Supporter
-from connector.profile import Profile, load_profile
-from connector.readers.base import RowLocation
-from connector.source import ReadReport, read_program
-from connector.staging import Staging
+from connector.read.formats.base import RowLocation
+from connector.read.profile import Profile, load_profile
+from connector.read.program import ReadReport, read_program
+from connector.read.staging import Staging
 
 HEADERS = {
     "supporters.csv": ["staff_id", "given_name", "family_name", "title"],

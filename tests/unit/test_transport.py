@@ -11,7 +11,7 @@ import responses
 from urllib3.util.ssl_ import create_urllib3_context
 
 from connector.errors import ConfigError, ExitCode, TransportError
-from connector.transport import (
+from connector.server.transport import (
     Origin,
     check_next_link,
     check_url_safety,

@@ -7,7 +7,7 @@ from typing import Any
 
 def limit_ledger_pages(extra_pages: int) -> None:
     """Simulate a full disk: each Ledger connection may grow by ``extra_pages`` pages, then SQLITE_FULL."""
-    import connector.ledger as ledger_module
+    import connector.plan.ledger as ledger_module
 
     original = ledger_module.Ledger.__init__
     if getattr(original, "_peersync_limited", False):

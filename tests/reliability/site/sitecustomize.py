@@ -4,7 +4,7 @@
 * ``PEERSYNC_RELIABILITY_LEDGER_MAX_PAGES=N``: a test hook that simulates a full disk under the ledger: every
   ledger connection gets ``PRAGMA max_page_count`` = its current size + N pages, so writes fail with
   SQLITE_FULL ("database or disk is full") once the ledger has grown by N pages. Nothing in connector/ knows
-  about it: the hook wraps ``connector.ledger.Ledger.__init__`` from outside.
+  about it: the hook wraps ``connector.plan.ledger.Ledger.__init__`` from outside.
 """
 
 from __future__ import annotations

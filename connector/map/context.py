@@ -1,0 +1,138 @@
+"""The mapping context: who is mapping (program, identifier namespace, terminology base) and how to refer to things.
+
+Everything a mapper needs besides the source record lives here, so mappers stay pure functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from connector import __version__
+from connector.identifiers import (
+    KIND_DEVICE,
+    KIND_ORGANIZATION,
+    conditional_reference,
+    identifier_system,
+    identifier_value,
+)
+
+if TYPE_CHECKING:
+    from connector.model import Enrollment
+    from connector.read.profile import Profile
+
+# Canonical base of peersync's own CodeSystems, ValueSets and extensions. Shared by every program because the
+# codes mean the same everywhere (a deliberate deviation from fhir-modeling.md §11, see
+# docs/fhir-modeling-corrections.md).
+DEFAULT_TERMINOLOGY_BASE = "https://peersync.dev/fhir"
+
+# The value of the connector Device's business identifier (one Device per program: the system carries the program).
+DEVICE_IDENTIFIER_VALUE = "peersync"
+
+
+@dataclass(frozen=True, slots=True)
+class MappingContext:
+    """Program-level settings every mapper needs.
+
+    Attributes:
+        program_id: short program id, used in identifier systems (``{base_url}/sid/{program_id}/{kind}``).
+        program_name: the program's name (Organization.name, ``assigner.display``).
+        base_url: the program's canonical base for identifier systems (no trailing ``/``).
+        mrn_system: the clinic's MRN identifier system, used to reference the Patient.
+        timezone: IANA zone of the program; applied to naive date-times (e.g. a naive Provenance time).
+        terminology_base: canonical base of peersync's CodeSystems and extensions.
+        connector_version: the connector's version (Device.version).
+        program_phone: the program's phone, used as PractitionerRole telecom when a supporter has none (pd-1).
+    """
+
+    program_id: str
+    program_name: str
+    base_url: str
+    mrn_system: str
+    timezone: str = "UTC"
+    terminology_base: str = DEFAULT_TERMINOLOGY_BASE
+    connector_version: str = __version__
+    program_phone: str | None = None
+
+    @classmethod
+    def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:
+        """A context from a mapping profile's ``program`` section (keyword arguments override fields)."""
+        program = profile.program
+        values: dict[str, Any] = {
+            "program_id": program.id,
+            "program_name": program.name,
+            "base_url": program.base_url,
+            "mrn_system": program.mrn_system,
+            "timezone": program.timezone,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    # -- identifiers ---------------------------------------------------------------------------------------------
+
+    def system(self, kind: str) -> str:
+        """The identifier system of one kind of record of this program."""
+        return identifier_system(self.base_url, self.program_id, kind)
+
+    def ident(self, kind: str, source_id: str) -> dict[str, Any]:
+        """The official business identifier of a record: ``{use, system, value, assigner}``."""
+        return {
+            "use": "official",
+            "system": self.system(kind),
+            "value": identifier_value(source_id),
+            "assigner": {"display": self.program_name},
+        }
+
+    # -- references ----------------------------------------------------------------------------------------------
+
+    def ref(self, resource_type: str, kind: str, source_id: str, display: str | None = None) -> dict[str, Any]:
+        """A conditional reference to one of our resources, by its business identifier."""
+        out: dict[str, Any] = {
+            "reference": conditional_reference(resource_type, self.system(kind), identifier_value(source_id))
+        }
+        if display:
+            out["display"] = display
+        return out
+
+    def patient_ref(self, enrollment: Enrollment) -> dict[str, Any]:
+        """The Patient, by MRN (the bundle builder resolves it; never with a display: that would be PHI)."""
+        return {"reference": conditional_reference("Patient", enrollment.mrn_system or self.mrn_system, enrollment.mrn)}
+
+    def organization_ref(self) -> dict[str, Any]:
+        """The program's Organization."""
+        return self.ref("Organization", KIND_ORGANIZATION, self.program_id, self.program_name)
+
+    def device_ref(self) -> dict[str, Any]:
+        """The connector's Device (transmitter)."""
+        return self.ref("Device", KIND_DEVICE, DEVICE_IDENTIFIER_VALUE, "peersync connector")
+
+    # -- terminology and metadata --------------------------------------------------------------------------------
+
+    def code_system(self, cs_id: str) -> str:
+        """Canonical URL of one of our CodeSystems."""
+        return f"{self.terminology_base}/CodeSystem/{cs_id}"
+
+    def extension_url(self, sd_id: str) -> str:
+        """Canonical URL of one of our extensions."""
+        return f"{self.terminology_base}/StructureDefinition/{sd_id}"
+
+    @property
+    def meta_source(self) -> str:
+        """``meta.source`` of everything we write: this program's peersync connector.
+
+        No version and no ``#``: HAPI keeps only the part before ``#`` (it appends its request id), and a version
+        here would change every resource's content hash on each upgrade and re-send everything.
+        """
+        return f"{self.base_url}/peersync/{self.program_id}"
+
+    def meta(self) -> dict[str, Any]:
+        """The ``meta`` element of a mapped resource."""
+        return {"source": self.meta_source}
+
+    def datetime_str(self, value: datetime) -> str:
+        """ISO 8601 with offset; a naive value is read in the program's time zone."""
+        if value.tzinfo is None or value.utcoffset() is None:
+            value = value.replace(tzinfo=ZoneInfo(self.timezone))
+        return value.isoformat()

@@ -1,0 +1,160 @@
+"""Map planned units to FHIR: the glue between the staging store, the plan and the pure mappers.
+
+Only the units the plan says to write are loaded and mapped. Units come out in dependency order: the
+resources others point at (goals, planned contacts, referrals, then the CarePlan) before the
+Communications that reference them, so a participant's change-set can be split into several
+transactions without a reference ever pointing at something not yet written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from connector.map import (
+    MappingContext,
+    map_cbo,
+    map_contact,
+    map_enrollment,
+    map_goal,
+    map_planned_contact,
+    map_program,
+    map_referral,
+    map_supporter,
+)
+from connector.model import (
+    RECORD_MODELS,
+    Contact,
+    Enrollment,
+    Goal,
+    GoalNote,
+    PlannedContact,
+    RecordKind,
+    Referral,
+    SourceRecord,
+    Supporter,
+)
+from connector.read.staging import Staging
+from connector.write.bundle import UnitWrite
+
+# Write order inside a participant's change-set (see module docstring).
+KIND_ORDER = {"program": 0, "supporter": 1, "cbo": 2, "goal": 3, "planned_contact": 4, "referral": 5,
+              "enrollment": 6, "contact": 7}
+
+
+# The record kinds that are units of a participant besides the enrollment itself.
+PARTICIPANT_KINDS = (RecordKind.GOAL, RecordKind.PLANNED_CONTACT, RecordKind.REFERRAL, RecordKind.CONTACT)
+
+
+def map_global_units(staging: Staging, ctx: MappingContext) -> list[UnitWrite]:
+    """Every program-wide unit of the staged input, mapped: the program, its supporters, the community
+    organizations its referrals name."""
+    units = [map_global_unit(staging, "program", ctx.program_id, ctx)]
+    units += [map_global_unit(staging, "supporter", s.key, ctx) for s in staging.records(RecordKind.SUPPORTER)]
+    cbo_ids = [r[0] for r in staging.db.execute(
+        "SELECT DISTINCT json_extract(body,'$.resource_id') FROM staged WHERE kind='referral' "
+        "AND json_extract(body,'$.resource_id') IS NOT NULL ORDER BY 1")]
+    units += [map_global_unit(staging, "cbo", c, ctx) for c in cbo_ids]
+    return [u for u in units if u is not None]
+
+
+def participant_unit_keys(staging: Staging, participant: str) -> list[tuple[str, str]]:
+    """(kind, source id) of every unit of one participant in the staged input, the enrollment first."""
+    return [("enrollment", participant)] + [
+        (kind.value, key) for kind in PARTICIPANT_KINDS for key in staging.keys(kind, participant)]
+
+
+def map_global_unit(staging: Staging, kind: str, source_id: str, ctx: MappingContext) -> UnitWrite | None:
+    """Map a program-wide unit (program, supporter, community organization)."""
+    unit_key = f"{kind}:{source_id}"
+    if kind == "program":
+        return UnitWrite(unit_key, kind, map_program(ctx))
+    if kind == "supporter":
+        supporter = staging.record(RecordKind.SUPPORTER, source_id)
+        return UnitWrite(unit_key, kind, map_supporter(supporter, ctx)) if isinstance(supporter, Supporter) else None
+    if kind == "cbo":
+        referral = staging.first_referral_for_cbo(source_id)
+        resource = map_cbo(referral, ctx) if isinstance(referral, Referral) else None
+        return UnitWrite(unit_key, kind, [resource]) if resource else None
+    raise ValueError(f"not a program-wide unit kind: {kind}")
+
+
+def map_participant_units(
+    staging: Staging, participant: str, units: Iterable[tuple[str, str]], ctx: MappingContext
+) -> list[UnitWrite]:
+    """Map one participant's units ((kind, source id) pairs) in dependency order."""
+    return list(iter_participant_units(staging, participant, units, ctx))
+
+
+def iter_participant_units(
+    staging: Staging, participant: str, units: Iterable[tuple[str, str]], ctx: MappingContext
+) -> Iterator[UnitWrite]:
+    """Like :func:`map_participant_units`, mapping each unit only when it is asked for (memory stays flat for a
+    participant with thousands of contacts)."""
+    records = _ParticipantRecords(staging, participant)
+    enrollment = records.record(RecordKind.ENROLLMENT, participant)
+    if not isinstance(enrollment, Enrollment):
+        return
+    for kind, source_id in sorted(units, key=lambda u: KIND_ORDER.get(u[0], 99)):
+        unit = _map_one(records, enrollment, kind, source_id, ctx)
+        if unit is not None:
+            yield unit
+
+
+class _ParticipantRecords:
+    """One participant's staged records, read with one query and parsed only when a unit needs them."""
+
+    def __init__(self, staging: Staging, participant: str) -> None:
+        self.staging = staging
+        self.participant = participant
+        self.bodies: dict[tuple[str, str], str] = {}
+        self.keys_by_kind: dict[str, list[str]] = {}
+        for kind, key, body in staging.participant_rows(participant):
+            self.bodies[(kind, key)] = body
+            self.keys_by_kind.setdefault(kind, []).append(key)
+        self._notes: dict[str, list[GoalNote]] | None = None
+
+    def record(self, kind: RecordKind, key: str) -> SourceRecord | None:
+        body = self.bodies.get((kind.value, key))
+        if body is None:  # not this participant's (or not staged): ask the store, as before
+            return self.staging.record(kind, key)
+        return RECORD_MODELS[kind].model_validate_json(body)
+
+    def keys(self, kind: RecordKind) -> list[str]:
+        return list(self.keys_by_kind.get(kind.value, ()))
+
+    def notes(self, goal_id: str) -> tuple[GoalNote, ...]:
+        """The participant's notes on one goal, in input order (all notes parsed once per participant)."""
+        if self._notes is None:
+            self._notes = {}
+            for key in self.keys_by_kind.get(RecordKind.GOAL_NOTE.value, ()):
+                note = GoalNote.model_validate_json(self.bodies[(RecordKind.GOAL_NOTE.value, key)])
+                self._notes.setdefault(note.goal_id, []).append(note)
+        return tuple(self._notes.get(goal_id, ()))
+
+
+def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, source_id: str,
+             ctx: MappingContext) -> UnitWrite | None:
+    unit_key = f"{kind}:{source_id}"
+    if kind == "enrollment":
+        resources = map_enrollment(
+            enrollment,
+            goal_ids=records.keys(RecordKind.GOAL),
+            planned_contact_ids=records.keys(RecordKind.PLANNED_CONTACT),
+            referral_ids=records.keys(RecordKind.REFERRAL),
+            ctx=ctx,
+            supporter=records.record(RecordKind.SUPPORTER, enrollment.supporter_id),
+        )
+        return UnitWrite(unit_key, kind, resources, voided=False)
+    record = records.record(RecordKind(kind), source_id)
+    if record is None:
+        return None
+    if isinstance(record, Goal):
+        record = record.model_copy(update={"notes": records.notes(record.goal_id)})
+        return UnitWrite(unit_key, kind, [map_goal(record, enrollment, ctx)], voided=record.void)
+    if isinstance(record, Contact):
+        return UnitWrite(unit_key, kind, [map_contact(record, enrollment, ctx)], voided=record.void)
+    if isinstance(record, PlannedContact):
+        return UnitWrite(unit_key, kind, [map_planned_contact(record, enrollment, ctx)], voided=record.void)
+    if isinstance(record, Referral):
+        return UnitWrite(unit_key, kind, map_referral(record, enrollment, ctx), voided=record.void)
+    return None

@@ -1,0 +1,1 @@
+"""The operator's side: configuration, pre-flight checks, status, metrics, logs and server counts."""

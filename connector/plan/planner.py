@@ -1,0 +1,267 @@
+"""Plan: compare what the input says now with what the ledger says the server has.
+
+A *unit* is one source record and the resources mapped from it (a contact -> Communication; an enrollment
+-> CarePlan + CareTeam; a referral -> ServiceRequest + Task...). Its hash covers everything that changes
+its resources: the record, the records it lists (an enrollment's goals, a goal's notes), the participant's
+MRN, and the mapping fingerprint. Unchanged units cost nothing: they are neither mapped nor sent.
+
+The plan is computed in SQL inside the staging database (the ledger attached), so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from connector.plan.ledger import Ledger, UnitState
+from connector.read.staging import Staging
+
+
+class Act(StrEnum):
+    """What a run does with a unit."""
+
+    CREATE = "create"
+    UPDATE = "update"
+    VOID = "void"  # the source voided it: send it as entered-in-error
+    DELETE = "delete"  # gone from the source: void it on the server
+    RETRY = "retry"  # unchanged, but not confirmed yet (pending or waiting for review)
+    UNCHANGED = "unchanged"
+    QUARANTINED = "quarantined"  # same content the server rejected before: not resent until it, or another
+    # record of the same participant, changes (a fixed goal lets the CarePlan that lists it through)
+
+
+WRITE_ACTIONS = frozenset({Act.CREATE, Act.UPDATE, Act.VOID, Act.DELETE, Act.RETRY})
+
+# Units that belong to no participant, written first and once per run.
+GLOBAL_KINDS = ("program", "supporter", "cbo")
+# Which resource types each unit kind produces (for per-type plan counts).
+UNIT_RESOURCE_TYPES: dict[str, tuple[str, ...]] = {
+    "program": ("Organization", "Device"),
+    "supporter": ("Practitioner", "PractitionerRole"),
+    "cbo": ("Organization",),
+    "enrollment": ("CarePlan", "CareTeam"),
+    "goal": ("Goal",),
+    "contact": ("Communication",),
+    "planned_contact": ("CommunicationRequest",),
+    "referral": ("ServiceRequest", "Task"),
+}
+
+
+def _sha(*parts: Any) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(b"\x1f" + (b"" if part is None else str(part).encode()))
+    return digest.hexdigest()[:32]
+
+
+_UNITS_SQL = """
+CREATE TABLE IF NOT EXISTS units (
+    unit_key TEXT PRIMARY KEY, kind TEXT NOT NULL, source_id TEXT NOT NULL, participant TEXT,
+    hash TEXT NOT NULL, voided INTEGER NOT NULL
+);
+DELETE FROM units;
+INSERT INTO units
+    SELECT 'program:' || :program, 'program', :program, NULL, sha(:fp, 'program'), 0;
+INSERT INTO units
+    SELECT 'supporter:' || key, 'supporter', key, NULL, sha(:fp, hash), 0 FROM staged WHERE kind='supporter';
+INSERT OR IGNORE INTO units
+    SELECT 'cbo:' || json_extract(body,'$.resource_id'), 'cbo', json_extract(body,'$.resource_id'), NULL,
+           sha(:fp, json_extract(body,'$.resource_id'), min(json_extract(body,'$.resource_name'))), 0
+    FROM staged WHERE kind='referral' AND json_extract(body,'$.resource_id') IS NOT NULL
+    GROUP BY json_extract(body,'$.resource_id');
+CREATE TEMP TABLE IF NOT EXISTS patient_of AS SELECT key AS participant, '' AS mrn FROM staged WHERE 0;
+CREATE INDEX IF NOT EXISTS temp.patient_of_participant ON patient_of(participant);
+DELETE FROM patient_of;
+INSERT INTO patient_of
+    SELECT key, coalesce(json_extract(body,'$.mrn_system'), '') || '|' || json_extract(body,'$.mrn') FROM staged
+    WHERE kind='enrollment';
+INSERT INTO units
+    SELECT s.kind || ':' || s.key, s.kind, s.key, s.participant, sha(:fp, s.hash, p.mrn),
+           json_extract(s.body,'$.void')
+    FROM staged s JOIN patient_of p ON p.participant = s.participant
+    WHERE s.kind IN ('contact','planned_contact','referral');
+INSERT INTO units
+    SELECT 'goal:' || g.key, 'goal', g.key, g.participant,
+           sha(:fp, g.hash, p.mrn, (SELECT group_concat(h, ',') FROM (
+               SELECT n.hash AS h FROM staged n WHERE +n.kind='goal_note' AND n.participant=g.participant
+               AND json_extract(n.body,'$.goal_id')=g.key ORDER BY n.key))),
+           json_extract(g.body,'$.void')
+    FROM staged g JOIN patient_of p ON p.participant = g.participant WHERE g.kind='goal';
+INSERT INTO units
+    SELECT 'enrollment:' || e.key, 'enrollment', e.key, e.key,
+           sha(:fp, e.hash, (SELECT group_concat(k, ',') FROM (
+               SELECT c.kind || ':' || c.key AS k FROM staged c WHERE c.participant=e.key
+               AND +c.kind IN ('goal','planned_contact','referral') ORDER BY c.kind, c.key)),
+               (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(e.body,'$.supporter_id'))),
+           0
+    FROM staged e WHERE e.kind='enrollment';
+"""
+
+_PLAN_SQL = """
+CREATE TABLE IF NOT EXISTS plan (
+    unit_key TEXT PRIMARY KEY, kind TEXT NOT NULL, source_id TEXT NOT NULL, participant TEXT,
+    hash TEXT, action TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS plan_participant ON plan(participant);
+DELETE FROM plan;
+INSERT INTO plan
+    SELECT u.unit_key, u.kind, u.source_id, u.participant, u.hash,
+      CASE
+        WHEN l.unit_key IS NULL OR l.hash IS NULL THEN
+          CASE WHEN l.state = :quarantined AND l.attempt_hash = u.hash THEN 'quarantined' ELSE 'create' END
+        WHEN l.hash != u.hash THEN
+          CASE WHEN l.state = :quarantined AND l.attempt_hash = u.hash THEN 'quarantined'
+               WHEN u.voided AND NOT l.voided THEN 'void' ELSE 'update' END
+        WHEN l.state = :sent THEN 'unchanged'
+        WHEN l.state = :quarantined AND l.attempt_hash = u.hash THEN 'quarantined'
+        ELSE 'retry'
+      END
+    FROM units u LEFT JOIN ledger.units l ON l.unit_key = u.unit_key;
+INSERT INTO plan
+    SELECT l.unit_key, l.kind, substr(l.unit_key, instr(l.unit_key, ':') + 1), l.participant, NULL, 'delete'
+    FROM ledger.units l
+    WHERE l.voided = 0 AND l.hash IS NOT NULL AND l.kind IN ('contact','goal','planned_contact','referral','enrollment')
+      AND NOT EXISTS (SELECT 1 FROM units u WHERE u.unit_key = l.unit_key);
+UPDATE plan SET action = 'retry'
+    WHERE action = 'quarantined' AND participant IN (
+        SELECT participant FROM plan WHERE action IN ('create','update','void','delete','retry'));
+"""
+
+
+@dataclass
+class Plan:
+    """Counts of what a sync would do, per unit kind, per resource type and per participant."""
+
+    by_kind: dict[str, Counter[str]] = field(default_factory=dict)
+    by_resource_type: dict[str, Counter[str]] = field(default_factory=dict)
+    by_participant: dict[str, Counter[str]] = field(default_factory=dict)
+    deletions_held: list[str] = field(default_factory=list)  # why some deletions were not planned
+
+    def total(self, action: Act) -> int:
+        """Units with this action."""
+        return sum(c[action.value] for c in self.by_kind.values())
+
+    def writes(self) -> int:
+        """Units that need a write."""
+        return sum(self.total(a) for a in WRITE_ACTIONS)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "units": {k: dict(v) for k, v in sorted(self.by_kind.items())},
+            "resources": {k: dict(v) for k, v in sorted(self.by_resource_type.items())},
+            "participants": {k: dict(v) for k, v in sorted(self.by_participant.items())},
+            "totals": {a.value: self.total(a) for a in Act},
+            "deletions_held": self.deletions_held,
+        }
+
+
+def mapping_fingerprint(*parts: str) -> str:
+    """A fingerprint of everything besides the records that shapes the output (mapping version, settings)."""
+    return _sha(*parts)
+
+
+def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,
+                 max_delete_fraction: float = 0.2) -> Plan:
+    """Fill the staging DB's ``units`` and ``plan`` tables and return the counts.
+
+    Deletions are held back (not planned) for a kind when rows of that kind were rejected without a readable
+    id, or when more than ``max_delete_fraction`` of the kind's confirmed units would be voided (a missing or
+    truncated input file must never void a program's history).
+    """
+    db = staging.db
+    db.create_function("sha", -1, _sha, deterministic=True)
+    _attach(db, ledger)
+    staging.flush()
+    with db:
+        for statement in _split(_UNITS_SQL):
+            db.execute(statement, {"program": program_id, "fp": fingerprint})
+        for statement in _split(_PLAN_SQL):
+            db.execute(statement, {"sent": UnitState.SENT, "quarantined": UnitState.QUARANTINED})
+    plan = Plan()
+    plan.deletions_held = _hold_unsafe_deletions(db, staging, max_delete_fraction)
+    for kind, participant, action, count in db.execute(
+        "SELECT kind, participant, action, count(*) FROM plan GROUP BY kind, participant, action"
+    ):
+        plan.by_kind.setdefault(kind, Counter())[action] += count
+        for resource_type in UNIT_RESOURCE_TYPES.get(kind, ()):
+            plan.by_resource_type.setdefault(resource_type, Counter())[action] += count
+        if participant is not None:
+            plan.by_participant.setdefault(participant, Counter())[action] += count
+    return plan
+
+
+def _hold_unsafe_deletions(db: sqlite3.Connection, staging: Staging, max_fraction: float) -> list[str]:
+    held: list[str] = []
+    rejected_known, rejected_unknown = staging.rejected_keys()
+    with db:
+        for kind, key in rejected_known:
+            db.execute("DELETE FROM plan WHERE action='delete' AND unit_key=?", (f"{kind}:{key}",))
+        for kind in rejected_unknown:
+            n = db.execute("DELETE FROM plan WHERE action='delete' AND kind=?", (kind,)).rowcount
+            if n:
+                held.append(f"{n} {kind} deletion(s) held: some {kind} rows were rejected without a readable id")
+        for kind, deletes, confirmed in db.execute(
+            """SELECT p.kind, count(*), (SELECT count(*) FROM ledger.units l WHERE l.kind=p.kind AND l.hash IS NOT NULL)
+               FROM plan p WHERE p.action='delete' GROUP BY p.kind"""
+        ).fetchall():
+            if confirmed and deletes / confirmed > max_fraction:
+                db.execute("DELETE FROM plan WHERE action='delete' AND kind=?", (kind,))
+                held.append(
+                    f"{deletes} of {confirmed} {kind} records are missing from the input: more than "
+                    f"{max_fraction:.0%}, so none were voided (check the input files; raise sync.max_delete_fraction "
+                    "if this is intended)"
+                )
+    return held
+
+
+def participants_to_write(staging: Staging) -> list[str]:
+    """Participants with at least one unit to write, in input order."""
+    return [
+        row[0]
+        for row in staging.db.execute(
+            f"""SELECT participant FROM plan WHERE participant IS NOT NULL AND action IN ({_in(WRITE_ACTIONS)})
+                GROUP BY participant ORDER BY min(rowid)"""
+        )
+    ]
+
+
+def units_to_write(staging: Staging, participant: str | None) -> list[tuple[str, str, str, str | None, str]]:
+    """(unit_key, kind, source_id, hash, action) of a participant's units to write (None: global units)."""
+    where = "participant IS NULL" if participant is None else "participant = ?"
+    args = () if participant is None else (participant,)
+    return staging.db.execute(
+        f"SELECT unit_key, kind, source_id, hash, action FROM plan WHERE {where} AND action IN ({_in(WRITE_ACTIONS)}) "
+        "ORDER BY rowid",
+        args,
+    ).fetchall()
+
+
+def _in(actions: frozenset[Act]) -> str:
+    return ",".join(f"'{a.value}'" for a in sorted(actions))
+
+
+def _attach(db: sqlite3.Connection, ledger: Ledger) -> None:
+    attached = {row[1] for row in db.execute("PRAGMA database_list")}
+    if "ledger" not in attached:
+        ledger.attach_to(db)
+
+
+def _split(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";\n") if s.strip()]
+
+
+def retried_units(staging: Staging) -> int:
+    """Units this run writes that an earlier run left unconfirmed: pending, quarantined or in review.
+
+    Counted from the plan joined with the ledger (attached by the planner): units in review have no confirmed
+    hash, so the plan calls them 'create' rather than 'retry'.
+    """
+    writes = ",".join(f"'{a.value}'" for a in sorted(WRITE_ACTIONS))
+    return int(staging.db.execute(
+        f"SELECT count(*) FROM plan p JOIN ledger.units l ON l.unit_key = p.unit_key "
+        f"WHERE p.action IN ({writes}) AND l.state != ?", (UnitState.SENT,)).fetchone()[0])

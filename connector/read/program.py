@@ -1,0 +1,219 @@
+"""Read a program's input files through its profile into a staging store, and report what happened.
+
+This is the "read" stage of read -> map -> plan -> write: files are matched to record kinds by the
+profile's globs, rows are routed by `where` filters, converted by :mod:`connector.read.convert`, and staged.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from connector.errors import InputError, ProfileError
+from connector.model import RecordKind
+from connector.read.convert import RowConverter, RowRejected
+from connector.read.formats import SUPPORTED_SUFFIXES, RawRow, read_rows, sheet_names
+from connector.read.profile import Profile, RecordSpec
+from connector.read.staging import Staging
+
+NO_KIND = "(no kind)"
+
+
+@dataclass
+class ReadReport:
+    """Counts and notes from reading one program's inputs. read = accepted + rejected, per kind."""
+
+    files: list[str] = field(default_factory=list)
+    read: Counter[str] = field(default_factory=Counter)
+    accepted: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    blank_rows: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_read(self) -> int:
+        return sum(self.read.values())
+
+    @property
+    def total_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    def balanced(self) -> bool:
+        """True when every read row is accounted for as accepted or rejected."""
+        kinds = set(self.read) | set(self.accepted) | set(self.rejected)
+        return all(self.read[k] == self.accepted.get(k, 0) + self.rejected.get(k, 0) for k in kinds)
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly summary."""
+        kinds = sorted(set(self.read) | set(self.accepted) | set(self.rejected))
+        return {
+            "files": self.files,
+            "kinds": {k: {"read": self.read[k], "accepted": self.accepted.get(k, 0),
+                          "rejected": self.rejected.get(k, 0)} for k in kinds},
+            "total": {"read": self.total_read, "accepted": sum(self.accepted.values()),
+                      "rejected": self.total_rejected},
+            "blank_rows": self.blank_rows,
+            "warnings": self.warnings,
+        }
+
+
+def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
+    """Files given directly, plus supported files inside given folders (sorted, non-recursive)."""
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"{path}: input not found")
+    unique: dict[Path, Path] = {}  # a file given twice (itself and its folder) is read once
+    for path in files:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging) -> ReadReport:
+    """Read every input into ``staging``; reject bad rows with reasons; return the counts."""
+    report = ReadReport()
+    converters = {kind: RowConverter(profile, kind) for kind in profile.records}
+    files = expand_inputs(inputs)
+    # Reports locate rows by file name; same-named files (a/contacts.csv, b/contacts.csv) are named by their
+    # path instead, so their rows stay apart in the report and in the counts.
+    clashing = {name for name, n in Counter(p.name for p in files).items() if n > 1}
+    for path in files:
+        kinds = [k for k, spec in profile.records.items() if _matches(path, spec)]
+        if not kinds:
+            report.warnings.append(f"{path.name}: no record kind of profile {profile.name!r} reads this file; skipped")
+            continue
+        shown = str(path) if path.name in clashing else None
+        report.files.append(shown or path.name)
+        if path.suffix.lower() in (".xlsx", ".xlsm"):
+            kinds = _kinds_with_sheets(path, kinds, profile, report)
+        for group in _groups(path, kinds, profile):
+            _read_group(path, group, profile, converters, staging, report, shown)
+    staging.finalize()
+    report.accepted = staging.counts()
+    report.rejected = staging.rejected_rows()
+    return report
+
+
+def _matches(path: Path, spec: RecordSpec) -> bool:
+    return any(fnmatch.fnmatch(path.name, pattern) for pattern in spec.source.files)
+
+
+def _kinds_with_sheets(path: Path, kinds: list[RecordKind], profile: Profile, report: ReadReport) -> list[RecordKind]:
+    """A workbook may leave out sheets (a program with no referrals): say so, and read the rest."""
+    present = set(sheet_names(path))
+    kept = []
+    for kind in kinds:
+        sheet = profile.records[kind].source.sheet
+        if sheet in present:
+            kept.append(kind)
+        else:
+            report.warnings.append(f"{path.name}: no sheet {sheet!r}, so no {kind.value} records were read from it")
+    return kept
+
+
+def _groups(path: Path, kinds: list[RecordKind], profile: Profile) -> list[list[RecordKind]]:
+    """Kinds that read the same rows (same sheet / JSON path) form one group, so the rows are read once."""
+    by_place: dict[tuple[str | None, str | None], list[RecordKind]] = {}
+    for kind in kinds:
+        source = profile.records[kind].source
+        by_place.setdefault((source.sheet, source.json_path), []).append(kind)
+    groups = list(by_place.values())
+    for group in groups:
+        if len(group) > 1 and any(profile.records[k].source.where is None for k in group):
+            names = ", ".join(k.value for k in group)
+            raise ProfileError(f"{path.name}: kinds {names} read the same rows; give each a `where` filter")
+    return groups
+
+
+def _read_group(
+    path: Path,
+    group: list[RecordKind],
+    profile: Profile,
+    converters: dict[RecordKind, RowConverter],
+    staging: Staging,
+    report: ReadReport,
+    shown: str | None = None,
+) -> None:
+    source = profile.records[group[0]].source
+    missing_reported: set[RecordKind] = set()
+    for row in read_rows(path, sheet=source.sheet, json_path=source.json_path):
+        if shown is not None:
+            row = replace(row, location=replace(row.location, file=shown))
+        if row.is_blank():
+            report.blank_rows += 1
+            continue
+        kind = _route(row, group, profile)
+        if kind is None:
+            report.read[NO_KIND] += 1
+            staging.reject(row.location, NO_KIND, "(row)", "", "the row matches no record kind in the profile")
+            continue
+        report.read[kind.value] += 1
+        converter = converters[kind]
+        if kind not in missing_reported and row.values:
+            missing_reported.add(kind)
+            for field_name, column in converter.missing_columns(set(row.values)).items():
+                report.warnings.append(
+                    f"{path.name}: column {column!r} (for {kind.value}.{field_name}) is missing from the file"
+                )
+        try:
+            record = converter.convert(row)
+        except RowRejected as rejected:
+            key = converter.source_key(row)
+            for problem in rejected.problems:
+                staging.reject(row.location, kind.value, problem.field, problem.value, problem.reason, key)
+            continue
+        staging.add(record, row.location)
+
+
+def _route(row: RawRow, group: list[RecordKind], profile: Profile) -> RecordKind | None:
+    if row.error and len(group) > 1:
+        return None
+    for kind in group:
+        if profile.records[kind].source.accepts(row.values):
+            return kind
+    return None
+
+
+# -- rejects report ------------------------------------------------------------------------------------
+
+REJECT_COLUMNS = ["file", "sheet", "row", "kind", "field", "value", "reason"]
+
+
+def write_rejects(staging: Staging, out_dir: Path) -> tuple[Path, Path, int]:
+    """Write rejects.csv and rejects.json into ``out_dir``; return both paths and the number of problems."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_dir / "rejects.csv", out_dir / "rejects.json"
+    count = 0
+    with csv_path.open("w", newline="", encoding="utf-8") as csv_file, json_path.open("w", encoding="utf-8") as js:
+        writer = csv.writer(csv_file)
+        writer.writerow(REJECT_COLUMNS)
+        js.write("[\n")
+        for reject in staging.rejects():
+            row = {
+                "file": reject.file,
+                "sheet": reject.sheet or "",
+                "row": f"{reject.unit} {reject.row}",
+                "kind": reject.kind,
+                "field": reject.field,
+                "value": reject.value,
+                "reason": reject.reason,
+            }
+            writer.writerow([_csv_safe(row[c]) for c in REJECT_COLUMNS])
+            js.write((",\n" if count else "") + json.dumps(row, ensure_ascii=False))
+            count += 1
+        js.write("\n]\n")
+    return csv_path, json_path, count
+
+
+def _csv_safe(text: str) -> str:
+    """Neutralise spreadsheet formulas (CSV injection) in report cells."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

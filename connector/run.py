@@ -1,0 +1,225 @@
+"""The sync run: take the ledger lock, read and plan, hand the writes to the writer, and decide the outcome.
+
+:class:`Syncer` is what ``peersync sync`` runs. It owns the run's bookkeeping (the lock, the summary recorded
+in the ledger, the exit policy); everything that talks to the FHIR server is in :mod:`connector.write.writer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from connector.errors import ExitCode, LockHeldError, PeersyncError
+from connector.map import MappingContext
+from connector.plan.ledger import Ledger
+from connector.plan.planner import (
+    Act,
+    Plan,
+    compute_plan,
+    mapping_fingerprint,
+    retried_units,
+)
+from connector.read.profile import Profile
+from connector.read.program import ReadReport, read_program, write_rejects
+from connector.read.staging import Staging
+from connector.server.client import FhirClient
+from connector.write.writer import Writer
+
+log = logging.getLogger(__name__)
+
+# Bump when mapping output changes in a way that must re-send everything.
+MAPPING_VERSION = "1"
+
+
+@dataclass
+class RunSummary:
+    """What one run did (the `--json` output, the ledger's run history, the metrics)."""
+
+    run_id: str
+    command: str
+    started_at: str
+    finished_at: str = ""
+    duration_s: float = 0.0
+    outcome: str = "running"
+    exit_code: int = 0
+    read: dict[str, Any] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+    requests: int = 0
+    write_requests: int = 0
+    retries: int = 0
+    deletions_held: list[str] = field(default_factory=list)
+    rejects_report: str | None = None
+    error: str | None = None
+    # Seconds per phase: read (inputs into staging, rejects report), plan (diff against the ledger), write.
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "run_id": self.run_id,
+            "command": self.command,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "duration_s": round(self.duration_s, 3),
+            "durations": {"total_s": round(self.duration_s, 3),
+                          **{f"{name}_s": round(self.phases.get(name, 0.0), 3) for name in ("read", "plan", "write")}},
+            "outcome": self.outcome,
+            "exit_code": self.exit_code,
+            "read": self.read,
+            "counts": {k: self.counts.get(k, 0) for k in COUNT_NAMES},
+            "requests": self.requests,
+            "write_requests": self.write_requests,
+            "retries": self.retries,
+            "deletions_held": self.deletions_held,
+            "rejects_report": self.rejects_report,
+            "error": self.error,
+        }
+
+
+# retried: units sent again this run because an earlier run left them pending, quarantined or in review.
+COUNT_NAMES = ("rejected", "unchanged", "created", "updated", "voided", "deleted", "in_review", "quarantined",
+               "pending", "skipped_quarantined", "retried")
+
+
+@dataclass
+class SyncOptions:
+    """Everything a run needs besides the server client."""
+
+    profile: Profile
+    inputs: list[Path]
+    ledger_path: Path
+    ctx: MappingContext
+    rejects_dir: Path
+    concurrency: int = 4
+    max_bundle_entries: int = 100
+    max_delete_fraction: float = 0.2
+    write_mode: str = "auto"
+
+
+def program_fingerprint(ctx: MappingContext) -> str:
+    """The mapping fingerprint of a deployment: a change re-sends everything (conditionally: no duplicates)."""
+    return mapping_fingerprint(MAPPING_VERSION, ctx.program_id, ctx.program_name, ctx.base_url, ctx.mrn_system,
+                               ctx.terminology_base, ctx.program_phone or "")
+
+
+class LedgerLock:
+    """An OS file lock next to the ledger: a second sync on the same ledger exits with LOCK_HELD."""
+
+    def __init__(self, ledger_path: Path) -> None:
+        ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(str(ledger_path) + ".lock", timeout=0)
+
+    def __enter__(self) -> LedgerLock:
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise LockHeldError(
+                f"another peersync run holds the lock {self.lock.lock_file}; this run did nothing. "
+                "It is safe to try again after the other run ends."
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def read_and_plan(opts: SyncOptions, ledger: Ledger, staging: Staging,
+                  phases: dict[str, float] | None = None) -> tuple[ReadReport, Plan, Path]:
+    """Read the inputs into staging, write the rejects report, and compute the plan (timed into ``phases``)."""
+    started = time.monotonic()
+    report = read_program(opts.profile, opts.inputs, staging)
+    csv_path, _json_path, _n = write_rejects(staging, opts.rejects_dir)
+    planned = time.monotonic()
+    plan = compute_plan(staging, ledger, program_id=opts.ctx.program_id, fingerprint=program_fingerprint(opts.ctx),
+                        max_delete_fraction=opts.max_delete_fraction)
+    if phases is not None:
+        phases["read"], phases["plan"] = planned - started, time.monotonic() - planned
+    log.debug("read %d rows (%d rejected) in %.2fs; planned in %.2fs", report.as_dict()["total"]["read"],
+              report.total_rejected, planned - started, time.monotonic() - planned,
+              extra={"event": "read", "counts": report.as_dict()["total"]})
+    return report, plan, csv_path
+
+
+class Syncer:
+    """One sync run. Construct, then call :meth:`run`."""
+
+    def __init__(self, opts: SyncOptions, client: FhirClient, *, on_progress: Callable[[int, int], None] | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.opts = opts
+        self.client = client
+        self.on_progress = on_progress
+        self.clock = clock
+        self.counts: Counter[str] = Counter()
+        self.summary: RunSummary | None = None  # set by run(): the CLI reports it even when the run raises
+        self._write_started: float | None = None
+
+    def run(self, run_id: str) -> RunSummary:
+        """Read, plan and write; always returns a summary (and records it in the ledger)."""
+        started = time.monotonic()
+        summary = RunSummary(run_id=run_id, command="sync", started_at=self.clock().isoformat(timespec="seconds"))
+        self.summary = summary
+        with LedgerLock(self.opts.ledger_path), Ledger(self.opts.ledger_path) as ledger:
+            ledger.start_run(run_id, "sync")
+            try:
+                self._run(ledger, summary)
+            except PeersyncError as exc:
+                summary.outcome, summary.exit_code, summary.error = "failed", int(exc.exit_code), str(exc)
+                raise
+            except Exception as exc:  # a bug: the run failed (exit 1); never recorded as "ok" from its counts
+                summary.outcome, summary.exit_code = "failed", int(ExitCode.UNEXPECTED)
+                summary.error = f"unexpected {exc.__class__.__name__}"
+                raise
+            finally:
+                summary.counts.update(self.counts)
+                stats = self.client.stats
+                summary.requests, summary.write_requests, summary.retries = stats.requests, stats.writes, stats.retries
+                summary.duration_s = time.monotonic() - started
+                if self._write_started is not None:
+                    summary.phases["write"] = time.monotonic() - self._write_started
+                summary.finished_at = self.clock().isoformat(timespec="seconds")
+                if summary.outcome == "running":
+                    summary.exit_code, summary.outcome = exit_for(summary.counts)
+                ledger.finish_run(run_id, summary.outcome, summary.exit_code, summary.as_dict())
+                log.info("run finished: %s", summary.outcome,
+                         extra={"event": "run-finished", "outcome": summary.outcome, "counts": dict(summary.counts)})
+        return summary
+
+    def _run(self, ledger: Ledger, summary: RunSummary) -> None:
+        with tempfile.TemporaryDirectory(prefix="peersync-") as tmp, Staging(Path(tmp) / "staging.sqlite") as staging:
+            report, plan, rejects = read_and_plan(self.opts, ledger, staging, summary.phases)
+            summary.read = report.as_dict()["total"]
+            summary.rejects_report = str(rejects)
+            summary.deletions_held = plan.deletions_held
+            self.counts["rejected"] = report.total_rejected
+            self.counts["unchanged"] = plan.total(Act.UNCHANGED)
+            self.counts["skipped_quarantined"] = plan.total(Act.QUARANTINED)
+            self.counts["retried"] = retried_units(staging)
+            log.info("plan: %d units to write, %d unchanged", plan.writes(), plan.total(Act.UNCHANGED),
+                     extra={"event": "plan", "counts": plan.as_dict()["totals"]})
+            if plan.writes() == 0:
+                return
+            self._write_started = time.monotonic()
+            writer = Writer(self.opts, self.client, self.counts, clock=self.clock)
+            writer.write(staging, ledger, on_progress=self.on_progress)
+
+
+def exit_for(counts: Counter[str]) -> tuple[int, str]:
+    """The exit code and outcome of a run that ended without an error, from its counts."""
+    if counts["pending"]:
+        return int(ExitCode.SERVER_UNAVAILABLE), "incomplete"
+    if counts["rejected"] or counts["in_review"] or counts["quarantined"]:
+        return int(ExitCode.RECORDS_REJECTED), "partial"
+    return int(ExitCode.OK), "ok"
+
+
+__all__ = ["COUNT_NAMES", "LedgerLock", "RunSummary", "SyncOptions", "Syncer", "exit_for", "program_fingerprint",
+           "read_and_plan"]

@@ -1,0 +1,1 @@
+"""Talking to the FHIR server: safe transport, the HTTP client, and what the server says it can do."""

@@ -1,0 +1,73 @@
+"""Wiring: build the client, the mapping context and the sync options from Settings. No business logic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from connector import __version__
+from connector.auth import build_auth
+from connector.map import MappingContext
+from connector.ops.config import Settings
+from connector.read.profile import load_profile
+from connector.run import SyncOptions
+from connector.server.client import FhirClient, RetryPolicy
+from connector.server.transport import check_url_safety, new_session
+
+USER_AGENT = f"peersync/{__version__} (+https://github.com/peersync/peersync)"
+
+
+def build_client(settings: Settings, *, ready_auth: bool = True) -> FhirClient:
+    """An authenticated FHIR client for the configured server, after the transport safety checks."""
+    server = settings.server
+    base_url = check_url_safety(server.base_url, allow_insecure_http=server.allow_insecure_http)
+    verify: bool | str = str(server.ca_bundle) if server.ca_bundle else server.verify_tls
+    session = new_session(verify=verify, user_agent=USER_AGENT)
+    # The token endpoint gets its own session: the FHIR session retries POSTs (safe for our transactions),
+    # but a retried token request would replay a single-use client assertion (jti).
+    token_session = new_session(verify=verify, user_agent=USER_AGENT)
+    auth = build_auth(settings.auth, base_url, token_session, allow_insecure_http=server.allow_insecure_http)
+    session.auth = auth
+    retry = RetryPolicy(
+        attempts=settings.sync.retry_attempts,
+        backoff_factor=settings.sync.backoff_factor,
+        backoff_max=settings.sync.backoff_max_seconds,
+        retry_after_cap=settings.sync.retry_after_cap_seconds,
+    )
+    client = FhirClient(base_url, session=session, timeout=server.timeout_seconds, retry=retry,
+                        pool_size=max(4, settings.sync.concurrency * 2))
+    if ready_auth:
+        auth.ensure_ready()
+    return client
+
+
+def mapping_context(settings: Settings) -> MappingContext:
+    """The mapping context: the profile's program block with the deployment's overrides."""
+    profile = load_profile(settings.source.profile)
+    overrides = {
+        name: value
+        for name, value in {
+            "program_id": settings.program.id,
+            "program_name": settings.program.name,
+            "base_url": settings.program.base_url,
+            "mrn_system": settings.program.mrn_system,
+            "terminology_base": settings.program.terminology_base,
+            "program_phone": settings.program.phone,
+        }.items()
+        if value is not None
+    }
+    return MappingContext.from_profile(profile, **overrides)
+
+
+def sync_options(settings: Settings) -> SyncOptions:
+    """SyncOptions from Settings."""
+    return SyncOptions(
+        profile=load_profile(settings.source.profile),
+        inputs=[Path(p) for p in settings.source.inputs],
+        ledger_path=settings.sync.ledger,
+        ctx=mapping_context(settings),
+        rejects_dir=settings.rejects_dir(),
+        concurrency=settings.sync.concurrency,
+        max_bundle_entries=settings.sync.max_bundle_entries,
+        max_delete_fraction=settings.sync.max_delete_fraction,
+        write_mode=settings.server.write_mode,
+    )

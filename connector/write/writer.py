@@ -1,0 +1,445 @@
+"""The writer: everything a sync run sends to the FHIR server, one participant at a time.
+
+For each participant with changes: resolve the Patient by MRN (never create it; 0 or several matches go to
+the review queue), map the changed units, and send them as transactions of conditional updates with a
+Provenance. A rejected transaction is split until the entries at fault are found; those are quarantined
+with the server's reason, and the rest lands. Transient failures are retried by the HTTP layer and then left
+pending for the next run. The ledger marks a unit sent only after the server confirmed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from connector.errors import (
+    ServerUnavailableError,
+)
+from connector.identifiers import KIND_ROLE, identifier_system, token_query
+from connector.map import map_provenance
+from connector.map.units import map_global_unit, map_participant_units
+from connector.model import Enrollment, RecordKind
+from connector.ops.logs import RUN_ID, opaque_key, outcome_codes
+from connector.plan.ledger import ConfirmedUnit, Ledger, UnitState
+from connector.plan.planner import (
+    Act,
+    participants_to_write,
+    units_to_write,
+)
+from connector.read.staging import Staging
+from connector.server.client import Action, FhirClient, FhirHttpError, summarize_outcome
+from connector.write.bundle import (
+    BuiltBundle,
+    Identity,
+    UnitWrite,
+    build_transaction,
+    parse_location,
+)
+from connector.write.patients import PatientPrefetch, prefetch_for
+
+if TYPE_CHECKING:
+    from connector.run import SyncOptions
+
+log = logging.getLogger(__name__)
+
+# Where each resource type keeps the status that entered-in-error goes into.
+STATUS_ELEMENT = {
+    "Goal": "lifecycleStatus",
+    "CarePlan": "status",
+    "CareTeam": "status",
+    "Communication": "status",
+    "CommunicationRequest": "status",
+    "ServiceRequest": "status",
+    "Task": "status",
+}
+
+
+class Writer:
+    """Writes one run's planned units; counts what happened into the run's counter."""
+
+    def __init__(self, opts: SyncOptions, client: FhirClient, counts: Counter[str], *,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.opts = opts
+        self.client = client
+        self.clock = clock
+        self.counts = counts
+        self._counts_lock = threading.Lock()
+        self._server_down = threading.Event()
+        self._conditional_types: set[str] | None = None
+        self._provenance_conditional_create = True
+        self._patients: PatientPrefetch | None = None  # Patients looked up in batches (first syncs)
+
+    def write(self, staging: Staging, ledger: Ledger, *,
+              on_progress: Callable[[int, int], None] | None = None) -> None:
+        """Write the global units, then every participant with changes (in parallel)."""
+        self._check_capabilities()
+        self._write_global_units(staging, ledger)
+        participants = participants_to_write(staging)
+        self._patients = prefetch_for(self.client, staging, participants, self.opts.ctx.mrn_system)
+        done = 0
+        if on_progress:
+            on_progress(0, len(participants))
+        try:
+            with ThreadPoolExecutor(max_workers=self.opts.concurrency, thread_name_prefix="peersync") as pool:
+                run_id = RUN_ID.get()
+                futures = [pool.submit(self._participant_in_run, run_id, staging, ledger, p) for p in participants]
+                for future in futures:
+                    future.result()
+                    done += 1
+                    if on_progress:
+                        on_progress(done, len(participants))
+        finally:
+            if self._patients is not None:
+                self._patients.close()
+        if self._server_down.is_set():
+            raise ServerUnavailableError("the FHIR server stopped answering; unsent records stay pending "
+                                         "and the next run sends them")
+
+    def _participant_in_run(self, run_id: str, staging: Staging, ledger: Ledger, participant: str) -> None:
+        RUN_ID.set(run_id)  # worker threads carry the run id in their log lines
+        # SQLite connections are per thread: each worker reads staging through its own connection.
+        with Staging(staging.path, create=False) as own:
+            if self._server_down.is_set():
+                self._mark_all(own, ledger, participant, UnitState.PENDING, "not attempted: server unavailable")
+                return
+            try:
+                self._participant(own, ledger, participant)
+            except ServerUnavailableError as exc:
+                self._server_down.set()
+                log.warning("server unavailable: %s", exc, extra={"event": "server-unavailable"})
+                self._mark_all(own, ledger, participant, UnitState.PENDING, "server unavailable")
+            except FhirHttpError as exc:
+                # An answer the write path does not expect (e.g. a read that fails while voiding): this
+                # participant's records stay pending for the next run; the other participants go on.
+                log.warning("participant left pending: HTTP %s on %s", exc.status, exc.path,
+                            extra={"event": "pending", "participant_key": opaque_key(participant),
+                                   "status": exc.status})
+                self._mark_all(own, ledger, participant, UnitState.PENDING, f"HTTP {exc.status} on {exc.path}")
+
+    # -- capabilities ----------------------------------------------------------------------------------
+
+    def _check_capabilities(self) -> None:
+        if self.opts.write_mode == "conditional":
+            self._conditional_types = None
+            return
+        try:
+            statement = self.client.capabilities()
+        except FhirHttpError as exc:
+            # Without a CapabilityStatement, assume the standard conditional update; a server that lacks it
+            # rejects the writes, and those records are quarantined or left pending with the reason.
+            log.warning("could not read the CapabilityStatement (HTTP %s); assuming conditional update",
+                        exc.status, extra={"event": "capabilities-unavailable", "status": exc.status})
+            self._conditional_types = None
+            return
+        types: set[str] = set()
+        for rest in statement.get("rest", []):
+            for resource in rest.get("resource", []):
+                if resource.get("conditionalUpdate") and self.opts.write_mode == "auto":
+                    types.add(resource.get("type", ""))
+                if resource.get("type") == "Provenance":
+                    self._provenance_conditional_create = bool(resource.get("conditionalCreate"))
+        self._conditional_types = types
+        log.debug("server offers conditional update for %d resource type(s)", len(types),
+                  extra={"event": "capabilities"})
+        missing = sorted(set(STATUS_ELEMENT) - types)
+        if missing and self.opts.write_mode == "auto":
+            log.warning("server lacks conditional update for %s: using search-then-write for them",
+                        ", ".join(missing), extra={"event": "write-mode-fallback"})
+
+    def _uses_conditional(self, resource_type: str) -> bool:
+        return self._conditional_types is None or resource_type in self._conditional_types
+
+    # -- global units (program, supporters, community organizations) -----------------------------------
+
+    def _write_global_units(self, staging: Staging, ledger: Ledger) -> None:
+        writes = []
+        for unit_key, kind, source_id, unit_hash, _action in units_to_write(staging, None):
+            unit = map_global_unit(staging, kind, source_id, self.opts.ctx)
+            if unit is not None:
+                writes.append((unit, unit_hash))
+        if writes:
+            self._send(ledger, writes, patient=None, participant=None, author=None)
+
+    # -- one participant -------------------------------------------------------------------------------
+
+    def _participant(self, staging: Staging, ledger: Ledger, participant: str) -> None:
+        rows = units_to_write(staging, participant)
+        deletes = [r for r in rows if r[4] == Act.DELETE.value]
+        writes = [r for r in rows if r[4] != Act.DELETE.value]
+        enrollment = staging.record(RecordKind.ENROLLMENT, participant)
+        if writes and isinstance(enrollment, Enrollment):
+            self._write_participant(staging, ledger, enrollment, writes)
+        for unit_key, kind, *_ in deletes:
+            self._void_remote(ledger, unit_key, kind, participant)
+
+    def _write_participant(self, staging: Staging, ledger: Ledger, enrollment: Enrollment,
+                           rows: list[tuple[str, str, str, str | None, str]]) -> None:
+        participant = enrollment.enrollment_id
+        mrn_system = enrollment.mrn_system or self.opts.ctx.mrn_system
+        patient_id, reason, detail = self._resolve_patient(mrn_system, enrollment.mrn)
+        ledger.set_participant(participant, patient_id=patient_id, mrn_hash=ledger.mrn_hash(mrn_system, enrollment.mrn),
+                               state="resolved" if patient_id else UnitState.REVIEW, detail=detail,
+                               close_review=patient_id is not None)
+        hashes = {unit_key: unit_hash for unit_key, _k, _s, unit_hash, _a in rows}
+        if patient_id is None:
+            ledger.open_review(f"participant:{participant}", reason or "patient-unresolved", detail, RUN_ID.get())
+            for unit_key, kind, _source_id, unit_hash, _action in rows:
+                ledger.record_state(unit_key, kind=kind, participant=participant, state=UnitState.REVIEW,
+                                    detail=f"{reason}: {detail}", run_id=RUN_ID.get(), attempt_hash=unit_hash)
+                self._count("in_review")
+            log.warning("participant sent to review: %s", reason,
+                        extra={"event": "review", "participant_key": opaque_key(participant), "code": reason})
+            return
+        self._retire_moved_units(ledger, [r[0] for r in rows], patient_id)
+        units = map_participant_units(staging, participant, [(kind, sid) for _u, kind, sid, _h, _a in rows],
+                                      self.opts.ctx)
+        patient_identity: Identity = ("Patient", mrn_system, enrollment.mrn)
+        author = self.opts.ctx.ref("PractitionerRole", KIND_ROLE, enrollment.supporter_id)["reference"]
+        patient = (patient_identity, f"Patient/{patient_id}")
+        deferred: list[tuple[UnitWrite, str | None]] = []
+        chunk: list[tuple[UnitWrite, str | None]] = []
+        size = 0
+        for unit in units:
+            if chunk and size + len(unit.resources) > self.opts.max_bundle_entries:
+                self._send(ledger, chunk, patient=patient, participant=participant, author=author,
+                           patient_id=patient_id, deferred=deferred)
+                chunk, size = [], 0
+            chunk.append((unit, hashes.get(unit.unit_key)))
+            size += len(unit.resources)
+        if chunk:
+            self._send(ledger, chunk, patient=patient, participant=participant, author=author, patient_id=patient_id,
+                       deferred=deferred)
+        if deferred:
+            # Units that only failed on a reference to something not yet written (a CarePlan and the requests
+            # that point back at it, split apart): now everything else has landed, send them together once more.
+            self._send(ledger, deferred, patient=patient, participant=participant, author=author,
+                       patient_id=patient_id, deferred=None)
+
+    def _resolve_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
+        """(patient id, review reason, PHI-free detail). A search or read the server refuses (4xx) sends the
+        participant to review: it must not end the run for everyone (exit 1), run after run."""
+        try:
+            return self._match_patient(mrn_system, mrn)
+        except FhirHttpError as exc:
+            if exc.action not in (Action.ISOLATE, Action.CONFLICT):
+                raise
+            return None, "patient-search-failed", f"the server refused the Patient search: HTTP {exc.status}: " \
+                                                  f"{exc.outcome.text()}"[:300]
+
+    def _match_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
+        """(patient id, review reason, PHI-free detail). Follows Patient.link replaced-by up to 3 hops."""
+        matches = self._patients.matches(mrn_system, mrn) if self._patients else None  # batched look-ups
+        if matches is None:
+            matches = self.client.search_raw(f"Patient?identifier={token_query(mrn_system, mrn)}")
+        if not matches:
+            return None, "patient-not-found", "no Patient has this participant's MRN"
+        if len(matches) > 1:
+            return None, "patient-ambiguous", f"{len(matches)} Patients share this participant's MRN"
+        patient = matches[0]
+        for _hop in range(3):
+            successor = next((link.get("other", {}).get("reference") for link in patient.get("link", [])
+                              if link.get("type") == "replaced-by"), None)
+            if not successor or not successor.startswith("Patient/"):
+                break
+            patient = self.client.read("Patient", successor.split("/", 1)[1])
+        if patient.get("active") is False:
+            return None, "patient-inactive", "the matching Patient is inactive and names no replacement"
+        return patient["id"], None, "matched by MRN"
+
+    # -- sending with failure isolation ----------------------------------------------------------------
+
+    def _send(self, ledger: Ledger, units: list[tuple[UnitWrite, str | None]], *,
+              patient: tuple[Identity, str] | None, participant: str | None, author: str | None,
+              patient_id: str | None = None, deferred: list[tuple[UnitWrite, str | None]] | None = None) -> None:
+        """Send units as one transaction; on a content error, split until the bad units are isolated.
+
+        A single unit that fails only on an unresolved reference is appended to ``deferred`` (when given)
+        instead of being quarantined: its target may land later in the same run.
+        """
+        built = self._build(ledger, units, patient, author)
+        try:
+            response = self.client.transaction(built.bundle)
+        except FhirHttpError as exc:
+            restored = list(units)  # the builder rewrote references in copies: the units are as mapped
+            if exc.action in (Action.ISOLATE, Action.REVIEW, Action.CONFLICT) and len(units) > 1:
+                middle = len(restored) // 2
+                for half in (restored[:middle], restored[middle:]):
+                    self._send(ledger, half, patient=patient, participant=participant, author=author,
+                               patient_id=patient_id, deferred=deferred)
+                return
+            if deferred is not None and _unresolved_reference(exc):
+                deferred.extend(restored)
+                return
+            self._record_failure(ledger, units, exc, participant)
+            if exc.action is Action.FATAL:
+                raise
+            return
+        self._record_success(ledger, units, built, response, participant, patient_id)
+
+    def _build(self, ledger: Ledger, hashed_units: list[tuple[UnitWrite, str | None]],
+               patient: tuple[Identity, str] | None, author: str | None) -> BuiltBundle:
+        units = [u for u, _h in hashed_units]
+        cache: dict[Identity, str | None] = {}
+
+        def resolve(identity: Identity) -> str | None:
+            if identity not in cache:
+                cache[identity] = ledger.server_ids([identity]).get(identity)
+            return cache[identity]
+
+        activity = ("NULLIFY" if all(u.voided for u in units) else "UPDATE")
+        recorded = self.clock()
+
+        # The change-set tag makes the Provenance a conditional create: a replay of the same change-set
+        # (a lost response, a lost ledger) finds the first Provenance instead of adding another.
+        change_set = hashlib.sha256("\n".join(sorted(f"{u.unit_key}={h}" for u, h in hashed_units)).encode()).hexdigest()[:32]
+        tag_system = f"{self.opts.ctx.meta_source}/change-set"
+
+        def provenance(targets: list[str]) -> dict[str, Any]:
+            prov = map_provenance(targets, activity=activity, author=author, recorded=recorded, ctx=self.opts.ctx)
+            prov.setdefault("meta", {}).setdefault("tag", []).append({"system": tag_system, "code": change_set})
+            return prov
+
+        built = build_transaction(units, patient=patient, resolve=resolve, provenance=provenance)
+        if built.has_provenance and self._provenance_conditional_create:
+            built.bundle["entry"][-1]["request"]["ifNoneExist"] = f"_tag={token_query(tag_system, change_set)}"
+        if self._conditional_types is not None:
+            self._apply_search_mode(built, resolve)
+        return built
+
+    def _apply_search_mode(self, built: BuiltBundle, resolve: Callable[[Identity], str | None]) -> None:
+        """For types without conditional update: search by identifier, then PUT by id or POST."""
+        for entry, (_unit_key, identity) in zip(built.bundle["entry"], built.entries, strict=False):
+            resource_type = identity[0]
+            if self._uses_conditional(resource_type):
+                continue
+            known = resolve(identity)
+            if known is None:
+                found = self.client.search_raw(f"{resource_type}?identifier={token_query(identity[1], identity[2])}")
+                if len(found) > 1:
+                    raise FhirHttpError("GET", f"/{resource_type}", 412, summarize_outcome(None))
+                known = found[0]["id"] if found else None
+            if known:
+                entry["resource"]["id"] = known
+                entry["request"] = {"method": "PUT", "url": f"{resource_type}/{known}"}
+            else:
+                entry["request"] = {"method": "POST", "url": resource_type}
+
+    def _record_success(self, ledger: Ledger, units: list[tuple[UnitWrite, str | None]], built: BuiltBundle,
+                        response: dict[str, Any], participant: str | None, patient_id: str | None) -> None:
+        entries = response.get("entry", [])
+        confirmed: dict[str, list[tuple[str, str, str, str | None, str | None]]] = {}
+        statuses: dict[str, list[str]] = {}
+        for (unit_key, identity), entry in zip(built.entries, entries, strict=False):
+            status = str(entry.get("response", {}).get("status", ""))
+            server_id, version = parse_location(entry.get("response", {}).get("location"))
+            confirmed.setdefault(unit_key, []).append((*identity, server_id, version))
+            statuses.setdefault(unit_key, []).append(status.split(" ")[0])
+        ledger.record_confirmed_many(
+            [ConfirmedUnit(unit.unit_key, unit.kind, participant, unit_hash or "", unit.voided, patient_id,
+                           confirmed.get(unit.unit_key, []), " ".join(statuses.get(unit.unit_key, [])))
+             for unit, unit_hash in units],
+            run_id=RUN_ID.get())
+        for unit, _unit_hash in units:
+            codes = statuses.get(unit.unit_key, [])
+            self._count("voided" if unit.voided else "created" if codes and all(c == "201" for c in codes)
+                        else "updated")
+        log.debug("transaction landed: %d record(s), %d entries (HTTP %s)", len(units), len(entries),
+                  " ".join(f"{code}x{n}" for code, n in sorted(Counter(str(e.get("response", {}).get("status", ""))
+                                                                        .split(" ")[0] for e in entries).items())),
+                  extra={"event": "transaction", "entries": len(entries),
+                         "participant_key": opaque_key(participant) if participant else "program"})
+
+    def _record_failure(self, ledger: Ledger, units: list[tuple[UnitWrite, str | None]], exc: FhirHttpError,
+                        participant: str | None) -> None:
+        detail = f"HTTP {exc.status}: {exc.outcome.text()}"[:500]
+        for unit, unit_hash in units:
+            if exc.action is Action.REVIEW:
+                state, counter = UnitState.REVIEW, "in_review"
+                ledger.open_review(unit.unit_key, "duplicate-on-server", detail, RUN_ID.get())
+            elif exc.action is Action.CONFLICT:
+                state, counter = UnitState.PENDING, "pending"
+            else:
+                state, counter = UnitState.QUARANTINED, "quarantined"
+            ledger.record_state(unit.unit_key, kind=unit.kind, participant=participant, state=state, detail=detail,
+                                run_id=RUN_ID.get(), attempt_hash=unit_hash)
+            self._count(counter)
+            log.warning("record %s: HTTP %s (%s)", state, exc.status, outcome_codes(exc.outcome.issues),
+                        extra={"event": state, "key": opaque_key(unit.unit_key), "kind": unit.kind,
+                               "status": exc.status})
+
+    # -- corrections -----------------------------------------------------------------------------------
+
+    def _void_remote(self, ledger: Ledger, unit_key: str, kind: str, participant: str | None) -> None:
+        """A record gone from the source: mark its resources entered-in-error (read, set status, update by id)."""
+        resources = ledger.resources_of(unit_key)
+        entries = []
+        for res in resources:
+            resource_type, server_id = res.resource_type, res.server_id
+            if resource_type not in STATUS_ELEMENT:
+                continue
+            resource = self.client.read(resource_type, server_id)
+            resource[STATUS_ELEMENT[resource_type]] = "entered-in-error"
+            resource.pop("meta", None)
+            entries.append({"resource": resource, "request": {"method": "PUT", "url": f"{resource_type}/{server_id}"}})
+        if entries:
+            prov = map_provenance([f"{e['request']['url']}" for e in entries], activity="NULLIFY", author=None,
+                                  recorded=self.clock(), ctx=self.opts.ctx)
+            entries.append({"resource": prov, "request": {"method": "POST", "url": "Provenance"}})
+            try:
+                self.client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+            except FhirHttpError as exc:
+                ledger.record_state(unit_key, kind=kind, participant=participant, state=UnitState.QUARANTINED,
+                                    detail=f"void failed: HTTP {exc.status}: {exc.outcome.text()}", run_id=RUN_ID.get())
+                self._count("quarantined")
+                return
+        ledger.record_voided(unit_key, run_id=RUN_ID.get())
+        self._count("deleted")
+
+    def _retire_moved_units(self, ledger: Ledger, unit_keys: list[str], patient_id: str) -> None:
+        """Records now under another Patient: void the old resources and move their identifier to a retired
+        system, so the conditional write creates a fresh resource under the right Patient."""
+        for unit_key in unit_keys:
+            unit = ledger.unit(unit_key)
+            if unit is None or not unit.patient_id or unit.patient_id == patient_id:
+                continue
+            for res in ledger.resources_of(unit_key):
+                resource_type, system, value, server_id = res.resource_type, res.system, res.value, res.server_id
+                resource = self.client.read(resource_type, server_id)
+                if resource_type in STATUS_ELEMENT:
+                    resource[STATUS_ELEMENT[resource_type]] = "entered-in-error"
+                kind = system.rsplit("/", 1)[1]  # systems are {base}/sid/{program}/{kind}
+                retired = identifier_system(self.opts.ctx.base_url, self.opts.ctx.program_id, kind, retired=True)
+                for ident in resource.get("identifier", []):
+                    if ident.get("system") == system and ident.get("value") == value:
+                        ident["system"] = retired
+                resource.pop("meta", None)
+                self.client.update(resource_type, server_id, resource)
+                ledger.forget_resource(resource_type, system, value)
+            log.info("record moved to another patient: old resources retired",
+                     extra={"event": "moved", "key": opaque_key(unit_key)})
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _mark_all(self, staging: Staging, ledger: Ledger, participant: str, state: UnitState, detail: str) -> None:
+        for unit_key, kind, _sid, unit_hash, _action in units_to_write(staging, participant):
+            if ledger.is_settled(unit_key, unit_hash):
+                continue
+            ledger.record_state(unit_key, kind=kind, participant=participant, state=state, detail=detail,
+                                run_id=RUN_ID.get(), attempt_hash=unit_hash)
+            self._count("pending")
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self.counts[name] += n
+
+
+def _unresolved_reference(exc: FhirHttpError) -> bool:
+    """The server could not resolve a reference (HAPI-1091 conditional, HAPI-1094 literal, or 404)."""
+    text = exc.outcome.text()
+    return exc.status == 404 or "HAPI-1091" in text or "HAPI-1094" in text
