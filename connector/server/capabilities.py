@@ -48,7 +48,8 @@ class Capabilities:
                 search_params=None if params is None else frozenset(
                     str(p.get("name")) for p in _list(params)),
             )
-        software = statement.get("software") if isinstance(statement.get("software"), dict) else {}
+        declared = statement.get("software")
+        software: Mapping[str, Any] = declared if isinstance(declared, dict) else {}
         return cls(
             fhir_version=str(statement.get("fhirVersion", "") or ""),
             software=" ".join(str(software.get(k, "")) for k in ("name", "version")).strip(),

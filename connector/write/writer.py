@@ -340,7 +340,7 @@ class Writer:
     def _void_remote(self, ledger: Ledger, unit_key: str, kind: str, participant: str | None) -> None:
         """A record gone from the source: mark its resources entered-in-error (read, set status, update by id)."""
         current = [self.client.read(res.resource_type, res.server_id) for res in ledger.resources_of(unit_key)
-                   if res.resource_type in STATUS_ELEMENT]
+                   if res.resource_type in STATUS_ELEMENT and res.server_id]
         bundle = void_bundle(unit_key, current, ctx=self.opts.ctx, recorded=self.clock(),
                              conditional_provenance=self.plan.provenance_conditional_create)
         if bundle is not None:
