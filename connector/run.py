@@ -25,7 +25,7 @@ from connector.plan.planner import (
     Act,
     Plan,
     compute_plan,
-    mapping_fingerprint,
+    program_fingerprint,
     retried_units,
 )
 from connector.read.profile import Profile
@@ -35,10 +35,6 @@ from connector.server.client import FhirClient
 from connector.write.writer import Writer
 
 log = logging.getLogger(__name__)
-
-# Bump when mapping output changes in a way that must re-send everything.
-MAPPING_VERSION = "1"
-
 
 @dataclass
 class RunSummary:
@@ -103,12 +99,6 @@ class SyncOptions:
     max_bundle_entries: int = 100
     max_delete_fraction: float = 0.2
     write_mode: str = "auto"
-
-
-def program_fingerprint(ctx: MappingContext) -> str:
-    """The mapping fingerprint of a deployment: a change re-sends everything (conditionally: no duplicates)."""
-    return mapping_fingerprint(MAPPING_VERSION, ctx.program_id, ctx.program_name, ctx.base_url, ctx.mrn_system,
-                               ctx.terminology_base, ctx.program_phone or "")
 
 
 class LedgerLock:

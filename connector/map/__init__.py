@@ -13,13 +13,14 @@ from .communication import map_contact
 from .context import DEFAULT_TERMINOLOGY_BASE, MappingContext
 from .goal import map_goal
 from .people import map_program, map_supporter
-from .provenance import map_provenance
+from .provenance import change_set_author, map_provenance
 from .requests import map_cbo, map_planned_contact, map_referral
 
 __all__ = [
     "DEFAULT_TERMINOLOGY_BASE",
     "US_CORE_PROFILES",
     "MappingContext",
+    "change_set_author",
     "map_cbo",
     "map_contact",
     "map_enrollment",

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # Canonical base of peersync's own CodeSystems, ValueSets and extensions. Shared by every program because the
 # codes mean the same everywhere (a deliberate deviation from fhir-modeling.md §11, see
-# docs/fhir-modeling-corrections.md).
+# docs/fhir-modeling-corrections.md). It is also the base written in the files of mappings/terminology/.
 DEFAULT_TERMINOLOGY_BASE = "https://peersync.dev/fhir"
 
 # The value of the connector Device's business identifier (one Device per program: the system carries the program).

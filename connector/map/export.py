@@ -1,16 +1,24 @@
 """`peersync map`: what a sync would send, written to files, with no server and no ledger.
 
-One transaction bundle per participant (plus one for the program-wide resources), NDJSON per resource
-type, and a summary. Like a sync, a participant whose change-set exceeds ``max_bundle_entries`` (100) gets
-several bundles (``participant-<id>.json``, ``participant-<id>-2.json``, ...): units are mapped one at a time
-and written a bundle at a time, so memory does not grow with a participant's history. References to the Patient stay conditional (``Patient?identifier=...``): only a sync
-resolves them against the EHR.
+The bundles come from the same plan and builder as a first sync's: the input is planned against an empty
+ledger (so every unit is written, with the hash a sync records), the units are mapped and cut into transactions
+by the same rule (:func:`connector.write.decisions.chunk_writes`, ``max_bundle_entries`` resources each), and
+each transaction is built by :func:`connector.write.changeset.build_change_set`, with the same change-set
+Provenance (tag and ``ifNoneExist``). What only a sync can know stays as mapped: references to the Patient and
+to resources already on the server stay conditional (``Type?identifier=...``).
+
+One bundle per participant (``participant-<id>.json``, then ``participant-<id>-2.json``, ... when a participant's
+change-set is cut), ``_program.json`` for the program-wide resources, NDJSON per resource type, and a summary.
+Units are mapped one at a time and written a bundle at a time, so memory does not grow with a participant's
+history.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -18,17 +26,22 @@ from typing import IO, Any
 import orjson
 
 from connector.identifiers import identifier_value
-from connector.map import MappingContext, map_provenance
-from connector.map.units import (
-    iter_participant_units,
-    map_global_units,
-    participant_unit_keys,
+from connector.map import MappingContext, change_set_author
+from connector.map.units import iter_planned_units, map_planned_global_units
+from connector.model import Enrollment, RecordKind
+from connector.plan.ledger import Ledger
+from connector.plan.planner import (
+    compute_plan,
+    participants_to_write,
+    program_fingerprint,
+    units_to_write,
 )
-from connector.model import RecordKind
 from connector.read.profile import Profile
 from connector.read.program import ReadReport, read_program
 from connector.read.staging import Staging
-from connector.write.bundle import UnitWrite, build_transaction
+from connector.write.bundle import PendingWrite
+from connector.write.changeset import build_change_set
+from connector.write.decisions import chunk_writes
 
 
 def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_dir: Path, staging: Staging,
@@ -42,45 +55,38 @@ def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_d
     counts: Counter[str] = Counter()
     bundles = 0
 
-    def emit(name: str, units: list[UnitWrite], author: str | None) -> None:
-        def provenance(targets: list[str]) -> dict[str, Any]:
-            return map_provenance(targets, activity="UPDATE", author=author, recorded=recorded, ctx=ctx)
-
+    def emit(name: str, writes: Iterable[PendingWrite], author: str | None) -> None:
         nonlocal bundles
-        bundles += 1
-        built = build_transaction(units, patient=None, resolve=lambda identity: None, provenance=provenance)
-        (bundles_dir / f"{name}.json").write_bytes(orjson.dumps(built.bundle, option=orjson.OPT_INDENT_2))
-        for entry in built.bundle["entry"]:
-            resource = entry["resource"]
-            resource_type = resource["resourceType"]
-            if resource_type not in ndjson:
-                ndjson[resource_type] = (out_dir / f"{resource_type}.ndjson").open("wb")
-            ndjson[resource_type].write(orjson.dumps(resource) + b"\n")
-            counts[resource_type] += 1
+        for part, chunk in enumerate(chunk_writes(writes, max_bundle_entries), start=1):
+            built = build_change_set(chunk, ctx=ctx, patient=None, resolve=lambda _identity: None, author=author,
+                                     recorded=recorded)
+            bundles += 1
+            file_name = name if part == 1 else f"{name}-{part}"
+            (bundles_dir / f"{file_name}.json").write_bytes(orjson.dumps(built.bundle, option=orjson.OPT_INDENT_2))
+            for entry in built.bundle["entry"]:
+                resource = entry["resource"]
+                resource_type = resource["resourceType"]
+                if resource_type not in ndjson:
+                    ndjson[resource_type] = (out_dir / f"{resource_type}.ndjson").open("wb")
+                ndjson[resource_type].write(orjson.dumps(resource) + b"\n")
+                counts[resource_type] += 1
 
-    try:
-        emit("_program", map_global_units(staging, ctx), None)
-        participants = staging.participants()
-        for participant in participants:
-            units = participant_unit_keys(staging, participant)
-            enrollment = staging.record(RecordKind.ENROLLMENT, participant)
-            author = ctx.ref("PractitionerRole", "role", enrollment.supporter_id)["reference"] if enrollment else None
-            name = f"participant-{identifier_value(participant)}"
-            chunk: list[UnitWrite] = []
-            size = part = 0
-            for unit in iter_participant_units(staging, participant, units, ctx):
-                if chunk and size + len(unit.resources) > max_bundle_entries:  # the rule of Syncer
-                    part += 1
-                    emit(name if part == 1 else f"{name}-{part}", chunk, author)
-                    chunk, size = [], 0
-                chunk.append(unit)
-                size += len(unit.resources)
-            if chunk or part == 0:
-                part += 1
-                emit(name if part == 1 else f"{name}-{part}", chunk, author)
-    finally:
-        for handle in ndjson.values():
-            handle.close()
+    # What a first sync writes: the plan against a ledger that holds nothing (thrown away afterwards).
+    with tempfile.TemporaryDirectory(prefix="peersync-map-") as tmp, Ledger(Path(tmp) / "empty.sqlite") as empty:
+        compute_plan(staging, empty, program_id=ctx.program_id, fingerprint=program_fingerprint(ctx))
+        try:
+            emit("_program", map_planned_global_units(staging, units_to_write(staging, None), ctx), None)
+            participants = participants_to_write(staging)
+            for participant in participants:
+                enrollment = staging.record(RecordKind.ENROLLMENT, participant)
+                author = change_set_author(enrollment if isinstance(enrollment, Enrollment) else None, ctx)
+                planned = units_to_write(staging, participant)
+                emit(f"participant-{identifier_value(participant)}",
+                     iter_planned_units(staging, participant, planned, ctx), author)
+        finally:
+            for handle in ndjson.values():
+                handle.close()
+            Ledger.detach_from(staging.db)
     summary = {
         "read": report.as_dict(),
         "participants": len(participants),

@@ -6,11 +6,22 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
+from connector.identifiers import KIND_ROLE
+from connector.model import Enrollment
+
 from . import codes
 from ._util import resource
 from .context import MappingContext
 
 SOURCE_RECORD_KIND = "source-record"
+
+
+def change_set_author(enrollment: Enrollment | None, ctx: MappingContext) -> str | None:
+    """The author of a participant's change-set: the enrollment supporter's PractitionerRole (a reference string).
+    None for program-wide units (and an unknown enrollment): the program Organization authors those."""
+    if enrollment is None:
+        return None
+    return str(ctx.ref("PractitionerRole", KIND_ROLE, enrollment.supporter_id)["reference"])
 
 
 def map_provenance(

@@ -16,10 +16,11 @@ from typing import Any
 from urllib.parse import quote
 
 from connector.errors import ConfigError
+from connector.map.context import DEFAULT_TERMINOLOGY_BASE
 
 TERMINOLOGY_DIR_NAME = "terminology"
-# The canonical base written in the data files (see connector.map.context.DEFAULT_TERMINOLOGY_BASE).
-FILE_TERMINOLOGY_BASE = "https://peersync.dev/fhir"
+# The canonical base written in the data files: the default base (a deployment may publish under another).
+FILE_TERMINOLOGY_BASE = DEFAULT_TERMINOLOGY_BASE
 _KINDS = ("CodeSystem", "ValueSet", "StructureDefinition")
 
 

@@ -8,7 +8,8 @@ transactions without a reference ever pointing at something not yet written.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from connector.map import (
     MappingContext,
@@ -34,7 +35,10 @@ from connector.model import (
     Supporter,
 )
 from connector.read.staging import Staging
-from connector.write.bundle import UnitWrite
+from connector.write.bundle import PendingWrite, UnitWrite
+
+if TYPE_CHECKING:
+    from connector.plan.planner import PlannedUnit
 
 # Write order inside a participant's change-set (see module docstring).
 KIND_ORDER = {"program": 0, "supporter": 1, "cbo": 2, "goal": 3, "planned_contact": 4, "referral": 5,
@@ -76,6 +80,24 @@ def map_global_unit(staging: Staging, kind: str, source_id: str, ctx: MappingCon
         resource = map_cbo(referral, ctx) if isinstance(referral, Referral) else None
         return UnitWrite(unit_key, kind, [resource]) if resource else None
     raise ValueError(f"not a program-wide unit kind: {kind}")
+
+
+def map_planned_global_units(staging: Staging, planned: Iterable[PlannedUnit], ctx: MappingContext) -> list[PendingWrite]:
+    """The planned program-wide units, mapped, each with the plan's hash."""
+    writes = []
+    for unit in planned:
+        mapped = map_global_unit(staging, unit.kind, unit.source_id, ctx)
+        if mapped is not None:
+            writes.append(PendingWrite(mapped, unit.unit_hash))
+    return writes
+
+
+def iter_planned_units(staging: Staging, participant: str, planned: Sequence[PlannedUnit],
+                       ctx: MappingContext) -> Iterator[PendingWrite]:
+    """A participant's planned units, mapped one at a time in dependency order, each with the plan's hash."""
+    hashes = {unit.unit_key: unit.unit_hash for unit in planned}
+    for mapped in iter_participant_units(staging, participant, [(u.kind, u.source_id) for u in planned], ctx):
+        yield PendingWrite(mapped, hashes.get(mapped.unit_key))
 
 
 def map_participant_units(

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from connector.errors import ConfigError, ExitCode, PeersyncError, TransportError
+from connector.server.capabilities import Capabilities, ResourceCapability
 
 if TYPE_CHECKING:
     from connector.ops.config import Settings
@@ -458,7 +459,7 @@ def run_doctor(path: Path | None, environ: Mapping[str, str] | None = None, *, t
         if statement is None and needs_auth and auth_ready:
             statement = _metadata_with_auth(report, client)
         if statement is not None:
-            _check_capabilities(report, statement, settings.server.write_mode)
+            _check_capabilities(report, Capabilities.parse(statement), settings.server.write_mode)
         if auth_ready:
             _check_probe(report, client, settings)
     _check_lock(report, settings.sync.ledger)
@@ -513,8 +514,7 @@ def _check_metadata(report: Report, client: Any) -> tuple[dict[str, Any] | None,
     statement = _statement(report, response, url)
     if statement is None:
         return None, False
-    software = statement.get("software") or {}
-    name = " ".join(str(software.get(k, "")) for k in ("name", "version")).strip()
+    name = Capabilities.parse(statement).software
     report.add("server.reachable", Status.PASS, f"{client.base_url.rstrip('/')} answered in {elapsed_ms} ms"
                + (f" ({name})" if name else ""))
     _check_clock(report, response)
@@ -564,37 +564,32 @@ def _check_clock(report: Report, response: Any) -> None:
         report.add("host.clock", Status.PASS, f"within {CLOCK_SKEW_WARN_SECONDS} s of the server's clock")
 
 
-def _check_capabilities(report: Report, statement: dict[str, Any], write_mode: str) -> None:
-    version = str(statement.get("fhirVersion", ""))
+def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: str) -> None:
+    version = capabilities.fhir_version
     if version.startswith("4.0."):
         report.add("server.fhir_version", Status.PASS, f"FHIR {version} (R4)")
     else:
         report.add("server.fhir_version", Status.FAIL, f"the server speaks FHIR {version or '(not stated)'}, not R4 "
                    "(4.0.x)", "point server.base_url at the server's R4 endpoint")
-    rests = [r for r in statement.get("rest", []) if r.get("mode", "server") == "server"]
-    rest = rests[0] if rests else {}
-    system_interactions = {i.get("code") for i in rest.get("interaction", [])}
-    if "transaction" in system_interactions:
+    if capabilities.supports_transaction:
         report.add("server.transaction", Status.PASS, "transaction bundles are supported")
     else:
         report.add("server.transaction", Status.FAIL, "the CapabilityStatement does not list the 'transaction' "
                    "interaction; peersync sends each participant's records as one transaction",
                    "ask the EHR team to enable FHIR transactions for this endpoint; peersync cannot run without them")
-    resources = {r.get("type"): r for r in rest.get("resource", [])}
     for resource_type in ("Patient", *WRITTEN_TYPES):
-        _check_resource(report, resource_type, resources.get(resource_type), write_mode)
+        _check_resource(report, resource_type, capabilities.resource(resource_type), write_mode)
 
 
-def _check_resource(report: Report, resource_type: str, resource: dict[str, Any] | None, write_mode: str) -> None:
+def _check_resource(report: Report, resource_type: str, resource: ResourceCapability | None, write_mode: str) -> None:
     name = f"server.{resource_type}"
     if resource is None:
         needed = "searched by identifier" if resource_type == "Patient" else "written"
         report.add(name, Status.FAIL, f"{resource_type} is not in the CapabilityStatement (peersync needs it "
                    f"{needed})", f"ask the EHR team to enable {resource_type} for this client")
         return
-    interactions = {i.get("code") for i in resource.get("interaction", [])}
-    params = resource.get("searchParam")
-    param_names = {p.get("name") for p in params or []}
+    interactions = resource.interactions
+    params = resource.search_params
     if resource_type == "Patient":
         required = {"read", "search-type"}
     else:
@@ -611,7 +606,7 @@ def _check_resource(report: Report, resource_type: str, resource: dict[str, Any]
     status = Status.PASS
     fix = ""
     if resource_type != "Patient" and resource_type not in CREATE_ONLY_TYPES:
-        if resource.get("conditionalUpdate"):
+        if resource.conditional_update:
             notes.append("conditional update")
         elif write_mode == "conditional":
             report.add(name, Status.FAIL, f"{resource_type} has no conditionalUpdate but server.write_mode is "
@@ -631,7 +626,7 @@ def _check_resource(report: Report, resource_type: str, resource: dict[str, Any]
                 status = Status.WARN
                 fix = "confirm with the EHR team that identifier search works on this type"
             notes.append("search parameters not declared")
-        elif "identifier" not in param_names:
+        elif "identifier" not in params:
             report.add(name, Status.FAIL, f"{resource_type} does not support search by identifier",
                        f"ask the EHR team to enable the identifier search parameter on {resource_type}; "
                        "peersync finds its records (and Patients by MRN) that way")
@@ -724,16 +719,15 @@ def auth_test(settings: Settings) -> dict[str, Any]:
     from connector.wiring import build_client
 
     client = build_client(settings, ready_auth=True)
-    statement = client.capabilities()
+    capabilities = Capabilities.parse(client.capabilities())
     auth = client.session.auth
     described = auth.describe() if hasattr(auth, "describe") else {"mode": "none"}
-    software = statement.get("software") or {}
     return {
         "auth": described,
         "server": {
             "base_url": settings.server.base_url,
-            "fhir_version": statement.get("fhirVersion"),
-            "software": " ".join(str(software.get(k, "")) for k in ("name", "version")).strip() or None,
+            "fhir_version": capabilities.fhir_version or None,
+            "software": capabilities.software or None,
         },
         "metadata_status": "ok",
     }

@@ -497,6 +497,11 @@ class Ledger:
         """Attach this ledger file to another connection (the staging DB) so the planner can join in SQL."""
         db.execute(f"ATTACH DATABASE ? AS {alias}", (str(self.path),))
 
+    @staticmethod
+    def detach_from(db: sqlite3.Connection, alias: str = "ledger") -> None:
+        """Undo :meth:`attach_to` (before the ledger file goes away)."""
+        db.execute(f"DETACH DATABASE {alias}")
+
 
 def _write_failure(path: Path, exc: sqlite3.OperationalError) -> str:
     text = str(exc)

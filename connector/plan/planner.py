@@ -15,8 +15,9 @@ import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
+from connector.map.context import MappingContext
 from connector.plan.ledger import Ledger, UnitState
 from connector.read.staging import Staging
 
@@ -165,6 +166,16 @@ def mapping_fingerprint(*parts: str) -> str:
     return _sha(*parts)
 
 
+# Bump when mapping output changes in a way that must re-send everything.
+MAPPING_VERSION = "1"
+
+
+def program_fingerprint(ctx: MappingContext) -> str:
+    """The mapping fingerprint of a deployment: a change re-sends everything (conditionally: no duplicates)."""
+    return mapping_fingerprint(MAPPING_VERSION, ctx.program_id, ctx.program_name, ctx.base_url, ctx.mrn_system,
+                               ctx.terminology_base, ctx.program_phone or "")
+
+
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,
                  max_delete_fraction: float = 0.2) -> Plan:
     """Fill the staging DB's ``units`` and ``plan`` tables and return the counts.
@@ -230,15 +241,27 @@ def participants_to_write(staging: Staging) -> list[str]:
     ]
 
 
-def units_to_write(staging: Staging, participant: str | None) -> list[tuple[str, str, str, str | None, str]]:
-    """(unit_key, kind, source_id, hash, action) of a participant's units to write (None: global units)."""
+class PlannedUnit(NamedTuple):
+    """One unit the plan says to write, as the writer and ``peersync map`` receive it."""
+
+    unit_key: str  # "kind:source_id"
+    kind: str
+    source_id: str
+    unit_hash: str | None  # None for a deletion (the record is gone from the input)
+    action: Act
+
+
+def units_to_write(staging: Staging, participant: str | None) -> list[PlannedUnit]:
+    """A participant's units to write, in plan order (``participant`` None: the program-wide units)."""
     where = "participant IS NULL" if participant is None else "participant = ?"
     args = () if participant is None else (participant,)
-    return staging.db.execute(
+    rows = staging.db.execute(
         f"SELECT unit_key, kind, source_id, hash, action FROM plan WHERE {where} AND action IN ({_in(WRITE_ACTIONS)}) "
         "ORDER BY rowid",
         args,
-    ).fetchall()
+    )
+    return [PlannedUnit(unit_key, kind, source_id, unit_hash, Act(action))
+            for unit_key, kind, source_id, unit_hash, action in rows]
 
 
 def _in(actions: frozenset[Act]) -> str:

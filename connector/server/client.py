@@ -31,6 +31,7 @@ from connector.errors import (
     ServerUnavailableError,
     TransportError,
 )
+from connector.server.hapi import MULTIPLE_MATCH_CODES
 from connector.server.transport import check_next_link, redact_url
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,8 @@ STATUS_ACTIONS: dict[int, Action] = {
     504: Action.RETRY_LATER,
 }
 
-# HAPI reports "this condition matched N resources" as 412 (HAPI-0958/0988); some servers use 409/400.
-_DUPLICATE_CODES = ("HAPI-0958", "HAPI-0988", "HAPI-2840", "multiple matches", "matched 2", "matched multiple")
+# HAPI reports "this condition matched N resources" as 412 (its message ids); some servers use 409/400.
+_DUPLICATE_CODES = (*MULTIPLE_MATCH_CODES, "multiple matches", "matched 2", "matched multiple")
 
 
 def action_for(status: int, outcome_text: str = "") -> Action:

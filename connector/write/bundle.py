@@ -42,6 +42,20 @@ class UnitWrite:
     voided: bool = False
 
 
+@dataclass(frozen=True)
+class PendingWrite:
+    """A mapped unit and the plan's hash of it: what a transaction sends, and what the ledger records once the
+    server has confirmed it (``unit_hash`` None: a unit the plan has no hash for)."""
+
+    unit: UnitWrite
+    unit_hash: str | None
+
+    @property
+    def size(self) -> int:
+        """Bundle entries this unit takes (its resources)."""
+        return len(self.unit.resources)
+
+
 @dataclass
 class BuiltBundle:
     """A transaction bundle and, per entry, which unit and identity it belongs to (same order)."""
@@ -57,12 +71,14 @@ def build_transaction(
     patient: tuple[Identity, str] | None,
     resolve: Callable[[Identity], str | None],
     provenance: Callable[[list[str]], dict[str, Any]] | None = None,
+    provenance_condition: str | None = None,
 ) -> BuiltBundle:
     """Assemble units into one transaction bundle.
 
     ``patient`` maps the Patient's conditional identity to its literal reference ("Patient/123").
     ``resolve`` returns a known server id for an identity (from the ledger), or None.
-    ``provenance`` builds the Provenance for the list of target fullUrls (POSTed in the same bundle).
+    ``provenance`` builds the Provenance for the list of target fullUrls (POSTed in the same bundle);
+    ``provenance_condition`` makes that POST a conditional create (``ifNoneExist``).
     """
     units = list(units)
     in_bundle: dict[Identity, str] = {}
@@ -101,8 +117,10 @@ def build_transaction(
     built = BuiltBundle({"resourceType": "Bundle", "type": "transaction", "entry": entries}, index)
     if provenance is not None and entries:
         prov = _rewritten(provenance([e["fullUrl"] for e in entries]), rewrite)
-        entries.append({"fullUrl": "urn:uuid:" + str(uuid.uuid4()), "resource": prov,
-                        "request": {"method": "POST", "url": "Provenance"}})
+        request = {"method": "POST", "url": "Provenance"}
+        if provenance_condition:
+            request["ifNoneExist"] = provenance_condition
+        entries.append({"fullUrl": "urn:uuid:" + str(uuid.uuid4()), "resource": prov, "request": request})
         built.has_provenance = True
     return built
 

@@ -9,7 +9,6 @@ pending for the next run. The ledger marks a unit sent only after the server con
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import Counter
@@ -21,25 +20,38 @@ from typing import TYPE_CHECKING, Any
 from connector.errors import (
     ServerUnavailableError,
 )
-from connector.identifiers import KIND_ROLE, identifier_system, token_query
-from connector.map import map_provenance
-from connector.map.units import map_global_unit, map_participant_units
+from connector.identifiers import identifier_system, token_query
+from connector.map import change_set_author
+from connector.map.units import iter_planned_units, map_planned_global_units
 from connector.model import Enrollment, RecordKind
 from connector.ops.logs import RUN_ID, opaque_key, outcome_codes
 from connector.plan.ledger import ConfirmedUnit, Ledger, UnitState
 from connector.plan.planner import (
+    UNIT_RESOURCE_TYPES,
     Act,
+    PlannedUnit,
     participants_to_write,
     units_to_write,
 )
 from connector.read.staging import Staging
+from connector.server.capabilities import Capabilities
 from connector.server.client import Action, FhirClient, FhirHttpError, summarize_outcome
 from connector.write.bundle import (
     BuiltBundle,
     Identity,
-    UnitWrite,
-    build_transaction,
+    PendingWrite,
     parse_location,
+)
+from connector.write.changeset import STATUS_ELEMENT, build_change_set, void_bundle
+from connector.write.decisions import (
+    CONDITIONAL_EVERYWHERE,
+    FailureStep,
+    WritePlan,
+    chunk_writes,
+    halves,
+    is_unresolved_reference,
+    step_after_failure,
+    write_plan,
 )
 from connector.write.patients import PatientPrefetch, prefetch_for
 
@@ -48,16 +60,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Where each resource type keeps the status that entered-in-error goes into.
-STATUS_ELEMENT = {
-    "Goal": "lifecycleStatus",
-    "CarePlan": "status",
-    "CareTeam": "status",
-    "Communication": "status",
-    "CommunicationRequest": "status",
-    "ServiceRequest": "status",
-    "Task": "status",
-}
+# The types written by conditional update (Provenance is only ever created).
+UPDATED_TYPES = frozenset(t for types in UNIT_RESOURCE_TYPES.values() for t in types)
 
 
 class Writer:
@@ -71,14 +75,13 @@ class Writer:
         self.counts = counts
         self._counts_lock = threading.Lock()
         self._server_down = threading.Event()
-        self._conditional_types: set[str] | None = None
-        self._provenance_conditional_create = True
+        self.plan: WritePlan = CONDITIONAL_EVERYWHERE  # set from the CapabilityStatement by write()
         self._patients: PatientPrefetch | None = None  # Patients looked up in batches (first syncs)
 
     def write(self, staging: Staging, ledger: Ledger, *,
               on_progress: Callable[[int, int], None] | None = None) -> None:
         """Write the global units, then every participant with changes (in parallel)."""
-        self._check_capabilities()
+        self.plan = self._write_plan()
         self._write_global_units(staging, ledger)
         participants = participants_to_write(staging)
         self._patients = prefetch_for(self.client, staging, participants, self.opts.ctx.mrn_system)
@@ -124,97 +127,70 @@ class Writer:
 
     # -- capabilities ----------------------------------------------------------------------------------
 
-    def _check_capabilities(self) -> None:
+    def _write_plan(self) -> WritePlan:
+        """How to write each type: from ``server.write_mode`` and the server's CapabilityStatement."""
         if self.opts.write_mode == "conditional":
-            self._conditional_types = None
-            return
+            return CONDITIONAL_EVERYWHERE
         try:
-            statement = self.client.capabilities()
+            capabilities: Capabilities | None = Capabilities.parse(self.client.capabilities())
         except FhirHttpError as exc:
-            # Without a CapabilityStatement, assume the standard conditional update; a server that lacks it
-            # rejects the writes, and those records are quarantined or left pending with the reason.
             log.warning("could not read the CapabilityStatement (HTTP %s); assuming conditional update",
                         exc.status, extra={"event": "capabilities-unavailable", "status": exc.status})
-            self._conditional_types = None
-            return
-        types: set[str] = set()
-        for rest in statement.get("rest", []):
-            for resource in rest.get("resource", []):
-                if resource.get("conditionalUpdate") and self.opts.write_mode == "auto":
-                    types.add(resource.get("type", ""))
-                if resource.get("type") == "Provenance":
-                    self._provenance_conditional_create = bool(resource.get("conditionalCreate"))
-        self._conditional_types = types
-        log.debug("server offers conditional update for %d resource type(s)", len(types),
-                  extra={"event": "capabilities"})
-        missing = sorted(set(STATUS_ELEMENT) - types)
-        if missing and self.opts.write_mode == "auto":
+            capabilities = None
+        plan = write_plan(self.opts.write_mode, capabilities, UPDATED_TYPES)
+        if not plan.transaction_declared:
+            log.warning("the server does not declare transaction support; peersync writes only in transactions "
+                        "(run peersync doctor)", extra={"event": "capabilities-no-transaction"})
+        if plan.search_types and self.opts.write_mode == "auto":
             log.warning("server lacks conditional update for %s: using search-then-write for them",
-                        ", ".join(missing), extra={"event": "write-mode-fallback"})
-
-    def _uses_conditional(self, resource_type: str) -> bool:
-        return self._conditional_types is None or resource_type in self._conditional_types
+                        ", ".join(plan.search_types), extra={"event": "write-mode-fallback"})
+        return plan
 
     # -- global units (program, supporters, community organizations) -----------------------------------
 
     def _write_global_units(self, staging: Staging, ledger: Ledger) -> None:
-        writes = []
-        for unit_key, kind, source_id, unit_hash, _action in units_to_write(staging, None):
-            unit = map_global_unit(staging, kind, source_id, self.opts.ctx)
-            if unit is not None:
-                writes.append((unit, unit_hash))
-        if writes:
-            self._send(ledger, writes, patient=None, participant=None, author=None)
+        writes = map_planned_global_units(staging, units_to_write(staging, None), self.opts.ctx)
+        for chunk in chunk_writes(writes, self.opts.max_bundle_entries):
+            self._send(ledger, chunk, patient=None, participant=None, author=None)
 
     # -- one participant -------------------------------------------------------------------------------
 
     def _participant(self, staging: Staging, ledger: Ledger, participant: str) -> None:
-        rows = units_to_write(staging, participant)
-        deletes = [r for r in rows if r[4] == Act.DELETE.value]
-        writes = [r for r in rows if r[4] != Act.DELETE.value]
+        planned = units_to_write(staging, participant)
+        deletes = [u for u in planned if u.action is Act.DELETE]
+        writes = [u for u in planned if u.action is not Act.DELETE]
         enrollment = staging.record(RecordKind.ENROLLMENT, participant)
         if writes and isinstance(enrollment, Enrollment):
             self._write_participant(staging, ledger, enrollment, writes)
-        for unit_key, kind, *_ in deletes:
-            self._void_remote(ledger, unit_key, kind, participant)
+        for unit in deletes:
+            self._void_remote(ledger, unit.unit_key, unit.kind, participant)
 
     def _write_participant(self, staging: Staging, ledger: Ledger, enrollment: Enrollment,
-                           rows: list[tuple[str, str, str, str | None, str]]) -> None:
+                           planned: list[PlannedUnit]) -> None:
         participant = enrollment.enrollment_id
         mrn_system = enrollment.mrn_system or self.opts.ctx.mrn_system
         patient_id, reason, detail = self._resolve_patient(mrn_system, enrollment.mrn)
         ledger.set_participant(participant, patient_id=patient_id, mrn_hash=ledger.mrn_hash(mrn_system, enrollment.mrn),
                                state="resolved" if patient_id else UnitState.REVIEW, detail=detail,
                                close_review=patient_id is not None)
-        hashes = {unit_key: unit_hash for unit_key, _k, _s, unit_hash, _a in rows}
         if patient_id is None:
             ledger.open_review(f"participant:{participant}", reason or "patient-unresolved", detail, RUN_ID.get())
-            for unit_key, kind, _source_id, unit_hash, _action in rows:
-                ledger.record_state(unit_key, kind=kind, participant=participant, state=UnitState.REVIEW,
-                                    detail=f"{reason}: {detail}", run_id=RUN_ID.get(), attempt_hash=unit_hash)
+            for unit in planned:
+                ledger.record_state(unit.unit_key, kind=unit.kind, participant=participant, state=UnitState.REVIEW,
+                                    detail=f"{reason}: {detail}", run_id=RUN_ID.get(), attempt_hash=unit.unit_hash)
                 self._count("in_review")
             log.warning("participant sent to review: %s", reason,
                         extra={"event": "review", "participant_key": opaque_key(participant), "code": reason})
             return
-        self._retire_moved_units(ledger, [r[0] for r in rows], patient_id)
-        units = map_participant_units(staging, participant, [(kind, sid) for _u, kind, sid, _h, _a in rows],
-                                      self.opts.ctx)
+        self._retire_moved_units(ledger, [u.unit_key for u in planned], patient_id)
         patient_identity: Identity = ("Patient", mrn_system, enrollment.mrn)
-        author = self.opts.ctx.ref("PractitionerRole", KIND_ROLE, enrollment.supporter_id)["reference"]
+        author = change_set_author(enrollment, self.opts.ctx)
         patient = (patient_identity, f"Patient/{patient_id}")
-        deferred: list[tuple[UnitWrite, str | None]] = []
-        chunk: list[tuple[UnitWrite, str | None]] = []
-        size = 0
-        for unit in units:
-            if chunk and size + len(unit.resources) > self.opts.max_bundle_entries:
-                self._send(ledger, chunk, patient=patient, participant=participant, author=author,
-                           patient_id=patient_id, deferred=deferred)
-                chunk, size = [], 0
-            chunk.append((unit, hashes.get(unit.unit_key)))
-            size += len(unit.resources)
-        if chunk:
-            self._send(ledger, chunk, patient=patient, participant=participant, author=author, patient_id=patient_id,
-                       deferred=deferred)
+        deferred: list[PendingWrite] = []
+        for chunk in chunk_writes(iter_planned_units(staging, participant, planned, self.opts.ctx),
+                                  self.opts.max_bundle_entries):
+            self._send(ledger, chunk, patient=patient, participant=participant, author=author,
+                       patient_id=patient_id, deferred=deferred)
         if deferred:
             # Units that only failed on a reference to something not yet written (a CarePlan and the requests
             # that point back at it, split apart): now everything else has landed, send them together once more.
@@ -254,9 +230,9 @@ class Writer:
 
     # -- sending with failure isolation ----------------------------------------------------------------
 
-    def _send(self, ledger: Ledger, units: list[tuple[UnitWrite, str | None]], *,
+    def _send(self, ledger: Ledger, units: list[PendingWrite], *,
               patient: tuple[Identity, str] | None, participant: str | None, author: str | None,
-              patient_id: str | None = None, deferred: list[tuple[UnitWrite, str | None]] | None = None) -> None:
+              patient_id: str | None = None, deferred: list[PendingWrite] | None = None) -> None:
         """Send units as one transaction; on a content error, split until the bad units are isolated.
 
         A single unit that fails only on an unresolved reference is appended to ``deferred`` (when given)
@@ -266,25 +242,24 @@ class Writer:
         try:
             response = self.client.transaction(built.bundle)
         except FhirHttpError as exc:
-            restored = list(units)  # the builder rewrote references in copies: the units are as mapped
-            if exc.action in (Action.ISOLATE, Action.REVIEW, Action.CONFLICT) and len(units) > 1:
-                middle = len(restored) // 2
-                for half in (restored[:middle], restored[middle:]):
+            # The builder rewrote references in copies: the units are as mapped, ready to be sent again.
+            step = step_after_failure(exc.action, units=len(units), can_defer=deferred is not None,
+                                      unresolved_reference=is_unresolved_reference(exc.status, exc.outcome.text()))
+            if step is FailureStep.SPLIT:
+                for half in halves(units):
                     self._send(ledger, half, patient=patient, participant=participant, author=author,
                                patient_id=patient_id, deferred=deferred)
-                return
-            if deferred is not None and _unresolved_reference(exc):
-                deferred.extend(restored)
-                return
-            self._record_failure(ledger, units, exc, participant)
-            if exc.action is Action.FATAL:
-                raise
+            elif step is FailureStep.DEFER and deferred is not None:
+                deferred.extend(units)
+            else:
+                self._record_failure(ledger, units, exc, participant)
+                if step is FailureStep.STOP:
+                    raise
             return
         self._record_success(ledger, units, built, response, participant, patient_id)
 
-    def _build(self, ledger: Ledger, hashed_units: list[tuple[UnitWrite, str | None]],
+    def _build(self, ledger: Ledger, writes: list[PendingWrite],
                patient: tuple[Identity, str] | None, author: str | None) -> BuiltBundle:
-        units = [u for u, _h in hashed_units]
         cache: dict[Identity, str | None] = {}
 
         def resolve(identity: Identity) -> str | None:
@@ -292,23 +267,10 @@ class Writer:
                 cache[identity] = ledger.server_ids([identity]).get(identity)
             return cache[identity]
 
-        activity = ("NULLIFY" if all(u.voided for u in units) else "UPDATE")
-        recorded = self.clock()
-
-        # The change-set tag makes the Provenance a conditional create: a replay of the same change-set
-        # (a lost response, a lost ledger) finds the first Provenance instead of adding another.
-        change_set = hashlib.sha256("\n".join(sorted(f"{u.unit_key}={h}" for u, h in hashed_units)).encode()).hexdigest()[:32]
-        tag_system = f"{self.opts.ctx.meta_source}/change-set"
-
-        def provenance(targets: list[str]) -> dict[str, Any]:
-            prov = map_provenance(targets, activity=activity, author=author, recorded=recorded, ctx=self.opts.ctx)
-            prov.setdefault("meta", {}).setdefault("tag", []).append({"system": tag_system, "code": change_set})
-            return prov
-
-        built = build_transaction(units, patient=patient, resolve=resolve, provenance=provenance)
-        if built.has_provenance and self._provenance_conditional_create:
-            built.bundle["entry"][-1]["request"]["ifNoneExist"] = f"_tag={token_query(tag_system, change_set)}"
-        if self._conditional_types is not None:
+        built = build_change_set(writes, ctx=self.opts.ctx, patient=patient, resolve=resolve, author=author,
+                                 recorded=self.clock(),
+                                 conditional_provenance=self.plan.provenance_conditional_create)
+        if self.plan.conditional_types is not None:
             self._apply_search_mode(built, resolve)
         return built
 
@@ -316,7 +278,7 @@ class Writer:
         """For types without conditional update: search by identifier, then PUT by id or POST."""
         for entry, (_unit_key, identity) in zip(built.bundle["entry"], built.entries, strict=False):
             resource_type = identity[0]
-            if self._uses_conditional(resource_type):
+            if self.plan.uses_conditional(resource_type):
                 continue
             known = resolve(identity)
             if known is None:
@@ -330,7 +292,7 @@ class Writer:
             else:
                 entry["request"] = {"method": "POST", "url": resource_type}
 
-    def _record_success(self, ledger: Ledger, units: list[tuple[UnitWrite, str | None]], built: BuiltBundle,
+    def _record_success(self, ledger: Ledger, units: list[PendingWrite], built: BuiltBundle,
                         response: dict[str, Any], participant: str | None, patient_id: str | None) -> None:
         entries = response.get("entry", [])
         confirmed: dict[str, list[tuple[str, str, str, str | None, str | None]]] = {}
@@ -341,11 +303,11 @@ class Writer:
             confirmed.setdefault(unit_key, []).append((*identity, server_id, version))
             statuses.setdefault(unit_key, []).append(status.split(" ")[0])
         ledger.record_confirmed_many(
-            [ConfirmedUnit(unit.unit_key, unit.kind, participant, unit_hash or "", unit.voided, patient_id,
-                           confirmed.get(unit.unit_key, []), " ".join(statuses.get(unit.unit_key, [])))
-             for unit, unit_hash in units],
+            [ConfirmedUnit(w.unit.unit_key, w.unit.kind, participant, w.unit_hash or "", w.unit.voided, patient_id,
+                           confirmed.get(w.unit.unit_key, []), " ".join(statuses.get(w.unit.unit_key, [])))
+             for w in units],
             run_id=RUN_ID.get())
-        for unit, _unit_hash in units:
+        for unit in (w.unit for w in units):
             codes = statuses.get(unit.unit_key, [])
             self._count("voided" if unit.voided else "created" if codes and all(c == "201" for c in codes)
                         else "updated")
@@ -355,10 +317,10 @@ class Writer:
                   extra={"event": "transaction", "entries": len(entries),
                          "participant_key": opaque_key(participant) if participant else "program"})
 
-    def _record_failure(self, ledger: Ledger, units: list[tuple[UnitWrite, str | None]], exc: FhirHttpError,
+    def _record_failure(self, ledger: Ledger, units: list[PendingWrite], exc: FhirHttpError,
                         participant: str | None) -> None:
         detail = f"HTTP {exc.status}: {exc.outcome.text()}"[:500]
-        for unit, unit_hash in units:
+        for unit, unit_hash in ((w.unit, w.unit_hash) for w in units):
             if exc.action is Action.REVIEW:
                 state, counter = UnitState.REVIEW, "in_review"
                 ledger.open_review(unit.unit_key, "duplicate-on-server", detail, RUN_ID.get())
@@ -377,22 +339,13 @@ class Writer:
 
     def _void_remote(self, ledger: Ledger, unit_key: str, kind: str, participant: str | None) -> None:
         """A record gone from the source: mark its resources entered-in-error (read, set status, update by id)."""
-        resources = ledger.resources_of(unit_key)
-        entries = []
-        for res in resources:
-            resource_type, server_id = res.resource_type, res.server_id
-            if resource_type not in STATUS_ELEMENT:
-                continue
-            resource = self.client.read(resource_type, server_id)
-            resource[STATUS_ELEMENT[resource_type]] = "entered-in-error"
-            resource.pop("meta", None)
-            entries.append({"resource": resource, "request": {"method": "PUT", "url": f"{resource_type}/{server_id}"}})
-        if entries:
-            prov = map_provenance([f"{e['request']['url']}" for e in entries], activity="NULLIFY", author=None,
-                                  recorded=self.clock(), ctx=self.opts.ctx)
-            entries.append({"resource": prov, "request": {"method": "POST", "url": "Provenance"}})
+        current = [self.client.read(res.resource_type, res.server_id) for res in ledger.resources_of(unit_key)
+                   if res.resource_type in STATUS_ELEMENT and res.server_id]
+        bundle = void_bundle(unit_key, current, ctx=self.opts.ctx, recorded=self.clock(),
+                             conditional_provenance=self.plan.provenance_conditional_create)
+        if bundle is not None:
             try:
-                self.client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+                self.client.transaction(bundle)
             except FhirHttpError as exc:
                 ledger.record_state(unit_key, kind=kind, participant=participant, state=UnitState.QUARANTINED,
                                     detail=f"void failed: HTTP {exc.status}: {exc.outcome.text()}", run_id=RUN_ID.get())
@@ -427,19 +380,14 @@ class Writer:
     # -- helpers ---------------------------------------------------------------------------------------
 
     def _mark_all(self, staging: Staging, ledger: Ledger, participant: str, state: UnitState, detail: str) -> None:
-        for unit_key, kind, _sid, unit_hash, _action in units_to_write(staging, participant):
-            if ledger.is_settled(unit_key, unit_hash):
+        for unit in units_to_write(staging, participant):
+            if ledger.is_settled(unit.unit_key, unit.unit_hash):
                 continue
-            ledger.record_state(unit_key, kind=kind, participant=participant, state=state, detail=detail,
-                                run_id=RUN_ID.get(), attempt_hash=unit_hash)
+            ledger.record_state(unit.unit_key, kind=unit.kind, participant=participant, state=state, detail=detail,
+                                run_id=RUN_ID.get(), attempt_hash=unit.unit_hash)
             self._count("pending")
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._counts_lock:
             self.counts[name] += n
 
-
-def _unresolved_reference(exc: FhirHttpError) -> bool:
-    """The server could not resolve a reference (HAPI-1091 conditional, HAPI-1094 literal, or 404)."""
-    text = exc.outcome.text()
-    return exc.status == 404 or "HAPI-1091" in text or "HAPI-1094" in text

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import sqlite3
 import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +27,31 @@ import orjson
 import requests
 
 from connector.identifiers import parse_conditional_reference, token_query
+from connector.map import change_set_author
 from connector.map._util import compact
 from connector.map.units import (
-    map_global_unit,
+    iter_planned_units,
     map_global_units,
     map_participant_units,
+    map_planned_global_units,
     participant_unit_keys,
 )
 from connector.model import Enrollment, RecordKind
 from connector.ops.logs import new_run_id
 from connector.plan.ledger import Ledger
-from connector.plan.planner import compute_plan, participants_to_write, units_to_write
+from connector.plan.planner import (
+    compute_plan,
+    participants_to_write,
+    program_fingerprint,
+    units_to_write,
+)
 from connector.read.program import read_program
 from connector.read.staging import Staging
-from connector.run import RunSummary, Syncer, program_fingerprint
+from connector.run import RunSummary, Syncer
 from connector.wiring import build_client, sync_options
-from connector.write.bundle import UnitWrite, identity_of
+from connector.write.bundle import Identity, UnitWrite, identity_of
+from connector.write.changeset import build_change_set
+from connector.write.decisions import chunk_writes
 
 from .common import HEADERS, BenchProgram, Timer
 
@@ -113,68 +122,53 @@ def _participant_units(staging: Staging, participant: str, ctx: Any) -> tuple[En
 
 
 class _KnownIds:
-    """What Syncer._build asks the ledger: the server ids of the program-wide resources (posted first)."""
+    """What the writer asks the ledger: the server ids of the program-wide resources (posted first)."""
 
-    def __init__(self, known: dict[tuple[str, str, str], str]) -> None:
+    def __init__(self, known: dict[Identity, str]) -> None:
         self.known = known
 
-    def server_ids(self, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], str]:
-        return {k: self.known[k] for k in keys if k in self.known}
+    def resolve(self, identity: Identity) -> str | None:
+        return self.known.get(identity)
 
 
 def prebuild_bundles(program: BenchProgram) -> tuple[list[bytes], int]:
     """Post the program-wide bundle (setup, not timed), then build every participant's transactions exactly as
-    ``peersync sync`` would: the plan's units and hashes, the same mapping, chunking and bundle builder
-    (``Syncer._build``: literal Patient and program-wide references, a conditional-create Provenance).
+    ``peersync sync`` would: the plan's units and hashes, the same mapping, chunking and change-set builder
+    (literal Patient and program-wide references, a conditional-create Provenance).
     Returns (serialized bundles, program resources in them)."""
     settings = program.settings()
     opts = sync_options(settings)
     ctx = opts.ctx
-    syncer = Syncer(opts, build_client(settings))
-    syncer._conditional_types = None  # conditional updates for every type, as against HAPI
+    recorded = datetime.now(UTC)
     bodies: list[bytes] = []
     resources = 0
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, _staged(program, Path(tmp)) as staging, \
             Ledger(Path(tmp) / "empty-ledger.sqlite") as empty:
         compute_plan(staging, empty, program_id=ctx.program_id, fingerprint=program_fingerprint(ctx))
-        global_units = [(unit, unit_hash) for _key, kind, source_id, unit_hash, _a in units_to_write(staging, None)
-                        if (unit := map_global_unit(staging, kind, source_id, ctx)) is not None]
-        built = syncer._build(_KnownIds({}), global_units, None, None)
+        global_units = map_planned_global_units(staging, units_to_write(staging, None), ctx)
+        built = build_change_set(global_units, ctx=ctx, patient=None, resolve=lambda _identity: None, author=None,
+                                 recorded=recorded)
         response = requests.post(program.setup_url, data=orjson.dumps(built.bundle), headers=HEADERS, timeout=600)
         response.raise_for_status()
-        known: dict[tuple[str, str, str], str] = {}
+        known: dict[Identity, str] = {}
         for (_unit, identity), entry in zip(built.entries, response.json()["entry"], strict=False):
             known[identity] = entry["response"]["location"].split("/")[1]
         ledger = _KnownIds(known)
         for participant in participants_to_write(staging):
-            rows = units_to_write(staging, participant)
+            planned = units_to_write(staging, participant)
             enrollment = staging.record(RecordKind.ENROLLMENT, participant)
             assert isinstance(enrollment, Enrollment)
             patient_id = program.patient_ids.get(enrollment.mrn)
             if not patient_id:
                 continue  # no Patient or two: peersync sends this participant to review and writes nothing
-            hashes = {unit_key: unit_hash for unit_key, _k, _s, unit_hash, _a in rows}
-            units = map_participant_units(staging, participant, [(kind, sid) for _u, kind, sid, _h, _a in rows], ctx)
             patient = (("Patient", enrollment.mrn_system or program.mrn_system, enrollment.mrn), f"Patient/{patient_id}")
-            author = ctx.ref("PractitionerRole", "role", enrollment.supporter_id)["reference"]
-            for chunk in _chunks(units, opts.max_bundle_entries):
-                bundle = syncer._build(ledger, [(u, hashes.get(u.unit_key)) for u in chunk], patient, author)
+            author = change_set_author(enrollment, ctx)
+            for chunk in chunk_writes(iter_planned_units(staging, participant, planned, ctx), opts.max_bundle_entries):
+                bundle = build_change_set(chunk, ctx=ctx, patient=patient, resolve=ledger.resolve, author=author,
+                                          recorded=recorded)
                 bodies.append(orjson.dumps(bundle.bundle))
                 resources += len(bundle.entries)
     return bodies, resources
-
-
-def _chunks(units: list[UnitWrite], max_entries: int) -> Iterator[list[UnitWrite]]:
-    chunk: list[UnitWrite] = []
-    size = 0
-    for unit in units:  # the same rule as Syncer._write_participant
-        if chunk and size + len(unit.resources) > max_entries:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(unit)
-        size += len(unit.resources)
-    if chunk:
-        yield chunk
 
 
 def post_bundles(base_url: str, bodies: list[bytes], resources: int, *, concurrency: int) -> WriteResult:

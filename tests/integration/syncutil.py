@@ -23,10 +23,15 @@ from connector.model import RecordKind
 from connector.ops.config import Settings, load_settings
 from connector.ops.landed import PROGRAM_RESOURCES
 from connector.ops.logs import new_run_id
-from connector.plan.planner import Act, compute_plan, units_to_write
+from connector.plan.planner import (
+    Act,
+    compute_plan,
+    program_fingerprint,
+    units_to_write,
+)
 from connector.read.program import read_program
 from connector.read.staging import Staging
-from connector.run import RunSummary, Syncer, program_fingerprint
+from connector.run import RunSummary, Syncer
 from connector.wiring import build_client, sync_options
 
 REPO = Path(__file__).resolve().parents[2]

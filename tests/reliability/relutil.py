@@ -378,7 +378,7 @@ class Verdict:
     """What the invariant check measured for one program."""
 
     sent: int  # business-identifier resources on the server
-    duplicates: int  # identifiers matching more than one resource
+    duplicates: int  # identifiers matching more than one resource, and change-sets with more than one Provenance
     lost: int  # resources a clean sync has that are missing here
     extra: int  # resources here that a clean sync does not have
     content_mismatches: int
@@ -397,6 +397,7 @@ def measure(rel: RelProgram, reference: dict[tuple[str, str], Any] | None,
     program = rel.program
     found = found if found is not None else server_resources(program)
     duplicates = {k: len(v) for k, v in found.items() if len(v) != 1}
+    duplicates.update({("Provenance", code): n for code, n in provenance_duplicates(program).items()})
     expected = expected_identities(program, set(rel.review))
     by_type: dict[str, int] = {}
     for key in found:
@@ -429,6 +430,30 @@ def check_invariant(rel: RelProgram, reference: dict[tuple[str, str], Any] | Non
 def versions(program: Program) -> dict[tuple[str, str], list[str]]:
     """(type, kind|value) -> the versionIds on the server (to prove a failed run wrote nothing)."""
     return {k: sorted(r["meta"]["versionId"] for r in v) for k, v in server_resources(program).items()}
+
+
+def provenance_duplicates(program: Program) -> dict[str, int]:
+    """Change-set codes (meta.tag) that more than one of the program's Provenances carry: every Provenance is a
+    conditional create on its change-set tag, so a replayed change-set must find the first one."""
+    ctx = program.context()
+    tag_system = f"{ctx.meta_source}/change-set"
+    per_code: dict[str, int] = {}
+    untagged = 0
+    url: str | None = f"{program.base_url}/Provenance?_source={ctx.meta_source}&_elements=meta&_count=500"
+    while url:
+        bundle = requests.get(url, timeout=120).json()
+        for entry in bundle.get("entry", []):
+            codes = [t.get("code") for t in entry["resource"].get("meta", {}).get("tag", [])
+                     if t.get("system") == tag_system]
+            if not codes:
+                untagged += 1
+            for code in codes:
+                per_code[code] = per_code.get(code, 0) + 1
+        url = next((link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None)
+    duplicates = {code: n for code, n in per_code.items() if n > 1}
+    if untagged:
+        duplicates["(no change-set tag)"] = untagged  # a Provenance posted without its condition
+    return duplicates
 
 
 def provenance_count(program: Program) -> int:

@@ -34,14 +34,16 @@ INVARIANT = """\
 Every scenario that writes ends with the same check (`tests/reliability/relutil.py: check_invariant`, which also
 runs `tests/integration/syncutil.py: assert_clean_state`):
 
-- **no duplicates**: every business identifier of the program matches exactly one resource on the server;
+- **no duplicates**: every business identifier of the program matches exactly one resource on the server, and
+  every change-set (the Provenance's `meta.tag`) exactly one Provenance;
 - **nothing lost, nothing extra**: the per-type counts equal what a clean sync of the same inputs produces;
 - **same content**: every resource equals the one a clean sync of the same inputs wrote into a fresh program id
   (statuses, descriptions, notes, codes, references; server ids and program-specific ids normalised);
 - **a truthful ledger**: nothing is marked sent that the server does not hold under the id the ledger recorded.
 
 *Records sent* counts the program's business-identifier resources on the server at the end of each run
-(summed over runs); *duplicates* counts identifiers matching more than one resource; *lost* counts resources
+(summed over runs); *duplicates* counts identifiers matching more than one resource and change-sets with more
+than one Provenance; *lost* counts resources
 missing (or extra) against a clean sync; *PHI hits* counts sensitive fixture values found in peersync's output.
 A dash means "not measured by this scenario"."""
 

@@ -204,9 +204,8 @@ def test_unreadable_capability_statement_falls_back_to_conditional_writes() -> N
     from connector.write.writer import Writer
 
     responses.get(BASE + "/metadata", status=400, json=outcome("invalid", "HAPI-1821: bad request"))
-    syncer = Writer.__new__(Writer)  # only the capability check is under test
-    syncer.client = FhirClient(BASE, retry=FAST)
-    syncer.opts = type("Opts", (), {"write_mode": "auto"})()
-    syncer._conditional_types = {"Goal"}
-    syncer._check_capabilities()
-    assert syncer._conditional_types is None and syncer._uses_conditional("Communication")
+    writer = Writer.__new__(Writer)  # only the capability check is under test
+    writer.client = FhirClient(BASE, retry=FAST)
+    writer.opts = type("Opts", (), {"write_mode": "auto"})()
+    plan = writer._write_plan()
+    assert plan.conditional_types is None and plan.uses_conditional("Communication")

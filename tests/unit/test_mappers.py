@@ -406,6 +406,7 @@ def test_public_api() -> None:
         "DEFAULT_TERMINOLOGY_BASE",
         "US_CORE_PROFILES",
         "MappingContext",
+        "change_set_author",
         "map_cbo",
         "map_contact",
         "map_enrollment",

@@ -51,9 +51,10 @@ def plan_for(tmp: Path, ledger: Ledger, contact_rows: list[list[str]], fingerpri
 def confirm_all(staging: Staging, ledger: Ledger) -> None:
     """Pretend the server confirmed every planned write."""
     for participant in [None, "E1", "E2"]:
-        for unit_key, kind, _sid, unit_hash, action in units_to_write(staging, participant):
-            ledger.record_confirmed(unit_key, kind=kind, participant=participant, unit_hash=unit_hash or "",
-                                    voided=action == "void", patient_id="p", resources=[], detail="200", run_id="r")
+        for unit in units_to_write(staging, participant):
+            ledger.record_confirmed(unit.unit_key, kind=unit.kind, participant=participant,
+                                    unit_hash=unit.unit_hash or "", voided=unit.action is Act.VOID, patient_id="p",
+                                    resources=[], detail="200", run_id="r")
 
 
 @pytest.fixture()
@@ -107,9 +108,9 @@ def test_rejected_row_is_not_a_deletion(tmp_path: Path, ledger: Ledger) -> None:
 
 def test_quarantined_content_is_not_resent_until_it_changes(tmp_path: Path, ledger: Ledger) -> None:
     staging, _ = plan_for(tmp_path, ledger, contacts(4))
-    for unit_key, kind, _sid, unit_hash, _a in units_to_write(staging, "E1"):
-        ledger.record_state(unit_key, kind=kind, participant="E1", state=UnitState.QUARANTINED, detail="400",
-                            run_id="r", attempt_hash=unit_hash)
+    for unit in units_to_write(staging, "E1"):
+        ledger.record_state(unit.unit_key, kind=unit.kind, participant="E1", state=UnitState.QUARANTINED,
+                            detail="400", run_id="r", attempt_hash=unit.unit_hash)
     staging.close()
     staging, plan = plan_for(tmp_path, ledger, contacts(4))
     assert plan.total(Act.QUARANTINED) == 3  # E1's enrollment + C1 + C3

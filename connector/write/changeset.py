@@ -1,0 +1,110 @@
+"""Change-sets: the transaction a sync sends (and ``peersync map`` writes) for a group of units, with its Provenance.
+
+Every Provenance peersync posts carries a change-set tag in ``meta.tag`` and is a conditional create on that
+tag (``ifNoneExist: _tag=...``): a replay of the same change-set (a lost response, a crash between the server's
+commit and the ledger write, a lost ledger) finds the first Provenance instead of adding another. The rule is
+written here once, for the units' transactions and for voids alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+from connector.identifiers import token_query
+from connector.map import MappingContext, map_provenance
+from connector.write.bundle import (
+    BuiltBundle,
+    Identity,
+    PendingWrite,
+    build_transaction,
+)
+
+# Where each resource type keeps the status that entered-in-error goes into.
+STATUS_ELEMENT = {
+    "Goal": "lifecycleStatus",
+    "CarePlan": "status",
+    "CareTeam": "status",
+    "Communication": "status",
+    "CommunicationRequest": "status",
+    "ServiceRequest": "status",
+    "Task": "status",
+}
+
+
+def change_set_code(parts: Iterable[str]) -> str:
+    """The change-set code of a set of parts (order does not matter): the same parts, the same code."""
+    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:32]
+
+
+def units_change_set(writes: Iterable[PendingWrite]) -> str:
+    """The change-set code of a group of units: their keys and hashes (a changed unit is a new change-set)."""
+    return change_set_code(f"{w.unit.unit_key}={w.unit_hash}" for w in writes)
+
+
+def void_change_set(unit_key: str, references: Iterable[str]) -> str:
+    """The change-set code of voiding a unit's resources (``Type/id`` references)."""
+    return change_set_code([unit_key, "void", *references])
+
+
+def change_set_tag_system(ctx: MappingContext) -> str:
+    """The ``meta.tag`` system of this program's change-set codes."""
+    return f"{ctx.meta_source}/change-set"
+
+
+def provenance_condition(ctx: MappingContext, code: str) -> str:
+    """The ``ifNoneExist`` that finds an earlier Provenance of the same change-set."""
+    return f"_tag={token_query(change_set_tag_system(ctx), code)}"
+
+
+def change_set_provenance(targets: Sequence[str], *, code: str, activity: Literal["CREATE", "UPDATE", "NULLIFY"],
+                          author: str | None, recorded: datetime, ctx: MappingContext) -> dict[str, Any]:
+    """The Provenance of a change-set over ``targets``, tagged with its change-set code."""
+    prov = map_provenance(targets, activity=activity, author=author, recorded=recorded, ctx=ctx)
+    prov.setdefault("meta", {}).setdefault("tag", []).append({"system": change_set_tag_system(ctx), "code": code})
+    return prov
+
+
+def build_change_set(writes: Sequence[PendingWrite], *, ctx: MappingContext, patient: tuple[Identity, str] | None,
+                     resolve: Callable[[Identity], str | None], author: str | None, recorded: datetime,
+                     conditional_provenance: bool = True) -> BuiltBundle:
+    """The transaction for a group of units: their conditional updates, then the change-set's Provenance.
+
+    ``patient`` and ``resolve`` say how references are rewritten (see :func:`build_transaction`); ``map`` passes
+    no Patient and resolves nothing, so its references stay conditional. ``conditional_provenance`` is False
+    only for a server that declares it cannot do a conditional create on Provenance.
+    """
+    code = units_change_set(writes)
+    activity: Literal["UPDATE", "NULLIFY"] = "NULLIFY" if all(w.unit.voided for w in writes) else "UPDATE"
+
+    def provenance(targets: list[str]) -> dict[str, Any]:
+        return change_set_provenance(targets, code=code, activity=activity, author=author, recorded=recorded, ctx=ctx)
+
+    return build_transaction([w.unit for w in writes], patient=patient, resolve=resolve, provenance=provenance,
+                             provenance_condition=provenance_condition(ctx, code) if conditional_provenance else None)
+
+
+def void_bundle(unit_key: str, current: Sequence[dict[str, Any]], *, ctx: MappingContext, recorded: datetime,
+                conditional_provenance: bool = True) -> dict[str, Any] | None:
+    """The transaction that marks a unit's resources entered-in-error (``current``: as read from the server),
+    with a NULLIFY Provenance of the void's change-set. None when no resource has a status to set."""
+    entries: list[dict[str, Any]] = []
+    for resource in current:
+        resource_type = resource["resourceType"]
+        if resource_type not in STATUS_ELEMENT:
+            continue
+        voided = {k: v for k, v in resource.items() if k != "meta"}  # the server sets meta; ours would conflict
+        voided[STATUS_ELEMENT[resource_type]] = "entered-in-error"
+        entries.append({"resource": voided, "request": {"method": "PUT", "url": f"{resource_type}/{resource['id']}"}})
+    if not entries:
+        return None
+    targets = [e["request"]["url"] for e in entries]
+    code = void_change_set(unit_key, targets)
+    request = {"method": "POST", "url": "Provenance"}
+    if conditional_provenance:
+        request["ifNoneExist"] = provenance_condition(ctx, code)
+    prov = change_set_provenance(targets, code=code, activity="NULLIFY", author=None, recorded=recorded, ctx=ctx)
+    entries.append({"resource": prov, "request": request})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
