@@ -6,7 +6,7 @@ SERVER := tests/fhir-server/server.sh
 DEMO_CONFIG := fixtures/demo/peersync.toml
 PYTEST_ARGS ?=
 
-.PHONY: install server server-stop demo test test-unit reliability reliability-report bench clean
+.PHONY: install server server-stop demo test test-unit wheel-check reliability reliability-report bench clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+
+# The installable product: build the wheel, install it into a fresh virtualenv outside the repository and run
+# check, map, profile check, config check and validate --offline on the demo there (tests/packaging/wheel_check.sh).
+wheel-check:
+	PYTHON=$(PYTHON) bash tests/packaging/wheel_check.sh
 
 # The long reliability variant (30 seeded runs per multi-run scenario), then docs/reliability.md from its results.
 # `make test` runs the same suite with short default run counts.
