@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -34,59 +35,67 @@ from connector.write.bundle import UnitWrite, build_transaction
 def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_dir: Path, staging: Staging,
                 *, recorded: datetime | None = None, max_bundle_entries: int = 100) -> dict[str, Any]:
     """Read, map and write every record; return the summary (also written as summary.json)."""
-    recorded = recorded or datetime.now(UTC)
     report: ReadReport = read_program(profile, inputs, staging)
     bundles_dir = out_dir / "bundles"
     bundles_dir.mkdir(parents=True, exist_ok=True)
     ndjson: dict[str, IO[bytes]] = {}
     counts: Counter[str] = Counter()
     bundles = 0
-
-    def emit(name: str, units: list[UnitWrite], author: str | None) -> None:
-        def provenance(targets: list[str]) -> dict[str, Any]:
-            return map_provenance(targets, activity="UPDATE", author=author, recorded=recorded, ctx=ctx)
-
-        nonlocal bundles
-        bundles += 1
-        built = build_transaction(units, patient=None, resolve=lambda identity: None, provenance=provenance)
-        (bundles_dir / f"{name}.json").write_bytes(orjson.dumps(built.bundle, option=orjson.OPT_INDENT_2))
-        for entry in built.bundle["entry"]:
-            resource = entry["resource"]
-            resource_type = resource["resourceType"]
-            if resource_type not in ndjson:
-                ndjson[resource_type] = (out_dir / f"{resource_type}.ndjson").open("wb")
-            ndjson[resource_type].write(orjson.dumps(resource) + b"\n")
-            counts[resource_type] += 1
-
     try:
-        emit("_program", map_global_units(staging, ctx), None)
-        participants = staging.participants()
-        for participant in participants:
-            units = participant_unit_keys(staging, participant)
-            enrollment = staging.record(RecordKind.ENROLLMENT, participant)
-            author = ctx.ref("PractitionerRole", "role", enrollment.supporter_id)["reference"] if enrollment else None
-            name = f"participant-{identifier_value(participant)}"
-            chunk: list[UnitWrite] = []
-            size = part = 0
-            for unit in iter_participant_units(staging, participant, units, ctx):
-                if chunk and size + len(unit.resources) > max_bundle_entries:  # the rule of Syncer
-                    part += 1
-                    emit(name if part == 1 else f"{name}-{part}", chunk, author)
-                    chunk, size = [], 0
-                chunk.append(unit)
-                size += len(unit.resources)
-            if chunk or part == 0:
-                part += 1
-                emit(name if part == 1 else f"{name}-{part}", chunk, author)
+        for name, bundle in iter_bundles(staging, ctx, recorded=recorded, max_bundle_entries=max_bundle_entries):
+            bundles += 1
+            (bundles_dir / f"{name}.json").write_bytes(orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
+            for entry in bundle["entry"]:
+                resource = entry["resource"]
+                resource_type = resource["resourceType"]
+                if resource_type not in ndjson:
+                    ndjson[resource_type] = (out_dir / f"{resource_type}.ndjson").open("wb")
+                ndjson[resource_type].write(orjson.dumps(resource) + b"\n")
+                counts[resource_type] += 1
     finally:
         for handle in ndjson.values():
             handle.close()
     summary = {
         "read": report.as_dict(),
-        "participants": len(participants),
+        "participants": len(staging.participants()),
         "bundles": bundles,
         "resources": dict(sorted(counts.items())),
         "out_dir": str(out_dir),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def iter_bundles(staging: Staging, ctx: MappingContext, *, recorded: datetime | None = None,
+                 max_bundle_entries: int = 100) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, transaction bundle) for what a sync would send of the staged records: the program-wide bundle
+    (``_program``), then each participant's (``participant-<id>``, ``-2``, ... when split), Provenance included.
+
+    ``peersync map`` writes these; ``peersync validate`` checks them.
+    """
+    recorded = recorded or datetime.now(UTC)
+
+    def build(units: list[UnitWrite], author: str | None) -> dict[str, Any]:
+        def provenance(targets: list[str]) -> dict[str, Any]:
+            return map_provenance(targets, activity="UPDATE", author=author, recorded=recorded, ctx=ctx)
+
+        return build_transaction(units, patient=None, resolve=lambda identity: None, provenance=provenance).bundle
+
+    yield "_program", build(map_global_units(staging, ctx), None)
+    for participant in staging.participants():
+        units = participant_unit_keys(staging, participant)
+        enrollment = staging.record(RecordKind.ENROLLMENT, participant)
+        author = ctx.ref("PractitionerRole", "role", enrollment.supporter_id)["reference"] if enrollment else None
+        name = f"participant-{identifier_value(participant)}"
+        chunk: list[UnitWrite] = []
+        size = part = 0
+        for unit in iter_participant_units(staging, participant, units, ctx):
+            if chunk and size + len(unit.resources) > max_bundle_entries:  # the rule of Syncer
+                part += 1
+                yield (name if part == 1 else f"{name}-{part}"), build(chunk, author)
+                chunk, size = [], 0
+            chunk.append(unit)
+            size += len(unit.resources)
+        if chunk or part == 0:
+            part += 1
+            yield (name if part == 1 else f"{name}-{part}"), build(chunk, author)
