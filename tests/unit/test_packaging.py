@@ -96,3 +96,21 @@ ledger = "state/ledger.sqlite"
         terminology._concepts.cache_clear()
     assert [c.status for c in failed.checks if c.name == "assets.terminology"] == [Status.FAIL]
     assert failed.exit_code() == 78
+
+
+# The import name of each runtime dependency (the distribution names differ for some).
+_IMPORT_NAMES = {"fhir.resources": "fhir.resources", "pydantic": "pydantic", "pydantic-settings": "pydantic_settings",
+                 "requests": "requests", "urllib3": "urllib3", "click": "click", "PyYAML": "yaml",
+                 "openpyxl": "openpyxl", "orjson": "orjson", "filelock": "filelock", "PyJWT": "jwt",
+                 "cryptography": "cryptography"}
+
+
+def test_every_runtime_dependency_is_imported_by_the_package() -> None:
+    import re
+
+    declared = [re.split(r"[\[<>=]", d, maxsplit=1)[0] for d in PYPROJECT["project"]["dependencies"]]
+    assert sorted(declared) == sorted(_IMPORT_NAMES)
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "connector").rglob("*.py"))
+    unused = [name for name, module in _IMPORT_NAMES.items()
+              if not re.search(rf"^\s*(from|import) {re.escape(module)}\b", source, re.MULTILINE)]
+    assert unused == [], f"declared but never imported: {unused}"
