@@ -479,18 +479,23 @@ def validate(config_path: Path | None, profile_ref: str | None, inputs: tuple[Pa
         settings = _settings(config_path)
         loaded, sources = load_profile(settings.source.profile), list(settings.source.inputs)
         ctx = mapping_context(settings)
-    if not offline and settings is None and not server_url:
-        raise click.UsageError("give --server URL (or --offline) with --profile")
+    client = None
+    if not offline:
+        from connector.wiring import anonymous_client, build_client
+
+        if server_url:
+            client = anonymous_client(server_url)
+        elif settings is not None:
+            client = build_client(settings)
+        else:
+            raise click.UsageError("give --server URL (or --offline) with --profile")
     with tempfile.TemporaryDirectory(prefix="peersync-validate-") as tmp, \
             Staging(Path(tmp) / "staging.sqlite") as staging:
         read = read_program(loaded, sources, staging).as_dict()["total"]
         resources = checks.resources_of(iter_bundles(staging, ctx))
-        if offline:
+        if client is None:
             report = checks.validate_offline(resources)
         else:
-            from connector.wiring import anonymous_client, build_client
-
-            client = anonymous_client(server_url) if server_url else build_client(settings)
             if load_us_core:
                 loaded_count = checks.load_us_core(client, terminology_base=ctx.terminology_base)
                 log.info("loaded %d conformance resources", loaded_count)
