@@ -6,7 +6,7 @@ SERVER := tests/fhir-server/server.sh
 DEMO_CONFIG := fixtures/demo/peersync.toml
 PYTEST_ARGS ?=
 
-.PHONY: install server server-stop demo test test-unit coverage reliability reliability-report bench clean
+.PHONY: install server server-stop demo test test-unit coverage wheel-check reliability reliability-report bench clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ test-unit: install
 # Unit-test coverage of the write stage and the sync run (the figure issue 13 asks to keep at 85% or more).
 coverage: install
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit --cov=connector.write --cov=connector.run --cov-report=term $(PYTEST_ARGS)
+
+# The installable product: build the wheel, install it into a fresh virtualenv outside the repository and run
+# check, map, profile check, config check and validate --offline on the demo there (tests/packaging/wheel_check.sh).
+wheel-check:
+	PYTHON=$(PYTHON) bash tests/packaging/wheel_check.sh
 
 # The long reliability variant (30 seeded runs per multi-run scenario), then docs/reliability.md from its results.
 # `make test` runs the same suite with short default run counts.

@@ -437,6 +437,91 @@ def terminology_publish(config_path: Path | None, dry_run: bool) -> None:
                f"({', '.join(sorted(set(statuses)))})")
 
 
+@main.command()
+@config_option
+@click.option("--profile", "profile_ref", help="Mapping profile (file, folder or shipped name), with INPUTS "
+              "instead of --config.")
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--server", "server_url", help="FHIR base URL of a test server (no credentials), instead of the "
+              "configured server.")
+@click.option("--offline", is_flag=True, help="Check structure with the fhir.resources models; no server.")
+@click.option("--load-us-core", is_flag=True, help="First put the shipped US Core 6.1.0 conformance resources and "
+              "our terminology on the server (test servers only: it writes them).")
+@click.option("--base-only", is_flag=True, help="Validate against base R4 only, not the US Core profiles.")
+@click.option("--json", "as_json", is_flag=True, help="Print the grouped findings as JSON on stdout.")
+@logging_options
+@translate_errors
+def validate(config_path: Path | None, profile_ref: str | None, inputs: tuple[Path, ...], server_url: str | None,
+             offline: bool, load_us_core: bool, base_only: bool, as_json: bool) -> None:
+    """Check what a sync would write: $validate against base R4 and US Core 6.1.0, or --offline for structure.
+
+    Give --config FILE, or --profile PROFILE INPUTS... (with --server URL unless --offline). Writes nothing
+    but, with --load-us-core, the conformance resources. Exits 65 when any resource has an error, 0 otherwise.
+    """
+    from connector.map import MappingContext
+    from connector.map.export import iter_bundles
+    from connector.ops import validate as checks
+    from connector.read.profile import load_profile
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    if profile_ref is not None:
+        if not inputs:
+            raise click.UsageError("--profile needs INPUTS (files or folders)")
+        settings = None
+        loaded, sources = load_profile(profile_ref), list(inputs)
+        ctx = MappingContext.from_profile(loaded)
+    elif inputs:
+        raise click.UsageError("INPUTS go with --profile; with --config the inputs come from the configuration")
+    else:
+        from connector.wiring import mapping_context
+
+        settings = _settings(config_path)
+        loaded, sources = load_profile(settings.source.profile), list(settings.source.inputs)
+        ctx = mapping_context(settings)
+    client = None
+    if not offline:
+        from connector.wiring import anonymous_client, build_client
+
+        if server_url:
+            client = anonymous_client(server_url)
+        elif settings is not None:
+            client = build_client(settings)
+        else:
+            raise click.UsageError("give --server URL (or --offline) with --profile")
+    with tempfile.TemporaryDirectory(prefix="peersync-validate-") as tmp, \
+            Staging(Path(tmp) / "staging.sqlite") as staging:
+        read = read_program(loaded, sources, staging).as_dict()["total"]
+        resources = checks.resources_of(iter_bundles(staging, ctx))
+        if client is None:
+            report = checks.validate_offline(resources)
+        else:
+            if load_us_core:
+                loaded_count = checks.load_us_core(client, terminology_base=ctx.terminology_base)
+                log.info("loaded %d conformance resources", loaded_count)
+            report = checks.validate_on_server(client, resources, us_core=not base_only)
+    result = report.as_dict() | {"read": read}
+    if as_json:
+        _echo_json(result)
+    else:
+        _print_validation(result)
+    sys.exit(int(report.exit_code()))
+
+
+def _print_validation(result: dict[str, Any]) -> None:
+    checked = sum(result["resources"].values())
+    click.echo(f"checked {checked} resources ({result['checks']} checks, {result['mode']}): "
+               f"{result['errors']} errors, {result['warnings']} warnings")
+    if result["read"]["rejected"]:
+        click.echo(f"not checked: {result['read']['rejected']} rejected rows (see peersync check)")
+    for group in result["groups"]:
+        if group["severity"] == "information":
+            continue
+        where = f" at {', '.join(group['locations'])}" if group["locations"] else ""
+        click.echo(f"{group['severity'].upper():<8}{group['count']:>6}x {group['resource_type']} "
+                   f"[{group['profile']}]{where}: {group['message']}")
+
+
 # -- sync, plan, status, review ------------------------------------------------------------------------
 
 @main.command()

@@ -40,6 +40,11 @@ def build_client(settings: Settings, *, ready_auth: bool = True) -> FhirClient:
     return client
 
 
+def anonymous_client(base_url: str) -> FhirClient:
+    """A client without credentials, for a test server given on the command line (``validate --server``)."""
+    return FhirClient(check_url_safety(base_url), session=new_session(user_agent=USER_AGENT))
+
+
 def mapping_context(settings: Settings) -> MappingContext:
     """The mapping context: the profile's program block with the deployment's overrides."""
     profile = load_profile(settings.source.profile)

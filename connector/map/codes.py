@@ -6,6 +6,7 @@ peersync's own codes take their display from ``mappings/terminology/`` via :mod:
 
 from __future__ import annotations
 
+from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
@@ -13,12 +14,15 @@ from connector.map import terminology
 from connector.model import (
     Behavior,
     ContactMode,
+    ContactSetting,
     EnrollmentStatus,
+    EssentialElement,
     GoalSetBy,
     NeedCategory,
     PlannedStatus,
     ReferralStatus,
     SupporterTitle,
+    SupportType,
     TargetMeasure,
 )
 
@@ -54,6 +58,27 @@ CS_CONTACT_MODE = "peer-contact-mode"
 CS_CONTACT_SETTING = "peer-contact-setting"
 CS_CAREPLAN_KIND = "careplan-kind"
 CS_REFERRAL_NEED = "referral-need"
+
+# Source vocabularies written as codes of ours: the terminology files must define every value.
+SOURCE_CODE_SYSTEMS: dict[str, type[StrEnum]] = {
+    CS_ESSENTIAL_ELEMENT: EssentialElement,
+    CS_SUPPORT_TYPE: SupportType,
+    CS_ADCES7: Behavior,
+    CS_SUPPORTER_TITLE: SupporterTitle,
+    CS_CONTACT_SETTING: ContactSetting,
+    CS_REFERRAL_NEED: NeedCategory,
+}
+
+
+def undefined_codes() -> list[str]:
+    """``system#code`` for each source value the terminology files do not define (mapping it would fail).
+
+    Raises :class:`~connector.map.terminology.TerminologyError` when the files cannot be read at all.
+    """
+    defined = terminology.code_systems()
+    return [f"{cs_id}#{member.value}" for cs_id, enum in SOURCE_CODE_SYSTEMS.items()
+            for member in enum if member.value not in defined.get(cs_id, {})]
+
 
 # -- our extensions --------------------------------------------------------------------------------------------------
 EXT_CONTACT_DURATION = "contact-duration"

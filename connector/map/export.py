@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -47,52 +47,61 @@ from connector.write.decisions import chunk_writes
 def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_dir: Path, staging: Staging,
                 *, recorded: datetime | None = None, max_bundle_entries: int = 100) -> dict[str, Any]:
     """Read, map and write every record; return the summary (also written as summary.json)."""
-    recorded = recorded or datetime.now(UTC)
     report: ReadReport = read_program(profile, inputs, staging)
     bundles_dir = out_dir / "bundles"
     bundles_dir.mkdir(parents=True, exist_ok=True)
     ndjson: dict[str, IO[bytes]] = {}
     counts: Counter[str] = Counter()
     bundles = 0
-
-    def emit(name: str, writes: Iterable[PendingWrite], author: str | None) -> None:
-        nonlocal bundles
-        for part, chunk in enumerate(chunk_writes(writes, max_bundle_entries), start=1):
-            built = build_change_set(chunk, ctx=ctx, patient=None, resolve=lambda _identity: None, author=author,
-                                     recorded=recorded)
+    try:
+        for name, bundle in iter_bundles(staging, ctx, recorded=recorded, max_bundle_entries=max_bundle_entries):
             bundles += 1
-            file_name = name if part == 1 else f"{name}-{part}"
-            (bundles_dir / f"{file_name}.json").write_bytes(orjson.dumps(built.bundle, option=orjson.OPT_INDENT_2))
-            for entry in built.bundle["entry"]:
+            (bundles_dir / f"{name}.json").write_bytes(orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
+            for entry in bundle["entry"]:
                 resource = entry["resource"]
                 resource_type = resource["resourceType"]
                 if resource_type not in ndjson:
                     ndjson[resource_type] = (out_dir / f"{resource_type}.ndjson").open("wb")
                 ndjson[resource_type].write(orjson.dumps(resource) + b"\n")
                 counts[resource_type] += 1
-
-    # What a first sync writes: the plan against a ledger that holds nothing (thrown away afterwards).
-    with tempfile.TemporaryDirectory(prefix="peersync-map-") as tmp, Ledger(Path(tmp) / "empty.sqlite") as empty:
-        compute_plan(staging, empty, program_id=ctx.program_id, fingerprint=program_fingerprint(ctx))
-        try:
-            emit("_program", map_planned_global_units(staging, units_to_write(staging, None), ctx), None)
-            participants = participants_to_write(staging)
-            for participant in participants:
-                enrollment = staging.record(RecordKind.ENROLLMENT, participant)
-                author = change_set_author(enrollment if isinstance(enrollment, Enrollment) else None, ctx)
-                planned = units_to_write(staging, participant)
-                emit(f"participant-{identifier_value(participant)}",
-                     iter_planned_units(staging, participant, planned, ctx), author)
-        finally:
-            for handle in ndjson.values():
-                handle.close()
-            Ledger.detach_from(staging.db)
+    finally:
+        for handle in ndjson.values():
+            handle.close()
     summary = {
         "read": report.as_dict(),
-        "participants": len(participants),
+        "participants": len(staging.participants()),
         "bundles": bundles,
         "resources": dict(sorted(counts.items())),
         "out_dir": str(out_dir),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def iter_bundles(staging: Staging, ctx: MappingContext, *, recorded: datetime | None = None,
+                 max_bundle_entries: int = 100) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, transaction bundle) for what a first sync would send of the staged records: ``_program`` for the
+    program-wide resources, then each participant's (``participant-<id>``, ``-2``, ... when cut), with the
+    change-set Provenance. ``peersync map`` writes these; ``peersync validate`` checks them.
+    """
+    recorded = recorded or datetime.now(UTC)
+
+    def built(name: str, writes: Iterable[PendingWrite], author: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+        for part, chunk in enumerate(chunk_writes(writes, max_bundle_entries), start=1):
+            change_set = build_change_set(chunk, ctx=ctx, patient=None, resolve=lambda _identity: None,
+                                          author=author, recorded=recorded)
+            yield (name if part == 1 else f"{name}-{part}"), change_set.bundle
+
+    # What a first sync writes: the plan against a ledger that holds nothing (thrown away afterwards).
+    with tempfile.TemporaryDirectory(prefix="peersync-map-") as tmp, Ledger(Path(tmp) / "empty.sqlite") as empty:
+        compute_plan(staging, empty, program_id=ctx.program_id, fingerprint=program_fingerprint(ctx))
+        try:
+            yield from built("_program", map_planned_global_units(staging, units_to_write(staging, None), ctx), None)
+            for participant in participants_to_write(staging):
+                enrollment = staging.record(RecordKind.ENROLLMENT, participant)
+                author = change_set_author(enrollment if isinstance(enrollment, Enrollment) else None, ctx)
+                planned = units_to_write(staging, participant)
+                yield from built(f"participant-{identifier_value(participant)}",
+                                 iter_planned_units(staging, participant, planned, ctx), author)
+        finally:
+            Ledger.detach_from(staging.db)

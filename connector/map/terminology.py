@@ -1,6 +1,6 @@
 """peersync's own terminology: CodeSystems, ValueSets and extension definitions kept as FHIR JSON data.
 
-The files live in ``mappings/terminology/`` (data, not code). Mappers take code displays from them, so a
+The files live in ``mappings/terminology/`` (data, not code; found by :mod:`connector.assets`). Mappers take code displays from them, so a
 display is changed in one place; ``peersync terminology publish`` sends them to a server with
 :func:`terminology_bundle`.
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from connector.assets import terminology_dir
 from connector.errors import ConfigError
 from connector.map.context import DEFAULT_TERMINOLOGY_BASE
 
-TERMINOLOGY_DIR_NAME = "terminology"
 # The canonical base written in the data files: the default base (a deployment may publish under another).
 FILE_TERMINOLOGY_BASE = DEFAULT_TERMINOLOGY_BASE
 _KINDS = ("CodeSystem", "ValueSet", "StructureDefinition")
@@ -26,15 +26,6 @@ _KINDS = ("CodeSystem", "ValueSet", "StructureDefinition")
 
 class TerminologyError(ConfigError):
     """A terminology file is missing, unreadable or not a CodeSystem/ValueSet/StructureDefinition."""
-
-
-def terminology_dir(mappings_dir: Path | None = None) -> Path:
-    """The folder holding the terminology files (``<mappings>/terminology``)."""
-    if mappings_dir is None:
-        from connector.read.profile import default_mappings_dir
-
-        mappings_dir = default_mappings_dir()
-    return Path(mappings_dir) / TERMINOLOGY_DIR_NAME
 
 
 def load_terminology(mappings_dir: Path | None = None) -> list[dict[str, Any]]:

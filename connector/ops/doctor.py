@@ -2,7 +2,8 @@
 
 ``check_config`` validates a configuration without any network access: TOML syntax, unknown keys, types,
 missing values (each with the file line or environment variable it came from), transport safety, secret
-files, the private key, the mapping profile, input paths and the writability of the ledger and report folders.
+files, the private key, the mapping profile, the shipped terminology (so that an incomplete install fails
+here, not at the first sync), input paths and the writability of the ledger and report folders.
 
 ``run_doctor`` adds what only the server can answer: is it reachable, is it FHIR R4, does its
 CapabilityStatement offer what peersync uses (transaction, conditional update, identifier search per
@@ -182,6 +183,7 @@ def _offline(report: Report, path: Path | None, environ: Mapping[str, str] | Non
     loaded.server_ok = _check_server_settings(report, settings)
     loaded.auth_ok = _check_auth_offline(report, settings, data.get("auth") or {}, loaded.server_ok)
     _check_profile(report, settings)
+    _check_assets(report)
     _check_inputs(report, settings)
     _check_writable(report, "sync.ledger", settings.sync.ledger, is_file=True)
     _check_ledger_file(report, settings.sync.ledger)
@@ -360,6 +362,17 @@ def _check_profile(report: Report, settings: Any) -> None:
     kinds = ", ".join(k.value for k in loaded.records)
     report.add("source.profile", Status.PASS, f"{path}: profile {loaded.name!r}, program {loaded.program.id!r} "
                f"({kinds})")
+
+
+def _check_assets(report: Report) -> None:
+    # the data a sync loads besides the profile: an incomplete install must fail here, not at the first sync
+    from connector.assets import check_runtime_assets, terminology_dir
+
+    problems = check_runtime_assets()
+    for problem in problems:
+        report.add(f"assets.{problem.what}", Status.FAIL, problem.message, problem.fix)
+    if not problems:
+        report.add("assets.terminology", Status.PASS, f"{terminology_dir()}: every code the mappers write is defined")
 
 
 def _check_inputs(report: Report, settings: Any) -> None:

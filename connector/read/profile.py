@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from connector import assets
 from connector.errors import ProfileError
 from connector.model import RECORD_MODELS, EssentialElement, RecordKind, SupportType
 
@@ -243,20 +244,10 @@ def resolve_profile_path(name_or_path: str | Path, mappings_dir: Path | None = N
         candidate = candidate / PROFILE_FILE_NAME
     if candidate.is_file():
         return candidate
-    shipped = (mappings_dir or default_mappings_dir()) / str(name_or_path) / PROFILE_FILE_NAME
+    shipped = (mappings_dir or assets.mappings_dir()) / str(name_or_path) / PROFILE_FILE_NAME
     if shipped.is_file():
         return shipped
     raise ProfileError(f"profile not found: {name_or_path} (give a profile.yaml, its folder, or a name in mappings/)")
-
-
-def default_mappings_dir() -> Path:
-    """The mappings/ folder: PEERSYNC_MAPPINGS_DIR, else the one next to the package (source checkout)."""
-    import os
-
-    env = os.environ.get("PEERSYNC_MAPPINGS_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "mappings"
 
 
 def check_profile(path: Path) -> tuple[Profile | None, list[ProfileProblem]]:

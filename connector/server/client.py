@@ -243,8 +243,12 @@ class FhirClient:
     # -- core ------------------------------------------------------------------------------------------
 
     def request(self, method: str, path: str, *, json_body: Any = None, params: dict[str, str] | None = None,
-                headers: dict[str, str] | None = None) -> requests.Response:
-        """Send one request (with transport retries); refresh auth once on 401; raise FhirHttpError on failure."""
+                headers: dict[str, str] | None = None, outcome_statuses: tuple[int, ...] = ()) -> requests.Response:
+        """Send one request (with transport retries); refresh auth once on 401; raise FhirHttpError on failure.
+
+        A status in ``outcome_statuses`` whose body is an OperationOutcome is an answer, not a failure
+        (``$validate`` reports invalid content with 400/412/422).
+        """
         url = check_next_link(path, self.base_url) if path.startswith(("http://", "https://")) \
             else urljoin(self.base_url, path)
         send_headers = {"Content-Type": FHIR_JSON} if json_body is not None else {}
@@ -261,6 +265,8 @@ class FhirClient:
             break
         if response.status_code in (401, 403) and hasattr(self.session.auth, "unauthorized_error"):
             raise self.session.auth.unauthorized_error(response)  # type: ignore[union-attr]
+        if response.status_code in outcome_statuses and _is_outcome(response):
+            return response
         if response.status_code >= 400:
             outcome = summarize_outcome(_json_or_none(response))
             error = FhirHttpError(method, _path_only(url, self.base_url), response.status_code, outcome)
@@ -356,6 +362,12 @@ class FhirClient:
         """PUT a resource by id."""
         return self.request("PUT", f"{resource_type}/{resource_id}", json_body=resource).json()
 
+    def validate(self, resource: dict[str, Any], profile: str | None = None) -> dict[str, Any]:
+        """``$validate`` one resource (against ``profile`` when given); the OperationOutcome, errors included."""
+        return self.request("POST", f"{resource['resourceType']}/$validate", json_body=resource,
+                            params={"profile": profile} if profile else None,
+                            outcome_statuses=(400, 412, 422)).json()
+
 
 def _path_only(url: str, base: str) -> str:
     """The resource path without query string or base, for messages (queries can hold identifiers)."""
@@ -369,6 +381,11 @@ def _tls_reason(exc: Exception) -> str:
     text = str(exc)
     match = re.search(r"certificate verify failed: ([^(')\]]+)", text) or re.search(r"(Hostname mismatch[^'\]]*)", text)
     return match.group(1).strip().rstrip(".,") if match else "the TLS handshake failed"
+
+
+def _is_outcome(response: requests.Response) -> bool:
+    body = _json_or_none(response)
+    return isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"
 
 
 def _json_or_none(response: requests.Response) -> Any:

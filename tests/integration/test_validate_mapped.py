@@ -1,6 +1,6 @@
 """Every resource the mappers emit for a synthetic program validates on a real HAPI FHIR server.
 
-The server gets the US Core 6.1.0 conformance resources (shared/profiles/us-core-6.1.0) and our terminology.
+The server gets the US Core 6.1.0 conformance resources shipped in mappings/fhir/us-core-6.1.0 and our terminology.
 The mapped resources are written to it (conditional references replaced by literal placeholder ids, plus a
 stand-in Patient) so that every reference resolves, then each one goes through ``$validate`` against base R4
 and, where one exists, its US Core profile. Any ``error``/``fatal`` issue fails the test; warnings are summed up.
@@ -9,8 +9,6 @@ and, where one exists, its US Core profile. Any ``error``/``fatal`` issue fails 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -46,12 +44,12 @@ from connector.model import (
     Referral,
     Supporter,
 )
+from connector.ops.validate import us_core_resources
+from tests.demogen import generate_program
 
 pytestmark = pytest.mark.integration
 
 FHIR_JSON = "application/fhir+json"
-REPO = Path(__file__).resolve().parents[2]
-US_CORE_DIR = Path(os.environ.get("PEERSYNC_US_CORE_DIR", REPO.parent / "shared" / "profiles" / "us-core-6.1.0"))
 # This test shares the server with other integration tests: its own program ids and MRN system keep its resources
 # (and its stand-in Patients) out of their identifier searches.
 MRN_SYSTEM = "https://validate-mapped.peersync.test/mrn"
@@ -62,15 +60,9 @@ RECORDED = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
-def base_url(request: pytest.FixtureRequest) -> str:
-    """The server from tests/conftest.py (``fhir_base_url``), else PEERSYNC_TEST_FHIR_URL, else skip."""
-    try:
-        return str(request.getfixturevalue("fhir_base_url")).rstrip("/")
-    except pytest.FixtureLookupError:
-        url = os.environ.get("PEERSYNC_TEST_FHIR_URL")
-        if not url:
-            pytest.skip("no fhir_base_url fixture and PEERSYNC_TEST_FHIR_URL is not set")
-        return url.rstrip("/")
+def base_url(fhir_base_url: str) -> str:
+    """The server from tests/conftest.py (the local HAPI server, or PEERSYNC_TEST_FHIR_URL)."""
+    return fhir_base_url.rstrip("/")
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +75,7 @@ def http() -> Iterator[requests.Session]:
 @pytest.fixture(scope="module")
 def conformance_loaded(base_url: str, http: requests.Session) -> None:
     """US Core 6.1.0 (PUT by id: CodeSystems, ValueSets, then StructureDefinitions) and our terminology."""
-    if not US_CORE_DIR.is_dir():
-        pytest.skip(f"US Core 6.1.0 conformance resources not found at {US_CORE_DIR}")
-    order = {"CodeSystem": 0, "ValueSet": 1, "StructureDefinition": 2}
-    resources = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(US_CORE_DIR.glob("*.json"))]
-    for resource in sorted(resources, key=lambda r: order.get(r["resourceType"], 3)):
+    for resource in us_core_resources():
         response = http.put(f"{base_url}/{resource['resourceType']}/{resource['id']}", json=resource, timeout=120)
         assert response.status_code in (
             200,
@@ -144,7 +132,7 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
                 enrollment_id="E001",
                 description="Get my A1c under 7 & keep it there",
                 behavior="monitoring",
-                target=GoalTarget(measure="hba1c", comparator="<", value=Decimal("7")),
+                target=GoalTarget(measure="hba1c", comparator="<", value=Decimal(7)),
                 start_date=date(2025, 1, 6),
                 due_date=date(2025, 7, 1),
                 achievement_status="improving",
@@ -164,7 +152,7 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
                 enrollment_id="E001",
                 description="Walk 7000 steps a day",
                 behavior="being-active",
-                target=GoalTarget(measure="steps-per-day", comparator=">=", value=Decimal("7000")),
+                target=GoalTarget(measure="steps-per-day", comparator=">=", value=Decimal(7000)),
                 start_date=date(2025, 1, 6),
                 set_by="supporter",
             ),
@@ -195,7 +183,7 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
                 enrollment_id="E002",
                 description="150 minutes a week",
                 behavior="being-active",
-                target=GoalTarget(measure="activity-minutes-per-week", comparator=">=", value=Decimal("150")),
+                target=GoalTarget(measure="activity-minutes-per-week", comparator=">=", value=Decimal(150)),
                 start_date=date(2025, 2, 3),
                 void=True,
             ),
@@ -206,7 +194,7 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
                 enrollment_id="E003",
                 description="Fasting sugar below 130",
                 behavior="monitoring",
-                target=GoalTarget(measure="fasting-glucose", comparator="<", value=Decimal("130"), unit="mg/dL"),
+                target=GoalTarget(measure="fasting-glucose", comparator="<", value=Decimal(130), unit="mg/dL"),
                 start_date=date(2025, 3, 3),
             ),
             Goal(
@@ -214,7 +202,7 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
                 enrollment_id="E003",
                 description="Active 5 days a week",
                 behavior="being-active",
-                target=GoalTarget(measure="active-days-per-week", comparator=">=", value=Decimal("5")),
+                target=GoalTarget(measure="active-days-per-week", comparator=">=", value=Decimal(5)),
                 start_date=date(2025, 3, 3),
                 lifecycle_status="on-hold",
             ),
@@ -415,12 +403,8 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
     return out
 
 
-def _demo_program(ctx: MappingContext, tmp: Path) -> list[dict[str, Any]] | None:
+def _demo_program(ctx: MappingContext, tmp: Path) -> list[dict[str, Any]]:
     """A small seeded demo program (tests.demogen), read back like a real export, mapped."""
-    try:
-        from tests.demogen import generate_program
-    except ImportError:
-        return None
     from connector.model import RecordKind
     from connector.read.profile import load_profile
     from connector.read.program import read_program
@@ -650,6 +634,4 @@ def test_demo_program_validates(
         program_phone="+1-555-010-0199",
     )
     resources = _demo_program(ctx, tmp_path)
-    if resources is None:
-        pytest.skip("tests.demogen is not available")
     _validate_all(http, base_url, _with_provenance(resources, ctx))

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from connector import assets
 from connector.cli import main
 from connector.errors import ExitCode
-from connector.read.profile import default_mappings_dir
 from connector.read.program import REJECT_COLUMNS
 
 # Patient data and identifiers of the messy program below: none may appear in any output.
@@ -178,7 +178,7 @@ def test_whole_file_problems_exit_78(tmp_path: Path) -> None:
 
 # -- the worked example of mappings/README.md ----------------------------------------------------
 
-EXAMPLE = default_mappings_dir() / "examples" / "sheets-es"
+EXAMPLE = assets.mappings_dir() / "examples" / "sheets-es"
 
 
 def test_worked_example_profile_check() -> None:
@@ -212,7 +212,7 @@ def test_worked_example_check(tmp_path: Path) -> None:
         ]
     # The README shows the human-readable table: keep it true.
     text = check("--profile", str(EXAMPLE), str(EXAMPLE / "sample"), "--rejects-dir", str(tmp_path / "t"))
-    readme = (default_mappings_dir() / "README.md").read_text(encoding="utf-8")
+    readme = (assets.mappings_dir() / "README.md").read_text(encoding="utf-8")
     for line in text.stdout.splitlines()[:6]:
         assert line in readme, line
 

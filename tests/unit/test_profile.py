@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from connector import assets
 from connector.cli import main
 from connector.errors import ExitCode, ProfileError
 from connector.model import RecordKind
@@ -15,12 +16,11 @@ from connector.read.profile import (
     Profile,
     ProfileProblem,
     check_profile,
-    default_mappings_dir,
     load_profile,
     resolve_profile_path,
 )
 
-MAPPINGS = default_mappings_dir()
+MAPPINGS = assets.mappings_dir()
 TEMPLATE = MAPPINGS / "peersync-template" / "profile.yaml"
 TEMPLATE_LINES = TEMPLATE.read_text(encoding="utf-8").splitlines()
 
