@@ -642,8 +642,8 @@ def status(config_path: Path | None, as_json: bool, runs: int) -> None:
     for run in result["runs"]:
         shown = ", ".join(f"{k} {v}" for k, v in run["counts"].items() if v)
         secs = "" if run["duration_s"] is None else f"{run['duration_s']:.1f}"
-        click.echo(f"{run['run_id']:<14}{run['started_at']:<27}{str(run['outcome']):<12}"
-                   f"{str(run['exit_code']):>5}{secs:>9}  {shown}")
+        click.echo(f"{run['run_id']:<14}{run['started_at']:<27}{run['outcome']!s:<12}"
+                   f"{run['exit_code']!s:>5}{secs:>9}  {shown}")
 
 
 def _age(iso: str | None) -> str:

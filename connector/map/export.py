@@ -3,8 +3,8 @@
 One transaction bundle per participant (plus one for the program-wide resources), NDJSON per resource
 type, and a summary. Like a sync, a participant whose change-set exceeds ``max_bundle_entries`` (100) gets
 several bundles (``participant-<id>.json``, ``participant-<id>-2.json``, ...): units are mapped one at a time
-and written a bundle at a time, so memory does not grow with a participant's history. References to the Patient stay conditional (``Patient?identifier=...``): only a sync
-resolves them against the EHR.
+and written a bundle at a time, so memory does not grow with a participant's history. References to the Patient
+stay conditional (``Patient?identifier=...``): only a sync resolves them against the EHR.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ a secret or patient data; the server probe searches Patient by a made-up identif
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -257,10 +258,8 @@ def _check_auth_offline(report: Report, settings: Any, raw_auth: Mapping[str, An
             return False
     if ok:
         remote = False
-        try:
+        with contextlib.suppress(TransportError):
             remote = not is_loopback_host(origin_of(settings.server.base_url).host)
-        except TransportError:
-            pass
         if auth.mode == "none" and remote:
             report.add("auth.mode", Status.WARN, "no authentication is configured for a remote server",
                        "fine for a public test server; a clinic EHR needs [auth] (docs/authentication.md)")

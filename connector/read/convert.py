@@ -471,7 +471,7 @@ def _is_list(ftype: Any) -> bool:
 
 def _int(raw: Any) -> int:
     if isinstance(raw, bool):
-        raise ValueError("not a whole number")
+        raise ValueError("not a whole number")  # noqa: TRY004 - a bad cell value, reported like any other
     if isinstance(raw, int):
         return raw
     try:

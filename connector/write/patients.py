@@ -107,5 +107,6 @@ def prefetch_for(client: FhirClient, staging: Staging, participants: list[str],
     if len(participants) < MIN_PARTICIPANTS:
         return None
     mrns = {key: (system or default_system, mrn) for key, system, mrn in staging.db.execute(
-        "SELECT key, json_extract(body,'$.mrn_system'), json_extract(body,'$.mrn') FROM staged WHERE kind='enrollment'")}
+        "SELECT key, json_extract(body,'$.mrn_system'), json_extract(body,'$.mrn') FROM staged"
+        " WHERE kind='enrollment'")}
     return PatientPrefetch(client, [mrns[p] for p in participants if p in mrns and mrns[p][1]])

@@ -159,7 +159,7 @@ class Writer:
 
     def _write_global_units(self, staging: Staging, ledger: Ledger) -> None:
         writes = []
-        for unit_key, kind, source_id, unit_hash, _action in units_to_write(staging, None):
+        for _unit_key, kind, source_id, unit_hash, _action in units_to_write(staging, None):
             unit = map_global_unit(staging, kind, source_id, self.opts.ctx)
             if unit is not None:
                 writes.append((unit, unit_hash))
@@ -297,7 +297,8 @@ class Writer:
 
         # The change-set tag makes the Provenance a conditional create: a replay of the same change-set
         # (a lost response, a lost ledger) finds the first Provenance instead of adding another.
-        change_set = hashlib.sha256("\n".join(sorted(f"{u.unit_key}={h}" for u, h in hashed_units)).encode()).hexdigest()[:32]
+        units_text = "\n".join(sorted(f"{u.unit_key}={h}" for u, h in hashed_units))
+        change_set = hashlib.sha256(units_text.encode()).hexdigest()[:32]
         tag_system = f"{self.opts.ctx.meta_source}/change-set"
 
         def provenance(targets: list[str]) -> dict[str, Any]:
