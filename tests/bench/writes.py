@@ -155,7 +155,8 @@ def prebuild_bundles(program: BenchProgram) -> tuple[list[bytes], int]:
                 continue  # no Patient or two: peersync sends this participant to review and writes nothing
             hashes = {unit_key: unit_hash for unit_key, _k, _s, unit_hash, _a in rows}
             units = map_participant_units(staging, participant, [(kind, sid) for _u, kind, sid, _h, _a in rows], ctx)
-            patient = (("Patient", enrollment.mrn_system or program.mrn_system, enrollment.mrn), f"Patient/{patient_id}")
+            patient = (("Patient", enrollment.mrn_system or program.mrn_system, enrollment.mrn),
+                       f"Patient/{patient_id}")
             author = ctx.ref("PractitionerRole", "role", enrollment.supporter_id)["reference"]
             for chunk in _chunks(units, opts.max_bundle_entries):
                 bundle = syncer._build(ledger, [(u, hashes.get(u.unit_key)) for u in chunk], patient, author)
