@@ -24,7 +24,7 @@ from connector.map.units import (
     map_global_units,
     participant_unit_keys,
 )
-from connector.model import RecordKind
+from connector.model import Enrollment, RecordKind
 from connector.read.profile import Profile
 from connector.read.program import ReadReport, read_program
 from connector.read.staging import Staging
@@ -64,7 +64,8 @@ def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_d
         for participant in participants:
             units = participant_unit_keys(staging, participant)
             enrollment = staging.record(RecordKind.ENROLLMENT, participant)
-            author = ctx.ref("PractitionerRole", "role", enrollment.supporter_id)["reference"] if enrollment else None
+            author = (ctx.ref("PractitionerRole", "role", enrollment.supporter_id)["reference"]
+                      if isinstance(enrollment, Enrollment) else None)
             name = f"participant-{identifier_value(participant)}"
             chunk: list[UnitWrite] = []
             size = part = 0

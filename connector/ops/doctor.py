@@ -720,12 +720,13 @@ def auth_test(settings: Settings) -> dict[str, Any]:
     Returns a PHI- and secret-free report: auth mode, token endpoint, granted scopes, expiry, and the
     server's FHIR version and software. Raises AuthError / ConfigError / ServerUnavailableError on failure.
     """
+    from connector.auth import PeersyncAuth
     from connector.wiring import build_client
 
     client = build_client(settings, ready_auth=True)
     statement = client.capabilities()
     auth = client.session.auth
-    described = auth.describe() if hasattr(auth, "describe") else {"mode": "none"}
+    described = auth.describe() if isinstance(auth, PeersyncAuth) else {"mode": "none"}
     software = statement.get("software") or {}
     return {
         "auth": described,

@@ -15,7 +15,7 @@ import json
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -132,14 +132,20 @@ class LedgerUnit:
     attempts: int
 
 
+def _ledger_unit(row: Sequence[Any]) -> LedgerUnit:
+    """A ``units`` row (unit_key, kind, participant, hash, voided, state, patient_id, detail, attempts)."""
+    unit_key, kind, participant, unit_hash, voided, state, patient_id, detail, attempts = row
+    return LedgerUnit(unit_key, kind, participant, unit_hash, bool(voided), state, patient_id, detail, attempts)
+
+
 @dataclass(frozen=True)
 class LedgerResource:
-    """A resource the ledger knows for a unit: its business identifier and, once confirmed, its server id."""
+    """A resource the server confirmed for a unit: its business identifier and its server id."""
 
     resource_type: str
     system: str
     value: str
-    server_id: str | None
+    server_id: str
     version: str | None
 
 
@@ -266,7 +272,7 @@ class Ledger:
                 " WHERE unit_key=?",
                 (unit_key,),
             ).fetchone()
-        return LedgerUnit(*row[:4], bool(row[4]), *row[5:]) if row else None
+        return _ledger_unit(row) if row else None
 
     def server_ids(self, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], str]:
         """(type, system, value) -> server id for the identifiers the ledger knows."""
@@ -388,7 +394,7 @@ class Ledger:
                 f"WHERE state IN ({marks}) ORDER BY participant, unit_key",
                 states,
             ).fetchall()
-        return [LedgerUnit(*r[:4], bool(r[4]), *r[5:]) for r in rows]
+        return [_ledger_unit(r) for r in rows]
 
     def state_counts(self) -> dict[str, int]:
         """Units per state."""

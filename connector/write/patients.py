@@ -98,7 +98,7 @@ class PatientPrefetch:
             for patient in patients:
                 for key in {(i.get("system"), i.get("value")) for i in patient.get("identifier", [])}:
                     if key in wanted:
-                        self.found.setdefault(key, []).append(patient)  # type: ignore[arg-type]
+                        self.found.setdefault(key, []).append(patient)
 
 
 def prefetch_for(client: FhirClient, staging: Staging, participants: list[str],

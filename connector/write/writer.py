@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from connector.errors import (
     ServerUnavailableError,
@@ -292,7 +292,7 @@ class Writer:
                 cache[identity] = ledger.server_ids([identity]).get(identity)
             return cache[identity]
 
-        activity = ("NULLIFY" if all(u.voided for u in units) else "UPDATE")
+        activity: Literal["NULLIFY", "UPDATE"] = "NULLIFY" if all(u.voided for u in units) else "UPDATE"
         recorded = self.clock()
 
         # The change-set tag makes the Provenance a conditional create: a replay of the same change-set
