@@ -803,9 +803,20 @@ def test_broader_v1_grant_accepted(rsps: responses.RequestsMock, session: reques
 
 
 def test_required_scopes_override(rsps: responses.RequestsMock, session: requests.Session) -> None:
-    TokenServer(rsps, granted_scope="system/Goal.cu")
+    # The grant is narrower than the requested SCOPE but covers required_scopes: the token is kept and used.
+    server = TokenServer(rsps, granted_scope="system/Goal.cu")
+    fhir = FhirServer(rsps)
     auth = build_auth(cc_settings(required_scopes=["system/Goal.cu"]), BASE, session)
-    auth.ensure_ready()  # narrower than requested, but covers what the sync needs
+    session.get(BASE + "/Patient", auth=auth)
+    assert server.calls == 1 and fhir.auth_headers == ["Bearer tok-1"]
+    info = auth.describe()
+    assert info["scope_required"] == ["system/Goal.cu"] and info["scope_granted"] == ["system/Goal.cu"]
+    assert info["token_cached"] is True
+    # Without the override the whole requested scope is required, and the same grant is refused.
+    default = build_auth(cc_settings(), BASE, session)
+    with pytest.raises(AuthError, match=r"does not cover the required system/CarePlan\.cu system/Patient\.rs"):
+        default.ensure_ready()
+    assert default.describe()["token_cached"] is False
 
 
 def test_no_scope_in_response_means_requested(rsps: responses.RequestsMock, session: requests.Session) -> None:
