@@ -6,7 +6,7 @@ SERVER := tests/fhir-server/server.sh
 DEMO_CONFIG := fixtures/demo/peersync.toml
 PYTEST_ARGS ?=
 
-.PHONY: install server server-stop demo test test-unit coverage wheel-check reliability reliability-report bench clean
+.PHONY: install server server-stop demo lint test test-unit coverage wheel-check reliability reliability-report bench clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,13 @@ demo: install server
 	  $(VENV)/bin/peersync landed --config $(DEMO_CONFIG); \
 	  echo "sync exit code: $$status (65 = some rows rejected or in review, as the demo intends)"
 
-# The whole suite: unit tests, and integration tests against the local HAPI server (started if needed).
-test: install
+# Lint and types (settings in pyproject.toml): ruff over connector/ and tests/, mypy over connector/.
+lint: install
+	$(VENV)/bin/ruff check connector tests
+	$(VENV)/bin/mypy
+
+# The whole suite: lint, unit tests, and integration tests against the local HAPI server (started if needed).
+test: install lint
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: install

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -31,6 +31,9 @@ from connector.ops.logs import (
     new_run_id,
 )
 
+if TYPE_CHECKING:
+    from connector.run import RunSummary
+
 log = logging.getLogger("connector.cli")
 
 
@@ -39,7 +42,7 @@ class PeersyncCommandError(click.ClickException):
 
     def __init__(self, error: PeersyncError) -> None:
         super().__init__(str(error))
-        self.exit_code = int(error.exit_code)
+        self.exit_code = int(error.exit_code)  # type: ignore[misc]  # click types it a ClassVar; ours varies by error
         self.error_type = type(error).__name__
 
     def show(self, file: Any = None) -> None:
@@ -577,7 +580,7 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None) -> None
     sys.exit(summary.exit_code)
 
 
-def _failed_summary(summary: Any, exc: PeersyncError, started: datetime) -> dict[str, Any]:
+def _failed_summary(summary: RunSummary | None, exc: PeersyncError, started: datetime) -> dict[str, Any]:
     """The summary of a run that raised: the run's own if it got as far as the ledger, else a minimal one."""
     from connector.run import RunSummary
 
@@ -727,8 +730,8 @@ def status(config_path: Path | None, as_json: bool, runs: int) -> None:
     for run in result["runs"]:
         shown = ", ".join(f"{k} {v}" for k, v in run["counts"].items() if v)
         secs = "" if run["duration_s"] is None else f"{run['duration_s']:.1f}"
-        click.echo(f"{run['run_id']:<14}{run['started_at']:<27}{str(run['outcome']):<12}"
-                   f"{str(run['exit_code']):>5}{secs:>9}  {shown}")
+        click.echo(f"{run['run_id']:<14}{run['started_at']:<27}{run['outcome']!s:<12}"
+                   f"{run['exit_code']!s:>5}{secs:>9}  {shown}")
 
 
 def _age(iso: str | None) -> str:

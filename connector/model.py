@@ -210,7 +210,7 @@ class SourceRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
-    kind: Literal["base"] = "base"
+    kind: str = "base"  # each record kind narrows it to its own Literal
     void: bool = Field(False, description="The program marked the record as entered in error, deleted or replaced.")
     original_text: dict[str, str] = Field(
         default_factory=dict, description="Source text of codes mapped to 'other' (unknown-code policy), by field."

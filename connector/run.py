@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from filelock import FileLock, Timeout
 
@@ -108,7 +108,7 @@ class LedgerLock:
         ledger_path.parent.mkdir(parents=True, exist_ok=True)
         self.lock = FileLock(str(ledger_path) + ".lock", timeout=0)
 
-    def __enter__(self) -> LedgerLock:
+    def __enter__(self) -> Self:
         try:
             self.lock.acquire()
         except Timeout:

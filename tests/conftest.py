@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fhirserver  # noqa: E402  (tests/fhirserver.py)
+import fhirserver
 
 # -- FHIR test server: `integration` marker and the `fhir_base_url` fixture ------------------------------------------
 #

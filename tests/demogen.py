@@ -651,7 +651,7 @@ def _pick(rng: Random, weights: dict[str, float]) -> str:
 class _Weights:
     """A fixed weighted choice, precomputed for the per-contact hot path (same draws as :func:`_pick`)."""
 
-    __slots__ = ("values", "cumulative", "total")
+    __slots__ = ("cumulative", "total", "values")
 
     def __init__(self, weights: dict[str, float]) -> None:
         self.values = list(weights)
@@ -746,7 +746,7 @@ def _build(participants: int, supporters: int, months: int, contacts: int | None
     persons = [_build_person(rng, i, participants, staff, start, as_of) for i in range(participants)]
     _assign_statuses(rng, persons, as_of)
     mrns = rng.sample(range(1_000_000, 10_000_000), participants)
-    for person, mrn in zip(persons, mrns):
+    for person, mrn in zip(persons, mrns, strict=True):
         person.mrn = f"MRN{mrn:07d}"
     counters = {"goal": 0, "note": 0, "referral": 0, "plan": 0}
     for person in persons:
@@ -1003,7 +1003,7 @@ def _allocate_contacts(rng: Random, persons: list[_Person], sessions: list[_Sess
         days = (p.last_day - p.start).days + 1
         natural.append(max(1, round(p.rate * days / 30.44) - len(p.fixed)))
     if contacts is None:
-        for p, n in zip(persons, natural):
+        for p, n in zip(persons, natural, strict=True):
             p.n_filler = n
         return
     fixed_total = sum(len(p.fixed) for p in persons)
@@ -1012,7 +1012,7 @@ def _allocate_contacts(rng: Random, persons: list[_Person], sessions: list[_Sess
         for p in persons:
             p.fixed.clear()
         fixed_total = 0
-    for p, n in zip(persons, _largest_remainder(contacts - fixed_total, [float(n) for n in natural])):
+    for p, n in zip(persons, _largest_remainder(contacts - fixed_total, [float(n) for n in natural]), strict=True):
         p.n_filler = n
 
 
@@ -1209,7 +1209,7 @@ def _filler_contact(rng: Random, program: _Program, person: _Person, when: datet
     else:
         mode = _MODE_WEIGHTS[person.mode_bias].pick(rng)
         outcome = _OUTCOME_WEIGHTS[mode].pick(rng)
-        if mode == "face-to-face":
+        if mode == "face-to-face":  # noqa: SIM108 - a nested conditional expression would read worse
             setting = _F2F_SETTINGS.pick(rng)
         else:
             setting = "remote" if rng.random() < 0.85 else None
@@ -1404,10 +1404,7 @@ class _TemplateRows:
             if c.dup == 1:
                 self._dup_id = cid
         fmt = "xlsx" if self.excel else "template"
-        if c.raw_mode is not None:
-            mode = c.raw_mode[fmt]
-        else:
-            mode = c.aliases.get("mode", c.mode)
+        mode = c.raw_mode[fmt] if c.raw_mode is not None else c.aliases.get("mode", c.mode)
         setting = c.setting_text or c.aliases.get("setting", c.setting or "")
         supports = list(c.supports)
         if "support_types" in c.aliases and supports:
@@ -1962,7 +1959,7 @@ def write_blank_template(path: Path) -> Path:
                                                   "(see the Instructions sheet).")
                 validation.add(f"{letter}2:{letter}5000")
                 sheet.add_data_validation(validation)
-    for letter, width in zip("ABCDEFG", (16, 22, 10, 60, 26, 60, 60)):
+    for letter, width in zip("ABCDEFG", (16, 22, 10, 60, 26, 60, 60), strict=True):
         info.column_dimensions[letter].width = width
     for row in info.iter_rows(min_row=6):
         for cell in row:

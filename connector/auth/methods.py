@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote_plus
 
@@ -399,7 +399,7 @@ class RefreshingAuth(PeersyncAuth):
         }
         if token is not None:
             info["scope_granted"] = token.granted_scopes if token.granted_scopes is not None else list(self.scope)
-            info["token_expires_at"] = datetime.fromtimestamp(token.expires_at, timezone.utc).isoformat()
+            info["token_expires_at"] = datetime.fromtimestamp(token.expires_at, UTC).isoformat()
         return info
 
 

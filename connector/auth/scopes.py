@@ -79,9 +79,9 @@ def missing_scopes(granted: str | Iterable[str], required: str | Iterable[str]) 
     granted_list = split_scopes(granted)
     granted_set = set(granted_list)
     parsed: list[ResourceScope] = []
-    for g in granted_list:
+    for scope in granted_list:
         try:
-            p = parse_scope(g)
+            p = parse_scope(scope)
         except ValueError:  # a server-side oddity we cannot interpret grants nothing
             p = None
         if p is not None:

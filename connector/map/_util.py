@@ -21,7 +21,7 @@ def compact(value: Any) -> Any:
                 item = compact(item)
                 if not item:
                     continue
-            elif item is None or item_kind is str and not item:
+            elif item is None or (item_kind is str and not item):
                 continue
             out[key] = item
         return out
@@ -33,14 +33,14 @@ def compact(value: Any) -> Any:
                 item = compact(item)
                 if not item:
                     continue
-            elif item is None or item_kind is str and not item:
+            elif item is None or (item_kind is str and not item):
                 continue
             items.append(item)
         return items
     return value
 
 
-def fhir_decimal(value: Decimal | int | float) -> int | float:
+def fhir_decimal(value: Decimal | float) -> int | float:
     """A JSON number for a FHIR decimal: integral values as int, others as float."""
     if isinstance(value, Decimal):
         if value == value.to_integral_value():

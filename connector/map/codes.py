@@ -280,7 +280,7 @@ NOT_DONE_RECIPIENT_UNAVAILABLE = coding(COMMUNICATION_NOT_DONE_REASON, "recipien
 US_CORE_SDOH = coding(US_CORE_CATEGORY, "sdoh", "SDOH")
 SNOMED_SOCIAL_SERVICE = coding(SNOMED, "410606002", "Social service procedure")
 SNOMED_PA_REFERRAL = coding(SNOMED, "390893007", "Referral to physical activity program")
-# need → SDOHCC category (None: no SDOH domain fits; physical activity uses the PA IG category instead)
+# need → SDOHCC category (physical activity has none: it uses the PA IG category instead)
 NEED_SDOHCC = {
     NeedCategory.FOOD: coding(SDOHCC_TEMPORARY_CODES, "food-insecurity", "Food Insecurity"),
     NeedCategory.HOUSING: coding(SDOHCC_TEMPORARY_CODES, "housing-instability", "Housing Instability"),
@@ -294,7 +294,6 @@ NEED_SDOHCC = {
         SDOHCC_TEMPORARY_CODES, "sdoh-category-unspecified", "SDOH Category Unspecified"
     ),
     NeedCategory.OTHER: coding(SDOHCC_TEMPORARY_CODES, "sdoh-category-unspecified", "SDOH Category Unspecified"),
-    NeedCategory.PHYSICAL_ACTIVITY: None,
 }
 # need → ServiceRequest.code (US Core Procedure Codes, SNOMED). Only codes verified in a primary or IG source are
 # used; "social service procedure" is US Core's own SDOH example and the fallback for every social need.

@@ -79,7 +79,8 @@ def rebase(resources: Iterable[Mapping[str, Any]], terminology_base: str) -> lis
     text = json.dumps(list(resources), ensure_ascii=False)
     if terminology_base != FILE_TERMINOLOGY_BASE:
         text = text.replace(FILE_TERMINOLOGY_BASE + "/", terminology_base.rstrip("/") + "/")
-    return json.loads(text)
+    rebased: list[dict[str, Any]] = json.loads(text)
+    return rebased
 
 
 def terminology_bundle(

@@ -158,13 +158,14 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
              ctx: MappingContext) -> UnitWrite | None:
     unit_key = f"{kind}:{source_id}"
     if kind == "enrollment":
+        supporter = records.record(RecordKind.SUPPORTER, enrollment.supporter_id)
         resources = map_enrollment(
             enrollment,
             goal_ids=records.keys(RecordKind.GOAL),
             planned_contact_ids=records.keys(RecordKind.PLANNED_CONTACT),
             referral_ids=records.keys(RecordKind.REFERRAL),
             ctx=ctx,
-            supporter=records.record(RecordKind.SUPPORTER, enrollment.supporter_id),
+            supporter=supporter if isinstance(supporter, Supporter) else None,
         )
         return UnitWrite(unit_key, kind, resources, voided=False)
     record = records.record(RecordKind(kind), source_id)

@@ -15,6 +15,7 @@ a secret or patient data; the server probe searches Patient by a made-up identif
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -260,10 +261,8 @@ def _check_auth_offline(report: Report, settings: Any, raw_auth: Mapping[str, An
             return False
     if ok:
         remote = False
-        try:
+        with contextlib.suppress(TransportError):
             remote = not is_loopback_host(origin_of(settings.server.base_url).host)
-        except TransportError:
-            pass
         if auth.mode == "none" and remote:
             report.add("auth.mode", Status.WARN, "no authentication is configured for a remote server",
                        "fine for a public test server; a clinic EHR needs [auth] (docs/authentication.md)")
@@ -729,12 +728,13 @@ def auth_test(settings: Settings) -> dict[str, Any]:
     Returns a PHI- and secret-free report: auth mode, token endpoint, granted scopes, expiry, and the
     server's FHIR version and software. Raises AuthError / ConfigError / ServerUnavailableError on failure.
     """
+    from connector.auth import PeersyncAuth
     from connector.wiring import build_client
 
     client = build_client(settings, ready_auth=True)
     capabilities = Capabilities.parse(client.capabilities())
     auth = client.session.auth
-    described = auth.describe() if hasattr(auth, "describe") else {"mode": "none"}
+    described = auth.describe() if isinstance(auth, PeersyncAuth) else {"mode": "none"}
     return {
         "auth": described,
         "server": {

@@ -15,13 +15,13 @@ import json
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from connector.errors import LedgerError
 
@@ -83,7 +83,8 @@ def _v1(db: sqlite3.Connection) -> None:
         CREATE TABLE review (
             id INTEGER PRIMARY KEY,
             subject TEXT NOT NULL,           -- 'participant:<id>' or a unit key
-            reason TEXT NOT NULL,            -- patient-not-found | patient-ambiguous | patient-inactive | duplicate-on-server
+            reason TEXT NOT NULL,            -- patient-not-found | patient-ambiguous | patient-inactive
+                                             -- | duplicate-on-server
             detail TEXT,
             status TEXT NOT NULL DEFAULT 'open',  -- open | retry | dismissed | resolved
             created_at TEXT NOT NULL,
@@ -131,14 +132,20 @@ class LedgerUnit:
     attempts: int
 
 
+def _ledger_unit(row: Sequence[Any]) -> LedgerUnit:
+    """A ``units`` row (unit_key, kind, participant, hash, voided, state, patient_id, detail, attempts)."""
+    unit_key, kind, participant, unit_hash, voided, state, patient_id, detail, attempts = row
+    return LedgerUnit(unit_key, kind, participant, unit_hash, bool(voided), state, patient_id, detail, attempts)
+
+
 @dataclass(frozen=True)
 class LedgerResource:
-    """A resource the ledger knows for a unit: its business identifier and, once confirmed, its server id."""
+    """A resource the server confirmed for a unit: its business identifier and its server id."""
 
     resource_type: str
     system: str
     value: str
-    server_id: str | None
+    server_id: str
     version: str | None
 
 
@@ -180,7 +187,7 @@ class Ledger:
             # read, in the middle of a run; quick_check reads every page once (about 1 s per 400 MB).
             problems = [row[0] for row in self.db.execute("PRAGMA quick_check(3)")]
             if problems != ["ok"]:
-                raise sqlite3.DatabaseError("; ".join(problems)[:200])
+                raise sqlite3.DatabaseError("; ".join(problems)[:200])  # noqa: TRY301 - reported as corruption below
         except sqlite3.DatabaseError as exc:
             raise LedgerError(
                 f"ledger {self.path} is unreadable or corrupt ({exc}). Recovery: move it aside "
@@ -195,7 +202,7 @@ class Ledger:
         with self._lock:
             self.db.close()
 
-    def __enter__(self) -> Ledger:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -261,10 +268,11 @@ class Ledger:
         """One unit's row."""
         with self._lock:
             row = self.db.execute(
-                "SELECT unit_key,kind,participant,hash,voided,state,patient_id,detail,attempts FROM units WHERE unit_key=?",
+                "SELECT unit_key,kind,participant,hash,voided,state,patient_id,detail,attempts FROM units"
+                " WHERE unit_key=?",
                 (unit_key,),
             ).fetchone()
-        return LedgerUnit(*row[:4], bool(row[4]), *row[5:]) if row else None
+        return _ledger_unit(row) if row else None
 
     def server_ids(self, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], str]:
         """(type, system, value) -> server id for the identifiers the ledger knows."""
@@ -272,7 +280,8 @@ class Ledger:
         with self._lock:
             for key in keys:
                 row = self.db.execute(
-                    "SELECT server_id FROM resources WHERE resource_type=? AND system=? AND value=? AND server_id IS NOT NULL",
+                    "SELECT server_id FROM resources"
+                    " WHERE resource_type=? AND system=? AND value=? AND server_id IS NOT NULL",
                     key,
                 ).fetchone()
                 if row:
@@ -360,7 +369,8 @@ class Ledger:
                      unit_hash: str | None, voided: bool | None, state: str, patient_id: str | None, detail: str,
                      run_id: str, *, reset_attempts: bool) -> None:
         db.execute(
-            """INSERT INTO units(unit_key,kind,participant,hash,voided,state,patient_id,detail,attempts,updated_at,run_id)
+            """INSERT INTO units(unit_key,kind,participant,hash,voided,state,patient_id,detail,attempts,updated_at,
+                                 run_id)
                VALUES(?,?,?,?,?,?,?,?,?,?,?)
                ON CONFLICT(unit_key) DO UPDATE SET
                  participant=excluded.participant,
@@ -384,7 +394,7 @@ class Ledger:
                 f"WHERE state IN ({marks}) ORDER BY participant, unit_key",
                 states,
             ).fetchall()
-        return [LedgerUnit(*r[:4], bool(r[4]), *r[5:]) for r in rows]
+        return [_ledger_unit(r) for r in rows]
 
     def state_counts(self) -> dict[str, int]:
         """Units per state."""

@@ -168,7 +168,8 @@ class RowConverter:
         item = self._fast_item(spec, typing.get_args(ftype)[0] if is_list else ftype)
         if item is None:
             return None
-        column, empty = spec.column, (() if is_list else None)
+        column = spec.column
+        empty: object = () if is_list else None
         if spec.default is not None:
             empty = _SLOW
         if not is_list:
@@ -471,7 +472,7 @@ def _is_list(ftype: Any) -> bool:
 
 def _int(raw: Any) -> int:
     if isinstance(raw, bool):
-        raise ValueError("not a whole number")
+        raise ValueError("not a whole number")  # noqa: TRY004 - a bad cell value, reported like any other
     if isinstance(raw, int):
         return raw
     try:
@@ -576,9 +577,10 @@ def _lookup_code(text: str, enum: type[StrEnum], table: dict[str, str] | None) -
 def _field_type(model: type[SourceRecord], name: str) -> Any:
     """The plain Python type of a model field: Optional and Annotated unwrapped, tuples kept as tuple[X]."""
     if name in GOAL_TARGET_FIELDS:
-        return {"target_measure": GoalTarget.model_fields["measure"].annotation,
-                "target_comparator": GoalTarget.model_fields["comparator"].annotation,
-                "target_value": Decimal, "target_unit": str}[name]
+        target_types: dict[str, Any] = {"target_measure": GoalTarget.model_fields["measure"].annotation,
+                                        "target_comparator": GoalTarget.model_fields["comparator"].annotation,
+                                        "target_value": Decimal, "target_unit": str}
+        return target_types[name]
     annotation = model.model_fields[name].annotation
     return _unwrap(annotation)
 

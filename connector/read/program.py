@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from connector.errors import InputError, ProfileError
 from connector.model import RecordKind
@@ -48,7 +49,7 @@ class ReadReport:
         kinds = set(self.read) | set(self.accepted) | set(self.rejected)
         return all(self.read[k] == self.accepted.get(k, 0) + self.rejected.get(k, 0) for k in kinds)
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         """JSON-friendly summary."""
         kinds = sorted(set(self.read) | set(self.accepted) | set(self.rejected))
         return {

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import orjson
 
@@ -106,7 +107,7 @@ class Staging:
         self._pending: list[tuple] = []
         self._pending_rejects: list[tuple] = []
 
-    def __enter__(self) -> Staging:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -189,7 +190,8 @@ class Staging:
         with self._transaction():
             self.db.execute(
                 """UPDATE staged SET participant = (
-                       SELECT g.participant FROM staged g WHERE g.kind='goal' AND g.key=json_extract(staged.body,'$.goal_id'))
+                       SELECT g.participant FROM staged g
+                       WHERE g.kind='goal' AND g.key=json_extract(staged.body,'$.goal_id'))
                    WHERE kind='goal_note'"""
             )
 
@@ -198,7 +200,8 @@ class Staging:
             for seq in seqs:
                 self.db.execute(
                     """INSERT INTO rejects(file,sheet,unit,row,kind,key,field,value,reason)
-                       SELECT file, sheet, unit, row, kind, key, ?, '<masked: identifier>', ? FROM staged WHERE seq=?""",
+                       SELECT file, sheet, unit, row, kind, key, ?, '<masked: identifier>', ?
+                       FROM staged WHERE seq=?""",
                     (field, reason_of[seq], seq),
                 )
                 self.db.execute("DELETE FROM staged WHERE seq=?", (seq,))
@@ -301,7 +304,8 @@ class Staging:
     def first_referral_for_cbo(self, resource_id: str) -> SourceRecord | None:
         """A referral naming a community resource id (to map the CBO Organization)."""
         row = self.db.execute(
-            "SELECT body FROM staged WHERE kind='referral' AND json_extract(body,'$.resource_id')=? ORDER BY seq LIMIT 1",
+            "SELECT body FROM staged WHERE kind='referral' AND json_extract(body,'$.resource_id')=?"
+            " ORDER BY seq LIMIT 1",
             (resource_id,),
         ).fetchone()
         return RECORD_MODELS[RecordKind.REFERRAL].model_validate_json(row[0]) if row else None

@@ -176,13 +176,13 @@ class CappedRetry(Retry):
         if self.stats is not None:
             writes = 1 if method in ("POST", "PUT", "PATCH", "DELETE") else 0
             self.stats.add(requests=1, writes=writes, retries=1)
-        return retry  # type: ignore[return-value]
+        return retry
 
     def new(self, **kw: Any) -> CappedRetry:
         retry = super().new(**kw)
         retry.retry_after_cap = self.retry_after_cap
         retry.stats = self.stats
-        return retry  # type: ignore[return-value]
+        return retry
 
 
 @dataclass(frozen=True)
@@ -329,7 +329,7 @@ class FhirClient:
 
     def capabilities(self) -> dict[str, Any]:
         """The server's CapabilityStatement."""
-        return self.request("GET", "metadata").json()
+        return _json_object(self.request("GET", "metadata"))
 
     def search(self, resource_type: str, params: dict[str, str], *, max_pages: int = 20) -> Iterator[dict[str, Any]]:
         """Resources matching a search (follows `next` links on the same server only)."""
@@ -352,15 +352,15 @@ class FhirClient:
 
     def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
         """Read one resource."""
-        return self.request("GET", f"{resource_type}/{resource_id}").json()
+        return _json_object(self.request("GET", f"{resource_type}/{resource_id}"))
 
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
         """POST a transaction bundle; return the transaction-response bundle."""
-        return self.request("POST", "", json_body=bundle).json()
+        return _json_object(self.request("POST", "", json_body=bundle))
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any]) -> dict[str, Any]:
         """PUT a resource by id."""
-        return self.request("PUT", f"{resource_type}/{resource_id}", json_body=resource).json()
+        return _json_object(self.request("PUT", f"{resource_type}/{resource_id}", json_body=resource))
 
     def validate(self, resource: dict[str, Any], profile: str | None = None) -> dict[str, Any]:
         """``$validate`` one resource (against ``profile`` when given); the OperationOutcome, errors included."""
@@ -393,3 +393,9 @@ def _json_or_none(response: requests.Response) -> Any:
         return response.json()
     except ValueError:
         return None
+
+
+def _json_object(response: requests.Response) -> dict[str, Any]:
+    """The response body: a FHIR resource or Bundle, always a JSON object."""
+    body: dict[str, Any] = response.json()
+    return body

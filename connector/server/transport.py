@@ -175,10 +175,9 @@ class _PeersyncSession(requests.Session):
         parts = urlsplit(url)
         key = (parts.scheme, parts.netloc, tuple(sorted((proxies or {}).items())), stream, verify,
                cert if not isinstance(cert, list) else tuple(cert))
-        settings = self._environment.get(key)
-        if settings is None:
-            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
-            self._environment[key] = settings
+        if key not in self._environment:
+            self._environment[key] = dict(super().merge_environment_settings(url, proxies, stream, verify, cert))
+        settings = self._environment[key]
         return {**settings, "proxies": dict(settings["proxies"])}
 
 

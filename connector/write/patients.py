@@ -98,7 +98,7 @@ class PatientPrefetch:
             for patient in patients:
                 for key in {(i.get("system"), i.get("value")) for i in patient.get("identifier", [])}:
                     if key in wanted:
-                        self.found.setdefault(key, []).append(patient)  # type: ignore[arg-type]
+                        self.found.setdefault(key, []).append(patient)
 
 
 def prefetch_for(client: FhirClient, staging: Staging, participants: list[str],
@@ -107,5 +107,6 @@ def prefetch_for(client: FhirClient, staging: Staging, participants: list[str],
     if len(participants) < MIN_PARTICIPANTS:
         return None
     mrns = {key: (system or default_system, mrn) for key, system, mrn in staging.db.execute(
-        "SELECT key, json_extract(body,'$.mrn_system'), json_extract(body,'$.mrn') FROM staged WHERE kind='enrollment'")}
+        "SELECT key, json_extract(body,'$.mrn_system'), json_extract(body,'$.mrn') FROM staged"
+        " WHERE kind='enrollment'")}
     return PatientPrefetch(client, [mrns[p] for p in participants if p in mrns and mrns[p][1]])

@@ -6,6 +6,7 @@ measurements taken in the same run on the same machine (absolute times on a shar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,9 +26,9 @@ import requests
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-import fhirserver
+import fhirserver  # noqa: E402 - tests/fhirserver.py, importable once tests/ is on sys.path (above)
 
-from tests.demogen import DEFAULT_SEED, MRN_SYSTEM, generate_program
+from tests.demogen import DEFAULT_SEED, MRN_SYSTEM, generate_program  # noqa: E402 - likewise
 
 FHIR_JSON = "application/fhir+json"
 HEADERS = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
@@ -247,11 +248,9 @@ def machine() -> dict[str, str]:
     except OSError:
         pass
     cpu = ""
-    try:
+    with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), "")
-    except OSError:
-        pass
     return {
         "nproc": str(os.cpu_count()),
         "cpu": cpu or platform.processor(),

@@ -46,7 +46,7 @@ def start_proxy(upstream_url: str, one_way_ms: int, log_path: Path, *, seed: int
     try:
         binary = toxiproxy.build()
         if not binary.is_file():
-            raise toxiproxy.ToxiproxyUnavailable(f"no toxiproxy-server at {binary}")
+            raise toxiproxy.ToxiproxyUnavailable(f"no toxiproxy-server at {binary}")  # noqa: TRY301 - handled below
         proxy = toxiproxy.Toxiproxy(binary, upstream_url, seed=seed, log_path=log_path)
     except (toxiproxy.ToxiproxyUnavailable, OSError, ValueError, requests.RequestException) as exc:
         raise ProxyUnavailable(f"{type(exc).__name__}: {exc}") from exc

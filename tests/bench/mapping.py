@@ -73,7 +73,8 @@ class MappingResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "resources": self.resources, "rows": self.rows, "read_s": self.read_s, "map_s": self.map_s,
-            "bundle_and_serialize_s": self.bundle_s, "naive_validate_dump_us_per_resource": self.naive_per_resource_s * 1e6,
+            "bundle_and_serialize_s": self.bundle_s,
+            "naive_validate_dump_us_per_resource": self.naive_per_resource_s * 1e6,
             "naive_sample": self.naive_sample, "floor_s": self.floor_s, "wall_s": self.wall_s,
             "peersync_per_s": self.peersync_rate, "naive_per_s": self.naive_rate, "floor_per_s": self.floor_rate,
             "peersync_over_naive": self.peersync_rate / self.naive_rate,

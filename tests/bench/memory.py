@@ -1,9 +1,10 @@
 """Peak memory (RSS) of ``peersync plan`` and ``peersync map`` as the number of contact rows grows.
 
 Each command runs as a child process (``python -m connector.cli ...``, forked from a small launcher); its peak
-RSS is the ``ru_maxrss`` that ``os.wait4`` returns for that child alone. The participants stay the same (memory may grow with them: one
-CarePlan lists a participant's goals); only the contact rows grow, 10k -> 100k -> 1M. ``plan`` reads into
-staging and diffs against an empty ledger (a first sync's plan); ``map`` writes every resource to disk.
+RSS is the ``ru_maxrss`` that ``os.wait4`` returns for that child alone. The participants stay the same (memory
+may grow with them: one CarePlan lists a participant's goals); only the contact rows grow, 10k -> 100k -> 1M.
+``plan`` reads into staging and diffs against an empty ledger (a first sync's plan); ``map`` writes every resource
+to disk.
 """
 
 from __future__ import annotations

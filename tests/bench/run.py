@@ -124,7 +124,8 @@ class Bench:
         """Server-bound and peersync over ``data`` into ``url`` on a reset server: once each, or (rounds=2) in
         the order server-bound, peersync, peersync, server-bound; the faster run of each side is reported.
         ``check(side, run)`` wraps each timed run (the latency section counts proxy connections with it)."""
-        order = ["server_bound", "peersync"] if rounds == 1 else ["server_bound", "peersync", "peersync", "server_bound"]
+        order = (["server_bound", "peersync"] if rounds == 1
+                 else ["server_bound", "peersync", "peersync", "server_bound"])
         best: dict[str, dict[str, Any]] = {}
         history: list[dict[str, Any]] = []
         for side in order:
@@ -350,7 +351,8 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
                 verdict(noop_fraction <= 0.05 and noop["write_requests"] == 0)),
             Row(section, f"1% changed ({r['changed_rows']:,} contact rows)",
                 f"{changed['seconds']:,.1f} s, {changed['write_requests']:,} writes",
-                f"{changed['seconds'] / first['seconds']:.1%} of first, {changed['seconds'] / noop['seconds']:.1f}× no-op"),
+                f"{changed['seconds'] / first['seconds']:.1%} of first, "
+                f"{changed['seconds'] / noop['seconds']:.1f}× no-op"),
         ]
     mem = results.get("memory", [])
     for command in ("plan", "map"):

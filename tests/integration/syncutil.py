@@ -61,10 +61,7 @@ class Program:
                 setattr(getattr(settings, section), key, value)
         new_run_id()
         syncer = Syncer(sync_options(settings), build_client(settings))
-        try:
-            return syncer.run(new_run_id())
-        except Exception as exc:  # the summary is in the ledger; tests want the error too
-            raise exc
+        return syncer.run(new_run_id())  # an error propagates to the test; the summary is in the ledger
 
     def context(self) -> MappingContext:
         from connector.wiring import mapping_context
@@ -106,7 +103,8 @@ def load_patients(program: Program) -> None:
     """The clinic's Patients for this program (the demo bundle, under the test's MRN system)."""
     text = (DEMO / "clinic" / "patients.json").read_text(encoding="utf-8")
     text = text.replace(DEMO_MRN_SYSTEM, program.mrn_system)
-    text = text.replace(token_query(DEMO_MRN_SYSTEM, "x").split("%7C")[0], token_query(program.mrn_system, "x").split("%7C")[0])
+    text = text.replace(token_query(DEMO_MRN_SYSTEM, "x").split("%7C")[0],
+                        token_query(program.mrn_system, "x").split("%7C")[0])
     bundle = json.loads(text)
     for entry in bundle["entry"]:  # client ids must be unique per test too
         url = entry["request"]["url"]
@@ -192,5 +190,5 @@ def assert_clean_state(program: Program, exclude_participants: set[str]) -> dict
     return found
 
 
-__all__ = ["Program", "make_program", "assert_clean_state", "server_resources", "demo_summary", "Act",
-           "compute_plan", "units_to_write", "program_fingerprint"]
+__all__ = ["Act", "Program", "assert_clean_state", "compute_plan", "demo_summary", "make_program",
+           "program_fingerprint", "server_resources", "units_to_write"]

@@ -96,8 +96,8 @@ def test_3_edits_voids_and_additions_reach_the_server_exactly(program: Program) 
         rows.append(template | {"contact_id": new_id, "planned_contact_id": "", "notes": "new contact"})
     write_csv(program.inputs / "contacts.csv", rows)
     goals = read_csv(program.inputs / "goals.csv")
-    edited_goal = next(g for g in goals if g["enrollment_id"] not in REVIEW and ("Goal", f"goal|{g['goal_id']}") in before
-                       and g.get("void", "") in ("", "0"))
+    edited_goal = next(g for g in goals if g["enrollment_id"] not in REVIEW
+                       and ("Goal", f"goal|{g['goal_id']}") in before and g.get("void", "") in ("", "0"))
     edited_goal["achievement_status"] = "improving"
     write_csv(program.inputs / "goals.csv", goals)
 

@@ -35,7 +35,7 @@ from .results import Recorder
 SITE = Path(__file__).resolve().parent / "site"
 if str(SITE) not in sys.path:
     sys.path.insert(0, str(SITE))
-import peersync_netguard
+import peersync_netguard  # noqa: E402 - tests/reliability/site/, importable once on sys.path (above)
 
 _RECORDER = Recorder()
 _SESSION: dict[str, Any] = {}

@@ -41,6 +41,7 @@ on a free port. Stop it with :meth:`FaultProxy.stop`.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import ipaddress
@@ -54,6 +55,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 from urllib.parse import urlsplit
 
 FAULTS = ("429", "500", "502", "503", "reset-before", "drop-after-commit", "500-after-commit",
@@ -231,7 +233,7 @@ class FaultProxy:
         self._server.server_close()
         self._thread.join(10)
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -371,10 +373,8 @@ class FaultProxy:
 
             def _reset(self) -> None:
                 """Close with RST (SO_LINGER 0): the client gets 'connection reset', nothing more."""
-                try:
+                with contextlib.suppress(OSError):
                     self.wfile.flush()
-                except OSError:
-                    pass
                 try:
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()

@@ -285,7 +285,7 @@ def normalized_content(program: Program, found: dict[tuple[str, str], list[dict[
         if isinstance(node, dict):
             out = {}
             for key, value in node.items():
-                if key == "meta" or key == "id" and "resourceType" in node:
+                if key == "meta" or (key == "id" and "resourceType" in node):
                     continue
                 if key == "reference" and isinstance(value, str):
                     match = _REF.match(value)

@@ -6,6 +6,7 @@ Path: ``PEERSYNC_RELIABILITY_RESULTS``, else ``.peersync/reliability-results.jso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -100,7 +101,7 @@ class Recorder:
             scenarios[name] = asdict(scenario)
         sessions = existing.get("sessions", [])
         if session is not None:
-            sessions = (sessions + [session | {"scenarios": sorted(self.scenarios)}])[-8:]
+            sessions = [*sessions, session | {"scenarios": sorted(self.scenarios)}][-8:]
         data = {
             "format": 1,
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -147,9 +148,7 @@ def machine_info() -> dict[str, Any]:
             info["cpu_model"] = model
     except OSError:
         pass
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                             text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
     return info

@@ -6,11 +6,13 @@ clean sync of the same inputs, and a ledger that marks nothing sent that the ser
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -70,12 +72,15 @@ class Killer:
 
 def test_sigkill_at_seeded_points_then_restart_converges(program_factory, faultproxy, references, record) -> None:
     """SIGKILL `peersync sync` at seeded points (at request k before it is forwarded, at request k after the server
-    committed it but before the client heard, or after t seconds), sometimes twice; restart; check the invariant."""
+    committed it but before the client heard, or right after its k-th ledger commit), sometimes twice; restart;
+    check the invariant. Each kill point is an event in the run, never a time, so it lands the same on any machine."""
     n_runs = runs(CRASH_RUNS)
     seed = seed_for("crash-sigkill")
     rng = random.Random(seed)
     ref = references.get(CRASH_PARTICIPANTS)
-    max_requests, max_seconds = ref["requests"], ref["seconds"] + 1.5  # + the CLI's start-up
+    max_requests = ref["requests"]
+    # Ledger commits of confirmed units: at least one per landing participant and one for the program-wide units.
+    max_commits = CRASH_PARTICIPANTS + 1
     totals = {"runs": 0, "kills": 0, "sent": 0, "duplicates": 0, "lost": 0, "mismatches": 0, "ledger": 0}
     modes: dict[str, int] = {}
     killer = Killer()
@@ -86,20 +91,32 @@ def test_sigkill_at_seeded_points_then_restart_converges(program_factory, faultp
                               sync={"concurrency": rng.choice([1, 2, 4]), "max_bundle_entries": rng.choice([10, 100])})
         kills = 2 if rng.random() < 0.3 else 1
         for _ in range(kills):
-            mode = rng.choice(["before-forward", "after-commit", "after-commit", "time"])
+            mode = rng.choice(["before-forward", "after-commit", "after-commit", "after-ledger-commit"])
             proxy.reset()
             killer.fired.clear()
-            killer.target = None if mode == "time" else (rng.randint(1, max_requests), mode)
-            delay = rng.uniform(0.8, max_seconds)
-            killer.proc = subprocess.Popen(cli_command("sync", "--config", str(rel.config), "-q"), env=cli_env(),
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if mode == "time":
-                try:
-                    killer.proc.wait(delay)
-                except subprocess.TimeoutExpired:
-                    killer.proc.send_signal(signal.SIGKILL)
-                    killer.fired.set()
-            stderr = killer.proc.communicate(timeout=300)[1]
+            killer.target = None if mode == "after-ledger-commit" else (rng.randint(1, max_requests), mode)
+            commits = rng.randint(1, max_commits)
+            with tempfile.TemporaryFile("w+", encoding="utf-8") as stderr_file:  # a pipe could fill up and block
+                if mode == "after-ledger-commit":
+                    # The run writes a byte to the pipe after its k-th ledger commit and blocks until killed.
+                    paused_read, paused_write = os.pipe()
+                    env = cli_env({"PEERSYNC_RELIABILITY_PAUSE_AFTER_COMMITS": str(commits),
+                                   "PEERSYNC_RELIABILITY_PAUSE_FD": str(paused_write)})
+                    killer.proc = subprocess.Popen(cli_command("sync", "--config", str(rel.config), "-q"), env=env,
+                                                   stdout=subprocess.DEVNULL, stderr=stderr_file, text=True,
+                                                   pass_fds=(paused_write,))
+                    os.close(paused_write)
+                    with os.fdopen(paused_read, "rb") as paused:
+                        if paused.read(1):  # b"" (end of file): the run ended before its k-th commit
+                            killer.proc.send_signal(signal.SIGKILL)
+                            killer.fired.set()
+                else:
+                    killer.proc = subprocess.Popen(cli_command("sync", "--config", str(rel.config), "-q"),
+                                                   env=cli_env(), stdout=subprocess.DEVNULL, stderr=stderr_file,
+                                                   text=True)
+                killer.proc.wait(300)
+                stderr_file.seek(0)
+                stderr = stderr_file.read()
             if killer.fired.is_set():
                 totals["kills"] += 1
                 modes[mode] = modes.get(mode, 0) + 1
@@ -124,7 +141,7 @@ def test_sigkill_at_seeded_points_then_restart_converges(program_factory, faultp
            duplicates=totals["duplicates"], lost=totals["lost"], content_mismatches=totals["mismatches"], seed=seed,
            notes=[f"trimmed demo program: {CRASH_PARTICIPANTS} participants + 2 review cases per run",
                   "kill points: request k before forwarding, request k after the server committed it "
-                  "(response never delivered), or t seconds after start; 30% of runs are killed twice",
+                  "(response never delivered), or right after the k-th ledger commit; 30% of runs are killed twice",
                   f"ledger rows contradicting the server: {totals['ledger']}"],
            env={"PEERSYNC_RELIABILITY_RUNS": str(n_runs)})
     assert not failures, "\n".join(failures)

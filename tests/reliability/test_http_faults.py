@@ -70,7 +70,7 @@ def test_demo_sync_through_http_faults_converges_to_the_clean_state(variant: str
            runs=totals["runs"], faults_injected=totals["faults"], faults_by_kind=dict(sorted(by_kind.items())),
            records_sent=totals["sent"], duplicates=totals["duplicates"], lost=totals["lost"],
            content_mismatches=totals["mismatches"], seed=seed_for(f"http-faults-{variant}-0"),
-           notes=notes + [f"fault rate {rate:.0%} of all requests; retry_attempts {attempts}; client timeout 2 s"])
+           notes=[*notes, f"fault rate {rate:.0%} of all requests; retry_attempts {attempts}; client timeout 2 s"])
 
 
 def test_every_other_transaction_loses_its_response_after_commit(faultproxy, program_factory, references,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import requests
@@ -56,7 +56,7 @@ class Flapper:
                     self.toxiproxy.add(f"{self.name}-{index}", kind, attributes, stream=stream, toxicity=toxicity)
             self.flips += 1
 
-    def __enter__(self) -> Flapper:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

@@ -10,7 +10,7 @@ import re
 import time
 import tomllib
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
@@ -332,7 +332,8 @@ def test_settings_validation(values: dict[str, Any], message: str) -> None:
 
 
 def test_settings_scopes_normalised() -> None:
-    s = AuthSettings(scope="  system/Goal.cu\n system/CarePlan.cu  system/Goal.cu ", required_scopes="system/Goal.cu  system/CarePlan.cu")
+    s = AuthSettings(scope="  system/Goal.cu\n system/CarePlan.cu  system/Goal.cu ",
+                     required_scopes="system/Goal.cu  system/CarePlan.cu")
     assert s.scope == "system/Goal.cu system/CarePlan.cu"
     assert s.required_scopes == ["system/Goal.cu", "system/CarePlan.cu"]
     assert AuthSettings(required_scopes='["system/Goal.cu"]').required_scopes == ["system/Goal.cu"]
@@ -510,7 +511,8 @@ def test_client_secret_post(rsps: responses.RequestsMock, session: requests.Sess
     assert fhir.auth_headers == ["Bearer tok-1"]
 
 
-def test_session_level_auth_is_not_used_for_token_request(rsps: responses.RequestsMock, session: requests.Session) -> None:
+def test_session_level_auth_is_not_used_for_token_request(rsps: responses.RequestsMock,
+                                                          session: requests.Session) -> None:
     """The FHIR client may set session.auth; the token POST must not recurse into it."""
     server = TokenServer(rsps)
     fhir = FhirServer(rsps)
@@ -521,7 +523,8 @@ def test_session_level_auth_is_not_used_for_token_request(rsps: responses.Reques
     assert fhir.auth_headers == ["Bearer tok-1"]
 
 
-def test_cc_without_scope_sends_no_scope_and_checks_nothing(rsps: responses.RequestsMock, session: requests.Session) -> None:
+def test_cc_without_scope_sends_no_scope_and_checks_nothing(rsps: responses.RequestsMock,
+                                                            session: requests.Session) -> None:
     server = TokenServer(rsps, granted_scope="system/Patient.rs")
     auth = build_auth(cc_settings(scope=None), BASE, session)
     auth.ensure_ready()
@@ -655,7 +658,8 @@ def test_smart_private_key_inline_with_escaped_newlines(
     assert server.calls == 1
 
 
-def test_smart_private_key_file_missing(keypairs: dict[str, tuple[Path, dict[str, Any]]], session: requests.Session, tmp_path: Path) -> None:
+def test_smart_private_key_file_missing(keypairs: dict[str, tuple[Path, dict[str, Any]]], session: requests.Session,
+                                        tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         build_auth(smart_settings(keypairs, "ES384", private_key_file=tmp_path / "none.pem"), BASE, session)
 
@@ -675,8 +679,10 @@ def test_smart_configured_token_url_skips_discovery(
     ("config", "error", "match"),
     [
         (smart_config(token_endpoint=None), ConfigError, "no token_endpoint"),
-        (smart_config(token_endpoint_auth_signing_alg_values_supported=["RS384"]), ConfigError, r"lacks ES384.*--alg RS384"),
-        (smart_config(token_endpoint_auth_methods_supported=["client_secret_basic"]), ConfigError, r"lacks private_key_jwt.*client-credentials"),
+        (smart_config(token_endpoint_auth_signing_alg_values_supported=["RS384"]), ConfigError,
+         r"lacks ES384.*--alg RS384"),
+        (smart_config(token_endpoint_auth_methods_supported=["client_secret_basic"]), ConfigError,
+         r"lacks private_key_jwt.*client-credentials"),
         (smart_config(grant_types_supported=["authorization_code"]), ConfigError, "lacks client_credentials"),
         (
             smart_config(capabilities=["launch-ehr"], token_endpoint_auth_methods_supported=None),
@@ -762,7 +768,7 @@ def test_smart_invalid_client_hint(
     rsps.add(responses.GET, WELL_KNOWN, json=smart_config())
     TokenServer(rsps, status=400, body={"error": "invalid_client"})
     auth = build_auth(smart_settings(keypairs, "ES384"), BASE, session)
-    with pytest.raises(AuthError, match="kid.*clock") as exc_info:
+    with pytest.raises(AuthError, match=r"kid.*clock") as exc_info:
         auth.ensure_ready()
     assert exc_info.value.exit_code == ExitCode.AUTH_FAILED
 
@@ -797,15 +803,26 @@ def test_broader_v1_grant_accepted(rsps: responses.RequestsMock, session: reques
 
 
 def test_required_scopes_override(rsps: responses.RequestsMock, session: requests.Session) -> None:
-    TokenServer(rsps, granted_scope="system/Goal.cu")
+    # The grant is narrower than the requested SCOPE but covers required_scopes: the token is kept and used.
+    server = TokenServer(rsps, granted_scope="system/Goal.cu")
+    fhir = FhirServer(rsps)
     auth = build_auth(cc_settings(required_scopes=["system/Goal.cu"]), BASE, session)
-    auth.ensure_ready()  # narrower than requested, but covers what the sync needs
+    session.get(BASE + "/Patient", auth=auth)
+    assert server.calls == 1 and fhir.auth_headers == ["Bearer tok-1"]
+    info = auth.describe()
+    assert info["scope_required"] == ["system/Goal.cu"] and info["scope_granted"] == ["system/Goal.cu"]
+    assert info["token_cached"] is True
+    # Without the override the whole requested scope is required, and the same grant is refused.
+    default = build_auth(cc_settings(), BASE, session)
+    with pytest.raises(AuthError, match=r"does not cover the required system/CarePlan\.cu system/Patient\.rs"):
+        default.ensure_ready()
+    assert default.describe()["token_cached"] is False
 
 
 def test_no_scope_in_response_means_requested(rsps: responses.RequestsMock, session: requests.Session) -> None:
     TokenServer(rsps, granted_scope=None)
     auth = build_auth(cc_settings(required_scopes=["system/Goal.cu", "system/Task.cu"]), BASE, session)
-    with pytest.raises(AuthError, match="system/Task.cu"):
+    with pytest.raises(AuthError, match=r"system/Task\.cu"):
         auth.ensure_ready()  # we never asked for Task: a config error caught before the run
 
 
@@ -827,7 +844,7 @@ def test_token_cached_and_reacquired_before_expiry(rsps: responses.RequestsMock,
         assert server.calls == 2
         info = auth.describe()
     assert fhir.auth_headers == ["Bearer tok-1", "Bearer tok-1", "Bearer tok-2"]
-    expected = datetime.fromtimestamp(1_750_000_000 + 241 + 300, timezone.utc).isoformat()
+    expected = datetime.fromtimestamp(1_750_000_000 + 241 + 300, UTC).isoformat()
     assert info["token_expires_at"] == expected
 
 
@@ -862,7 +879,8 @@ def test_missing_expires_in_assumes_300(rsps: responses.RequestsMock, session: r
 # 401 mid-run
 
 
-def test_401_refreshes_once_then_succeeds(rsps: responses.RequestsMock, session: requests.Session, keypairs: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+def test_401_refreshes_once_then_succeeds(rsps: responses.RequestsMock, session: requests.Session,
+                                          keypairs: dict[str, tuple[Path, dict[str, Any]]]) -> None:
     rsps.add(responses.GET, WELL_KNOWN, json=smart_config())
     server = TokenServer(rsps, jwks=keypairs["ES384"][1], alg="ES384")
     fhir = FhirServer(rsps, statuses=[200, 401, 200])
@@ -979,7 +997,8 @@ def test_paging_link_to_other_host_gets_no_credentials(
     assert not auth.applies_to(FOREIGN + "/fhir") and auth.applies_to(BASE + "/Goal")
 
 
-def test_paging_link_to_other_host_does_not_fetch_token(rsps: responses.RequestsMock, session: requests.Session) -> None:
+def test_paging_link_to_other_host_does_not_fetch_token(rsps: responses.RequestsMock,
+                                                        session: requests.Session) -> None:
     server = TokenServer(rsps)
     FhirServer(rsps, url=FOREIGN + "/fhir")
     auth = build_auth(cc_settings(), BASE, session)

@@ -46,7 +46,8 @@ def test_entries_are_conditional_puts_with_deterministic_fullurls() -> None:
 
 
 def test_references_rewritten_in_bundle_known_or_left_conditional() -> None:
-    units = [UnitWrite("goal:G1", "goal", [goal("G1")]), UnitWrite("enrollment:E1", "enrollment", [careplan(["G1", "G2", "G3"])])]
+    units = [UnitWrite("goal:G1", "goal", [goal("G1")]),
+             UnitWrite("enrollment:E1", "enrollment", [careplan(["G1", "G2", "G3"])])]
     known = {("Goal", SYS_GOAL, "G2"): "42"}
     built = build_transaction(units, patient=(MRN, "Patient/7"), resolve=known.get)
     refs = [g["reference"] for g in built.bundle["entry"][1]["resource"]["goal"]]

@@ -30,7 +30,8 @@ OK = {"resourceType": "Bundle", "type": "transaction-response", "entry": []}
 
 
 def outcome(code: str, diagnostics: str) -> dict:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}]}
+    return {"resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}]}
 
 
 @responses.activate(registry=OrderedRegistry)
@@ -123,7 +124,8 @@ def test_lost_response_after_commit_is_replayed_safely() -> None:
 @responses.activate
 def test_400_raises_isolate_with_scrubbed_outcome() -> None:
     responses.post(BASE + "/", status=400, json=outcome(
-        "processing", 'HAPI-1094: Resource Goal/ps-123 not found, specified in path: Communication.about for "Maria Lopez"'))
+        "processing",
+        'HAPI-1094: Resource Goal/ps-123 not found, specified in path: Communication.about for "Maria Lopez"'))
     with pytest.raises(FhirHttpError) as err:
         FhirClient(BASE, retry=FAST).transaction(BUNDLE)
     assert err.value.action is Action.ISOLATE and err.value.status == 400
@@ -134,7 +136,9 @@ def test_400_raises_isolate_with_scrubbed_outcome() -> None:
 @responses.activate
 def test_412_duplicate_goes_to_review() -> None:
     responses.post(BASE + "/", status=412, json=outcome(
-        "processing", "HAPI-0988: Failed to UPDATE resource with match URL \"Goal?identifier=x|G1\" because this search matched 2 resources"))
+        "processing",
+        'HAPI-0988: Failed to UPDATE resource with match URL "Goal?identifier=x|G1" '
+        'because this search matched 2 resources'))
     with pytest.raises(FhirHttpError) as err:
         FhirClient(BASE, retry=FAST).transaction(BUNDLE)
     assert err.value.action is Action.REVIEW and "G1" not in str(err.value)
@@ -193,7 +197,8 @@ def test_status_action_table_is_complete_for_common_statuses() -> None:
 
 
 def test_scrub_keeps_codes_and_drops_values() -> None:
-    text = scrub('HAPI-0929: Failed to process conditional update "Goal?identifier=https://p/sid/x/goal|G0042" MRN1234567')
+    text = scrub('HAPI-0929: Failed to process conditional update "Goal?identifier=https://p/sid/x/goal|G0042" '
+                 'MRN1234567')
     assert "HAPI-0929" in text and "G0042" not in text and "MRN1234567" not in text and "https" not in text
     assert summarize_outcome({"resourceType": "Patient"}).issues == []
 

@@ -80,7 +80,8 @@ def test_jwks_is_public_only_and_labelled(generated: dict[str, tuple[Path, Path]
 def test_jwks_round_trip_verifies_a_signature(generated: dict[str, tuple[Path, Path]], alg: str) -> None:
     key_path, jwks_path = generated[alg]
     private_key = keys.load_private_key(key_path.read_bytes())
-    token = jwt.encode({"sub": "x", "exp": int(time.time()) + 60}, private_key, algorithm=alg, headers={"kid": f"test-{alg.lower()}"})
+    token = jwt.encode({"sub": "x", "exp": int(time.time()) + 60}, private_key, algorithm=alg,
+                       headers={"kid": f"test-{alg.lower()}"})
     jwk_set = jwt.PyJWKSet.from_dict(json.loads(jwks_path.read_text()))
     public = jwk_set[jwt.get_unverified_header(token)["kid"]]
     assert jwt.decode(token, public.key, algorithms=[alg])["sub"] == "x"
@@ -92,7 +93,7 @@ def test_jwks_round_trip_verifies_a_signature(generated: dict[str, tuple[Path, P
 
 
 def test_refuses_to_overwrite(tmp_path: Path) -> None:
-    key_path, jwks_path = keys.generate_keypair("ES384", "k1", tmp_path)
+    key_path, _jwks_path = keys.generate_keypair("ES384", "k1", tmp_path)
     before = key_path.read_bytes()
     with pytest.raises(ConfigError, match="refusing to overwrite") as exc_info:
         keys.generate_keypair("ES384", "k1", tmp_path)

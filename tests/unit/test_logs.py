@@ -45,12 +45,14 @@ def json_lines(stream: io.StringIO) -> list[dict]:
 def test_json_lines_carry_run_id_and_extras() -> None:
     stream = capture("json")
     run_id = new_run_id()
-    logging.getLogger("connector.write.writer").info("plan: %d units", 3, extra={"event": "plan", "counts": {"create": 3}})
-    logging.getLogger("connector.write.writer").warning("record quarantined", extra={"key": "rk-0123456789ab", "status": 422})
+    writer_log = logging.getLogger("connector.write.writer")
+    writer_log.info("plan: %d units", 3, extra={"event": "plan", "counts": {"create": 3}})
+    writer_log.warning("record quarantined", extra={"key": "rk-0123456789ab", "status": 422})
     lines = json_lines(stream)
     assert [line["run_id"] for line in lines] == [run_id, run_id]
     assert lines[0]["message"] == "plan: 3 units" and lines[0]["counts"] == {"create": 3}
-    assert lines[0]["level"] == "info" and lines[0]["logger"] == "connector.write.writer" and lines[0]["event"] == "plan"
+    assert lines[0]["level"] == "info" and lines[0]["logger"] == "connector.write.writer"
+    assert lines[0]["event"] == "plan"
     assert lines[1]["key"] == "rk-0123456789ab" and lines[1]["status"] == 422
     assert log_format() == "json"
 
@@ -91,7 +93,7 @@ def test_registered_secrets_are_masked() -> None:
 def test_exception_messages_are_not_logged_in_json() -> None:
     stream = capture("json")
     try:
-        raise ValueError(f"Input should be a valid date, got {MRN}")
+        raise ValueError(f"Input should be a valid date, got {MRN}")  # noqa: TRY301 - a real traceback to log
     except ValueError:
         logging.getLogger("connector.write.writer").exception("mapping failed")
     line = json_lines(stream)[0]
@@ -101,7 +103,7 @@ def test_exception_messages_are_not_logged_in_json() -> None:
 def test_verbose_text_shows_frames_but_not_the_message() -> None:
     stream = capture("text", verbose=True)
     try:
-        raise ValueError(f"bad value {MRN}")
+        raise ValueError(f"bad value {MRN}")  # noqa: TRY301 - a real traceback to log
     except ValueError:
         logging.getLogger("connector.write.writer").exception("mapping failed")
     assert "test_logs.py:" in stream.getvalue() and MRN not in stream.getvalue()

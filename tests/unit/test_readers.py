@@ -7,6 +7,7 @@ a quoted multi-line cell is one row); NDJSON uses 1-based physical lines; JSON u
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import re
 import tracemalloc
@@ -78,7 +79,7 @@ def test_csv_windows_1252(tmp_path: Path) -> None:
 
 def test_csv_invalid_bytes_in_the_middle_of_utf8(tmp_path: Path) -> None:
     data = (
-        "contact_id,name,notes\n".encode()
+        b"contact_id,name,notes\n"
         + "C1,Peña,ok\n".encode()
         + b"C2,Jos\xff\xfe,broken\n"
         + "C3,Muñoz,ok\n".encode()
@@ -240,7 +241,7 @@ def test_json_larger_than_a_chunk_with_a_record_across_the_boundary(tmp_path: Pa
     text += "]"
     # Some record starts before the 1 MiB boundary and ends after it.
     starts = [text.index(f'"C{i}"') for i in range(len(records))]
-    assert any(s < chunk < e for s, e in zip(starts, starts[1:], strict=False))
+    assert any(s < chunk < e for s, e in itertools.pairwise(starts))
     path = write(tmp_path, "c.json", text)
     rows = rows_of(path)
     assert [r.values for r in rows] == records
@@ -285,7 +286,7 @@ def test_json_path_into_a_nested_document(tmp_path: Path) -> None:
     assert rows[0].values == {"contact_id": "C1"}
     assert rows[1].error == "expected a JSON object for each record"
     assert [r.location.row for r in rows] == [0, 1]
-    with pytest.raises(InputError, match="json_path 'data.visits' not found"):
+    with pytest.raises(InputError, match=r"json_path 'data\.visits' not found"):
         rows_of(path, json_path="data.visits")
     with pytest.raises(InputError, match="is not an array"):
         rows_of(path, json_path="meta.exported")

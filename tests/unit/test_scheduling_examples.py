@@ -158,7 +158,7 @@ def test_crontab_example() -> None:
         assert all(cron_field_ok(f, i) for i, f in enumerate(fields)), fields
         first = command.split(";")[0].split("||")[0].split(">")[0]
         parse_peersync_args(shlex.split(first)[1:])
-    sync_fields, sync_command = next(job for job in jobs if " sync " in job[1])
+    _sync_fields, sync_command = next(job for job in jobs if " sync " in job[1])
     assert ">>/var/log/peersync/sync.log 2>&1" in sync_command
     assert "case $rc in 0|65|75) ;;" in sync_command  # mail only for the codes that need IT
     completed = subprocess.run(["sh", "-n", "-c", sync_command], capture_output=True, text=True, check=False)

@@ -16,7 +16,7 @@ from connector.read.formats.csv_reader import read_csv
 from connector.read.formats.json_reader import read_json, read_ndjson
 from connector.read.formats.xlsx_reader import read_xlsx, sheet_names
 
-__all__ = ["RawRow", "RowLocation", "read_rows", "sheet_names", "SUPPORTED_SUFFIXES"]
+__all__ = ["SUPPORTED_SUFFIXES", "RawRow", "RowLocation", "read_rows", "sheet_names"]
 
 SUPPORTED_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".ndjson", ".jsonl", ".xlsx", ".xlsm")
 

@@ -31,4 +31,5 @@ class RawRow:
 
     def is_blank(self) -> bool:
         """True when every cell is empty (blank spreadsheet rows are counted, not mapped)."""
-        return self.error is None and all(v is None or (isinstance(v, str) and not v.strip()) for v in self.values.values())
+        return self.error is None and all(v is None or (isinstance(v, str) and not v.strip())
+                                          for v in self.values.values())

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 
@@ -20,3 +24,52 @@ def limit_ledger_pages(extra_pages: int) -> None:
 
     limited_init._peersync_limited = True  # type: ignore[attr-defined]
     ledger_module.Ledger.__init__ = limited_init  # type: ignore[method-assign]
+
+
+def hold_lock_until_refused(signal_dir: str, timeout_s: float = 240.0) -> None:
+    """Make two runs on one ledger overlap whatever the machine's speed: the run that takes the ledger lock waits,
+    before any work, until another run has tried the lock and been refused. The refused run marks that by creating
+    ``<signal_dir>/refused`` before it exits. ``timeout_s`` only bounds a broken test; it never decides a result."""
+    import connector.run as run_module
+    from connector.errors import LockHeldError
+
+    original = run_module.LedgerLock.__enter__
+    refused = Path(signal_dir) / "refused"
+
+    def enter(self: Any) -> Any:
+        try:
+            held = original(self)
+        except LockHeldError:
+            refused.touch()
+            raise
+        deadline = time.monotonic() + timeout_s
+        while not refused.exists():  # waits for an event (the other run's refusal), not for the work to finish
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"test hook: no other run tried the ledger lock within {timeout_s:.0f} s")
+            time.sleep(0.01)
+        return held
+
+    run_module.LedgerLock.__enter__ = enter  # type: ignore[method-assign]
+
+
+def pause_after_ledger_commit(commits: int, signal_fd: int) -> None:
+    """A crash point after the ``commits``-th ledger commit of confirmed units: write one byte to ``signal_fd``
+    and block the committing thread until the test SIGKILLs the process. The run cannot finish meanwhile (its
+    thread never returns), so the kill lands mid-run on any machine."""
+    import connector.plan.ledger as ledger_module
+
+    original = ledger_module.Ledger.record_confirmed_many
+    count = 0
+    count_lock = threading.Lock()
+
+    def record_confirmed_many(self: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal count
+        original(self, *args, **kwargs)
+        with count_lock:
+            count += 1
+            reached = count == commits
+        if reached:
+            os.write(signal_fd, b"p")
+            threading.Event().wait()  # until SIGKILL
+
+    ledger_module.Ledger.record_confirmed_many = record_confirmed_many  # type: ignore[method-assign]

@@ -5,6 +5,10 @@
   ledger connection gets ``PRAGMA max_page_count`` = its current size + N pages, so writes fail with
   SQLITE_FULL ("database or disk is full") once the ledger has grown by N pages. Nothing in connector/ knows
   about it: the hook wraps ``connector.plan.ledger.Ledger.__init__`` from outside.
+* ``PEERSYNC_RELIABILITY_LOCK_RENDEZVOUS=DIR``: the run that takes the ledger lock waits until another run has been
+  refused the lock (it marks DIR/refused), so two runs overlap on any machine (test_concurrency).
+* ``PEERSYNC_RELIABILITY_PAUSE_AFTER_COMMITS=N`` with ``PEERSYNC_RELIABILITY_PAUSE_FD=FD``: after the N-th ledger
+  commit of confirmed units, write a byte to FD and block until killed (test_crashes' SIGKILL point).
 """
 
 from __future__ import annotations
@@ -20,3 +24,14 @@ if os.environ.get("PEERSYNC_RELIABILITY_LEDGER_MAX_PAGES"):
     import peersync_hooks
 
     peersync_hooks.limit_ledger_pages(int(os.environ["PEERSYNC_RELIABILITY_LEDGER_MAX_PAGES"]))
+
+if os.environ.get("PEERSYNC_RELIABILITY_LOCK_RENDEZVOUS"):
+    import peersync_hooks
+
+    peersync_hooks.hold_lock_until_refused(os.environ["PEERSYNC_RELIABILITY_LOCK_RENDEZVOUS"])
+
+if os.environ.get("PEERSYNC_RELIABILITY_PAUSE_AFTER_COMMITS"):
+    import peersync_hooks
+
+    peersync_hooks.pause_after_ledger_commit(int(os.environ["PEERSYNC_RELIABILITY_PAUSE_AFTER_COMMITS"]),
+                                             int(os.environ["PEERSYNC_RELIABILITY_PAUSE_FD"]))
