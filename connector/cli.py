@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from connector import __version__
-from connector.errors import ExitCode, PeersyncError
+from connector.errors import ConfigError, ExitCode, PeersyncError, path_error_message
 from connector.ops.logs import (
     RUN_ID,
     configure_logging,
@@ -62,6 +62,8 @@ class PeersyncGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            raise  # stdout closed early (`peersync status | head`): click's main() exits quietly
         except Exception as exc:
             if os.environ.get("PEERSYNC_DEBUG"):
                 raise  # the full traceback, for a developer; it may contain record values
@@ -96,6 +98,12 @@ def translate_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except PeersyncError as exc:
             raise PeersyncCommandError(exc) from None
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            if exc.filename is None:
+                raise  # not about a path we were given: unexpected
+            raise PeersyncCommandError(ConfigError(path_error_message(exc))) from None
 
     return wrapper
 
