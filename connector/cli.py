@@ -139,6 +139,14 @@ def _settings(config_path: Path | None) -> Any:
     return load_settings(config_path)
 
 
+def _ledger(config_path: Path | None) -> Any:
+    """The configured ledger, created (if it is new) with the configured file mode."""
+    from connector.plan.ledger import Ledger
+
+    settings = _settings(config_path)
+    return Ledger(settings.sync.ledger, mode=settings.file_mode())
+
+
 def _warn(message: str) -> None:
     """A warning on stderr, in the chosen log format."""
     log.warning("%s", message)
@@ -539,10 +547,15 @@ def _write_metrics(settings: Any, summary: dict[str, Any]) -> None:
     from connector.ops.status import backlog
     from connector.plan.ledger import Ledger
 
+    waiting: dict[str, int] | None = None
     try:
-        with Ledger(settings.sync.ledger) as ledger:
-            waiting = backlog(ledger)
-        write_textfile(settings.output.metrics_file, summary, backlog=waiting)
+        if settings.sync.ledger.is_file():
+            with Ledger(settings.sync.ledger) as ledger:
+                waiting = backlog(ledger)
+    except PeersyncError:
+        waiting = None  # the run's exit code (e.g. 78, ledger not writable) must still reach the alert rules
+    try:
+        write_textfile(settings.output.metrics_file, summary, backlog=waiting, mode=settings.file_mode())
     except (OSError, PeersyncError) as exc:
         # Metrics are secondary: a full disk or a bad path must not change the run's exit code.
         _warn(f"could not write the metrics file {settings.output.metrics_file}: {type(exc).__name__}")
@@ -587,7 +600,7 @@ def plan(config_path: Path | None, as_json: bool) -> None:
 
     opts = sync_options(_settings(config_path))
     with tempfile.TemporaryDirectory(prefix="peersync-plan-") as tmp, Staging(Path(tmp) / "s.sqlite") as staging, \
-            Ledger(opts.ledger_path) as ledger:
+            Ledger(opts.ledger_path, mode=opts.file_mode) as ledger:
         report, computed, rejects = read_and_plan(opts, ledger, staging)
         review = ledger.reviews()
     result = computed.as_dict() | {"read": report.as_dict()["total"], "rejects_report": str(rejects),
@@ -701,9 +714,7 @@ def review() -> None:
 @translate_errors
 def review_list(config_path: Path | None, include_closed: bool, as_json: bool) -> None:
     """List review entries (subjects are source ids; no patient data)."""
-    from connector.plan.ledger import Ledger
-
-    with Ledger(_settings(config_path).sync.ledger) as ledger:
+    with _ledger(config_path) as ledger:
         entries = ledger.reviews(include_closed=include_closed)
     if as_json:
         click.echo(json.dumps(entries, indent=2))
@@ -735,9 +746,7 @@ def review_dismiss(config_path: Path | None, review_id: int) -> None:
 
 
 def _set_review(config_path: Path | None, review_id: int, status_value: str) -> None:
-    from connector.plan.ledger import Ledger
-
-    with Ledger(_settings(config_path).sync.ledger) as ledger:
+    with _ledger(config_path) as ledger:
         if not ledger.set_review_status(review_id, status_value):
             _fail(f"no review entry {review_id} (see peersync review list --all)", ExitCode.USAGE)
     click.echo(f"review {review_id}: {status_value}")

@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from connector.errors import ConfigError, ExitCode, PeersyncError, TransportError
+from connector.errors import (
+    WRITE_ACCESS_FIX,
+    ConfigError,
+    ExitCode,
+    PeersyncError,
+    TransportError,
+)
 
 if TYPE_CHECKING:
     from connector.ops.config import Settings
@@ -182,8 +188,10 @@ def _offline(report: Report, path: Path | None, environ: Mapping[str, str] | Non
     loaded.auth_ok = _check_auth_offline(report, settings, data.get("auth") or {}, loaded.server_ok)
     _check_profile(report, settings)
     _check_inputs(report, settings)
-    _check_writable(report, "sync.ledger", settings.sync.ledger, is_file=True)
-    _check_ledger_file(report, settings.sync.ledger)
+    if _check_writable(report, "sync.ledger", settings.sync.ledger, is_file=True):
+        _check_ledger_file(report, settings.sync.ledger)
+    else:
+        report.add("ledger", Status.SKIP, "not checked: this user cannot write the ledger (see sync.ledger)")
     _check_writable(report, "output.rejects_dir", settings.rejects_dir(), is_file=False)
     if settings.output.metrics_file is not None:
         _check_writable(report, "output.metrics_file", settings.output.metrics_file, is_file=True)
@@ -397,8 +405,7 @@ def _check_writable(report: Report, name: str, path: Path, *, is_file: bool) -> 
             pass
     except OSError as exc:
         report.add(name, Status.FAIL, f"folder {existing} is not writable by this user ({type(exc).__name__})",
-                   "give the peersync user write access (systemd: StateDirectory=/ReadWritePaths=; "
-                   "Kubernetes: a writable PersistentVolumeClaim)")
+                   WRITE_ACCESS_FIX)
         return False
     note = "" if existing == folder else f" (will be created under {existing})"
     report.add(name, Status.PASS, f"{path} is writable{note}")
@@ -407,10 +414,15 @@ def _check_writable(report: Report, name: str, path: Path, *, is_file: bool) -> 
 
 def _check_ledger_file(report: Report, path: Path) -> None:
     """An existing ledger: SQLite, a schema this version understands, not corrupt (opened read-only)."""
-    from connector.plan.ledger import SCHEMA_VERSION
+    from connector.plan.ledger import SCHEMA_VERSION, ledger_access_problem
 
     if not path.is_file():
         report.add("ledger", Status.PASS, f"no ledger yet at {path}: the first sync creates it")
+        return
+    keep_it = f"{WRITE_ACCESS_FIX}; do not move the ledger aside (that makes the next sync re-send every record)"
+    problem = ledger_access_problem(path)
+    if problem is not None:
+        report.add("ledger", Status.FAIL, f"cannot use ledger {path}: {problem}", keep_it)
         return
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
@@ -424,6 +436,14 @@ def _check_ledger_file(report: Report, path: Path) -> None:
             runs = db.execute("SELECT count(*) FROM runs").fetchone()[0] if version >= 1 else 0
         finally:
             db.close()
+    except sqlite3.OperationalError as exc:
+        if "readonly" in str(exc) or "unable to open" in str(exc):  # a read-only mount, an ACL: the file is fine
+            report.add("ledger", Status.FAIL, f"cannot open ledger {path} ({exc})", keep_it)
+        else:
+            report.add("ledger", Status.FAIL, f"ledger {path} is unreadable or not a peersync ledger ({exc})",
+                       f"move it aside (mv {path} {path}.broken); the next sync re-sends everything without "
+                       "duplicates")
+        return
     except sqlite3.DatabaseError as exc:
         report.add("ledger", Status.FAIL, f"ledger {path} is unreadable or not a peersync ledger ({exc})",
                    f"move it aside (mv {path} {path}.broken); the next sync re-sends everything without duplicates")
@@ -649,7 +669,9 @@ def _check_auth_online(report: Report, client: Any) -> bool:
         auth.ensure_ready()
     except PeersyncError as exc:
         fix = {int(ExitCode.AUTH_FAILED): "fix the credentials or ask the EHR administrator for the scopes",
-               int(ExitCode.SERVER_UNAVAILABLE): "check that the token endpoint is reachable from this host"}
+               int(ExitCode.SERVER_UNAVAILABLE): "check that the token endpoint is reachable from this host",
+               int(ExitCode.CONFIG_ERROR): "check auth.token_url: it must be the token endpoint the EHR team gave "
+                                           "you (docs/authentication.md)"}
         report.add("auth", Status.FAIL, str(exc), fix.get(int(exc.exit_code), "correct the [auth] section"),
                    exc.exit_code)
         return False

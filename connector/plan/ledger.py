@@ -528,8 +528,9 @@ def check_ledger_access(path: Path) -> None:
 
 
 def _access_message(path: Path, problem: str) -> str:
-    return (f"cannot write ledger {path}: {problem}. Fix: {WRITE_ACCESS_FIX}. Do not move the ledger aside: "
-            "it is intact, and without it the next sync would re-send every record.")
+    keep = (" Do not move the ledger aside: it is intact, and without it the next sync would re-send every record."
+            if path.is_file() else "")
+    return f"cannot write ledger {path}: {problem}. Fix: {WRITE_ACCESS_FIX}.{keep}"
 
 
 def _is_access_error(exc: sqlite3.OperationalError) -> bool:
