@@ -188,6 +188,10 @@ class Writer:
                                close_review=patient_id is not None)
         hashes = {unit_key: unit_hash for unit_key, _k, _s, unit_hash, _a in rows}
         if patient_id is None:
+            if any((unit := ledger.unit(r[0])) is not None and unit.patient_id for r in rows):
+                # e.g. the MRN was changed to one the EHR does not know: say what stays behind on the old Patient.
+                detail += ("; this participant's earlier records remain active on the previously matched Patient "
+                           "(not changed by peersync)")
             ledger.open_review(f"participant:{participant}", reason or "patient-unresolved", detail, RUN_ID.get())
             for unit_key, kind, _source_id, unit_hash, _action in rows:
                 ledger.record_state(unit_key, kind=kind, participant=participant, state=UnitState.REVIEW,
