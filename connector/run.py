@@ -184,7 +184,8 @@ class Syncer:
             try:
                 self._run(ledger, summary)
             except PeersyncError as exc:
-                summary.outcome, summary.exit_code, summary.error = "failed", int(exc.exit_code), str(exc)
+                summary.exit_code, summary.error = int(exc.exit_code), str(exc)
+                summary.outcome = outcome_of_error(summary.exit_code)
                 raise
             except Exception as exc:  # a bug: the run failed (exit 1); never recorded as "ok" from its counts
                 summary.outcome, summary.exit_code = "failed", int(ExitCode.UNEXPECTED)
@@ -201,8 +202,9 @@ class Syncer:
                 if summary.outcome == "running":
                     summary.exit_code, summary.outcome = exit_for(summary.counts)
                 ledger.finish_run(run_id, summary.outcome, summary.exit_code, summary.as_dict())
-                log.info("run finished: %s", summary.outcome,
-                         extra={"event": "run-finished", "outcome": summary.outcome, "counts": dict(summary.counts)})
+                log.info("run finished: %s (exit %d)", summary.outcome, summary.exit_code,
+                         extra={"event": "run-finished", "outcome": summary.outcome, "exit_code": summary.exit_code,
+                                "counts": dict(summary.counts)})
         return summary
 
     def _run(self, ledger: Ledger, summary: RunSummary) -> None:
@@ -224,6 +226,12 @@ class Syncer:
             writer.write(staging, ledger, on_progress=self.on_progress)
 
 
+def outcome_of_error(exit_code: int) -> str:
+    """The outcome of a run that an error stopped: ``incomplete`` when the server became unavailable (69: what
+    was not confirmed stays pending for the next run), else ``failed`` (docs/operations.md)."""
+    return "incomplete" if exit_code == ExitCode.SERVER_UNAVAILABLE else "failed"
+
+
 def exit_for(counts: Counter[str]) -> tuple[int, str]:
     """The exit code and outcome of a run that ended without an error, from its counts."""
     if counts["pending"]:
@@ -233,5 +241,5 @@ def exit_for(counts: Counter[str]) -> tuple[int, str]:
     return int(ExitCode.OK), "ok"
 
 
-__all__ = ["COUNT_NAMES", "LedgerLock", "RunSummary", "SyncOptions", "Syncer", "exit_for", "program_fingerprint",
-           "read_and_plan"]
+__all__ = ["COUNT_NAMES", "LedgerLock", "RunSummary", "SyncOptions", "Syncer", "exit_for", "outcome_of_error",
+           "program_fingerprint", "read_and_plan"]

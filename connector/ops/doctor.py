@@ -166,21 +166,23 @@ def _offline(report: Report, path: Path | None, environ: Mapping[str, str] | Non
         base = path.resolve().parent
         report.add("config.file", Status.PASS, f"{path}: valid TOML")
     loaded.raw = data
-    for name in unknown_env_settings(env):
-        report.add("config.env", Status.WARN, f"environment variable {name} names no setting and is ignored",
-                   "correct the name (PEERSYNC_<SECTION>__<KEY> with two underscores, e.g. "
-                   "PEERSYNC_SERVER__BASE_URL) or unset it")
     for secret in find_secret_files(env):
         report.add("config.secrets_dir", Status.PASS, f"{secret.section}.{secret.key} is read from {secret.path}")
+    unknown_env = unknown_env_settings(env)
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        for problem in config_problems(exc, path, env):
+        problems = config_problems(exc, path, env)
+        # A variable that fails validation is reported once, as that failure, not also as a warning.
+        _warn_unknown_env(report, [name for name in unknown_env if not any(name in p.where for p in problems)])
+        for problem in problems:
             report.add(problem.key, Status.FAIL, f"{problem.where}: {problem.message}", problem.fix)
         return loaded
     except ConfigError as exc:  # an unreadable file in a secrets directory
+        _warn_unknown_env(report, unknown_env)
         report.add("config.secrets_dir", Status.FAIL, str(exc), "fix the file's permissions or remove it")
         return loaded
+    _warn_unknown_env(report, unknown_env)
     _resolve_paths(settings, base)
     loaded.settings = settings
     report.add("config.settings", Status.PASS, "every setting is known and has a valid value")
@@ -196,6 +198,13 @@ def _offline(report: Report, path: Path | None, environ: Mapping[str, str] | Non
     if settings.output.metrics_file is not None:
         _check_writable(report, "output.metrics_file", settings.output.metrics_file, is_file=True)
     return loaded
+
+
+def _warn_unknown_env(report: Report, names: list[str]) -> None:
+    for name in names:
+        report.add("config.env", Status.WARN, f"environment variable {name} names no setting and is ignored",
+                   "correct the name (PEERSYNC_<SECTION>__<KEY> with two underscores, e.g. "
+                   "PEERSYNC_SERVER__BASE_URL) or unset it")
 
 
 def _file_fix(message: str) -> str:
