@@ -247,8 +247,7 @@ def _run(case: Case, tmp_path: Path) -> Result:
         case.setup(tmp_path)
     args = [a.replace("{cfg}", str(cfg)).replace("{tmp}", str(tmp_path)) for a in case.args]
     runner = CliRunner()
-    with runner.isolated_filesystem(temp_dir=tmp_path), \
-            responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         if case.server:
             case.server(rsps)
         return runner.invoke(main, args, env=case.env, catch_exceptions=False, prog_name="peersync")
