@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from connector import __version__
-from connector.errors import ExitCode, PeersyncError
+from connector.errors import ConfigError, ExitCode, PeersyncError, path_error_message
 from connector.ops.logs import (
     RUN_ID,
     configure_logging,
@@ -65,6 +65,8 @@ class PeersyncGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            raise  # stdout closed early (`peersync status | head`): click's main() exits quietly
         except Exception as exc:
             if os.environ.get("PEERSYNC_DEBUG"):
                 raise  # the full traceback, for a developer; it may contain record values
@@ -99,6 +101,12 @@ def translate_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except PeersyncError as exc:
             raise PeersyncCommandError(exc) from None
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            if exc.filename is None:
+                raise  # not about a path we were given: unexpected
+            raise PeersyncCommandError(ConfigError(path_error_message(exc))) from None
 
     return wrapper
 
@@ -132,6 +140,14 @@ def _settings(config_path: Path | None) -> Any:
     from connector.ops.config import load_settings
 
     return load_settings(config_path)
+
+
+def _ledger(config_path: Path | None) -> Any:
+    """The configured ledger, created (if it is new) with the configured file mode."""
+    from connector.plan.ledger import Ledger
+
+    settings = _settings(config_path)
+    return Ledger(settings.sync.ledger, mode=settings.file_mode())
 
 
 def _warn(message: str) -> None:
@@ -173,19 +189,27 @@ def config_group() -> None:
 
 
 @config_group.command("check")
-@click.argument("config_file", metavar="FILE", envvar="PEERSYNC_CONFIG",
-                type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config_file", metavar="[FILE]", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@config_option
 @json_option
 @logging_options
 @translate_errors
-def config_check(config_file: Path, as_json: bool) -> None:
-    """Validate FILE without network access: unknown keys, wrong types, missing values, unsafe URLs,
-    secret files, the private key, the mapping profile, and writable ledger and report folders.
+def config_check(config_file: Path | None, config_path: Path | None, as_json: bool) -> None:
+    """Validate FILE (or --config FILE, or PEERSYNC_CONFIG) without network access: unknown keys, wrong types,
+    missing values, unsafe URLs, secret files, the private key, the mapping profile, and writable ledger and
+    report folders.
 
     PEERSYNC_* environment variables and secrets directories are applied, as for a sync.
     Exits 78 when any check fails (each failure names its fix), 0 otherwise (warnings allowed).
     """
     from connector.ops.doctor import check_config
+
+    if config_file and config_path and config_file != config_path:
+        raise click.UsageError(f"two configuration files given ({config_file} and --config {config_path}): "
+                               "give one")
+    config_file = config_file or config_path
+    if config_file is None:
+        raise click.UsageError("which configuration? give FILE, --config FILE or set PEERSYNC_CONFIG")
 
     report = check_config(config_file)
     _print_report(report, as_json, title=f"config check {config_file}")
@@ -325,7 +349,8 @@ def profile_check(profile_ref: str) -> None:
 @click.option("--profile", "profile_ref", required=True, help="Mapping profile (file, folder or shipped name).")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--rejects-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write rejects.csv and rejects.json here (default: a temporary folder that is printed).")
+              help="Keep rejects.csv and rejects.json here (default: the first rejects are printed and the "
+                   "report is not kept).")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON on stdout.")
 @logging_options
 @translate_errors
@@ -339,20 +364,24 @@ def check(profile_ref: str, inputs: tuple[Path, ...], rejects_dir: Path | None, 
     from connector.read.staging import Staging
 
     loaded = load_profile(profile_ref)
+    # Without --rejects-dir the report is written inside the run's temporary folder and goes with it: a check
+    # run every few minutes must not leave a folder of rejected values behind each time.
     with tempfile.TemporaryDirectory(prefix="peersync-check-") as tmp, Staging(Path(tmp) / "staging.sqlite") as st:
         report = read_program(loaded, inputs, st)
-        out = rejects_dir or Path(tempfile.mkdtemp(prefix="peersync-rejects-"))
-        csv_path, json_path, problems = write_rejects(st, out)
-    summary = report.as_dict() | {"rejects_report": {"csv": str(csv_path), "json": str(json_path),
+        csv_path, json_path, problems = write_rejects(st, rejects_dir or Path(tmp) / "rejects")
+        first_rejects = csv_path.read_text(encoding="utf-8").splitlines()
+    kept = rejects_dir is not None
+    summary = report.as_dict() | {"rejects_report": {"csv": str(csv_path) if kept else None,
+                                                     "json": str(json_path) if kept else None,
                                                      "problems": problems}}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        _print_read_report(summary)
+        _print_read_report(summary, first_rejects)
     sys.exit(ExitCode.RECORDS_REJECTED if report.total_rejected else ExitCode.OK)
 
 
-def _print_read_report(summary: dict[str, Any]) -> None:
+def _print_read_report(summary: dict[str, Any], lines: list[str]) -> None:
     click.echo(f"{'kind':<18}{'read':>8}{'accepted':>10}{'rejected':>10}")
     for kind, c in summary["kinds"].items():
         click.echo(f"{kind:<18}{c['read']:>8}{c['accepted']:>10}{c['rejected']:>10}")
@@ -364,14 +393,13 @@ def _print_read_report(summary: dict[str, Any]) -> None:
         _warn(warning)
     rejects = summary["rejects_report"]
     if t["rejected"]:
-        click.echo(f"rejected rows: {t['rejected']} ({rejects['problems']} problems); "
-                   f"report: {rejects['csv']} and {rejects['json']}")
-        with open(rejects["csv"], encoding="utf-8") as report:
-            lines = report.read().splitlines()
+        where = (f"report: {rejects['csv']} and {rejects['json']}" if rejects["csv"]
+                 else "to keep the report, rerun with --rejects-dir DIR")
+        click.echo(f"rejected rows: {t['rejected']} ({rejects['problems']} problems); {where}")
         for line in lines[1:21]:
             click.echo(f"  {line}")
         if len(lines) > 21:
-            click.echo(f"  ... {len(lines) - 21} more in the report")
+            click.echo(f"  ... {len(lines) - 21} more" + (" in the report" if rejects["csv"] else ""))
 
 
 # -- map, terminology --------------------------------------------------------------------------------
@@ -582,14 +610,15 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None) -> None
 
 def _failed_summary(summary: RunSummary | None, exc: PeersyncError, started: datetime) -> dict[str, Any]:
     """The summary of a run that raised: the run's own if it got as far as the ledger, else a minimal one."""
-    from connector.run import RunSummary
+    from connector.run import RunSummary, outcome_of_error
 
     if summary is None or summary.outcome == "running":  # failed before the run was recorded (lock, auth...)
         now = datetime.now(UTC)
         summary = RunSummary(run_id=RUN_ID.get(), command="sync", started_at=started.isoformat(timespec="seconds"),
                              finished_at=now.isoformat(timespec="seconds"),
-                             duration_s=(now - started).total_seconds(), outcome="failed",
-                             exit_code=int(exc.exit_code), error=str(exc))
+                             duration_s=(now - started).total_seconds(),
+                             outcome=outcome_of_error(int(exc.exit_code)), exit_code=int(exc.exit_code),
+                             error=str(exc))
     return summary.as_dict()
 
 
@@ -619,10 +648,15 @@ def _write_metrics(settings: Any, summary: dict[str, Any]) -> None:
     from connector.ops.status import backlog
     from connector.plan.ledger import Ledger
 
+    waiting: dict[str, int] | None = None
     try:
-        with Ledger(settings.sync.ledger) as ledger:
-            waiting = backlog(ledger)
-        write_textfile(settings.output.metrics_file, summary, backlog=waiting)
+        if settings.sync.ledger.is_file():
+            with Ledger(settings.sync.ledger) as ledger:
+                waiting = backlog(ledger)
+    except PeersyncError:
+        waiting = None  # the run's exit code (e.g. 78, ledger not writable) must still reach the alert rules
+    try:
+        write_textfile(settings.output.metrics_file, summary, backlog=waiting, mode=settings.file_mode())
     except (OSError, PeersyncError) as exc:
         # Metrics are secondary: a full disk or a bad path must not change the run's exit code.
         _warn(f"could not write the metrics file {settings.output.metrics_file}: {type(exc).__name__}")
@@ -667,7 +701,7 @@ def plan(config_path: Path | None, as_json: bool) -> None:
 
     opts = sync_options(_settings(config_path))
     with tempfile.TemporaryDirectory(prefix="peersync-plan-") as tmp, Staging(Path(tmp) / "s.sqlite") as staging, \
-            Ledger(opts.ledger_path) as ledger:
+            Ledger(opts.ledger_path, mode=opts.file_mode) as ledger:
         report, computed, rejects = read_and_plan(opts, ledger, staging)
         review = ledger.reviews()
     result = computed.as_dict() | {"read": report.as_dict()["total"], "rejects_report": str(rejects),
@@ -680,7 +714,10 @@ def plan(config_path: Path | None, as_json: bool) -> None:
     for resource_type, counts in result["resources"].items():
         click.echo(f"{resource_type:<22}" + "".join(f"{counts.get(a, 0):>12}" for a in actions))
     totals = result["totals"]
-    click.echo(f"units: {totals}")
+    click.echo(f"{'units (records)':<22}" + "".join(f"{totals.get(a, 0):>12}" for a in actions))
+    others = {name: count for name, count in totals.items() if name not in actions and count}
+    if others:
+        click.echo("  also: " + ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in others.items()))
     changed = sum(1 for c in result["participants"].values() if any(c.get(a) for a in actions[:5]))
     click.echo(f"participants with changes: {changed}")
     for held in result["deletions_held"]:
@@ -712,7 +749,8 @@ def status(config_path: Path | None, as_json: bool, runs: int) -> None:
         return
     last = result["last_run"]
     if last:
-        click.echo(f"last run:     {last['run_id']} {last['started_at']} {last['outcome']} (exit {last['exit_code']})"
+        ended = f" (exit {last['exit_code']})" if last["exit_code"] is not None else ""
+        click.echo(f"last run:     {last['run_id']} {last['started_at']} {last['outcome']}{ended}"
                    + (f" in {last['duration_s']}s" if last["duration_s"] is not None else ""))
         read = last["read"]
         if read:
@@ -730,8 +768,8 @@ def status(config_path: Path | None, as_json: bool, runs: int) -> None:
     for run in result["runs"]:
         shown = ", ".join(f"{k} {v}" for k, v in run["counts"].items() if v)
         secs = "" if run["duration_s"] is None else f"{run['duration_s']:.1f}"
-        click.echo(f"{run['run_id']:<14}{run['started_at']:<27}{run['outcome']!s:<12}"
-                   f"{run['exit_code']!s:>5}{secs:>9}  {shown}")
+        code = "-" if run["exit_code"] is None else str(run["exit_code"])
+        click.echo(f"{run['run_id']:<14}{run['started_at']:<27}{run['outcome']!s:<12}{code:>5}{secs:>9}  {shown}")
 
 
 def _age(iso: str | None) -> str:
@@ -781,9 +819,7 @@ def review() -> None:
 @translate_errors
 def review_list(config_path: Path | None, include_closed: bool, as_json: bool) -> None:
     """List review entries (subjects are source ids; no patient data)."""
-    from connector.plan.ledger import Ledger
-
-    with Ledger(_settings(config_path).sync.ledger) as ledger:
+    with _ledger(config_path) as ledger:
         entries = ledger.reviews(include_closed=include_closed)
     if as_json:
         click.echo(json.dumps(entries, indent=2))
@@ -815,9 +851,7 @@ def review_dismiss(config_path: Path | None, review_id: int) -> None:
 
 
 def _set_review(config_path: Path | None, review_id: int, status_value: str) -> None:
-    from connector.plan.ledger import Ledger
-
-    with Ledger(_settings(config_path).sync.ledger) as ledger:
+    with _ledger(config_path) as ledger:
         if not ledger.set_review_status(review_id, status_value):
             _fail(f"no review entry {review_id} (see peersync review list --all)", ExitCode.USAGE)
     click.echo(f"review {review_id}: {status_value}")

@@ -6,6 +6,7 @@ Messages never contain patient data (names, MRNs, notes, identifier values, requ
 from __future__ import annotations
 
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitCode(IntEnum):
@@ -19,6 +20,23 @@ class ExitCode(IntEnum):
     LOCK_HELD = 75  # EX_TEMPFAIL: another sync holds the ledger lock; try again later
     AUTH_FAILED = 77  # EX_NOPERM: 401/403, token endpoint refused us, or granted scopes too narrow
     CONFIG_ERROR = 78  # EX_CONFIG: bad configuration or mapping profile
+
+
+# What the FHIR client decided about a refused request (the values of connector.server.client.Action) and the
+# exit code that decision means for a command: the one place where an HTTP answer becomes an exit code.
+ACTION_EXIT_CODES: dict[str, ExitCode] = {
+    "retry-later": ExitCode.SERVER_UNAVAILABLE,  # 429/5xx after the retries: the next run tries again
+    "conflict": ExitCode.SERVER_UNAVAILABLE,  # 409 version conflict: transient, the next run tries again
+    "isolate": ExitCode.RECORDS_REJECTED,  # 400/404/422...: the server refused the content of the request
+    "review": ExitCode.RECORDS_REJECTED,  # 412 duplicates on the server: a person must look
+    "auth": ExitCode.AUTH_FAILED,  # 401/403
+    "fatal": ExitCode.CONFIG_ERROR,  # 405/501: the server cannot do this at all; its setup or ours must change
+}
+
+
+def exit_code_for_action(action: str) -> ExitCode:
+    """The exit code for a request the server refused, from the client's action for it (see ACTION_EXIT_CODES)."""
+    return ACTION_EXIT_CODES.get(str(action), ExitCode.UNEXPECTED)
 
 
 class PeersyncError(Exception):
@@ -69,3 +87,20 @@ class InputError(PeersyncError):
     """An input file cannot be read at all (missing, unreadable, wrong format)."""
 
     exit_code = ExitCode.CONFIG_ERROR
+
+
+# The fix for a path this user cannot create or write: the same advice from `config check`, `doctor` and a run.
+WRITE_ACCESS_FIX = ("give the peersync user write access to it (chown/chmod; systemd: StateDirectory= or "
+                    "ReadWritePaths=; Kubernetes: a writable PersistentVolumeClaim)")
+
+
+def path_error_message(exc: OSError) -> str:
+    """What went wrong with a file or folder, and the fix, from an OSError that names a path (no file contents)."""
+    path = Path(str(exc.filename))
+    reason = exc.strerror or type(exc).__name__
+    if isinstance(exc, PermissionError):
+        return (f"{path}: {reason}: give the peersync user access to it (chown/chmod; systemd: ReadWritePaths=), "
+                "or choose another path")
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: {reason}: check the path"
+    return f"{path}: {reason}: check the path and the free disk space"

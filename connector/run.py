@@ -18,9 +18,16 @@ from typing import Any, Self
 
 from filelock import FileLock, Timeout
 
-from connector.errors import ExitCode, LockHeldError, PeersyncError
+from connector.errors import (
+    WRITE_ACCESS_FIX,
+    ExitCode,
+    LedgerError,
+    LockHeldError,
+    PeersyncError,
+)
+from connector.files import PRIVATE_FILE_MODE, make_folder
 from connector.map import MappingContext
-from connector.plan.ledger import Ledger
+from connector.plan.ledger import Ledger, check_ledger_access
 from connector.plan.planner import (
     Act,
     Plan,
@@ -99,23 +106,28 @@ class SyncOptions:
     max_bundle_entries: int = 100
     max_delete_fraction: float = 0.2
     write_mode: str = "auto"
+    file_mode: int = PRIVATE_FILE_MODE  # of the ledger and the rejects report (0600, or 0640 for a group)
 
 
 class LedgerLock:
     """An OS file lock next to the ledger: a second sync on the same ledger exits with LOCK_HELD."""
 
     def __init__(self, ledger_path: Path) -> None:
-        ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        check_ledger_access(ledger_path)  # exit 78 with the fix, before the lock file is attempted
+        make_folder(ledger_path.parent)
         self.lock = FileLock(str(ledger_path) + ".lock", timeout=0)
 
     def __enter__(self) -> Self:
         try:
             self.lock.acquire()
-        except Timeout:
+        except Timeout:  # (a subclass of OSError: caught first)
             raise LockHeldError(
                 f"another peersync run holds the lock {self.lock.lock_file}; this run did nothing. "
                 "It is safe to try again after the other run ends."
             ) from None
+        except OSError as exc:  # e.g. a folder made read-only after the check above
+            raise LedgerError(f"cannot create the lock file {self.lock.lock_file}: {exc.strerror or exc}. "
+                              f"Fix: {WRITE_ACCESS_FIX}.") from None
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -127,7 +139,7 @@ def read_and_plan(opts: SyncOptions, ledger: Ledger, staging: Staging,
     """Read the inputs into staging, write the rejects report, and compute the plan (timed into ``phases``)."""
     started = time.monotonic()
     report = read_program(opts.profile, opts.inputs, staging)
-    csv_path, _json_path, _n = write_rejects(staging, opts.rejects_dir)
+    csv_path, _json_path, _n = write_rejects(staging, opts.rejects_dir, opts.file_mode)
     planned = time.monotonic()
     plan = compute_plan(staging, ledger, program_id=opts.ctx.program_id, fingerprint=program_fingerprint(opts.ctx),
                         max_delete_fraction=opts.max_delete_fraction)
@@ -157,12 +169,13 @@ class Syncer:
         started = time.monotonic()
         summary = RunSummary(run_id=run_id, command="sync", started_at=self.clock().isoformat(timespec="seconds"))
         self.summary = summary
-        with LedgerLock(self.opts.ledger_path), Ledger(self.opts.ledger_path) as ledger:
+        with LedgerLock(self.opts.ledger_path), Ledger(self.opts.ledger_path, mode=self.opts.file_mode) as ledger:
             ledger.start_run(run_id, "sync")
             try:
                 self._run(ledger, summary)
             except PeersyncError as exc:
-                summary.outcome, summary.exit_code, summary.error = "failed", int(exc.exit_code), str(exc)
+                summary.exit_code, summary.error = int(exc.exit_code), str(exc)
+                summary.outcome = outcome_of_error(summary.exit_code)
                 raise
             except Exception as exc:  # a bug: the run failed (exit 1); never recorded as "ok" from its counts
                 summary.outcome, summary.exit_code = "failed", int(ExitCode.UNEXPECTED)
@@ -179,8 +192,9 @@ class Syncer:
                 if summary.outcome == "running":
                     summary.exit_code, summary.outcome = exit_for(summary.counts)
                 ledger.finish_run(run_id, summary.outcome, summary.exit_code, summary.as_dict())
-                log.info("run finished: %s", summary.outcome,
-                         extra={"event": "run-finished", "outcome": summary.outcome, "counts": dict(summary.counts)})
+                log.info("run finished: %s (exit %d)", summary.outcome, summary.exit_code,
+                         extra={"event": "run-finished", "outcome": summary.outcome, "exit_code": summary.exit_code,
+                                "counts": dict(summary.counts)})
         return summary
 
     def _run(self, ledger: Ledger, summary: RunSummary) -> None:
@@ -202,6 +216,12 @@ class Syncer:
             writer.write(staging, ledger, on_progress=self.on_progress)
 
 
+def outcome_of_error(exit_code: int) -> str:
+    """The outcome of a run that an error stopped: ``incomplete`` when the server became unavailable (69: what
+    was not confirmed stays pending for the next run), else ``failed`` (docs/operations.md)."""
+    return "incomplete" if exit_code == ExitCode.SERVER_UNAVAILABLE else "failed"
+
+
 def exit_for(counts: Counter[str]) -> tuple[int, str]:
     """The exit code and outcome of a run that ended without an error, from its counts."""
     if counts["pending"]:
@@ -211,5 +231,5 @@ def exit_for(counts: Counter[str]) -> tuple[int, str]:
     return int(ExitCode.OK), "ok"
 
 
-__all__ = ["COUNT_NAMES", "LedgerLock", "RunSummary", "SyncOptions", "Syncer", "exit_for", "program_fingerprint",
-           "read_and_plan"]
+__all__ = ["COUNT_NAMES", "LedgerLock", "RunSummary", "SyncOptions", "Syncer", "exit_for", "outcome_of_error",
+           "program_fingerprint", "read_and_plan"]

@@ -75,4 +75,5 @@ def sync_options(settings: Settings) -> SyncOptions:
         max_bundle_entries=settings.sync.max_bundle_entries,
         max_delete_fraction=settings.sync.max_delete_fraction,
         write_mode=settings.server.write_mode,
+        file_mode=settings.file_mode(),
     )

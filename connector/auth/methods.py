@@ -304,6 +304,11 @@ class RefreshingAuth(PeersyncAuth):
                 f"token endpoint {where} answered with a redirect (HTTP {status}); configure the final "
                 "token URL (redirects are not followed for token requests)"
             )
+        if status in (404, 405):  # nothing that takes tokens lives at that URL
+            raise ConfigError(
+                f"token endpoint {where} answered HTTP {status}: there is no token endpoint at that URL; check "
+                "auth.token_url (or, with SMART discovery, the server's .well-known/smart-configuration)"
+            )
         body = json_body(resp)
         if status != 200:
             error = description = ""

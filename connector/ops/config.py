@@ -231,6 +231,9 @@ class OutputSettings(_Section):
 
     rejects_dir: Path | None = Field(None, description="rejects.csv/json of each run (default: next to the ledger).")
     metrics_file: Path | None = Field(None, description="Prometheus text file (node_exporter textfile collector).")
+    group_readable: bool = Field(False, description="Create the ledger, rejects reports and metrics file 0640 "
+                                                    "(folders 0750) instead of 0600 (0700), for a reader in "
+                                                    "the peersync user's group such as node_exporter.")
 
 
 # -- secrets directories -----------------------------------------------------------------------------------
@@ -347,6 +350,12 @@ class Settings(BaseSettings):
     def rejects_dir(self) -> Path:
         """Where this deployment's rejects reports go."""
         return self.output.rejects_dir or self.sync.ledger.parent / "rejects"
+
+    def file_mode(self) -> int:
+        """The mode of the ledger, rejects and metrics files peersync creates (0600, or 0640 for a group)."""
+        from connector.files import file_mode
+
+        return file_mode(self.output.group_readable)
 
 
 SECTIONS: dict[str, type[BaseModel]] = {

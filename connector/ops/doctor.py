@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from connector.errors import ConfigError, ExitCode, PeersyncError, TransportError
+from connector.errors import (
+    WRITE_ACCESS_FIX,
+    ConfigError,
+    ExitCode,
+    PeersyncError,
+    TransportError,
+)
 from connector.server.capabilities import Capabilities, ResourceCapability
 
 if TYPE_CHECKING:
@@ -163,21 +169,23 @@ def _offline(report: Report, path: Path | None, environ: Mapping[str, str] | Non
         base = path.resolve().parent
         report.add("config.file", Status.PASS, f"{path}: valid TOML")
     loaded.raw = data
-    for name in unknown_env_settings(env):
-        report.add("config.env", Status.WARN, f"environment variable {name} names no setting and is ignored",
-                   "correct the name (PEERSYNC_<SECTION>__<KEY> with two underscores, e.g. "
-                   "PEERSYNC_SERVER__BASE_URL) or unset it")
     for secret in find_secret_files(env):
         report.add("config.secrets_dir", Status.PASS, f"{secret.section}.{secret.key} is read from {secret.path}")
+    unknown_env = unknown_env_settings(env)
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        for problem in config_problems(exc, path, env):
+        problems = config_problems(exc, path, env)
+        # A variable that fails validation is reported once, as that failure, not also as a warning.
+        _warn_unknown_env(report, [name for name in unknown_env if not any(name in p.where for p in problems)])
+        for problem in problems:
             report.add(problem.key, Status.FAIL, f"{problem.where}: {problem.message}", problem.fix)
         return loaded
     except ConfigError as exc:  # an unreadable file in a secrets directory
+        _warn_unknown_env(report, unknown_env)
         report.add("config.secrets_dir", Status.FAIL, str(exc), "fix the file's permissions or remove it")
         return loaded
+    _warn_unknown_env(report, unknown_env)
     _resolve_paths(settings, base)
     loaded.settings = settings
     report.add("config.settings", Status.PASS, "every setting is known and has a valid value")
@@ -186,12 +194,21 @@ def _offline(report: Report, path: Path | None, environ: Mapping[str, str] | Non
     _check_profile(report, settings)
     _check_assets(report)
     _check_inputs(report, settings)
-    _check_writable(report, "sync.ledger", settings.sync.ledger, is_file=True)
-    _check_ledger_file(report, settings.sync.ledger)
+    if _check_writable(report, "sync.ledger", settings.sync.ledger, is_file=True):
+        _check_ledger_file(report, settings.sync.ledger)
+    else:
+        report.add("ledger", Status.SKIP, "not checked: this user cannot write the ledger (see sync.ledger)")
     _check_writable(report, "output.rejects_dir", settings.rejects_dir(), is_file=False)
     if settings.output.metrics_file is not None:
         _check_writable(report, "output.metrics_file", settings.output.metrics_file, is_file=True)
     return loaded
+
+
+def _warn_unknown_env(report: Report, names: list[str]) -> None:
+    for name in names:
+        report.add("config.env", Status.WARN, f"environment variable {name} names no setting and is ignored",
+                   "correct the name (PEERSYNC_<SECTION>__<KEY> with two underscores, e.g. "
+                   "PEERSYNC_SERVER__BASE_URL) or unset it")
 
 
 def _file_fix(message: str) -> str:
@@ -410,8 +427,7 @@ def _check_writable(report: Report, name: str, path: Path, *, is_file: bool) -> 
             pass
     except OSError as exc:
         report.add(name, Status.FAIL, f"folder {existing} is not writable by this user ({type(exc).__name__})",
-                   "give the peersync user write access (systemd: StateDirectory=/ReadWritePaths=; "
-                   "Kubernetes: a writable PersistentVolumeClaim)")
+                   WRITE_ACCESS_FIX)
         return False
     note = "" if existing == folder else f" (will be created under {existing})"
     report.add(name, Status.PASS, f"{path} is writable{note}")
@@ -420,10 +436,15 @@ def _check_writable(report: Report, name: str, path: Path, *, is_file: bool) -> 
 
 def _check_ledger_file(report: Report, path: Path) -> None:
     """An existing ledger: SQLite, a schema this version understands, not corrupt (opened read-only)."""
-    from connector.plan.ledger import SCHEMA_VERSION
+    from connector.plan.ledger import SCHEMA_VERSION, ledger_access_problem
 
     if not path.is_file():
         report.add("ledger", Status.PASS, f"no ledger yet at {path}: the first sync creates it")
+        return
+    keep_it = f"{WRITE_ACCESS_FIX}; do not move the ledger aside (that makes the next sync re-send every record)"
+    problem = ledger_access_problem(path)
+    if problem is not None:
+        report.add("ledger", Status.FAIL, f"cannot use ledger {path}: {problem}", keep_it)
         return
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
@@ -437,6 +458,14 @@ def _check_ledger_file(report: Report, path: Path) -> None:
             runs = db.execute("SELECT count(*) FROM runs").fetchone()[0] if version >= 1 else 0
         finally:
             db.close()
+    except sqlite3.OperationalError as exc:
+        if "readonly" in str(exc) or "unable to open" in str(exc):  # a read-only mount, an ACL: the file is fine
+            report.add("ledger", Status.FAIL, f"cannot open ledger {path} ({exc})", keep_it)
+        else:
+            report.add("ledger", Status.FAIL, f"ledger {path} is unreadable or not a peersync ledger ({exc})",
+                       f"move it aside (mv {path} {path}.broken); the next sync re-sends everything without "
+                       "duplicates")
+        return
     except sqlite3.DatabaseError as exc:
         report.add("ledger", Status.FAIL, f"ledger {path} is unreadable or not a peersync ledger ({exc})",
                    f"move it aside (mv {path} {path}.broken); the next sync re-sends everything without duplicates")
@@ -656,7 +685,9 @@ def _check_auth_online(report: Report, client: Any) -> bool:
         auth.ensure_ready()
     except PeersyncError as exc:
         fix = {int(ExitCode.AUTH_FAILED): "fix the credentials or ask the EHR administrator for the scopes",
-               int(ExitCode.SERVER_UNAVAILABLE): "check that the token endpoint is reachable from this host"}
+               int(ExitCode.SERVER_UNAVAILABLE): "check that the token endpoint is reachable from this host",
+               int(ExitCode.CONFIG_ERROR): "check auth.token_url: it must be the token endpoint the EHR team gave "
+                                           "you (docs/authentication.md)"}
         report.add("auth", Status.FAIL, str(exc), fix.get(int(exc.exit_code), "correct the [auth] section"),
                    exc.exit_code)
         return False

@@ -9,13 +9,13 @@ format is plain text (https://prometheus.io/docs/instrumenting/exposition_format
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 from connector import __version__
+from connector.files import PRIVATE_FILE_MODE, make_folder, write_atomically
 
 SUCCESS_EXIT_CODES = (0, 65)  # the run completed; 65 means some rows need the program's attention
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)(?:\s+\d+)?$")
@@ -133,13 +133,12 @@ def render(summary: dict[str, Any], now: float | None = None, *, backlog: dict[s
 
 
 def write_textfile(path: Path, summary: dict[str, Any], *, backlog: dict[str, int] | None = None,
-                   now: float | None = None) -> None:
-    """Write atomically (temp file + rename in the same folder), carrying counters over from the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+                   now: float | None = None, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Write atomically (temp file + rename in the same folder, the temp file removed if the write fails),
+    created with ``mode``, carrying counters over from the old file."""
+    make_folder(path.parent, mode)
     try:
         previous = parse_samples(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         previous = {}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(render(summary, now, backlog=backlog, previous=previous), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, render(summary, now, backlog=backlog, previous=previous), mode)

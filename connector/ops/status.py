@@ -6,6 +6,7 @@ and is reported as such (the ledger is not created here).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +43,45 @@ def status_report(ledger_path: Path, runs: int = 5) -> dict[str, Any]:
         recent = ledger.runs(runs)
         report["backlog"] = backlog(ledger)
         report["last_success"] = last_success(ledger)
-    report["runs"] = [_run_row(run) for run in recent]
+    lock_held = lock_is_held(Path(f"{ledger_path}.lock"))
+    report["runs"] = [_run_row(run, newest=(i == 0), lock_held=lock_held) for i, run in enumerate(recent)]
     report["last_run"] = report["runs"][0] if report["runs"] else None
     return report
 
 
-def _run_row(run: dict[str, Any]) -> dict[str, Any]:
+def lock_is_held(lock_path: Path, proc_locks: Path = Path("/proc/locks")) -> bool | None:
+    """Whether some process holds the ledger lock, read from the kernel's lock table (Linux) without taking the
+    lock: a probe by locking would make a sync that starts at that moment exit 75. None where it cannot tell."""
+    try:
+        info = lock_path.stat()
+    except FileNotFoundError:
+        return False  # every sync creates the lock file before it takes the lock
+    except OSError:
+        return None
+    try:
+        table = proc_locks.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    return any(len(fields) > 5 and fields[5] == device for fields in (line.split() for line in table.splitlines()))
+
+
+def _run_row(run: dict[str, Any], *, newest: bool = False, lock_held: bool | None = None) -> dict[str, Any]:
     summary = run.get("summary") or {}
+    outcome = run["outcome"]
+    if not run["finished_at"]:
+        # Still running only if it is the newest run and a sync holds the lock; otherwise it was interrupted
+        # (killed, crashed, host rebooted). Where the lock table cannot be read, say both.
+        if not newest or lock_held is False:
+            outcome = "interrupted"
+        else:
+            outcome = "running" if lock_held else "unfinished"
     return {
         "run_id": run["run_id"],
         "command": run["command"],
         "started_at": run["started_at"],
         "finished_at": run["finished_at"],
-        # A run without an end was interrupted (killed, crashed, host rebooted) or is still running.
-        "outcome": run["outcome"] or ("unfinished" if not run["finished_at"] else None),
+        "outcome": outcome,
         "exit_code": run["exit_code"],
         "duration_s": summary.get("duration_s"),
         "read": summary.get("read") or {},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -23,7 +24,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
-from connector.errors import LedgerError
+from connector.errors import WRITE_ACCESS_FIX, LedgerError
+from connector.files import PRIVATE_FILE_MODE, create_file, make_folder
 
 SCHEMA_VERSION = 1
 
@@ -166,12 +168,15 @@ class ConfirmedUnit:
 class Ledger:
     """Thread-safe access to the ledger file. Writes are serialised; each write is one SQLite transaction."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, mode: int = PRIVATE_FILE_MODE) -> None:
+        """Open (or create, with ``mode``: SQLite gives its -wal and -shm files the same) the ledger at ``path``."""
         self.path = Path(path)
         self._lock = threading.RLock()
         self._salt = ""  # set by _migrate(): the MRN salt, created with the ledger
+        check_ledger_access(self.path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(self.path.parent, mode)
+            create_file(self.path, mode)  # an empty file is an empty SQLite database
             self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
             self.db.execute("PRAGMA journal_mode=WAL")
             # NORMAL, not FULL: in WAL mode a commit survives a crash of peersync; only a power loss or OS crash
@@ -188,12 +193,12 @@ class Ledger:
             problems = [row[0] for row in self.db.execute("PRAGMA quick_check(3)")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("; ".join(problems)[:200])  # noqa: TRY301 - reported as corruption below
+        except sqlite3.OperationalError as exc:
+            if _is_access_error(exc):  # a read-only folder or file system: the ledger itself is fine
+                raise LedgerError(_access_message(self.path, str(exc))) from exc
+            raise LedgerError(_corrupt_message(self.path, exc)) from exc
         except sqlite3.DatabaseError as exc:
-            raise LedgerError(
-                f"ledger {self.path} is unreadable or corrupt ({exc}). Recovery: move it aside "
-                f"(mv {self.path} {self.path}.broken) and run sync again; writes are conditional on business "
-                "identifiers, so a full re-send creates no duplicates."
-            ) from exc
+            raise LedgerError(_corrupt_message(self.path, exc)) from exc
         except OSError as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc.strerror or exc}") from exc
 
@@ -513,6 +518,48 @@ class Ledger:
         db.execute(f"DETACH DATABASE {alias}")
 
 
+def ledger_access_problem(path: Path) -> str | None:
+    """Why this user cannot use the ledger at ``path``, or None. SQLite needs the folder too: it creates the
+    -wal and -shm files (and peersync the .lock file) beside the ledger."""
+    folder = path.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"the folder {existing} is not writable by this user"
+    for companion in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}.lock")):
+        if companion.exists() and not os.access(companion, os.R_OK | os.W_OK):
+            return f"{companion} is not readable and writable by this user"
+    return None
+
+
+def check_ledger_access(path: Path) -> None:
+    """Raise LedgerError (exit 78) with the fix when this user cannot write the ledger or its folder."""
+    problem = ledger_access_problem(path)
+    if problem is not None:
+        raise LedgerError(_access_message(path, problem))
+
+
+def _access_message(path: Path, problem: str) -> str:
+    keep = (" Do not move the ledger aside: it is intact, and without it the next sync would re-send every record."
+            if path.is_file() else "")
+    return f"cannot write ledger {path}: {problem}. Fix: {WRITE_ACCESS_FIX}.{keep}"
+
+
+def _is_access_error(exc: sqlite3.OperationalError) -> bool:
+    """SQLite's words for a file or folder it may not write (read-only mount, permissions)."""
+    text = str(exc).lower()
+    return "readonly" in text or "read-only" in text or "unable to open" in text
+
+
+def _corrupt_message(path: Path, exc: sqlite3.DatabaseError) -> str:
+    return (f"ledger {path} is unreadable or corrupt ({exc}). Recovery: move it aside (mv {path} {path}.broken) "
+            "and run sync again; writes are conditional on business identifiers, so a full re-send creates no "
+            "duplicates.")
+
+
 def _write_failure(path: Path, exc: sqlite3.OperationalError) -> str:
     text = str(exc)
     if "full" in text or "disk" in text:
@@ -520,5 +567,7 @@ def _write_failure(path: Path, exc: sqlite3.OperationalError) -> str:
                 "confirm; free space and run sync again (it re-sends the unconfirmed records, without duplicates).")
     if "locked" in text:
         return f"ledger {path} is locked by another process ({text})"
+    if _is_access_error(exc):
+        return _access_message(path, text)
     return f"cannot write ledger {path}: {text}"
 

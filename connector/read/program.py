@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from connector.errors import InputError, ProfileError
+from connector.files import PRIVATE_FILE_MODE, make_folder, open_new
 from connector.model import RecordKind
 from connector.read.convert import RowConverter, RowRejected
 from connector.read.formats import SUPPORTED_SUFFIXES, RawRow, read_rows, sheet_names
@@ -189,12 +190,15 @@ def _route(row: RawRow, group: list[RecordKind], profile: Profile) -> RecordKind
 REJECT_COLUMNS = ["file", "sheet", "row", "kind", "field", "value", "reason"]
 
 
-def write_rejects(staging: Staging, out_dir: Path) -> tuple[Path, Path, int]:
-    """Write rejects.csv and rejects.json into ``out_dir``; return both paths and the number of problems."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_rejects(staging: Staging, out_dir: Path, mode: int = PRIVATE_FILE_MODE) -> tuple[Path, Path, int]:
+    """Write rejects.csv and rejects.json into ``out_dir``; return both paths and the number of problems.
+
+    The report quotes rejected values, so its folder and files are created private (``mode``, 0600 default).
+    """
+    make_folder(out_dir, mode)
     csv_path, json_path = out_dir / "rejects.csv", out_dir / "rejects.json"
     count = 0
-    with csv_path.open("w", newline="", encoding="utf-8") as csv_file, json_path.open("w", encoding="utf-8") as js:
+    with open_new(csv_path, mode, newline="") as csv_file, open_new(json_path, mode) as js:
         writer = csv.writer(csv_file)
         writer.writerow(REJECT_COLUMNS)
         js.write("[\n")

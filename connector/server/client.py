@@ -30,6 +30,7 @@ from connector.errors import (
     PeersyncError,
     ServerUnavailableError,
     TransportError,
+    exit_code_for_action,
 )
 from connector.server.hapi import MULTIPLE_MATCH_CODES
 from connector.server.transport import check_next_link, redact_url
@@ -141,6 +142,7 @@ class FhirHttpError(PeersyncError):
     def __init__(self, method: str, path: str, status: int, outcome: OutcomeSummary) -> None:
         self.method, self.path, self.status, self.outcome = method, path, status, outcome
         self.action = action_for(status, outcome.text())
+        self.exit_code = exit_code_for_action(self.action)
         super().__init__(f"{method} {path} -> HTTP {status}" + (f": {outcome.text()}" if outcome.issues else ""))
 
 

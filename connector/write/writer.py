@@ -174,6 +174,10 @@ class Writer:
                                state="resolved" if patient_id else UnitState.REVIEW, detail=detail,
                                close_review=patient_id is not None)
         if patient_id is None:
+            if any((unit := ledger.unit(r[0])) is not None and unit.patient_id for r in rows):
+                # e.g. the MRN was changed to one the EHR does not know: say what stays behind on the old Patient.
+                detail += ("; this participant's earlier records remain active on the previously matched Patient "
+                           "(not changed by peersync)")
             ledger.open_review(f"participant:{participant}", reason or "patient-unresolved", detail, RUN_ID.get())
             for unit in planned:
                 ledger.record_state(unit.unit_key, kind=unit.kind, participant=participant, state=UnitState.REVIEW,

@@ -459,3 +459,61 @@ def test_config_check_never_touches_the_network(tmp_path: Path, monkeypatch: pyt
              f'private_key_file = "{key}"\njku = "https://keys.example.org/jwks.json"')
     report = check_config(config(tmp_path, auth=smart))
     assert report.exit_code() == 0, [(c.name, c.detail) for c in report.checks if c.status is Status.FAIL]
+
+
+# -- issue 20 / issue 14 item 9: the right fix for the token URL and for a ledger this user cannot write ----------
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_a_token_endpoint_that_is_not_there_says_check_token_url(tmp_path: Path, status: int) -> None:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        stub_server(rsps)
+        rsps.add(responses.POST, TOKEN_URL, status=status, body="<html>Not Found</html>")
+        report = run_doctor(_client_credentials(tmp_path))
+    check = one(report, "auth")
+    assert check.status is Status.FAIL and "check auth.token_url" in check.fix and "auth.token_url" in check.detail
+    assert "credentials" not in check.fix and report.exit_code() == ExitCode.CONFIG_ERROR
+
+
+def test_a_mistyped_setting_in_the_environment_is_reported_once(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEERSYNC_SERVER__BASEURL", "https://typo.example")
+    report = check_config(config(tmp_path))
+    mentions = [c for c in report.checks if "PEERSYNC_SERVER__BASEURL" in c.detail]
+    assert [(c.name, c.status) for c in mentions] == [("server.baseurl", Status.FAIL)]
+
+
+def test_a_ledger_in_a_read_only_folder_gets_the_permission_fix_not_move_it_aside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import connector.plan.ledger
+    from connector.plan.ledger import Ledger
+
+    path = config(tmp_path)
+    with Ledger(tmp_path / "state" / "ledger.sqlite"):
+        pass
+    state = tmp_path / "state"
+    real_access = os.access
+    # The tests run as root, for whom every folder is writable: the folder's permission bits are simulated.
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != state and real_access(p, mode, **kw))
+    monkeypatch.setattr(connector.plan.ledger.os, "access", os.access)
+    report = check_config(path)
+    (failed,) = [c for c in report.checks if c.status is Status.FAIL]
+    assert f"the folder {state} is not writable" in failed.detail and report.exit_code() == ExitCode.CONFIG_ERROR
+    assert "write access" in failed.fix and "do not move the ledger aside" in failed.fix
+    assert "mv " not in str(report.as_dict())
+
+
+def test_a_read_only_wal_file_gets_the_permission_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from connector.plan.ledger import Ledger
+
+    path = config(tmp_path)
+    ledger = Ledger(tmp_path / "state" / "ledger.sqlite")  # kept open: its -wal file exists
+    try:
+        wal = tmp_path / "state" / "ledger.sqlite-wal"
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != wal and real_access(p, mode, **kw))
+        check = one(check_config(path), "ledger")
+    finally:
+        ledger.close()
+    assert check.status is Status.FAIL and "ledger.sqlite-wal" in check.detail
+    assert "do not move the ledger aside" in check.fix and "write access" in check.fix

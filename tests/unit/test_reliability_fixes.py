@@ -191,3 +191,41 @@ def test_a_refused_patient_search_goes_to_review_without_phi(tmp_path: Path) -> 
     patient_id, reason, detail = syncer._resolve_patient("urn:oid:1", "MRN1680963")
     assert (patient_id, reason) == (None, "patient-search-failed")
     assert "HTTP 400" in detail and "MRN1680963" not in detail and "Terrence" not in detail
+
+
+# -- issue 14 item 10: an MRN changed to an unknown one says what stays on the old Patient ------------------------
+
+
+@responses.activate
+def test_an_mrn_changed_to_an_unknown_one_says_the_earlier_records_remain_on_the_old_patient(tmp_path: Path) -> None:
+    from datetime import date
+
+    from connector.model import Enrollment
+
+    responses.get(BASE + "/Patient", json={"resourceType": "Bundle", "type": "searchset", "entry": []})
+    writer = _writer(tmp_path, FhirClient(BASE, retry=FAST))
+    enrollment = Enrollment(enrollment_id="E1", mrn="MRN-NEW-4711", start_date=date(2026, 1, 5), supporter_id="S1")
+    rows = [("contact:C1", "contact", "C1", "h2", "update"), ("contact:C2", "contact", "C2", "h3", "create")]
+    with Staging(tmp_path / "staging.sqlite") as staging, Ledger(tmp_path / "ledger.sqlite") as ledger:
+        ledger.record_confirmed("contact:C1", kind="contact", participant="E1", unit_hash="h1", voided=False,
+                                patient_id="P-OLD", resources=[], detail="", run_id="run0")
+        writer._write_participant(staging, ledger, enrollment, rows)
+        (entry,) = ledger.reviews()
+    assert entry["reason"] == "patient-not-found"
+    assert "earlier records remain active on the previously matched Patient" in entry["detail"]
+    assert "MRN-NEW-4711" not in entry["detail"] and "P-OLD" not in entry["detail"]
+
+
+@responses.activate
+def test_a_participant_never_matched_before_gets_no_note_about_an_old_patient(tmp_path: Path) -> None:
+    from datetime import date
+
+    from connector.model import Enrollment
+
+    responses.get(BASE + "/Patient", json={"resourceType": "Bundle", "type": "searchset", "entry": []})
+    writer = _writer(tmp_path, FhirClient(BASE, retry=FAST))
+    enrollment = Enrollment(enrollment_id="E1", mrn="MRN-4711", start_date=date(2026, 1, 5), supporter_id="S1")
+    with Staging(tmp_path / "staging.sqlite") as staging, Ledger(tmp_path / "ledger.sqlite") as ledger:
+        writer._write_participant(staging, ledger, enrollment, [("contact:C1", "contact", "C1", "h1", "create")])
+        (entry,) = ledger.reviews()
+    assert entry["detail"] == "no Patient has this participant's MRN"
