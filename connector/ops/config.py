@@ -224,6 +224,12 @@ class SyncSettings(_Section):
     backoff_max_seconds: float = Field(30.0, ge=0, le=3600)
     retry_after_cap_seconds: float = Field(120.0, ge=0, le=3600)
     max_delete_fraction: float = Field(0.2, ge=0, le=1)
+    max_row_drop_fraction: float = Field(
+        0.2, ge=0, le=1, description="Hold a record kind whose row count fell by more than this share since the last "
+        "completed run (the shape guard, docs/operations.md)")
+    accept_shape_change: bool = Field(
+        False, description="Accept changed input shapes (a missing column, fewer rows) instead of holding the kind; "
+        "set it for one run, then remove it: while it is set the shape guard is off")
 
 
 class OutputSettings(_Section):

@@ -61,4 +61,5 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         "read": summary.get("read") or {},
         "counts": summary.get("counts") or {},
         "error": summary.get("error"),
+        "shape_held": summary.get("shape_held") or [],
     }

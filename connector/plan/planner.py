@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from connector.plan.ledger import Ledger, UnitState
+from connector.plan.shape import KindShape
 from connector.read.staging import Staging
 
 
@@ -32,6 +34,7 @@ class Act(StrEnum):
     UNCHANGED = "unchanged"
     QUARANTINED = "quarantined"  # same content the server rejected before: not resent until it, or another
     # record of the same participant, changes (a fixed goal lets the CarePlan that lists it through)
+    HELD = "held"  # an update, void or deletion the shape guard held back (connector/plan/shape.py)
 
 
 WRITE_ACTIONS = frozenset({Act.CREATE, Act.UPDATE, Act.VOID, Act.DELETE, Act.RETRY})
@@ -140,6 +143,8 @@ class Plan:
     by_resource_type: dict[str, Counter[str]] = field(default_factory=dict)
     by_participant: dict[str, Counter[str]] = field(default_factory=dict)
     deletions_held: list[str] = field(default_factory=list)  # why some deletions were not planned
+    shape_held: list[str] = field(default_factory=list)  # why record kinds were held by the shape guard
+    shapes_seen: dict[str, KindShape] = field(default_factory=dict)  # input shapes to remember if the run completes
 
     def total(self, action: Act) -> int:
         """Units with this action."""
@@ -157,6 +162,7 @@ class Plan:
             "participants": {k: dict(v) for k, v in sorted(self.by_participant.items())},
             "totals": {a.value: self.total(a) for a in Act},
             "deletions_held": self.deletions_held,
+            "shape_held": self.shape_held,
         }
 
 
@@ -166,12 +172,14 @@ def mapping_fingerprint(*parts: str) -> str:
 
 
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,
-                 max_delete_fraction: float = 0.2) -> Plan:
+                 max_delete_fraction: float = 0.2, held_kinds: Collection[str] = ()) -> Plan:
     """Fill the staging DB's ``units`` and ``plan`` tables and return the counts.
 
     Deletions are held back (not planned) for a kind when rows of that kind were rejected without a readable
     id, or when more than ``max_delete_fraction`` of the kind's confirmed units would be voided (a missing or
-    truncated input file must never void a program's history).
+    truncated input file must never void a program's history). Units of ``held_kinds`` (the shape guard's)
+    are neither updated, voided nor deleted: those actions become ``held``; creates and retries of content
+    the server already confirmed go ahead.
     """
     db = staging.db
     db.create_function("sha", -1, _sha, deterministic=True)
@@ -184,6 +192,11 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
             db.execute(statement, {"sent": UnitState.SENT, "quarantined": UnitState.QUARANTINED})
     plan = Plan()
     plan.deletions_held = _hold_unsafe_deletions(db, staging, max_delete_fraction)
+    if held_kinds:
+        kinds = sorted(held_kinds)
+        with db:
+            db.execute(f"UPDATE plan SET action=? WHERE action IN (?,?,?) AND kind IN ({','.join('?' * len(kinds))})",
+                       (Act.HELD, Act.UPDATE, Act.VOID, Act.DELETE, *kinds))
     for kind, participant, action, count in db.execute(
         "SELECT kind, participant, action, count(*) FROM plan GROUP BY kind, participant, action"
     ):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from connector.errors import InputError, ProfileError
 from connector.model import RecordKind
+from connector.read.columns import HeaderMatcher, profile_columns
 from connector.read.convert import RowConverter, RowRejected
 from connector.read.formats import SUPPORTED_SUFFIXES, RawRow, read_rows, sheet_names
 from connector.read.profile import Profile, RecordSpec
@@ -34,6 +35,10 @@ class ReadReport:
     rejected: dict[str, int] = field(default_factory=dict)
     blank_rows: int = 0
     warnings: list[str] = field(default_factory=list)
+    # The input's shape, for the shape guard (column names only, never values): per kind, the profile's
+    # columns it reads, and those of them that some file of the kind has.
+    mapped_columns: dict[str, set[str]] = field(default_factory=dict)
+    present_columns: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def total_read(self) -> int:
@@ -82,6 +87,8 @@ def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging) -> 
     """Read every input into ``staging``; reject bad rows with reasons; return the counts."""
     report = ReadReport()
     converters = {kind: RowConverter(profile, kind) for kind in profile.records}
+    report.mapped_columns = {kind.value: profile_columns(spec) for kind, spec in profile.records.items()}
+    report.present_columns = {kind.value: set() for kind in profile.records}
     files = expand_inputs(inputs)
     # Reports locate rows by file name; same-named files (a/contacts.csv, b/contacts.csv) are named by their
     # path instead, so their rows stay apart in the report and in the counts.
@@ -145,9 +152,19 @@ def _read_group(
 ) -> None:
     source = profile.records[group[0]].source
     missing_reported: set[RecordKind] = set()
+    matcher = HeaderMatcher(set().union(*(report.mapped_columns[k.value] for k in group)))
+    headers: tuple[str, ...] | None = None
+    renames: dict[str, str] = {}
     for row in read_rows(path, sheet=source.sheet, json_path=source.json_path):
         if shown is not None:
             row = replace(row, location=replace(row.location, file=shown))
+        keys = tuple(row.values)
+        if keys != headers:  # once per file for CSV and Excel; JSON records may each have their own keys
+            headers, renames = keys, matcher.renames(keys, path.name)
+            present = matcher.present(renames.get(k, k) for k in keys)
+            shaped: set[RecordKind] = set()  # kinds whose present columns these headers were added to
+        if renames:
+            row = replace(row, values={renames.get(k, k): v for k, v in row.values.items()})
         if row.is_blank():
             report.blank_rows += 1
             continue
@@ -157,6 +174,9 @@ def _read_group(
             staging.reject(row.location, NO_KIND, "(row)", "", "the row matches no record kind in the profile")
             continue
         report.read[kind.value] += 1
+        if kind not in shaped:
+            shaped.add(kind)
+            report.present_columns[kind.value].update(present & report.mapped_columns[kind.value])
         converter = converters[kind]
         if kind not in missing_reported and row.values:
             missing_reported.add(kind)
