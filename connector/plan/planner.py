@@ -33,7 +33,8 @@ class Act(StrEnum):
     RETRY = "retry"  # unchanged, but not confirmed yet (pending or waiting for review)
     UNCHANGED = "unchanged"
     QUARANTINED = "quarantined"  # same content the server rejected before: not resent until it, or another
-    # record of the same participant, changes (a fixed goal lets the CarePlan that lists it through)
+    # record of the same participant, changes (a fixed goal lets the CarePlan that lists it through), or a
+    # record it refers to is written or has landed since (its supporter, planned contact, goals, CarePlan)
     HELD = "held"  # an update, void or deletion the shape guard held back (connector/plan/shape.py)
 
 
@@ -132,6 +133,39 @@ INSERT INTO plan
 UPDATE plan SET action = 'retry'
     WHERE action = 'quarantined' AND participant IN (
         SELECT participant FROM plan WHERE action IN ('create','update','void','delete','retry'));
+CREATE TEMP TABLE IF NOT EXISTS refs (unit_key TEXT NOT NULL, ref_key TEXT NOT NULL);
+DELETE FROM refs;
+CREATE TEMP TABLE IF NOT EXISTS stuck (kind TEXT NOT NULL, source_id TEXT NOT NULL, PRIMARY KEY (kind, source_id));
+DELETE FROM stuck;
+INSERT INTO stuck SELECT kind, source_id FROM plan WHERE action = 'quarantined';
+INSERT INTO refs
+    SELECT s.kind || ':' || s.key, 'supporter:' || json_extract(s.body,'$.supporter_id')
+    FROM stuck q JOIN staged s ON s.kind = q.kind AND s.key = q.source_id
+    WHERE json_extract(s.body,'$.supporter_id') IS NOT NULL;
+INSERT INTO refs
+    SELECT s.kind || ':' || s.key, 'enrollment:' || s.participant
+    FROM stuck q JOIN staged s ON s.kind = q.kind AND s.key = q.source_id
+    WHERE s.kind IN ('goal','planned_contact','referral','contact');
+INSERT INTO refs
+    SELECT 'contact:' || s.key, 'planned_contact:' || json_extract(s.body,'$.planned_contact_id')
+    FROM stuck q JOIN staged s ON s.kind = q.kind AND s.key = q.source_id
+    WHERE s.kind = 'contact' AND json_extract(s.body,'$.planned_contact_id') IS NOT NULL;
+INSERT INTO refs
+    SELECT 'contact:' || s.key, 'goal:' || g.value
+    FROM stuck q JOIN staged s ON s.kind = q.kind AND s.key = q.source_id, json_each(s.body,'$.goal_ids') g
+    WHERE s.kind = 'contact';
+INSERT INTO refs
+    SELECT 'referral:' || s.key, 'cbo:' || json_extract(s.body,'$.resource_id')
+    FROM stuck q JOIN staged s ON s.kind = q.kind AND s.key = q.source_id
+    WHERE s.kind = 'referral' AND json_extract(s.body,'$.resource_id') IS NOT NULL;
+UPDATE plan SET action = 'retry'
+    WHERE action = 'quarantined' AND unit_key IN (
+        SELECT r.unit_key FROM refs r
+        JOIN ledger.units q ON q.unit_key = r.unit_key
+        LEFT JOIN plan w ON w.unit_key = r.ref_key
+        LEFT JOIN ledger.units l ON l.unit_key = r.ref_key
+        WHERE w.action IN ('create','update','void','delete','retry')
+           OR (l.state = :sent AND l.updated_at > q.updated_at));
 """
 
 

@@ -107,6 +107,9 @@ def test_rejected_row_is_not_a_deletion(tmp_path: Path, ledger: Ledger) -> None:
 
 def test_quarantined_content_is_not_resent_until_it_changes(tmp_path: Path, ledger: Ledger) -> None:
     staging, _ = plan_for(tmp_path, ledger, contacts(4))
+    for unit_key, kind, _sid, unit_hash, _a in units_to_write(staging, None):  # the supporter landed
+        ledger.record_confirmed(unit_key, kind=kind, participant=None, unit_hash=unit_hash or "", voided=False,
+                                patient_id=None, resources=[], detail="201", run_id="r")
     for unit_key, kind, _sid, unit_hash, _a in units_to_write(staging, "E1"):
         ledger.record_state(unit_key, kind=kind, participant="E1", state=UnitState.QUARANTINED, detail="400",
                             run_id="r", attempt_hash=unit_hash)
