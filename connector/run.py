@@ -34,6 +34,7 @@ from connector.plan.shape import (
     held_unit_kinds,
     shape_changes,
 )
+from connector.read.formats import DEFAULT_LIMITS, ReadLimits
 from connector.read.profile import Profile
 from connector.read.program import ReadReport, read_program, write_rejects
 from connector.read.staging import Staging
@@ -115,6 +116,7 @@ class SyncOptions:
     max_delete_fraction: float = 0.2
     max_row_drop_fraction: float = 0.2
     accept_shape_change: bool = False
+    read_limits: ReadLimits = DEFAULT_LIMITS
     write_mode: str = "auto"
 
 
@@ -149,7 +151,7 @@ def read_and_plan(opts: SyncOptions, ledger: Ledger, staging: Staging,
                   phases: dict[str, float] | None = None) -> tuple[ReadReport, Plan, Path]:
     """Read the inputs into staging, write the rejects report, and compute the plan (timed into ``phases``)."""
     started = time.monotonic()
-    report = read_program(opts.profile, opts.inputs, staging)
+    report = read_program(opts.profile, opts.inputs, staging, opts.read_limits)
     csv_path, _json_path, _n = write_rejects(staging, opts.rejects_dir)
     planned = time.monotonic()
     shapes = current_shapes(report.present_columns, report.read)

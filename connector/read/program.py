@@ -18,7 +18,14 @@ from connector.errors import InputError, ProfileError
 from connector.model import RecordKind
 from connector.read.columns import HeaderMatcher, profile_columns
 from connector.read.convert import RowConverter, RowRejected
-from connector.read.formats import SUPPORTED_SUFFIXES, RawRow, read_rows, sheet_names
+from connector.read.formats import (
+    DEFAULT_LIMITS,
+    SUPPORTED_SUFFIXES,
+    RawRow,
+    ReadLimits,
+    read_rows,
+    sheet_names,
+)
 from connector.read.profile import Profile, RecordSpec
 from connector.read.staging import Staging
 
@@ -83,8 +90,10 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     return list(unique.values())
 
 
-def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging) -> ReadReport:
-    """Read every input into ``staging``; reject bad rows with reasons; return the counts."""
+def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging,
+                 limits: ReadLimits = DEFAULT_LIMITS) -> ReadReport:
+    """Read every input into ``staging``; reject bad rows with reasons; return the counts. A file over
+    ``limits`` raises InputError naming it."""
     report = ReadReport()
     converters = {kind: RowConverter(profile, kind) for kind in profile.records}
     report.mapped_columns = {kind.value: profile_columns(spec) for kind, spec in profile.records.items()}
@@ -101,9 +110,9 @@ def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging) -> 
         shown = str(path) if path.name in clashing else None
         report.files.append(shown or path.name)
         if path.suffix.lower() in (".xlsx", ".xlsm"):
-            kinds = _kinds_with_sheets(path, kinds, profile, report)
+            kinds = _kinds_with_sheets(path, kinds, profile, report, limits)
         for group in _groups(path, kinds, profile):
-            _read_group(path, group, profile, converters, staging, report, shown)
+            _read_group(path, group, profile, converters, staging, report, shown, limits)
     staging.finalize()
     report.accepted = staging.counts()
     report.rejected = staging.rejected_rows()
@@ -114,9 +123,10 @@ def _matches(path: Path, spec: RecordSpec) -> bool:
     return any(fnmatch.fnmatch(path.name, pattern) for pattern in spec.source.files)
 
 
-def _kinds_with_sheets(path: Path, kinds: list[RecordKind], profile: Profile, report: ReadReport) -> list[RecordKind]:
+def _kinds_with_sheets(path: Path, kinds: list[RecordKind], profile: Profile, report: ReadReport,
+                       limits: ReadLimits) -> list[RecordKind]:
     """A workbook may leave out sheets (a program with no referrals): say so, and read the rest."""
-    present = set(sheet_names(path))
+    present = set(sheet_names(path, limits))
     kept = []
     for kind in kinds:
         sheet = profile.records[kind].source.sheet
@@ -149,13 +159,14 @@ def _read_group(
     staging: Staging,
     report: ReadReport,
     shown: str | None = None,
+    limits: ReadLimits = DEFAULT_LIMITS,
 ) -> None:
     source = profile.records[group[0]].source
     missing_reported: set[RecordKind] = set()
     matcher = HeaderMatcher(set().union(*(report.mapped_columns[k.value] for k in group)))
     headers: tuple[str, ...] | None = None
     renames: dict[str, str] = {}
-    for row in read_rows(path, sheet=source.sheet, json_path=source.json_path):
+    for row in read_rows(path, sheet=source.sheet, json_path=source.json_path, limits=limits):
         if shown is not None:
             row = replace(row, location=replace(row.location, file=shown))
         keys = tuple(row.values)
