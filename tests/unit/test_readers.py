@@ -18,7 +18,13 @@ import pytest
 from openpyxl import Workbook
 
 from connector.errors import InputError, PeersyncError
-from connector.read.formats import RawRow, ReadLimits, json_reader, read_rows, sheet_names
+from connector.read.formats import (
+    RawRow,
+    ReadLimits,
+    json_reader,
+    read_rows,
+    sheet_names,
+)
 from connector.read.formats.csv_reader import detect_delimiter, detect_encoding
 
 
