@@ -187,8 +187,8 @@ class SourceSettings(_Section):
     inputs: list[Path] = Field(description="Input files or folders.")
     max_unpacked_mb: int = Field(512, ge=1, le=65536, description="Refuse an Excel workbook that unpacks to more "
                                  "than this (a zip bomb), and a JSON document read through json_path larger than it")
-    max_cell_chars: int = Field(32767, ge=1, le=10_000_000, description="Reject a row with a longer cell")
-    max_line_kb: int = Field(4096, ge=1, le=1_048_576, description="Refuse a CSV/NDJSON file with a longer line, "
+    max_cell_chars: int = Field(64 * 2**20, ge=1, le=2**30, description="Reject a row with a longer cell")
+    max_line_kb: int = Field(65536, ge=1, le=1_048_576, description="Refuse a CSV/NDJSON file with a longer line, "
                              "or a JSON array with a longer record")
 
     def read_limits(self) -> ReadLimits:

@@ -16,8 +16,10 @@ class ReadLimits:
     """
 
     max_unpacked_bytes: int = 512 * 1024 * 1024  # a workbook's total unpacked size
-    max_cell_chars: int = 32_767  # one cell (Excel's own limit); a longer cell rejects its row
-    max_line_bytes: int = 4 * 1024 * 1024  # one CSV/NDJSON line, one JSON record (characters, for text)
+    # One cell, and one CSV/NDJSON line or JSON record: generous (a 50 MB pasted note is delivered intact, see
+    # the hostile-input scenario), yet bounded.
+    max_cell_chars: int = 64 * 1024 * 1024  # a longer cell rejects its row
+    max_line_bytes: int = 64 * 1024 * 1024  # a longer line or record stops the read (characters, for text)
 
 
 DEFAULT_LIMITS = ReadLimits()
