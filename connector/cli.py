@@ -560,13 +560,18 @@ def _print_validation(result: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: only on a terminal, never with --quiet).")
+@click.option("--accept-shape-change", is_flag=True,
+              help="Confirm on purpose that the input lost a column or many rows since the last completed run: "
+                   "write the record kinds the shape guard would hold, and remember the new shape.")
 @logging_options
 @translate_errors
-def sync(config_path: Path | None, as_json: bool, progress: bool | None) -> None:
+def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_shape_change: bool) -> None:
     """Push the program's records to the FHIR server: idempotent, incremental, safe to rerun at any time.
 
     Exit codes: 0 all landed; 65 rows rejected, quarantined or in review (the rest landed); 69 server
     unavailable (pending records are sent next run); 75 another run holds the lock; 77 auth; 78 config.
+    A record kind whose input lost a column or more than sync.max_row_drop_fraction of its rows is held (not
+    updated or voided; exit 65) until the export is fixed or --accept-shape-change confirms the change.
     With --json the summary is printed even when the run fails; [output] metrics_file is written after
     every run that got as far as the ledger.
     """
@@ -580,6 +585,7 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None) -> None
     bar: _ProgressBar | None = None
     try:
         opts = sync_options(settings)
+        opts.accept_shape_change = opts.accept_shape_change or accept_shape_change
         log.info("sync started: peersync %s, server %s, auth %s, profile %s, %d input path(s)", __version__,
                  redact_url(settings.server.base_url), settings.auth.mode, opts.profile.name, len(opts.inputs),
                  extra={"event": "run-started"})
@@ -678,6 +684,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     click.echo(f"  requests {summary['requests']} (writes {summary['write_requests']}, retries {summary['retries']})")
     for held in summary.get("deletions_held") or []:
         _warn(held)
+    for held in summary.get("shape_held") or []:
+        _warn(held)
+    for warning in summary.get("warnings") or []:
+        _warn(warning)
     if summary.get("rejects_report") and counts.get("rejected"):
         click.echo(f"  rejects report: {summary['rejects_report']}")
     if summary.get("error"):
@@ -709,7 +719,7 @@ def plan(config_path: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    actions = ("create", "update", "void", "delete", "retry", "unchanged")
+    actions = ("create", "update", "void", "delete", "retry", "unchanged", "held")
     click.echo(f"{'resource type':<22}" + "".join(f"{a:>12}" for a in actions))
     for resource_type, counts in result["resources"].items():
         click.echo(f"{resource_type:<22}" + "".join(f"{counts.get(a, 0):>12}" for a in actions))
@@ -720,7 +730,7 @@ def plan(config_path: Path | None, as_json: bool) -> None:
         click.echo("  also: " + ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in others.items()))
     changed = sum(1 for c in result["participants"].values() if any(c.get(a) for a in actions[:5]))
     click.echo(f"participants with changes: {changed}")
-    for held in result["deletions_held"]:
+    for held in result["deletions_held"] + result["shape_held"]:
         _warn(held)
 
 
@@ -761,6 +771,8 @@ def status(config_path: Path | None, as_json: bool, runs: int) -> None:
     click.echo("last success: " + (f"{success['run_id']} finished {success['finished_at']} "
                                    f"({_age(success['finished_at'])} ago, exit {success['exit_code']})"
                                    if success else "never"))
+    for held in (last or {}).get("shape_held") or []:
+        click.echo(f"held:         {held}")
     b = result["backlog"]
     click.echo(f"backlog:      pending {b['pending']}, quarantined {b['quarantined']}, in review {b['in_review']}, "
                f"open reviews {b['open_reviews']}")

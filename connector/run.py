@@ -35,6 +35,13 @@ from connector.plan.planner import (
     program_fingerprint,
     retried_units,
 )
+from connector.plan.shape import (
+    KindShape,
+    current_shapes,
+    held_unit_kinds,
+    shape_changes,
+)
+from connector.read.formats import DEFAULT_LIMITS, ReadLimits
 from connector.read.profile import Profile
 from connector.read.program import ReadReport, read_program, write_rejects
 from connector.read.staging import Staging
@@ -60,6 +67,8 @@ class RunSummary:
     write_requests: int = 0
     retries: int = 0
     deletions_held: list[str] = field(default_factory=list)
+    shape_held: list[str] = field(default_factory=list)  # record kinds the shape guard held, and why
+    warnings: list[str] = field(default_factory=list)  # what reading the inputs warned about (as `check` does)
     rejects_report: str | None = None
     error: str | None = None
     # Seconds per phase: read (inputs into staging, rejects report), plan (diff against the ledger), write.
@@ -83,14 +92,17 @@ class RunSummary:
             "write_requests": self.write_requests,
             "retries": self.retries,
             "deletions_held": self.deletions_held,
+            "shape_held": self.shape_held,
+            "warnings": self.warnings,
             "rejects_report": self.rejects_report,
             "error": self.error,
         }
 
 
 # retried: units sent again this run because an earlier run left them pending, quarantined or in review.
+# held: updates, voids and deletions the shape guard held back.
 COUNT_NAMES = ("rejected", "unchanged", "created", "updated", "voided", "deleted", "in_review", "quarantined",
-               "pending", "skipped_quarantined", "retried")
+               "pending", "skipped_quarantined", "retried", "held")
 
 
 @dataclass
@@ -105,6 +117,9 @@ class SyncOptions:
     concurrency: int = 4
     max_bundle_entries: int = 100
     max_delete_fraction: float = 0.2
+    max_row_drop_fraction: float = 0.2
+    accept_shape_change: bool = False
+    read_limits: ReadLimits = DEFAULT_LIMITS
     write_mode: str = "auto"
     file_mode: int = PRIVATE_FILE_MODE  # of the ledger and the rejects report (0600, or 0640 for a group)
 
@@ -138,11 +153,17 @@ def read_and_plan(opts: SyncOptions, ledger: Ledger, staging: Staging,
                   phases: dict[str, float] | None = None) -> tuple[ReadReport, Plan, Path]:
     """Read the inputs into staging, write the rejects report, and compute the plan (timed into ``phases``)."""
     started = time.monotonic()
-    report = read_program(opts.profile, opts.inputs, staging)
+    report = read_program(opts.profile, opts.inputs, staging, opts.read_limits)
     csv_path, _json_path, _n = write_rejects(staging, opts.rejects_dir, opts.file_mode)
     planned = time.monotonic()
+    shapes = current_shapes(report.present_columns, report.read)
+    previous = {kind: KindShape(frozenset(columns), rows) for kind, (columns, rows) in ledger.shapes().items()}
+    held = {} if opts.accept_shape_change else shape_changes(
+        previous, shapes, report.mapped_columns, max_row_drop_fraction=opts.max_row_drop_fraction)
     plan = compute_plan(staging, ledger, program_id=opts.ctx.program_id, fingerprint=program_fingerprint(opts.ctx),
-                        max_delete_fraction=opts.max_delete_fraction)
+                        max_delete_fraction=opts.max_delete_fraction, held_kinds=held_unit_kinds(held))
+    plan.shape_held = list(held.values())
+    plan.shapes_seen = {kind: shape for kind, shape in shapes.items() if kind not in held}
     if phases is not None:
         phases["read"], phases["plan"] = planned - started, time.monotonic() - planned
     log.debug("read %d rows (%d rejected) in %.2fs; planned in %.2fs", report.as_dict()["total"]["read"],
@@ -163,6 +184,7 @@ class Syncer:
         self.counts: Counter[str] = Counter()
         self.summary: RunSummary | None = None  # set by run(): the CLI reports it even when the run raises
         self._write_started: float | None = None
+        self._shapes_seen: dict[str, KindShape] = {}  # the shape guard remembers them if the run completes
 
     def run(self, run_id: str) -> RunSummary:
         """Read, plan and write; always returns a summary (and records it in the ledger)."""
@@ -190,7 +212,10 @@ class Syncer:
                     summary.phases["write"] = time.monotonic() - self._write_started
                 summary.finished_at = self.clock().isoformat(timespec="seconds")
                 if summary.outcome == "running":
-                    summary.exit_code, summary.outcome = exit_for(summary.counts)
+                    summary.exit_code, summary.outcome = exit_for(summary.counts, shape_held=bool(summary.shape_held))
+                if summary.exit_code in COMPLETED_EXIT_CODES and self._shapes_seen:
+                    ledger.record_shapes({kind: (sorted(shape.columns), shape.rows)
+                                          for kind, shape in self._shapes_seen.items()}, run_id=run_id)
                 ledger.finish_run(run_id, summary.outcome, summary.exit_code, summary.as_dict())
                 log.info("run finished: %s (exit %d)", summary.outcome, summary.exit_code,
                          extra={"event": "run-finished", "outcome": summary.outcome, "exit_code": summary.exit_code,
@@ -203,6 +228,9 @@ class Syncer:
             summary.read = report.as_dict()["total"]
             summary.rejects_report = str(rejects)
             summary.deletions_held = plan.deletions_held
+            summary.shape_held, summary.warnings = plan.shape_held, report.warnings
+            self._shapes_seen = plan.shapes_seen
+            self.counts["held"] = plan.total(Act.HELD)
             self.counts["rejected"] = report.total_rejected
             self.counts["unchanged"] = plan.total(Act.UNCHANGED)
             self.counts["skipped_quarantined"] = plan.total(Act.QUARANTINED)
@@ -222,11 +250,16 @@ def outcome_of_error(exit_code: int) -> str:
     return "incomplete" if exit_code == ExitCode.SERVER_UNAVAILABLE else "failed"
 
 
-def exit_for(counts: Counter[str]) -> tuple[int, str]:
-    """The exit code and outcome of a run that ended without an error, from its counts."""
+# Runs that completed: the shape guard remembers their input's shape.
+COMPLETED_EXIT_CODES = (int(ExitCode.OK), int(ExitCode.RECORDS_REJECTED))
+
+
+def exit_for(counts: Counter[str], *, shape_held: bool = False) -> tuple[int, str]:
+    """The exit code and outcome of a run that ended without an error, from its counts (``shape_held``: the
+    shape guard held a record kind, which needs a person as rejected rows do)."""
     if counts["pending"]:
         return int(ExitCode.SERVER_UNAVAILABLE), "incomplete"
-    if counts["rejected"] or counts["in_review"] or counts["quarantined"]:
+    if counts["rejected"] or counts["in_review"] or counts["quarantined"] or shape_held:
         return int(ExitCode.RECORDS_REJECTED), "partial"
     return int(ExitCode.OK), "ok"
 

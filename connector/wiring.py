@@ -74,6 +74,9 @@ def sync_options(settings: Settings) -> SyncOptions:
         concurrency=settings.sync.concurrency,
         max_bundle_entries=settings.sync.max_bundle_entries,
         max_delete_fraction=settings.sync.max_delete_fraction,
+        max_row_drop_fraction=settings.sync.max_row_drop_fraction,
+        accept_shape_change=settings.sync.accept_shape_change,
+        read_limits=settings.source.read_limits(),
         write_mode=settings.server.write_mode,
         file_mode=settings.file_mode(),
     )

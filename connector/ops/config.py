@@ -38,6 +38,7 @@ from connector.auth import keys
 from connector.auth.methods import AuthMode, ClientAuthMethod, SigningAlg
 from connector.auth.scopes import ScopeList, parse_scope, split_scopes
 from connector.errors import ConfigError, TransportError
+from connector.read.formats.base import ReadLimits
 from connector.server.transport import origin_of
 
 ENV_PREFIX = "PEERSYNC_"
@@ -184,6 +185,16 @@ class SourceSettings(_Section):
 
     profile: str = Field(description="Mapping profile: a profile.yaml, its folder, or a name shipped in mappings/.")
     inputs: list[Path] = Field(description="Input files or folders.")
+    max_unpacked_mb: int = Field(512, ge=1, le=65536, description="Refuse an Excel workbook that unpacks to more "
+                                 "than this (a zip bomb), and a JSON document read through json_path larger than it")
+    max_cell_chars: int = Field(64 * 2**20, ge=1, le=2**30, description="Reject a row with a longer cell")
+    max_line_kb: int = Field(65536, ge=1, le=1_048_576, description="Refuse a CSV/NDJSON file with a longer line, "
+                             "or a JSON array with a longer record")
+
+    def read_limits(self) -> ReadLimits:
+        """The limits the readers apply."""
+        return ReadLimits(max_unpacked_bytes=self.max_unpacked_mb * 2**20, max_cell_chars=self.max_cell_chars,
+                          max_line_bytes=self.max_line_kb * 1024)
 
 
 class ProgramSettings(_Section):
@@ -224,6 +235,12 @@ class SyncSettings(_Section):
     backoff_max_seconds: float = Field(30.0, ge=0, le=3600)
     retry_after_cap_seconds: float = Field(120.0, ge=0, le=3600)
     max_delete_fraction: float = Field(0.2, ge=0, le=1)
+    max_row_drop_fraction: float = Field(
+        0.2, ge=0, le=1, description="Hold a record kind whose row count fell by more than this share since the last "
+        "completed run (the shape guard, docs/operations.md)")
+    accept_shape_change: bool = Field(
+        False, description="Accept changed input shapes (a missing column, fewer rows) instead of holding the kind; "
+        "set it for one run, then remove it: while it is set the shape guard is off")
 
 
 class OutputSettings(_Section):

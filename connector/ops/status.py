@@ -87,4 +87,5 @@ def _run_row(run: dict[str, Any], *, newest: bool = False, lock_held: bool | Non
         "read": summary.get("read") or {},
         "counts": summary.get("counts") or {},
         "error": summary.get("error"),
+        "shape_held": summary.get("shape_held") or [],
     }

@@ -27,7 +27,7 @@ from typing import Any, Self
 from connector.errors import WRITE_ACCESS_FIX, LedgerError
 from connector.files import PRIVATE_FILE_MODE, create_file, make_folder
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 
@@ -109,9 +109,28 @@ def _v1(db: sqlite3.Connection) -> None:
     )
 
 
+def _v2(db: sqlite3.Connection) -> None:
+    """The shape guard's memory: per record kind, the profile's columns the input had and its row count at
+    the last completed run (column names only: no values)."""
+    db.executescript(
+        """
+        BEGIN IMMEDIATE;
+        CREATE TABLE shapes (
+            kind TEXT PRIMARY KEY,
+            columns TEXT NOT NULL,           -- JSON list of column names, as the profile spells them
+            rows INTEGER NOT NULL,
+            updated_at TEXT NOT NULL,
+            run_id TEXT
+        );
+        PRAGMA user_version = 2;
+        COMMIT;
+        """
+    )
+
+
 # Ordered migrations: MIGRATIONS[i] takes the schema from version i to i + 1, atomically, including the
 # user_version bump (each script runs in its own BEGIN ... COMMIT).
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
 
 
 def now_iso() -> str:
@@ -466,6 +485,24 @@ class Ledger:
         """Subjects a person dismissed: not retried automatically."""
         with self._lock:
             return {r[0] for r in self.db.execute("SELECT subject FROM review WHERE status='dismissed'")}
+
+    # -- input shapes (the shape guard) ---------------------------------------------------------------
+
+    def shapes(self) -> dict[str, tuple[list[str], int]]:
+        """Record kind -> (columns, rows) remembered from the last completed run."""
+        with self._lock:
+            rows = self.db.execute("SELECT kind, columns, rows FROM shapes").fetchall()
+        return {kind: (json.loads(columns), int(count)) for kind, columns, count in rows}
+
+    def record_shapes(self, shapes: dict[str, tuple[list[str], int]], *, run_id: str) -> None:
+        """Remember these kinds' shapes (the others keep theirs), in one transaction."""
+        with self.transaction() as db:
+            db.executemany(
+                """INSERT INTO shapes(kind,columns,rows,updated_at,run_id) VALUES(?,?,?,?,?)
+                   ON CONFLICT(kind) DO UPDATE SET columns=excluded.columns, rows=excluded.rows,
+                   updated_at=excluded.updated_at, run_id=excluded.run_id""",
+                [(kind, json.dumps(sorted(columns)), rows, now_iso(), run_id)
+                 for kind, (columns, rows) in sorted(shapes.items())])
 
     # -- runs ------------------------------------------------------------------------------------------
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
 from connector.map.context import MappingContext
 from connector.plan.ledger import Ledger, UnitState
+from connector.plan.shape import KindShape
 from connector.read.staging import Staging
 
 
@@ -32,7 +34,9 @@ class Act(StrEnum):
     RETRY = "retry"  # unchanged, but not confirmed yet (pending or waiting for review)
     UNCHANGED = "unchanged"
     QUARANTINED = "quarantined"  # same content the server rejected before: not resent until it, or another
-    # record of the same participant, changes (a fixed goal lets the CarePlan that lists it through)
+    # record of the same participant, changes (a fixed goal lets the CarePlan that lists it through), or a
+    # record it refers to is written or has landed since (its supporter, planned contact, goals, CarePlan)
+    HELD = "held"  # an update, void or deletion the shape guard held back (connector/plan/shape.py)
 
 
 WRITE_ACTIONS = frozenset({Act.CREATE, Act.UPDATE, Act.VOID, Act.DELETE, Act.RETRY})
@@ -130,6 +134,39 @@ INSERT INTO plan
 UPDATE plan SET action = 'retry'
     WHERE action = 'quarantined' AND participant IN (
         SELECT participant FROM plan WHERE action IN ('create','update','void','delete','retry'));
+CREATE TEMP TABLE IF NOT EXISTS refs (unit_key TEXT NOT NULL, ref_key TEXT NOT NULL);
+DELETE FROM refs;
+CREATE TEMP TABLE IF NOT EXISTS stuck (kind TEXT NOT NULL, source_id TEXT NOT NULL, PRIMARY KEY (kind, source_id));
+DELETE FROM stuck;
+INSERT INTO stuck SELECT kind, source_id FROM plan WHERE action = 'quarantined';
+INSERT INTO refs
+    SELECT s.kind || ':' || s.key, 'supporter:' || json_extract(s.body,'$.supporter_id')
+    FROM stuck q JOIN staged s ON s.kind = q.kind AND s.key = q.source_id
+    WHERE json_extract(s.body,'$.supporter_id') IS NOT NULL;
+INSERT INTO refs
+    SELECT s.kind || ':' || s.key, 'enrollment:' || s.participant
+    FROM stuck q JOIN staged s ON s.kind = q.kind AND s.key = q.source_id
+    WHERE s.kind IN ('goal','planned_contact','referral','contact');
+INSERT INTO refs
+    SELECT 'contact:' || s.key, 'planned_contact:' || json_extract(s.body,'$.planned_contact_id')
+    FROM stuck q JOIN staged s ON s.kind = q.kind AND s.key = q.source_id
+    WHERE s.kind = 'contact' AND json_extract(s.body,'$.planned_contact_id') IS NOT NULL;
+INSERT INTO refs
+    SELECT 'contact:' || s.key, 'goal:' || g.value
+    FROM stuck q JOIN staged s ON s.kind = q.kind AND s.key = q.source_id, json_each(s.body,'$.goal_ids') g
+    WHERE s.kind = 'contact';
+INSERT INTO refs
+    SELECT 'referral:' || s.key, 'cbo:' || json_extract(s.body,'$.resource_id')
+    FROM stuck q JOIN staged s ON s.kind = q.kind AND s.key = q.source_id
+    WHERE s.kind = 'referral' AND json_extract(s.body,'$.resource_id') IS NOT NULL;
+UPDATE plan SET action = 'retry'
+    WHERE action = 'quarantined' AND unit_key IN (
+        SELECT r.unit_key FROM refs r
+        JOIN ledger.units q ON q.unit_key = r.unit_key
+        LEFT JOIN plan w ON w.unit_key = r.ref_key
+        LEFT JOIN ledger.units l ON l.unit_key = r.ref_key
+        WHERE w.action IN ('create','update','void','delete','retry')
+           OR (l.state = :sent AND l.updated_at > q.updated_at));
 """
 
 
@@ -141,6 +178,8 @@ class Plan:
     by_resource_type: dict[str, Counter[str]] = field(default_factory=dict)
     by_participant: dict[str, Counter[str]] = field(default_factory=dict)
     deletions_held: list[str] = field(default_factory=list)  # why some deletions were not planned
+    shape_held: list[str] = field(default_factory=list)  # why record kinds were held by the shape guard
+    shapes_seen: dict[str, KindShape] = field(default_factory=dict)  # input shapes to remember if the run completes
 
     def total(self, action: Act) -> int:
         """Units with this action."""
@@ -158,6 +197,7 @@ class Plan:
             "participants": {k: dict(v) for k, v in sorted(self.by_participant.items())},
             "totals": {a.value: self.total(a) for a in Act},
             "deletions_held": self.deletions_held,
+            "shape_held": self.shape_held,
         }
 
 
@@ -177,12 +217,14 @@ def program_fingerprint(ctx: MappingContext) -> str:
 
 
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,
-                 max_delete_fraction: float = 0.2) -> Plan:
+                 max_delete_fraction: float = 0.2, held_kinds: Collection[str] = ()) -> Plan:
     """Fill the staging DB's ``units`` and ``plan`` tables and return the counts.
 
     Deletions are held back (not planned) for a kind when rows of that kind were rejected without a readable
     id, or when more than ``max_delete_fraction`` of the kind's confirmed units would be voided (a missing or
-    truncated input file must never void a program's history).
+    truncated input file must never void a program's history). Units of ``held_kinds`` (the shape guard's)
+    are neither updated, voided nor deleted: those actions become ``held``; creates and retries of content
+    the server already confirmed go ahead.
     """
     db = staging.db
     db.create_function("sha", -1, _sha, deterministic=True)
@@ -195,6 +237,11 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
             db.execute(statement, {"sent": UnitState.SENT, "quarantined": UnitState.QUARANTINED})
     plan = Plan()
     plan.deletions_held = _hold_unsafe_deletions(db, staging, max_delete_fraction)
+    if held_kinds:
+        kinds = sorted(held_kinds)
+        with db:
+            db.execute(f"UPDATE plan SET action=? WHERE action IN (?,?,?) AND kind IN ({','.join('?' * len(kinds))})",
+                       (Act.HELD, Act.UPDATE, Act.VOID, Act.DELETE, *kinds))
     for kind, participant, action, count in db.execute(
         "SELECT kind, participant, action, count(*) FROM plan GROUP BY kind, participant, action"
     ):

@@ -18,8 +18,16 @@ from typing import Any
 from connector.errors import InputError, ProfileError
 from connector.files import PRIVATE_FILE_MODE, make_folder, open_new
 from connector.model import RecordKind
+from connector.read.columns import HeaderMatcher, profile_columns
 from connector.read.convert import RowConverter, RowRejected
-from connector.read.formats import SUPPORTED_SUFFIXES, RawRow, read_rows, sheet_names
+from connector.read.formats import (
+    DEFAULT_LIMITS,
+    SUPPORTED_SUFFIXES,
+    RawRow,
+    ReadLimits,
+    read_rows,
+    sheet_names,
+)
 from connector.read.profile import Profile, RecordSpec
 from connector.read.staging import Staging
 
@@ -36,6 +44,10 @@ class ReadReport:
     rejected: dict[str, int] = field(default_factory=dict)
     blank_rows: int = 0
     warnings: list[str] = field(default_factory=list)
+    # The input's shape, for the shape guard (column names only, never values): per kind, the profile's
+    # columns it reads, and those of them that some file of the kind has.
+    mapped_columns: dict[str, set[str]] = field(default_factory=dict)
+    present_columns: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def total_read(self) -> int:
@@ -80,10 +92,14 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     return list(unique.values())
 
 
-def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging) -> ReadReport:
-    """Read every input into ``staging``; reject bad rows with reasons; return the counts."""
+def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging,
+                 limits: ReadLimits = DEFAULT_LIMITS) -> ReadReport:
+    """Read every input into ``staging``; reject bad rows with reasons; return the counts. A file over
+    ``limits`` raises InputError naming it."""
     report = ReadReport()
     converters = {kind: RowConverter(profile, kind) for kind in profile.records}
+    report.mapped_columns = {kind.value: profile_columns(spec) for kind, spec in profile.records.items()}
+    report.present_columns = {kind.value: set() for kind in profile.records}
     files = expand_inputs(inputs)
     # Reports locate rows by file name; same-named files (a/contacts.csv, b/contacts.csv) are named by their
     # path instead, so their rows stay apart in the report and in the counts.
@@ -96,9 +112,9 @@ def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging) -> 
         shown = str(path) if path.name in clashing else None
         report.files.append(shown or path.name)
         if path.suffix.lower() in (".xlsx", ".xlsm"):
-            kinds = _kinds_with_sheets(path, kinds, profile, report)
+            kinds = _kinds_with_sheets(path, kinds, profile, report, limits)
         for group in _groups(path, kinds, profile):
-            _read_group(path, group, profile, converters, staging, report, shown)
+            _read_group(path, group, profile, converters, staging, report, shown, limits)
     staging.finalize()
     report.accepted = staging.counts()
     report.rejected = staging.rejected_rows()
@@ -109,9 +125,10 @@ def _matches(path: Path, spec: RecordSpec) -> bool:
     return any(fnmatch.fnmatch(path.name, pattern) for pattern in spec.source.files)
 
 
-def _kinds_with_sheets(path: Path, kinds: list[RecordKind], profile: Profile, report: ReadReport) -> list[RecordKind]:
+def _kinds_with_sheets(path: Path, kinds: list[RecordKind], profile: Profile, report: ReadReport,
+                       limits: ReadLimits) -> list[RecordKind]:
     """A workbook may leave out sheets (a program with no referrals): say so, and read the rest."""
-    present = set(sheet_names(path))
+    present = set(sheet_names(path, limits))
     kept = []
     for kind in kinds:
         sheet = profile.records[kind].source.sheet
@@ -144,12 +161,23 @@ def _read_group(
     staging: Staging,
     report: ReadReport,
     shown: str | None = None,
+    limits: ReadLimits = DEFAULT_LIMITS,
 ) -> None:
     source = profile.records[group[0]].source
     missing_reported: set[RecordKind] = set()
-    for row in read_rows(path, sheet=source.sheet, json_path=source.json_path):
+    matcher = HeaderMatcher(set().union(*(report.mapped_columns[k.value] for k in group)))
+    headers: tuple[str, ...] | None = None
+    renames: dict[str, str] = {}
+    for row in read_rows(path, sheet=source.sheet, json_path=source.json_path, limits=limits):
         if shown is not None:
             row = replace(row, location=replace(row.location, file=shown))
+        keys = tuple(row.values)
+        if keys != headers:  # once per file for CSV and Excel; JSON records may each have their own keys
+            headers, renames = keys, matcher.renames(keys, path.name)
+            present = matcher.present(renames.get(k, k) for k in keys)
+            shaped: set[RecordKind] = set()  # kinds whose present columns these headers were added to
+        if renames:
+            row = replace(row, values={renames.get(k, k): v for k, v in row.values.items()})
         if row.is_blank():
             report.blank_rows += 1
             continue
@@ -159,6 +187,9 @@ def _read_group(
             staging.reject(row.location, NO_KIND, "(row)", "", "the row matches no record kind in the profile")
             continue
         report.read[kind.value] += 1
+        if kind not in shaped:
+            shaped.add(kind)
+            report.present_columns[kind.value].update(present & report.mapped_columns[kind.value])
         converter = converters[kind]
         if kind not in missing_reported and row.values:
             missing_reported.add(kind)

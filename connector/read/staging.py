@@ -187,6 +187,7 @@ class Staging:
         for kind, field, target in _REFERENCES:
             self._reject_dangling(kind, field, target)
         self._reject_unknown_goal_links()
+        self._reject_foreign_planned_contacts()
         with self._transaction():
             self.db.execute(
                 """UPDATE staged SET participant = (
@@ -245,6 +246,19 @@ class Staging:
             seqs = [r[0] for r in rows]
             reason = "refers to a goal that is not this participant's, is not in the input, or was rejected"
             self._move_to_rejects(seqs, "goal_ids", dict.fromkeys(seqs, reason))
+
+    def _reject_foreign_planned_contacts(self) -> None:
+        """A contact may fulfil only its own participant's planned contact: another's would put a reference to
+        a different patient's record on the server."""
+        rows = self.db.execute(
+            """SELECT s.seq FROM staged s JOIN staged t
+               ON t.kind='planned_contact' AND t.key=json_extract(s.body,'$.planned_contact_id')
+               WHERE s.kind='contact' AND t.participant IS NOT s.participant"""
+        ).fetchall()
+        if rows:
+            seqs = [r[0] for r in rows]
+            reason = "refers to a planned contact of another participant"
+            self._move_to_rejects(seqs, "planned_contact_id", dict.fromkeys(seqs, reason))
 
     # -- reading ---------------------------------------------------------------------------------------
 

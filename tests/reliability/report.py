@@ -26,6 +26,7 @@ GROUPS = [
     ("Crashes and a damaged ledger", ("crash-", "ledger-")),
     ("Concurrency", "concurrency-"),
     ("Hostile input", "hostile-"),
+    ("Source shape (the export changed shape between syncs)", "shape-"),
     ("PHI leakage", "phi-"),
     ("Transport", "transport-"),
 ]

@@ -108,6 +108,9 @@ def test_rejected_row_is_not_a_deletion(tmp_path: Path, ledger: Ledger) -> None:
 
 def test_quarantined_content_is_not_resent_until_it_changes(tmp_path: Path, ledger: Ledger) -> None:
     staging, _ = plan_for(tmp_path, ledger, contacts(4))
+    for unit in units_to_write(staging, None):  # the supporter landed
+        ledger.record_confirmed(unit.unit_key, kind=unit.kind, participant=None, unit_hash=unit.unit_hash or "",
+                                voided=False, patient_id=None, resources=[], detail="201", run_id="r")
     for unit in units_to_write(staging, "E1"):
         ledger.record_state(unit.unit_key, kind=unit.kind, participant="E1", state=UnitState.QUARANTINED,
                             detail="400", run_id="r", attempt_hash=unit.unit_hash)

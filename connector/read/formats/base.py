@@ -7,6 +7,25 @@ from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
+class ReadLimits:
+    """Bounds on what one input may make the reader hold in memory (``[source]`` settings; docs/configuration.md).
+
+    A workbook is a zip file: a few MB can unpack to GBs (a "zip bomb"), and openpyxl keeps a workbook's whole
+    shared-strings table in memory, so the declared unpacked size is checked before anything is unpacked (zipfile
+    never yields more than an entry declares). Text formats are read a bounded line (or JSON record) at a time.
+    """
+
+    max_unpacked_bytes: int = 512 * 1024 * 1024  # a workbook's total unpacked size
+    # One cell, and one CSV/NDJSON line or JSON record: generous (a 50 MB pasted note is delivered intact, see
+    # the hostile-input scenario), yet bounded.
+    max_cell_chars: int = 64 * 1024 * 1024  # a longer cell rejects its row
+    max_line_bytes: int = 64 * 1024 * 1024  # a longer line or record stops the read (characters, for text)
+
+
+DEFAULT_LIMITS = ReadLimits()
+
+
+@dataclass(frozen=True, slots=True)
 class RowLocation:
     """Where a row came from: file, optional sheet, and a 1-based row (spreadsheet numbering, header = 1)
     or line (NDJSON) or array index (JSON)."""

@@ -7,13 +7,16 @@ import csv
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
-from connector.read.formats.base import RawRow, RowLocation
+from connector.errors import InputError
+from connector.read.formats.base import DEFAULT_LIMITS, RawRow, ReadLimits, RowLocation
 
 _SAMPLE_BYTES = 256 * 1024
 _DELIMITERS = (",", ";", "\t", "|")
 
-# Very long notes must not crash the reader; memory is bounded by one row anyway.
+# Long notes must not crash the reader: cells are bounded by ReadLimits (a longer cell rejects its row), and
+# a field that keeps growing over many lines by the line limit, set per file in read_csv().
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
@@ -53,53 +56,85 @@ def detect_delimiter(header_line: str) -> str:
     return best if counts[best] > 0 else ","
 
 
-def read_csv(path: Path) -> Iterator[RawRow]:
-    """Stream a CSV file's rows as dicts keyed by the (trimmed) header names."""
+def read_csv(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[RawRow]:
+    """Stream a CSV file's rows as dicts keyed by the (trimmed) header names. A line longer than
+    ``limits.max_line_bytes`` stops the read with an InputError; a row with a longer cell than
+    ``limits.max_cell_chars`` is yielded with an error (rejected)."""
     with path.open("rb") as raw:
         sample = raw.read(_SAMPLE_BYTES)
     encoding = detect_encoding(sample)
     # Undecodable bytes later in the file surface per row (that row is rejected), not as a crash.
     with path.open("r", encoding=encoding, errors=_ESCAPE, newline="") as handle:
-        first = handle.readline()
+        lines = _bounded_lines(handle, path, limits.max_line_bytes)
+        first = next(lines, "")
         while first and not first.strip():  # blank lines before the header
-            first = handle.readline()
+            first = next(lines, "")
         delimiter = detect_delimiter(first)
         handle.seek(0)
-        reader = csv.reader(handle, delimiter=delimiter)
-        row_number = 0
-        for header in reader:  # the header is the first row with a non-blank cell, as in the Excel reader
-            row_number += 1
-            if any(h.strip() for h in header):
-                break
-        else:
+        previous_limit = csv.field_size_limit(limits.max_line_bytes)
+        try:
+            yield from _rows(csv.reader(_bounded_lines(handle, path, limits.max_line_bytes), delimiter=delimiter),
+                             path, encoding, limits)
+        except csv.Error as exc:  # a quoted field that grew past the limit over many lines
+            raise InputError(f"{path.name}: {exc} (a cell over {limits.max_line_bytes:,} characters, "
+                             "source.max_line_kb): fix the file or raise the limit") from None
+        finally:
+            csv.field_size_limit(previous_limit)
+
+
+def _bounded_lines(handle: TextIO, path: Path, limit: int) -> Iterator[str]:
+    """The file's lines, never reading more than ``limit`` characters for one (a file without line breaks
+    must not be read whole into memory)."""
+    number = 0
+    while True:
+        line = handle.readline(limit + 1)
+        if not line:
             return
-        names = [h.strip().lstrip("\ufeff") for h in header]
-        columns = list({name: i for i, name in reversed(list(enumerate(names))) if name}.items())  # first of a name
-        columns.sort(key=lambda c: c[1])
-        cut_off = not _ends_with_line_break(path)
-        following = next(reader, None)
-        while following is not None:
-            cells, following = following, next(reader, None)
-            row_number += 1
-            location = RowLocation(path.name, row_number)
-            if not cells:
-                yield RawRow(location, {})
-                continue
-            if following is None and cut_off and len(cells) < len(names):
-                # The file ends inside this row (no final line break, cells missing): it was cut off, e.g. a copy
-                # or an export that did not finish. What is there may itself be cut: reject the row.
-                yield RawRow(location, {}, error=f"the file ends in the middle of this row ({len(cells)} of "
-                                                 f"{len(names)} cells): it looks cut off")
-                continue
-            text_error = _undecodable(cells, encoding)
-            if text_error:
-                yield RawRow(location, {}, error=text_error)
-                continue
-            if len(cells) >= len(names):
-                values: dict[str, str | None] = {name: cells[i].strip() for name, i in columns}
-            else:  # a short row: the missing cells are None
-                values = {name: cells[i].strip() if i < len(cells) else None for name, i in columns}
-            yield RawRow(location, values)
+        number += 1
+        if len(line) > limit:
+            raise InputError(f"{path.name}: line {number} is longer than {limit:,} characters (source.max_line_kb): "
+                             "not a CSV export, or damaged; fix the file or raise the limit")
+        yield line
+
+
+def _rows(reader: Iterator[list[str]], path: Path, encoding: str, limits: ReadLimits) -> Iterator[RawRow]:
+    """The rows after the header (see read_csv)."""
+    row_number = 0
+    for header in reader:  # the header is the first row with a non-blank cell, as in the Excel reader
+        row_number += 1
+        if any(h.strip() for h in header):
+            break
+    else:
+        return
+    names = [h.strip().lstrip("\ufeff") for h in header]
+    columns = list({name: i for i, name in reversed(list(enumerate(names))) if name}.items())  # first of a name
+    columns.sort(key=lambda c: c[1])
+    cut_off = not _ends_with_line_break(path)
+    following = next(reader, None)
+    while following is not None:
+        cells, following = following, next(reader, None)
+        row_number += 1
+        location = RowLocation(path.name, row_number)
+        if not cells:
+            yield RawRow(location, {})
+            continue
+        if following is None and cut_off and len(cells) < len(names):
+            # The file ends inside this row (no final line break, cells missing): it was cut off, e.g. a copy
+            # or an export that did not finish. What is there may itself be cut: reject the row.
+            yield RawRow(location, {}, error=f"the file ends in the middle of this row ({len(cells)} of "
+                                             f"{len(names)} cells): it looks cut off")
+            continue
+        text_error = _undecodable(cells, encoding)
+        if not text_error and any(len(c) > limits.max_cell_chars for c in cells):
+            text_error = f"a cell is longer than {limits.max_cell_chars} characters (source.max_cell_chars)"
+        if text_error:
+            yield RawRow(location, {}, error=text_error)
+            continue
+        if len(cells) >= len(names):
+            values: dict[str, str | None] = {name: cells[i].strip() for name, i in columns}
+        else:  # a short row: the missing cells are None
+            values = {name: cells[i].strip() if i < len(cells) else None for name, i in columns}
+        yield RawRow(location, values)
 
 
 def _ends_with_line_break(path: Path) -> bool:

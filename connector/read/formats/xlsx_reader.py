@@ -5,27 +5,28 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from zipfile import BadZipFile
+from zipfile import BadZipFile, ZipFile
 
 from openpyxl import load_workbook
 from openpyxl.utils.exceptions import InvalidFileException
 
 from connector.errors import InputError
-from connector.read.formats.base import RawRow, RowLocation
+from connector.read.formats.base import DEFAULT_LIMITS, RawRow, ReadLimits, RowLocation
 
 
-def sheet_names(path: Path) -> list[str]:
+def sheet_names(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> list[str]:
     """The worksheet names of a workbook."""
-    workbook = _open(path)
+    workbook = _open(path, limits)
     try:
         return list(workbook.sheetnames)
     finally:
         workbook.close()
 
 
-def read_xlsx(path: Path, sheet: str) -> Iterator[RawRow]:
-    """Stream one worksheet; the first non-empty row is the header. Cached formula values are read, never formulas."""
-    workbook = _open(path)
+def read_xlsx(path: Path, sheet: str, limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[RawRow]:
+    """Stream one worksheet; the first non-empty row is the header. Cached formula values are read, never formulas.
+    A row with a cell longer than ``limits.max_cell_chars`` is yielded with an error (it is rejected)."""
+    workbook = _open(path, limits)
     try:
         if sheet not in workbook.sheetnames:
             raise InputError(f"{path.name}: no worksheet named {sheet!r} (found: {', '.join(workbook.sheetnames)})")
@@ -40,6 +41,10 @@ def read_xlsx(path: Path, sheet: str) -> Iterator[RawRow]:
                     names = [str(c).strip() if c is not None else "" for c in cells]
                 continue
             location = RowLocation(path.name, row_number, sheet=sheet)
+            if any(isinstance(c, str) and len(c) > limits.max_cell_chars for c in cells):
+                yield RawRow(location, {}, error=f"a cell is longer than {limits.max_cell_chars} characters "
+                                                 "(source.max_cell_chars)")
+                continue
             values: dict[str, Any] = {}
             for i, name in enumerate(names):
                 if name and name not in values:
@@ -50,8 +55,25 @@ def read_xlsx(path: Path, sheet: str) -> Iterator[RawRow]:
         workbook.close()
 
 
-def _open(path: Path) -> Any:
+def _open(path: Path, limits: ReadLimits) -> Any:
+    _check_unpacked_size(path, limits)
     try:
         return load_workbook(path, read_only=True, data_only=True)
     except (InvalidFileException, BadZipFile, OSError, KeyError, ValueError) as exc:
         raise InputError(f"{path.name}: not a readable Excel workbook ({exc.__class__.__name__})") from exc
+
+
+def _check_unpacked_size(path: Path, limits: ReadLimits) -> None:
+    """Refuse a workbook whose parts unpack to more than the limit, before openpyxl unpacks anything (a
+    "zip bomb": a few MB of zip whose shared strings unpack to GBs). zipfile stops every part at the size its
+    header declares, so the declared sizes bound what can be unpacked."""
+    try:
+        with ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (BadZipFile, OSError, ValueError) as exc:
+        raise InputError(f"{path.name}: not a readable Excel workbook ({exc.__class__.__name__})") from exc
+    if unpacked > limits.max_unpacked_bytes:
+        raise InputError(
+            f"{path.name}: the workbook unpacks to {unpacked / 2**20:,.0f} MB, more than the limit of "
+            f"{limits.max_unpacked_bytes / 2**20:,.0f} MB (source.max_unpacked_mb): it is damaged or malicious, "
+            "or, if it is a real export, raise the limit or export CSV")
