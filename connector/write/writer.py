@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from connector.errors import (
     ServerUnavailableError,
@@ -174,7 +174,7 @@ class Writer:
                                state="resolved" if patient_id else UnitState.REVIEW, detail=detail,
                                close_review=patient_id is not None)
         if patient_id is None:
-            if any((unit := ledger.unit(r[0])) is not None and unit.patient_id for r in rows):
+            if any((known := ledger.unit(unit.unit_key)) is not None and known.patient_id for unit in planned):
                 # e.g. the MRN was changed to one the EHR does not know: say what stays behind on the old Patient.
                 detail += ("; this participant's earlier records remain active on the previously matched Patient "
                            "(not changed by peersync)")

@@ -20,6 +20,7 @@ from connector.errors import (
 )
 from connector.map import MappingContext
 from connector.plan.ledger import Ledger
+from connector.plan.planner import PlannedUnit
 from connector.read.formats.csv_reader import read_csv
 from connector.read.profile import load_profile
 from connector.read.staging import Staging
@@ -205,7 +206,8 @@ def test_an_mrn_changed_to_an_unknown_one_says_the_earlier_records_remain_on_the
     responses.get(BASE + "/Patient", json={"resourceType": "Bundle", "type": "searchset", "entry": []})
     writer = _writer(tmp_path, FhirClient(BASE, retry=FAST))
     enrollment = Enrollment(enrollment_id="E1", mrn="MRN-NEW-4711", start_date=date(2026, 1, 5), supporter_id="S1")
-    rows = [("contact:C1", "contact", "C1", "h2", "update"), ("contact:C2", "contact", "C2", "h3", "create")]
+    rows = [PlannedUnit("contact:C1", "contact", "C1", "h2", "update"),
+            PlannedUnit("contact:C2", "contact", "C2", "h3", "create")]
     with Staging(tmp_path / "staging.sqlite") as staging, Ledger(tmp_path / "ledger.sqlite") as ledger:
         ledger.record_confirmed("contact:C1", kind="contact", participant="E1", unit_hash="h1", voided=False,
                                 patient_id="P-OLD", resources=[], detail="", run_id="run0")
@@ -226,6 +228,7 @@ def test_a_participant_never_matched_before_gets_no_note_about_an_old_patient(tm
     writer = _writer(tmp_path, FhirClient(BASE, retry=FAST))
     enrollment = Enrollment(enrollment_id="E1", mrn="MRN-4711", start_date=date(2026, 1, 5), supporter_id="S1")
     with Staging(tmp_path / "staging.sqlite") as staging, Ledger(tmp_path / "ledger.sqlite") as ledger:
-        writer._write_participant(staging, ledger, enrollment, [("contact:C1", "contact", "C1", "h1", "create")])
+        writer._write_participant(staging, ledger, enrollment,
+                                 [PlannedUnit("contact:C1", "contact", "C1", "h1", "create")])
         (entry,) = ledger.reviews()
     assert entry["detail"] == "no Patient has this participant's MRN"
