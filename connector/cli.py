@@ -556,6 +556,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     click.echo(f"  requests {summary['requests']} (writes {summary['write_requests']}, retries {summary['retries']})")
     for held in summary.get("deletions_held") or []:
         _warn(held)
+    for reason, records in (summary.get("pending_reasons") or {}).items():
+        click.echo(f"  pending {records}: {reason}")
     if summary.get("rejects_report") and counts.get("rejected"):
         click.echo(f"  rejects report: {summary['rejects_report']}")
     if summary.get("error"):

@@ -69,3 +69,12 @@ class InputError(PeersyncError):
     """An input file cannot be read at all (missing, unreadable, wrong format)."""
 
     exit_code = ExitCode.CONFIG_ERROR
+
+
+class ServerAnswerError(ServerUnavailableError):
+    """The server answered, but not as a FHIR server does: a redirect, an HTML page, an empty or non-FHIR body.
+    Nothing is taken as written; the records stay pending (exit 69) until the server answers properly."""
+
+
+class RunDeadlineError(ServerUnavailableError):
+    """The run reached its deadline (``sync.run_deadline_seconds``); unsent records stay pending (exit 69)."""

@@ -57,6 +57,8 @@ class RunSummary:
     write_requests: int = 0
     retries: int = 0
     deletions_held: list[str] = field(default_factory=list)
+    # Why records were left pending (PHI-free reason -> records): an unconfirmed answer, the server down, ...
+    pending_reasons: Counter[str] = field(default_factory=Counter)
     rejects_report: str | None = None
     error: str | None = None
     # Seconds per phase: read (inputs into staging, rejects report), plan (diff against the ledger), write.
@@ -80,6 +82,7 @@ class RunSummary:
             "write_requests": self.write_requests,
             "retries": self.retries,
             "deletions_held": self.deletions_held,
+            "pending_reasons": dict(self.pending_reasons.most_common(10)),
             "rejects_report": self.rejects_report,
             "error": self.error,
         }
@@ -103,6 +106,7 @@ class SyncOptions:
     max_bundle_entries: int = 100
     max_delete_fraction: float = 0.2
     write_mode: str = "auto"
+    run_deadline_seconds: float | None = 7200.0  # after this, nothing more is sent: the rest stays pending (69)
 
 
 def program_fingerprint(ctx: MappingContext) -> str:
@@ -169,6 +173,7 @@ class Syncer:
         self.summary = summary
         with LedgerLock(self.opts.ledger_path), Ledger(self.opts.ledger_path) as ledger:
             ledger.start_run(run_id, "sync")
+            self.client.deadline.start(self.opts.run_deadline_seconds)
             try:
                 self._run(ledger, summary)
             except PeersyncError as exc:
@@ -209,7 +214,10 @@ class Syncer:
                 return
             self._write_started = time.monotonic()
             writer = Writer(self.opts, self.client, self.counts, clock=self.clock)
-            writer.write(staging, ledger, on_progress=self.on_progress)
+            try:
+                writer.write(staging, ledger, on_progress=self.on_progress)
+            finally:
+                summary.pending_reasons.update(writer.pending_reasons)
 
 
 def exit_for(counts: Counter[str]) -> tuple[int, str]:

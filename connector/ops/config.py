@@ -204,7 +204,9 @@ class ServerSettings(_Section):
     """The FHIR server to write to."""
 
     base_url: str = Field(description="FHIR base URL, e.g. https://ehr.example.org/fhir/r4")
-    timeout_seconds: float = Field(60.0, gt=0, le=600)
+    timeout_seconds: float = Field(60.0, gt=0, le=600, description="longest wait for any one read from the server")
+    request_deadline_seconds: float = Field(
+        300.0, gt=0, le=3600, description="longest time one request may take, connect to the last byte of the answer")
     verify_tls: bool = True
     ca_bundle: Path | None = Field(None, description="PEM bundle of CAs to trust instead of the system store.")
     allow_insecure_http: bool = Field(False, description="Allow http:// to a non-loopback host (never in production).")
@@ -224,6 +226,9 @@ class SyncSettings(_Section):
     backoff_max_seconds: float = Field(30.0, ge=0, le=3600)
     retry_after_cap_seconds: float = Field(120.0, ge=0, le=3600)
     max_delete_fraction: float = Field(0.2, ge=0, le=1)
+    run_deadline_seconds: float = Field(
+        7200.0, gt=0, le=7 * 86400,
+        description="a sync stops sending after this long; unsent records stay pending and the run exits 69")
 
 
 class OutputSettings(_Section):
@@ -231,6 +236,9 @@ class OutputSettings(_Section):
 
     rejects_dir: Path | None = Field(None, description="rejects.csv/json of each run (default: next to the ledger).")
     metrics_file: Path | None = Field(None, description="Prometheus text file (node_exporter textfile collector).")
+    store_server_diagnostics: bool = Field(
+        False, description="Also keep the server's free diagnostics text (scrubbed) in the ledger and review list; "
+                           "it can echo patient data.")
 
 
 # -- secrets directories -----------------------------------------------------------------------------------
