@@ -421,9 +421,16 @@ class Writer:
             resource.pop("meta", None)
             entries.append({"resource": resource, "request": {"method": "PUT", "url": f"{resource_type}/{server_id}"}})
         if entries:
-            prov = map_provenance([f"{e['request']['url']}" for e in entries], activity="NULLIFY", author=None,
-                                  recorded=self.clock(), ctx=self.opts.ctx)
-            entries.append({"resource": prov, "request": {"method": "POST", "url": "Provenance"}})
+            targets = [f"{e['request']['url']}" for e in entries]
+            prov = map_provenance(targets, activity="NULLIFY", author=None, recorded=self.clock(), ctx=self.opts.ctx)
+            # Tagged like every change-set: a replay of this void (its answer lost) finds the first Provenance.
+            tag_system = f"{self.opts.ctx.meta_source}/change-set"
+            change_set = hashlib.sha256("\n".join(["void", unit_key, *sorted(targets)]).encode()).hexdigest()[:32]
+            prov.setdefault("meta", {}).setdefault("tag", []).append({"system": tag_system, "code": change_set})
+            request = {"method": "POST", "url": "Provenance"}
+            if self._provenance_conditional_create:
+                request["ifNoneExist"] = f"_tag={token_query(tag_system, change_set)}"
+            entries.append({"resource": prov, "request": request})
             bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
             try:
                 answer = self.client.send_transaction(bundle)
