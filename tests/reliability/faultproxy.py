@@ -374,7 +374,7 @@ class FaultProxy:
                         proxy.stats.faults[fault] -= 1  # not a void: passed through, not a fault
                     fault = None
                 try:
-                    status, reason, headers, payload = self._forward(body)
+                    status, reason, headers, payload = self._forward(body, plain=fault in HOSTILE)
                 except OSError:
                     with proxy._lock:
                         proxy.stats.upstream_errors += 1
@@ -421,13 +421,16 @@ class FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(payload)
 
-            def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
+            def _forward(self, body: bytes, *, plain: bool = False) -> tuple[int, str, list[tuple[str, str]], bytes]:
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
                                                   timeout=proxy.upstream_timeout)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                     headers["Content-Length"] = str(len(body))
                     headers["Connection"] = "close"
+                    if plain:  # a hostile answer is made from the real one: ask for it uncompressed
+                        headers = {k: v for k, v in headers.items() if k.lower() != "accept-encoding"}
+                        headers["Accept-Encoding"] = "identity"
                     # The Host header is passed through: HAPI builds paging links from it, so they point here.
                     conn.request(self.command, self.path, body=body if body or self.command != "GET" else None,
                                  headers=headers)
