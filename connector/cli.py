@@ -688,6 +688,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         _warn(held)
     for warning in summary.get("warnings") or []:
         _warn(warning)
+    for reason, records in (summary.get("pending_reasons") or {}).items():
+        click.echo(f"  pending {records}: {reason}")
     if summary.get("rejects_report") and counts.get("rejected"):
         click.echo(f"  rejects report: {summary['rejects_report']}")
     if summary.get("error"):

@@ -104,3 +104,12 @@ def path_error_message(exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"{path}: {reason}: check the path"
     return f"{path}: {reason}: check the path and the free disk space"
+
+
+class ServerAnswerError(ServerUnavailableError):
+    """The server answered, but not as a FHIR server does: a redirect, an HTML page, an empty or non-FHIR body.
+    Nothing is taken as written; the records stay pending (exit 69) until the server answers properly."""
+
+
+class RunDeadlineError(ServerUnavailableError):
+    """The run reached its deadline (``sync.run_deadline_seconds``); unsent records stay pending (exit 69)."""

@@ -69,6 +69,8 @@ class RunSummary:
     deletions_held: list[str] = field(default_factory=list)
     shape_held: list[str] = field(default_factory=list)  # record kinds the shape guard held, and why
     warnings: list[str] = field(default_factory=list)  # what reading the inputs warned about (as `check` does)
+    # Why records were left pending (PHI-free reason -> records): an unconfirmed answer, the server down, ...
+    pending_reasons: Counter[str] = field(default_factory=Counter)
     rejects_report: str | None = None
     error: str | None = None
     # Seconds per phase: read (inputs into staging, rejects report), plan (diff against the ledger), write.
@@ -94,6 +96,7 @@ class RunSummary:
             "deletions_held": self.deletions_held,
             "shape_held": self.shape_held,
             "warnings": self.warnings,
+            "pending_reasons": dict(self.pending_reasons.most_common(10)),
             "rejects_report": self.rejects_report,
             "error": self.error,
         }
@@ -122,6 +125,7 @@ class SyncOptions:
     read_limits: ReadLimits = DEFAULT_LIMITS
     write_mode: str = "auto"
     file_mode: int = PRIVATE_FILE_MODE  # of the ledger and the rejects report (0600, or 0640 for a group)
+    run_deadline_seconds: float | None = 7200.0  # after this, nothing more is sent: the rest stays pending (69)
 
 
 class LedgerLock:
@@ -193,6 +197,7 @@ class Syncer:
         self.summary = summary
         with LedgerLock(self.opts.ledger_path), Ledger(self.opts.ledger_path, mode=self.opts.file_mode) as ledger:
             ledger.start_run(run_id, "sync")
+            self.client.deadline.start(self.opts.run_deadline_seconds)
             try:
                 self._run(ledger, summary)
             except PeersyncError as exc:
@@ -241,7 +246,10 @@ class Syncer:
                 return
             self._write_started = time.monotonic()
             writer = Writer(self.opts, self.client, self.counts, clock=self.clock)
-            writer.write(staging, ledger, on_progress=self.on_progress)
+            try:
+                writer.write(staging, ledger, on_progress=self.on_progress)
+            finally:
+                summary.pending_reasons.update(writer.pending_reasons)
 
 
 def outcome_of_error(exit_code: int) -> str:

@@ -34,7 +34,9 @@ def build_client(settings: Settings, *, ready_auth: bool = True) -> FhirClient:
         retry_after_cap=settings.sync.retry_after_cap_seconds,
     )
     client = FhirClient(base_url, session=session, timeout=server.timeout_seconds, retry=retry,
-                        pool_size=max(4, settings.sync.concurrency * 2))
+                        pool_size=max(4, settings.sync.concurrency * 2),
+                        request_deadline=server.request_deadline_seconds,
+                        keep_diagnostics=settings.output.store_server_diagnostics)
     if ready_auth:
         auth.ensure_ready()
     return client
@@ -79,4 +81,5 @@ def sync_options(settings: Settings) -> SyncOptions:
         read_limits=settings.source.read_limits(),
         write_mode=settings.server.write_mode,
         file_mode=settings.file_mode(),
+        run_deadline_seconds=settings.sync.run_deadline_seconds,
     )

@@ -215,7 +215,9 @@ class ServerSettings(_Section):
     """The FHIR server to write to."""
 
     base_url: str = Field(description="FHIR base URL, e.g. https://ehr.example.org/fhir/r4")
-    timeout_seconds: float = Field(60.0, gt=0, le=600)
+    timeout_seconds: float = Field(60.0, gt=0, le=600, description="longest wait for any one read from the server")
+    request_deadline_seconds: float = Field(
+        300.0, gt=0, le=3600, description="longest time one request may take, connect to the last byte of the answer")
     verify_tls: bool = True
     ca_bundle: Path | None = Field(None, description="PEM bundle of CAs to trust instead of the system store.")
     allow_insecure_http: bool = Field(False, description="Allow http:// to a non-loopback host (never in production).")
@@ -241,6 +243,9 @@ class SyncSettings(_Section):
     accept_shape_change: bool = Field(
         False, description="Accept changed input shapes (a missing column, fewer rows) instead of holding the kind; "
         "set it for one run, then remove it: while it is set the shape guard is off")
+    run_deadline_seconds: float = Field(
+        7200.0, gt=0, le=7 * 86400,
+        description="a sync stops sending after this long; unsent records stay pending and the run exits 69")
 
 
 class OutputSettings(_Section):
@@ -251,6 +256,9 @@ class OutputSettings(_Section):
     group_readable: bool = Field(False, description="Create the ledger, rejects reports and metrics file 0640 "
                                                     "(folders 0750) instead of 0600 (0700), for a reader in "
                                                     "the peersync user's group such as node_exporter.")
+    store_server_diagnostics: bool = Field(
+        False, description="Also keep the server's free diagnostics text (scrubbed) in the ledger and review list; "
+                           "it can echo patient data.")
 
 
 # -- secrets directories -----------------------------------------------------------------------------------

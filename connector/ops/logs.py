@@ -65,12 +65,13 @@ def redact_text(text: str) -> str:
 def outcome_codes(issues: Iterable[Mapping[str, str]]) -> str:
     """The log-safe part of OperationOutcome issues: severity/code and HAPI-NNNN message codes only.
 
-    Diagnostics are scrubbed before they reach the ledger, but scrubbing is heuristic (an unquoted name has
-    no shape to detect), so log lines carry only the codes; ``peersync review list`` shows the scrubbed text.
+    Free diagnostics never reach the ledger unless the operator turns on ``output.store_server_diagnostics``
+    (then scrubbed: heuristic, an unquoted name has no shape to detect); log lines carry only the codes.
     """
     parts = []
     for issue in issues:
-        hapi = " ".join(dict.fromkeys(re.findall(r"HAPI-\d{4}", str(issue.get("diagnostics", "")))))
+        hapi = " ".join(dict.fromkeys([*str(issue.get("message_ids", "")).split(),
+                                       *re.findall(r"HAPI-\d{4}", str(issue.get("diagnostics", "")))]))
         parts.append(" ".join(p for p in (f"{issue.get('severity', '')}/{issue.get('code', '')}", hapi) if p))
     return "; ".join(parts) or "no OperationOutcome"
 

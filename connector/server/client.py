@@ -23,11 +23,20 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import (
+    DecodeError,
+    MaxRetryError,
+    ProtocolError,
+    ReadTimeoutError,
+    ResponseError,
+)
 from urllib3.util.retry import Retry
 
 from connector.errors import (
     AuthError,
     PeersyncError,
+    RunDeadlineError,
+    ServerAnswerError,
     ServerUnavailableError,
     TransportError,
     exit_code_for_action,
@@ -89,26 +98,52 @@ def action_for(status: int, outcome_text: str = "") -> Action:
 
 @dataclass
 class OutcomeSummary:
-    """The PHI-free part of an OperationOutcome: severities, codes, and diagnostics with values scrubbed."""
+    """The known-safe part of an OperationOutcome: per issue its severity, code, FHIRPath expression and server
+    message ids (``HAPI-1091``). Free diagnostics text can echo patient data in any form (unquoted, in another
+    language), so it is kept only when the operator asked for it (``diagnostics``, scrubbed), never by default.
+    ``duplicate`` says the server reported a condition matching several resources (read from the raw text)."""
 
     issues: list[dict[str, str]] = field(default_factory=list)
+    duplicate: bool = False
+
+    def codes(self) -> str:
+        """Severity/code, expression and message ids of each issue: safe for logs, the ledger and reports."""
+        return "; ".join(_issue_codes(issue) for issue in self.issues)
 
     def text(self) -> str:
-        """One line for logs and the ledger."""
-        return "; ".join(f"{i['severity']}/{i['code']}: {i['diagnostics']}".rstrip(": ") for i in self.issues)
+        """One line for the ledger and review list: the codes, plus scrubbed diagnostics when they were kept."""
+        return "; ".join(_issue_codes(issue) + (f" ({issue['diagnostics']})" if issue.get("diagnostics") else "")
+                         for issue in self.issues)
+
+
+def _issue_codes(issue: dict[str, str]) -> str:
+    words = [f"{issue['severity']}/{issue['code']}", issue.get("message_ids", ""),
+             f"at {issue['expression']}" if issue.get("expression") else ""]
+    return " ".join(w for w in words if w)
 
 
 _HAPI_CODE = re.compile(r"HAPI-\d{4}")
-_QUOTED = re.compile(r"(\"[^\"]*\"|'[^']*'|\[[^\]]*\])")
+_QUOTED = re.compile(r"(\"[^\"]*\"|'[^']*'|\[[^\]]*\]|[\u201c\u201e\u00ab][^\u201d\u00bb]*[\u201d\u00bb]|"
+                     r"[\u2018\u201a][^\u2019]*\u2019)")
 _URLISH = re.compile(r"\S*[?|=]\S*")
-_IDENTIFIER_LIKE = re.compile(r"\b[A-Za-z]*\d[\w.-]*\b")
+_IDENTIFIER_LIKE = re.compile(r"(?<![\w-])[A-Za-z]*\d[\w.-]*\b")
+# A FHIRPath location as servers report it (Bundle.entry[2].resource.note[0].text): element names and
+# indexes only. Anything else in expression/location (spaces, quotes, values) is dropped.
+_FHIRPATH = re.compile(r"[A-Z][A-Za-z]{1,63}(\.[a-z][A-Za-z0-9]{0,63}(\[\d{1,5}\])?){0,12}")
+_SEVERITIES = frozenset({"fatal", "error", "warning", "information"})
+_ISSUE_CODES = frozenset({
+    "invalid", "structure", "required", "value", "invariant", "security", "login", "unknown", "expired",
+    "forbidden", "suppressed", "processing", "not-supported", "duplicate", "multiple-matches", "not-found",
+    "deleted", "too-long", "code-invalid", "extension", "too-costly", "business-rule", "conflict", "transient",
+    "lock-error", "no-store", "exception", "timeout", "incomplete", "throttled", "informational",
+})
+_OUTCOME_SYSTEM = "http://terminology.hl7.org/CodeSystem/operation-outcome"
 
 
 def scrub(text: str, limit: int = 300) -> str:
-    """Remove values from server diagnostics: quoted text, URLs/queries and identifier-like tokens.
-
-    HAPI diagnostics can echo match URLs ("...identifier=system|value") or element values; we keep the
-    message shape and the HAPI-NNNN code, which is what an operator needs to look the problem up.
+    """Remove values from server diagnostics: quoted text (straight or typographic quotes), URLs/queries and
+    identifier-like tokens. Heuristic: an unquoted name has no shape to detect, so scrubbed text is still only
+    stored when the operator turns on ``output.store_server_diagnostics``.
     """
     codes = _HAPI_CODE.findall(text)
     text = _QUOTED.sub("<value>", text)
@@ -121,18 +156,32 @@ def scrub(text: str, limit: int = 300) -> str:
     return text[:limit]
 
 
-def summarize_outcome(body: Any) -> OutcomeSummary:
-    """Extract severity/code/scrubbed diagnostics from an OperationOutcome (or a transaction-response entry)."""
+def summarize_outcome(body: Any, *, keep_diagnostics: bool = False) -> OutcomeSummary:
+    """The known-safe part of an OperationOutcome (scrubbed diagnostics too, only with ``keep_diagnostics``)."""
     summary = OutcomeSummary()
-    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
-        for issue in body.get("issue", [])[:10]:
-            summary.issues.append(
-                {
-                    "severity": str(issue.get("severity", "")),
-                    "code": str(issue.get("code", "")),
-                    "diagnostics": scrub(str(issue.get("diagnostics", ""))),
-                }
-            )
+    if not (isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"):
+        return summary
+    for issue in body.get("issue", [])[:10] if isinstance(body.get("issue"), list) else []:
+        if not isinstance(issue, dict):
+            continue
+        raw = str(issue.get("diagnostics", ""))
+        if any(code.lower() in raw.lower() for code in _DUPLICATE_CODES):
+            summary.duplicate = True
+        severity, code = str(issue.get("severity", "")), str(issue.get("code", ""))
+        ids = list(dict.fromkeys(_HAPI_CODE.findall(raw)))
+        ids += [str(c.get("code")) for c in (issue.get("details") or {}).get("coding", []) or []
+                if isinstance(c, dict) and c.get("system") == _OUTCOME_SYSTEM
+                and re.fullmatch(r"MSG_[A-Z_]{1,40}", str(c.get("code")))]
+        paths = [str(p) for p in [*(issue.get("expression") or []), *(issue.get("location") or [])]]
+        kept = {
+            "severity": severity if severity in _SEVERITIES else "unknown",
+            "code": code if code in _ISSUE_CODES else "unknown",
+            "message_ids": " ".join(ids),
+            "expression": next((p for p in paths if _FHIRPATH.fullmatch(p)), ""),
+        }
+        if keep_diagnostics and raw:
+            kept["diagnostics"] = scrub(raw)
+        summary.issues.append(kept)
     return summary
 
 
@@ -141,9 +190,19 @@ class FhirHttpError(PeersyncError):
 
     def __init__(self, method: str, path: str, status: int, outcome: OutcomeSummary) -> None:
         self.method, self.path, self.status, self.outcome = method, path, status, outcome
-        self.action = action_for(status, outcome.text())
+        self.action = Action.REVIEW if outcome.duplicate else action_for(status, outcome.codes())
         self.exit_code = exit_code_for_action(self.action)
-        super().__init__(f"{method} {path} -> HTTP {status}" + (f": {outcome.text()}" if outcome.issues else ""))
+        super().__init__(f"{method} {path} -> HTTP {status}" + (f": {outcome.codes()}" if outcome.issues else ""))
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    """A 2xx answer as the write confirmation needs it: status, Content-Type, and the parsed JSON body (None when
+    the body was empty or not JSON)."""
+
+    status: int
+    body: Any
+    content_type: str = ""
 
 
 @dataclass
@@ -163,18 +222,65 @@ class RequestStats:
             self.retries += retries
 
 
+class RunDeadline:
+    """When the run must end (monotonic seconds), shared by the client and its retries; no deadline until
+    :meth:`start`. After it, no request starts and no retry waits: unsent records stay pending (exit 69)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.seconds: float | None = None
+
+    def start(self, seconds: float | None) -> None:
+        """The run's deadline is ``seconds`` from now (None: no deadline)."""
+        self.seconds = seconds
+        self.at = None if seconds is None else time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left (infinite without a deadline; negative once passed)."""
+        return float("inf") if self.at is None else self.at - time.monotonic()
+
+    def check(self) -> None:
+        """Raise RunDeadlineError once the deadline has passed."""
+        if self.remaining() <= 0:
+            raise RunDeadlineError(
+                f"the run reached its deadline (sync.run_deadline_seconds = {self.seconds:g}); unsent records stay "
+                "pending and the next run sends them. If runs often need longer, raise the deadline or look at "
+                "why the server is slow")
+
+
 class CappedRetry(Retry):
-    """urllib3 Retry that caps one Retry-After wait and counts every retry it grants."""
+    """urllib3 Retry that caps Retry-After waits, stops at the run deadline, and counts every retry it grants.
+
+    A server asking for a wait longer than ``retry_after_cap`` (alone or added up over the retries of one request)
+    is not waited for: the request fails now and its records stay pending for the next run. No wait outlasts the
+    run deadline either.
+    """
 
     retry_after_cap: float = 120.0
     stats: RequestStats | None = None
+    deadline: RunDeadline | None = None
+    retry_after_waited: float = 0.0
 
     def get_retry_after(self, response: Any) -> float | None:
         value = super().get_retry_after(response)
         return None if value is None else min(value, self.retry_after_cap)
 
-    def increment(self, method: str | None = None, *args: Any, **kwargs: Any) -> CappedRetry:
-        retry = super().increment(method, *args, **kwargs)  # raises MaxRetryError when the budget is spent
+    def get_backoff_time(self) -> float:
+        remaining = self.deadline.remaining() if self.deadline else float("inf")
+        return max(0.0, min(super().get_backoff_time(), remaining))
+
+    def increment(self, method: str | None = None, url: str | None = None, *args: Any, **kwargs: Any) -> CappedRetry:
+        response = kwargs.get("response")
+        asked = Retry.get_retry_after(self, response) if response is not None else None
+        remaining = self.deadline.remaining() if self.deadline else float("inf")
+        if asked is not None and (asked > self.retry_after_cap or self.retry_after_waited + asked > self.retry_after_cap
+                                  or asked >= remaining):
+            raise MaxRetryError(kwargs.get("_pool"), url or "", ResponseError(  # type: ignore[arg-type]
+                f"Retry-After {asked:g} s is longer than this run waits"))
+        if remaining <= 0:
+            raise MaxRetryError(kwargs.get("_pool"), url or "", ResponseError("the run deadline has passed"))  # type: ignore[arg-type]
+        retry = super().increment(method, url, *args, **kwargs)  # raises MaxRetryError when the budget is spent
+        retry.retry_after_waited = self.retry_after_waited + (asked or 0.0)  # type: ignore[attr-defined]
         if self.stats is not None:
             writes = 1 if method in ("POST", "PUT", "PATCH", "DELETE") else 0
             self.stats.add(requests=1, writes=writes, retries=1)
@@ -184,7 +290,9 @@ class CappedRetry(Retry):
         retry = super().new(**kw)
         retry.retry_after_cap = self.retry_after_cap
         retry.stats = self.stats
-        return retry
+        retry.deadline = self.deadline
+        retry.retry_after_waited = self.retry_after_waited
+        return retry  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -197,8 +305,8 @@ class RetryPolicy:
     jitter: float = 0.5
     retry_after_cap: float = 120.0
 
-    def urllib3_retry(self, stats: RequestStats | None = None) -> Retry:
-        """The urllib3 Retry object for these settings (counting retries into ``stats``)."""
+    def urllib3_retry(self, stats: RequestStats | None = None, deadline: RunDeadline | None = None) -> Retry:
+        """The urllib3 Retry object for these settings (counting retries into ``stats``, stopping at ``deadline``)."""
         retry = CappedRetry(
             total=self.attempts,
             connect=self.attempts,
@@ -216,11 +324,17 @@ class RetryPolicy:
         )
         retry.retry_after_cap = self.retry_after_cap
         retry.stats = stats
+        retry.deadline = deadline
         return retry
 
 
 class FhirClient:
-    """Talks to one FHIR base URL. Thread-safe for concurrent use (one requests.Session, pooled)."""
+    """Talks to one FHIR base URL. Thread-safe for concurrent use (one requests.Session, pooled).
+
+    ``timeout`` bounds each socket wait; ``request_deadline`` bounds one whole attempt (connect and the entire
+    body: a server trickling a byte every few seconds is cut off), and :attr:`deadline` is the run's deadline,
+    after which nothing is sent. Redirects are never followed and a 3xx is never success.
+    """
 
     def __init__(
         self,
@@ -230,13 +344,18 @@ class FhirClient:
         timeout: float = 60.0,
         retry: RetryPolicy | None = None,
         pool_size: int = 8,
+        request_deadline: float = 300.0,
+        keep_diagnostics: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.session = session or requests.Session()
         self.timeout = timeout
+        self.request_deadline = max(request_deadline, timeout)
+        self.keep_diagnostics = keep_diagnostics
         self.stats = RequestStats()
+        self.deadline = RunDeadline()
         self.retry = retry or RetryPolicy()
-        adapter = HTTPAdapter(max_retries=self.retry.urllib3_retry(self.stats), pool_maxsize=pool_size,
+        adapter = HTTPAdapter(max_retries=self.retry.urllib3_retry(self.stats, self.deadline), pool_maxsize=pool_size,
                               pool_connections=pool_size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -246,7 +365,8 @@ class FhirClient:
 
     def request(self, method: str, path: str, *, json_body: Any = None, params: dict[str, str] | None = None,
                 headers: dict[str, str] | None = None, outcome_statuses: tuple[int, ...] = ()) -> requests.Response:
-        """Send one request (with transport retries); refresh auth once on 401; raise FhirHttpError on failure.
+        """Send one request (with transport retries); refresh auth once on 401; raise FhirHttpError on failure
+        and ServerAnswerError on a redirect (never followed: a write must not be replayed elsewhere).
 
         A status in ``outcome_statuses`` whose body is an OperationOutcome is an answer, not a failure
         (``$validate`` reports invalid content with 400/412/422).
@@ -270,11 +390,18 @@ class FhirClient:
         if response.status_code in outcome_statuses and _is_outcome(response):
             return response
         if response.status_code >= 400:
-            outcome = summarize_outcome(_json_or_none(response))
+            outcome = summarize_outcome(_json_or_none(response), keep_diagnostics=self.keep_diagnostics)
             error = FhirHttpError(method, _path_only(url, self.base_url), response.status_code, outcome)
             if error.action is Action.AUTH:
                 raise AuthError(f"{error} (check credentials and granted scopes)") from None
             raise error
+        if not 200 <= response.status_code < 300:
+            location = response.headers.get("Location")
+            target = f" to {redact_url(urljoin(url, location))}" if location else ""
+            raise ServerAnswerError(
+                f"{method} {_path_only(url, self.base_url)}: the server answered HTTP {response.status_code}{target}; "
+                "peersync never follows redirects and takes nothing as written. Check server.base_url (https, "
+                "host, path) and any proxy or login page in front of the FHIR server; unsent records stay pending")
         return response
 
     def _send(self, method: str, url: str, json_body: Any, params: dict[str, str] | None,
@@ -286,13 +413,21 @@ class FhirClient:
             data = orjson.dumps(json_body)
         broken = 0
         while True:
+            self.deadline.check()
+            started = time.monotonic()
             try:
                 response = self.session.request(method, url, data=data, params=params, headers=headers,
-                                                timeout=self.timeout, allow_redirects=False)
+                                                timeout=self.timeout, allow_redirects=False, stream=True)
+                try:
+                    self._read_body(response, started, method, url)
+                except BaseException:
+                    response.close()
+                    raise
                 break
-            except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
-                # The connection broke while the body was read: requests reads bodies after urllib3's retry
-                # loop has returned, so retry here, within the same budget (our requests are safe to replay).
+            except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError,
+                    ProtocolError, DecodeError) as exc:
+                # The connection broke while the body was read: the body is read after urllib3's retry loop has
+                # returned, so retry here, within the same budget (our requests are safe to replay).
                 self.stats.add(requests=1)
                 broken += 1
                 if broken > self.retry.attempts:
@@ -301,7 +436,8 @@ class FhirClient:
                         f"({exc.__class__.__name__})"
                     ) from None
                 self.stats.add(retries=1)
-                time.sleep(min(self.retry.backoff_max, self.retry.backoff_factor * 2 ** (broken - 1)))
+                wait = min(self.retry.backoff_max, self.retry.backoff_factor * 2 ** (broken - 1))
+                time.sleep(max(0.0, min(wait, self.deadline.remaining())))
             except requests.exceptions.RetryError as exc:
                 self.stats.add(requests=1)
                 raise ServerUnavailableError(f"{method} {_path_only(url, self.base_url)}: retries exhausted") from exc
@@ -313,31 +449,57 @@ class FhirClient:
                     "certificate is not trusted; if the EHR uses a private CA, set server.ca_bundle to its PEM file "
                     "(never verify_tls = false with real data)"
                 ) from None
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ReadTimeoutError) as exc:
                 self.stats.add(requests=1)
+                self.deadline.check()  # a retry cut short by the run deadline is the deadline's doing
                 raise ServerUnavailableError(
                     f"{method} {_path_only(url, self.base_url)}: server unreachable after retries "
                     f"({exc.__class__.__name__})"
                 ) from None
         self.stats.add(requests=1, writes=1 if method in ("POST", "PUT", "PATCH", "DELETE") else 0)
         if response.status_code in RETRY_STATUSES:
-            # urllib3 gave up with the retry budget spent and handed back the last response.
+            # urllib3 gave up (retry budget spent, or a Retry-After longer than this run waits) and handed back the
+            # last response.
+            asked = response.headers.get("Retry-After")
+            self.deadline.check()
             raise ServerUnavailableError(
                 f"{method} {_path_only(url, self.base_url)}: HTTP {response.status_code} after retries"
+                + (f" (the server asked to retry after {asked[:40]!r}; at most {self.retry.retry_after_cap:g} s is "
+                   "waited per request, sync.retry_after_cap_seconds)" if asked else "")
             )
         return response
+
+    def _read_body(self, response: requests.Response, started: float, method: str, url: str) -> None:
+        """Read the whole body before the request's deadline. Each read waits at most ``timeout``; between reads
+        the deadline is checked, so a server sending a byte every few seconds cannot hold the run."""
+        deadline = min(started + self.request_deadline, time.monotonic() + max(0.0, self.deadline.remaining()))
+        chunks: list[bytes] = []
+        while True:
+            if time.monotonic() > deadline:
+                raise ServerUnavailableError(
+                    f"{method} {_path_only(url, self.base_url)}: no complete answer within "
+                    f"{min(self.request_deadline, time.monotonic() - started):.0f} s (server.request_deadline_seconds "
+                    "or the run deadline); the server is too slow. Unsent records stay pending")
+            chunk = response.raw.read1(_READ_SIZE, decode_content=True)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        # requests keeps a read body in _content (what .content/.json() use); the connection goes back to the pool.
+        response._content = b"".join(chunks)
+        response.raw.release_conn()
 
     # -- FHIR operations -------------------------------------------------------------------------------
 
     def capabilities(self) -> dict[str, Any]:
         """The server's CapabilityStatement."""
-        return _json_object(self.request("GET", "metadata"))
+        return _json_resource(self.request("GET", "metadata"), "GET /metadata")
 
     def search(self, resource_type: str, params: dict[str, str], *, max_pages: int = 20) -> Iterator[dict[str, Any]]:
-        """Resources matching a search (follows `next` links on the same server only)."""
+        """Resources matching a search (follows `next` links on the same server only). An answer that is not a
+        ``searchset`` Bundle is an error (ServerAnswerError), never "no match"."""
         response = self.request("GET", resource_type, params=params)
         for _ in range(max_pages):
-            bundle = response.json()
+            bundle = _searchset(response, f"GET /{resource_type}")
             for entry in bundle.get("entry", []):
                 if entry.get("search", {}).get("mode", "match") == "match" and "resource" in entry:
                     yield entry["resource"]
@@ -347,28 +509,65 @@ class FhirClient:
             response = self.request("GET", next_link)
 
     def search_raw(self, query: str) -> list[dict[str, Any]]:
-        """Resources for a pre-encoded query such as ``Goal?identifier=sys%7Cval`` (one page)."""
-        bundle = self.request("GET", query).json()
+        """Resources for a pre-encoded query such as ``Goal?identifier=sys%7Cval`` (one page). An answer that is
+        not a ``searchset`` Bundle is an error (ServerAnswerError), never "no match"."""
+        bundle = _searchset(self.request("GET", query), "GET /" + query.split("?", 1)[0])
         return [e["resource"] for e in bundle.get("entry", []) if "resource" in e
                 and e.get("search", {}).get("mode", "match") == "match"]
 
     def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
         """Read one resource."""
-        return _json_object(self.request("GET", f"{resource_type}/{resource_id}"))
+        return _json_resource(self.request("GET", f"{resource_type}/{resource_id}"), f"GET /{resource_type}")
+
+    def send_transaction(self, bundle: dict[str, Any]) -> HttpAnswer:
+        """POST a transaction (or batch) bundle; the 2xx answer as it came, for :mod:`connector.write.confirm`."""
+        response = self.request("POST", "", json_body=bundle)
+        return HttpAnswer(response.status_code, _json_or_none(response), response.headers.get("Content-Type", ""))
 
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
-        """POST a transaction bundle; return the transaction-response bundle."""
-        return _json_object(self.request("POST", "", json_body=bundle))
+        """POST a transaction bundle; return the answer, which must be a FHIR resource (else ServerAnswerError)."""
+        return _json_resource(self.request("POST", "", json_body=bundle), "POST /")
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any]) -> dict[str, Any]:
         """PUT a resource by id."""
-        return _json_object(self.request("PUT", f"{resource_type}/{resource_id}", json_body=resource))
+        return _json_resource(self.request("PUT", f"{resource_type}/{resource_id}", json_body=resource),
+                              f"PUT /{resource_type}")
 
     def validate(self, resource: dict[str, Any], profile: str | None = None) -> dict[str, Any]:
         """``$validate`` one resource (against ``profile`` when given); the OperationOutcome, errors included."""
-        return self.request("POST", f"{resource['resourceType']}/$validate", json_body=resource,
-                            params={"profile": profile} if profile else None,
-                            outcome_statuses=(400, 412, 422)).json()
+        return _json_resource(self.request("POST", f"{resource['resourceType']}/$validate", json_body=resource,
+                                           params={"profile": profile} if profile else None,
+                                           outcome_statuses=(400, 412, 422)), "POST $validate")
+
+
+_READ_SIZE = 256 * 1024
+
+
+def _json_resource(response: requests.Response, what: str) -> dict[str, Any]:
+    """The answer's FHIR resource; an empty, HTML or other non-FHIR body is a ServerAnswerError (exit 69)."""
+    body = _json_or_none(response)
+    if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
+        media = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        shown = f"a {media} body" if re.fullmatch(r"[a-z]+/[a-z0-9.+-]+", media) and response.content \
+            else "an empty body" if not response.content else "a body that is not FHIR JSON"
+        raise ServerAnswerError(
+            f"{what}: the server answered HTTP {response.status_code} with {shown}, not a FHIR resource. Check "
+            "server.base_url (it must be the FHIR base, not a web page) and any proxy in front of the server")
+    return body
+
+
+def _searchset(response: requests.Response, what: str) -> dict[str, Any]:
+    bundle = _json_resource(response, what)
+    if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "searchset":
+        raise ServerAnswerError(
+            f"{what}: the server answered a search with {_json_kind(bundle)}, not a searchset Bundle; nothing is "
+            "taken as \"no match\". Check server.base_url and any proxy in front of the server")
+    return bundle
+
+
+def _json_kind(body: dict[str, Any]) -> str:
+    kind = f"{body.get('resourceType')}/{body.get('type', '')}".rstrip("/")
+    return kind if re.fullmatch(r"[A-Za-z/-]{1,60}", kind) else "an unexpected resource"
 
 
 def _path_only(url: str, base: str) -> str:
@@ -391,13 +590,10 @@ def _is_outcome(response: requests.Response) -> bool:
 
 
 def _json_or_none(response: requests.Response) -> Any:
+    if not response.content:
+        return None
     try:
         return response.json()
     except ValueError:
         return None
 
-
-def _json_object(response: requests.Response) -> dict[str, Any]:
-    """The response body: a FHIR resource or Bundle, always a JSON object."""
-    body: dict[str, Any] = response.json()
-    return body

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from connector.errors import (
     ServerUnavailableError,
@@ -35,14 +35,10 @@ from connector.plan.planner import (
 )
 from connector.read.staging import Staging
 from connector.server.capabilities import Capabilities
-from connector.server.client import Action, FhirClient, FhirHttpError, summarize_outcome
-from connector.write.bundle import (
-    BuiltBundle,
-    Identity,
-    PendingWrite,
-    parse_location,
-)
+from connector.server.client import Action, FhirClient, FhirHttpError, HttpAnswer, summarize_outcome
+from connector.write.bundle import BuiltBundle, Identity, PendingWrite, UnitWrite
 from connector.write.changeset import STATUS_ELEMENT, build_change_set, void_bundle
+from connector.write.confirm import confirm_writes
 from connector.write.decisions import (
     CONDITIONAL_EVERYWHERE,
     FailureStep,
@@ -77,6 +73,8 @@ class Writer:
         self._server_down = threading.Event()
         self.plan: WritePlan = CONDITIONAL_EVERYWHERE  # set from the CapabilityStatement by write()
         self._patients: PatientPrefetch | None = None  # Patients looked up in batches (first syncs)
+        self._down_reason = "the FHIR server stopped answering"
+        self.pending_reasons: Counter[str] = Counter()  # why units were left pending (PHI-free): the run summary
 
     def write(self, staging: Staging, ledger: Ledger, *,
               on_progress: Callable[[int, int], None] | None = None) -> None:
@@ -101,8 +99,8 @@ class Writer:
             if self._patients is not None:
                 self._patients.close()
         if self._server_down.is_set():
-            raise ServerUnavailableError("the FHIR server stopped answering; unsent records stay pending "
-                                         "and the next run sends them")
+            raise ServerUnavailableError(f"{self._down_reason}; unsent records stay pending and the next run "
+                                         "sends them")
 
     def _participant_in_run(self, run_id: str, staging: Staging, ledger: Ledger, participant: str) -> None:
         RUN_ID.set(run_id)  # worker threads carry the run id in their log lines
@@ -114,9 +112,11 @@ class Writer:
             try:
                 self._participant(own, ledger, participant)
             except ServerUnavailableError as exc:
+                if not self._server_down.is_set():
+                    self._down_reason = str(exc)
                 self._server_down.set()
                 log.warning("server unavailable: %s", exc, extra={"event": "server-unavailable"})
-                self._mark_all(own, ledger, participant, UnitState.PENDING, "server unavailable")
+                self._mark_all(own, ledger, participant, UnitState.PENDING, f"server unavailable: {exc}"[:300])
             except FhirHttpError as exc:
                 # An answer the write path does not expect (e.g. a read that fails while voiding): this
                 # participant's records stay pending for the next run; the other participants go on.
@@ -244,7 +244,7 @@ class Writer:
         """
         built = self._build(ledger, units, patient, author)
         try:
-            response = self.client.transaction(built.bundle)
+            answer = self.client.send_transaction(built.bundle)
         except FhirHttpError as exc:
             # The builder rewrote references in copies: the units are as mapped, ready to be sent again.
             step = step_after_failure(exc.action, units=len(units), can_defer=deferred is not None,
@@ -260,7 +260,7 @@ class Writer:
                 if step is FailureStep.STOP:
                     raise
             return
-        self._record_success(ledger, units, built, response, participant, patient_id)
+        self._record_success(ledger, units, built, answer, participant, patient_id)
 
     def _build(self, ledger: Ledger, writes: list[PendingWrite],
                patient: tuple[Identity, str] | None, author: str | None) -> BuiltBundle:
@@ -297,29 +297,53 @@ class Writer:
                 entry["request"] = {"method": "POST", "url": resource_type}
 
     def _record_success(self, ledger: Ledger, units: list[PendingWrite], built: BuiltBundle,
-                        response: dict[str, Any], participant: str | None, patient_id: str | None) -> None:
-        entries = response.get("entry", [])
+                        answer: HttpAnswer, participant: str | None, patient_id: str | None) -> None:
+        """Mark sent exactly the units the answer proves written (connector.write.confirm); the others stay
+        pending with the reason. The Provenance covers every unit of the bundle: unproven, none is sent."""
+        confirmation = confirm_writes(built.bundle, answer.status, answer.body, answer.content_type)
+        verdicts = confirmation.entries
+        provenance = verdicts[-1] if built.has_provenance else None
         confirmed: dict[str, list[tuple[str, str, str, str | None, str | None]]] = {}
         statuses: dict[str, list[str]] = {}
-        for (unit_key, identity), entry in zip(built.entries, entries, strict=False):
-            status = str(entry.get("response", {}).get("status", ""))
-            server_id, version = parse_location(entry.get("response", {}).get("location"))
-            confirmed.setdefault(unit_key, []).append((*identity, server_id, version))
-            statuses.setdefault(unit_key, []).append(status.split(" ")[0])
+        unproven: dict[str, str] = {}
+        for (unit_key, identity), verdict in zip(built.entries, verdicts, strict=False):
+            confirmed.setdefault(unit_key, []).append((*identity, verdict.server_id, verdict.version))
+            statuses.setdefault(unit_key, []).append(verdict.status)
+            if not verdict.confirmed:
+                unproven.setdefault(unit_key, verdict.reason or "not confirmed")
+        if provenance is not None and not provenance.confirmed:
+            for w in units:
+                unproven.setdefault(w.unit.unit_key, f"Provenance: {provenance.reason or 'not confirmed'}")
         ledger.record_confirmed_many(
             [ConfirmedUnit(w.unit.unit_key, w.unit.kind, participant, w.unit_hash or "", w.unit.voided, patient_id,
                            confirmed.get(w.unit.unit_key, []), " ".join(statuses.get(w.unit.unit_key, [])))
-             for w in units],
+             for w in units if w.unit.unit_key not in unproven],
             run_id=RUN_ID.get())
-        for unit in (w.unit for w in units):
+        for w in units:
+            unit = w.unit
+            if unit.unit_key in unproven:
+                self._leave_unconfirmed(ledger, unit, w.unit_hash, participant, unproven[unit.unit_key])
+                continue
             codes = statuses.get(unit.unit_key, [])
             self._count("voided" if unit.voided else "created" if codes and all(c == "201" for c in codes)
                         else "updated")
-        log.debug("transaction landed: %d record(s), %d entries (HTTP %s)", len(units), len(entries),
-                  " ".join(f"{code}x{n}" for code, n in sorted(Counter(str(e.get("response", {}).get("status", ""))
-                                                                        .split(" ")[0] for e in entries).items())),
-                  extra={"event": "transaction", "entries": len(entries),
+        log.debug("transaction answered: %d record(s), %d of %d entries confirmed (HTTP %s)", len(units),
+                  sum(v.confirmed for v in verdicts), len(verdicts),
+                  " ".join(f"{code or '-'}x{n}" for code, n in sorted(Counter(v.status for v in verdicts).items())),
+                  extra={"event": "transaction", "entries": len(verdicts),
                          "participant_key": opaque_key(participant) if participant else "program"})
+
+    def _leave_unconfirmed(self, ledger: Ledger, unit: UnitWrite, unit_hash: str | None, participant: str | None,
+                           reason: str) -> None:
+        """A unit the server's answer does not prove written: pending, so the next run sends it again (a
+        conditional write: if it did land, the replay changes nothing)."""
+        ledger.record_state(unit.unit_key, kind=unit.kind, participant=participant, state=UnitState.PENDING,
+                            detail=f"not confirmed: {reason}", run_id=RUN_ID.get(), attempt_hash=unit_hash)
+        self._count("pending")
+        with self._counts_lock:
+            self.pending_reasons[f"not confirmed: {reason}"] += 1
+        log.warning("record left pending: the server's answer does not confirm it (%s)", reason,
+                    extra={"event": "unconfirmed", "key": opaque_key(unit.unit_key), "kind": unit.kind})
 
     def _record_failure(self, ledger: Ledger, units: list[PendingWrite], exc: FhirHttpError,
                         participant: str | None) -> None:
@@ -349,11 +373,20 @@ class Writer:
                              conditional_provenance=self.plan.provenance_conditional_create)
         if bundle is not None:
             try:
-                self.client.transaction(bundle)
+                answer = self.client.send_transaction(bundle)
             except FhirHttpError as exc:
                 ledger.record_state(unit_key, kind=kind, participant=participant, state=UnitState.QUARANTINED,
                                     detail=f"void failed: HTTP {exc.status}: {exc.outcome.text()}", run_id=RUN_ID.get())
                 self._count("quarantined")
+                return
+            confirmation = confirm_writes(bundle, answer.status, answer.body, answer.content_type)
+            if not confirmation.all_confirmed:
+                reason = f"void not confirmed: {confirmation.first_reason()}"
+                ledger.record_state(unit_key, kind=kind, participant=participant, state=UnitState.PENDING,
+                                    detail=reason, run_id=RUN_ID.get())
+                self._count("pending")
+                with self._counts_lock:
+                    self.pending_reasons[reason] += 1
                 return
         ledger.record_voided(unit_key, run_id=RUN_ID.get())
         self._count("deleted")
@@ -390,6 +423,8 @@ class Writer:
             ledger.record_state(unit.unit_key, kind=unit.kind, participant=participant, state=state, detail=detail,
                                 run_id=RUN_ID.get(), attempt_hash=unit.unit_hash)
             self._count("pending")
+            with self._counts_lock:
+                self.pending_reasons[detail] += 1
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._counts_lock:

@@ -23,6 +23,25 @@ commit``               the body sent, then the connection is reset
                        (notes, names), quoted and unquoted — for PHI tests
 =====================  ==========================================================================================
 
+Hostile-server modes (the server, or something in front of it, answers in ways that must never be read as
+"written"); the ``*-after-commit`` ones forward the request first, so the server HAS committed:
+
+==============================  ===================================================================================
+``empty-after-commit``          200 with a ``transaction-response`` Bundle without entries
+``short-after-commit``          the real answer with its last entry removed
+``no-location-after-commit``    the real answer with each entry's ``location`` (and the first one's ``status``)
+                                removed
+``302-json-after-commit``       302 to another address, with the real JSON answer as its body
+``html-200-after-commit``       200 with a ``text/html`` page (a proxy's or login page's answer)
+``slow-body-after-commit``      the real status and headers, then the body one byte every ``trickle_seconds``
+                                until the client gives up
+``void-drop-after-commit``      like ``drop-after-commit``, but only for a transaction that voids (entered-in-error);
+                                other requests pass untouched
+``echo-unquoted``               409 (400 for a GET) whose diagnostics echo values of the request unquoted,
+``echo-typographic``            in typographic quotes,
+``echo-foreign``                or inside a non-English message (not forwarded)
+==============================  ===================================================================================
+
 The schedule is a ``random.Random(seed)`` consumed once per request in arrival order: with one client
 connection the same seed gives the same faults; with several, the same *multiset* of faults.
 
@@ -60,7 +79,16 @@ from urllib.parse import urlsplit
 
 FAULTS = ("429", "500", "502", "503", "reset-before", "drop-after-commit", "500-after-commit",
           "truncate-after-commit", "slow-after-commit", "400-echo")
+HOSTILE = ("empty-after-commit", "short-after-commit", "no-location-after-commit", "302-json-after-commit",
+           "html-200-after-commit", "slow-body-after-commit", "void-drop-after-commit", "echo-unquoted",
+           "echo-typographic", "echo-foreign")
 COMMITTING_FAULTS = frozenset(f for f in FAULTS if f.endswith("-after-commit"))
+_ECHO_STYLES = {
+    "echo-unquoted": "HAPI-0450: Failed to process request: invalid value {v} for this element",
+    "echo-typographic": "HAPI-0450: Failed to process request: invalid value \u201c{v}\u201d (\u2018{v}\u2019)",
+    "echo-foreign": "HAPI-0450: Impossible de traiter la requ\u00eate\u00a0: la valeur {v} n\u2019est pas valide "
+                    "(\u5024 {v} \u306f\u7121\u52b9\u3067\u3059)",
+}
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                "transfer-encoding", "upgrade", "content-length"}
 
@@ -108,6 +136,27 @@ def _echo_diagnostics(path: str, body: bytes) -> str:
             (path.split("identifier=", 1)[1][:80] if "identifier=" in path else "x|y"))
 
 
+def _hostile_answer(fault: str, payload: bytes) -> bytes:
+    """A transaction answer that does not prove the writes, made from the real one."""
+    try:
+        answer = json.loads(payload or b"null")
+    except ValueError:
+        return payload
+    if not isinstance(answer, dict) or answer.get("resourceType") != "Bundle":
+        return payload
+    entries = answer.get("entry") or []
+    if fault == "empty-after-commit":
+        answer["entry"] = []
+    elif fault == "short-after-commit":
+        answer["entry"] = entries[:-1]
+    else:
+        for index, entry in enumerate(entries):
+            entry.get("response", {}).pop("location", None)
+            if index == 0:
+                entry.get("response", {}).pop("status", None)
+    return json.dumps(answer).encode()
+
+
 def _outcome(status: int, text: str) -> bytes:
     return json.dumps({"resourceType": "OperationOutcome",
                        "issue": [{"severity": "error", "code": "transient" if status >= 500 else "throttled",
@@ -130,7 +179,7 @@ class Schedule:
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
-        unknown = set(self.weights) - set(FAULTS)
+        unknown = set(self.weights) - set(FAULTS) - set(HOSTILE)
         if unknown:
             raise ValueError(f"unknown faults: {sorted(unknown)}")
 
@@ -190,6 +239,7 @@ class FaultProxy:
     """A reverse proxy on 127.0.0.1 in front of ``upstream`` (a loopback FHIR base URL), injecting faults."""
 
     def __init__(self, upstream: str, schedule: Schedule | None = None, *, slow_seconds: float = 4.0,
+                 trickle_seconds: float = 1.0,
                  latency_seconds: float = 0.0, max_requests: int = 20_000, max_body: int = 64 << 20,
                  upstream_timeout: float = 120.0,
                  hook: Callable[[int, str, str], str | None] | None = None) -> None:
@@ -201,6 +251,7 @@ class FaultProxy:
         self.upstream_path = parts.path.rstrip("/")
         self.schedule = schedule or Schedule()
         self.slow_seconds = slow_seconds
+        self.trickle_seconds = trickle_seconds
         self.latency_seconds = latency_seconds
         self.max_requests = max_requests
         self.max_body = max_body
@@ -307,8 +358,25 @@ class FaultProxy:
                     outcome["issue"][0]["code"] = "invalid"
                     self._reply(400, json.dumps(outcome).encode())
                     return
+                if fault in _ECHO_STYLES:
+                    from urllib.parse import unquote
+
+                    values = _echo_values(body) or [unquote(self.path).split("|")[-1][:60]]
+                    diagnostics = "; ".join(_ECHO_STYLES[fault].format(v=v[:120]) for v in values)
+                    with proxy._lock:
+                        if len(proxy.stats.echoed) < 20:
+                            proxy.stats.echoed.append(diagnostics)
+                    status = 400 if self.command == "GET" else 409
+                    outcome = json.loads(_outcome(status, diagnostics))
+                    outcome["issue"][0]["code"] = "processing"
+                    self._reply(status, json.dumps(outcome).encode())
+                    return
+                if fault == "void-drop-after-commit" and b"entered-in-error" not in body:
+                    with proxy._lock:
+                        proxy.stats.faults[fault] -= 1  # not a void: passed through, not a fault
+                    fault = None
                 try:
-                    status, reason, headers, payload = self._forward(body)
+                    status, reason, headers, payload = self._forward(body, plain=fault in HOSTILE)
                 except OSError:
                     with proxy._lock:
                         proxy.stats.upstream_errors += 1
@@ -321,8 +389,25 @@ class FaultProxy:
                 if proxy.hook and proxy.hook(index, "after-commit", self.command) == "reset":
                     self._reset()
                     return
-                if fault == "drop-after-commit":
+                if fault in ("drop-after-commit", "void-drop-after-commit"):
                     self._reset()
+                elif fault in ("empty-after-commit", "short-after-commit", "no-location-after-commit"):
+                    self._reply(status, _hostile_answer(fault, payload))
+                elif fault == "302-json-after-commit":
+                    self._reply(302, payload, {"Location": "http://127.0.0.1:9/elsewhere/fhir"})
+                elif fault == "html-200-after-commit":
+                    self._reply(200, b"<html><body><h1>Welcome</h1><p>Please sign in.</p></body></html>",
+                                content_type="text/html; charset=utf-8")
+                elif fault == "slow-body-after-commit":
+                    self._send_head(status, reason, headers, len(payload))
+                    for byte in range(len(payload)):
+                        try:
+                            self.wfile.write(payload[byte:byte + 1])
+                            self.wfile.flush()
+                        except OSError:
+                            break  # the client gave up: what the scenario expects
+                        time.sleep(proxy.trickle_seconds)
+                    self.close_connection = True
                 elif fault == "500-after-commit":
                     self._reply(500, _outcome(500, "injected 500 after the server committed"))
                 elif fault == "truncate-after-commit":
@@ -338,13 +423,16 @@ class FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(payload)
 
-            def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
+            def _forward(self, body: bytes, *, plain: bool = False) -> tuple[int, str, list[tuple[str, str]], bytes]:
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
                                                   timeout=proxy.upstream_timeout)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                     headers["Content-Length"] = str(len(body))
                     headers["Connection"] = "close"
+                    if plain:  # a hostile answer is made from the real one: ask for it uncompressed
+                        headers = {k: v for k, v in headers.items() if k.lower() != "accept-encoding"}
+                        headers["Accept-Encoding"] = "identity"
                     # The Host header is passed through: HAPI builds paging links from it, so they point here.
                     conn.request(self.command, self.path, body=body if body or self.command != "GET" else None,
                                  headers=headers)
@@ -362,9 +450,10 @@ class FaultProxy:
                 self.send_header("Content-Length", str(length))
                 self.end_headers()
 
-            def _reply(self, status: int, payload: bytes, extra: dict[str, str] | None = None) -> None:
+            def _reply(self, status: int, payload: bytes, extra: dict[str, str] | None = None, *,
+                       content_type: str = "application/fhir+json") -> None:
                 self.send_response_only(status)
-                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Type", content_type)
                 for key, value in (extra or {}).items():
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(payload)))
@@ -386,4 +475,4 @@ class FaultProxy:
         return Handler
 
 
-__all__ = ["COMMITTING_FAULTS", "FAULTS", "FaultProxy", "Schedule", "Stats"]
+__all__ = ["COMMITTING_FAULTS", "FAULTS", "HOSTILE", "FaultProxy", "Schedule", "Stats"]

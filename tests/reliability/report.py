@@ -23,6 +23,7 @@ DEFAULT_OUT = REPO / "docs" / "reliability.md"
 GROUPS = [
     ("Network faults (Toxiproxy)", "toxiproxy-"),
     ("HTTP faults (tests/reliability/faultproxy.py)", "http-"),
+    ("Hostile server: answers that do not prove the writes, slow bodies, echoed values", "server-"),
     ("Crashes and a damaged ledger", ("crash-", "ledger-")),
     ("Concurrency", "concurrency-"),
     ("Hostile input", "hostile-"),

@@ -154,7 +154,7 @@ def test_doctor_table_json_and_exit_code(tmp_path: Path, transaction: bool) -> N
     path = write_config(tmp_path, base_url=BASE)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         rsps.add(responses.GET, f"{BASE}/metadata", json=_capability(transaction))
-        rsps.add(responses.GET, f"{BASE}/Patient", json={"resourceType": "Bundle"})
+        rsps.add(responses.GET, f"{BASE}/Patient", json={"resourceType": "Bundle", "type": "searchset"})
         text = run("doctor", "--config", str(path))
         as_json = run("doctor", "--config", str(path), "--json", "--timeout", "5")
     expected = 0 if transaction else 78

@@ -182,7 +182,7 @@ def test_401_twice_is_an_auth_error() -> None:
 
 @responses.activate
 def test_paging_link_to_another_host_is_refused() -> None:
-    responses.get(BASE + "/Goal", json={"resourceType": "Bundle", "entry": [],
+    responses.get(BASE + "/Goal", json={"resourceType": "Bundle", "type": "searchset", "entry": [],
                                         "link": [{"relation": "next", "url": "https://evil.test/fhir/Goal?page=2"}]})
     with pytest.raises(TransportError):
         list(FhirClient(BASE, retry=FAST).search("Goal", {"patient": "1"}))

@@ -146,6 +146,8 @@ def test_outcome_codes_keep_only_codes() -> None:
                "diagnostics": "HAPI-1094: Resource Patient/abc not found, Maria Lopez"},
               {"severity": "warning", "code": "invalid", "diagnostics": "free text Maria"}]
     assert outcome_codes(issues) == "error/processing HAPI-1094; warning/invalid"
+    assert outcome_codes([{"severity": "error", "code": "invalid", "message_ids": "HAPI-1091"}]) == \
+        "error/invalid HAPI-1091"
     assert outcome_codes([]) == "no OperationOutcome"
 
 
