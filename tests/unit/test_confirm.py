@@ -31,7 +31,7 @@ from connector.server.client import (
     RetryPolicy,
     summarize_outcome,
 )
-from connector.write.bundle import UnitWrite
+from connector.write.bundle import PendingWrite, UnitWrite
 from connector.write.confirm import confirm_writes
 from connector.write.writer import Writer
 
@@ -193,10 +193,11 @@ def _writer(tmp_path: Path) -> Writer:
     return writer
 
 
-def _units() -> list[tuple[UnitWrite, str | None]]:
+def _units() -> list[PendingWrite]:
     goal = {"resourceType": "Goal", "identifier": [{"system": "https://p/sid/x/goal", "value": "G1"}]}
     note = {"resourceType": "Communication", "identifier": [{"system": "https://p/sid/x/contact", "value": "C1"}]}
-    return [(UnitWrite("goal:G1", "goal", [goal]), "h1"), (UnitWrite("contact:C1", "contact", [note]), "h2")]
+    return [PendingWrite(UnitWrite("goal:G1", "goal", [goal]), "h1"),
+            PendingWrite(UnitWrite("contact:C1", "contact", [note]), "h2")]
 
 
 @responses.activate

@@ -139,6 +139,7 @@ class NoServer:
     """A client the held run must never use: any write would fail the test."""
 
     stats = SimpleNamespace(requests=0, writes=0, retries=0)
+    deadline = SimpleNamespace(start=lambda _seconds: None)  # the run's clock starts; that sends nothing
 
     def __getattr__(self, name: str) -> None:
         raise AssertionError(f"the held run talked to the server ({name})")
