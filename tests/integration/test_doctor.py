@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from connector.plan.ledger import SCHEMA_VERSION
+
 from .syncutil import make_program
 
 pytestmark = pytest.mark.integration
@@ -54,7 +56,7 @@ def test_doctor_after_a_sync_reports_the_ledger(tmp_path: Path, fhir_base_url: s
     assert sync.returncode == 65, sync.stderr  # the demo has bad rows and review cases
     result = peersync("doctor", "--config", str(program.config), "--json")
     assert result.returncode == 0
-    assert "schema version 1, 1 run(s) recorded" in checks(result.stdout)["ledger"]["detail"]
+    assert f"schema version {SCHEMA_VERSION}, 1 run(s) recorded" in checks(result.stdout)["ledger"]["detail"]
     status = json.loads(peersync("status", "--config", str(program.config), "--json").stdout)
     assert status["last_success"]["run_id"] == json.loads(sync.stdout)["run_id"]
     assert status["backlog"]["in_review"] > 0 and status["backlog"]["open_reviews"] == 2
