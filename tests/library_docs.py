@@ -57,7 +57,7 @@ def run_examples(folder: Path, upto: int | None = None) -> list[str]:
             expected = [m.group("expected") for line in code.splitlines() if (m := _EXPECTED.match(line))]
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
-                exec(compile(code, f"docs/library.md: {title}", "exec"), namespace)  # noqa: S102 - our own docs
+                exec(compile(code, f"docs/library.md: {title}", "exec"), namespace)  # our own docs
             printed = out.getvalue().splitlines()
             if printed != expected:
                 problems.append(f"{title}: printed {printed}, the doc says {expected}")

@@ -1,6 +1,7 @@
 """peersync's own terminology: CodeSystems, ValueSets and extension definitions kept as FHIR JSON data.
 
-The files live in ``mappings/terminology/`` (data, not code; found by :mod:`connector.assets`). Mappers take code displays from them, so a
+The files live in ``mappings/terminology/`` (data, not code; found by :mod:`connector.assets`). Mappers take
+code displays from them, so a
 display is changed in one place; ``peersync terminology publish`` sends them to a server with
 :func:`terminology_bundle`.
 """

@@ -82,7 +82,8 @@ def map_global_unit(staging: Staging, kind: str, source_id: str, ctx: MappingCon
     raise ValueError(f"not a program-wide unit kind: {kind}")
 
 
-def map_planned_global_units(staging: Staging, planned: Iterable[PlannedUnit], ctx: MappingContext) -> list[PendingWrite]:
+def map_planned_global_units(staging: Staging, planned: Iterable[PlannedUnit],
+                             ctx: MappingContext) -> list[PendingWrite]:
     """The planned program-wide units, mapped, each with the plan's hash."""
     writes = []
     for unit in planned:

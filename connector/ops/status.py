@@ -72,10 +72,7 @@ def _run_row(run: dict[str, Any], *, newest: bool = False, lock_held: bool | Non
     if not run["finished_at"]:
         # Still running only if it is the newest run and a sync holds the lock; otherwise it was interrupted
         # (killed, crashed, host rebooted). Where the lock table cannot be read, say both.
-        if not newest or lock_held is False:
-            outcome = "interrupted"
-        else:
-            outcome = "running" if lock_held else "unfinished"
+        outcome = "interrupted" if not newest or lock_held is False else "running" if lock_held else "unfinished"
     return {
         "run_id": run["run_id"],
         "command": run["command"],

@@ -280,7 +280,7 @@ class CappedRetry(Retry):
         if remaining <= 0:
             raise MaxRetryError(kwargs.get("_pool"), url or "", ResponseError("the run deadline has passed"))  # type: ignore[arg-type]
         retry = super().increment(method, url, *args, **kwargs)  # raises MaxRetryError when the budget is spent
-        retry.retry_after_waited = self.retry_after_waited + (asked or 0.0)  # type: ignore[attr-defined]
+        retry.retry_after_waited = self.retry_after_waited + (asked or 0.0)
         if self.stats is not None:
             writes = 1 if method in ("POST", "PUT", "PATCH", "DELETE") else 0
             self.stats.add(requests=1, writes=writes, retries=1)
@@ -292,7 +292,7 @@ class CappedRetry(Retry):
         retry.stats = self.stats
         retry.deadline = self.deadline
         retry.retry_after_waited = self.retry_after_waited
-        return retry  # type: ignore[return-value]
+        return retry
 
 
 @dataclass(frozen=True)

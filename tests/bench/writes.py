@@ -161,7 +161,8 @@ def prebuild_bundles(program: BenchProgram) -> tuple[list[bytes], int]:
             patient_id = program.patient_ids.get(enrollment.mrn)
             if not patient_id:
                 continue  # no Patient or two: peersync sends this participant to review and writes nothing
-            patient = (("Patient", enrollment.mrn_system or program.mrn_system, enrollment.mrn), f"Patient/{patient_id}")
+            mrn_system = enrollment.mrn_system or program.mrn_system
+            patient = (("Patient", mrn_system, enrollment.mrn), f"Patient/{patient_id}")
             author = change_set_author(enrollment, ctx)
             for chunk in chunk_writes(iter_planned_units(staging, participant, planned, ctx), opts.max_bundle_entries):
                 bundle = build_change_set(chunk, ctx=ctx, patient=patient, resolve=ledger.resolve, author=author,

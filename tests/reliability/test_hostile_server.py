@@ -119,7 +119,8 @@ def test_hostile_answers_never_mark_records_sent(mode: str, faultproxy, program_
     codes = [_sync(rel, outputs, "hostile sync")]
     faults, by_kind = proxy.stats.total_faults, dict(proxy.stats.faults)
     echoed_phi = [h for text in proxy.stats.echoed for h in phi.scan("server diagnostics", text, phi.PHI)]
-    assert faults > 0, f"the hostile mode never fired (exit {codes[0]}, {proxy.stats.as_dict()}): {outputs['hostile sync (stderr)'][-800:]}"
+    assert faults > 0, (f"the hostile mode never fired (exit {codes[0]}, {proxy.stats.as_dict()}): "
+                        f"{outputs['hostile sync (stderr)'][-800:]}")
     assert codes[0] in (65, 69), f"hostile sync: exit {codes[0]} (expected 69: records left pending)"
     hostile = json.loads(outputs["hostile sync (stdout)"] or "{}")
     proxy.reset()  # healthy from here on
@@ -134,7 +135,8 @@ def test_hostile_answers_never_mark_records_sent(mode: str, faultproxy, program_
            seed=seed, notes=[(f"exit codes {codes}; first run left {hostile.get('counts', {}).get('pending', 0)} "
                               f"record(s) pending; {provenances} Provenance, {provenance_dups} repeated"),
                              *(f"pending reason: {r} ({n})" for r, n in list(reasons.items())[:2]),
-                             *([f"{len(echoed_phi)} PHI values echoed by the server, none kept"] if echoed_phi else [])])
+                             *([f"{len(echoed_phi)} PHI values echoed by the server, none kept"]
+                               if echoed_phi else [])])
     assert provenance_dups == 0, f"{provenance_dups} duplicate Provenance"
     assert not hits, f"{len(hits)} PHI hits:\n" + "\n".join(str(h) for h in hits[:25])
     if mode.startswith("echo-"):

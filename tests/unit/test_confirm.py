@@ -264,7 +264,7 @@ def test_nothing_is_sent_after_the_run_deadline() -> None:
     responses.post(BASE + "/", json=_answer(CREATED))
     client = FhirClient(BASE, retry=FAST)
     client.deadline.start(0)
-    with pytest.raises(RunDeadlineError, match="sync.run_deadline_seconds") as caught:
+    with pytest.raises(RunDeadlineError, match=r"sync\.run_deadline_seconds") as caught:
         client.send_transaction(_request(1))
     assert caught.value.exit_code == 69 and len(responses.calls) == 0
 

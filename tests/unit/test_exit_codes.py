@@ -174,7 +174,8 @@ CASES = [
     # check / map (offline)
     Case("check: rejected rows", ["check", *PROFILE], ExitCode.RECORDS_REJECTED),
     Case("check: unknown profile", ["check", "--profile", "no-such-profile", str(DEMO)], ExitCode.CONFIG_ERROR),
-    Case("check: rejects folder under a file", ["check", *PROFILE, "--rejects-dir", "{tmp}/out/r"], ExitCode.CONFIG_ERROR,
+    Case("check: rejects folder under a file", ["check", *PROFILE, "--rejects-dir", "{tmp}/out/r"],
+         ExitCode.CONFIG_ERROR,
          setup=out_is_a_file, says="check the path"),
     Case("map: rejected rows", ["map", *PROFILE, "--out", "{tmp}/out", "-q"], ExitCode.RECORDS_REJECTED),
     Case("map: unknown profile", ["map", "--profile", "nope", str(DEMO), "--out", "{tmp}/out"], ExitCode.CONFIG_ERROR),

@@ -36,9 +36,10 @@ NOW = datetime(2026, 7, 1, tzinfo=UTC)
 
 def unit(key: str, resources: int = 1, *, voided: bool = False, unit_hash: str | None = "h") -> PendingWrite:
     kind, _, source_id = key.partition(":")
-    return PendingWrite(UnitWrite(key, kind, [
-        {"resourceType": "Communication", "identifier": [{"system": f"https://p.example/{kind}", "value": f"{source_id}-{i}"}],
-         "subject": {"reference": "Patient?identifier=urn:mrn|M1"}} for i in range(resources)], voided=voided), unit_hash)
+    resources_ = [{"resourceType": "Communication",
+                   "identifier": [{"system": f"https://p.example/{kind}", "value": f"{source_id}-{i}"}],
+                   "subject": {"reference": "Patient?identifier=urn:mrn|M1"}} for i in range(resources)]
+    return PendingWrite(UnitWrite(key, kind, resources_, voided=voided), unit_hash)
 
 
 # -- chunking ---------------------------------------------------------------------------------------------------------
