@@ -1,6 +1,6 @@
-"""`peersync map` writes exactly what a sync sends: the demo program synced into an in-memory FHIR server (every
-transaction captured) and mapped to files give the same bundles: same entries, same requests, same Provenance
-(change-set tag and ifNoneExist), same chunking.
+"""`peersync map` writes exactly what a sync sends: the demo program synced over `responses` (canned HAPI-like
+answers from tests/unit/fhir_answers.py, every transaction captured) and mapped to files give the same bundles:
+same entries, same requests, same Provenance (change-set tag and ifNoneExist), same chunking.
 
 Only what a sync alone can know is normalised: server ids (a sync refers to resources already written, and to the
 Patient, by ``Type/id``; map keeps the conditional reference) and the Provenance's random fullUrl. Both run with
@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import responses
+from responses import matchers
 
 from connector.identifiers import conditional_reference
 from connector.map import MappingContext
@@ -26,7 +27,15 @@ from connector.read.profile import load_profile
 from connector.read.staging import Staging
 from connector.run import Syncer, SyncOptions
 from connector.server.client import FhirClient, RetryPolicy
-from tests.unit.fakefhir import BASE, FakeFhir
+from tests.unit.fhir_answers import (
+    BASE,
+    answer_transactions,
+    capability_statement,
+    landed,
+    patient,
+    searchset,
+    sent_transactions,
+)
 
 DEMO = Path(__file__).resolve().parents[2] / "fixtures" / "demo" / "template"
 PROFILE = load_profile("peersync-template")
@@ -36,7 +45,7 @@ FAST = RetryPolicy(attempts=0, backoff_factor=0.0, backoff_max=0.0, jitter=0.0, 
 
 @pytest.fixture
 def rsps() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
         yield mock
 
 
@@ -62,7 +71,11 @@ def test_map_writes_the_bundles_a_sync_sends(rsps: responses.RequestsMock, tmp_p
                                              max_bundle_entries: int) -> None:
     ctx = MappingContext.from_profile(PROFILE)
     mrns = demo_mrns()
-    fake = FakeFhir(rsps, patients={mrn: f"pt-{i}" for i, mrn in enumerate(mrns)})
+    rsps.add(responses.GET, f"{BASE}/metadata", json=capability_statement())
+    for i, mrn in enumerate(mrns):
+        rsps.add(responses.GET, f"{BASE}/Patient", json=searchset([patient(f"pt-{i}", ctx.mrn_system, mrn)]),
+                 match=[matchers.query_param_matcher({"identifier": f"{ctx.mrn_system}|{mrn}"})])
+    rsps.add_callback(responses.POST, f"{BASE}/", callback=answer_transactions())
     opts = SyncOptions(profile=PROFILE, inputs=[DEMO], ledger_path=tmp_path / "ledger.sqlite", ctx=ctx,
                        rejects_dir=tmp_path / "rejects", concurrency=1, max_bundle_entries=max_bundle_entries)
     summary = Syncer(opts, FhirClient(BASE, retry=FAST), clock=lambda: CLOCK).run("run")
@@ -75,12 +88,14 @@ def test_map_writes_the_bundles_a_sync_sends(rsps: responses.RequestsMock, tmp_p
 
     literal_to_conditional = {f"Patient/pt-{i}": conditional_reference("Patient", ctx.mrn_system, mrn)
                               for i, mrn in enumerate(mrns)}
-    for (resource_type, server_id), resource in fake.resources.items():
+    for request_entry, response_entry in landed(rsps):  # the ids the server answered, by business identifier
+        resource = request_entry["resource"]
         if resource.get("identifier"):
             ident = resource["identifier"][0]
-            literal_to_conditional[f"{resource_type}/{server_id}"] = conditional_reference(
-                resource_type, ident["system"], ident["value"])
-    sent = sorted(normalised(b, literal_to_conditional) for b in fake.transactions)
+            literal = response_entry["response"]["location"].split("/_history")[0]
+            literal_to_conditional[literal] = conditional_reference(resource["resourceType"], ident["system"],
+                                                                    ident["value"])
+    sent = sorted(normalised(b, literal_to_conditional) for b in sent_transactions(rsps))
     written = sorted(normalised(b, {}) for b in mapped)
     assert len(sent) == len(written) == summary.write_requests
     assert sent == written

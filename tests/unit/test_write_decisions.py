@@ -28,7 +28,7 @@ from connector.write.decisions import (
     step_after_failure,
     write_plan,
 )
-from tests.unit.fakefhir import capability_statement
+from tests.unit.fhir_answers import capability_statement
 
 CTX = MappingContext(program_id="demo", program_name="Demo", base_url="https://p.example", mrn_system="urn:mrn")
 NOW = datetime(2026, 7, 1, tzinfo=UTC)

@@ -1,16 +1,22 @@
-"""The writer's paths against an in-memory FHIR server (tests/unit/fakefhir.py): what lands, what is split,
-deferred, quarantined, voided, moved or left pending, and what the ledger says afterwards."""
+"""The writer's paths over `responses`: per test, the requests the writer is expected to make, each answered with
+a canned, HAPI-like answer (tests/unit/fhir_answers.py). What lands, what is split, deferred, quarantined,
+voided, moved or left pending: asserted on what the writer sent, on the ledger and on the counts."""
 
 from __future__ import annotations
 
 import csv
+import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import responses
+from requests import PreparedRequest
+from responses import matchers
 
 from connector.errors import ExitCode, ServerUnavailableError
 from connector.map import MappingContext
@@ -18,11 +24,27 @@ from connector.plan.ledger import Ledger, UnitState
 from connector.read.profile import load_profile
 from connector.run import RunSummary, Syncer, SyncOptions
 from connector.server.client import FhirClient, FhirHttpError, RetryPolicy
-from tests.unit.fakefhir import BASE, FakeFhir, capability_statement, outcome
+from tests.unit.fhir_answers import (
+    BASE,
+    Bundle,
+    Refusal,
+    answer_transactions,
+    as_stored,
+    capability_statement,
+    landed,
+    outcome,
+    patient,
+    reply,
+    searchset,
+    sent_transactions,
+    transaction_response,
+)
 
 PROFILE = load_profile("peersync-template")
+CTX = MappingContext.from_profile(PROFILE)
 FAST = RetryPolicy(attempts=0, backoff_factor=0.0, backoff_max=0.0, jitter=0.0, retry_after_cap=0.0)
 CLOCK = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
+FHIR_JSON = "application/fhir+json"
 
 SUPPORTERS = [["staff_id", "given_name", "family_name", "title"], ["S1", "Ana", "Lopez", "promotora"]]
 CONTACT_HEADER = ["contact_id", "enrollment_id", "supporter_id", "contact_datetime", "mode", "support_types", "notes",
@@ -59,8 +81,8 @@ class Program:
     def options(self, **overrides: Any) -> SyncOptions:
         values: dict[str, Any] = {"concurrency": 1, "max_bundle_entries": 100, "write_mode": "auto"}
         values.update(overrides)
-        return SyncOptions(profile=PROFILE, inputs=[self.inputs], ledger_path=self.ledger,
-                           ctx=MappingContext.from_profile(PROFILE), rejects_dir=self.root / "rejects", **values)
+        return SyncOptions(profile=PROFILE, inputs=[self.inputs], ledger_path=self.ledger, ctx=CTX,
+                           rejects_dir=self.root / "rejects", **values)
 
     def sync(self, **overrides: Any) -> RunSummary:
         syncer = Syncer(self.options(**overrides), FhirClient(BASE, retry=FAST), clock=lambda: CLOCK)
@@ -78,7 +100,8 @@ class Program:
 
 @pytest.fixture
 def rsps() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+    # Every registered answer must be asked for: a test registers exactly the requests it expects.
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
         yield mock
 
 
@@ -87,28 +110,103 @@ def program(tmp_path: Path) -> Program:
     return Program(tmp_path)
 
 
-def communications_with(bundle: dict[str, Any], contact_id: str) -> bool:
+# -- canned answers for these tests -------------------------------------------------------------------------------
+
+
+def answer_metadata(rsps: responses.RequestsMock, **switches: bool) -> None:
+    rsps.add(responses.GET, f"{BASE}/metadata", body=json.dumps(capability_statement(**switches)),
+             content_type=FHIR_JSON)
+
+
+def answer_patient_search(rsps: responses.RequestsMock, mrn: str, patient_id: str | None) -> None:
+    """The Patient search by one MRN: one match, or (patient_id None) an empty searchset."""
+    found = [patient(patient_id, CTX.mrn_system, mrn)] if patient_id else []
+    rsps.add(responses.GET, f"{BASE}/Patient", body=json.dumps(searchset(found)), content_type=FHIR_JSON,
+             match=[matchers.query_param_matcher({"identifier": f"{CTX.mrn_system}|{mrn}"})])
+
+
+def answer_first_sync(rsps: responses.RequestsMock, **switches: bool) -> None:
+    """A server that knows MRN1 (p1) and MRN2 (p2) and takes every transaction."""
+    answer_metadata(rsps, **switches)
+    answer_patient_search(rsps, "MRN1", "p1")
+    answer_patient_search(rsps, "MRN2", "p2")
+    rsps.add_callback(responses.POST, f"{BASE}/", callback=answer_transactions())
+
+
+def refusing(rsps: responses.RequestsMock, refuse: Any) -> None:
+    """From now on transactions are answered by ``answer_transactions(refuse)``."""
+    rsps.remove(responses.POST, f"{BASE}/")
+    rsps.add_callback(responses.POST, f"{BASE}/", callback=answer_transactions(refuse))
+
+
+def requests_made(rsps: responses.RequestsMock, since: int = 0) -> list[str]:
+    """'METHOD path?query' of every request from call number ``since`` on, the base stripped."""
+    return [f"{c.request.method} {c.request.url.removeprefix(BASE)}" for c in list(rsps.calls)[since:]]
+
+
+def communications_with(bundle: Bundle, contact_id: str) -> bool:
     return any(e["resource"]["resourceType"] == "Communication"
                and e["resource"]["identifier"][0]["value"].endswith(contact_id) for e in bundle["entry"])
 
 
+def contacts_in(bundle: Bundle) -> list[str]:
+    return sorted(e["resource"]["identifier"][0]["value"].rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+                  for e in bundle["entry"] if e["resource"]["resourceType"] == "Communication")
+
+
+def resources_on_server(rsps: responses.RequestsMock) -> dict[str, dict[str, Any]]:
+    """'Type/id' -> the resource as a read returns it, for every resource a transaction-response confirmed."""
+    stored = {}
+    for request_entry, response_entry in landed(rsps):
+        resource_type, resource_id, _history, version = response_entry["response"]["location"].split("/")
+        stored[f"{resource_type}/{resource_id}"] = as_stored(request_entry["resource"], resource_id, int(version))
+    return stored
+
+
+def location_of(rsps: responses.RequestsMock, resource_type: str, contact_id: str) -> str:
+    (location,) = {a["response"]["location"].rsplit("/_history", 1)[0] for e, a in landed(rsps)
+                   if e["resource"]["resourceType"] == resource_type
+                   and e["resource"]["identifier"][0]["value"].endswith(contact_id)}
+    return location
+
+
+# -- first syncs, bisection, deferral ------------------------------------------------------------------------------
+
+
 def test_a_first_sync_creates_everything_in_one_transaction_per_participant(rsps: responses.RequestsMock,
                                                                             program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2"})
+    answer_first_sync(rsps)
     summary = program.sync()
     assert (summary.exit_code, summary.outcome) == (0, "ok")
     assert summary.counts["created"] == 1 + 1 + 2 + 6  # program, supporter, 2 enrollments, 6 contacts
-    assert len(fake.transactions) == 3  # program-wide, E1, E2
-    assert len(fake.of_type("Communication")) == 6 and len(fake.of_type("Provenance")) == 3
-    assert {c["subject"]["reference"] for c in fake.of_type("Communication")} == {"Patient/p1", "Patient/p2"}
-    assert program.sync().counts["unchanged"] == 10 and len(fake.transactions) == 3  # nothing to send
+    mrn = CTX.mrn_system.replace(":", "%3A")
+    assert requests_made(rsps) == ["GET /metadata", "POST /",  # program-wide: program and supporter
+                                   f"GET /Patient?identifier={mrn}%7CMRN1", "POST /",
+                                   f"GET /Patient?identifier={mrn}%7CMRN2", "POST /"]
+    program_wide, e1, e2 = sent_transactions(rsps)
+    assert (contacts_in(e1), contacts_in(e2)) == (["C1", "C3", "C5"], ["C2", "C4", "C6"])
+    for bundle in (program_wide, e1, e2):
+        assert bundle["type"] == "transaction"
+        *writes, provenance = bundle["entry"]
+        assert all(e["request"]["method"] == "PUT" and "?identifier=" in e["request"]["url"] for e in writes)
+        assert provenance["request"]["method"] == "POST" and provenance["request"]["ifNoneExist"].startswith("_tag=")
+    assert {e["resource"]["subject"]["reference"] for e in e1["entry"]
+            if e["resource"]["resourceType"] == "Communication"} == {"Patient/p1"}
+    with Ledger(program.ledger) as ledger:
+        assert program.unit_state("contact:C1") == UnitState.SENT
+        (communication,) = ledger.resources_of("contact:C1")
+    assert f"Communication/{communication.server_id}" == location_of(rsps, "Communication", "C1")
+
+    calls = len(rsps.calls)
+    assert program.sync().counts["unchanged"] == 10
+    assert requests_made(rsps, calls) == []  # nothing to send, nothing asked
 
 
 def test_a_rejected_unit_is_isolated_by_bisection_and_the_rest_lands(rsps: responses.RequestsMock,
                                                                      program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2"})
-    fake.fail = lambda bundle: (422, outcome("processing", "HAPI-0450: bad element")) \
-        if communications_with(bundle, "C3") else None
+    answer_first_sync(rsps)
+    refusing(rsps, lambda bundle: (422, outcome("processing", "HAPI-0450: Failed to parse request body"))
+             if communications_with(bundle, "C3") else None)
     summary = program.sync()
     assert (summary.exit_code, summary.outcome) == (int(ExitCode.RECORDS_REJECTED), "partial")
     assert summary.counts["quarantined"] == 1 and summary.counts["created"] == 9
@@ -116,168 +214,267 @@ def test_a_rejected_unit_is_isolated_by_bisection_and_the_rest_lands(rsps: respo
     assert program.unit_state("contact:C1") == UnitState.SENT
     # E1's units: the enrollment (CarePlan, CareTeam), C1, C3, C5. Split into [enrollment, C1] and [C3, C5], then
     # [C3] and [C5]: resources per transaction, the Provenance aside.
-    e1 = [b for b in fake.transactions if b["entry"][0]["resource"]["resourceType"] in ("CarePlan", "Communication")
-          and not communications_with(b, "C2")]
+    e1 = [b for b in sent_transactions(rsps) if not communications_with(b, "C2")
+          and (contacts_in(b) or b["entry"][0]["resource"]["resourceType"] == "CarePlan")]
     assert [len(b["entry"]) - 1 for b in e1] == [5, 3, 2, 1, 1]
+    assert [contacts_in(b) for b in e1] == [["C1", "C3", "C5"], ["C1"], ["C3", "C5"], ["C3"], ["C5"]]
+    with Ledger(program.ledger) as ledger:
+        c3 = ledger.unit("contact:C3")
+    assert c3 is not None and "HAPI-0450" in (c3.detail or "")
 
 
 def test_a_unit_failing_only_on_an_unresolved_reference_is_deferred_then_lands(rsps: responses.RequestsMock,
                                                                                program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2"})
-    refused: list[int] = []
-
-    def unresolved_once(bundle: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
-        if communications_with(bundle, "C5") and not refused:
-            refused.append(1)
-            return 400, outcome("processing", "HAPI-1091: Invalid match URL: no resources match")
-        return None
-
-    fake.fail = unresolved_once
+    answer_metadata(rsps)
+    answer_patient_search(rsps, "MRN1", "p1")
+    answer_patient_search(rsps, "MRN2", "p2")
+    # The first transaction carrying C5 is refused: responses answers a request matching two registrations with
+    # the first one and drops it, so the next C5 transaction gets the general answer.
+    rsps.add(responses.POST, f"{BASE}/", status=400, content_type=FHIR_JSON, body=json.dumps(outcome(
+        "processing", "HAPI-1091: Invalid match URL \"CarePlan?identifier=x\" - No resources match this search")),
+        match=[lambda request: (communications_with(json.loads(request.body), "C5"), "carries C5")])
+    rsps.add_callback(responses.POST, f"{BASE}/", callback=answer_transactions())
     summary = program.sync(max_bundle_entries=1)  # every unit in its own transaction
     assert (summary.exit_code, summary.counts["quarantined"]) == (0, 0)
     assert program.unit_state("contact:C5") == UnitState.SENT
-    c5 = [b for b in fake.transactions if communications_with(b, "C5")]
-    assert len(c5) == 2 and fake.transactions[-1] is not c5[0]  # sent again after E1's other units
+    sent = sent_transactions(rsps)
+    c5 = [i for i, b in enumerate(sent) if communications_with(b, "C5")]
+    e1_units = [i for i, b in enumerate(sent) if communications_with(b, "C1") or communications_with(b, "C3")]
+    e2_units = [i for i, b in enumerate(sent) if communications_with(b, "C2")]
+    assert len(c5) == 2 and max(e1_units) < c5[1] < min(e2_units)  # again after E1's other units, before E2
 
 
 def test_an_unresolved_reference_in_the_deferred_pass_is_quarantined(rsps: responses.RequestsMock,
                                                                      program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2"})
-    fake.fail = lambda bundle: (400, outcome("processing", "HAPI-1094: Resource Goal/x not found")) \
-        if communications_with(bundle, "C5") else None
+    answer_first_sync(rsps)
+    refusing(rsps, lambda bundle: (400, outcome("processing", "HAPI-1094: Resource Goal/x not found, specified in "
+                                                "path: Communication.basedOn")) if communications_with(bundle, "C5")
+             else None)
     summary = program.sync(max_bundle_entries=1)
     assert summary.counts["quarantined"] == 1
-    assert len([b for b in fake.transactions if communications_with(b, "C5")]) == 2  # sent, deferred, quarantined
+    assert len([b for b in sent_transactions(rsps) if communications_with(b, "C5")]) == 2  # sent, deferred
     assert program.unit_state("contact:C5") == UnitState.QUARANTINED
+
+
+# -- refusals, review, outages -------------------------------------------------------------------------------------
 
 
 def test_a_server_that_cannot_take_transactions_ends_the_run(rsps: responses.RequestsMock,
                                                              program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2"})
-    fake.fail = lambda bundle: (405, outcome("not-supported", "transactions are disabled"))
-    with pytest.raises(FhirHttpError):
+    answer_metadata(rsps)
+    rsps.add(responses.POST, f"{BASE}/", status=405, content_type=FHIR_JSON,
+             body=json.dumps(outcome("not-supported", "HAPI-0389: Transaction processing is disabled")))
+    with pytest.raises(FhirHttpError) as raised:
         program.sync()
-    assert program.unit_state("program:" + MappingContext.from_profile(PROFILE).program_id) == UnitState.QUARANTINED
+    assert raised.value.status == 405
+    assert requests_made(rsps) == ["GET /metadata", "POST /"]  # no participant is tried after a fatal refusal
+    assert program.unit_state("program:" + CTX.program_id) == UnitState.QUARANTINED
 
 
 def test_a_participant_without_a_patient_goes_to_review(rsps: responses.RequestsMock, program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1"})
+    answer_metadata(rsps)
+    answer_patient_search(rsps, "MRN1", "p1")
+    answer_patient_search(rsps, "MRN2", None)
+    rsps.add_callback(responses.POST, f"{BASE}/", callback=answer_transactions())
     summary = program.sync()
     assert (summary.exit_code, summary.counts["in_review"]) == (int(ExitCode.RECORDS_REJECTED), 4)  # E2 + 3 contacts
     assert program.unit_state("contact:C2") == UnitState.REVIEW
     with Ledger(program.ledger) as ledger:
         assert [r["reason"] for r in ledger.reviews()] == ["patient-not-found"]
-    assert not any(communications_with(b, "C2") for b in fake.transactions)
+    assert len(sent_transactions(rsps)) == 2  # program-wide and E1; nothing of E2
+    assert not any(communications_with(b, "C2") for b in sent_transactions(rsps))
 
 
 def test_a_server_that_goes_down_leaves_the_rest_pending(rsps: responses.RequestsMock, program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2"})
-
-    def down_after_first_participant(bundle: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
-        if any(e["resource"]["resourceType"] == "Communication" for e in bundle["entry"]):
-            fake.down = True  # this transaction lands; every request after it gets 503
-        return None
-
-    fake.fail = down_after_first_participant
+    answer_metadata(rsps)
+    answer_patient_search(rsps, "MRN1", "p1")
+    # MRN2 is looked up twice: first while the server is down (503), then in the next run.
+    rsps.add(responses.GET, f"{BASE}/Patient", status=503, content_type=FHIR_JSON,
+             body=json.dumps(outcome("transient", "Service Unavailable")),
+             match=[matchers.query_param_matcher({"identifier": f"{CTX.mrn_system}|MRN2"})])
+    answer_patient_search(rsps, "MRN2", "p2")
+    rsps.add_callback(responses.POST, f"{BASE}/", callback=answer_transactions())
     with pytest.raises(ServerUnavailableError):
         program.sync()
     assert program.unit_state("contact:C1") == UnitState.SENT and program.unit_state("contact:C2") == UnitState.PENDING
     with Ledger(program.ledger) as ledger:
         (run,) = ledger.runs()
     assert run["exit_code"] == int(ExitCode.SERVER_UNAVAILABLE)
-    fake.down, fake.fail = False, None
+    assert len(sent_transactions(rsps)) == 2
+
     summary = program.sync()
     assert summary.exit_code == 0 and summary.counts["retried"] == 4  # E2, C2, C4, C6
-    assert len(fake.of_type("Communication")) == 6
+    assert contacts_in(sent_transactions(rsps)[-1]) == ["C2", "C4", "C6"]
 
 
-def void_transactions(fake: FakeFhir) -> list[dict[str, Any]]:
-    return [b for b in fake.transactions if any(e["request"]["url"].startswith("Communication/") for e in b["entry"])]
+# -- corrections: voids and moves ----------------------------------------------------------------------------------
+
+
+def is_void(bundle: Bundle) -> bool:
+    return any(e["request"]["url"].startswith("Communication/") for e in bundle["entry"])
 
 
 def test_a_record_gone_from_the_input_is_voided_with_one_provenance_even_when_the_answer_is_lost(
         rsps: responses.RequestsMock, program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2"})
+    answer_first_sync(rsps)
     program.sync()
+    c1 = location_of(rsps, "Communication", "C1")
+    as_written = resources_on_server(rsps)[c1]
     program.write(contacts=contacts([2, 3, 4, 5, 6]))  # C1 removed (1 of 6: under max_delete_fraction)
+    # The void reads C1 twice: before the void, and in the next run after the server committed it.
+    rsps.add(responses.GET, f"{BASE}/{c1}", body=json.dumps(as_written), content_type=FHIR_JSON)
+    rsps.add(responses.GET, f"{BASE}/{c1}", content_type=FHIR_JSON,
+             body=json.dumps(as_stored({**as_written, "status": "entered-in-error"}, c1.split("/")[1], 2)))
+    lost: list[Bundle] = []
 
-    def commit_then_lose_the_answer(bundle: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
-        if bundle in void_transactions(fake):
-            for entry in bundle["entry"]:
-                fake._entry(entry)  # the server commits...
-            fake.fail = None
-            return 502, outcome("transient", "bad gateway")  # ...and the answer never arrives
+    def commit_then_lose_the_answer(bundle: Bundle) -> Refusal | None:
+        if is_void(bundle) and not lost:
+            lost.append(bundle)
+            return 502, outcome("transient", "Bad Gateway")  # the server committed; the answer never arrives
         return None
 
-    fake.fail = commit_then_lose_the_answer
+    calls = len(rsps.calls)
+    refusing(rsps, commit_then_lose_the_answer)
     with pytest.raises(ServerUnavailableError):
         program.sync()
-    summary = program.sync()  # the void is sent again; its Provenance finds the first one
+    assert requests_made(rsps, calls) == ["GET /metadata", f"GET /{c1}", "POST /"]
+    assert program.unit_state("contact:C1") == UnitState.PENDING
+
+    summary = program.sync()  # the void is sent again, with the same Provenance condition
     assert summary.counts["deleted"] == 1 and summary.exit_code == 0
-    first, again = void_transactions(fake)
-    assert first == again  # the same change-set, the same condition
-    provenance = first["entry"][-1]
-    assert provenance["request"]["ifNoneExist"].startswith("_tag=")
+    first, again = [b for b in sent_transactions(rsps) if is_void(b)]
+    assert first == again  # the same change-set, the same condition: the server keeps one Provenance
+    voided, provenance = first["entry"]
+    assert (voided["request"], voided["resource"]["status"]) == ({"method": "PUT", "url": c1}, "entered-in-error")
+    assert "meta" not in voided["resource"]
+    tag = provenance["resource"]["meta"]["tag"][0]
+    assert (provenance["request"]["method"], provenance["request"]["url"]) == ("POST", "Provenance")
+    assert unquote(provenance["request"]["ifNoneExist"]) == f"_tag={tag['system']}|{tag['code']}"
     assert provenance["resource"]["activity"]["coding"][0]["code"] == "NULLIFY"
-    tag = provenance["resource"]["meta"]["tag"][0]["code"]
-    assert len([p for p in fake.of_type("Provenance") if p["meta"]["tag"][0]["code"] == tag]) == 1
-    voided = [c for c in fake.of_type("Communication") if c["identifier"][0]["value"].endswith("C1")]
-    assert [c["status"] for c in voided] == ["entered-in-error"]
+    assert provenance["resource"]["target"] == [{"reference": c1}]
     assert program.unit_state("contact:C1") == UnitState.SENT
     with Ledger(program.ledger) as ledger:
         assert ledger.unit("contact:C1").voided  # type: ignore[union-attr]
 
 
 def test_a_void_the_server_refuses_is_quarantined(rsps: responses.RequestsMock, program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2"})
+    answer_first_sync(rsps)
     program.sync()
+    c1 = location_of(rsps, "Communication", "C1")
+    rsps.add(responses.GET, f"{BASE}/{c1}", body=json.dumps(resources_on_server(rsps)[c1]), content_type=FHIR_JSON)
     program.write(contacts=contacts([2, 3, 4, 5, 6]))
-    fake.fail = lambda bundle: (422, outcome("processing", "HAPI-0450: refused")) \
-        if bundle in void_transactions(fake) else None
+    refusing(rsps, lambda bundle: (422, outcome("processing", "HAPI-0450: Failed to parse request body"))
+             if is_void(bundle) else None)
     summary = program.sync()
     assert summary.counts["quarantined"] == 1 and program.unit_state("contact:C1") == UnitState.QUARANTINED
+    with Ledger(program.ledger) as ledger:
+        unit = ledger.unit("contact:C1")
+    assert unit is not None and not unit.voided and "void failed: HTTP 422" in (unit.detail or "")
 
 
 def test_a_record_moved_to_another_patient_retires_the_old_resources(rsps: responses.RequestsMock,
                                                                      program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2", "MRN9": "p9"})
+    answer_first_sync(rsps)
     program.sync()
+    on_server = resources_on_server(rsps)
+    e1_resources = {path: r for path, r in on_server.items()
+                    if r.get("subject", r.get("patient", {})).get("reference") == "Patient/p1"}
     program.write(contacts=contacts([1, 2, 3, 4, 5, 6]), mrns={"E1": "MRN9", "E2": "MRN2"})
+    answer_patient_search(rsps, "MRN9", "p9")
+    for path, resource in e1_resources.items():  # each old resource is read, then updated by id
+        rsps.add(responses.GET, f"{BASE}/{path}", body=json.dumps(resource), content_type=FHIR_JSON)
+
+    def updated(request: PreparedRequest) -> tuple[int, dict[str, str], str]:
+        body = json.loads(request.body or b"{}")
+        return reply(200, as_stored(body, body["id"], 2))
+
+    rsps.add_callback(responses.PUT, re.compile(rf"{re.escape(BASE)}/\w+/\d+$"), callback=updated)
+    calls = len(rsps.calls)
     summary = program.sync()
     assert summary.exit_code == 0
-    c1 = [c for c in fake.of_type("Communication") if c["identifier"][0]["value"].endswith("C1")]
-    old, new = sorted(c1, key=lambda c: c["subject"]["reference"])
-    assert (old["subject"]["reference"], old["status"]) == ("Patient/p1", "entered-in-error")
-    assert "retired" in old["identifier"][0]["system"]
-    assert new["subject"]["reference"] == "Patient/p9" and new["status"] != "entered-in-error"
+
+    puts = {c.request.url.removeprefix(f"{BASE}/"): json.loads(c.request.body) for c in list(rsps.calls)[calls:]
+            if c.request.method == "PUT"}
+    assert set(puts) == set(e1_resources) and len(puts) >= 5  # CarePlan, CareTeam, C1, C3, C5 at least
+    old_c1 = puts[location_of(rsps, "Communication", "C1")]
+    assert (old_c1["subject"]["reference"], old_c1["status"]) == ("Patient/p1", "entered-in-error")
+    assert "retired" in old_c1["identifier"][0]["system"] and "meta" not in old_c1
+    (moved,) = sent_transactions(rsps)[3:]
+    new_c1 = next(e for e in moved["entry"] if communications_with({"entry": [e]}, "C1"))
+    assert new_c1["resource"]["subject"]["reference"] == "Patient/p9"
+    assert new_c1["request"]["url"].startswith("Communication?identifier=")
+    assert "retired" not in new_c1["request"]["url"]
+    with Ledger(program.ledger) as ledger:
+        assert ledger.unit("contact:C1").patient_id == "p9"  # type: ignore[union-attr]
+
+
+# -- what the writer adapts to ---------------------------------------------------------------------------------
 
 
 def test_without_conditional_update_the_writer_searches_then_writes_by_id(rsps: responses.RequestsMock,
                                                                           program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2"},
-                    statement=capability_statement(conditional_update=False))
-    assert program.sync().counts["created"] == 10
-    assert {e["request"]["method"] for b in fake.transactions for e in b["entry"]} == {"POST"}
+    answer_first_sync(rsps, conditional_update=False)
+    existing_c1 = {"resourceType": "Communication", "id": "4711", "meta": {"versionId": "3"}, "status": "completed"}
+
+    def identifier_search(request: PreparedRequest) -> tuple[int, dict[str, str], str]:
+        # The server already holds C1's Communication (e.g. an earlier ledger was lost); nothing else.
+        c1 = "Communication?" in (request.url or "") and (request.url or "").endswith("C1")
+        return reply(200, searchset([existing_c1] if c1 else []))
+
+    rsps.add_callback(responses.GET, re.compile(rf"{re.escape(BASE)}/(?!Patient\?)\w+\?identifier=.+"),
+                      callback=identifier_search)
+    summary = program.sync()
+    assert (summary.counts["created"], summary.counts["updated"]) == (9, 1)
+    searched = [r for r in requests_made(rsps) if "?identifier=" in r and "/Patient?" not in r]
+    writes = [e for b in sent_transactions(rsps) for e in b["entry"] if e["resource"]["resourceType"] != "Provenance"]
+    assert len(searched) == len(writes)  # one search per resource, none for the Provenance
+    assert [e["request"] for e in writes if communications_with({"entry": [e]}, "C1")] == [
+        {"method": "PUT", "url": "Communication/4711"}]
+    assert {e["request"]["method"] for e in writes if not communications_with({"entry": [e]}, "C1")} == {"POST"}
+
     program.write(contacts=contacts([1, 2, 3, 4, 5, 6], note="edited"))
-    fake.transactions.clear()
+    calls = len(rsps.calls)
     summary = program.sync()
     assert summary.counts["updated"] == 6
-    methods = {(e["resource"]["resourceType"], e["request"]["method"]) for b in fake.transactions for e in b["entry"]}
-    assert ("Communication", "PUT") in methods and ("Communication", "POST") not in methods
-    assert len(fake.of_type("Communication")) == 6  # found by identifier: no duplicates
+    assert not [r for r in requests_made(rsps, calls) if "?identifier=" in r and "/Patient?" not in r]  # ids known
+    resent = [e for b in sent_transactions(rsps)[3:] for e in b["entry"]
+              if e["resource"]["resourceType"] == "Communication"]
+    assert {e["request"]["url"] for e in resent} == {location_of(rsps, "Communication", f"C{i}") for i in range(1, 7)}
+    assert all(e["request"]["method"] == "PUT" and e["resource"]["id"] == e["request"]["url"].split("/")[1]
+               for e in resent)
 
 
 def test_a_server_without_conditional_create_on_provenance_gets_a_plain_post(rsps: responses.RequestsMock,
                                                                               program: Program) -> None:
-    fake = FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2"},
-                    statement=capability_statement(provenance_conditional_create=False))
+    answer_first_sync(rsps, provenance_conditional_create=False)
     program.sync()
-    provenance_requests = [b["entry"][-1]["request"] for b in fake.transactions]
-    assert provenance_requests and all("ifNoneExist" not in r for r in provenance_requests)
+    provenance_requests = [b["entry"][-1]["request"] for b in sent_transactions(rsps)]
+    assert provenance_requests == [{"method": "POST", "url": "Provenance"}] * 3
 
 
 def test_write_mode_conditional_does_not_read_the_capability_statement(rsps: responses.RequestsMock,
                                                                        program: Program) -> None:
-    FakeFhir(rsps, patients={"MRN1": "p1", "MRN2": "p2"}, statement=capability_statement(conditional_update=False))
+    answer_patient_search(rsps, "MRN1", "p1")
+    answer_patient_search(rsps, "MRN2", "p2")
+    rsps.add_callback(responses.POST, f"{BASE}/", callback=answer_transactions())
     assert program.sync(write_mode="conditional").exit_code == 0
-    assert not [c for c in rsps.calls if c.request.url.endswith("/metadata")]
+    assert "GET /metadata" not in requests_made(rsps)
+    assert all("?identifier=" in e["request"]["url"] for b in sent_transactions(rsps) for e in b["entry"][:-1])
+
+
+def test_every_transaction_answer_has_one_located_entry_per_request_entry() -> None:
+    """The canned answers are shaped as the writer's response check expects of a real server."""
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Goal"},
+         "request": {"method": "PUT", "url": "Goal?identifier=s%7Cv"}},
+        {"fullUrl": "urn:uuid:2", "resource": {"resourceType": "Communication"},
+         "request": {"method": "PUT", "url": "Communication/77"}},
+        {"fullUrl": "urn:uuid:3", "resource": {"resourceType": "Provenance"},
+         "request": {"method": "POST", "url": "Provenance", "ifNoneExist": "_tag=s|c"}}]}
+    answer = transaction_response(bundle)
+    assert answer["type"] == "transaction-response" and len(answer["entry"]) == 3
+    goal, communication, provenance = (e["response"] for e in answer["entry"])
+    assert goal["status"] == "201 Created" and re.fullmatch(r"Goal/\d+/_history/1", goal["location"])
+    assert communication == {**communication, "status": "200 OK", "location": "Communication/77/_history/2"}
+    assert re.fullmatch(r"Provenance/\d+/_history/1", provenance["location"])
+    assert transaction_response(bundle) == answer  # the same request, the same ids
