@@ -242,8 +242,9 @@ class Writer:
         A single unit that fails only on an unresolved reference is appended to ``deferred`` (when given)
         instead of being quarantined: its target may land later in the same run.
         """
-        built = self._build(ledger, units, patient, author)
         try:
+            # Building may search (search-then-write): two matches there are a duplicate on the server (review).
+            built = self._build(ledger, units, patient, author)
             answer = self.client.send_transaction(built.bundle)
         except FhirHttpError as exc:
             # The builder rewrote references in copies: the units are as mapped, ready to be sent again.

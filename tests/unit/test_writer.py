@@ -444,6 +444,26 @@ def test_without_conditional_update_the_writer_searches_then_writes_by_id(rsps: 
                for e in resent)
 
 
+def test_two_matches_for_one_identifier_in_search_then_write_go_to_review(rsps: responses.RequestsMock,
+                                                                         program: Program) -> None:
+    answer_first_sync(rsps, conditional_update=False)
+    twins = [{"resourceType": "Communication", "id": i, "status": "completed"} for i in ("4711", "4712")]
+
+    def identifier_search(request: PreparedRequest) -> tuple[int, dict[str, str], str]:
+        # The server holds two Communications with C1's identifier (someone else created a copy).
+        c1 = "Communication?" in (request.url or "") and (request.url or "").endswith("C1")
+        return reply(200, searchset(twins if c1 else []))
+
+    rsps.add_callback(responses.GET, re.compile(rf"{re.escape(BASE)}/(?!Patient\?)\w+\?identifier=.+"),
+                      callback=identifier_search)
+    summary = program.sync()
+    assert summary.counts["in_review"] == 1 and summary.counts["pending"] == 0
+    assert summary.counts["created"] == 9  # the participant's other records still land
+    with Ledger(program.ledger) as ledger:
+        (entry,) = [r for r in ledger.reviews() if r["reason"] == "duplicate-on-server"]
+    assert entry["subject"] == "contact:C1"
+
+
 def test_a_server_without_conditional_create_on_provenance_gets_a_plain_post(rsps: responses.RequestsMock,
                                                                               program: Program) -> None:
     answer_first_sync(rsps, provenance_conditional_create=False)
