@@ -328,7 +328,8 @@ class Ledger:
             args += (sample,)
         with self._lock:
             rows = self.db.execute(query, args).fetchall()
-        return [SentResource(*row[:6], bool(row[6])) for row in rows]
+        return [SentResource(unit_key, resource_type, system, value, server_id, version, bool(retracted))
+                for unit_key, resource_type, system, value, server_id, version, retracted in rows]
 
     def mark_drifted(self, unit_keys: list[str], missing: list[tuple[str, str, str]], *, detail: str,
                      run_id: str) -> int:
