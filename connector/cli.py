@@ -700,6 +700,9 @@ def verify(config_path: Path | None, repair: bool, as_json: bool) -> None:
     from connector.wiring import build_client, sync_options
 
     settings = _settings(config_path)
+    if not settings.sync.ledger.is_file():
+        _fail(f"no ledger at {settings.sync.ledger}: nothing was sent with this configuration, so there is nothing "
+              "to verify (check sync.ledger)", ExitCode.CONFIG_ERROR)
     client = build_client(settings)
     with LedgerLock(settings.sync.ledger), Ledger(settings.sync.ledger) as ledger:
         report = verify_ledger(client, ledger)

@@ -282,3 +282,9 @@ def test_verify_repair_with_nothing_drifted_sends_nothing(cfg: Path, fake_syncer
         goals_on_server(rsps, "1")
         result = run("verify", "--config", str(cfg), "--repair")
     assert result.exit_code == 0 and "repair: 0 record(s) marked" in result.output
+
+
+def test_verify_without_a_ledger_is_a_configuration_error(cfg: Path) -> None:
+    result = run("verify", "--config", str(cfg))
+    assert result.exit_code == 78 and "no ledger at" in result.output
+    assert not (cfg.parent / "state" / "ledger.sqlite").exists()  # not created by looking
