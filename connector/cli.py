@@ -820,6 +820,73 @@ def landed(config_path: Path | None, as_json: bool) -> None:
         click.echo(f"  {row['resource_type']:<22}{row['kind']:<18}{row['total']:>8}{row['entered_in_error']:>18}")
 
 
+@main.command()
+@config_option
+@click.option("--repair", is_flag=True,
+              help="Then re-send what is missing or changed on the server (a normal sync of exactly those records).")
+@json_option
+@logging_options
+@translate_errors
+def verify(config_path: Path | None, repair: bool, as_json: bool) -> None:
+    """Read back what the ledger says the server confirmed, and report per resource type: identical, changed on
+    the server (another version), or missing (deleted on the server). Takes the ledger lock.
+
+    Exit codes: 0 all identical; 65 drift found (with --repair: the repair sync's own exit code); 69 server
+    unavailable; 75 another run holds the lock; 77 auth; 78 config.
+    """
+    from connector.ops.verify import mark_for_repair, verify_ledger
+    from connector.plan.ledger import Ledger
+    from connector.run import LedgerLock, Syncer
+    from connector.wiring import build_client, sync_options
+
+    settings = _settings(config_path)
+    if not settings.sync.ledger.is_file():
+        _fail(f"no ledger at {settings.sync.ledger}: nothing was sent with this configuration, so there is nothing "
+              "to verify (check sync.ledger)", ExitCode.CONFIG_ERROR)
+    client = build_client(settings)
+    with LedgerLock(settings.sync.ledger), Ledger(settings.sync.ledger) as ledger:
+        report = verify_ledger(client, ledger)
+        marked = mark_for_repair(ledger, report, run_id=RUN_ID.get()) if repair and report.drifted else 0
+    result: dict[str, Any] = {"verify": report.as_dict()}
+    exit_code = report.exit_code()
+    if marked:
+        summary = Syncer(sync_options(settings), build_client(settings)).run(RUN_ID.get())
+        _write_metrics(settings, summary.as_dict())
+        result["repair"] = {"marked": marked} | summary.as_dict()
+        exit_code = summary.exit_code
+    elif repair:
+        result["repair"] = {"marked": 0}
+        exit_code = int(ExitCode.OK)
+    if as_json:
+        _echo_json(result)
+    else:
+        _print_verify(result)
+    sys.exit(exit_code)
+
+
+def _print_verify(result: dict[str, Any]) -> None:
+    report = result["verify"]
+    click.echo(f"{'resource type':<22}{'identical':>11}{'changed':>9}{'missing':>9}")
+    for resource_type, counts in report["resources"].items():
+        click.echo(f"{resource_type:<22}{counts['identical']:>11}{counts['changed']:>9}{counts['missing']:>9}")
+    totals = report["totals"]
+    click.echo(f"{'total':<22}{totals['identical']:>11}{totals['changed']:>9}{totals['missing']:>9}"
+               f"  ({report['requests']} requests)")
+    for finding in report["drifted"][:20]:
+        click.echo(f"  {finding['drift']:<8} {finding['resource_type']}/{finding['server_id']} "
+                   f"({finding['unit']}): {finding['why']}")
+    if len(report["drifted"]) > 20:
+        click.echo(f"  ... and {len(report['drifted']) - 20} more (--json lists all)")
+    repair = result.get("repair")
+    if repair is None:
+        if report["drifted"]:
+            click.echo(f"{len(report['drifted_units'])} record(s) drifted: run peersync verify --repair to re-send them")
+        return
+    click.echo(f"repair: {repair['marked']} record(s) marked for re-sending")
+    if repair["marked"]:
+        _print_summary(repair)
+
+
 @main.group()
 def review() -> None:
     """The review queue: participants whose Patient was not found or is ambiguous, duplicates on the server."""

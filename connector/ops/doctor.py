@@ -53,6 +53,7 @@ READ_TYPES = frozenset({"Goal", "CarePlan", "CareTeam", "Communication", "Commun
                         "Task", "Patient"})
 PROBE_VALUE = "peersync-doctor-probe"  # an MRN no clinic uses: the auth probe must match nothing
 CLOCK_SKEW_WARN_SECONDS = 60
+DRIFT_SAMPLE = 20  # ledger resources the doctor reads back (a handful of batched searches)
 _SECRET_FIELDS = (("password", "password_file", "password"), ("token", "token_file", "bearer token"),
                   ("client_secret", "client_secret_file", "client secret"),
                   ("private_key", "private_key_file", "private key"))
@@ -503,6 +504,7 @@ def run_doctor(path: Path | None, environ: Mapping[str, str] | None = None, *, t
             _check_capabilities(report, Capabilities.parse(statement), settings.server.write_mode)
         if auth_ready:
             _check_probe(report, client, settings)
+            _check_ledger_on_server(report, client, settings.sync.ledger)
     _check_lock(report, settings.sync.ledger)
     return report
 
@@ -728,6 +730,42 @@ def _check_probe(report: Report, client: Any, settings: Any) -> None:
                    "grant search on Patient (system/Patient.rs) to this client", exc.exit_code)
         return
     report.add("auth.probe", Status.PASS, "an authenticated Patient search by MRN works")
+
+
+def _check_ledger_on_server(report: Report, client: Any, ledger_path: Path) -> None:
+    """A random sample of what the ledger says the server confirmed, read back (the machinery of verify): a
+    server restored from a backup or a refreshed test EHR lost them, and every sync would otherwise "succeed"."""
+    from connector.ops.verify import Drift, verify
+    from connector.plan.ledger import Ledger
+
+    name = "ledger.server"
+    ledger_check = next((c for c in report.checks if c.name == "ledger"), None)
+    if not ledger_path.is_file() or ledger_check is None or ledger_check.status is not Status.PASS:
+        return  # no ledger yet, or the ledger check already said what is wrong with it
+    try:
+        with Ledger(ledger_path) as ledger:
+            sample = ledger.sent_resources(sample=DRIFT_SAMPLE)
+        found = verify(client, sample) if sample else None
+    except PeersyncError as exc:
+        report.add(name, Status.WARN, f"could not read back a sample of the ledger's resources: {exc}",
+                   "run peersync verify to see whether the server still has what peersync wrote")
+        return
+    if found is None:
+        report.add(name, Status.PASS, "nothing confirmed by the server yet")
+        return
+    totals = found.totals()
+    checked = len(sample)
+    if totals[Drift.MISSING]:
+        report.add(name, Status.FAIL, f"{totals[Drift.MISSING]} of {checked} sampled resources that the ledger says "
+                   "the server confirmed are missing on the server (restored from a backup? a refreshed test EHR?); "
+                   "syncs would not re-send them", "run peersync verify --repair (it re-sends exactly what is missing "
+                   "or changed, without duplicates)", ExitCode.RECORDS_REJECTED)
+    elif totals[Drift.CHANGED]:
+        report.add(name, Status.WARN, f"{totals[Drift.CHANGED]} of {checked} sampled resources were changed on the "
+                   "server since peersync wrote them", "run peersync verify to list them; peersync verify --repair "
+                   "writes the program's version again")
+    else:
+        report.add(name, Status.PASS, f"{checked} sampled resources of the ledger are on the server, unchanged")
 
 
 def _check_lock(report: Report, ledger: Path) -> None:

@@ -1,7 +1,7 @@
 """Run the benchmarks and print the table: ``python -m tests.bench.run [--quick] [--only SECTION,...]``.
 
-Sections: mapping (in-process, no server), first-sync and resync (the local HAPI server of tests/fhir-server,
-or PEERSYNC_TEST_FHIR_URL), first-sync-latency (the same first sync through Toxiproxy adding ~20 ms of round
+Sections: mapping (in-process, no server), first-sync, resync and verify (the local HAPI server of
+tests/fhir-server, or PEERSYNC_TEST_FHIR_URL; verify: tests/bench/drift.py), first-sync-latency (the same first sync through Toxiproxy adding ~20 ms of round
 trip in front of the local server; tests/bench/latency.py), first-sync-pinned (server-bound and peersync with
 the local server on one CPU and the benchmark on the other, as on separate machines), memory (child
 processes, no server). Every figure with a target is a ratio of two measurements of this run. Results also go
@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import latency, mapping, memory
+from . import drift, latency, mapping, memory
 from .common import (
     Row,
     dataset,
@@ -43,8 +43,8 @@ from .common import (
 )
 from .writes import post_bundles, prebuild_bundles, run_naive, run_peersync
 
-SECTIONS = ("mapping", "first-sync", "first-sync-latency", "first-sync-pinned", "resync", "memory")
-SERVER_SECTIONS = {"first-sync", "first-sync-latency", "first-sync-pinned", "resync"}
+SECTIONS = ("mapping", "first-sync", "first-sync-latency", "first-sync-pinned", "resync", "verify", "memory")
+SERVER_SECTIONS = {"first-sync", "first-sync-latency", "first-sync-pinned", "resync", "verify"}
 CONCURRENCY = 4  # peersync's sync concurrency and the server-bound loop's threads, in every write section
 # Up to this many participants, peersync and server-bound run twice each in the order A B B A (server-bound,
 # peersync, peersync, server-bound) and the faster run of each side counts: the server speeds up as its JIT
@@ -61,6 +61,7 @@ FULL = {
     "first-sync-latency": {"participants": 1000, "contacts": 0, "naive_participants": 200},
     "first-sync-pinned": 1000,  # participants; server-bound and peersync only
     "resync": (2000, 83_300),  # 100k source rows in all (contacts + enrollments, goals, notes, ...)
+    "verify": (2000, 83_300),  # the demo program, then the resync section's 100k-row program
     "memory": [10_000, 100_000, 1_000_000],
     "memory_participants": 1000,
 }
@@ -71,6 +72,7 @@ QUICK = {
     "first-sync-latency": {"participants": 100, "contacts": 0, "naive_participants": 30},
     "first-sync-pinned": 100,
     "resync": (200, 8300),
+    "verify": (200, 8300),
     "memory": [10_000, 100_000],
     "memory_participants": 1000,
 }
@@ -270,7 +272,23 @@ class Bench:
             "noop": vars(noop) | {"phases": getattr(noop_summary, "phases", {})},
             "changed": vars(changed) | {"phases": getattr(changed_summary, "phases", {})}}
 
-    # -- 5. memory ----------------------------------------------------------------------------------------
+    # -- 5. verify: its cost as a ratio to the first sync ---------------------------------------------------
+
+    def verify(self) -> None:
+        assert self.base_url
+        self.fresh_server()
+        self.log("verify: demo program")
+        demo = drift.sync_then_verify(drift.demo_program(self.base_url))
+        self.log(f"  {demo}")
+        data = dataset(*self.scales["verify"])
+        self.log(f"verify: {data.rows} rows")
+        self.fresh_server()
+        large = drift.sync_then_verify(new_program(data, self.base_url, "vf"))
+        self.log(f"  {large}")
+        self.results["verify"] = [{"program": "demo program", "rows": None} | demo,
+                                  {"program": f"{data.rows // 1000}k source rows", "rows": data.rows} | large]
+
+    # -- 6. memory ----------------------------------------------------------------------------------------
 
     def memory(self) -> None:
         results = []
@@ -353,6 +371,14 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
                 f"{changed['seconds']:,.1f} s, {changed['write_requests']:,} writes",
                 f"{changed['seconds'] / first['seconds']:.1%} of first, "
                 f"{changed['seconds'] / noop['seconds']:.1f}× no-op"),
+        ]
+    for run in results.get("verify", []):
+        first, check = run["first_sync"], run["verify"]
+        section = f"verify, {run['program']} ({check['resources']:,} res)"
+        rows += [
+            Row(section, "first sync", f"{first['seconds']:,.1f} s", f"{first['requests']:,} requests"),
+            Row(section, "verify (read back every resource)", f"{check['seconds']:,.1f} s, {check['requests']:,} "
+                "requests", f"{check['seconds'] / first['seconds']:.1%} of first sync"),
         ]
     mem = results.get("memory", [])
     for command in ("plan", "map"):

@@ -219,3 +219,72 @@ def test_a_resolved_participant_closes_its_review_in_the_same_write(tmp_path: Pa
         assert [r["subject"] for r in ledger.reviews()] == ["participant:E2"]
         assert [r["status"] for r in ledger.reviews(include_closed=True) if r["subject"] == "participant:E1"] == \
             ["resolved"]
+
+
+# -- verify ------------------------------------------------------------------------------------------------------
+
+VERIFY_BASE = "http://127.0.0.1:9/fhir"
+
+
+def sent_goals(cfg: Path, n: int) -> None:
+    with Ledger(cfg.parent / "state" / "ledger.sqlite") as ledger:
+        for i in range(n):
+            ledger.record_confirmed(f"goal:G{i}", kind="goal", participant="E1", unit_hash="h", voided=False,
+                                    patient_id="p", resources=[("Goal", "https://x/sid/goal", f"G{i}", str(i), "1")],
+                                    detail="201", run_id="r")
+
+
+def goals_on_server(rsps: responses.RequestsMock, *versions: str) -> None:
+    entries = [{"resource": {"resourceType": "Goal", "id": str(i), "meta": {"versionId": v}}}
+               for i, v in enumerate(versions)]
+    rsps.add(responses.GET, f"{VERIFY_BASE}/Goal", json={"resourceType": "Bundle", "type": "searchset",
+                                                         "entry": entries})
+
+
+def test_verify_all_identical_exits_0_with_a_table(cfg: Path) -> None:
+    sent_goals(cfg, 2)
+    with responses.RequestsMock() as rsps:
+        goals_on_server(rsps, "1", "1")
+        result = run("verify", "--config", str(cfg))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"Goal\s+2\s+0\s+0", result.output) and "(1 requests)" in result.output
+
+
+def test_verify_drift_exits_65_and_lists_it_in_json(cfg: Path) -> None:
+    sent_goals(cfg, 3)
+    with responses.RequestsMock() as rsps:
+        goals_on_server(rsps, "1", "2")  # Goal 1 edited, Goal 2 deleted
+        result = run("verify", "--config", str(cfg), "--json")
+    assert result.exit_code == 65
+    report = json.loads(result.stdout)["verify"]
+    assert report["totals"] == {"identical": 1, "changed": 1, "missing": 1}
+    assert report["drifted_units"] == ["goal:G1", "goal:G2"]
+    assert {d["drift"] for d in report["drifted"]} == {"changed", "missing"}
+
+
+def test_verify_repair_marks_the_drifted_records_then_syncs(cfg: Path, fake_syncer: type[FakeSyncer]) -> None:
+    sent_goals(cfg, 3)
+    with responses.RequestsMock() as rsps:
+        goals_on_server(rsps, "1", "2")
+        result = run("verify", "--config", str(cfg), "--json", "--repair")
+    out = json.loads(result.stdout)
+    assert out["repair"]["marked"] == 2 and out["repair"]["command"] == "sync"
+    assert result.exit_code == 65  # the (stand-in) repair sync's own exit code
+    with Ledger(cfg.parent / "state" / "ledger.sqlite") as ledger:
+        assert {u.unit_key for u in ledger.units_in_state("pending")} == {"goal:G1", "goal:G2"}
+        assert ledger.resources_of("goal:G2") == []  # missing: re-sent by identifier
+    assert metrics(cfg)["peersync_last_run_exit_code"] == 65
+
+
+def test_verify_repair_with_nothing_drifted_sends_nothing(cfg: Path, fake_syncer: type[FakeSyncer]) -> None:
+    sent_goals(cfg, 1)
+    with responses.RequestsMock() as rsps:
+        goals_on_server(rsps, "1")
+        result = run("verify", "--config", str(cfg), "--repair")
+    assert result.exit_code == 0 and "repair: 0 record(s) marked" in result.output
+
+
+def test_verify_without_a_ledger_is_a_configuration_error(cfg: Path) -> None:
+    result = run("verify", "--config", str(cfg))
+    assert result.exit_code == 78 and "no ledger at" in result.output
+    assert not (cfg.parent / "state" / "ledger.sqlite").exists()  # not created by looking

@@ -517,3 +517,52 @@ def test_a_read_only_wal_file_gets_the_permission_fix(tmp_path: Path, monkeypatc
         ledger.close()
     assert check.status is Status.FAIL and "ledger.sqlite-wal" in check.detail
     assert "do not move the ledger aside" in check.fix and "write access" in check.fix
+
+
+# -- ledger matches server (a sample read back, as peersync verify does) -------------------------------------
+
+
+def ledger_with_sent_goals(tmp_path: Path, n: int) -> None:
+    from connector.plan.ledger import Ledger
+
+    with Ledger(tmp_path / "state" / "ledger.sqlite") as ledger:
+        for i in range(n):
+            ledger.record_confirmed(f"goal:G{i}", kind="goal", participant="E1", unit_hash="h", voided=False,
+                                    patient_id="p", resources=[("Goal", "https://x/sid/goal", f"G{i}", str(i), "1")],
+                                    detail="201", run_id="r")
+
+
+def doctor_with_goals(tmp_path: Path, goals: list[dict[str, Any]]) -> Report:
+    path = config(tmp_path)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        stub_server(rsps)
+        rsps.add(responses.GET, f"{BASE}/Goal", json={"resourceType": "Bundle", "type": "searchset",
+                                                       "entry": [{"resource": g} for g in goals]})
+        return run_doctor(path)
+
+
+def goal(server_id: int, version: str = "1") -> dict[str, Any]:
+    return {"resourceType": "Goal", "id": str(server_id), "meta": {"versionId": version}}
+
+
+def test_doctor_passes_when_the_sampled_ledger_resources_are_on_the_server(tmp_path: Path) -> None:
+    ledger_with_sent_goals(tmp_path, 3)
+    check = one(doctor_with_goals(tmp_path, [goal(i) for i in range(3)]), "ledger.server")
+    assert check.status is Status.PASS and "3 sampled resources" in check.detail
+
+
+def test_doctor_fails_with_the_repair_advice_when_the_server_lost_what_the_ledger_says_it_has(tmp_path: Path) -> None:
+    ledger_with_sent_goals(tmp_path, 30)
+    report = doctor_with_goals(tmp_path, [])  # a restored or refreshed server: nothing of ours is there
+    check = one(report, "ledger.server")
+    assert check.status is Status.FAIL and "20 of 20 sampled resources" in check.detail
+    assert "peersync verify --repair" in check.fix
+    assert report.exit_code() == 65
+
+
+def test_doctor_warns_when_sampled_resources_were_edited_on_the_server(tmp_path: Path) -> None:
+    ledger_with_sent_goals(tmp_path, 2)
+    report = doctor_with_goals(tmp_path, [goal(0), goal(1, "2")])
+    check = one(report, "ledger.server")
+    assert check.status is Status.WARN and "1 of 2 sampled resources were changed" in check.detail
+    assert report.exit_code() == 0
