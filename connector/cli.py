@@ -880,7 +880,8 @@ def _print_verify(result: dict[str, Any]) -> None:
     repair = result.get("repair")
     if repair is None:
         if report["drifted"]:
-            click.echo(f"{len(report['drifted_units'])} record(s) drifted: run peersync verify --repair to re-send them")
+            click.echo(f"{len(report['drifted_units'])} record(s) drifted: "
+                       "run peersync verify --repair to re-send them")
         return
     click.echo(f"repair: {repair['marked']} record(s) marked for re-sending")
     if repair["marked"]:

@@ -118,7 +118,8 @@ def test_verify_reports_each_drift_exactly_and_repair_restores_it(tmp_path: Path
 
     code, after = verify(program)
     assert code == 0, after["verify"]["drifted"]
-    assert after["verify"]["totals"] == {"identical": clean["verify"]["totals"]["identical"], "changed": 0, "missing": 0}
+    identical = clean["verify"]["totals"]["identical"]
+    assert after["verify"]["totals"] == {"identical": identical, "changed": 0, "missing": 0}
     found_after = assert_clean_state(program, REVIEW)  # every identifier once: no duplicates; counts as expected
     restored = next(r for r in found_after[("Goal", f"goal|{goal.value}")])
     assert restored["lifecycleStatus"] == original["lifecycleStatus"]
