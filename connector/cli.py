@@ -563,13 +563,18 @@ def _print_validation(result: dict[str, Any]) -> None:
 @click.option("--accept-shape-change", is_flag=True,
               help="Confirm on purpose that the input lost a column or many rows since the last completed run: "
                    "write the record kinds the shape guard would hold, and remember the new shape.")
+@click.option("--exit-zero-on-data-problems", is_flag=True,
+              help="Exit 0 instead of 65 when the only problems are rejected, quarantined or in-review records "
+                   "(as [sync] data_problems_exit_zero = true); the metrics and the summary still count them.")
 @logging_options
 @translate_errors
-def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_shape_change: bool) -> None:
+def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_shape_change: bool,
+         exit_zero_on_data_problems: bool) -> None:
     """Push the program's records to the FHIR server: idempotent, incremental, safe to rerun at any time.
 
-    Exit codes: 0 all landed; 65 rows rejected, quarantined or in review (the rest landed); 69 server
-    unavailable (pending records are sent next run); 75 another run holds the lock; 77 auth; 78 config.
+    Exit codes: 0 all landed; 65 rows rejected, quarantined or in review (the rest landed), no input rows, or
+    deletions held (a truncated input); 69 server unavailable (pending records are sent next run); 75 another
+    run holds the lock; 77 auth; 78 config.
     A record kind whose input lost a column or more than sync.max_row_drop_fraction of its rows is held (not
     updated or voided; exit 65) until the export is fixed or --accept-shape-change confirms the change.
     With --json the summary is printed even when the run fails; [output] metrics_file is written after
@@ -579,13 +584,18 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_
     from connector.server.transport import redact_url
     from connector.wiring import build_client, sync_options
 
-    settings = _settings(config_path)
     started = datetime.now(UTC)
+    try:
+        settings = _settings(config_path)
+    except PeersyncError as exc:  # 78: the alert rules must see it even though the settings do not load
+        _write_metrics_of_broken_config(config_path, _failed_summary(None, exc, started))
+        raise
     syncer: Syncer | None = None
     bar: _ProgressBar | None = None
     try:
         opts = sync_options(settings)
         opts.accept_shape_change = opts.accept_shape_change or accept_shape_change
+        opts.data_problems_exit_zero = opts.data_problems_exit_zero or exit_zero_on_data_problems
         log.info("sync started: peersync %s, server %s, auth %s, profile %s, %d input path(s)", __version__,
                  redact_url(settings.server.base_url), settings.auth.mode, opts.profile.name, len(opts.inputs),
                  extra={"event": "run-started"})
@@ -602,6 +612,9 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_
         if as_json:
             _echo_json(failed)
         raise
+    except Exception:  # a bug (exit 1): the run's metrics still say so
+        _write_metrics(settings, _failed_summary(syncer.summary if syncer else None, None, started))
+        raise
     finally:
         if bar:
             bar.close()
@@ -614,18 +627,33 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_
     sys.exit(summary.exit_code)
 
 
-def _failed_summary(summary: RunSummary | None, exc: PeersyncError, started: datetime) -> dict[str, Any]:
-    """The summary of a run that raised: the run's own if it got as far as the ledger, else a minimal one."""
+def _failed_summary(summary: RunSummary | None, exc: PeersyncError | None, started: datetime) -> dict[str, Any]:
+    """The summary of a run that raised (``exc`` None: a bug, exit 1): the run's own if it got as far as the
+    ledger, else a minimal one."""
     from connector.run import RunSummary, outcome_of_error
 
     if summary is None or summary.outcome == "running":  # failed before the run was recorded (lock, auth...)
         now = datetime.now(UTC)
+        exit_code = int(exc.exit_code) if exc is not None else int(ExitCode.UNEXPECTED)
         summary = RunSummary(run_id=RUN_ID.get(), command="sync", started_at=started.isoformat(timespec="seconds"),
                              finished_at=now.isoformat(timespec="seconds"),
                              duration_s=(now - started).total_seconds(),
-                             outcome=outcome_of_error(int(exc.exit_code)), exit_code=int(exc.exit_code),
-                             error=str(exc))
+                             outcome=outcome_of_error(exit_code), exit_code=exit_code,
+                             error=str(exc) if exc is not None else "unexpected error")
     return summary.as_dict()
+
+
+def _write_metrics_of_broken_config(config_path: Path | None, summary: dict[str, Any]) -> None:
+    """The metrics of a run whose settings did not load, where the raw config or environment names the file."""
+    from connector.ops.metrics import metrics_file_of_broken_config, write_textfile
+
+    path = metrics_file_of_broken_config(config_path)
+    if path is None:
+        return
+    try:
+        write_textfile(path, summary)
+    except (OSError, PeersyncError) as exc:
+        _warn(f"could not write the metrics file {path}: {type(exc).__name__}")
 
 
 class _ProgressBar:
