@@ -41,6 +41,9 @@ class UnitState(StrEnum):
 
 # The hash a voided unit keeps: never equal to a content hash, so a record that comes back is re-sent.
 VOIDED_HASH = "deleted"
+# The hash of a unit whose resources drifted on the server (``peersync verify --repair``): never equal to a
+# content hash, so the next sync re-sends the unit (or voids it again, if it had left the source).
+DRIFTED_HASH = "drifted"
 
 
 def _v1(db: sqlite3.Connection) -> None:
@@ -168,6 +171,19 @@ class LedgerResource:
     value: str
     server_id: str
     version: str | None
+
+
+@dataclass(frozen=True)
+class SentResource:
+    """A resource of a unit the server confirmed: what ``peersync verify`` expects to find on the server."""
+
+    unit_key: str
+    resource_type: str
+    system: str
+    value: str
+    server_id: str | None
+    version: str | None
+    retracted: bool  # voided by peersync after its record left the source (its stored version predates the void)
 
 
 @dataclass(frozen=True)
@@ -332,6 +348,40 @@ class Ledger:
         with self.transaction() as db:
             db.execute("DELETE FROM resources WHERE resource_type=? AND system=? AND value=?",
                        (resource_type, system, value))
+
+    def sent_resources(self, *, sample: int | None = None) -> list[SentResource]:
+        """The resources of every unit in state sent, by type and server id; ``sample``: that many, at random."""
+        query = ("SELECT r.unit_key, r.resource_type, r.system, r.value, r.server_id, r.version, u.hash = ? "
+                 "FROM resources r JOIN units u ON u.unit_key = r.unit_key WHERE u.state = ? ")
+        args: tuple[Any, ...] = (VOIDED_HASH, UnitState.SENT)
+        if sample is None:
+            query += "ORDER BY r.resource_type, r.server_id"
+        else:
+            query += "ORDER BY random() LIMIT ?"
+            args += (sample,)
+        with self._lock:
+            rows = self.db.execute(query, args).fetchall()
+        return [SentResource(unit_key, resource_type, system, value, server_id, version, bool(retracted))
+                for unit_key, resource_type, system, value, server_id, version, retracted in rows]
+
+    def mark_drifted(self, unit_keys: list[str], missing: list[tuple[str, str, str]], *, detail: str,
+                     run_id: str) -> int:
+        """Units whose resources were changed or deleted on the server: the next sync re-sends them.
+
+        ``missing`` are (type, system, value) of resources the server no longer has: their rows are dropped, so
+        the re-send finds them by identifier and references to them are written as conditional references.
+        A unit voided after its record left the source is armed to be voided again. One transaction; returns
+        the number of units marked.
+        """
+        with self.transaction() as db:
+            db.executemany("DELETE FROM resources WHERE resource_type=? AND system=? AND value=?", missing)
+            marked = 0
+            for unit_key in unit_keys:
+                marked += db.execute(
+                    "UPDATE units SET voided = CASE WHEN hash = ? THEN 0 ELSE voided END, hash = ?, state = ?, "
+                    "detail = ?, updated_at = ?, run_id = ? WHERE unit_key = ?",
+                    (VOIDED_HASH, DRIFTED_HASH, UnitState.PENDING, detail, now_iso(), run_id, unit_key)).rowcount
+        return marked
 
     def is_settled(self, unit_key: str, unit_hash: str | None) -> bool:
         """True when the server already confirmed exactly this content for the unit."""
