@@ -856,11 +856,16 @@ def review() -> None:
 @review.command("list")
 @config_option
 @click.option("--all", "include_closed", is_flag=True, help="Include dismissed and resolved entries.")
+@click.option("--quarantined", is_flag=True,
+              help="List the records the server refused (quarantined) instead: opaque key, kind, reason codes.")
 @json_option
 @logging_options
 @translate_errors
-def review_list(config_path: Path | None, include_closed: bool, as_json: bool) -> None:
+def review_list(config_path: Path | None, include_closed: bool, quarantined: bool, as_json: bool) -> None:
     """List review entries (subjects are source ids; no patient data)."""
+    if quarantined:
+        _list_quarantined(config_path, as_json)
+        return
     with _ledger(config_path) as ledger:
         entries = ledger.reviews(include_closed=include_closed)
     if as_json:
@@ -874,12 +879,40 @@ def review_list(config_path: Path | None, include_closed: bool, as_json: bool) -
 
 @review.command("retry")
 @config_option
-@click.argument("review_id", type=int)
+@click.argument("review_id", type=int, required=False)
+@click.option("--all-quarantined", is_flag=True, help="Send every quarantined record again on the next sync.")
 @logging_options
 @translate_errors
-def review_retry(config_path: Path | None, review_id: int) -> None:
-    """Send a quarantined or reviewed record again on the next sync."""
+def review_retry(config_path: Path | None, review_id: int | None, all_quarantined: bool) -> None:
+    """Send a quarantined or reviewed record again on the next sync (REVIEW_ID from review list, or
+    --all-quarantined)."""
+    if all_quarantined == (review_id is not None):
+        raise click.UsageError("give a REVIEW_ID or --all-quarantined (one of them)")
+    if all_quarantined:
+        with _ledger(config_path) as ledger:
+            count = ledger.retry_quarantined()
+        click.echo(f"{count} quarantined record(s) will be sent again on the next sync")
+        return
+    assert review_id is not None
     _set_review(config_path, review_id, "retry")
+
+
+def _list_quarantined(config_path: Path | None, as_json: bool) -> None:
+    """Quarantined records by opaque key (no source ids, no patient data) with the server's reason codes."""
+    from connector.ops.logs import opaque_key
+
+    with _ledger(config_path) as ledger:
+        rows = [{"key": opaque_key(row["unit_key"]), "kind": row["kind"], "reason": row["detail"] or "",
+                 "attempts": row["attempts"], "updated_at": row["updated_at"]} for row in ledger.quarantined()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no quarantined records")
+    for row in rows:
+        click.echo(f"{row['key']:<16} {row['kind']:<16} {row['updated_at']:<26} {row['reason']}")
+    if rows:
+        click.echo(f"{len(rows)} quarantined; peersync review retry --all-quarantined sends them again next sync")
 
 
 @review.command("dismiss")

@@ -131,3 +131,24 @@ def test_a_bug_still_writes_exit_1_to_the_metrics(tmp_path: Path, monkeypatch: p
     code, _ = _sync(_config(tmp_path, tmp_path))
     assert code == 1
     assert _metrics(tmp_path)["peersync_last_run_exit_code"] == 1
+
+
+def test_review_lists_and_retries_quarantined_records_without_source_ids(tmp_path: Path) -> None:
+    from connector.plan.ledger import Ledger, UnitState
+
+    config = _config(tmp_path, tmp_path)
+    with Ledger(tmp_path / "state" / "ledger.sqlite") as ledger:
+        for number in (1, 2):
+            ledger.record_state(f"goal:G000{number}", kind="goal", participant="E0001", state=UnitState.QUARANTINED,
+                                detail="HTTP 404: not-found HAPI-1094", run_id="r1")
+    runner = CliRunner()
+    listed = runner.invoke(main, ["review", "list", "--quarantined", "--config", str(config)])
+    assert listed.exit_code == 0 and "HAPI-1094" in listed.output and "2 quarantined" in listed.output
+    assert "G0001" not in listed.output and "rk-" in listed.output  # opaque keys only
+    assert runner.invoke(main, ["review", "retry", "--config", str(config)]).exit_code == 2  # which ones?
+    retried = runner.invoke(main, ["review", "retry", "--all-quarantined", "--config", str(config)])
+    assert retried.exit_code == 0 and "2 quarantined record(s)" in retried.output
+    with Ledger(tmp_path / "state" / "ledger.sqlite") as ledger:
+        assert ledger.quarantined() == [] and ledger.state_counts() == {"pending": 2}
+    assert "no quarantined records" in runner.invoke(
+        main, ["review", "list", "--quarantined", "--config", str(config)]).output
