@@ -563,13 +563,18 @@ def _print_validation(result: dict[str, Any]) -> None:
 @click.option("--accept-shape-change", is_flag=True,
               help="Confirm on purpose that the input lost a column or many rows since the last completed run: "
                    "write the record kinds the shape guard would hold, and remember the new shape.")
+@click.option("--exit-zero-on-data-problems", is_flag=True,
+              help="Exit 0 instead of 65 when the only problems are rejected, quarantined or in-review records "
+                   "(as [sync] data_problems_exit_zero = true); the metrics and the summary still count them.")
 @logging_options
 @translate_errors
-def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_shape_change: bool) -> None:
+def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_shape_change: bool,
+         exit_zero_on_data_problems: bool) -> None:
     """Push the program's records to the FHIR server: idempotent, incremental, safe to rerun at any time.
 
-    Exit codes: 0 all landed; 65 rows rejected, quarantined or in review (the rest landed); 69 server
-    unavailable (pending records are sent next run); 75 another run holds the lock; 77 auth; 78 config.
+    Exit codes: 0 all landed; 65 rows rejected, quarantined or in review (the rest landed), no input rows, or
+    deletions held (a truncated input); 69 server unavailable (pending records are sent next run); 75 another
+    run holds the lock; 77 auth; 78 config.
     A record kind whose input lost a column or more than sync.max_row_drop_fraction of its rows is held (not
     updated or voided; exit 65) until the export is fixed or --accept-shape-change confirms the change.
     With --json the summary is printed even when the run fails; [output] metrics_file is written after
@@ -579,13 +584,18 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_
     from connector.server.transport import redact_url
     from connector.wiring import build_client, sync_options
 
-    settings = _settings(config_path)
     started = datetime.now(UTC)
+    try:
+        settings = _settings(config_path)
+    except PeersyncError as exc:  # 78: the alert rules must see it even though the settings do not load
+        _write_metrics_of_broken_config(config_path, _failed_summary(None, exc, started))
+        raise
     syncer: Syncer | None = None
     bar: _ProgressBar | None = None
     try:
         opts = sync_options(settings)
         opts.accept_shape_change = opts.accept_shape_change or accept_shape_change
+        opts.data_problems_exit_zero = opts.data_problems_exit_zero or exit_zero_on_data_problems
         log.info("sync started: peersync %s, server %s, auth %s, profile %s, %d input path(s)", __version__,
                  redact_url(settings.server.base_url), settings.auth.mode, opts.profile.name, len(opts.inputs),
                  extra={"event": "run-started"})
@@ -602,6 +612,9 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_
         if as_json:
             _echo_json(failed)
         raise
+    except Exception:  # a bug (exit 1): the run's metrics still say so
+        _write_metrics(settings, _failed_summary(syncer.summary if syncer else None, None, started))
+        raise
     finally:
         if bar:
             bar.close()
@@ -614,18 +627,33 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_
     sys.exit(summary.exit_code)
 
 
-def _failed_summary(summary: RunSummary | None, exc: PeersyncError, started: datetime) -> dict[str, Any]:
-    """The summary of a run that raised: the run's own if it got as far as the ledger, else a minimal one."""
+def _failed_summary(summary: RunSummary | None, exc: PeersyncError | None, started: datetime) -> dict[str, Any]:
+    """The summary of a run that raised (``exc`` None: a bug, exit 1): the run's own if it got as far as the
+    ledger, else a minimal one."""
     from connector.run import RunSummary, outcome_of_error
 
     if summary is None or summary.outcome == "running":  # failed before the run was recorded (lock, auth...)
         now = datetime.now(UTC)
+        exit_code = int(exc.exit_code) if exc is not None else int(ExitCode.UNEXPECTED)
         summary = RunSummary(run_id=RUN_ID.get(), command="sync", started_at=started.isoformat(timespec="seconds"),
                              finished_at=now.isoformat(timespec="seconds"),
                              duration_s=(now - started).total_seconds(),
-                             outcome=outcome_of_error(int(exc.exit_code)), exit_code=int(exc.exit_code),
-                             error=str(exc))
+                             outcome=outcome_of_error(exit_code), exit_code=exit_code,
+                             error=str(exc) if exc is not None else "unexpected error")
     return summary.as_dict()
+
+
+def _write_metrics_of_broken_config(config_path: Path | None, summary: dict[str, Any]) -> None:
+    """The metrics of a run whose settings did not load, where the raw config or environment names the file."""
+    from connector.ops.metrics import metrics_file_of_broken_config, write_textfile
+
+    path = metrics_file_of_broken_config(config_path)
+    if path is None:
+        return
+    try:
+        write_textfile(path, summary)
+    except (OSError, PeersyncError) as exc:
+        _warn(f"could not write the metrics file {path}: {type(exc).__name__}")
 
 
 class _ProgressBar:
@@ -896,11 +924,16 @@ def review() -> None:
 @review.command("list")
 @config_option
 @click.option("--all", "include_closed", is_flag=True, help="Include dismissed and resolved entries.")
+@click.option("--quarantined", is_flag=True,
+              help="List the records the server refused (quarantined) instead: opaque key, kind, reason codes.")
 @json_option
 @logging_options
 @translate_errors
-def review_list(config_path: Path | None, include_closed: bool, as_json: bool) -> None:
+def review_list(config_path: Path | None, include_closed: bool, quarantined: bool, as_json: bool) -> None:
     """List review entries (subjects are source ids; no patient data)."""
+    if quarantined:
+        _list_quarantined(config_path, as_json)
+        return
     with _ledger(config_path) as ledger:
         entries = ledger.reviews(include_closed=include_closed)
     if as_json:
@@ -914,12 +947,40 @@ def review_list(config_path: Path | None, include_closed: bool, as_json: bool) -
 
 @review.command("retry")
 @config_option
-@click.argument("review_id", type=int)
+@click.argument("review_id", type=int, required=False)
+@click.option("--all-quarantined", is_flag=True, help="Send every quarantined record again on the next sync.")
 @logging_options
 @translate_errors
-def review_retry(config_path: Path | None, review_id: int) -> None:
-    """Send a quarantined or reviewed record again on the next sync."""
+def review_retry(config_path: Path | None, review_id: int | None, all_quarantined: bool) -> None:
+    """Send a quarantined or reviewed record again on the next sync (REVIEW_ID from review list, or
+    --all-quarantined)."""
+    if all_quarantined == (review_id is not None):
+        raise click.UsageError("give a REVIEW_ID or --all-quarantined (one of them)")
+    if all_quarantined:
+        with _ledger(config_path) as ledger:
+            count = ledger.retry_quarantined()
+        click.echo(f"{count} quarantined record(s) will be sent again on the next sync")
+        return
+    assert review_id is not None
     _set_review(config_path, review_id, "retry")
+
+
+def _list_quarantined(config_path: Path | None, as_json: bool) -> None:
+    """Quarantined records by opaque key (no source ids, no patient data) with the server's reason codes."""
+    from connector.ops.logs import opaque_key
+
+    with _ledger(config_path) as ledger:
+        rows = [{"key": opaque_key(row["unit_key"]), "kind": row["kind"], "reason": row["detail"] or "",
+                 "attempts": row["attempts"], "updated_at": row["updated_at"]} for row in ledger.quarantined()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no quarantined records")
+    for row in rows:
+        click.echo(f"{row['key']:<16} {row['kind']:<16} {row['updated_at']:<26} {row['reason']}")
+    if rows:
+        click.echo(f"{len(rows)} quarantined; peersync review retry --all-quarantined sends them again next sync")
 
 
 @review.command("dismiss")

@@ -67,6 +67,9 @@ class RunSummary:
     write_requests: int = 0
     retries: int = 0
     deletions_held: list[str] = field(default_factory=list)
+    deletions_held_records: int = 0  # records whose deletion was held back (the guard against truncated inputs)
+    # Why a completed run needs a person (PHI-free codes, ATTENTION_REASONS); non-empty: outcome "partial"
+    attention: list[str] = field(default_factory=list)
     shape_held: list[str] = field(default_factory=list)  # record kinds the shape guard held, and why
     warnings: list[str] = field(default_factory=list)  # what reading the inputs warned about (as `check` does)
     # Why records were left pending (PHI-free reason -> records): an unconfirmed answer, the server down, ...
@@ -94,6 +97,8 @@ class RunSummary:
             "write_requests": self.write_requests,
             "retries": self.retries,
             "deletions_held": self.deletions_held,
+            "deletions_held_records": self.deletions_held_records,
+            "attention": self.attention,
             "shape_held": self.shape_held,
             "warnings": self.warnings,
             "pending_reasons": dict(self.pending_reasons.most_common(10)),
@@ -126,6 +131,7 @@ class SyncOptions:
     write_mode: str = "auto"
     file_mode: int = PRIVATE_FILE_MODE  # of the ledger and the rejects report (0600, or 0640 for a group)
     run_deadline_seconds: float | None = 7200.0  # after this, nothing more is sent: the rest stays pending (69)
+    data_problems_exit_zero: bool = False  # rejected/quarantined/in-review records exit 0 (still in the metrics)
 
 
 class LedgerLock:
@@ -217,8 +223,16 @@ class Syncer:
                     summary.phases["write"] = time.monotonic() - self._write_started
                 summary.finished_at = self.clock().isoformat(timespec="seconds")
                 if summary.outcome == "running":
-                    summary.exit_code, summary.outcome = exit_for(summary.counts, shape_held=bool(summary.shape_held))
-                if summary.exit_code in COMPLETED_EXIT_CODES and self._shapes_seen:
+                    summary.attention = attention_reasons(
+                        summary.counts, rows_read=summary.read.get("read"),
+                        deletions_held=summary.deletions_held_records, shape_held=bool(summary.shape_held))
+                    summary.exit_code, summary.outcome = exit_for(
+                        summary.counts, shape_held=bool(summary.shape_held), rows_read=summary.read.get("read"),
+                        deletions_held=summary.deletions_held_records,
+                        data_problems_exit_zero=self.opts.data_problems_exit_zero)
+                # An empty drop folder is no new shape: remembering it would disarm the guard for the next run.
+                if (summary.exit_code in COMPLETED_EXIT_CODES and self._shapes_seen
+                        and "no-input-rows" not in summary.attention):
                     ledger.record_shapes({kind: (sorted(shape.columns), shape.rows)
                                           for kind, shape in self._shapes_seen.items()}, run_id=run_id)
                 ledger.finish_run(run_id, summary.outcome, summary.exit_code, summary.as_dict())
@@ -233,6 +247,8 @@ class Syncer:
             summary.read = report.as_dict()["total"]
             summary.rejects_report = str(rejects)
             summary.deletions_held = plan.deletions_held
+            summary.deletions_held_records = plan.deletions_held_records
+            _warn_about_inputs(summary.read.get("read", 0), plan.deletions_held, self.opts.inputs)
             summary.shape_held, summary.warnings = plan.shape_held, report.warnings
             self._shapes_seen = plan.shapes_seen
             self.counts["held"] = plan.total(Act.HELD)
@@ -252,6 +268,16 @@ class Syncer:
                 summary.pending_reasons.update(writer.pending_reasons)
 
 
+def _warn_about_inputs(rows_read: int, deletions_held: list[str], inputs: list[Path]) -> None:
+    """Say on stderr (the log) what an unattended run must not keep quiet: an empty or truncated drop folder."""
+    if rows_read == 0:
+        log.warning("no input rows were read from %d input path(s): the export did not arrive or is empty; nothing "
+                    "was sent and nothing was voided. Check the drop folder and the export job (exit 65)",
+                    len(inputs), extra={"event": "no-input"})
+    for held in deletions_held:
+        log.warning("deletions held: %s", held, extra={"event": "deletions-held"})
+
+
 def outcome_of_error(exit_code: int) -> str:
     """The outcome of a run that an error stopped: ``incomplete`` when the server became unavailable (69: what
     was not confirmed stays pending for the next run), else ``failed`` (docs/operations.md)."""
@@ -262,15 +288,44 @@ def outcome_of_error(exit_code: int) -> str:
 COMPLETED_EXIT_CODES = (int(ExitCode.OK), int(ExitCode.RECORDS_REJECTED))
 
 
-def exit_for(counts: Counter[str], *, shape_held: bool = False) -> tuple[int, str]:
-    """The exit code and outcome of a run that ended without an error, from its counts (``shape_held``: the
-    shape guard held a record kind, which needs a person as rejected rows do)."""
+# Why a completed run needs a person (the summary's ``attention``). The first three are the input's or the
+# guards' doing (IT or the export job); DATA_PROBLEMS are single records, for the program staff.
+ATTENTION_REASONS = ("no-input-rows", "deletions-held", "shape-held",
+                     "records-rejected", "records-quarantined", "records-in-review")
+DATA_PROBLEMS = frozenset({"records-rejected", "records-quarantined", "records-in-review"})
+
+
+def attention_reasons(counts: Counter[str], *, rows_read: int | None = None, deletions_held: int = 0,
+                      shape_held: bool = False) -> list[str]:
+    """Why a completed run needs a person (codes of ATTENTION_REASONS, in that order); ``rows_read`` None: the
+    run did not read its inputs (nothing to say about them)."""
+    found = {
+        "no-input-rows": rows_read == 0,
+        "deletions-held": deletions_held > 0,
+        "shape-held": shape_held,
+        "records-rejected": counts["rejected"] > 0,
+        "records-quarantined": counts["quarantined"] > 0,
+        "records-in-review": counts["in_review"] > 0,
+    }
+    return [reason for reason in ATTENTION_REASONS if found[reason]]
+
+
+def exit_for(counts: Counter[str], *, shape_held: bool = False, rows_read: int | None = None,
+             deletions_held: int = 0, data_problems_exit_zero: bool = False) -> tuple[int, str]:
+    """The exit code and outcome of a run that ended without an error, from its counts: 69 when records were
+    left pending; 65 (outcome ``partial``) when it needs a person (``attention_reasons``: no input rows, held
+    deletions or kinds, records rejected, quarantined or in review); else 0. ``data_problems_exit_zero``: a run
+    whose only problems are single records (DATA_PROBLEMS) exits 0 for the scheduler, its outcome still
+    ``partial`` (docs/exit-codes.md)."""
     if counts["pending"]:
         return int(ExitCode.SERVER_UNAVAILABLE), "incomplete"
-    if counts["rejected"] or counts["in_review"] or counts["quarantined"] or shape_held:
-        return int(ExitCode.RECORDS_REJECTED), "partial"
-    return int(ExitCode.OK), "ok"
+    reasons = attention_reasons(counts, rows_read=rows_read, deletions_held=deletions_held, shape_held=shape_held)
+    if not reasons:
+        return int(ExitCode.OK), "ok"
+    if data_problems_exit_zero and DATA_PROBLEMS.issuperset(reasons):
+        return int(ExitCode.OK), "partial"
+    return int(ExitCode.RECORDS_REJECTED), "partial"
 
 
-__all__ = ["COUNT_NAMES", "LedgerLock", "RunSummary", "SyncOptions", "Syncer", "exit_for", "outcome_of_error",
-           "program_fingerprint", "read_and_plan"]
+__all__ = ["ATTENTION_REASONS", "COUNT_NAMES", "DATA_PROBLEMS", "LedgerLock", "RunSummary", "SyncOptions", "Syncer",
+           "attention_reasons", "exit_for", "outcome_of_error", "program_fingerprint", "read_and_plan"]

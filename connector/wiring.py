@@ -82,4 +82,5 @@ def sync_options(settings: Settings) -> SyncOptions:
         write_mode=settings.server.write_mode,
         file_mode=settings.file_mode(),
         run_deadline_seconds=settings.sync.run_deadline_seconds,
+        data_problems_exit_zero=settings.sync.data_problems_exit_zero,
     )

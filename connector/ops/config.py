@@ -243,6 +243,10 @@ class SyncSettings(_Section):
     accept_shape_change: bool = Field(
         False, description="Accept changed input shapes (a missing column, fewer rows) instead of holding the kind; "
         "set it for one run, then remove it: while it is set the shape guard is off")
+    data_problems_exit_zero: bool = Field(
+        False, description="Exit 0 instead of 65 when the only problems are single records (rejected, quarantined, "
+        "in review), so a scheduler such as a Kubernetes Job does not page IT for the program's data; the metrics "
+        "and the summary still show them. An empty input, held deletions or a held record kind still exit 65")
     run_deadline_seconds: float = Field(
         7200.0, gt=0, le=7 * 86400,
         description="a sync stops sending after this long; unsent records stay pending and the run exits 69")

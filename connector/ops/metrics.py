@@ -9,8 +9,10 @@ format is plain text (https://prometheus.io/docs/instrumenting/exposition_format
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +88,12 @@ def render(summary: dict[str, Any], now: float | None = None, *, backlog: dict[s
                  "Exit code of the last run (0 ok, 65 data issues, 69 server, 75 lock, 77 auth, 78 config).")
     fam.add(exit_code)
     family("peersync_last_run_timestamp_seconds", "gauge", "When the last run finished (Unix time).").add(round(now))
-    success = previous.get("peersync_last_success_timestamp_seconds")
+    # Seeded at 0 until the first success, so "no success for 2 hours" fires for an install that never succeeded.
+    success = previous.get("peersync_last_success_timestamp_seconds", 0)
     if exit_code in SUCCESS_EXIT_CODES:
         success = round(now)
-    if success is not None:
-        family("peersync_last_success_timestamp_seconds", "gauge",
-               "When a run last completed with exit 0 or 65 (Unix time).").add(success)
+    family("peersync_last_success_timestamp_seconds", "gauge",
+           "When a run last completed with exit 0 or 65 (Unix time; 0: never).").add(success)
     family("peersync_last_run_duration_seconds", "gauge", "Duration of the last run.").add(
         float(summary.get("duration_s", 0.0)))
     phases = family("peersync_last_run_phase_duration_seconds", "gauge", "Duration of each phase of the last run.")
@@ -99,9 +101,18 @@ def render(summary: dict[str, Any], now: float | None = None, *, backlog: dict[s
         if phase != "total_s":
             phases.add(float(seconds or 0.0), phase=phase.removesuffix("_s"))
     read = summary.get("read") or {}
-    rows = family("peersync_last_run_rows", "gauge", "Input rows in the last run, by result.")
-    for name in ("read", "accepted", "rejected"):
-        rows.add(int(read.get(name, 0)), result=name)
+    if read:  # absent when the run stopped before reading: "0 rows read" must mean an empty input
+        rows = family("peersync_last_run_rows", "gauge", "Input rows in the last run, by result.")
+        for name in ("read", "accepted", "rejected"):
+            rows.add(int(read.get(name, 0)), result=name)
+    family("peersync_last_run_deletions_held", "gauge",
+           "Records missing from the input whose deletion the last run held back (a truncated input?).").add(
+        int(summary.get("deletions_held_records", 0)))
+    attention = family("peersync_last_run_attention", "gauge",
+                       "1 for each reason the last run needs a person (no-input-rows, deletions-held, shape-held, "
+                       "records-rejected, records-quarantined, records-in-review).")
+    for reason in summary.get("attention") or []:
+        attention.add(1, reason=reason)
     records = family("peersync_last_run_records", "gauge", "Records by outcome in the last run.")
     counts = summary.get("counts") or {}
     for name, value in counts.items():
@@ -142,3 +153,24 @@ def write_textfile(path: Path, summary: dict[str, Any], *, backlog: dict[str, in
     except (OSError, UnicodeDecodeError):
         previous = {}
     write_atomically(path, render(summary, now, backlog=backlog, previous=previous), mode)
+
+
+def metrics_file_of_broken_config(config_path: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """Where ``[output] metrics_file`` points when the settings as a whole do not load (a run that stops with 78
+    must still reach the alert rules): the environment variable, else the TOML file's value, else None."""
+    environ = os.environ if environ is None else environ
+    base = Path.cwd()
+    value: object = environ.get("PEERSYNC_OUTPUT__METRICS_FILE")
+    if not value and config_path is not None:
+        from connector.errors import ConfigError
+        from connector.ops.config import read_config_file
+
+        try:
+            value = (read_config_file(config_path).get("output") or {}).get("metrics_file")
+        except (ConfigError, AttributeError):
+            return None
+        base = config_path.resolve().parent
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else (base / path).resolve()

@@ -383,6 +383,32 @@ class Ledger:
                     (VOIDED_HASH, DRIFTED_HASH, UnitState.PENDING, detail, now_iso(), run_id, unit_key)).rowcount
         return marked
 
+    def unit_keys_of(self, identities: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], str]:
+        """(type, system, value) -> the unit that wrote that resource, for the identities the ledger knows."""
+        found: dict[tuple[str, str, str], str] = {}
+        with self._lock:
+            for identity in identities:
+                row = self.db.execute("SELECT unit_key FROM resources WHERE resource_type=? AND system=? AND value=?",
+                                      identity).fetchone()
+                if row:
+                    found[identity] = row[0]
+        return found
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        """Quarantined units (opaque to the server: no content), oldest first: key, kind, reason, attempts."""
+        with self._lock:
+            rows = self.db.execute("SELECT unit_key, kind, detail, attempts, updated_at FROM units WHERE state=? "
+                                   "ORDER BY updated_at, unit_key", (UnitState.QUARANTINED,)).fetchall()
+        keys = ("unit_key", "kind", "detail", "attempts", "updated_at")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def retry_quarantined(self) -> int:
+        """Every quarantined unit back to pending (its hash cleared): the next sync sends it again. Returns how
+        many."""
+        with self.transaction() as db:
+            return db.execute("UPDATE units SET state=?, hash=NULL, detail='retry requested', updated_at=? "
+                              "WHERE state=?", (UnitState.PENDING, now_iso(), UnitState.QUARANTINED)).rowcount
+
     def is_settled(self, unit_key: str, unit_hash: str | None) -> bool:
         """True when the server already confirmed exactly this content for the unit."""
         unit = self.unit(unit_key)

@@ -178,6 +178,7 @@ class Plan:
     by_resource_type: dict[str, Counter[str]] = field(default_factory=dict)
     by_participant: dict[str, Counter[str]] = field(default_factory=dict)
     deletions_held: list[str] = field(default_factory=list)  # why some deletions were not planned
+    deletions_held_records: int = 0  # how many records' deletions were held back (the metrics' gauge)
     shape_held: list[str] = field(default_factory=list)  # why record kinds were held by the shape guard
     shapes_seen: dict[str, KindShape] = field(default_factory=dict)  # input shapes to remember if the run completes
 
@@ -236,7 +237,7 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
         for statement in _split(_PLAN_SQL):
             db.execute(statement, {"sent": UnitState.SENT, "quarantined": UnitState.QUARANTINED})
     plan = Plan()
-    plan.deletions_held = _hold_unsafe_deletions(db, staging, max_delete_fraction)
+    plan.deletions_held, plan.deletions_held_records = _hold_unsafe_deletions(db, staging, max_delete_fraction)
     if held_kinds:
         kinds = sorted(held_kinds)
         with db:
@@ -253,8 +254,10 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
     return plan
 
 
-def _hold_unsafe_deletions(db: sqlite3.Connection, staging: Staging, max_fraction: float) -> list[str]:
+def _hold_unsafe_deletions(db: sqlite3.Connection, staging: Staging, max_fraction: float) -> tuple[list[str], int]:
+    """Take unsafe deletions out of the plan: why (PHI-free lines) and how many records."""
     held: list[str] = []
+    records = 0
     rejected_known, rejected_unknown = staging.rejected_keys()
     with db:
         for kind, key in rejected_known:
@@ -262,6 +265,7 @@ def _hold_unsafe_deletions(db: sqlite3.Connection, staging: Staging, max_fractio
         for kind in rejected_unknown:
             n = db.execute("DELETE FROM plan WHERE action='delete' AND kind=?", (kind,)).rowcount
             if n:
+                records += n
                 held.append(f"{n} {kind} deletion(s) held: some {kind} rows were rejected without a readable id")
         for kind, deletes, confirmed in db.execute(
             """SELECT p.kind, count(*), (SELECT count(*) FROM ledger.units l WHERE l.kind=p.kind AND l.hash IS NOT NULL)
@@ -269,12 +273,13 @@ def _hold_unsafe_deletions(db: sqlite3.Connection, staging: Staging, max_fractio
         ).fetchall():
             if confirmed and deletes / confirmed > max_fraction:
                 db.execute("DELETE FROM plan WHERE action='delete' AND kind=?", (kind,))
+                records += deletes
                 held.append(
                     f"{deletes} of {confirmed} {kind} records are missing from the input: more than "
                     f"{max_fraction:.0%}, so none were voided (check the input files; raise sync.max_delete_fraction "
                     "if this is intended)"
                 )
-    return held
+    return held, records
 
 
 def participants_to_write(staging: Staging) -> list[str]:

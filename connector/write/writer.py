@@ -242,20 +242,25 @@ class Writer:
         A single unit that fails only on an unresolved reference is appended to ``deferred`` (when given)
         instead of being quarantined: its target may land later in the same run.
         """
+        resolved: dict[Identity, str | None] = {}  # what the ledger resolved references to (lost-target check)
         try:
             # Building may search (search-then-write): two matches there are a duplicate on the server (review).
-            built = self._build(ledger, units, patient, author)
+            built = self._build(ledger, units, patient, author, resolved)
             answer = self.client.send_transaction(built.bundle)
         except FhirHttpError as exc:
             # The builder rewrote references in copies: the units are as mapped, ready to be sent again.
+            unresolved = is_unresolved_reference(exc.status, exc.outcome.text())
             step = step_after_failure(exc.action, units=len(units), can_defer=deferred is not None,
-                                      unresolved_reference=is_unresolved_reference(exc.status, exc.outcome.text()))
+                                      unresolved_reference=unresolved)
             if step is FailureStep.SPLIT:
                 for half in halves(units):
                     self._send(ledger, half, patient=patient, participant=participant, author=author,
                                patient_id=patient_id, deferred=deferred)
             elif step is FailureStep.DEFER and deferred is not None:
                 deferred.extend(units)
+            elif unresolved and step is FailureStep.RECORD and self._resend_lost_targets(ledger, units, resolved,
+                                                                                          participant):
+                return
             else:
                 self._record_failure(ledger, units, exc, participant)
                 if step is FailureStep.STOP:
@@ -263,9 +268,10 @@ class Writer:
             return
         self._record_success(ledger, units, built, answer, participant, patient_id)
 
-    def _build(self, ledger: Ledger, writes: list[PendingWrite],
-               patient: tuple[Identity, str] | None, author: str | None) -> BuiltBundle:
-        cache: dict[Identity, str | None] = {}
+    def _build(self, ledger: Ledger, writes: list[PendingWrite], patient: tuple[Identity, str] | None,
+               author: str | None, cache: dict[Identity, str | None] | None = None) -> BuiltBundle:
+        """The units' change set; ``cache`` receives the server ids the ledger resolved for its references."""
+        cache = {} if cache is None else cache
 
         def resolve(identity: Identity) -> str | None:
             if identity not in cache:
@@ -363,6 +369,38 @@ class Writer:
             log.warning("record %s: HTTP %s (%s)", state, exc.status, outcome_codes(exc.outcome.issues),
                         extra={"event": state, "key": opaque_key(unit.unit_key), "kind": unit.kind,
                                "status": exc.status})
+
+    def _resend_lost_targets(self, ledger: Ledger, units: list[PendingWrite], resolved: dict[Identity, str | None],
+                             participant: str | None) -> bool:
+        """A reference the server could not resolve, to a resource the ledger says it wrote: if the server lost
+        it (a restore, a refreshed test EHR), that is server state, not bad data. The target's unit is marked for
+        re-send (the ledger's drift marking, as ``verify --repair`` does) and these units stay pending: the next
+        run sends the target, then them. True when a lost target was found."""
+        own = {w.unit.unit_key for w in units}
+        suspects = [(identity, server_id) for identity, server_id in resolved.items() if server_id]
+        lost: list[Identity] = []
+        for identity, server_id in suspects:
+            try:
+                self.client.read(identity[0], server_id)
+            except FhirHttpError as exc:
+                if exc.status in (404, 410):
+                    lost.append(identity)
+        if not lost:
+            return False
+        targets = sorted(set(ledger.unit_keys_of(lost).values()) - own)
+        detail = "re-sent: a record referenced it, but the server no longer has it (restored or refreshed?)"
+        ledger.mark_drifted(targets, lost, detail=detail, run_id=RUN_ID.get())
+        reason = "a resource it references was lost by the server: re-sent with its target on the next run"
+        for w in units:
+            ledger.record_state(w.unit.unit_key, kind=w.unit.kind, participant=participant, state=UnitState.PENDING,
+                                detail=reason, run_id=RUN_ID.get(), attempt_hash=w.unit_hash)
+            self._count("pending")
+            with self._counts_lock:
+                self.pending_reasons[reason] += 1
+        log.warning("%d referenced resource(s) the ledger says were written are missing on the server: %d record(s) "
+                    "marked for re-send, %d record(s) left pending until then", len(lost), len(targets), len(units),
+                    extra={"event": "lost-reference-target", "key": opaque_key(units[0].unit.unit_key)})
+        return True
 
     # -- corrections -----------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from connector.ops.metrics import parse_samples, render, write_textfile
+from connector.ops.metrics import metrics_file_of_broken_config, parse_samples, render, write_textfile
 
 SUMMARY = {
     "run_id": "abc", "exit_code": 65, "duration_s": 7.864,
@@ -97,10 +97,37 @@ def test_counters_and_last_success_carry_over(tmp_path: Path) -> None:
     assert not list(path.parent.glob("*.tmp")) and not list(path.parent.glob(".*.tmp"))
 
 
-def test_never_succeeded_has_no_success_timestamp() -> None:
+def test_never_succeeded_seeds_the_success_timestamp_at_zero() -> None:
+    # "no success for 2 hours" must fire for an install whose runs never succeeded: the gauge exists, at 0.
     values = parse_samples(render({"exit_code": 77, "counts": {}}, now=5))
-    assert "peersync_last_success_timestamp_seconds" not in values
+    assert values["peersync_last_success_timestamp_seconds"] == 0
     assert values["peersync_last_run_exit_code"] == 77
+    later = parse_samples(render({"exit_code": 0, "counts": {}}, now=50, previous=values))
+    assert later["peersync_last_success_timestamp_seconds"] == 50
+
+
+def test_rows_only_for_a_run_that_read_and_the_reasons_it_needs_a_person() -> None:
+    failed = parse_samples(render({"exit_code": 78, "counts": {}}, now=5))
+    assert not any(key.startswith("peersync_last_run_rows") for key in failed)  # "0 rows" means an empty input
+    assert failed["peersync_last_run_deletions_held"] == 0
+    empty = parse_samples(render({"exit_code": 65, "counts": {}, "read": {"read": 0, "accepted": 0, "rejected": 0},
+                                  "deletions_held_records": 12, "attention": ["no-input-rows", "deletions-held"]},
+                                 now=5))
+    assert empty['peersync_last_run_rows{result="read"}'] == 0
+    assert empty["peersync_last_run_deletions_held"] == 12
+    assert empty['peersync_last_run_attention{reason="no-input-rows"}'] == 1
+    assert empty['peersync_last_run_attention{reason="deletions-held"}'] == 1
+
+
+def test_metrics_file_of_a_config_that_does_not_load(tmp_path: Path) -> None:
+    config = tmp_path / "peersync.toml"
+    config.write_text('[output]\nmetrics_file = "metrics/peersync.prom"\n[sync]\nno_such_setting = 1\n',
+                      encoding="utf-8")
+    assert metrics_file_of_broken_config(config, {}) == tmp_path / "metrics" / "peersync.prom"
+    assert metrics_file_of_broken_config(config, {"PEERSYNC_OUTPUT__METRICS_FILE": "/m/p.prom"}) == Path("/m/p.prom")
+    (tmp_path / "bad.toml").write_text("[output\n", encoding="utf-8")
+    assert metrics_file_of_broken_config(tmp_path / "bad.toml", {}) is None
+    assert metrics_file_of_broken_config(None, {}) is None
 
 
 def test_prometheus_client_parser_accepts_the_file_if_installed() -> None:

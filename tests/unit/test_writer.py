@@ -250,10 +250,41 @@ def test_an_unresolved_reference_in_the_deferred_pass_is_quarantined(rsps: respo
     refusing(rsps, lambda bundle: (400, outcome("processing", "HAPI-1094: Resource Goal/x not found, specified in "
                                                 "path: Communication.basedOn")) if communications_with(bundle, "C5")
              else None)
+    answer_reads(rsps, 200)  # the referenced resources the ledger knows are on the server: the content is at fault
     summary = program.sync(max_bundle_entries=1)
     assert summary.counts["quarantined"] == 1
     assert len([b for b in sent_transactions(rsps) if communications_with(b, "C5")]) == 2  # sent, deferred
     assert program.unit_state("contact:C5") == UnitState.QUARANTINED
+
+
+def answer_reads(rsps: responses.RequestsMock, status: int) -> None:
+    """Reads by id (Type/id) answered with ``status``: 200 with the resource, or 404."""
+    def read(request: PreparedRequest) -> tuple[int, dict[str, str], str]:
+        resource_type, resource_id = (request.path_url or "").split("?")[0].rsplit("/", 2)[-2:]
+        found = {"resourceType": resource_type, "id": resource_id}
+        body = found if status == 200 else outcome("not-found", "HAPI-2001")
+        return status, {"Content-Type": FHIR_JSON}, json.dumps(body)
+    rsps.add_callback(responses.GET, re.compile(re.escape(BASE) + r"/[A-Z][A-Za-z]+/[^/?]+$"), callback=read)
+
+
+def test_a_reference_target_the_server_lost_is_re_sent_not_quarantined(rsps: responses.RequestsMock,
+                                                                        program: Program) -> None:
+    # The ledger says the CarePlan was written, but the server no longer has it (restored, refreshed): server
+    # state, not bad data. Its unit is marked for re-send and the referrer waits for it (pending, not quarantined).
+    answer_first_sync(rsps)
+    refusing(rsps, lambda bundle: (404, outcome("processing", "HAPI-1094: Resource CarePlan/x not found, specified "
+                                                "in path: Communication.basedOn")) if communications_with(bundle, "C5")
+             else None)
+    answer_reads(rsps, 404)
+    summary = program.sync(max_bundle_entries=1)
+    assert summary.counts["quarantined"] == 0 and summary.counts["pending"] == 1
+    assert program.unit_state("contact:C5") == UnitState.PENDING
+    with Ledger(program.root / "ledger.sqlite") as ledger:
+        marked = [u for u in ledger.units_in_state(UnitState.PENDING) if u.unit_key != "contact:C5"]
+    # every target it referenced by a ledger id reads 404 here: the program's, its supporter's, its CarePlan's
+    assert {u.kind for u in marked} == {"program", "supporter", "enrollment"}
+    assert {u.hash for u in marked} == {"drifted"}
+    assert any("lost by the server" in reason for reason in summary.pending_reasons)
 
 
 # -- refusals, review, outages -------------------------------------------------------------------------------------
