@@ -3,7 +3,8 @@
 Sections: mapping (in-process, no server), first-sync, resync and verify (the local HAPI server of
 tests/fhir-server, or PEERSYNC_TEST_FHIR_URL; verify: tests/bench/drift.py), first-sync-latency (the same
 first sync through Toxiproxy adding ~20 ms of round trip in front of the local server; tests/bench/latency.py),
-first-sync-pinned (server-bound and peersync with the local server on one CPU and the benchmark on the other, as on separate machines), memory (child
+first-sync-pinned (server-bound and peersync with the local server on one CPU and the benchmark on the other,
+as on separate machines), memory (child
 processes, no server). Every figure with a target is a ratio of two measurements of this run. Results also go
 to ``<bench dir>/results-<time>.json``. See docs/benchmarks.md.
 
