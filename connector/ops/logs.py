@@ -133,7 +133,7 @@ def _path_only(url: str) -> str:
 def _error_name(error: object) -> str:
     """``ProtocolError/RemoteDisconnected``: the exception types, never their text (it can quote a host or value)."""
     names = [type(error).__name__]
-    inner = getattr(error, "args", ())
+    inner: tuple[Any, ...] = getattr(error, "args", ())
     if len(inner) > 1 and isinstance(inner[1], BaseException):
         names.append(type(inner[1]).__name__)
     return "/".join(names)
