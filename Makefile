@@ -6,7 +6,7 @@ SERVER := tests/fhir-server/server.sh
 DEMO_CONFIG := fixtures/demo/peersync.toml
 PYTEST_ARGS ?=
 
-.PHONY: install server server-stop demo lint test test-unit coverage wheel-check reliability reliability-report bench clean
+.PHONY: install server server-stop demo lint test test-unit coverage wheel-check container-check reliability reliability-report bench clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,12 @@ wheel-check:
 
 # The long reliability variant (30 seeded runs per multi-run scenario), then docs/reliability.md from its results.
 # `make test` runs the same suite with short default run counts.
+# The container recipe without a container builder (no registry access here for the base image): its build and
+# install steps run in a clean virtualenv, then its entrypoint on the demo (tests/packaging/containerfile.py).
+# hadolint lints it in the unit tests (tests/unit/test_container_recipe.py).
+container-check: install
+	$(PY) tests/packaging/containerfile.py
+
 reliability: install
 	PEERSYNC_RELIABILITY_RUNS=$${PEERSYNC_RELIABILITY_RUNS:-30} $(PY) -m pytest -p no:cacheprovider -m reliability tests/reliability $(PYTEST_ARGS)
 	$(PY) tests/reliability/report.py

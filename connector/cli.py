@@ -25,6 +25,7 @@ from connector.errors import ConfigError, ExitCode, PeersyncError, path_error_me
 from connector.ops.logs import (
     RUN_ID,
     configure_logging,
+    flush_repeated_warnings,
     format_frames,
     is_verbose,
     log_format,
@@ -124,7 +125,10 @@ def logging_options(func: Callable[..., Any]) -> Callable[..., Any]:
         configure_logging(fmt=log_format, verbose=verbose, quiet=quiet)
         new_run_id()
         click.get_current_context().meta["peersync.quiet"] = quiet
-        return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            flush_repeated_warnings()  # "... (repeated N more times)" for warnings shown once
 
     return wrapper
 
@@ -609,7 +613,9 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_
         # Report the failed run too: monitoring reads the metrics file, scripts read --json.
         failed = _failed_summary(syncer.summary if syncer else None, exc, started)
         _write_metrics(settings, failed)
-        if as_json:
+        if log_format() == "json":
+            _echo_summary_line(failed)
+        elif as_json:
             _echo_json(failed)
         raise
     except Exception:  # a bug (exit 1): the run's metrics still say so
@@ -620,11 +626,20 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_
             bar.close()
     result = summary.as_dict()
     _write_metrics(settings, result)
-    if as_json:
+    if log_format() == "json":
+        _echo_summary_line(result)
+        _warn_summary(result)
+    elif as_json:
         _echo_json(result)
     else:
         _print_summary(result)
     sys.exit(summary.exit_code)
+
+
+def _echo_summary_line(summary: dict[str, Any]) -> None:
+    """The run summary as one JSON line on stdout (with --log-format json), so that a scheduler that sends
+    stdout and stderr to one file gets one JSON object per line; ``event`` tells it from the log lines."""
+    click.echo(json.dumps({"event": "run-summary", **summary}, default=str, ensure_ascii=False))
 
 
 def _failed_summary(summary: RunSummary | None, exc: PeersyncError | None, started: datetime) -> dict[str, Any]:
@@ -710,18 +725,23 @@ def _print_summary(summary: dict[str, Any]) -> None:
                    f"{read.get('rejected', 0)} rejected")
     click.echo("  " + ", ".join(f"{name.replace('_', ' ')} {counts[name]}" for name in counts))
     click.echo(f"  requests {summary['requests']} (writes {summary['write_requests']}, retries {summary['retries']})")
-    for held in summary.get("deletions_held") or []:
-        _warn(held)
-    for held in summary.get("shape_held") or []:
-        _warn(held)
-    for warning in summary.get("warnings") or []:
-        _warn(warning)
+    _warn_summary(summary)
     for reason, records in (summary.get("pending_reasons") or {}).items():
         click.echo(f"  pending {records}: {reason}")
     if summary.get("rejects_report") and counts.get("rejected"):
         click.echo(f"  rejects report: {summary['rejects_report']}")
     if summary.get("error"):
         _warn(f"run error: {summary['error']}")
+
+
+def _warn_summary(summary: dict[str, Any]) -> None:
+    """What the run held back and what reading warned about, as warnings on stderr."""
+    for held in summary.get("deletions_held") or []:
+        _warn(held)
+    for held in summary.get("shape_held") or []:
+        _warn(held)
+    for warning in summary.get("warnings") or []:
+        _warn(warning)
 
 
 @main.command()

@@ -5,6 +5,10 @@ OperationOutcome codes. It never passes names, MRNs, notes, identifier values or
 to a logger. As a second line of defence, :class:`RedactingFilter` masks values registered as sensitive
 (e.g. secrets) and the query part of any URL (``Patient?identifier=system|MRN``) in every record, including
 records from third-party libraries: urllib3 logs the full URL of a request it retries.
+
+Two more filters keep a scheduler's log readable: urllib3's retry warnings become peersync ``http-retry``
+events (:class:`Urllib3EventFilter`), and a warning repeated word for word is shown once, then counted
+(:class:`RepeatCollapsingFilter`).
 """
 
 from __future__ import annotations
@@ -15,17 +19,20 @@ import json
 import logging
 import re
 import sys
+import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 RUN_ID: contextvars.ContextVar[str] = contextvars.ContextVar("peersync_run_id", default="-")
 _SECRETS: set[str] = set()
 
 # Extra attributes a log call may carry (``logger.info(..., extra={"counts": {...}})``).
 _EXTRA_FIELDS = ("event", "key", "kind", "resource_type", "status", "counts", "attempt", "outcome", "code",
-                 "duration_s", "participant_key", "path", "exit_code", "entries", "phase", "error_type", "frames")
+                 "duration_s", "participant_key", "path", "exit_code", "entries", "phase", "error_type", "frames",
+                 "retries_left", "repeated")
 
 # A URL query (``?identifier=...``, ``?name=...``): search values can be MRNs or names. Matched from the "?"
 # to the next whitespace or quote, so "GET /fhir/Patient?identifier=a%7Cb HTTP/1.1" keeps the method/protocol.
@@ -88,6 +95,96 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+# The logger our own HTTP events use; urllib3's retry lines are re-issued under it.
+HTTP_LOGGER = "connector.server.client"
+
+
+class Urllib3EventFilter(logging.Filter):
+    """Turns urllib3's warnings into peersync events: logger ``connector.server.client``, an ``event`` field
+    and a message that names the cause, the request path (never its query) and the retries left.
+
+    urllib3 logs ``Retrying (Retry(total=2, ...)) after connection broken by 'NewConnectionError(...)': /fhir/..``
+    with its own wording and a repr that changes on every attempt; operators filter on our events instead.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("urllib3") or record.levelno < logging.WARNING:
+            return True
+        retrying = isinstance(record.msg, str) and record.msg.startswith("Retrying")
+        if retrying and isinstance(record.args, tuple) and len(record.args) == 3:
+            retries, error, url = record.args
+            left = getattr(retries, "total", None)
+            record.msg = "HTTP request to %s retried: the connection broke (%s)"
+            record.args = (_path_only(str(url)), _error_name(error))
+            record.event = "http-retry"
+            if isinstance(left, int):
+                record.retries_left = left
+        else:
+            record.event = "http-warning"
+        record.name = HTTP_LOGGER
+        return True
+
+
+def _path_only(url: str) -> str:
+    """The path of a URL: its query (identifier searches) is dropped, not just masked."""
+    return urlsplit(url).path or "/"
+
+
+def _error_name(error: object) -> str:
+    """``ProtocolError/RemoteDisconnected``: the exception types, never their text (it can quote a host or value)."""
+    names = [type(error).__name__]
+    inner: tuple[Any, ...] = getattr(error, "args", ())
+    if len(inner) > 1 and isinstance(inner[1], BaseException):
+        names.append(type(inner[1]).__name__)
+    return "/".join(names)
+
+
+class RepeatCollapsingFilter(logging.Filter):
+    """Shows a warning repeated word for word once, and its count when the run ends.
+
+    "Identical" means the same logger, level and message, and the same record key: warnings about different
+    records (``key``/``participant_key``) are different events and all shown. The counts are emitted as one
+    line per message (``... (repeated 40 more times)``, field ``repeated``) just before ``run finished``, or
+    when the command ends (:func:`flush_repeated_warnings`).
+    """
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.lock = threading.Lock()
+        self.first: dict[tuple[Any, ...], logging.LogRecord] = {}
+        self.repeats: dict[tuple[Any, ...], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "repeated", None) is not None:
+            return True
+        if getattr(record, "event", None) == "run-finished":
+            self.flush()
+            return True
+        if record.levelno < logging.WARNING:
+            return True
+        identity = (record.name, record.levelno, record.getMessage(), getattr(record, "key", None),
+                    getattr(record, "participant_key", None))
+        with self.lock:
+            if identity not in self.first:
+                self.first[identity] = record
+                return True
+            self.repeats[identity] = self.repeats.get(identity, 0) + 1
+        return False
+
+    def flush(self) -> None:
+        """Emit the count of every suppressed repeat, then start counting afresh."""
+        with self.lock:
+            counted = [(self.first[identity], n) for identity, n in self.repeats.items()]
+            self.first.clear()
+            self.repeats.clear()
+        for first, count in counted:
+            summary = logging.makeLogRecord({**first.__dict__, "msg": f"{first.getMessage()} (repeated {count} more "
+                                                                      f"time{'s' if count > 1 else ''})",
+                                             "args": None, "repeated": count, "exc_info": None, "exc_text": None})
+            self.handler.handle(summary)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, run_id, message and known extra fields."""
 
@@ -146,7 +243,9 @@ def configure_logging(*, fmt: str = "text", verbose: bool = False, quiet: bool =
     reset_logging()
     handler = logging.StreamHandler(stream or sys.stderr)
     setattr(handler, _HANDLER_MARK, True)
+    handler.addFilter(Urllib3EventFilter())  # first: it rewrites the message the others read
     handler.addFilter(RedactingFilter())
+    handler.addFilter(RepeatCollapsingFilter(handler))
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(verbose))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -161,6 +260,15 @@ def configure_logging(*, fmt: str = "text", verbose: bool = False, quiet: bool =
     # warnings.warn() from libraries would otherwise print plain text to stderr, breaking JSON lines.
     logging.captureWarnings(True)
     _STATE.update(format=fmt, verbose=verbose)
+
+
+def flush_repeated_warnings() -> None:
+    """Emit the counts of repeated warnings not yet reported (the CLI calls this when a command ends)."""
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, _HANDLER_MARK, False):
+            for flt in handler.filters:
+                if isinstance(flt, RepeatCollapsingFilter):
+                    flt.flush()
 
 
 def reset_logging() -> None:

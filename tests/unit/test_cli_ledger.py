@@ -145,6 +145,27 @@ def test_sync_server_down_keeps_the_runs_own_summary(cfg: Path, fake_syncer: typ
     assert values['peersync_runs_total{exit_code="65"}'] == 1 and values['peersync_runs_total{exit_code="69"}'] == 1
 
 
+def test_sync_json_log_format_gives_one_json_object_per_line(cfg: Path, fake_syncer: type[FakeSyncer]) -> None:
+    """A scheduler that sends stdout and stderr to one file (cron's >>sync.log 2>&1) gets only JSON lines."""
+    for extra in ([], ["--json"]):
+        result = run("sync", "--config", str(cfg), "--log-format", "json", *extra)
+        assert result.exit_code == 65
+        lines = [json.loads(line) for line in result.output.splitlines()]  # stdout and stderr interleaved
+        (summary,) = [line for line in lines if line.get("event") == "run-summary"]
+        assert result.stdout.splitlines() == [json.dumps(summary, ensure_ascii=False)]  # one line on stdout
+        assert summary["exit_code"] == 65 and summary["outcome"] == "partial" and summary["counts"]["created"] == 5
+        assert {line["run_id"] for line in lines} == {summary["run_id"]}
+
+
+def test_sync_json_log_format_failed_run_is_a_summary_line_too(cfg: Path, fake_syncer: type[FakeSyncer]) -> None:
+    fake_syncer.behaviour = "lock"
+    result = run("sync", "--config", str(cfg), "--log-format", "json")
+    assert result.exit_code == ExitCode.LOCK_HELD
+    summary = json.loads(result.stdout)
+    assert summary["event"] == "run-summary" and summary["exit_code"] == 75 and summary["outcome"] == "failed"
+    assert all(json.loads(line) for line in result.stderr.splitlines())
+
+
 def test_sync_quiet_logs_nothing_below_warning(cfg: Path, fake_syncer: type[FakeSyncer]) -> None:
     result = run("sync", "--config", str(cfg), "-q")
     assert result.exit_code == 65 and "sync started" not in result.stderr

@@ -14,6 +14,7 @@ import pytest
 from connector.errors import ServerUnavailableError
 from connector.ops.logs import (
     configure_logging,
+    flush_repeated_warnings,
     log_format,
     new_run_id,
     outcome_codes,
@@ -135,10 +136,60 @@ def test_urllib3_retry_warnings_do_not_leak_identifier_searches() -> None:
     with pytest.raises(ServerUnavailableError) as info:
         client.search_raw(f"Patient?identifier=urn:oid:1.2.3%7C{MRN}")
     assert MRN not in str(info.value)
+    flush_repeated_warnings()
     lines = json_lines(stream)
-    assert any(line["logger"].startswith("urllib3") for line in lines), "expected urllib3's retry warnings"
-    assert MRN not in stream.getvalue()
+    assert MRN not in stream.getvalue() and "identifier" not in stream.getvalue()
     assert all(line["run_id"] != "-" for line in lines)
+    # urllib3's two retry lines became our own event: shown once, then counted.
+    retries = [line for line in lines if line.get("event") == "http-retry"]
+    assert [line["logger"] for line in retries] == ["connector.server.client"] * 2
+    assert retries[0]["message"] == ("HTTP request to /fhir/Patient retried: the connection broke "
+                                     "(NewConnectionError)")
+    assert retries[0]["retries_left"] == 1 and "repeated" not in retries[0]
+    assert retries[1]["message"] == retries[0]["message"] + " (repeated 1 more time)" and retries[1]["repeated"] == 1
+    assert not any(line["logger"].startswith("urllib3") for line in lines)
+
+
+def test_urllib3_protocol_errors_name_both_exception_types_and_other_warnings_are_events() -> None:
+    from urllib3.exceptions import ProtocolError
+    from urllib3.util.retry import Retry
+
+    stream = capture("json")
+    urllib3_log = logging.getLogger("urllib3.connectionpool")
+    error = ProtocolError("Connection aborted.", ConnectionResetError(104, f"reset by {MRN}"))
+    urllib3_log.warning("Retrying (%r) after connection broken by '%r': %s", Retry(total=3), error,
+                        f"/fhir/Patient?identifier=x%7C{MRN}")
+    urllib3_log.warning("Connection pool is full, discarding connection: %s. Connection pool size: %s", "ehr", 10)
+    first, second = json_lines(stream)
+    assert first["message"] == ("HTTP request to /fhir/Patient retried: the connection broke "
+                                "(ProtocolError/ConnectionResetError)") and first["retries_left"] == 3
+    assert second["event"] == "http-warning" and second["logger"] == "connector.server.client"
+    assert "Connection pool is full" in second["message"] and MRN not in stream.getvalue()
+
+
+def test_identical_warnings_are_shown_once_then_counted_before_run_finished() -> None:
+    stream = capture("text")
+    new_run_id()
+    writer_log = logging.getLogger("connector.write.writer")
+    for _ in range(3):
+        writer_log.warning("server unavailable: HTTP 503", extra={"event": "server-unavailable"})
+    for key in ("rk-000000000001", "rk-000000000002"):  # different records: different events, both shown
+        writer_log.warning("participant sent to review: patient-not-found", extra={"participant_key": key})
+    writer_log.info("an info line is never collapsed")
+    writer_log.info("an info line is never collapsed")
+    logging.getLogger("connector.run").info("run finished: incomplete (exit 69)", extra={"event": "run-finished"})
+    writer_log.warning("server unavailable: HTTP 503")  # a new count starts after the run finished
+    flush_repeated_warnings()
+    messages = [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert messages == ["server unavailable: HTTP 503",
+                        "participant sent to review: patient-not-found",
+                        "participant sent to review: patient-not-found",
+                        "an info line is never collapsed",
+                        "an info line is never collapsed",
+                        "server unavailable: HTTP 503 (repeated 2 more times)",
+                        "run finished: incomplete (exit 69)",
+                        "server unavailable: HTTP 503"]
+    assert "WARNING" in stream.getvalue().splitlines()[5]
 
 
 def test_outcome_codes_keep_only_codes() -> None:
