@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -14,7 +15,7 @@ from connector.identifiers import identifier_value
 from connector.model import Contact, Enrollment, Goal, RecordKind, SourceRecord
 from connector.read.convert import FieldProblem, RowConverter, RowRejected, show_value
 from connector.read.formats.base import RawRow, RowLocation
-from connector.read.profile import Profile, load_profile
+from connector.read.profile import Profile, Where, load_profile
 
 PROGRAM = {
     "id": "test-program",
@@ -516,3 +517,126 @@ def test_the_template_profile_reads_its_own_documented_columns(template: Profile
                                      conditions="type 2 diabetes; prediabetes")
     assert enrollment.conditions == ("type 2 diabetes", "prediabetes")
     assert enrollment.status == "completed"
+
+
+# -- onboarding features: conditional values, no-value codes, target messages, JSON scalars, nested where ----
+
+GOAL_FIELDS = {"goal_id": "goal_id", "enrollment_id": "enrollment_id", "description": "goal_in_own_words",
+               "behavior": {"column": "behavior", "codes": "behaviors"}, "start_date": "start_date"}
+A1C_WHEN = {"column": "objetivo_a1c", "present": True}
+
+
+def goal_profile(extra: dict[str, Any], tables: dict[str, Any] | None = None) -> Profile:
+    return make_profile({"goal": {"source": {"files": ["goals*.csv"]}, "fields": {**GOAL_FIELDS, **extra}}},
+                        code_tables={"behaviors": {"being-active": ["activity"]}, **(tables or {})})
+
+
+def test_a_conditional_constant_applies_only_when_its_column_has_a_value() -> None:
+    profile = goal_profile({"target_measure": {"const": "hba1c", "when": A1C_WHEN},
+                            "target_comparator": {"const": "<", "when": A1C_WHEN},
+                            "target_value": "objetivo_a1c"})
+    with_target: Goal = convert(profile, RecordKind.GOAL, **GOAL_ROW, objetivo_a1c="7.2")
+    assert with_target.target is not None
+    assert (with_target.target.measure, with_target.target.comparator, with_target.target.value) == (
+        "hba1c", "<", Decimal("7.2"))
+    assert with_target.target.unit is None  # the mapper writes HbA1c's default unit, % (UCUM)
+    without: Goal = convert(profile, RecordKind.GOAL, **GOAL_ROW, objetivo_a1c="  ")
+    assert without.target is None
+
+
+def test_a_conditional_template_and_equals_condition() -> None:
+    profile = contact_profile({"notes": {"template": "Visit by {visitor}",
+                                         "when": [{"column": "type", "equals": "home"},
+                                                  {"column": "visitor", "present": True}]}})
+    assert contact(profile, type="home", visitor="Ana").notes == "Visit by Ana"
+    assert contact(profile, type="phone", visitor="Ana").notes is None
+
+
+def test_a_code_table_can_map_a_spelling_to_no_value() -> None:
+    profile = goal_profile({"achievement_status": {"column": "estado", "codes": "logro"}},
+                           {"logro": {"achieved": ["logrado"], None: ["en pausa", "pausa"]}})
+    assert convert(profile, RecordKind.GOAL, **GOAL_ROW, estado="Logrado").achievement_status == "achieved"
+    paused: Goal = convert(profile, RecordKind.GOAL, **GOAL_ROW, estado="En pausa")
+    assert paused.achievement_status is None and not paused.original_text
+    found = problems(profile, RecordKind.GOAL, **GOAL_ROW, estado="Quizás")
+    assert [p.field for p in found] == ["achievement_status"]
+
+
+def test_a_no_value_spelling_in_a_list_field_is_left_out() -> None:
+    profile = contact_profile({"support_types": {"column": "apoyo", "codes": "apoyos"}},
+                              code_tables={"apoyos": {"emotional": ["emocional"], None: ["ninguno"]}})
+    assert contact(profile, apoyo="Emocional; Ninguno").support_types == ("emotional",)
+
+
+@pytest.mark.parametrize(
+    ("given", "field", "reason"),
+    [
+        ({"v": "7"}, "target_measure", "a target value was given without a measure"),
+        ({"m": "hba1c"}, "target_value", "a target measure was given without a value"),
+        ({"m": "hba1c", "c": "<", "u": "%"}, "target_value",
+         "a target measure was given without a value (only a comparator and unit)"),
+        ({"c": "<"}, "target_value", "a target comparator was given without a measure or value"),
+        ({"u": "%"}, "target_value", "a target unit was given without a measure or value"),
+        ({"c": "<", "u": "%"}, "target_value", "a target comparator and unit was given without a measure or value"),
+    ],
+)
+def test_each_incomplete_target_has_its_own_message(
+    template: Profile, given: dict[str, str], field: str, reason: str
+) -> None:
+    names = {"m": "target_measure", "c": "target_comparator", "v": "target_value", "u": "target_unit"}
+    row = {**GOAL_ROW, **{names[k]: v for k, v in given.items()}}
+    found = problems(template, RecordKind.GOAL, **row)
+    assert [p.field for p in found] == [field]
+    assert found[0].reason.startswith(reason)
+
+
+def test_json_booleans_and_numbers_become_text_as_json_spells_them() -> None:
+    profile = contact_profile({"notes": {"template": "{form.archived}/{form.score}/{form.count}"},
+                               "outcome": {"column": "form.done", "codes": "done"}},
+                              code_tables={"done": {"completed": ["true"], "not-reached": ["false"]}})
+    row = {**CONTACT_ROW, "form": {"archived": False, "score": 7.5, "count": 3.0, "done": False}}
+    record = convert(profile, RecordKind.CONTACT, **row)
+    assert record.notes == "false/7.5/3"
+    assert record.outcome == "not-reached"
+    assert show_value("duration_minutes", True) == "true"
+
+
+def test_json_true_false_in_a_text_field_and_a_where_filter() -> None:
+    profile = contact_profile({"notes": "form.flag"})
+    assert contact(profile, form={"flag": True}).notes == "true"
+    where = Where.model_validate({"column": "form.archived", "equals": "false"})
+    assert where.matches({"form": {"archived": False}})
+    assert not where.matches({"form": {"archived": True}})
+
+
+def test_where_reads_nested_json_paths_like_fields(tmp_path: Path) -> None:
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    profile = Profile.model_validate({
+        "format_version": 1, "name": "app", "program": PROGRAM,
+        "records": {
+            "enrollment": {"source": {"files": ["forms.ndjson"], "where": {"column": "form.@name", "equals": "Intake"}},
+                           "fields": {"enrollment_id": "form.case.@case_id", "mrn": "form.mrn",
+                                      "start_date": "form.start", "supporter_id": "form.meta.user"}},
+            "supporter": {"source": {"files": ["forms.ndjson"],
+                                     "where": [{"column": "form.@name", "equals": "Staff"},
+                                               {"column": "archived", "equals": "false"}]},
+                          "fields": {"staff_id": "form.meta.user", "given_name": "form.first",
+                                     "family_name": "form.last", "title": {"const": "promotora"}}},
+        },
+    })
+    lines = [
+        {"archived": False, "form": {"@name": "Staff", "meta": {"user": "S1"}, "first": "Ana", "last": "Peña"}},
+        {"archived": True, "form": {"@name": "Staff", "meta": {"user": "S2"}, "first": "Old", "last": "Copy"}},
+        {"form": {"@name": "Intake", "case": {"@case_id": "E1"}, "mrn": "M1", "start": "2024-01-02",
+                  "meta": {"user": "S1"}}},
+    ]
+    (tmp_path / "forms.ndjson").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    with Staging() as staging:
+        report = read_program(profile, [tmp_path], staging)
+    assert report.as_dict()["kinds"] == {
+        "(no kind)": {"read": 1, "accepted": 0, "rejected": 1},
+        "enrollment": {"read": 1, "accepted": 1, "rejected": 0},
+        "supporter": {"read": 1, "accepted": 1, "rejected": 0},
+    }
