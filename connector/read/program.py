@@ -18,7 +18,7 @@ from typing import Any
 from connector.errors import InputError, ProfileError
 from connector.files import PRIVATE_FILE_MODE, make_folder, open_new
 from connector.model import RecordKind
-from connector.read.columns import HeaderMatcher, profile_columns
+from connector.read.columns import HeaderMatcher, missing_note, nested_paths, profile_columns
 from connector.read.convert import RowConverter, RowRejected
 from connector.read.formats import (
     DEFAULT_LIMITS,
@@ -30,6 +30,9 @@ from connector.read.formats import (
 )
 from connector.read.profile import Profile, RecordSpec
 from connector.read.staging import Staging
+from connector.read.values import has_path, key_paths
+
+_MAX_SUGGESTION_NAMES = 2000  # key paths kept per file to suggest a close name from (bounded memory)
 
 NO_KIND = "(no kind)"
 
@@ -168,6 +171,11 @@ def _read_group(
     matcher = HeaderMatcher(set().union(*(report.mapped_columns[k.value] for k in group)))
     headers: tuple[str, ...] | None = None
     renames: dict[str, str] = {}
+    # nested JSON paths no record of the file has had yet -> what reads them; warned about at the end of file
+    unseen: dict[str, str] = {}
+    for kind in group:
+        unseen.update(nested_paths(kind.value, profile.records[kind]))
+    names_seen: set[str] = set()
     for row in read_rows(path, sheet=source.sheet, json_path=source.json_path, limits=limits):
         if shown is not None:
             row = replace(row, location=replace(row.location, file=shown))
@@ -181,6 +189,11 @@ def _read_group(
         if row.is_blank():
             report.blank_rows += 1
             continue
+        if unseen:
+            for found in [p for p in unseen if has_path(row.values, p)]:
+                del unseen[found]
+            if len(names_seen) < _MAX_SUGGESTION_NAMES:
+                names_seen |= key_paths(row.values)
         kind = _route(row, group, profile)
         if kind is None:
             report.read[NO_KIND] += 1
@@ -195,8 +208,7 @@ def _read_group(
             missing_reported.add(kind)
             for field_name, column in converter.missing_columns(set(row.values)).items():
                 report.warnings.append(
-                    f"{path.name}: column {column!r} (for {kind.value}.{field_name}) is missing from the file"
-                )
+                    missing_note(path.name, column, f"{kind.value}.{field_name}", row.values, path=False))
         try:
             record = converter.convert(row)
         except RowRejected as rejected:
@@ -205,6 +217,9 @@ def _read_group(
                 staging.reject(row.location, kind.value, problem.field, problem.value, problem.reason, key)
             continue
         staging.add(record, row.location)
+    if headers is not None:  # only files that had rows: an empty file says nothing about paths
+        for nested, reader in unseen.items():
+            report.warnings.append(missing_note(path.name, nested, reader, names_seen, path=True))
 
 
 def _route(row: RawRow, group: list[RecordKind], profile: Profile) -> RecordKind | None:

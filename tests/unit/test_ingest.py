@@ -640,3 +640,33 @@ def test_where_reads_nested_json_paths_like_fields(tmp_path: Path) -> None:
         "enrollment": {"read": 1, "accepted": 1, "rejected": 0},
         "supporter": {"read": 1, "accepted": 1, "rejected": 0},
     }
+
+
+def test_a_mistyped_column_or_nested_path_warns_once_with_the_closest_name(tmp_path: Path) -> None:
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    profile = Profile.model_validate({
+        "format_version": 1, "name": "app", "program": PROGRAM,
+        "records": {
+            "enrollment": {"source": {"files": ["forms.ndjson"]},
+                           "fields": {"enrollment_id": "form.case.@case_id", "mrn": "form.mrn",
+                                      "start_date": "form.start", "supporter_id": "form.meta.userId",
+                                      "end_date": "qqq.zzz"}},
+            "supporter": {"source": {"files": ["staff.csv"]},
+                          "fields": {"staff_id": "staff", "given_name": "Given name", "family_name": "family",
+                                     "title": {"const": "promotora"}}},
+        },
+    })
+    record = {"form": {"case": {"@case_id": "E1"}, "mrn": "M1", "start": "2024-01-02", "meta": {"userID": "S1"}}}
+    (tmp_path / "forms.ndjson").write_text("\n".join(json.dumps(record) for _ in range(3)) + "\n")
+    (tmp_path / "staff.csv").write_text("staff,Given_name,family\nS1,Ana,Peña\n")
+    with Staging() as staging:
+        report = read_program(profile, [tmp_path], staging)
+    assert report.warnings == [
+        "forms.ndjson: path 'form.meta.userId' (for enrollment.supporter_id) is in no record of the file; "
+        "did you mean 'form.meta.userID'?",
+        "forms.ndjson: path 'qqq.zzz' (for enrollment.end_date) is in no record of the file",
+        "staff.csv: column 'Given name' (for supporter.given_name) is missing from the file; "
+        "did you mean 'Given_name'?",
+    ]
