@@ -10,7 +10,7 @@ import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from functools import lru_cache
@@ -119,6 +119,21 @@ class RowConverter:
             if spec.checkboxes is not None and not any(h.startswith(spec.checkboxes.prefix) for h in header):
                 missing[name] = spec.checkboxes.prefix + "*"  # a mistyped prefix would otherwise read as "none checked"
         return missing
+
+    def received_at(self, row: RawRow) -> str | None:
+        """When this copy of the record was received (UTC ISO), read from the profile's `duplicates.by`
+        column as a date-time; None without a policy or when the cell is empty or unreadable."""
+        policy = self.spec.duplicates
+        if policy is None:
+            return None
+        raw = value_at(row.values, policy.by)
+        if _is_empty(raw):
+            return None
+        try:
+            when = self._datetime(FieldSpec(column=policy.by), raw)
+        except ValueError:
+            return None
+        return when.astimezone(UTC).isoformat()
 
     def source_key(self, row: RawRow) -> str | None:
         """The row's record id as written (best effort, for rows that fail): None when unreadable."""

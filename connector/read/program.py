@@ -51,6 +51,8 @@ class ReadReport:
     # columns it reads, and those of them that some file of the kind has.
     mapped_columns: dict[str, set[str]] = field(default_factory=dict)
     present_columns: dict[str, set[str]] = field(default_factory=dict)
+    # resubmitted copies left out because a later copy was kept (profile `duplicates: {keep: latest}`)
+    superseded: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_read(self) -> int:
@@ -63,7 +65,8 @@ class ReadReport:
     def balanced(self) -> bool:
         """True when every read row is accounted for as accepted or rejected."""
         kinds = set(self.read) | set(self.accepted) | set(self.rejected)
-        return all(self.read[k] == self.accepted.get(k, 0) + self.rejected.get(k, 0) for k in kinds)
+        return all(self.read[k] == self.accepted.get(k, 0) + self.rejected.get(k, 0) + self.superseded.get(k, 0)
+                   for k in kinds)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly summary."""
@@ -75,6 +78,7 @@ class ReadReport:
             "total": {"read": self.total_read, "accepted": sum(self.accepted.values()),
                       "rejected": self.total_rejected},
             "blank_rows": self.blank_rows,
+            "superseded": self.superseded,
             "warnings": self.warnings,
         }
 
@@ -118,9 +122,11 @@ def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging,
             kinds = _kinds_with_sheets(path, kinds, profile, report, limits)
         for group in _groups(path, kinds, profile):
             _read_group(path, group, profile, converters, staging, report, shown, limits)
-    staging.finalize()
+    staging.finalize(keep_latest={kind.value for kind, spec in profile.records.items() if spec.duplicates})
     report.accepted = staging.counts()
     report.rejected = staging.rejected_rows()
+    report.superseded = staging.superseded_counts()
+    report.warnings.extend(str(item) for item in staging.superseded)
     return report
 
 
@@ -216,7 +222,7 @@ def _read_group(
             for problem in rejected.problems:
                 staging.reject(row.location, kind.value, problem.field, problem.value, problem.reason, key)
             continue
-        staging.add(record, row.location)
+        staging.add(record, row.location, converter.received_at(row))
     if headers is not None:  # only files that had rows: an empty file says nothing about paths
         for nested, reader in unseen.items():
             report.warnings.append(missing_note(path.name, nested, reader, names_seen, path=True))

@@ -670,3 +670,50 @@ def test_a_mistyped_column_or_nested_path_warns_once_with_the_closest_name(tmp_p
         "staff.csv: column 'Given name' (for supporter.given_name) is missing from the file; "
         "did you mean 'Given_name'?",
     ]
+
+
+def _resubmission_report(tmp_path: Path, duplicates: dict[str, str] | None, times: list[str]) -> Any:
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    contact_spec: dict[str, Any] = {"source": {"files": ["contacts.csv"]},
+                                    "fields": {**CONTACT_FIELDS, "notes": "notes"}}
+    if duplicates is not None:
+        contact_spec["duplicates"] = duplicates
+    profile = make_profile({"contact": contact_spec,
+                            "supporter": {"source": {"files": ["staff.csv"]},
+                                          "fields": {"staff_id": "staff_id", "given_name": "given",
+                                                     "family_name": "family", "title": {"const": "promotora"}}}})
+    (tmp_path / "staff.csv").write_text("staff_id,given,family\nS1,Ana,Peña\n")
+    (tmp_path / "enrollments.csv").write_text("enrollment_id,mrn,start_date,supporter_id\nE1,M1,2024-01-02,S1\n")
+    rows = "".join(f"C1,E1,S1,2024-03-01 10:00,telephone,copy {i},{t}\n" for i, t in enumerate(times))
+    (tmp_path / "contacts.csv").write_text(
+        "contact_id,enrollment_id,supporter_id,when,mode,notes,received_on\n" + rows)
+    with Staging() as staging:
+        report = read_program(profile, [tmp_path], staging)
+        kept = [r.notes for r in staging.records(RecordKind.CONTACT)]
+        reasons = [r.reason for r in staging.rejects()]
+    return report, kept, reasons
+
+
+def test_resubmitted_records_are_all_rejected_by_default(tmp_path: Path) -> None:
+    report, kept, reasons = _resubmission_report(tmp_path, None, ["2024-03-01T10:00:00Z", "2024-03-02T09:00:00Z"])
+    assert kept == [] and report.rejected == {"contact": 2} and report.superseded == {}
+    assert reasons == ["duplicate contact id: 2 rows share it; none is sent until the source is fixed"] * 2
+
+
+def test_duplicates_keep_latest_keeps_the_latest_copy_and_notes_the_others(tmp_path: Path) -> None:
+    policy = {"keep": "latest", "by": "received_on"}
+    times = ["2024-03-02T09:00:00Z", "2024-03-02 10:30", "2024-03-01T10:00:00Z"]  # 10:30 Chicago is latest
+    report, kept, reasons = _resubmission_report(tmp_path, policy, times)
+    assert kept == ["copy 1"] and reasons == []
+    assert report.superseded == {"contact": 2} and report.balanced()
+    assert "contacts.csv row 2: an earlier copy of a contact resubmitted at row 3; the later copy is kept" in (
+        " ".join(report.warnings))
+
+
+def test_duplicates_keep_latest_cannot_choose_between_equal_times(tmp_path: Path) -> None:
+    policy = {"keep": "latest", "by": "received_on"}
+    report, kept, reasons = _resubmission_report(tmp_path, policy, ["2024-03-02T09:00:00Z", "2024-03-02T09:00:00Z"])
+    assert kept == [] and report.rejected == {"contact": 2} and report.superseded == {}
+    assert all("keep latest cannot choose" in reason for reason in reasons)
