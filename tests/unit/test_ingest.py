@@ -717,3 +717,19 @@ def test_duplicates_keep_latest_cannot_choose_between_equal_times(tmp_path: Path
     report, kept, reasons = _resubmission_report(tmp_path, policy, ["2024-03-02T09:00:00Z", "2024-03-02T09:00:00Z"])
     assert kept == [] and report.rejected == {"contact": 2} and report.superseded == {}
     assert all("keep latest cannot choose" in reason for reason in reasons)
+
+
+def test_the_app_json_example_reads_its_sample() -> None:
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    example = Path(__file__).parents[2] / "mappings" / "examples" / "app-json"
+    with Staging() as staging:
+        report = read_program(load_profile(example), [example / "sample"], staging)
+        goals = {g.goal_id: g for g in staging.records(RecordKind.GOAL)}
+        (visit,) = staging.records(RecordKind.CONTACT)
+    assert report.accepted == {"supporter": 1, "enrollment": 1, "goal": 2, "contact": 1}
+    assert report.rejected == {"(no kind)": 1} and report.superseded == {"contact": 1}
+    assert goals["f-002"].target is not None and goals["f-002"].target.comparator == "<"
+    assert goals["f-003"].target is None and goals["f-003"].achievement_status is None
+    assert visit.support_types == ("emotional", "education", "community-linkage")  # the later copy

@@ -1111,3 +1111,14 @@ def test_mapped_programs_are_compact_all_the_way_down(tmp_path: Path, profile_na
         for path, value in walk(r):
             assert value is not None and value != "" and value != [] and value != {}, f"{r['resourceType']}{path}"
     assert count > 200
+
+
+def test_the_profile_carries_the_program_phone_and_config_overrides_it() -> None:
+    profile = load_profile("examples/sheets-es")
+    assert profile.program.phone
+    from_profile = MappingContext.from_profile(profile)
+    assert from_profile.program_phone == profile.program.phone
+    _, role = map_supporter(supporter(phone=None, email=None), from_profile)
+    assert role["telecom"] == [{"system": "phone", "value": profile.program.phone, "use": "work"}]  # pd-1 holds
+    overridden = MappingContext.from_profile(profile, program_phone="+1-555-010-9999")
+    assert overridden.program_phone == "+1-555-010-9999"
