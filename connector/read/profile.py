@@ -119,7 +119,10 @@ class FieldSpec(_Strict):
         None, description="The field has a value only in rows meeting this condition (all of a list)."
     )
 
-    _one_when = field_validator("when", mode="before")(lambda value: _as_list(value))
+    @field_validator("when", mode="before")
+    @classmethod
+    def _when_list(cls, value: Any) -> Any:
+        return _as_list(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> FieldSpec:
@@ -151,7 +154,10 @@ class SourceSpec(_Strict):
         None, description="Row filter; a list means every condition must hold (e.g. instrument and event)."
     )
 
-    _one_where = field_validator("where", mode="before")(lambda value: _as_list(value))
+    @field_validator("where", mode="before")
+    @classmethod
+    def _where_list(cls, value: Any) -> Any:
+        return _as_list(value)
 
     def accepts(self, row: dict[str, Any]) -> bool:
         """True when the row passes this kind's `where` filter (or there is none)."""

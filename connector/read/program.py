@@ -179,8 +179,8 @@ def _read_group(
     renames: dict[str, str] = {}
     # nested JSON paths no record of the file has had yet -> what reads them; warned about at the end of file
     unseen: dict[str, str] = {}
-    for kind in group:
-        unseen.update(nested_paths(kind.value, profile.records[kind]))
+    for member in group:
+        unseen.update(nested_paths(member.value, profile.records[member]))
     names_seen: set[str] = set()
     for row in read_rows(path, sheet=source.sheet, json_path=source.json_path, limits=limits):
         if shown is not None:
