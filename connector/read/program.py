@@ -181,6 +181,7 @@ def _read_group(
     unseen: dict[str, str] = {}
     for member in group:
         unseen.update(nested_paths(member.value, profile.records[member]))
+    read_paths = set(unseen)  # never suggested for a mistyped one: they are another field's
     names_seen: set[str] = set()
     for row in read_rows(path, sheet=source.sheet, json_path=source.json_path, limits=limits):
         if shown is not None:
@@ -214,7 +215,8 @@ def _read_group(
             missing_reported.add(kind)
             for field_name, column in converter.missing_columns(set(row.values)).items():
                 report.warnings.append(
-                    missing_note(path.name, column, f"{kind.value}.{field_name}", row.values, path=False))
+                    missing_note(path.name, column, f"{kind.value}.{field_name}",
+                                 set(row.values) - report.mapped_columns[kind.value], path=False))
         try:
             record = converter.convert(row)
         except RowRejected as rejected:
@@ -225,7 +227,7 @@ def _read_group(
         staging.add(record, row.location, converter.received_at(row))
     if headers is not None:  # only files that had rows: an empty file says nothing about paths
         for nested, reader in unseen.items():
-            report.warnings.append(missing_note(path.name, nested, reader, names_seen, path=True))
+            report.warnings.append(missing_note(path.name, nested, reader, names_seen - read_paths, path=True))
 
 
 def _route(row: RawRow, group: list[RecordKind], profile: Profile) -> RecordKind | None:

@@ -733,3 +733,17 @@ def test_the_app_json_example_reads_its_sample() -> None:
     assert goals["f-002"].target is not None and goals["f-002"].target.comparator == "<"
     assert goals["f-003"].target is None and goals["f-003"].achievement_status is None
     assert visit.support_types == ("emotional", "education", "community-linkage")  # the later copy
+
+
+def test_a_column_another_field_reads_is_never_suggested(tmp_path: Path) -> None:
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    profile = make_profile({"supporter": {"source": {"files": ["staff.csv"]},
+                                          "fields": {"staff_id": "staff_id", "given_name": "given",
+                                                     "family_name": "family", "title": {"const": "promotora"},
+                                                     "phone": "staff_idd"}}})
+    (tmp_path / "staff.csv").write_text("staff_id,given,family\nS1,Ana,Peña\n")
+    with Staging() as staging:
+        report = read_program(profile, [tmp_path], staging)
+    assert report.warnings == ["staff.csv: column 'staff_idd' (for supporter.phone) is missing from the file"]
