@@ -66,6 +66,7 @@ class MappingContext:
             "base_url": program.base_url,
             "mrn_system": program.mrn_system,
             "timezone": program.timezone,
+            "program_phone": program.phone,
         }
         values.update(overrides)
         return cls(**values)

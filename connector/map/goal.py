@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from connector.identifiers import KIND_GOAL, KIND_ROLE, KIND_STAFF
-from connector.model import Behavior, Comparator, Enrollment, Goal, GoalTarget
+from connector.model import Behavior, Comparator, Enrollment, Goal, GoalSetBy, GoalTarget
 
 from . import codes
 from ._util import compact, fhir_decimal, iso_date, resource
@@ -19,6 +19,7 @@ def map_goal(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
     return resource(
         "Goal",
         ctx,
+        extension=_acceptance(g, e, ctx),
         identifier=[ctx.ident(KIND_GOAL, g.goal_id)],
         lifecycleStatus=codes.ENTERED_IN_ERROR if g.void else g.lifecycle_status.value,
         achievementStatus=_achievement(g),
@@ -87,6 +88,26 @@ def _measure_and_quantity(t: GoalTarget) -> tuple[dict[str, Any], dict[str, Any]
             "code": ucum,
         }
     return {"coding": [codes.coding(codes.LOINC, loinc, display)]}, quantity
+
+
+# FHIR R4 core extension: each stakeholder's acceptance of the goal (individual: Patient | Practitioner)
+GOAL_ACCEPTANCE = "http://hl7.org/fhir/StructureDefinition/goal-acceptance"
+
+
+def _acceptance(g: Goal, e: Enrollment, ctx: MappingContext) -> list[dict[str, Any]]:
+    """A goal set together: the participant and the supporter each agreed to it (goal-acceptance, status
+    `agree`), which keeps "together" apart from "participant" while expressedBy stays the Patient."""
+    if g.set_by is not GoalSetBy.TOGETHER:
+        return []
+    people = [ctx.patient_ref(e)]
+    supporter_id = g.supporter_id or e.supporter_id
+    if supporter_id:
+        people.append(ctx.ref("Practitioner", KIND_STAFF, supporter_id))
+    return [
+        {"url": GOAL_ACCEPTANCE, "extension": [{"url": "individual", "valueReference": who},
+                                               {"url": "status", "valueCode": "agree"}]}
+        for who in people
+    ]
 
 
 def _expressed_by(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:

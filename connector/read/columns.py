@@ -8,10 +8,11 @@ file is refused rather than one of them picked silently. Pure: no I/O.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 
 from connector.errors import InputError
-from connector.read.profile import RecordSpec
+from connector.read.profile import RecordSpec, condition_columns
 
 _BOM = "\ufeff"
 
@@ -29,10 +30,37 @@ def profile_columns(spec: RecordSpec) -> set[str]:
         columns.update(field.columns_used())
         if field.checkboxes is not None:
             columns.update(field.checkboxes.prefix + suffix for suffix in field.checkboxes.options)
-    where = spec.source.where
-    for condition in (where if isinstance(where, list) else [where] if where is not None else []):
-        columns.add(condition.column)
+    columns.update(condition_columns(spec.source.where))
     return {c for c in columns if "." not in c}
+
+
+def nested_paths(kind: str, spec: RecordSpec) -> dict[str, str]:
+    """Dotted JSON paths a record kind reads -> what reads them (`contact.notes`, `contact where`)."""
+    paths: dict[str, str] = {}
+    for name, field in spec.fields.items():
+        for column in field.columns_used():
+            if "." in column:
+                paths.setdefault(column, f"{kind}.{name}")
+    for column in condition_columns(spec.source.where):
+        if "." in column:
+            paths.setdefault(column, f"{kind} where")
+    return paths
+
+
+def closest_name(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most like ``name`` (difflib ratio >= 0.6, ignoring case), to suggest for a typo."""
+    by_form = {c.casefold(): c for c in candidates}
+    found = difflib.get_close_matches(name.casefold(), list(by_form), n=1)
+    return by_form[found[0]] if found else None
+
+
+def missing_note(file_name: str, column: str, reader: str, candidates: Iterable[str], *, path: bool) -> str:
+    """The warning for a column (or nested JSON path) a profile reads that the file does not have."""
+    what = "path" if path else "column"
+    where = "in no record of the file" if path else "missing from the file"
+    closest = closest_name(column, candidates)
+    hint = f"; did you mean {closest!r}?" if closest else ""
+    return f"{file_name}: {what} {column!r} (for {reader}) is {where}{hint}"
 
 
 class HeaderMatcher:

@@ -7,11 +7,10 @@ row can be rejected and reported while all other rows go on.
 from __future__ import annotations
 
 import re
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from functools import lru_cache
@@ -30,12 +29,22 @@ from connector.model import (
     SupportType,
 )
 from connector.read.formats.base import RawRow
-from connector.read.profile import GOAL_TARGET_FIELDS, FieldSpec, Profile, RecordSpec
+from connector.read.profile import (
+    GOAL_TARGET_FIELDS,
+    FieldSpec,
+    Profile,
+    RecordSpec,
+    all_match,
+    field_type,
+    is_list_type,
+)
+from connector.read.values import cell_text, value_at
 
 _EXCEL_EPOCH = datetime(1899, 12, 30)
 _EXCEL_SERIAL = re.compile(r"^\d{4,6}(\.\d+)?$")
 _ROW = "(row)"
 _SLOW = object()  # a fast reader's answer for "take the general path"
+_NO_VALUE = "\x00no value"  # a code table's "null" entry: the spelling means the field has no value
 # strptime formats whose matches datetime.fromisoformat parses to the same value, with the exact shape it needs
 _ISO_SHAPES = {
     fmt: re.compile(shape, re.ASCII)
@@ -72,7 +81,7 @@ def show_value(field: str, value: Any) -> str:
     (the file and row locate the record), shortened otherwise."""
     if value is None:
         return ""
-    text = str(value)
+    text = value if isinstance(value, str) else cell_text(value)
     if field in SENSITIVE_FIELDS or field.endswith(("_id", "_ids")):
         return f"<masked: {len(text)} characters>"
     return text if len(text) <= 80 else text[:77] + "..."
@@ -92,7 +101,7 @@ class RowConverter:
         self.false_values = {v.casefold() for v in opts.false_values}
         self.earliest = date.fromisoformat(opts.earliest_date)
         self.latest = date.fromisoformat(opts.latest_date)
-        self.types = {name: _field_type(self.model, name) for name in self.spec.fields}
+        self.types = {name: field_type(kind, name) for name in self.spec.fields}
         self.lists = {name: _is_list(ftype) for name, ftype in self.types.items()}
         # (code table, enum, text as written) -> code or None: the same few spellings recur on every row
         self._codes: dict[tuple[str | None, type[StrEnum], str], str | None] = {}
@@ -111,13 +120,28 @@ class RowConverter:
                 missing[name] = spec.checkboxes.prefix + "*"  # a mistyped prefix would otherwise read as "none checked"
         return missing
 
+    def received_at(self, row: RawRow) -> str | None:
+        """When this copy of the record was received (UTC ISO), read from the profile's `duplicates.by`
+        column as a date-time; None without a policy or when the cell is empty or unreadable."""
+        policy = self.spec.duplicates
+        if policy is None:
+            return None
+        raw = value_at(row.values, policy.by)
+        if _is_empty(raw):
+            return None
+        try:
+            when = self._datetime(FieldSpec(column=policy.by), raw)
+        except ValueError:
+            return None
+        return when.astimezone(UTC).isoformat()
+
     def source_key(self, row: RawRow) -> str | None:
         """The row's record id as written (best effort, for rows that fail): None when unreadable."""
         spec = self.spec.fields.get(ID_FIELDS[self.kind])
         if spec is None or row.error:
             return None
         value = _raw(spec, row.values)
-        return None if _is_empty(value) else _cell_text(value)
+        return None if _is_empty(value) else cell_text(value)
 
     def convert(self, row: RawRow) -> SourceRecord:
         """Return the validated record, or raise RowRejected listing every problem in the row."""
@@ -161,7 +185,7 @@ class RowConverter:
         same value _field() returns, or _SLOW for anything else (other cell types, unknown codes, defaults,
         values _field() would reject), which convert() then sends down the general path. None when the field
         has no fast case. tests/unit/test_ingest_fast.py checks both paths agree."""
-        if spec.column is None or spec.checkboxes is not None:
+        if spec.column is None or spec.checkboxes is not None or spec.when is not None:
             return None
         ftype = self.types.get(name, str)
         is_list = _is_list(ftype)
@@ -207,7 +231,8 @@ class RowConverter:
 
             def code(raw: str) -> Any:
                 found = memo.get((table, ftype, raw.strip()))
-                return _SLOW if found is None else found  # unseen or unknown: _code() decides (and memoises)
+                # unseen, unknown or "no value": _code() decides (and memoises)
+                return _SLOW if found is None or found == _NO_VALUE else found
             return code
         if ftype is bool:
             truthy = {v.casefold() for v in spec.true_values} if spec.true_values else self.true_values
@@ -270,6 +295,8 @@ class RowConverter:
 
     def _field(self, name: str, spec: FieldSpec, row: dict[str, Any], original: dict[str, str]) -> Any:
         ftype = self.types.get(name, str)
+        if not all_match(spec.when, row):
+            return () if _is_list(ftype) else None  # `when` does not hold: the field has no value in this row
         if spec.checkboxes is not None:
             return self._checkboxes(name, spec, row, ftype, original)
         raw = _raw(spec, row)
@@ -282,9 +309,10 @@ class RowConverter:
                 return () if is_list else None
         if is_list:
             separator = spec.split or self.profile.options.list_separator
-            parts = raw if isinstance(raw, list) else [p for p in str(raw).split(separator) if p.strip()]
+            parts = raw if isinstance(raw, list) else [p for p in cell_text(raw).split(separator) if p.strip()]
             item_type = typing.get_args(ftype)[0]
-            return tuple(dict.fromkeys(self._scalar(name, spec, p, item_type, original) for p in parts))
+            items = (self._scalar(name, spec, p, item_type, original) for p in parts)
+            return tuple(dict.fromkeys(item for item in items if item is not None))
         return self._scalar(name, spec, raw, ftype, original)
 
     def _scalar(self, name: str, spec: FieldSpec, raw: Any, ftype: Any, original: dict[str, str]) -> Any:
@@ -302,14 +330,12 @@ class RowConverter:
             return _int(raw)
         if ftype is Decimal:
             return _decimal(raw)
-        if isinstance(raw, float) and raw.is_integer():
-            raw = int(raw)  # Excel stores ids typed as numbers as floats: 1042.0 -> "1042"
-        return str(raw).strip() if not isinstance(raw, str) else raw.strip()
+        # Excel stores ids typed as numbers as floats (1042.0 -> "1042"); JSON false is "false", not "False"
+        return cell_text(raw)
 
-    def _code(self, name: str, spec: FieldSpec, raw: Any, enum: type[StrEnum], original: dict[str, str]) -> str:
-        text = str(raw.strip() if isinstance(raw, str) else raw)
-        if isinstance(raw, float) and raw.is_integer():
-            text = str(int(raw))
+    def _code(self, name: str, spec: FieldSpec, raw: Any, enum: type[StrEnum],
+              original: dict[str, str]) -> str | None:
+        text = cell_text(raw)
         memo_key = (spec.codes, enum, text)
         if memo_key in self._codes:
             code = self._codes[memo_key]
@@ -318,6 +344,8 @@ class RowConverter:
             code = _lookup_code(text, enum, _table_key(self.profile, spec.codes) if table else None)
             if len(self._codes) < 10_000:  # bounded: free-text codes must not grow it without limit
                 self._codes[memo_key] = code
+        if code == _NO_VALUE:
+            return None
         if code is not None:
             return code
         policy = spec.unknown or self.profile.options.unknown_codes
@@ -335,7 +363,7 @@ class RowConverter:
         for suffix, code in boxes.options.items():
             if self._bool(spec, row.get(boxes.prefix + suffix)):
                 codes.append(self._scalar(name, spec, code, item_type, original))
-        return tuple(dict.fromkeys(codes))
+        return tuple(dict.fromkeys(c for c in codes if c is not None))
 
     def _bool(self, spec: FieldSpec, raw: Any) -> bool:
         if isinstance(raw, bool):
@@ -344,13 +372,13 @@ class RowConverter:
             return False
         if isinstance(raw, (int, float)):
             return raw != 0
-        text = str(raw).strip().casefold()
+        text = cell_text(raw).casefold()
         truthy = {v.casefold() for v in spec.true_values} if spec.true_values else self.true_values
         if text in truthy:
             return True
         if spec.true_values or text in self.false_values:
             return False
-        raise ValueError(f"not a yes/no value: {str(raw)[:40]!r}")
+        raise ValueError(f"not a yes/no value: {cell_text(raw)[:40]!r}")
 
     def _date(self, spec: FieldSpec, raw: Any) -> date:
         if isinstance(raw, datetime):
@@ -405,13 +433,11 @@ class RowConverter:
 
     def _assemble_target(self, values: dict[str, Any], problems: list[FieldProblem]) -> None:
         flat = {f: values.pop(f) for f in GOAL_TARGET_FIELDS if f in values}
+        incomplete = target_problem(set(flat))
+        if incomplete is not None:
+            problems.append(FieldProblem(incomplete[0], "", incomplete[1]))
+            return
         if not flat:
-            return
-        if "target_measure" not in flat:
-            problems.append(FieldProblem("target_measure", "", "a target value was given without a measure"))
-            return
-        if "target_value" not in flat:
-            problems.append(FieldProblem("target_value", "", "a target measure was given without a value"))
             return
         try:
             values["target"] = GoalTarget(
@@ -429,45 +455,48 @@ class RowConverter:
 # -- helpers -------------------------------------------------------------------------------------------
 
 
+def target_problem(given: set[str]) -> tuple[str, str] | None:
+    """(field, reason) when the goal target fields in ``given`` do not make a target; None when they do or
+    none is given. A target needs a measure and a value; the comparator defaults to `=` and the unit to the
+    measure's usual one (HbA1c `%`)."""
+    if not given:
+        return None
+    extras = " and ".join(name for field, name in (("target_comparator", "comparator"), ("target_unit", "unit"))
+                          if field in given)
+    if "target_measure" in given and "target_value" in given:
+        return None
+    if "target_value" in given:
+        return "target_measure", "a target value was given without a measure"
+    if "target_measure" in given:
+        with_extras = f" (only a {extras})" if extras else ""
+        return "target_value", f"a target measure was given without a value{with_extras}"
+    return "target_value", (f"a target {extras} was given without a measure or value (give them only when "
+                            "the value column has a value: `when: {column: ..., present: true}`)")
+
+
 def _raw(spec: FieldSpec, row: dict[str, Any]) -> Any:
+    if not all_match(spec.when, row):
+        return None
     if spec.column is not None:
-        return _get(row, spec.column)
+        return value_at(row, spec.column)
     if spec.const is not None:
         return spec.const
     if spec.template is not None:
         parts = {}
         for column in re.findall(r"{([^{}]+)}", spec.template):
-            value = _get(row, column)
+            value = value_at(row, column)
             if _is_empty(value):
                 return None  # an id built from an empty part is no id
-            parts[column] = _cell_text(value)
+            parts[column] = cell_text(value)
         return re.sub(r"{([^{}]+)}", lambda m: parts[m.group(1)], spec.template)
     return None
-
-
-def _get(row: dict[str, Any], column: str) -> Any:
-    if column in row:
-        return row[column]
-    node: Any = row
-    for part in column.split("."):  # dotted paths into nested JSON records
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _cell_text(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
 
 
 def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or value == []
 
 
-def _is_list(ftype: Any) -> bool:
-    return typing.get_origin(ftype) is tuple
+_is_list = is_list_type
 
 
 def _int(raw: Any) -> int:
@@ -560,7 +589,11 @@ def _table_key(profile: Profile, name: str | None) -> dict[str, str] | None:
         if len(_TABLE_CACHE) >= 32:  # bounded: long-running processes load profiles again and again
             _TABLE_CACHE.clear()
         tables = {
-            table: {_normalise(str(s)): code for code, spellings in entries.items() for s in [code, *spellings]}
+            table: {
+                _normalise(str(s)): _NO_VALUE if code is None else code
+                for code, spellings in entries.items()
+                for s in ([] if code is None else [code]) + spellings
+            }
             for table, entries in profile.code_tables.items()
         }
         cached = _TABLE_CACHE[id(profile)] = (profile, tables)
@@ -570,31 +603,10 @@ def _table_key(profile: Profile, name: str | None) -> dict[str, str] | None:
 def _lookup_code(text: str, enum: type[StrEnum], table: dict[str, str] | None) -> str | None:
     key = _normalise(text)
     if table is not None and key in table:
+        if table[key] == _NO_VALUE:
+            return _NO_VALUE
         key = _normalise(table[key])
     return _enum_index(enum).get(key)
-
-
-def _field_type(model: type[SourceRecord], name: str) -> Any:
-    """The plain Python type of a model field: Optional and Annotated unwrapped, tuples kept as tuple[X]."""
-    if name in GOAL_TARGET_FIELDS:
-        target_types: dict[str, Any] = {"target_measure": GoalTarget.model_fields["measure"].annotation,
-                                        "target_comparator": GoalTarget.model_fields["comparator"].annotation,
-                                        "target_value": Decimal, "target_unit": str}
-        return target_types[name]
-    annotation = model.model_fields[name].annotation
-    return _unwrap(annotation)
-
-
-def _unwrap(annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _unwrap(args[0])
-    if origin is tuple:
-        return tuple[_unwrap(typing.get_args(annotation)[0])]  # type: ignore[misc]
-    return annotation
 
 
 def _validation_problems(exc: ValidationError, values: dict[str, Any]) -> list[FieldProblem]:

@@ -9,7 +9,12 @@ with its line number, so `peersync profile check` can point an IT person at the 
 from __future__ import annotations
 
 import re
+import types
+import typing
 from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -26,7 +31,8 @@ from pydantic import (
 
 from connector import assets
 from connector.errors import ProfileError
-from connector.model import RECORD_MODELS, EssentialElement, RecordKind, SupportType
+from connector.model import RECORD_MODELS, EssentialElement, GoalTarget, RecordKind, SupportType
+from connector.read.values import cell_text, value_at
 
 PROFILE_FORMAT_VERSION = 1
 PROFILE_FILE_NAME = "profile.yaml"
@@ -36,6 +42,57 @@ UnknownCodePolicy = Literal["reject", "other"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Where(_Strict):
+    """A condition on a row: a kind's row filter (`where`), or when a field applies (`when`).
+
+    The column is read exactly as a field reads it (dotted paths into nested JSON, JSON `true`/`false` as
+    text), so `{column: form.@name, equals: "Visit"}` works on an app export."""
+
+    column: str
+    equals: str | None = None
+    is_in: list[str] | None = Field(None, alias="in")
+    present: bool | None = Field(None, description="true: the cell has a value; false: it is empty or absent.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_test(self) -> Where:
+        tests = [name for name, value in (("equals", self.equals), ("in", self.is_in), ("present", self.present))
+                 if value is not None]
+        if len(tests) != 1:
+            raise ValueError("give exactly one of equals, in or present"
+                             + (f" (found {', '.join(tests)})" if tests else ""))
+        return self
+
+    def matches(self, row: dict[str, Any]) -> bool:
+        """True when the row meets the condition."""
+        text = cell_text(value_at(row, self.column))
+        if self.present is not None:
+            return bool(text) is self.present
+        if self.equals is not None:
+            return text == self.equals
+        return text in (self.is_in or [])
+
+
+def _as_list(value: Any) -> Any:
+    """A single condition is a list of one (so errors point at it, not at two union branches)."""
+    return [value] if isinstance(value, dict) else value
+
+
+def all_match(conditions: Where | list[Where] | None, row: dict[str, Any]) -> bool:
+    """True when every condition holds for the row (or there is none)."""
+    if conditions is None:
+        return True
+    return all(c.matches(row) for c in (conditions if isinstance(conditions, list) else [conditions]))
+
+
+def condition_columns(conditions: Where | list[Where] | None) -> list[str]:
+    """The columns a `where` or `when` reads."""
+    if conditions is None:
+        return []
+    return [c.column for c in (conditions if isinstance(conditions, list) else [conditions])]
 
 
 class Checkboxes(_Strict):
@@ -58,6 +115,14 @@ class FieldSpec(_Strict):
     default: str | int | float | bool | None = None
     unknown: UnknownCodePolicy | None = Field(None, description="Override of options.unknown_codes for this field.")
     true_values: list[str] | None = Field(None, description="Cell values meaning true (booleans such as void).")
+    when: list[Where] | None = Field(
+        None, description="The field has a value only in rows meeting this condition (all of a list)."
+    )
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _when_list(cls, value: Any) -> Any:
+        return _as_list(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> FieldSpec:
@@ -70,30 +135,13 @@ class FieldSpec(_Strict):
         return self
 
     def columns_used(self) -> list[str]:
-        """Column names this field reads (for missing-column checks)."""
+        """Column names this field reads, its `when` condition's included (for missing-column checks)."""
+        used = condition_columns(self.when)
         if self.column is not None:
-            return [self.column]
+            return [self.column, *used]
         if self.template is not None:
-            return re.findall(r"{([^{}]+)}", self.template)
-        return []
-
-
-class Where(_Strict):
-    """Row filter for files that hold several kinds (REDCap repeating instruments, typed NDJSON)."""
-
-    column: str
-    equals: str | None = None
-    is_in: list[str] | None = Field(None, alias="in")
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    def matches(self, row: dict[str, Any]) -> bool:
-        """True when the row belongs to this kind."""
-        value = row.get(self.column)
-        text = "" if value is None else str(value).strip()
-        if self.equals is not None:
-            return text == self.equals
-        return text in (self.is_in or [])
+            return [*re.findall(r"{([^{}]+)}", self.template), *used]
+        return used
 
 
 class SourceSpec(_Strict):
@@ -102,16 +150,25 @@ class SourceSpec(_Strict):
     files: list[str] = Field(description="File name globs, e.g. ['contacts*.csv'].")
     sheet: str | None = Field(None, description="Worksheet name in an Excel workbook.")
     json_path: str | None = Field(None, description="Dotted path to the array of records in a JSON document.")
-    where: Where | list[Where] | None = Field(
+    where: list[Where] | None = Field(
         None, description="Row filter; a list means every condition must hold (e.g. instrument and event)."
     )
 
+    @field_validator("where", mode="before")
+    @classmethod
+    def _where_list(cls, value: Any) -> Any:
+        return _as_list(value)
+
     def accepts(self, row: dict[str, Any]) -> bool:
         """True when the row passes this kind's `where` filter (or there is none)."""
-        if self.where is None:
-            return True
-        conditions = self.where if isinstance(self.where, list) else [self.where]
-        return all(condition.matches(row) for condition in conditions)
+        return all_match(self.where, row)
+
+
+class DuplicatePolicy(_Strict):
+    """Resubmitted records (same id, later timestamp): keep the copy with the latest `by` date-time."""
+
+    keep: Literal["latest"]
+    by: str = Field(description="Column (or dotted JSON path) holding when the copy was received or saved.")
 
 
 class RecordSpec(_Strict):
@@ -119,6 +176,9 @@ class RecordSpec(_Strict):
 
     source: SourceSpec
     fields: dict[str, FieldSpec]
+    duplicates: DuplicatePolicy | None = Field(
+        None, description="Which copy of a resubmitted record is kept; default: every copy is rejected."
+    )
 
     @field_validator("fields", mode="before")
     @classmethod
@@ -137,6 +197,9 @@ class ProgramSpec(_Strict):
     base_url: str = Field(pattern=r"^https?://\S+[^/]$", description="Program's canonical base URL, no trailing /.")
     timezone: str
     mrn_system: str = Field(description="The clinic's MRN identifier system (URI).")
+    phone: str | None = Field(
+        None, min_length=1, description="The program's phone: PractitionerRole.telecom of supporters who have none."
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -169,8 +232,9 @@ class Profile(_Strict):
     description: str = ""
     program: ProgramSpec
     options: Options = Options()
-    code_tables: dict[str, dict[str, list[str]]] = Field(
-        default_factory=dict, description="Named value maps: code -> list of source spellings."
+    code_tables: dict[str, dict[str | None, list[str]]] = Field(
+        default_factory=dict,
+        description="Named value maps: code -> list of source spellings; the code null means 'no value'.",
     )
     element_rules: dict[SupportType, list[EssentialElement]] = Field(
         default_factory=dict, description="Support type -> essential elements it implies."
@@ -195,8 +259,16 @@ class Profile(_Strict):
                         f"records.{kind.value}.fields.{name}: no such field for {kind.value} "
                         f"(known: {', '.join(sorted(model_fields))})"
                     )
+                    continue
                 if field.codes is not None and field.codes not in self.code_tables:
                     errors.append(f"records.{kind.value}.fields.{name}.codes: no code table named {field.codes!r}")
+                errors.extend(
+                    f"records.{kind.value}.fields.{name}.{modifier}: {reason}"
+                    for modifier, reason in misplaced_modifiers(kind, name, field)
+                )
+            if spec.duplicates is not None and kind is RecordKind.ENROLLMENT:
+                errors.append(f"records.{kind.value}.duplicates: enrollments cannot be resubmitted copies: "
+                              "remove it (a participant's enrollment id must be unique)")
             missing = sorted(_required_fields(kind) - spec.fields.keys())
             if missing:
                 errors.append(f"records.{kind.value}.fields: required field(s) not mapped: {', '.join(missing)}")
@@ -209,6 +281,70 @@ class Profile(_Strict):
 
 # Flat names used in profiles for the nested goal target.
 GOAL_TARGET_FIELDS = ("target_measure", "target_comparator", "target_value", "target_unit")
+_TARGET_TYPES: dict[str, Any] = {
+    "target_measure": GoalTarget.model_fields["measure"].annotation,
+    "target_comparator": GoalTarget.model_fields["comparator"].annotation,
+    "target_value": Decimal,
+    "target_unit": str,
+}
+
+
+def field_type(kind: RecordKind, name: str) -> Any:
+    """The plain Python type of a settable field: Optional and Annotated unwrapped, lists kept as tuple[X]."""
+    if name in GOAL_TARGET_FIELDS:
+        return _TARGET_TYPES[name]
+    return _unwrap(RECORD_MODELS[kind].model_fields[name].annotation)
+
+
+def _unwrap(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0])
+    if origin is tuple:
+        return tuple[_unwrap(typing.get_args(annotation)[0])]  # type: ignore[misc]
+    return annotation
+
+
+def is_list_type(ftype: Any) -> bool:
+    """True for list fields (tuple[X] in the source model)."""
+    return typing.get_origin(ftype) is tuple
+
+
+def allowed_modifiers(kind: RecordKind, name: str) -> set[str]:
+    """The modifiers a field accepts, from its type: `codes`/`unknown` for coded fields, `split` for lists,
+    `formats` for dates, `true_values` for yes/no fields (and checkbox columns); `default` and `when` always."""
+    ftype = field_type(kind, name)
+    allowed = {"default", "when"}
+    if is_list_type(ftype):
+        allowed.add("split")
+        ftype = typing.get_args(ftype)[0]
+    if isinstance(ftype, type) and issubclass(ftype, StrEnum):
+        allowed |= {"codes", "unknown"}
+    elif ftype is bool:
+        allowed.add("true_values")
+    elif ftype in (date, datetime):
+        allowed.add("formats")
+    return allowed
+
+
+_MODIFIERS = ("codes", "unknown", "split", "formats", "true_values")
+
+
+def misplaced_modifiers(kind: RecordKind, name: str, field: FieldSpec) -> list[tuple[str, str]]:
+    """(modifier, reason) for each modifier given to a field it does not apply to (it would be ignored)."""
+    allowed = allowed_modifiers(kind, name)
+    if field.checkboxes is not None:
+        allowed = allowed | {"true_values"}  # checkbox cells are yes/no cells
+    problems = []
+    for modifier in _MODIFIERS:
+        if getattr(field, modifier) is not None and modifier not in allowed:
+            usable = ", ".join(sorted(allowed - {"default", "when"})) or "none but default and when"
+            problems.append((modifier, f"does not apply to {kind.value}.{name} and would be ignored "
+                                       f"(its modifiers: {usable}): remove it"))
+    return problems
 
 
 def _settable_fields(kind: RecordKind) -> set[str]:

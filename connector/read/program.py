@@ -18,7 +18,7 @@ from typing import Any
 from connector.errors import InputError, ProfileError
 from connector.files import PRIVATE_FILE_MODE, make_folder, open_new
 from connector.model import RecordKind
-from connector.read.columns import HeaderMatcher, profile_columns
+from connector.read.columns import HeaderMatcher, missing_note, nested_paths, profile_columns
 from connector.read.convert import RowConverter, RowRejected
 from connector.read.formats import (
     DEFAULT_LIMITS,
@@ -30,6 +30,9 @@ from connector.read.formats import (
 )
 from connector.read.profile import Profile, RecordSpec
 from connector.read.staging import Staging
+from connector.read.values import has_path, key_paths
+
+_MAX_SUGGESTION_NAMES = 2000  # key paths kept per file to suggest a close name from (bounded memory)
 
 NO_KIND = "(no kind)"
 
@@ -48,6 +51,8 @@ class ReadReport:
     # columns it reads, and those of them that some file of the kind has.
     mapped_columns: dict[str, set[str]] = field(default_factory=dict)
     present_columns: dict[str, set[str]] = field(default_factory=dict)
+    # resubmitted copies left out because a later copy was kept (profile `duplicates: {keep: latest}`)
+    superseded: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_read(self) -> int:
@@ -60,7 +65,8 @@ class ReadReport:
     def balanced(self) -> bool:
         """True when every read row is accounted for as accepted or rejected."""
         kinds = set(self.read) | set(self.accepted) | set(self.rejected)
-        return all(self.read[k] == self.accepted.get(k, 0) + self.rejected.get(k, 0) for k in kinds)
+        return all(self.read[k] == self.accepted.get(k, 0) + self.rejected.get(k, 0) + self.superseded.get(k, 0)
+                   for k in kinds)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly summary."""
@@ -72,6 +78,7 @@ class ReadReport:
             "total": {"read": self.total_read, "accepted": sum(self.accepted.values()),
                       "rejected": self.total_rejected},
             "blank_rows": self.blank_rows,
+            "superseded": self.superseded,
             "warnings": self.warnings,
         }
 
@@ -115,9 +122,11 @@ def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging,
             kinds = _kinds_with_sheets(path, kinds, profile, report, limits)
         for group in _groups(path, kinds, profile):
             _read_group(path, group, profile, converters, staging, report, shown, limits)
-    staging.finalize()
+    staging.finalize(keep_latest={kind.value for kind, spec in profile.records.items() if spec.duplicates})
     report.accepted = staging.counts()
     report.rejected = staging.rejected_rows()
+    report.superseded = staging.superseded_counts()
+    report.warnings.extend(str(item) for item in staging.superseded)
     return report
 
 
@@ -168,6 +177,12 @@ def _read_group(
     matcher = HeaderMatcher(set().union(*(report.mapped_columns[k.value] for k in group)))
     headers: tuple[str, ...] | None = None
     renames: dict[str, str] = {}
+    # nested JSON paths no record of the file has had yet -> what reads them; warned about at the end of file
+    unseen: dict[str, str] = {}
+    for member in group:
+        unseen.update(nested_paths(member.value, profile.records[member]))
+    read_paths = set(unseen)  # never suggested for a mistyped one: they are another field's
+    names_seen: set[str] = set()
     for row in read_rows(path, sheet=source.sheet, json_path=source.json_path, limits=limits):
         if shown is not None:
             row = replace(row, location=replace(row.location, file=shown))
@@ -181,6 +196,11 @@ def _read_group(
         if row.is_blank():
             report.blank_rows += 1
             continue
+        if unseen:
+            for found in [p for p in unseen if has_path(row.values, p)]:
+                del unseen[found]
+            if len(names_seen) < _MAX_SUGGESTION_NAMES:
+                names_seen |= key_paths(row.values)
         kind = _route(row, group, profile)
         if kind is None:
             report.read[NO_KIND] += 1
@@ -195,8 +215,8 @@ def _read_group(
             missing_reported.add(kind)
             for field_name, column in converter.missing_columns(set(row.values)).items():
                 report.warnings.append(
-                    f"{path.name}: column {column!r} (for {kind.value}.{field_name}) is missing from the file"
-                )
+                    missing_note(path.name, column, f"{kind.value}.{field_name}",
+                                 set(row.values) - report.mapped_columns[kind.value], path=False))
         try:
             record = converter.convert(row)
         except RowRejected as rejected:
@@ -204,7 +224,10 @@ def _read_group(
             for problem in rejected.problems:
                 staging.reject(row.location, kind.value, problem.field, problem.value, problem.reason, key)
             continue
-        staging.add(record, row.location)
+        staging.add(record, row.location, converter.received_at(row))
+    if headers is not None:  # only files that had rows: an empty file says nothing about paths
+        for nested, reader in unseen.items():
+            report.warnings.append(missing_note(path.name, nested, reader, names_seen - read_paths, path=True))
 
 
 def _route(row: RawRow, group: list[RecordKind], profile: Profile) -> RecordKind | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS staged (
     file TEXT NOT NULL,
     sheet TEXT,
     unit TEXT NOT NULL,
-    row INTEGER NOT NULL
+    row INTEGER NOT NULL,
+    received TEXT            -- when this copy was received (UTC ISO), for duplicates: {keep: latest}
 );
 CREATE TABLE IF NOT EXISTS rejects (
     seq INTEGER PRIMARY KEY,
@@ -79,6 +80,22 @@ def record_json(record: SourceRecord) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class Superseded:
+    """A resubmitted copy left out because a later copy of the same record was kept (no values: PHI-free)."""
+
+    kind: str
+    file: str
+    unit: str
+    row: int
+    kept_unit: str
+    kept_row: int
+
+    def __str__(self) -> str:
+        return (f"{self.file} {self.unit} {self.row}: an earlier copy of a {self.kind} resubmitted at "
+                f"{self.kept_unit} {self.kept_row}; the later copy is kept (duplicates: keep latest)")
+
+
+@dataclass(frozen=True, slots=True)
 class Reject:
     """One rejected row for the rejects report."""
 
@@ -106,6 +123,7 @@ class Staging:
             self.db.executescript(_SCHEMA)
         self._pending: list[tuple] = []
         self._pending_rejects: list[tuple] = []
+        self.superseded: list[Superseded] = []
 
     def __enter__(self) -> Self:
         return self
@@ -119,8 +137,8 @@ class Staging:
 
     # -- writing ---------------------------------------------------------------------------------------
 
-    def add(self, record: SourceRecord, location: RowLocation) -> None:
-        """Stage an accepted record (batched)."""
+    def add(self, record: SourceRecord, location: RowLocation, received: str | None = None) -> None:
+        """Stage an accepted record (batched); ``received`` orders resubmitted copies (UTC ISO date-time)."""
         body = record_json(record)
         participant = getattr(record, "enrollment_id", None)
         self._pending.append(
@@ -134,6 +152,7 @@ class Staging:
                 location.sheet,
                 location.unit,
                 location.row,
+                received,
             )
         )
         if len(self._pending) >= 2000:
@@ -166,7 +185,8 @@ class Staging:
         with self._transaction():
             if self._pending:
                 self.db.executemany(
-                    "INSERT INTO staged(kind,key,participant,hash,body,file,sheet,unit,row) VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO staged(kind,key,participant,hash,body,file,sheet,unit,row,received)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
                     self._pending,
                 )
                 self._pending.clear()
@@ -179,11 +199,14 @@ class Staging:
 
     # -- whole-input checks ----------------------------------------------------------------------------
 
-    def finalize(self) -> None:
-        """Reject duplicate ids and dangling references; set each goal note's participant."""
+    def finalize(self, keep_latest: Collection[str] = ()) -> None:
+        """Reject duplicate ids (for kinds in ``keep_latest``, keep the latest received copy when that is
+        clear) and dangling references; set each goal note's participant."""
         self.flush()
         self.db.executescript(_INDEXES)
-        self._reject_duplicates()
+        if keep_latest:
+            self._keep_latest_copies(set(keep_latest))
+        self._reject_duplicates(set(keep_latest))
         for kind, field, target in _REFERENCES:
             self._reject_dangling(kind, field, target)
         self._reject_unknown_goal_links()
@@ -207,7 +230,44 @@ class Staging:
                 )
                 self.db.execute("DELETE FROM staged WHERE seq=?", (seq,))
 
-    def _reject_duplicates(self) -> None:
+    def _keep_latest_copies(self, kinds: set[str]) -> None:
+        """Resubmitted records: of the copies sharing an id, keep the one received last and drop the others
+        (listed in ``superseded``). When a copy has no received time, or two share the latest one, nothing is
+        dropped and the duplicate check rejects them all (which copy is right is not known)."""
+        groups = self.db.execute(
+            """SELECT s.seq, s.kind, s.key, s.received, s.file, s.unit, s.row FROM staged s
+               JOIN (SELECT kind, key FROM staged GROUP BY kind, key HAVING count(*) > 1) d
+               ON s.kind=d.kind AND s.key=d.key ORDER BY s.kind, s.key, s.seq"""
+        ).fetchall()
+        by_record: dict[tuple[str, str], list[tuple]] = {}
+        for row in groups:
+            if row[1] in kinds:
+                by_record.setdefault((row[1], row[2]), []).append(row)
+        drop: list[int] = []
+        for copies in by_record.values():
+            times = [c[3] for c in copies]
+            if None in times:
+                continue
+            latest = max(times)
+            if times.count(latest) > 1:
+                continue
+            kept = next(c for c in copies if c[3] == latest)
+            for seq, kind, _key, _received, file, unit, row in copies:
+                if seq != kept[0]:
+                    drop.append(seq)
+                    self.superseded.append(Superseded(kind, file, unit, row, kept[5], kept[6]))
+        if drop:
+            with self._transaction():
+                self.db.executemany("DELETE FROM staged WHERE seq=?", [(seq,) for seq in drop])
+
+    def superseded_counts(self) -> dict[str, int]:
+        """Resubmitted copies dropped per kind (a later copy was kept)."""
+        counts: dict[str, int] = {}
+        for item in self.superseded:
+            counts[item.kind] = counts.get(item.kind, 0) + 1
+        return counts
+
+    def _reject_duplicates(self, keep_latest: set[str]) -> None:
         duplicates = self.db.execute(
             """SELECT s.seq, s.kind, s.unit, s.row, d.n FROM staged s
                JOIN (SELECT kind, key, count(*) AS n FROM staged GROUP BY kind, key HAVING n > 1) d
@@ -215,8 +275,11 @@ class Staging:
         ).fetchall()
         if not duplicates:
             return
+        undecided = (" (duplicates: keep latest cannot choose: a copy has no readable received time, or two "
+                     "share the latest)")
         reasons = {
             seq: f"duplicate {kind} id: {n} rows share it; none is sent until the source is fixed"
+            + (undecided if kind in keep_latest else "")
             for seq, kind, _unit, _row, n in duplicates
         }
         for kind in {kind for _, kind, *_ in duplicates}:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -14,7 +15,7 @@ from connector.identifiers import identifier_value
 from connector.model import Contact, Enrollment, Goal, RecordKind, SourceRecord
 from connector.read.convert import FieldProblem, RowConverter, RowRejected, show_value
 from connector.read.formats.base import RawRow, RowLocation
-from connector.read.profile import Profile, load_profile
+from connector.read.profile import Profile, Where, load_profile
 
 PROGRAM = {
     "id": "test-program",
@@ -516,3 +517,233 @@ def test_the_template_profile_reads_its_own_documented_columns(template: Profile
                                      conditions="type 2 diabetes; prediabetes")
     assert enrollment.conditions == ("type 2 diabetes", "prediabetes")
     assert enrollment.status == "completed"
+
+
+# -- onboarding features: conditional values, no-value codes, target messages, JSON scalars, nested where ----
+
+GOAL_FIELDS = {"goal_id": "goal_id", "enrollment_id": "enrollment_id", "description": "goal_in_own_words",
+               "behavior": {"column": "behavior", "codes": "behaviors"}, "start_date": "start_date"}
+A1C_WHEN = {"column": "objetivo_a1c", "present": True}
+
+
+def goal_profile(extra: dict[str, Any], tables: dict[str, Any] | None = None) -> Profile:
+    return make_profile({"goal": {"source": {"files": ["goals*.csv"]}, "fields": {**GOAL_FIELDS, **extra}}},
+                        code_tables={"behaviors": {"being-active": ["activity"]}, **(tables or {})})
+
+
+def test_a_conditional_constant_applies_only_when_its_column_has_a_value() -> None:
+    profile = goal_profile({"target_measure": {"const": "hba1c", "when": A1C_WHEN},
+                            "target_comparator": {"const": "<", "when": A1C_WHEN},
+                            "target_value": "objetivo_a1c"})
+    with_target: Goal = convert(profile, RecordKind.GOAL, **GOAL_ROW, objetivo_a1c="7.2")
+    assert with_target.target is not None
+    assert (with_target.target.measure, with_target.target.comparator, with_target.target.value) == (
+        "hba1c", "<", Decimal("7.2"))
+    assert with_target.target.unit is None  # the mapper writes HbA1c's default unit, % (UCUM)
+    without: Goal = convert(profile, RecordKind.GOAL, **GOAL_ROW, objetivo_a1c="  ")
+    assert without.target is None
+
+
+def test_a_conditional_template_and_equals_condition() -> None:
+    profile = contact_profile({"notes": {"template": "Visit by {visitor}",
+                                         "when": [{"column": "type", "equals": "home"},
+                                                  {"column": "visitor", "present": True}]}})
+    assert contact(profile, type="home", visitor="Ana").notes == "Visit by Ana"
+    assert contact(profile, type="phone", visitor="Ana").notes is None
+
+
+def test_a_code_table_can_map_a_spelling_to_no_value() -> None:
+    profile = goal_profile({"achievement_status": {"column": "estado", "codes": "logro"}},
+                           {"logro": {"achieved": ["logrado"], None: ["en pausa", "pausa"]}})
+    assert convert(profile, RecordKind.GOAL, **GOAL_ROW, estado="Logrado").achievement_status == "achieved"
+    paused: Goal = convert(profile, RecordKind.GOAL, **GOAL_ROW, estado="En pausa")
+    assert paused.achievement_status is None and not paused.original_text
+    found = problems(profile, RecordKind.GOAL, **GOAL_ROW, estado="Quizás")
+    assert [p.field for p in found] == ["achievement_status"]
+
+
+def test_a_no_value_spelling_in_a_list_field_is_left_out() -> None:
+    profile = contact_profile({"support_types": {"column": "apoyo", "codes": "apoyos"}},
+                              code_tables={"apoyos": {"emotional": ["emocional"], None: ["ninguno"]}})
+    assert contact(profile, apoyo="Emocional; Ninguno").support_types == ("emotional",)
+
+
+@pytest.mark.parametrize(
+    ("given", "field", "reason"),
+    [
+        ({"v": "7"}, "target_measure", "a target value was given without a measure"),
+        ({"m": "hba1c"}, "target_value", "a target measure was given without a value"),
+        ({"m": "hba1c", "c": "<", "u": "%"}, "target_value",
+         "a target measure was given without a value (only a comparator and unit)"),
+        ({"c": "<"}, "target_value", "a target comparator was given without a measure or value"),
+        ({"u": "%"}, "target_value", "a target unit was given without a measure or value"),
+        ({"c": "<", "u": "%"}, "target_value", "a target comparator and unit was given without a measure or value"),
+    ],
+)
+def test_each_incomplete_target_has_its_own_message(
+    template: Profile, given: dict[str, str], field: str, reason: str
+) -> None:
+    names = {"m": "target_measure", "c": "target_comparator", "v": "target_value", "u": "target_unit"}
+    row = {**GOAL_ROW, **{names[k]: v for k, v in given.items()}}
+    found = problems(template, RecordKind.GOAL, **row)
+    assert [p.field for p in found] == [field]
+    assert found[0].reason.startswith(reason)
+
+
+def test_json_booleans_and_numbers_become_text_as_json_spells_them() -> None:
+    profile = contact_profile({"notes": {"template": "{form.archived}/{form.score}/{form.count}"},
+                               "outcome": {"column": "form.done", "codes": "done"}},
+                              code_tables={"done": {"completed": ["true"], "not-reached": ["false"]}})
+    row = {**CONTACT_ROW, "form": {"archived": False, "score": 7.5, "count": 3.0, "done": False}}
+    record = convert(profile, RecordKind.CONTACT, **row)
+    assert record.notes == "false/7.5/3"
+    assert record.outcome == "not-reached"
+    assert show_value("duration_minutes", True) == "true"
+
+
+def test_json_true_false_in_a_text_field_and_a_where_filter() -> None:
+    profile = contact_profile({"notes": "form.flag"})
+    assert contact(profile, form={"flag": True}).notes == "true"
+    where = Where.model_validate({"column": "form.archived", "equals": "false"})
+    assert where.matches({"form": {"archived": False}})
+    assert not where.matches({"form": {"archived": True}})
+
+
+def test_where_reads_nested_json_paths_like_fields(tmp_path: Path) -> None:
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    profile = Profile.model_validate({
+        "format_version": 1, "name": "app", "program": PROGRAM,
+        "records": {
+            "enrollment": {"source": {"files": ["forms.ndjson"], "where": {"column": "form.@name", "equals": "Intake"}},
+                           "fields": {"enrollment_id": "form.case.@case_id", "mrn": "form.mrn",
+                                      "start_date": "form.start", "supporter_id": "form.meta.user"}},
+            "supporter": {"source": {"files": ["forms.ndjson"],
+                                     "where": [{"column": "form.@name", "equals": "Staff"},
+                                               {"column": "archived", "equals": "false"}]},
+                          "fields": {"staff_id": "form.meta.user", "given_name": "form.first",
+                                     "family_name": "form.last", "title": {"const": "promotora"}}},
+        },
+    })
+    lines = [
+        {"archived": False, "form": {"@name": "Staff", "meta": {"user": "S1"}, "first": "Ana", "last": "Peña"}},
+        {"archived": True, "form": {"@name": "Staff", "meta": {"user": "S2"}, "first": "Old", "last": "Copy"}},
+        {"form": {"@name": "Intake", "case": {"@case_id": "E1"}, "mrn": "M1", "start": "2024-01-02",
+                  "meta": {"user": "S1"}}},
+    ]
+    (tmp_path / "forms.ndjson").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    with Staging() as staging:
+        report = read_program(profile, [tmp_path], staging)
+    assert report.as_dict()["kinds"] == {
+        "(no kind)": {"read": 1, "accepted": 0, "rejected": 1},
+        "enrollment": {"read": 1, "accepted": 1, "rejected": 0},
+        "supporter": {"read": 1, "accepted": 1, "rejected": 0},
+    }
+
+
+def test_a_mistyped_column_or_nested_path_warns_once_with_the_closest_name(tmp_path: Path) -> None:
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    profile = Profile.model_validate({
+        "format_version": 1, "name": "app", "program": PROGRAM,
+        "records": {
+            "enrollment": {"source": {"files": ["forms.ndjson"]},
+                           "fields": {"enrollment_id": "form.case.@case_id", "mrn": "form.mrn",
+                                      "start_date": "form.start", "supporter_id": "form.meta.userId",
+                                      "end_date": "qqq.zzz"}},
+            "supporter": {"source": {"files": ["staff.csv"]},
+                          "fields": {"staff_id": "staff", "given_name": "Given name", "family_name": "family",
+                                     "title": {"const": "promotora"}}},
+        },
+    })
+    record = {"form": {"case": {"@case_id": "E1"}, "mrn": "M1", "start": "2024-01-02", "meta": {"userID": "S1"}}}
+    (tmp_path / "forms.ndjson").write_text("\n".join(json.dumps(record) for _ in range(3)) + "\n")
+    (tmp_path / "staff.csv").write_text("staff,Given_name,family\nS1,Ana,Peña\n")
+    with Staging() as staging:
+        report = read_program(profile, [tmp_path], staging)
+    assert report.warnings == [
+        "forms.ndjson: path 'form.meta.userId' (for enrollment.supporter_id) is in no record of the file; "
+        "did you mean 'form.meta.userID'?",
+        "forms.ndjson: path 'qqq.zzz' (for enrollment.end_date) is in no record of the file",
+        "staff.csv: column 'Given name' (for supporter.given_name) is missing from the file; "
+        "did you mean 'Given_name'?",
+    ]
+
+
+def _resubmission_report(tmp_path: Path, duplicates: dict[str, str] | None, times: list[str]) -> Any:
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    contact_spec: dict[str, Any] = {"source": {"files": ["contacts.csv"]},
+                                    "fields": {**CONTACT_FIELDS, "notes": "notes"}}
+    if duplicates is not None:
+        contact_spec["duplicates"] = duplicates
+    profile = make_profile({"contact": contact_spec,
+                            "supporter": {"source": {"files": ["staff.csv"]},
+                                          "fields": {"staff_id": "staff_id", "given_name": "given",
+                                                     "family_name": "family", "title": {"const": "promotora"}}}})
+    (tmp_path / "staff.csv").write_text("staff_id,given,family\nS1,Ana,Peña\n")
+    (tmp_path / "enrollments.csv").write_text("enrollment_id,mrn,start_date,supporter_id\nE1,M1,2024-01-02,S1\n")
+    rows = "".join(f"C1,E1,S1,2024-03-01 10:00,telephone,copy {i},{t}\n" for i, t in enumerate(times))
+    (tmp_path / "contacts.csv").write_text(
+        "contact_id,enrollment_id,supporter_id,when,mode,notes,received_on\n" + rows)
+    with Staging() as staging:
+        report = read_program(profile, [tmp_path], staging)
+        kept = [r.notes for r in staging.records(RecordKind.CONTACT)]
+        reasons = [r.reason for r in staging.rejects()]
+    return report, kept, reasons
+
+
+def test_resubmitted_records_are_all_rejected_by_default(tmp_path: Path) -> None:
+    report, kept, reasons = _resubmission_report(tmp_path, None, ["2024-03-01T10:00:00Z", "2024-03-02T09:00:00Z"])
+    assert kept == [] and report.rejected == {"contact": 2} and report.superseded == {}
+    assert reasons == ["duplicate contact id: 2 rows share it; none is sent until the source is fixed"] * 2
+
+
+def test_duplicates_keep_latest_keeps_the_latest_copy_and_notes_the_others(tmp_path: Path) -> None:
+    policy = {"keep": "latest", "by": "received_on"}
+    times = ["2024-03-02T09:00:00Z", "2024-03-02 10:30", "2024-03-01T10:00:00Z"]  # 10:30 Chicago is latest
+    report, kept, reasons = _resubmission_report(tmp_path, policy, times)
+    assert kept == ["copy 1"] and reasons == []
+    assert report.superseded == {"contact": 2} and report.balanced()
+    assert "contacts.csv row 2: an earlier copy of a contact resubmitted at row 3; the later copy is kept" in (
+        " ".join(report.warnings))
+
+
+def test_duplicates_keep_latest_cannot_choose_between_equal_times(tmp_path: Path) -> None:
+    policy = {"keep": "latest", "by": "received_on"}
+    report, kept, reasons = _resubmission_report(tmp_path, policy, ["2024-03-02T09:00:00Z", "2024-03-02T09:00:00Z"])
+    assert kept == [] and report.rejected == {"contact": 2} and report.superseded == {}
+    assert all("keep latest cannot choose" in reason for reason in reasons)
+
+
+def test_the_app_json_example_reads_its_sample() -> None:
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    example = Path(__file__).parents[2] / "mappings" / "examples" / "app-json"
+    with Staging() as staging:
+        report = read_program(load_profile(example), [example / "sample"], staging)
+        goals = {g.goal_id: g for g in staging.records(RecordKind.GOAL)}
+        (visit,) = staging.records(RecordKind.CONTACT)
+    assert report.accepted == {"supporter": 1, "enrollment": 1, "goal": 2, "contact": 1}
+    assert report.rejected == {"(no kind)": 1} and report.superseded == {"contact": 1}
+    assert goals["f-002"].target is not None and goals["f-002"].target.comparator == "<"
+    assert goals["f-003"].target is None and goals["f-003"].achievement_status is None
+    assert visit.support_types == ("emotional", "education", "community-linkage")  # the later copy
+
+
+def test_a_column_another_field_reads_is_never_suggested(tmp_path: Path) -> None:
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    profile = make_profile({"supporter": {"source": {"files": ["staff.csv"]},
+                                          "fields": {"staff_id": "staff_id", "given_name": "given",
+                                                     "family_name": "family", "title": {"const": "promotora"},
+                                                     "phone": "staff_idd"}}})
+    (tmp_path / "staff.csv").write_text("staff_id,given,family\nS1,Ana,Peña\n")
+    with Staging() as staging:
+        report = read_program(profile, [tmp_path], staging)
+    assert report.warnings == ["staff.csv: column 'staff_idd' (for supporter.phone) is missing from the file"]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from connector.read.convert import _SLOW, RowConverter
 from connector.read.profile import Profile, load_profile
 
-PROFILES = ["peersync-template", "redcap-example", "examples/sheets-es"]
+PROFILES = ["peersync-template", "redcap-example", "examples/sheets-es", "examples/app-json"]
 
 # pieces of realistic and nearly-realistic cells: dates in and out of the profiles' formats and range,
 # numbers, yes/no spellings, separators, whitespace, non-ASCII digits

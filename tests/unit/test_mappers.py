@@ -1111,3 +1111,30 @@ def test_mapped_programs_are_compact_all_the_way_down(tmp_path: Path, profile_na
         for path, value in walk(r):
             assert value is not None and value != "" and value != [] and value != {}, f"{r['resourceType']}{path}"
     assert count > 200
+
+
+def test_the_profile_carries_the_program_phone_and_config_overrides_it() -> None:
+    profile = load_profile("examples/sheets-es")
+    assert profile.program.phone
+    from_profile = MappingContext.from_profile(profile)
+    assert from_profile.program_phone == profile.program.phone
+    _, role = map_supporter(supporter(phone=None, email=None), from_profile)
+    assert role["telecom"] == [{"system": "phone", "value": profile.program.phone, "use": "work"}]  # pd-1 holds
+    overridden = MappingContext.from_profile(profile, program_phone="+1-555-010-9999")
+    assert overridden.program_phone == "+1-555-010-9999"
+
+
+def test_a_goal_set_together_records_each_persons_acceptance(ctx: MappingContext) -> None:
+    together = map_goal(goal(set_by="together", supporter_id="S09"), enrollment(), ctx)
+    acceptances = [
+        {part["url"]: part.get("valueReference", part.get("valueCode")) for part in ext["extension"]}
+        for ext in together["extension"]
+        if ext["url"] == "http://hl7.org/fhir/StructureDefinition/goal-acceptance"
+    ]
+    assert [parse_conditional_reference(a["individual"]["reference"])[0] for a in acceptances] == [
+        "Patient", "Practitioner"]
+    assert parse_conditional_reference(acceptances[1]["individual"]["reference"])[2] == "S09"
+    assert {a["status"] for a in acceptances} == {"agree"}
+    assert parse_conditional_reference(together["expressedBy"]["reference"])[0] == "Patient"
+    for alone in ("participant", "supporter"):
+        assert "extension" not in map_goal(goal(set_by=alone, supporter_id="S09"), enrollment(), ctx)

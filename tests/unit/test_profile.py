@@ -15,6 +15,7 @@ from connector.read.profile import (
     PROFILE_FORMAT_VERSION,
     Profile,
     ProfileProblem,
+    allowed_modifiers,
     check_profile,
     load_profile,
     resolve_profile_path,
@@ -255,3 +256,64 @@ def test_cli_profile_check_bad_yaml_and_missing(tmp_path: Path) -> None:
     assert f"{path}:{line_of('  timezone:')}: not valid YAML" in result.stderr
     result = CliRunner().invoke(main, ["profile", "check", str(tmp_path / "nowhere")])
     assert result.exit_code == 78 and "profile not found" in result.stderr
+
+
+# -- modifiers that do not apply to a field ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "replacement", "modifier"),
+    [
+        ("      target_unit: target_unit", "      target_unit: {column: target_unit, codes: outcomes}", "codes"),
+        ("      target_unit: target_unit", "      target_unit: {column: target_unit, unknown: other}", "unknown"),
+        ("      target_value: target_value", "      target_value: {column: target_value, split: ','}", "split"),
+        ("      description: goal_in_own_words",
+         "      description: {column: goal_in_own_words, formats: ['%Y']}", "formats"),
+        ("      target_unit: target_unit", "      target_unit: {column: target_unit, true_values: ['x']}",
+         "true_values"),
+    ],
+)
+def test_a_modifier_that_does_not_apply_is_an_error_at_its_line(
+    tmp_path: Path, line: str, replacement: str, modifier: str
+) -> None:
+    problem = only_problem(broken(tmp_path, line, replacement))
+    assert problem.line == line_of(line)
+    field = line.strip().split(":")[0]
+    assert problem.path == f"records.goal.fields.{field}.{modifier}"
+    assert "does not apply" in problem.message and "remove it" in problem.message
+
+
+def test_allowed_modifiers_follow_the_field_type() -> None:
+    assert allowed_modifiers(RecordKind.CONTACT, "mode") == {"codes", "unknown", "default", "when"}
+    assert allowed_modifiers(RecordKind.CONTACT, "support_types") == {
+        "codes", "unknown", "split", "default", "when"}
+    assert allowed_modifiers(RecordKind.CONTACT, "occurred_at") == {"formats", "default", "when"}
+    assert allowed_modifiers(RecordKind.CONTACT, "void") == {"true_values", "default", "when"}
+    assert allowed_modifiers(RecordKind.GOAL, "target_unit") == {"default", "when"}
+
+
+def test_code_table_null_entry_and_when_conditions_check_clean(tmp_path: Path) -> None:
+    text = TEMPLATE.read_text(encoding="utf-8")
+    text = text.replace("      target_measure: target_measure",
+                        "      target_measure: {const: hba1c, when: {column: target_value, present: true}}")
+    path = tmp_path / "profile.yaml"
+    path.write_text(text, encoding="utf-8")
+    profile, problems = check_profile(path)
+    assert problems == [] and profile is not None
+    spec = profile.records[RecordKind.GOAL].fields["target_measure"]
+    assert spec.when is not None and spec.columns_used() == ["target_value"]
+
+
+def test_a_condition_needs_exactly_one_test(tmp_path: Path) -> None:
+    line = "      target_measure: target_measure"
+    problem = only_problem(broken(tmp_path, line, "      target_measure: {const: hba1c, when: {column: x}}"))
+    assert problem.line == line_of(line)
+    assert "give exactly one of equals, in or present" in problem.message
+
+
+def test_duplicates_policy_is_refused_on_enrollments(tmp_path: Path) -> None:
+    line = "  enrollment:"
+    path = broken(tmp_path, line, "  enrollment:\n    duplicates: {keep: latest, by: received_on}")
+    problem = only_problem(path)
+    assert problem.path == "records.enrollment.duplicates"
+    assert problem.line == line_of(line) + 1
