@@ -752,11 +752,17 @@ def _warn_summary(summary: dict[str, Any]) -> None:
 def plan(config_path: Path | None, as_json: bool) -> None:
     """Dry run: what a sync would create, update, void or leave unchanged, per resource type and participant.
 
-    Reads the inputs and the ledger only; sends nothing to the server.
+    Reads the inputs and the ledger only; sends nothing to the server. Counts what the sync would report
+    (its `created`, `updated`, `voided`... in the same words), the rows it would reject (written to the rejects
+    report), and the records an open review names. Exits 65 when rows would be rejected or the shape guard
+    holds a record kind, as the sync would (docs/exit-codes.md).
     """
+    from collections import Counter
+
     from connector.plan.ledger import Ledger
+    from connector.plan.planner import SYNC_COUNT_NAMES, retried_units, review_candidates
     from connector.read.staging import Staging
-    from connector.run import read_and_plan
+    from connector.run import exit_for, read_and_plan
     from connector.wiring import sync_options
 
     opts = sync_options(_settings(config_path))
@@ -764,22 +770,45 @@ def plan(config_path: Path | None, as_json: bool) -> None:
             Ledger(opts.ledger_path, mode=opts.file_mode) as ledger:
         report, computed, rejects = read_and_plan(opts, ledger, staging)
         review = ledger.reviews()
+        in_review = review_candidates(staging, {entry["subject"] for entry in review})
+        retried = retried_units(staging)
+    expected: Counter[str] = Counter({name: computed.reported.get(name, 0) for name in SYNC_COUNT_NAMES})
+    expected["rejected"], expected["retried"] = report.total_rejected, retried
+    code, outcome = exit_for(expected, shape_held=bool(computed.shape_held))
     result = computed.as_dict() | {"read": report.as_dict()["total"], "rejects_report": str(rejects),
-                                   "open_reviews": len(review)}
+                                   "open_reviews": len(review), "sync_counts": dict(expected),
+                                   "review_candidates": in_review, "warnings": report.warnings,
+                                   "exit_code": code, "outcome": outcome}
     if as_json:
         click.echo(json.dumps(result, indent=2))
-        return
-    actions = ("create", "update", "void", "delete", "retry", "unchanged", "held")
-    click.echo(f"{'resource type':<22}" + "".join(f"{a:>12}" for a in actions))
-    for resource_type, counts in result["resources"].items():
-        click.echo(f"{resource_type:<22}" + "".join(f"{counts.get(a, 0):>12}" for a in actions))
-    totals = result["totals"]
-    click.echo(f"{'units (records)':<22}" + "".join(f"{totals.get(a, 0):>12}" for a in actions))
-    others = {name: count for name, count in totals.items() if name not in actions and count}
-    if others:
-        click.echo("  also: " + ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in others.items()))
-    changed = sum(1 for c in result["participants"].values() if any(c.get(a) for a in actions[:5]))
+    else:
+        _print_plan(result)
+    sys.exit(code)
+
+
+def _print_plan(result: dict[str, Any]) -> None:
+    """The plan as the operator reads it: per resource type, in the words `sync` reports."""
+    columns = ("created", "updated", "voided", "deleted", "unchanged", "held", "skipped_quarantined")
+    heads = {"skipped_quarantined": "quarantined"}
+    click.echo(f"{'resource type':<22}" + "".join(f"{heads.get(c, c):>12}" for c in columns))
+    for resource_type, counts in result["sync_counts_by_resource_type"].items():
+        click.echo(f"{resource_type:<22}" + "".join(f"{counts.get(c, 0):>12}" for c in columns))
+    totals = result["sync_counts"]
+    click.echo(f"{'units (records)':<22}" + "".join(f"{totals.get(c, 0):>12}" for c in columns))
+    if totals.get("retried"):
+        click.echo(f"  of which sent again after an earlier run left them unconfirmed: {totals['retried']}")
+    write_actions = ("create", "update", "void", "delete", "retry")
+    changed = sum(1 for c in result["participants"].values() if any(c.get(a) for a in write_actions))
     click.echo(f"participants with changes: {changed}")
+    read = result["read"]
+    if read.get("rejected"):
+        click.echo(f"rows the sync would reject: {read['rejected']} (rejects report: {result['rejects_report']})")
+    for subject, units in result["review_candidates"].items():
+        what = ("of participants whose Patient was not found or not unique: they go to review again unless the "
+                "EHR has it now") if subject == "participant" else "that a review names (duplicates on the server)"
+        click.echo(f"  {units} record(s) to send {what}")
+    for warning in result["warnings"]:
+        _warn(warning)
     for held in result["deletions_held"] + result["shape_held"]:
         _warn(held)
 

@@ -91,6 +91,17 @@ class ContactOutcome(StrEnum):
     CANCELLED = "cancelled"
 
 
+class ContactPurpose(StrEnum):
+    """Why the contact took place, as the program records it (a contact kind or visit type)."""
+
+    INTAKE = "intake"  # the first visit: getting to know the participant's situation and needs
+    ASSESSMENT = "assessment"  # a (re)assessment of needs, barriers, self-care
+    GOAL_SETTING = "goal-setting"  # setting or revising goals and action plans together
+    FOLLOW_UP = "follow-up"  # a routine check-in
+    EDUCATION = "education"  # a class or teaching session
+    OTHER = "other"
+
+
 class SupportType(StrEnum):
     EMOTIONAL = "emotional"
     INSTRUMENTAL = "instrumental"
@@ -281,6 +292,7 @@ class Contact(SourceRecord):
     mode: ContactMode
     setting: ContactSetting | None = None
     outcome: ContactOutcome = ContactOutcome.COMPLETED
+    purpose: ContactPurpose | None = None
     support_types: tuple[SupportType, ...] = ()
     essential_elements: tuple[EssentialElement, ...] = ()
     goal_ids: tuple[SourceId, ...] = ()

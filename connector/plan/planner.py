@@ -181,6 +181,10 @@ class Plan:
     deletions_held_records: int = 0  # how many records' deletions were held back (the metrics' gauge)
     shape_held: list[str] = field(default_factory=list)  # why record kinds were held by the shape guard
     shapes_seen: dict[str, KindShape] = field(default_factory=dict)  # input shapes to remember if the run completes
+    # The same units counted as `sync` counts what it writes (created, updated, voided...: sync_count_name)
+    reported: Counter[str] = field(default_factory=Counter)
+    reported_by_resource_type: dict[str, Counter[str]] = field(default_factory=dict)
+    reported_by_participant: dict[str, Counter[str]] = field(default_factory=dict)
 
     def total(self, action: Act) -> int:
         """Units with this action."""
@@ -197,9 +201,36 @@ class Plan:
             "resources": {k: dict(v) for k, v in sorted(self.by_resource_type.items())},
             "participants": {k: dict(v) for k, v in sorted(self.by_participant.items())},
             "totals": {a.value: self.total(a) for a in Act},
+            "sync_counts": {name: self.reported.get(name, 0) for name in SYNC_COUNT_NAMES},
+            "sync_counts_by_resource_type": {k: {name: v.get(name, 0) for name in SYNC_COUNT_NAMES}
+                                             for k, v in sorted(self.reported_by_resource_type.items())},
             "deletions_held": self.deletions_held,
             "shape_held": self.shape_held,
         }
+
+
+# The counts of `sync` (connector.run.COUNT_NAMES) that the plan can know before anything is sent.
+SYNC_COUNT_NAMES = ("created", "updated", "voided", "deleted", "unchanged", "skipped_quarantined", "held")
+
+
+def sync_count_name(action: Act, voided: bool, confirmed: bool) -> str:
+    """The count `sync` adds a unit to when the write the plan calls ``action`` goes through.
+
+    ``voided``: the source voided the record (sync sends it as entered-in-error and counts it voided, even the
+    first time it is sent); ``confirmed``: the ledger holds a confirmed version, so the server has the resource
+    and a write is an update (a unit never confirmed is a create, even when retried after a quarantine).
+    """
+    if action is Act.DELETE:
+        return "deleted"
+    if action is Act.UNCHANGED:
+        return "unchanged"
+    if action is Act.QUARANTINED:
+        return "skipped_quarantined"
+    if action is Act.HELD:
+        return "held"
+    if voided or action is Act.VOID:
+        return "voided"
+    return "updated" if confirmed else "created"
 
 
 def mapping_fingerprint(*parts: str) -> str:
@@ -243,14 +274,20 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
         with db:
             db.execute(f"UPDATE plan SET action=? WHERE action IN (?,?,?) AND kind IN ({','.join('?' * len(kinds))})",
                        (Act.HELD, Act.UPDATE, Act.VOID, Act.DELETE, *kinds))
-    for kind, participant, action, count in db.execute(
-        "SELECT kind, participant, action, count(*) FROM plan GROUP BY kind, participant, action"
+    for kind, participant, action, voided, confirmed, count in db.execute(
+        """SELECT p.kind, p.participant, p.action, coalesce(u.voided, 0), l.hash IS NOT NULL, count(*) FROM plan p
+           LEFT JOIN units u ON u.unit_key = p.unit_key LEFT JOIN ledger.units l ON l.unit_key = p.unit_key
+           GROUP BY 1, 2, 3, 4, 5"""
     ):
+        reported = sync_count_name(Act(action), bool(voided), bool(confirmed))
         plan.by_kind.setdefault(kind, Counter())[action] += count
+        plan.reported[reported] += count
         for resource_type in UNIT_RESOURCE_TYPES.get(kind, ()):
             plan.by_resource_type.setdefault(resource_type, Counter())[action] += count
+            plan.reported_by_resource_type.setdefault(resource_type, Counter())[reported] += count
         if participant is not None:
             plan.by_participant.setdefault(participant, Counter())[action] += count
+            plan.reported_by_participant.setdefault(participant, Counter())[reported] += count
     return plan
 
 
@@ -340,3 +377,28 @@ def retried_units(staging: Staging) -> int:
     return int(staging.db.execute(
         f"SELECT count(*) FROM plan p JOIN ledger.units l ON l.unit_key = p.unit_key "
         f"WHERE p.action IN ({writes}) AND l.state != ?", (UnitState.SENT,)).fetchone()[0])
+
+
+def review_candidates(staging: Staging, open_subjects: Collection[str]) -> dict[str, int]:
+    """Units the plan writes that an open review entry names, by the entry's reason, as far as the ledger knows
+    offline: a participant whose Patient was not found (or was ambiguous) goes to review again unless the EHR
+    now has it; a record duplicated on the server stays in review until a person resolves it.
+
+    ``open_subjects``: the ledger's open review subjects (``participant:{id}`` or a unit key). Returns units per
+    kind of subject (``participant``, ``record``), only those with any.
+    """
+    if not open_subjects:
+        return {}
+    db = staging.db
+    with db:
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS review_subjects (subject TEXT PRIMARY KEY)")
+        db.execute("DELETE FROM review_subjects")
+        db.executemany("INSERT OR IGNORE INTO review_subjects VALUES (?)", ((s,) for s in open_subjects))
+    writes = _in(WRITE_ACTIONS)
+    participant_units, record_units = db.execute(
+        f"""SELECT
+              sum(EXISTS (SELECT 1 FROM review_subjects r WHERE r.subject = 'participant:' || p.participant)),
+              sum(EXISTS (SELECT 1 FROM review_subjects r WHERE r.subject = p.unit_key))
+            FROM plan p WHERE p.action IN ({writes})""").fetchone()
+    found = {"participant": participant_units or 0, "record": record_units or 0}
+    return {name: count for name, count in found.items() if count}

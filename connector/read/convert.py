@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
 
+from connector.elements import derived_elements
 from connector.model import (
     ID_FIELDS,
     RECORD_MODELS,
@@ -26,7 +27,6 @@ from connector.model import (
     GoalTarget,
     RecordKind,
     SourceRecord,
-    SupportType,
 )
 from connector.read.formats.base import RawRow
 from connector.read.profile import (
@@ -168,7 +168,9 @@ class RowConverter:
         if self.kind is RecordKind.GOAL:
             self._assemble_target(values, problems)
         if self.kind is RecordKind.CONTACT and not values.get("essential_elements"):
-            values["essential_elements"] = self._implied_elements(values.get("support_types", ()))
+            values["essential_elements"] = derived_elements(
+                support_types=values.get("support_types", ()), goal_ids=values.get("goal_ids", ()),
+                purpose=values.get("purpose"), outcome=values.get("outcome"), element_rules=self.profile.element_rules)
         if original:
             values["original_text"] = original
         if problems:
@@ -422,14 +424,6 @@ class RowConverter:
         if not self.earliest <= value <= self.latest:
             raise ValueError(f"date {value.isoformat()} is outside {self.earliest} .. {self.latest}")
         return value
-
-    def _implied_elements(self, support_types: tuple[str, ...]) -> tuple[str, ...]:
-        rules = self.profile.element_rules
-        elements: dict[str, None] = {}
-        for support in support_types:
-            for element in rules.get(SupportType(support), []):
-                elements[element.value] = None
-        return tuple(elements)
 
     def _assemble_target(self, values: dict[str, Any], problems: list[FieldProblem]) -> None:
         flat = {f: values.pop(f) for f in GOAL_TARGET_FIELDS if f in values}

@@ -215,9 +215,13 @@ def test_review_list_retry_dismiss(cfg: Path) -> None:
 
 def test_plan_text_and_json(cfg: Path) -> None:
     text = run("plan", "--config", str(cfg))
-    assert text.exit_code == 0 and "resource type" in text.stdout and "participants with changes:" in text.stdout
+    # the demo has rows the sync rejects: the plan says so, and exits as the sync would
+    assert text.exit_code == ExitCode.RECORDS_REJECTED and "resource type" in text.stdout
+    assert "participants with changes:" in text.stdout and "rows the sync would reject: 8" in text.stdout
     data = json.loads(run("plan", "--config", str(cfg), "--json").stdout)
     assert data["read"]["rejected"] == 8 and data["totals"]["create"] > 0
+    assert data["sync_counts"]["rejected"] == 8 and data["exit_code"] == ExitCode.RECORDS_REJECTED
+    assert data["sync_counts"]["voided"] > 0  # the demo's voided rows: sent as entered-in-error, never "created"
 
 
 def test_landed(cfg: Path) -> None:

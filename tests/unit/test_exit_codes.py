@@ -182,7 +182,7 @@ CASES = [
     Case("map: out under a file", ["map", *PROFILE, "--out", "{tmp}/out/m", "-q"], ExitCode.CONFIG_ERROR,
          setup=out_is_a_file),
     # plan (inputs + ledger, no server)
-    Case("plan: ok", ["plan", C, CFG], ExitCode.OK),
+    Case("plan: rows the sync would reject", ["plan", C, CFG], ExitCode.RECORDS_REJECTED),
     Case("plan: ledger folder is a file", ["plan", C, CFG], ExitCode.CONFIG_ERROR, setup=ledger_folder_is_a_file,
          says="is a file, not a folder"),
     Case("plan: corrupt ledger", ["plan", C, CFG], ExitCode.CONFIG_ERROR, setup=corrupt_ledger, says="move it aside"),

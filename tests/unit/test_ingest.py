@@ -508,7 +508,7 @@ def test_the_template_profile_reads_its_own_documented_columns(template: Profile
     assert record.model_dump(mode="json", exclude={"original_text"}) == {
         "kind": "contact", "void": False, "contact_id": "C1", "enrollment_id": "E1", "supporter_id": "S1",
         "occurred_at": "2024-03-01T10:00:00-06:00", "duration_minutes": 25, "mode": "telephone",
-        "setting": "faith-based", "outcome": "not-reached", "support_types": ["follow-up"],
+        "setting": "faith-based", "outcome": "not-reached", "purpose": None, "support_types": ["follow-up"],
         "essential_elements": ["ongoing-follow-up-support"], "goal_ids": ["G1", "G2"], "notes": "ok",
         "group_session_id": None, "planned_contact_id": "P1",
     }

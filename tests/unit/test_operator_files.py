@@ -214,7 +214,8 @@ def test_status_into_a_closed_pipe_ends_quietly(tmp_path: Path, monkeypatch: pyt
 
 def test_plan_prints_a_table_never_a_python_dict(tmp_path: Path) -> None:
     result = run("plan", "--config", str(config(tmp_path)))
-    assert result.exit_code == 0 and "{" not in result.stdout and "'" not in result.stdout
+    assert result.exit_code == ExitCode.RECORDS_REJECTED  # the demo has rows the sync would reject
+    assert "{" not in result.stdout and "'" not in result.stdout
     assert any(line.startswith("units (records)") for line in result.stdout.splitlines())
 
 
