@@ -19,7 +19,6 @@ from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
 
-from connector.elements import derived_elements
 from connector.model import (
     ID_FIELDS,
     RECORD_MODELS,
@@ -28,6 +27,7 @@ from connector.model import (
     RecordKind,
     SourceRecord,
 )
+from connector.read.elements import derived_elements
 from connector.read.formats.base import RawRow
 from connector.read.profile import (
     GOAL_TARGET_FIELDS,

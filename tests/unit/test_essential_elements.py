@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from connector.elements import derived_elements
 from connector.map import MappingContext
 from connector.map.codes import CS_ESSENTIAL_ELEMENT
 from connector.map.export import map_program
 from connector.model import EssentialElement, SupportType
+from connector.read.elements import derived_elements
 from connector.read.profile import load_profile
 from connector.read.staging import Staging
 
