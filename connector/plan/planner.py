@@ -239,7 +239,9 @@ def mapping_fingerprint(*parts: str) -> str:
 
 
 # Bump when mapping output changes in a way that must re-send everything.
-MAPPING_VERSION = "1"
+# 2: goals set together carry goal-acceptance; essential elements derived from the data; change-set Provenance
+# on every bundle, voids included.
+MAPPING_VERSION = "2"
 
 
 def program_fingerprint(ctx: MappingContext) -> str:
