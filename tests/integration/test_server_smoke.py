@@ -8,10 +8,8 @@ isolated from each other and from other data on a shared server.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -19,15 +17,13 @@ import fhirserver  # tests/fhirserver.py (tests/ is put on sys.path by tests/con
 import pytest
 import requests
 
+from connector.assets import us_core_dir
+
 pytestmark = pytest.mark.integration
 
 FHIR_JSON = "application/fhir+json"
 MR_TYPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
-US_CORE_DIR = Path(
-    os.environ.get(
-        "PEERSYNC_US_CORE_DIR", Path(__file__).resolve().parents[3] / "shared" / "profiles" / "us-core-6.1.0"
-    )
-)
+US_CORE_DIR = us_core_dir()  # shipped in mappings/fhir/us-core-6.1.0
 US_CORE_GOAL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-goal"
 TIMEOUT = 120  # the first $validate of a profile loads and indexes the R4 core definitions
 
@@ -183,8 +179,6 @@ def test_validate_operation(fhir_base_url: str, http: requests.Session) -> None:
 
 
 def test_validate_against_uploaded_us_core_profile(fhir_base_url: str, http: requests.Session) -> None:
-    if not US_CORE_DIR.is_dir():
-        pytest.skip(f"US Core 6.1.0 conformance resources not found at {US_CORE_DIR} (set PEERSYNC_US_CORE_DIR)")
     loaded = fhirserver.load_conformance_resources(
         fhir_base_url,
         US_CORE_DIR,
