@@ -241,7 +241,9 @@ def _route(row: RawRow, group: list[RecordKind], profile: Profile) -> RecordKind
 
 # -- rejects report ------------------------------------------------------------------------------------
 
-REJECT_COLUMNS = ["file", "sheet", "row", "kind", "field", "value", "reason"]
+# "row" names the row as people do ("row 46 (line 51)" where a quoted cell spans lines); "line" is the file
+# line the row starts on (CSV; empty for other formats), the number an editor jumps to.
+REJECT_COLUMNS = ["file", "sheet", "row", "line", "kind", "field", "value", "reason"]
 
 
 def write_rejects(staging: Staging, out_dir: Path, mode: int = PRIVATE_FILE_MODE) -> tuple[Path, Path, int]:
@@ -260,13 +262,14 @@ def write_rejects(staging: Staging, out_dir: Path, mode: int = PRIVATE_FILE_MODE
             row = {
                 "file": reject.file,
                 "sheet": reject.sheet or "",
-                "row": f"{reject.unit} {reject.row}",
+                "row": reject.where,
+                "line": reject.line,
                 "kind": reject.kind,
                 "field": reject.field,
                 "value": reject.value,
                 "reason": reject.reason,
             }
-            writer.writerow([_csv_safe(row[c]) for c in REJECT_COLUMNS])
+            writer.writerow(["" if row[c] is None else _csv_safe(str(row[c])) for c in REJECT_COLUMNS])
             js.write((",\n" if count else "") + json.dumps(row, ensure_ascii=False))
             count += 1
         js.write("\n]\n")

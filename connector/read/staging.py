@@ -17,7 +17,7 @@ from typing import Self
 import orjson
 
 from connector.model import ID_FIELDS, RECORD_MODELS, RecordKind, SourceRecord
-from connector.read.formats.base import RowLocation
+from connector.read.formats.base import RowLocation, describe_row
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS staged (
@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS staged (
     sheet TEXT,
     unit TEXT NOT NULL,
     row INTEGER NOT NULL,
+    line INTEGER,            -- CSV: the file line the row starts on (differs from row when notes span lines)
     received TEXT            -- when this copy was received (UTC ISO), for duplicates: {keep: latest}
 );
 CREATE TABLE IF NOT EXISTS rejects (
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS rejects (
     sheet TEXT,
     unit TEXT NOT NULL,
     row INTEGER NOT NULL,
+    line INTEGER,
     kind TEXT NOT NULL,
     key TEXT,                -- the row's record id when it could be read (protects it from deletion)
     field TEXT NOT NULL,
@@ -89,10 +91,13 @@ class Superseded:
     row: int
     kept_unit: str
     kept_row: int
+    line: int | None = None
+    kept_line: int | None = None
 
     def __str__(self) -> str:
-        return (f"{self.file} {self.unit} {self.row}: an earlier copy of a {self.kind} resubmitted at "
-                f"{self.kept_unit} {self.kept_row}; the later copy is kept (duplicates: keep latest)")
+        return (f"{self.file} {describe_row(self.unit, self.row, self.line)}: an earlier copy of a {self.kind} "
+                f"resubmitted at {describe_row(self.kept_unit, self.kept_row, self.kept_line)}; the later copy "
+                "is kept (duplicates: keep latest)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +108,16 @@ class Reject:
     sheet: str | None
     unit: str
     row: int
+    line: int | None  # CSV: the file line the row starts on
     kind: str
     field: str
     value: str
     reason: str
+
+    @property
+    def where(self) -> str:
+        """The row as people name it: "row 46", or "row 46 (line 51)" where the editor's line differs."""
+        return describe_row(self.unit, self.row, self.line)
 
 
 class Staging:
@@ -152,6 +163,7 @@ class Staging:
                 location.sheet,
                 location.unit,
                 location.row,
+                location.line,
                 received,
             )
         )
@@ -162,7 +174,8 @@ class Staging:
                key: str | None = None) -> None:
         """Record a rejected row (one entry per problem); ``key`` is its record id if known."""
         self._pending_rejects.append(
-            (location.file, location.sheet, location.unit, location.row, kind, key, field, value, reason)
+            (location.file, location.sheet, location.unit, location.row, location.line, kind, key, field, value,
+             reason)
         )
         if len(self._pending_rejects) >= 2000:
             self.flush()
@@ -185,14 +198,15 @@ class Staging:
         with self._transaction():
             if self._pending:
                 self.db.executemany(
-                    "INSERT INTO staged(kind,key,participant,hash,body,file,sheet,unit,row,received)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO staged(kind,key,participant,hash,body,file,sheet,unit,row,line,received)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     self._pending,
                 )
                 self._pending.clear()
             if self._pending_rejects:
                 self.db.executemany(
-                    "INSERT INTO rejects(file,sheet,unit,row,kind,key,field,value,reason) VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO rejects(file,sheet,unit,row,line,kind,key,field,value,reason)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
                     self._pending_rejects,
                 )
                 self._pending_rejects.clear()
@@ -223,8 +237,8 @@ class Staging:
         with self._transaction():
             for seq in seqs:
                 self.db.execute(
-                    """INSERT INTO rejects(file,sheet,unit,row,kind,key,field,value,reason)
-                       SELECT file, sheet, unit, row, kind, key, ?, '<masked: identifier>', ?
+                    """INSERT INTO rejects(file,sheet,unit,row,line,kind,key,field,value,reason)
+                       SELECT file, sheet, unit, row, line, kind, key, ?, '<masked: identifier>', ?
                        FROM staged WHERE seq=?""",
                     (field, reason_of[seq], seq),
                 )
@@ -235,7 +249,7 @@ class Staging:
         (listed in ``superseded``). When a copy has no received time, or two share the latest one, nothing is
         dropped and the duplicate check rejects them all (which copy is right is not known)."""
         groups = self.db.execute(
-            """SELECT s.seq, s.kind, s.key, s.received, s.file, s.unit, s.row FROM staged s
+            """SELECT s.seq, s.kind, s.key, s.received, s.file, s.unit, s.row, s.line FROM staged s
                JOIN (SELECT kind, key FROM staged GROUP BY kind, key HAVING count(*) > 1) d
                ON s.kind=d.kind AND s.key=d.key ORDER BY s.kind, s.key, s.seq"""
         ).fetchall()
@@ -252,10 +266,10 @@ class Staging:
             if times.count(latest) > 1:
                 continue
             kept = next(c for c in copies if c[3] == latest)
-            for seq, kind, _key, _received, file, unit, row in copies:
+            for seq, kind, _key, _received, file, unit, row, line in copies:
                 if seq != kept[0]:
                     drop.append(seq)
-                    self.superseded.append(Superseded(kind, file, unit, row, kept[5], kept[6]))
+                    self.superseded.append(Superseded(kind, file, unit, row, kept[5], kept[6], line, kept[7]))
         if drop:
             with self._transaction():
                 self.db.executemany("DELETE FROM staged WHERE seq=?", [(seq,) for seq in drop])
@@ -340,7 +354,7 @@ class Staging:
     def rejects(self) -> Iterator[Reject]:
         """Every reject, in input order."""
         for row in self.db.execute(
-            "SELECT file,sheet,unit,row,kind,field,value,reason FROM rejects ORDER BY file, sheet, row, seq"
+            "SELECT file,sheet,unit,row,line,kind,field,value,reason FROM rejects ORDER BY file, sheet, row, seq"
         ):
             yield Reject(*row)
 

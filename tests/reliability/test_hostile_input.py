@@ -68,7 +68,7 @@ def note_of(resource: dict[str, Any]) -> str | None:
 def rejects_by_row(rejects_json: Path) -> dict[tuple[str, int], list[dict[str, str]]]:
     found: dict[tuple[str, int], list[dict[str, str]]] = {}
     for entry in json.loads(rejects_json.read_text(encoding="utf-8")):
-        found.setdefault((entry["file"], int(entry["row"].split()[-1])), []).append(entry)
+        found.setdefault((entry["file"], int(entry["row"].split()[1])), []).append(entry)
     return found
 
 

@@ -102,18 +102,19 @@ def test_rejects_report_rows(messy: tuple[Result, Path]) -> None:
                                          "problems": 10}
     report = json.loads((rejects / "rejects.json").read_text(encoding="utf-8"))
     assert all(list(entry) == REJECT_COLUMNS for entry in report)
-    found = {(e["file"], e["row"], e["field"]) for e in report}
+    found = {(e["file"], e["row"], e["line"], e["field"]) for e in report}
+    # Row 2's notes span two lines, so from row 3 on a contact's row and the editor's line differ by one.
     assert found == {
-        ("supporters.csv", "row 3", "npi"),  # bad NPI: the supporter row is rejected...
-        ("enrollments.csv", "row 5", "supporter_id"),  # ...so is the enrollment that names them...
-        ("contacts.csv", "row 3", "mode"),
-        ("contacts.csv", "row 4", "duration_minutes"),
-        ("contacts.csv", "row 5", "occurred_at"),  # two problems in one row: both reported
-        ("contacts.csv", "row 5", "outcome"),
-        ("contacts.csv", "row 6", "enrollment_id"),
-        ("contacts.csv", "row 7", "goal_ids"),
-        ("contacts.csv", "row 2", "contact_id"),  # duplicate: both rows
-        ("contacts.csv", "row 9", "contact_id"),
+        ("supporters.csv", "row 3", 3, "npi"),  # bad NPI: the supporter row is rejected...
+        ("enrollments.csv", "row 5", 5, "supporter_id"),  # ...so is the enrollment that names them...
+        ("contacts.csv", "row 3 (line 4)", 4, "mode"),
+        ("contacts.csv", "row 4 (line 5)", 5, "duration_minutes"),
+        ("contacts.csv", "row 5 (line 6)", 6, "occurred_at"),  # two problems in one row: both reported
+        ("contacts.csv", "row 5 (line 6)", 6, "outcome"),
+        ("contacts.csv", "row 6 (line 7)", 7, "enrollment_id"),
+        ("contacts.csv", "row 7 (line 8)", 8, "goal_ids"),
+        ("contacts.csv", "row 2", 2, "contact_id"),  # duplicate: both rows
+        ("contacts.csv", "row 9 (line 10)", 10, "contact_id"),
     }
     by_field = {e["field"]: e for e in report}
     assert by_field["npi"]["value"] == "<masked: 7 characters>"
@@ -127,7 +128,9 @@ def test_rejects_csv_neutralises_formulas(messy: tuple[Result, Path]) -> None:
     with (rejects / "rejects.csv").open(encoding="utf-8", newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == REJECT_COLUMNS
-    values = {row[4]: row[5] for row in rows[1:]}
+    values = {row[5]: row[6] for row in rows[1:]}
+    lines = {row[5]: row[3] for row in rows[1:]}
+    assert lines["mode"] == "4" and values["mode"]  # the editor's line, as a number
     assert values["mode"] == "'=HYPERLINK(\"http://x\",\"y\")"
     assert values["outcome"] == "'@SUM(1+1)"
     assert values["occurred_at"] == "'+2024-07-04"
@@ -145,6 +148,7 @@ def test_no_sensitive_value_anywhere(messy: tuple[Result, Path], tmp_path: Path)
     text = check("--profile", "peersync-template", str(tmp_path / "in"), "--rejects-dir", str(tmp_path / "r2"))
     assert text.exit_code == 65
     assert "rejected rows: 9 (10 problems)" in text.stdout
+    assert "contacts.csv,,row 3 (line 4),4,contact,mode," in text.stdout  # rows named as in the report
     assert_no_sensitive_values(text.stdout, text.stderr)
 
 
@@ -201,13 +205,15 @@ def test_worked_example_check(tmp_path: Path) -> None:
     with (tmp_path / "rejects.csv").open(encoding="utf-8", newline="") as handle:
         assert list(csv.reader(handle)) == [
             REJECT_COLUMNS,
-            ["Registro Promotoras - Contactos.csv", "", "row 6", "contact", "occurred_at", "31/2/2024 11:00",
+            ["Registro Promotoras - Contactos.csv", "", "row 6", "6", "contact", "occurred_at", "31/2/2024 11:00",
              "not a date in an expected format (%d/%m/%Y %H:%M)"],
-            ["Registro Promotoras - Contactos.csv", "", "row 10", "contact", "enrollment_id", "<masked: identifier>",
+            ["Registro Promotoras - Contactos.csv", "", "row 10", "10", "contact", "enrollment_id",
+             "<masked: identifier>",
              "refers to an enrollment that is not in the input or was rejected"],
-            ["Registro Promotoras - Contactos.csv", "", "row 11", "contact", "enrollment_id", "<masked: identifier>",
+            ["Registro Promotoras - Contactos.csv", "", "row 11", "11", "contact", "enrollment_id",
+             "<masked: identifier>",
              "refers to an enrollment that is not in the input or was rejected"],
-            ["Registro Promotoras - Participantes.csv", "", "row 5", "enrollment", "mrn", "",
+            ["Registro Promotoras - Participantes.csv", "", "row 5", "5", "enrollment", "mrn", "",
              "required value is missing"],
         ]
     # The README shows the human-readable table: keep it true.

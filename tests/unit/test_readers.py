@@ -151,6 +151,27 @@ def test_csv_quoted_multiline_notes_count_as_one_row(tmp_path: Path) -> None:
     assert rows[1].values == {"contact_id": "C2", "notes": "one line", "mode": "video"}
 
 
+def test_csv_rows_carry_the_line_they_start_on(tmp_path: Path) -> None:
+    # Notes spanning lines push the editor's line numbers past the row numbers; a row is named by both.
+    text = (
+        "contact_id,notes,mode\r\n"
+        'C1,"Talked about meals,\r\nthen walking.\nShe said it twice.",phone\r\n'
+        "\r\n"
+        'C2,"two\nlines",video\r\n'
+        "C3,,phone\r\n"
+    )
+    rows = rows_of(write(tmp_path, "c.csv", text))
+    assert [(r.location.row, r.location.line) for r in rows] == [(2, 2), (3, 5), (4, 6), (5, 8)]
+    assert [str(r.location) for r in rows] == ["c.csv row 2", "c.csv row 3 (line 5)", "c.csv row 4 (line 6)",
+                                               "c.csv row 5 (line 8)"]
+
+
+def test_rows_of_other_formats_have_no_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.ndjson", '{"contact_id": "C1"}\n')
+    (row,) = rows_of(path)
+    assert row.location.line is None and str(row.location) == "c.ndjson line 1"
+
+
 def test_csv_blank_rows_are_yielded_blank_and_numbered(tmp_path: Path) -> None:
     path = write(tmp_path, "c.csv", "id,n\n1,a\n\n , \n,,\n2,b\n")
     rows = rows_of(path)

@@ -1,7 +1,7 @@
 """The shipped examples work: every docs/examples/*.toml passes `config check`, the crontab lines have five
-valid time fields, the systemd units pass `systemd-analyze verify` (an INI check where systemd is absent),
-and the Kubernetes CronJob has the fields the operations guide relies on. Every peersync command line in
-them parses with the real CLI."""
+valid time fields, the systemd units pass `systemd-analyze verify` (an INI check where systemd is absent).
+Every peersync command line in them parses with the real CLI. The Kubernetes manifests are checked in
+tests/unit/test_kubernetes_examples.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from typing import Any
 
 import click
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from connector.auth.keys import generate_keypair
@@ -243,50 +242,3 @@ def test_systemd_examples_work_as_written() -> None:
 def test_crontab_uses_no_predictable_paths_in_tmp() -> None:
     _env, jobs = crontab_jobs((EXAMPLES / "peersync.crontab").read_text())
     assert jobs and not any("/tmp" in command for _fields, command in jobs)
-
-
-# -- Kubernetes ---------------------------------------------------------------------------------------------
-
-
-def k8s_documents() -> dict[str, dict[str, Any]]:
-    docs = [d for d in yaml.safe_load_all((EXAMPLES / "kubernetes-cronjob.yaml").read_text()) if d]
-    return {d["kind"]: d for d in docs}
-
-
-def test_kubernetes_cronjob() -> None:
-    docs = k8s_documents()
-    assert set(docs) == {"PersistentVolumeClaim", "CronJob"}
-    pvc, cronjob = docs["PersistentVolumeClaim"], docs["CronJob"]
-    assert cronjob["apiVersion"] == "batch/v1" and pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
-    spec = cronjob["spec"]
-    assert spec["concurrencyPolicy"] == "Forbid"
-    fields = spec["schedule"].split()
-    assert len(fields) == 5 and all(cron_field_ok(f, i) for i, f in enumerate(fields))
-    job = spec["jobTemplate"]["spec"]
-    assert isinstance(job["backoffLimit"], int) and 0 < job["backoffLimit"] <= 6
-    assert job["activeDeadlineSeconds"] > 0
-    failing = job["podFailurePolicy"]["rules"][0]
-    assert failing["action"] == "FailJob" and {65, 77, 78} <= set(failing["onExitCodes"]["values"])
-    pod = job["template"]["spec"]
-    assert pod["restartPolicy"] == "Never"  # podFailurePolicy requires it
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
-    (container,) = pod["containers"]
-    assert container["name"] == failing["onExitCodes"]["containerName"]
-    assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    parse_peersync_args(container["args"])
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["PEERSYNC_LOG_FORMAT"] == "json"
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert set(volumes) == set(mounts)
-    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
-    assert volumes["signing-key"]["secret"]["defaultMode"] == 0o400 and mounts["signing-key"]["readOnly"] is True
-    assert "tmp" in volumes and mounts["tmp"]["mountPath"] == "/tmp"  # staging with a read-only root file system
-    # The mounts are where production-smart.toml (the ConfigMap's content) expects its files.
-    settings = tomllib.loads((EXAMPLES / "production-smart.toml").read_text())
-    assert env["PEERSYNC_CONFIG"] == f"{mounts['config']['mountPath']}/peersync.toml"
-    assert Path(settings["auth"]["private_key_file"]).parent == Path(mounts["signing-key"]["mountPath"])
-    assert Path(settings["sync"]["ledger"]).parent == Path(mounts["state"]["mountPath"])
-    assert settings["source"]["inputs"] == [mounts["exports"]["mountPath"]]
-    assert "kind: Secret" not in (EXAMPLES / "kubernetes-cronjob.yaml").read_text()  # no secret in the manifest

@@ -28,16 +28,23 @@ DEFAULT_LIMITS = ReadLimits()
 @dataclass(frozen=True, slots=True)
 class RowLocation:
     """Where a row came from: file, optional sheet, and a 1-based row (spreadsheet numbering, header = 1)
-    or line (NDJSON) or array index (JSON)."""
+    or line (NDJSON) or array index (JSON); for CSV also the file line the row starts on, which an editor
+    shows and which differs from the row once a quoted cell (notes) spans lines."""
 
     file: str
     row: int
     sheet: str | None = None
     unit: str = "row"  # "row", "line" or "index"
+    line: int | None = None  # CSV: the 1-based line the row starts on
 
     def __str__(self) -> str:
         sheet = f"[{self.sheet}]" if self.sheet else ""
-        return f"{self.file}{sheet} {self.unit} {self.row}"
+        return f"{self.file}{sheet} {describe_row(self.unit, self.row, self.line)}"
+
+
+def describe_row(unit: str, row: int, line: int | None) -> str:
+    """How a row is named to people: "row 46", or "row 46 (line 51)" where the editor's line differs."""
+    return f"{unit} {row}" if line is None or line == row else f"{unit} {row} (line {line})"
 
 
 @dataclass(frozen=True, slots=True)

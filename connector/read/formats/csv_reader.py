@@ -7,10 +7,13 @@ import csv
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from connector.errors import InputError
 from connector.read.formats.base import DEFAULT_LIMITS, RawRow, ReadLimits, RowLocation
+
+if TYPE_CHECKING:
+    from _csv import Reader as _csv_reader
 
 _SAMPLE_BYTES = 256 * 1024
 _DELIMITERS = (",", ";", "\t", "|")
@@ -97,10 +100,22 @@ def _bounded_lines(handle: TextIO, path: Path, limit: int) -> Iterator[str]:
         yield line
 
 
-def _rows(reader: Iterator[list[str]], path: Path, encoding: str, limits: ReadLimits) -> Iterator[RawRow]:
+def _starting_lines(reader: _csv_reader) -> Iterator[tuple[int, list[str]]]:
+    """Each row with the file line it starts on (``line_num`` counts the lines read so far, so it is taken
+    before the row is read: a quoted cell may span several lines)."""
+    while True:
+        start = reader.line_num + 1
+        cells = next(reader, None)
+        if cells is None:
+            return
+        yield start, cells
+
+
+def _rows(reader: _csv_reader, path: Path, encoding: str, limits: ReadLimits) -> Iterator[RawRow]:
     """The rows after the header (see read_csv)."""
     row_number = 0
-    for header in reader:  # the header is the first row with a non-blank cell, as in the Excel reader
+    numbered = _starting_lines(reader)
+    for _line, header in numbered:  # the header is the first row with a non-blank cell, as in the Excel reader
         row_number += 1
         if any(h.strip() for h in header):
             break
@@ -110,11 +125,11 @@ def _rows(reader: Iterator[list[str]], path: Path, encoding: str, limits: ReadLi
     columns = list({name: i for i, name in reversed(list(enumerate(names))) if name}.items())  # first of a name
     columns.sort(key=lambda c: c[1])
     cut_off = not _ends_with_line_break(path)
-    following = next(reader, None)
+    following = next(numbered, None)
     while following is not None:
-        cells, following = following, next(reader, None)
+        (line, cells), following = following, next(numbered, None)
         row_number += 1
-        location = RowLocation(path.name, row_number)
+        location = RowLocation(path.name, row_number, line=line)
         if not cells:
             yield RawRow(location, {})
             continue
