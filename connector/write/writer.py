@@ -439,7 +439,14 @@ class Writer:
                 continue
             for res in ledger.resources_of(unit_key):
                 resource_type, system, value, server_id = res.resource_type, res.system, res.value, res.server_id
-                resource = self.client.read(resource_type, server_id)
+                try:
+                    resource = self.client.read(resource_type, server_id)
+                except FhirHttpError as exc:
+                    if exc.status not in (404, 410):
+                        raise
+                    # The server lost it (a restore, a refreshed test EHR: new Patient ids too): nothing to retire.
+                    ledger.forget_resource(resource_type, system, value)
+                    continue
                 if resource_type in STATUS_ELEMENT:
                     resource[STATUS_ELEMENT[resource_type]] = "entered-in-error"
                 kind = system.rsplit("/", 1)[1]  # systems are {base}/sid/{program}/{kind}

@@ -439,6 +439,26 @@ def test_a_record_moved_to_another_patient_retires_the_old_resources(rsps: respo
         assert ledger.unit("contact:C1").patient_id == "p9"  # type: ignore[union-attr]
 
 
+def test_a_moved_record_whose_old_resources_the_server_lost_is_written_afresh(rsps: responses.RequestsMock,
+                                                                               program: Program) -> None:
+    """After a restore or a refreshed test EHR the Patient has a new id and our old resources are gone: the
+    retirement finds nothing to retire (404) instead of leaving the participant pending for ever."""
+    answer_first_sync(rsps)
+    program.sync()
+    program.write(contacts=contacts([1, 2, 3, 4, 5, 6]), mrns={"E1": "MRN9", "E2": "MRN2"})
+    answer_patient_search(rsps, "MRN9", "p9")
+    rsps.add(responses.GET, re.compile(rf"{re.escape(BASE)}/\w+/\d+$"), status=404,
+             json=outcome("not-found", "HAPI-2001: Resource is not known"))
+    summary = program.sync()
+    assert summary.exit_code == 0 and summary.counts["pending"] == 0
+    assert not [c for c in rsps.calls if c.request.method == "PUT"]  # nothing left to retire
+    with Ledger(program.ledger) as ledger:
+        assert ledger.unit("contact:C1").patient_id == "p9"  # type: ignore[union-attr]
+    (moved,) = sent_transactions(rsps)[3:]
+    new_c1 = next(e for e in moved["entry"] if communications_with({"entry": [e]}, "C1"))
+    assert new_c1["resource"]["subject"]["reference"] == "Patient/p9"
+
+
 # -- what the writer adapts to ---------------------------------------------------------------------------------
 
 
