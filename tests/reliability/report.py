@@ -166,8 +166,8 @@ def render(data: dict[str, Any], results_path: Path) -> tuple[str, bool]:
         lines += ["- reproduce:", "", "  ```", f"  {s['command']}", "  ```", ""]
     lines += ["## Bugs the suite found (fixed)", "", FIXES, "",
               "## Running it", "",
-              "- `make test` runs the suite with the short default run counts (31 tests, 4–7 minutes on 2 cores; "
-              "the sessions above give the measured times).",
+              "- `make test` runs the suite with the short default run counts (48 tests, about 18 minutes on 2 "
+              "shared cores; the sessions above give the measured times).",
               "- `make reliability` (or `PEERSYNC_RELIABILITY_RUNS=30 .venv/bin/python -m pytest -m reliability "
               "tests/reliability`) runs the multi-run scenarios 30 times each (30 seeded SIGKILL runs, 30 lock "
               "races, 30 faulted demo syncs per variant), then writes this report.",
