@@ -6,6 +6,7 @@ MRN system (so its Patients are its own), so tests never see each other's data.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import uuid
@@ -121,6 +122,45 @@ def demo_summary() -> dict[str, Any]:
     return json.loads((DEMO / "template" / "summary.json").read_text(encoding="utf-8"))
 
 
+# -- the inputs ---------------------------------------------------------------------------------------
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_csv(path: Path, rows: list[dict[str, str]], fieldnames: list[str] | None = None) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def demo_enrollments() -> list[str]:
+    return [r["enrollment_id"] for r in read_csv(DEMO / "template" / "enrollments.csv")]
+
+
+def trim_inputs(inputs: Path, keep: set[str]) -> None:
+    """Keep only the rows of the given enrollments (and their goals' notes) in a copy of the demo template."""
+    kept_goals: set[str] = set()
+    for name in ("enrollments.csv", "goals.csv", "contacts.csv", "planned_contacts.csv", "referrals.csv"):
+        path = inputs / name
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            fields = list(reader.fieldnames or [])
+            rows = [r for r in reader if r["enrollment_id"] in keep]
+        if name == "goals.csv":
+            kept_goals = {r["goal_id"] for r in rows}
+        write_csv(path, rows, fields)
+    path = inputs / "goal_notes.csv"
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        fields = list(reader.fieldnames or [])
+        rows = [r for r in reader if r["goal_id"] in kept_goals]
+    write_csv(path, rows, fields)
+
+
 # -- the server's state -------------------------------------------------------------------------------
 
 
@@ -190,5 +230,5 @@ def assert_clean_state(program: Program, exclude_participants: set[str]) -> dict
     return found
 
 
-__all__ = ["Act", "Program", "assert_clean_state", "compute_plan", "demo_summary", "make_program",
-           "program_fingerprint", "server_resources", "units_to_write"]
+__all__ = ["Act", "Program", "assert_clean_state", "compute_plan", "demo_enrollments", "demo_summary", "make_program",
+           "program_fingerprint", "read_csv", "server_resources", "trim_inputs", "units_to_write", "write_csv"]

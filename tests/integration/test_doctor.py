@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
+from connector.identifiers import token_query
+from connector.ops.landed import PROGRAM_RESOURCES
 from connector.plan.ledger import SCHEMA_VERSION
 
-from .syncutil import make_program
+from .syncutil import demo_enrollments, make_program, trim_inputs
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +96,19 @@ def test_doctor_wrong_base_url_exits_78(tmp_path: Path, fhir_base_url: str) -> N
                       env={"PEERSYNC_SERVER__BASE_URL": wrong})
     assert result.returncode == 78, result.stdout
     assert checks(result.stdout)["server.metadata"]["status"] == "fail"
+
+
+def test_doctor_fails_after_the_server_lost_the_programs_resources(tmp_path: Path, fhir_base_url: str) -> None:
+    program = make_program(tmp_path, fhir_base_url)
+    trim_inputs(program.inputs, set(demo_enrollments()[:3]))  # a small program: deleting it from the server is quick
+    program.sync()
+    assert json.loads(peersync("doctor", "--config", str(program.config), "--json").stdout)["exit_code"] == 0
+    ctx = program.context()
+    for resource_type, kind, _ in PROGRAM_RESOURCES:  # as a refreshed test EHR: the program's resources are gone
+        query = f"identifier={token_query(ctx.system(kind), '')}&_cascade=delete"
+        response = requests.delete(f"{fhir_base_url}/{resource_type}?{query}", timeout=300)
+        assert response.status_code in (200, 204), response.text[:300]
+    result = peersync("doctor", "--config", str(program.config), "--json")
+    check = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "ledger.server")
+    assert check["status"] == "fail" and "peersync verify --repair" in check["fix"]
+    assert result.returncode == 65

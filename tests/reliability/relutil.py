@@ -13,7 +13,6 @@ The invariant every scenario ends with (:func:`check_invariant`):
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -33,10 +32,14 @@ from integration.syncutil import (
     DEMO,
     Program,
     assert_clean_state,
+    demo_enrollments,
     demo_summary,
     expected_identities,
     make_program,
+    read_csv,
     server_resources,
+    trim_inputs,
+    write_csv,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,42 +84,6 @@ def is_loopback_url(url: str) -> bool:
 
 
 # -- programs ---------------------------------------------------------------------------------------------------------
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
-def write_csv(path: Path, rows: list[dict[str, str]], fieldnames: list[str] | None = None) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fieldnames or list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def demo_enrollments() -> list[str]:
-    return [r["enrollment_id"] for r in read_csv(DEMO / "template" / "enrollments.csv")]
-
-
-def trim_inputs(inputs: Path, keep: set[str]) -> None:
-    """Keep only the rows of the given enrollments (and their goals' notes) in a copy of the demo template."""
-    kept_goals: set[str] = set()
-    for name in ("enrollments.csv", "goals.csv", "contacts.csv", "planned_contacts.csv", "referrals.csv"):
-        path = inputs / name
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            fields = list(reader.fieldnames or [])
-            rows = [r for r in reader if r["enrollment_id"] in keep]
-        if name == "goals.csv":
-            kept_goals = {r["goal_id"] for r in rows}
-        write_csv(path, rows, fields)
-    path = inputs / "goal_notes.csv"
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        fields = list(reader.fieldnames or [])
-        rows = [r for r in reader if r["goal_id"] in kept_goals]
-    write_csv(path, rows, fields)
 
 
 def trimmed_set(participants: int) -> set[str]:

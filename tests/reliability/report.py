@@ -28,6 +28,7 @@ GROUPS = [
     ("Concurrency", "concurrency-"),
     ("Hostile input", "hostile-"),
     ("Source shape (the export changed shape between syncs)", "shape-"),
+    ("Server drift (resources deleted or edited on the server; `peersync verify`, `verify --repair`)", "drift-"),
     ("PHI leakage", "phi-"),
     ("Transport", "transport-"),
 ]
@@ -128,7 +129,8 @@ def render(data: dict[str, Any], results_path: Path) -> tuple[str, bool]:
     ordered = sorted(scenarios.values(), key=lambda s: ([t for t, _ in GROUPS].index(_group_of(s["name"]))
                                                         if _group_of(s["name"]) != "Other" else 99, s["name"]))
     for s in ordered:
-        bad = s["outcome"] != "passed" or s.get("duplicates") or s.get("lost") or s.get("phi_hits")
+        bad = s["outcome"] != "passed" or s.get("duplicates") or s.get("lost") or s.get("phi_hits") \
+            or s.get("repaired") != s.get("drift_reported")  # drift reported but not all of it repaired
         ok = ok and not bad
         for key in totals:
             totals[key] += s.get(key) or 0
@@ -145,12 +147,16 @@ def render(data: dict[str, Any], results_path: Path) -> tuple[str, bool]:
         if group != current:
             lines += [f"## {group}", ""]
             current = group
+            lines += _drift_table([t for t in ordered if _group_of(t["name"]) == group])
         lines += [f"### {s['name']}", "", f"**{s['title']}** — {s['outcome']}, {s.get('duration_s', 0)} s, "
                                           f"finished {s.get('finished_at', '?')}", ""]
         facts = [f"runs: {_fmt(s.get('runs'))}", f"faults injected: {_fmt(s.get('faults_injected'))}",
                  f"records sent: {_fmt(s.get('records_sent'))}", f"duplicates: {_fmt(s.get('duplicates'))}",
                  f"lost: {_fmt(s.get('lost'))}", f"content mismatches: {_fmt(s.get('content_mismatches'))}",
                  f"PHI hits: {_fmt(s.get('phi_hits'))}"]
+        if s.get("drift_reported") is not None:
+            facts += [f"drift reported by verify: {_fmt(s['drift_reported'])}",
+                      f"repaired: {_fmt(s.get('repaired'))}"]
         lines.append("- " + "; ".join(facts))
         if s.get("faults_by_kind"):
             lines.append("- faults by kind: " + ", ".join(f"{k} {v:,}" for k, v in s["faults_by_kind"].items()))
@@ -160,8 +166,8 @@ def render(data: dict[str, Any], results_path: Path) -> tuple[str, bool]:
         lines += ["- reproduce:", "", "  ```", f"  {s['command']}", "  ```", ""]
     lines += ["## Bugs the suite found (fixed)", "", FIXES, "",
               "## Running it", "",
-              "- `make test` runs the suite with the short default run counts (31 tests, 4–7 minutes on 2 cores; "
-              "the sessions above give the measured times).",
+              "- `make test` runs the suite with the short default run counts (48 tests, about 18 minutes on 2 "
+              "shared cores; the sessions above give the measured times).",
               "- `make reliability` (or `PEERSYNC_RELIABILITY_RUNS=30 .venv/bin/python -m pytest -m reliability "
               "tests/reliability`) runs the multi-run scenarios 30 times each (30 seeded SIGKILL runs, 30 lock "
               "races, 30 faulted demo syncs per variant), then writes this report.",
@@ -175,6 +181,17 @@ def render(data: dict[str, Any], results_path: Path) -> tuple[str, bool]:
               "every peersync subprocess under a guard that refuses and reports any other address.",
               "", f"Results file: `{_relative(results_path)}`.", ""]
     return "\n".join(lines), ok
+
+
+def _drift_table(scenarios: list[dict[str, Any]]) -> list[str]:
+    """For the drift scenarios: what verify reported, what the repair restored, duplicates and lost."""
+    rows = [s for s in scenarios if s.get("drift_reported") is not None]
+    if not rows:
+        return []
+    lines = ["| scenario | records reported | repaired | duplicates | lost |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| [{s['name']}](#{s['name']}) | {_fmt(s['drift_reported'])} | {_fmt(s.get('repaired'))} | "
+              f"{_fmt(s.get('duplicates'))} | {_fmt(s.get('lost'))} |" for s in rows]
+    return [*lines, ""]
 
 
 def _relative(path: Path) -> str:

@@ -42,6 +42,8 @@ class Scenario:
     lost: int = 0
     phi_hits: int | None = None  # None: not scanned in this scenario
     content_mismatches: int | None = None  # None: content not compared
+    drift_reported: int | None = None  # server drift: resources `peersync verify` reported changed or missing
+    repaired: int | None = None  # server drift: of those, back with a clean sync's content after `verify --repair`
     command: str = ""
     seed: int | None = None
     duration_s: float = 0.0
