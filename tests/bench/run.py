@@ -277,6 +277,7 @@ class Bench:
 
     def verify(self) -> None:
         assert self.base_url
+        self.warm_up()  # like the write sections: a cold JIT would inflate the demo's first sync
         self.fresh_server()
         self.log("verify: demo program")
         demo = drift.sync_then_verify(drift.demo_program(self.base_url))
