@@ -15,7 +15,9 @@ history.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -104,4 +106,6 @@ def iter_bundles(staging: Staging, ctx: MappingContext, *, recorded: datetime | 
                 yield from built(f"participant-{identifier_value(participant)}",
                                  iter_planned_units(staging, participant, planned, ctx), author)
         finally:
-            Ledger.detach_from(staging.db)
+            # A consumer that stops early may close the generator after it closed the staging store.
+            with contextlib.suppress(sqlite3.ProgrammingError):
+                Ledger.detach_from(staging.db)

@@ -187,9 +187,11 @@ class Schedule:
         """The fault for request number ``index`` (1-based), or None to forward it untouched."""
         if self.only is not None:
             return self.only.get(index)
-        roll, pick = self._rng.random(), self._rng.random()  # always two draws: the stream stays aligned
         if self.methods is not None and method not in self.methods:
+            # No draw: the faults then follow the order of the requests they may hit (e.g. the POSTs), whatever
+            # GETs the client's threads interleave, so a seed gives the same faults run after run.
             return None
+        roll, pick = self._rng.random(), self._rng.random()  # always two draws: the stream stays aligned
         if roll >= self.rate:
             return None
         kinds = [k for k, w in self.weights.items() if w > 0]
