@@ -297,7 +297,8 @@ def test_read_only_ledger_folder_exits_78_with_the_permission_fix(program_factor
     drain(rel, outputs, codes)
     line = next((ln.strip() for ln in message.splitlines() if "writ" in ln.lower() or "permission" in ln.lower()), "")
     finish(record, rel, "known-read-only-ledger-folder", "A read-only ledger folder exits 78 with the permission fix",
-           outputs, codes, [f"message: {line[:200]}", "`config check` never advises moving the ledger aside"],
+           outputs, codes, [f"message: {line.replace(str(rel.root), '<program>')[:200]}",
+                            "`config check` never advises moving the ledger aside"],
            by_kind={"ledger folder not writable": 1})
 
 
