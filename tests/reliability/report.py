@@ -29,6 +29,8 @@ GROUPS = [
     ("Hostile input", "hostile-"),
     ("Source shape (the export changed shape between syncs)", "shape-"),
     ("Server drift (resources deleted or edited on the server; `peersync verify`, `verify --repair`)", "drift-"),
+    ("Known conditions and small defects (issue 14, items 7-10: documented exit codes, limits, private files)",
+     "known-"),
     ("PHI leakage", "phi-"),
     ("Transport", "transport-"),
 ]

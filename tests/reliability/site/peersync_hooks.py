@@ -73,3 +73,34 @@ def pause_after_ledger_commit(commits: int, signal_fd: int) -> None:
             threading.Event().wait()  # until SIGKILL
 
     ledger_module.Ledger.record_confirmed_many = record_confirmed_many  # type: ignore[method-assign]
+
+
+def read_only_folder(folder: str) -> None:
+    """Simulate a folder the service user may not write (the suite runs as root, which ignores permissions):
+    ``os.access(folder, W_OK)`` and anything under it answer False, as for a read-only mount."""
+    real_access = os.access
+    blocked = Path(folder).resolve()
+
+    def access(path: Any, mode: int, **kwargs: Any) -> bool:
+        target = Path(path).resolve()
+        if mode & os.W_OK and (target == blocked or blocked in target.parents):
+            return False
+        return real_access(path, mode, **kwargs)
+
+    os.access = access  # type: ignore[assignment]
+
+
+def fail_renames_into(folder: str) -> None:
+    """Simulate a full disk at the last step of an atomic write: ``os.replace`` into ``folder`` fails (ENOSPC)
+    after the temporary file was written."""
+    import errno
+
+    real_replace = os.replace
+    blocked = Path(folder).resolve()
+
+    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
+        if Path(dst).resolve().parent == blocked:
+            raise OSError(errno.ENOSPC, "No space left on device (test hook)")
+        real_replace(src, dst, **kwargs)
+
+    os.replace = replace  # type: ignore[assignment]

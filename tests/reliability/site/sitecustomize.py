@@ -9,6 +9,10 @@
   refused the lock (it marks DIR/refused), so two runs overlap on any machine (test_concurrency).
 * ``PEERSYNC_RELIABILITY_PAUSE_AFTER_COMMITS=N`` with ``PEERSYNC_RELIABILITY_PAUSE_FD=FD``: after the N-th ledger
   commit of confirmed units, write a byte to FD and block until killed (test_crashes' SIGKILL point).
+* ``PEERSYNC_RELIABILITY_READ_ONLY=DIR``: DIR (and what is under it) is not writable for ``os.access``, as for a
+  service user without write permission (the suite runs as root, which ignores file modes).
+* ``PEERSYNC_RELIABILITY_FAIL_RENAMES_INTO=DIR``: ``os.replace`` into DIR fails with ENOSPC (a full disk at the
+  last step of an atomic write).
 """
 
 from __future__ import annotations
@@ -35,3 +39,13 @@ if os.environ.get("PEERSYNC_RELIABILITY_PAUSE_AFTER_COMMITS"):
 
     peersync_hooks.pause_after_ledger_commit(int(os.environ["PEERSYNC_RELIABILITY_PAUSE_AFTER_COMMITS"]),
                                              int(os.environ["PEERSYNC_RELIABILITY_PAUSE_FD"]))
+
+if os.environ.get("PEERSYNC_RELIABILITY_READ_ONLY"):
+    import peersync_hooks
+
+    peersync_hooks.read_only_folder(os.environ["PEERSYNC_RELIABILITY_READ_ONLY"])
+
+if os.environ.get("PEERSYNC_RELIABILITY_FAIL_RENAMES_INTO"):
+    import peersync_hooks
+
+    peersync_hooks.fail_renames_into(os.environ["PEERSYNC_RELIABILITY_FAIL_RENAMES_INTO"])
