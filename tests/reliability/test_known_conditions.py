@@ -13,12 +13,11 @@ import json
 import re
 import resource
 import stat
-import zipfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+from hostile_files import xlsx_zip_bomb
 from integration.syncutil import server_resources
 
 from . import phi
@@ -218,29 +217,6 @@ def test_quarantined_contact_is_retried_once_its_planned_contact_lands(hapi_url,
 # -- item 8: read limits ----------------------------------------------------------------------------------------------
 
 
-def zip_bomb(path: Path, unpacked_mb: int) -> Path:
-    """A real workbook whose shared strings unpack to ``unpacked_mb`` MB (a small file)."""
-    from openpyxl import Workbook
-
-    book = Workbook()
-    book.active.title = "Contacts"
-    book.active.append(["contact_id", "notes"])
-    source = path.with_name("source.xlsx")
-    book.save(source)
-    chunk = b"a" * 2**20
-    with zipfile.ZipFile(source) as original, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
-        for info in original.infolist():
-            if info.filename != "xl/sharedStrings.xml":
-                bomb.writestr(info, original.read(info))
-        with bomb.open("xl/sharedStrings.xml", "w", force_zip64=True) as strings:
-            strings.write(b'<sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><si><t>')
-            for _ in range(unpacked_mb):
-                strings.write(chunk)
-            strings.write(b"</t></si></sst>")
-    source.unlink()
-    return path
-
-
 def child_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
@@ -249,7 +225,7 @@ def child_peak_mb() -> float:
 def test_read_limits_stop_the_run_with_memory_bounded(case: str, program_factory, record) -> None:
     rel = program_factory(f"known-{case}", participants=PARTICIPANTS)
     if case == "xlsx-zip-bomb":
-        bad = zip_bomb(rel.root / "program.xlsx", unpacked_mb=1024)
+        bad = xlsx_zip_bomb(rel.root / "program.xlsx", unpacked_mb=1024)
         rel.write_config(source={"inputs": [str(bad)], "max_unpacked_mb": 64})
         title = "A 1 GB-unpacking workbook zip bomb (small file) stops the run with 78 naming the file"
     else:

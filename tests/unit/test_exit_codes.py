@@ -18,6 +18,7 @@ import pytest
 import requests
 import responses
 from click.testing import CliRunner, Result
+from cliutil import DEMO, write_config
 from filelock import FileLock
 
 from connector.cli import main
@@ -30,8 +31,6 @@ from connector.server.client import (
     OutcomeSummary,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "fixtures" / "demo" / "template"
 BASE = "https://ehr.example.org/fhir"
 ANY = re.compile(re.escape(BASE) + r"(/.*)?(\?.*)?$")
 OUTCOME = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
@@ -62,21 +61,7 @@ def test_an_http_error_carries_the_exit_code_of_its_action(status: int, expected
 
 
 def config(tmp_path: Path, *, extra: str = "") -> Path:
-    path = tmp_path / "peersync.toml"
-    path.write_text(f"""
-[source]
-profile = "peersync-template"
-inputs = ["{DEMO}"]
-[server]
-base_url = "{BASE}"
-[auth]
-mode = "none"
-[sync]
-ledger = "state/ledger.sqlite"
-retry_attempts = 0
-{extra}
-""", encoding="utf-8")
-    return path
+    return write_config(tmp_path, base_url=BASE, sync="retry_attempts = 0", extra=extra)
 
 
 def _capability(transaction: bool = True) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import click
 import pytest
 import requests
 import responses
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
+from cliutil import DEMO, run, write_config
 
 import connector.ops.metrics
 from connector.cli import main
@@ -29,9 +30,6 @@ from connector.read.program import write_rejects
 from connector.read.staging import Staging
 from connector.run import exit_for, outcome_of_error
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "fixtures" / "demo" / "template"
-
 pytestmark = pytest.mark.usefixtures("peersync_env")
 
 
@@ -39,23 +37,8 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False, prog_name="peersync")
-
-
 def config(tmp_path: Path, extra: str = "") -> Path:
-    path = tmp_path / "peersync.toml"
-    path.write_text(f"""
-[source]
-profile = "peersync-template"
-inputs = ["{DEMO}"]
-[server]
-base_url = "http://127.0.0.1:9/fhir"
-[sync]
-ledger = "state/ledger.sqlite"
-{extra}
-""", encoding="utf-8")
-    return path
+    return write_config(tmp_path, extra=extra)
 
 
 # -- file modes ----------------------------------------------------------------------------------------------------

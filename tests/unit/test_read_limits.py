@@ -4,10 +4,10 @@ hold them in memory; the error names the file (whole-file limits) or the row is 
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import pytest
+from hostile_files import xlsx_zip_bomb
 from openpyxl import Workbook
 
 from connector.errors import ExitCode, InputError
@@ -28,24 +28,8 @@ def workbook(path: Path, rows: list[list[object]], sheet: str = "Contacts") -> P
     return path
 
 
-def zip_bomb(path: Path, unpacked_mb: int) -> Path:
-    """A real workbook whose shared strings table is replaced by one that unpacks to ``unpacked_mb`` MB."""
-    source = workbook(path.with_name("source.xlsx"), [["contact_id", "notes"], ["C1", "talked"]])
-    chunk = b"a" * 2**20
-    with zipfile.ZipFile(source) as original, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
-        for info in original.infolist():
-            if info.filename != "xl/sharedStrings.xml":
-                bomb.writestr(info, original.read(info))
-        with bomb.open("xl/sharedStrings.xml", "w", force_zip64=True) as strings:
-            strings.write(b'<sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><si><t>')
-            for _ in range(unpacked_mb):
-                strings.write(chunk)
-            strings.write(b"</t></si></sst>")
-    return path
-
-
 def test_a_workbook_zip_bomb_is_refused_before_it_is_unpacked(tmp_path: Path) -> None:
-    bomb = zip_bomb(tmp_path / "program.xlsx", unpacked_mb=16)
+    bomb = xlsx_zip_bomb(tmp_path / "program.xlsx", unpacked_mb=16)
     assert bomb.stat().st_size < 2**20  # a small file...
     with pytest.raises(InputError, match=r"program\.xlsx: the workbook unpacks to 16 MB, more than the limit of "
                                          r"4 MB \(source\.max_unpacked_mb\)") as caught:

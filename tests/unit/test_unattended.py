@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import responses
 from click.testing import CliRunner
+from cliutil import write_config
 
 from connector.cli import main
 from connector.ops.metrics import parse_samples
@@ -20,23 +21,8 @@ pytestmark = pytest.mark.usefixtures("peersync_env")
 
 
 def _config(tmp_path: Path, inputs: Path, extra: str = "") -> Path:
-    path = tmp_path / "peersync.toml"
-    path.write_text(f"""
-[source]
-profile = "peersync-template"
-inputs = ["{inputs}"]
-[server]
-base_url = "{BASE}"
-[auth]
-mode = "none"
-[sync]
-ledger = "state/ledger.sqlite"
-retry_attempts = 0
-{extra}
-[output]
-metrics_file = "metrics/peersync.prom"
-""", encoding="utf-8")
-    return path
+    return write_config(tmp_path, inputs=inputs, base_url=BASE, sync=f"retry_attempts = 0\n{extra}",
+                        extra='[output]\nmetrics_file = "metrics/peersync.prom"')
 
 
 def _metrics(tmp_path: Path) -> dict[str, float]:
