@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import stat
 import subprocess
-import tempfile
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,6 @@ from .relutil import (
     RelProgram,
     assert_no_traceback,
     check_invariant,
-    cli_command,
     cli_env,
     read_csv,
     run_cli,
@@ -220,20 +218,28 @@ def test_quarantined_contact_is_retried_once_its_planned_contact_lands(hapi_url,
 # -- item 8: read limits ----------------------------------------------------------------------------------------------
 
 
+# Runs the CLI and, at exit, writes the process's own peak RSS (VmHWM, kB) to the file named first. VmHWM belongs to
+# the memory image exec created; getrusage's ru_maxrss would carry over the forking pytest process's peak.
+_MEASURED_CLI = (
+    "import atexit, re, runpy, sys\n"
+    "out = sys.argv.pop(1)\n"
+    "def peak():\n"
+    "    status = open('/proc/self/status').read()\n"
+    "    open(out, 'w').write(re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
+    "atexit.register(peak)\n"
+    "sys.argv[0] = 'peersync'\n"
+    "runpy.run_module('connector.cli', run_name='__main__')\n"
+)
+
+
 def sync_measured(rel: RelProgram, outputs: dict[str, str], label: str) -> tuple[int, float]:
-    """One CLI sync; (exit code, that process's own peak RSS in MB). ``os.wait4`` reports the rusage of this
-    child alone: RUSAGE_CHILDREN would be the peak of every child reaped so far (a HAPI server included)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cli_command("sync", "--config", str(rel.config), "--json"), env=cli_env(),
-                                stdout=out, stderr=err)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        outputs[f"{label} (stdout)"] = out.read().decode("utf-8", "replace")
-        outputs[f"{label} (stderr)"] = err.read().decode("utf-8", "replace")
-    assert "Traceback" not in outputs[f"{label} (stderr)"], outputs[f"{label} (stderr)"][-2000:]
-    return proc.returncode, usage.ru_maxrss / 1024
+    """One CLI sync; (exit code, that process's own peak RSS in MB, from its VmHWM at exit)."""
+    peak_file = rel.root / f"{label}.peak-kb"
+    command = [sys.executable, "-c", _MEASURED_CLI, str(peak_file), "sync", "--config", str(rel.config), "--json"]
+    proc = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=600, check=False)
+    outputs[f"{label} (stdout)"], outputs[f"{label} (stderr)"] = proc.stdout, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return proc.returncode, int(peak_file.read_text()) / 1024
 
 
 @pytest.mark.parametrize("case", ["xlsx-zip-bomb", "csv-long-line"])
