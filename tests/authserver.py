@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 TESTS_DIR = Path(__file__).resolve().parent
 AUTH_SERVER_SH = TESTS_DIR / "auth-server" / "server.sh"
 FHIR_SERVER_SH = TESTS_DIR / "fhir-server" / "server.sh"
+AUTH_RUN_DIR = TESTS_DIR / "auth-server" / "target" / "run"
 
 # What peersync writes (create/update) and reads, as SMART v2 system scopes (docs/authentication.md).
 WRITTEN_TYPES = ("Goal", "CarePlan", "CareTeam", "Communication", "CommunicationRequest", "ServiceRequest", "Task",
@@ -106,6 +107,21 @@ class Client:
         return config
 
 
+def signing_jwk(port: int) -> dict[str, Any]:
+    """The key that signs access tokens: one per port, kept in the run folder (0600) and reused, so a FHIR server
+    left running from an earlier session (PEERSYNC_KEEP_SERVER) still holds the right key in its cached JWK Set."""
+    path = AUTH_RUN_DIR / f"signing-key-{port}.jwk.json"
+    if path.is_file():
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key)) | {"kid": "authz-signing-1", "alg": "RS256", "use": "sig"}
+    AUTH_RUN_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(jwk, handle)
+    return dict(jwk)
+
+
 @dataclass
 class AuthServer:
     """oidc-provider with the clients given; (re)started by :meth:`start` from a configuration file written here."""
@@ -116,10 +132,7 @@ class AuthServer:
     port: int = field(default_factory=authz_port)
 
     def __post_init__(self) -> None:
-        # A stable token-signing key across restarts, so the FHIR server's cached JWK Set stays right.
-        signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self._signing_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(signing_key))
-        self._signing_jwk |= {"kid": "authz-signing-1", "alg": "RS256", "use": "sig"}
+        self._signing_jwk = signing_jwk(self.port)
         self.config_path = self.workdir / "auth-server.json"
 
     @property
