@@ -20,6 +20,7 @@ import http.server
 import json
 import os
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,3 +211,58 @@ def stop_enforcing_fhir_server() -> None:
 
 def fhir_base_for(port: int) -> str:
     return f"http://127.0.0.1:{port}/fhir"
+
+
+# -- command line: the walk-through in docs/authentication.md -------------------------------------------------------
+
+WALKTHROUGH_DIR = AUTH_RUN_DIR / "walkthrough"
+DEMO_PATIENTS = TESTS_DIR.parent / "fixtures" / "demo" / "clinic" / "patients.json"
+
+
+def walkthrough_start(jwks_uri: str) -> dict[str, str]:
+    """The tests' setup by hand: clients peersync-smart (private_key_jwt, keys from ``jwks_uri``) and
+    peersync-secret (client secret, written to a 0600 file), the enforcing HAPI server, the demo's Patients."""
+    import secrets
+
+    WALKTHROUGH_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret_file = WALKTHROUGH_DIR / "peersync-secret.client_secret"
+    secret = secrets.token_urlsafe(24)
+    secret_file.unlink(missing_ok=True)
+    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(secret + "\n")
+    admin_secret = secrets.token_urlsafe(24)
+    fhir_base = fhir_base_for(auth_fhir_port())
+    scope = " ".join(SYNC_SCOPES)
+    auth = AuthServer(WALKTHROUGH_DIR, fhir_base, [
+        Client("harness-admin", ADMIN_SCOPE, client_secret=admin_secret),
+        Client("peersync-smart", scope, jwks_uri=jwks_uri),
+        Client("peersync-secret", scope, client_secret=secret),
+    ])
+    auth.start()
+    fhir_base = start_enforcing_fhir_server(auth)
+    token = auth.token("harness-admin", admin_secret, ADMIN_SCOPE)
+    response = requests.post(fhir_base, data=DEMO_PATIENTS.read_bytes(), timeout=300,
+                             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"})
+    response.raise_for_status()
+    return {"issuer": auth.issuer, "token_url": auth.token_url, "fhir_base_url": fhir_base,
+            "client_secret_file": str(secret_file), "scope": scope}
+
+
+def main(argv: list[str]) -> int:
+    usage = "usage: authserver.py start JWKS_URI | stop"
+    if argv[:1] == ["start"] and len(argv) == 2:
+        for name, value in walkthrough_start(argv[1]).items():
+            print(f"{name}: {value}")
+        return 0
+    if argv == ["stop"]:
+        stop_enforcing_fhir_server()
+        env = {**os.environ, "PEERSYNC_AUTHZ_PORT": str(authz_port())}
+        subprocess.run(["bash", str(AUTH_SERVER_SH), "stop"], env=env, check=False, timeout=120)
+        return 0
+    print(usage, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
