@@ -214,7 +214,7 @@ def test_key_rotation_without_a_failed_run(tmp_path: Path, authenv: AuthEnv) -> 
     host = authenv.rotating_host
     old = authenv.new_key("ES384", "rotation-old")
     new = authenv.new_key("RS384", "rotation-new")
-    program = program_for(tmp_path, authenv, enrollments=3)
+    program = program_for(tmp_path, authenv, enrollments=1)
     exits: list[int] = []
 
     host.publish(old.jwks)
@@ -287,7 +287,7 @@ def test_token_expiring_mid_run_is_replaced_without_lost_or_repeated_writes(tmp_
 
 
 def test_missing_scope_for_one_type_is_named_before_any_write(tmp_path: Path, authenv: AuthEnv) -> None:
-    program = program_for(tmp_path, authenv)
+    program = program_for(tmp_path, authenv, enrollments=3)
     use_smart(program, "peersync-narrow", authenv.rs384)
 
     doctor = peersync("doctor", "--config", str(program.config))
@@ -302,7 +302,7 @@ def test_missing_scope_for_one_type_is_named_before_any_write(tmp_path: Path, au
 def test_the_fhir_server_names_a_missing_scope_peersync_was_told_not_to_require(tmp_path: Path,
                                                                                 authenv: AuthEnv) -> None:
     """An operator who narrows required_scopes meets HAPI's 403, which names the scope (exit 77)."""
-    program = program_for(tmp_path, authenv)
+    program = program_for(tmp_path, authenv, enrollments=3)
     required = " ".join(s for s in authserver.SYNC_SCOPES if s != NARROW_MISSING)
     use_smart(program, "peersync-narrow", authenv.rs384, extra=f'required_scopes = "{required}"\n')
 
