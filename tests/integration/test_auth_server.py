@@ -107,6 +107,14 @@ def test_the_fhir_server_enforces_bearer_tokens_and_scopes(authenv: AuthEnv) -> 
                                   "description": {"text": "x"}, "subject": {"display": "x"}}, timeout=60)
     assert refused.status_code == 403
     assert "needs scope system/Goal.c" in refused.json()["issue"][0]["diagnostics"]
+    # The entries of a batch (and a transaction) are checked one by one.
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient?_count=1"}},
+        {"request": {"method": "GET", "url": "Goal?_count=1"}}]}
+    answer = requests.post(base, json=batch, headers={**headers, "Content-Type": "application/fhir+json"},
+                           timeout=60).json()
+    statuses = [entry["response"]["status"] for entry in answer["entry"]]
+    assert statuses[0].startswith("200") and statuses[1].startswith("403"), statuses
 
 
 # -- SMART Backend Services: the demo sync end to end -----------------------------------------------------------------
