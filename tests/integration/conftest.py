@@ -31,6 +31,12 @@ class KeyPair:
     jwks: dict
 
 
+def new_key(workdir: Path, alg: keys.SigningAlg, kid: str) -> KeyPair:
+    """A signing key as `peersync keys generate` makes it (private key 0600, public JWK Set)."""
+    key_path, jwks_path = keys.generate_keypair(alg, kid, workdir / "keys")
+    return KeyPair(kid, alg, key_path, json.loads(jwks_path.read_text(encoding="utf-8")))
+
+
 @dataclass
 class AuthEnv:
     """What the auth integration tests talk to."""
@@ -48,8 +54,7 @@ class AuthEnv:
         return {"Authorization": f"Bearer {token}"}
 
     def new_key(self, alg: keys.SigningAlg, kid: str) -> KeyPair:
-        key_path, jwks_path = keys.generate_keypair(alg, kid, self.workdir / "keys")
-        return KeyPair(kid, alg, key_path, json.loads(jwks_path.read_text(encoding="utf-8")))
+        return new_key(self.workdir, alg, kid)
 
     def grants(self, client_id: str) -> list[dict]:
         """The authorization server's log of token requests by this client since its last (re)start."""
@@ -75,10 +80,10 @@ def authenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthEnv]:
         authserver.Client("peersync-rotating", sync_scope, jwks_uri=rotating_host.url),
         authserver.Client("peersync-secret", sync_scope, client_secret=SECRET_CLIENT_SECRET),
     ])
-    env = AuthEnv(workdir, auth, jwks_host, rotating_host, fhir_base_url, rs384=None, es384=None)  # type: ignore[arg-type]
-    env.rs384 = env.new_key("RS384", "peersync-rs384-1")
-    env.es384 = env.new_key("ES384", "peersync-es384-1")
-    jwks_host.publish(env.rs384.jwks, env.es384.jwks)
+    rs384 = new_key(workdir, "RS384", "peersync-rs384-1")
+    es384 = new_key(workdir, "ES384", "peersync-es384-1")
+    jwks_host.publish(rs384.jwks, es384.jwks)
+    env = AuthEnv(workdir, auth, jwks_host, rotating_host, fhir_base_url, rs384, es384)
     try:
         auth.start()
         env.fhir_base_url = authserver.start_enforcing_fhir_server(auth)

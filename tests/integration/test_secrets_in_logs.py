@@ -88,7 +88,7 @@ def test_sync_against_a_real_authorization_server_never_outputs_a_token(
 ) -> None:
     """SMART Backend Services with oidc-provider and the enforcing HAPI server: the same scan, plus every JWT.
 
-    A client with short-lived tokens (3 s) and no refresh margin, so a token may expire in use and be renewed.
+    A client with short-lived tokens (3 s), so the run renews its token.
     """
     issued: list[str] = []
     parse = RefreshingAuth._parse_token_response
@@ -109,7 +109,6 @@ client_id = "peersync-short"
 private_key_file = "{key.private_key}"
 kid = "{key.kid}"
 scope = "{" ".join(authserver.SYNC_SCOPES)}"
-refresh_margin_seconds = 0
 
 [output]
 metrics_file = "{metrics}"
