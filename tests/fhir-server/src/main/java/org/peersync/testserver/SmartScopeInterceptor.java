@@ -5,6 +5,7 @@ import ca.uhn.fhir.interceptor.api.Interceptor;
 import ca.uhn.fhir.interceptor.api.Pointcut;
 import ca.uhn.fhir.rest.api.RestOperationTypeEnum;
 import ca.uhn.fhir.rest.api.server.RequestDetails;
+import ca.uhn.fhir.rest.api.server.SystemRequestDetails;
 import ca.uhn.fhir.rest.server.exceptions.AuthenticationException;
 import ca.uhn.fhir.rest.server.exceptions.ForbiddenOperationException;
 import com.nimbusds.jose.JOSEObjectType;
@@ -93,23 +94,28 @@ public class SmartScopeInterceptor {
 
 	@Hook(Pointcut.STORAGE_PRESTORAGE_RESOURCE_CREATED)
 	public void creating(IBaseResource theResource, RequestDetails theRequest) {
-		if (theRequest != null) {
+		if (isClientRequest(theRequest)) {
 			require(grants(theRequest), resourceType(theResource), 'c', "create");
 		}
 	}
 
 	@Hook(Pointcut.STORAGE_PRESTORAGE_RESOURCE_UPDATED)
 	public void updating(IBaseResource theOld, IBaseResource theNew, RequestDetails theRequest) {
-		if (theRequest != null) {
+		if (isClientRequest(theRequest)) {
 			require(grants(theRequest), resourceType(theNew), 'u', "update");
 		}
 	}
 
 	@Hook(Pointcut.STORAGE_PRESTORAGE_RESOURCE_DELETED)
 	public void deleting(IBaseResource theResource, RequestDetails theRequest) {
-		if (theRequest != null) {
+		if (isClientRequest(theRequest)) {
 			require(grants(theRequest), resourceType(theResource), 'd', "delete");
 		}
+	}
+
+	/** HAPI's own work (jobs, startup) runs with SystemRequestDetails or none: no client, no token to check. */
+	private static boolean isClientRequest(RequestDetails theRequest) {
+		return theRequest != null && !(theRequest instanceof SystemRequestDetails);
 	}
 
 	/** The validated token's grants (type or "*" -> permission letters), cached on the request. */
