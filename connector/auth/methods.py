@@ -51,6 +51,25 @@ def json_body(resp: requests.Response) -> Any:
         return None
 
 
+_NAMED_SCOPE_RE = re.compile(r"\b(?:system|user|patient)/(?:[A-Z][A-Za-z]+|\*)\.(?:read|write|[cruds]+|\*)")
+
+
+def scopes_named_by_server(response: requests.Response) -> list[str]:
+    """SMART scopes that a 401/403 OperationOutcome's text names (e.g. HAPI: "needs scope system/Goal.c").
+
+    Only strings in scope grammar are taken from the server's text, so no patient data it may quote can pass.
+    """
+    body = json_body(response)
+    if not isinstance(body, Mapping) or body.get("resourceType") != "OperationOutcome":
+        return []
+    text = " ".join(
+        str(issue.get("diagnostics") or "") + " " + str((issue.get("details") or {}).get("text") or "")
+        for issue in body.get("issue") or []
+        if isinstance(issue, Mapping)
+    )
+    return list(dict.fromkeys(_NAMED_SCOPE_RE.findall(text)))
+
+
 # --------------------------------------------------------------------------------------------
 # Auth objects
 
@@ -124,6 +143,9 @@ class PeersyncAuth(AuthBase):
                 "needed scope in auth.scope (conditional update also needs search, e.g. .s/.rs) and "
                 "ask the EHR administrator to grant it to this client"
             )
+            named = scopes_named_by_server(response)
+            if named:
+                hint = f"the server names the missing scope {' '.join(named)}; " + hint
         else:
             hint = self._unauthorized_hint()
         return AuthError(f"FHIR server refused {method} {where} (HTTP {response.status_code}{code}): {hint}")

@@ -12,6 +12,10 @@
 #   PEERSYNC_FHIR_VALIDATE_REQUESTS true = validate every request, reject on ERROR (default false)
 #   PEERSYNC_FHIR_JAVA_OPTS         extra JVM options, appended after the defaults (e.g. -Xmx1g)
 #   PEERSYNC_FHIR_ARGS              extra Spring Boot arguments (e.g. --peersync.fhir.client-id-strategy=ANY)
+#   PEERSYNC_FHIR_AUTH_JWKS_URL     SMART enforcement on: validate bearer JWTs with this JWK Set (default: off)
+#   PEERSYNC_FHIR_AUTH_ISSUER       required issuer of the tokens (with _JWKS_URL)
+#   PEERSYNC_FHIR_AUTH_AUDIENCE     required audience (optional)
+#   PEERSYNC_FHIR_AUTH_TOKEN_URL    token endpoint published at /fhir/.well-known/smart-configuration (optional)
 #   MVN                             Maven command (default mvn)
 # See README.md beside this file.
 set -euo pipefail
@@ -24,6 +28,7 @@ START_TIMEOUT="${PEERSYNC_FHIR_START_TIMEOUT:-300}"
 STOP_GRACE="${PEERSYNC_FHIR_STOP_GRACE:-30}"
 RUN_DIR="${PEERSYNC_FHIR_RUN_DIR:-$HERE/target/run}"
 VALIDATE_REQUESTS="${PEERSYNC_FHIR_VALIDATE_REQUESTS:-false}"
+AUTH_JWKS_URL="${PEERSYNC_FHIR_AUTH_JWKS_URL:-}"
 MVN="${MVN:-mvn}"
 
 TARGET="$HERE/target"
@@ -167,6 +172,12 @@ cmd_start() {
 				log "WARNING: server already running with validate_requests=$running_validate" \
 					"(requested $VALIDATE_REQUESTS); restart it to change that"
 			fi
+			local running_auth
+			running_auth="$(sed -n 's/^auth_jwks_url=//p' "$SETTINGS_FILE" 2>/dev/null || true)"
+			if [[ "$running_auth" != "$AUTH_JWKS_URL" ]]; then
+				log "WARNING: server already running with auth_jwks_url='${running_auth}'" \
+					"(requested '${AUTH_JWKS_URL}'); restart it to change that"
+			fi
 			log "already running (pid $pid) at $BASE_URL"
 			echo "$BASE_URL"
 			return 0
@@ -186,10 +197,17 @@ cmd_start() {
 		[[ -n "${PEERSYNC_FHIR_JAVA_OPTS:-}" ]] && extra_opts=(${PEERSYNC_FHIR_JAVA_OPTS})
 		# shellcheck disable=SC2206
 		[[ -n "${PEERSYNC_FHIR_ARGS:-}" ]] && extra_args=(${PEERSYNC_FHIR_ARGS})
+		if [[ -n "$AUTH_JWKS_URL" ]]; then
+			[[ -n "${PEERSYNC_FHIR_AUTH_ISSUER:-}" ]] || die "PEERSYNC_FHIR_AUTH_JWKS_URL needs PEERSYNC_FHIR_AUTH_ISSUER"
+			extra_args+=(--peersync.fhir.auth.jwks-url="$AUTH_JWKS_URL"
+				--peersync.fhir.auth.issuer="$PEERSYNC_FHIR_AUTH_ISSUER"
+				--peersync.fhir.auth.audience="${PEERSYNC_FHIR_AUTH_AUDIENCE:-}"
+				--peersync.fhir.auth.token-url="${PEERSYNC_FHIR_AUTH_TOKEN_URL:-}")
+		fi
 		local launcher=()
 		command -v setsid >/dev/null 2>&1 && launcher=(setsid)
 		{
-			echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) server.sh start: port=$PORT validate_requests=$VALIDATE_REQUESTS"
+			echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) server.sh start: port=$PORT validate_requests=$VALIDATE_REQUESTS auth_jwks_url=${AUTH_JWKS_URL:-off}"
 		} >"$LOG_FILE"
 		(
 			cd "$HERE"
@@ -202,7 +220,7 @@ cmd_start() {
 		) &
 		pid=$!
 		echo "$pid" >"$PID_FILE"
-		printf 'validate_requests=%s\nport=%s\n' "$VALIDATE_REQUESTS" "$PORT" >"$SETTINGS_FILE"
+		printf 'validate_requests=%s\nport=%s\nauth_jwks_url=%s\n' "$VALIDATE_REQUESTS" "$PORT" "$AUTH_JWKS_URL" >"$SETTINGS_FILE"
 		log "started pid $pid (log: $LOG_FILE); waiting up to ${START_TIMEOUT}s for $BASE_URL/metadata"
 	fi
 

@@ -11,7 +11,7 @@ import json
 import shutil
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class Program:
     program_id: str
     mrn_system: str
     base_url: str
+    headers: dict[str, str] = field(default_factory=dict)  # for the harness's own requests (a server with auth)
 
     def settings(self) -> Settings:
         return load_settings(self.config)
@@ -70,8 +71,12 @@ class Program:
         return mapping_context(self.settings())
 
 
-def make_program(tmp_path: Path, fhir_base_url: str, *, concurrency: int = 4) -> Program:
-    """Copy the demo template inputs, give them a unique program id and MRN system, load its Patients."""
+def make_program(tmp_path: Path, fhir_base_url: str, *, concurrency: int = 4,
+                 headers: dict[str, str] | None = None) -> Program:
+    """Copy the demo template inputs, give them a unique program id and MRN system, load its Patients.
+
+    ``headers`` go with the harness's own requests (loading Patients, reading the server's state), e.g. an
+    ``Authorization`` header for a server that enforces SMART scopes."""
     program_id = "t" + uuid.uuid4().hex[:10]
     mrn_system = f"urn:oid:2.16.840.1.113883.3.9999.{uuid.uuid4().int % 10**9}"
     inputs = tmp_path / "inputs"
@@ -95,7 +100,7 @@ backoff_max_seconds = 0.5
 """,
         encoding="utf-8",
     )
-    program = Program(tmp_path, inputs, config, program_id, mrn_system, fhir_base_url)
+    program = Program(tmp_path, inputs, config, program_id, mrn_system, fhir_base_url, dict(headers or {}))
     load_patients(program)
     return program
 
@@ -113,8 +118,8 @@ def load_patients(program: Program) -> None:
             new_id = f"{url.split('/', 1)[1]}-{program.program_id}"
             entry["request"]["url"] = f"Patient/{new_id}"
             entry["resource"]["id"] = new_id
-    response = requests.post(program.base_url, json=bundle, headers={"Content-Type": "application/fhir+json"},
-                             timeout=120)
+    response = requests.post(program.base_url, json=bundle,
+                             headers={"Content-Type": "application/fhir+json", **program.headers}, timeout=120)
     response.raise_for_status()
 
 
@@ -172,7 +177,7 @@ def server_resources(program: Program) -> dict[tuple[str, str], list[dict[str, A
         system = ctx.system(kind)
         url: str | None = f"{program.base_url}/{resource_type}?identifier={token_query(system, '')}&_count=500"
         while url:
-            bundle = requests.get(url, timeout=120).json()
+            bundle = requests.get(url, headers=program.headers, timeout=120).json()
             for entry in bundle.get("entry", []):
                 resource = entry["resource"]
                 for ident in resource.get("identifier", []):

@@ -1,21 +1,28 @@
 """A real sync with OAuth2 client credentials: no secret or token ever appears in any output.
 
 The token endpoint is mocked (`responses`); FHIR requests pass through to the real local HAPI server, which
-ignores the bearer token. Everything the run produces is scanned: stdout, stderr (JSON logs, --verbose),
-the ledger's text, the rejects report and the metrics file.
+ignores the bearer token; the second test does the same against a real authorization server and a HAPI server
+that enforces the tokens (tests/integration/test_auth_server.py). Everything the run produces is scanned:
+stdout, stderr (JSON logs, --verbose), the ledger's text, the rejects report and the metrics file.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
+import authserver
 import pytest
+import requests
 import responses
 from click.testing import CliRunner
 
+from connector.auth.methods import RefreshingAuth
 from connector.cli import main
 
-from .syncutil import make_program
+from .conftest import AuthEnv
+from .syncutil import demo_enrollments, make_program, trim_inputs
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +78,54 @@ metrics_file = "{metrics}"
     for name, text in outputs.items():
         for value in (CLIENT_SECRET, ACCESS_TOKEN):
             assert value not in text, f"{value[:6]}... leaked into {name}"
+
+
+JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}")  # any JWS: access token or client assertion
+
+
+def test_sync_against_a_real_authorization_server_never_outputs_a_token(
+    tmp_path: Path, authenv: AuthEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SMART Backend Services with oidc-provider and the enforcing HAPI server: the same scan, plus every JWT.
+
+    A client with short-lived tokens (3 s), so the run renews its token.
+    """
+    issued: list[str] = []
+    parse = RefreshingAuth._parse_token_response
+
+    def spy(self: RefreshingAuth, resp: requests.Response, token_url: str, fetched_at: float) -> Any:
+        issued.append(resp.json().get("access_token", ""))
+        return parse(self, resp, token_url, fetched_at)
+
+    monkeypatch.setattr(RefreshingAuth, "_parse_token_response", spy)
+    program = make_program(tmp_path, authenv.fhir_base_url, headers=authenv.admin_headers())
+    trim_inputs(program.inputs, set(demo_enrollments()[:4]))
+    metrics = tmp_path / "metrics.prom"
+    key = authenv.rs384
+    program.config.write_text(program.config.read_text(encoding="utf-8") + f"""
+[auth]
+mode = "smart-backend"
+client_id = "peersync-short"
+private_key_file = "{key.private_key}"
+kid = "{key.kid}"
+scope = "{" ".join(authserver.SYNC_SCOPES)}"
+
+[output]
+metrics_file = "{metrics}"
+""", encoding="utf-8")
+
+    result = CliRunner().invoke(main, ["sync", "--config", str(program.config), "--log-format", "json", "-v",
+                                       "--json"], catch_exceptions=False)
+
+    assert result.exit_code in (0, 65), result.output
+    assert issued and all(issued)
+    outputs = {"stdout": result.stdout, "stderr": result.stderr, "metrics": metrics.read_text(encoding="utf-8"),
+               "ledger": program.settings().sync.ledger.read_bytes().decode("utf-8", "replace")}
+    for report in program.settings().rejects_dir().glob("rejects.*"):
+        outputs[report.name] = report.read_text(encoding="utf-8")
+    assert outputs["stderr"].count("\n") > 5
+    for name, text in outputs.items():
+        assert not JWT_RE.search(text), f"a JWT leaked into {name}"
+        assert "PRIVATE KEY" not in text, f"key material leaked into {name}"
+        for token in issued:
+            assert token[-24:] not in text, f"an access token leaked into {name}"

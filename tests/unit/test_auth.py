@@ -914,6 +914,23 @@ def test_403_is_auth_error_without_refresh(rsps: responses.RequestsMock, session
     assert server.calls == 1
 
 
+def test_403_names_the_missing_scope_from_the_outcome_but_nothing_else(
+    rsps: responses.RequestsMock, session: requests.Session
+) -> None:
+    """The server's text is reduced to the scopes it names: no identifier it may quote reaches the message."""
+    TokenServer(rsps)
+    outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "forbidden",
+               "diagnostics": "insufficient_scope: create of CareTeam needs scope system/CareTeam.c "
+                              "(v1: system/CareTeam.write) for Patient?identifier=sys|MRN123"}]}
+    rsps.add(responses.POST, BASE, status=403, json=outcome)
+    auth = build_auth(cc_settings(), BASE, session)
+    with pytest.raises(AuthError) as exc_info:
+        send_like_fhir_client(session, auth, "POST", BASE)
+    message = str(exc_info.value)
+    assert "the server names the missing scope system/CareTeam.c system/CareTeam.write;" in message
+    assert "MRN123" not in message
+
+
 def test_invalidate_ignores_stale_401(rsps: responses.RequestsMock, session: requests.Session) -> None:
     """Two parallel requests got 401 with the old token; only the first invalidation refetches."""
     server = TokenServer(rsps)

@@ -263,6 +263,16 @@ public class FhirServerBeans {
 					ctx, theDaoRegistry, theInterceptorBroadcaster, theThreadSafeResourceDeleterSvc));
 		}
 
+		FhirServerSettings.Auth auth = theSettings.getAuth();
+		if (auth.isEnabled()) {
+			if (auth.getIssuer() == null || auth.getIssuer().isBlank()) {
+				throw new IllegalStateException("peersync.fhir.auth.jwks-url is set but peersync.fhir.auth.issuer is not");
+			}
+			server.registerInterceptor(new SmartScopeInterceptor(auth.getJwksUrl(), auth.getIssuer(), auth.getAudience()));
+		} else {
+			ourLog.info("SMART scope enforcement is off (bearer tokens are ignored)");
+		}
+
 		if (theSettings.getValidate().isRequests()) {
 			RequestValidatingInterceptor validating = new RequestValidatingInterceptor();
 			validating.setFailOnSeverity(ResultSeverityEnum.ERROR);

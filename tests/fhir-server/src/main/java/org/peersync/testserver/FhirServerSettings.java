@@ -31,6 +31,58 @@ public class FhirServerSettings {
 	private boolean logRequests = true;
 
 	private final Validate validate = new Validate();
+	private final Auth auth = new Auth();
+
+	/**
+	 * SMART enforcement ({@link SmartScopeInterceptor}): on when {@code jwks-url} is set, off by default.
+	 * server.sh sets these from PEERSYNC_FHIR_AUTH_JWKS_URL, _ISSUER, _AUDIENCE and _TOKEN_URL.
+	 */
+	public static class Auth {
+		/** The authorization server's JWK Set (the keys that sign access tokens). */
+		private String jwksUrl = "";
+		/** The required {@code iss} of access tokens. */
+		private String issuer = "";
+		/** The required {@code aud}; empty = not checked. */
+		private String audience = "";
+		/** Published as token_endpoint in /fhir/.well-known/smart-configuration; empty = not published. */
+		private String tokenUrl = "";
+
+		public boolean isEnabled() {
+			return jwksUrl != null && !jwksUrl.isBlank();
+		}
+
+		public String getJwksUrl() {
+			return jwksUrl;
+		}
+
+		public void setJwksUrl(String theValue) {
+			jwksUrl = theValue;
+		}
+
+		public String getIssuer() {
+			return issuer;
+		}
+
+		public void setIssuer(String theValue) {
+			issuer = theValue;
+		}
+
+		public String getAudience() {
+			return audience;
+		}
+
+		public void setAudience(String theValue) {
+			audience = theValue;
+		}
+
+		public String getTokenUrl() {
+			return tokenUrl;
+		}
+
+		public void setTokenUrl(String theValue) {
+			tokenUrl = theValue;
+		}
+	}
 
 	public static class Validate {
 		/** Validate every incoming resource; reject the request on an ERROR issue. */
@@ -151,5 +203,9 @@ public class FhirServerSettings {
 
 	public Validate getValidate() {
 		return validate;
+	}
+
+	public Auth getAuth() {
+		return auth;
 	}
 }

@@ -44,6 +44,18 @@ public class FhirTestServer {
 		app.run(args);
 	}
 
+	/** SMART discovery while enforcement is on (an exact mapping wins over /fhir/*); a 404 otherwise. */
+	@Bean
+	public ServletRegistrationBean<SmartConfigurationServlet> smartConfigurationRegistration(FhirServerSettings theSettings) {
+		FhirServerSettings.Auth auth = theSettings.getAuth();
+		String tokenUrl = auth.isEnabled() ? auth.getTokenUrl() : "";
+		ServletRegistrationBean<SmartConfigurationServlet> registration =
+				new ServletRegistrationBean<>(new SmartConfigurationServlet(tokenUrl), "/fhir/.well-known/smart-configuration");
+		registration.setName("smart-configuration");
+		registration.setEnabled(tokenUrl != null && !tokenUrl.isBlank());
+		return registration;
+	}
+
 	/** Serves the HAPI RestfulServer at /fhir/*; initialised at startup, not on the first request. */
 	@Bean
 	public ServletRegistrationBean<RestfulServer> fhirServletRegistration(RestfulServer theRestfulServer) {
