@@ -770,6 +770,7 @@ def plan(config_path: Path | None, as_json: bool) -> None:
             Ledger(opts.ledger_path, mode=opts.file_mode) as ledger:
         report, computed, rejects = read_and_plan(opts, ledger, staging)
         review = ledger.reviews()
+        last_strategy = ledger.meta("write_strategy")
         in_review = review_candidates(staging, {entry["subject"] for entry in review})
         retried = retried_units(staging)
     expected: Counter[str] = Counter({name: computed.reported.get(name, 0) for name in SYNC_COUNT_NAMES})
@@ -778,12 +779,22 @@ def plan(config_path: Path | None, as_json: bool) -> None:
     result = computed.as_dict() | {"read": report.as_dict()["total"], "rejects_report": str(rejects),
                                    "open_reviews": len(review), "sync_counts": dict(expected),
                                    "review_candidates": in_review, "warnings": report.warnings,
-                                   "exit_code": code, "outcome": outcome}
+                                   "exit_code": code, "outcome": outcome,
+                                   "write_strategy": _planned_strategy(opts.write_strategy, last_strategy)}
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         _print_plan(result)
     sys.exit(code)
+
+
+def _planned_strategy(configured: str, last: str | None) -> str:
+    """The write strategy a sync would use: the configured one, or (auto, chosen from the CapabilityStatement at
+    sync time; plan sends nothing) the one the last sync used."""
+    if configured != "auto":
+        return f"{configured} (server.write_strategy)"
+    return f"auto: last sync wrote as {last}" if last else \
+        "auto: chosen from the server's CapabilityStatement when the sync starts (peersync doctor shows it)"
 
 
 def _print_plan(result: dict[str, Any]) -> None:
@@ -800,6 +811,7 @@ def _print_plan(result: dict[str, Any]) -> None:
     write_actions = ("create", "update", "void", "delete", "retry")
     changed = sum(1 for c in result["participants"].values() if any(c.get(a) for a in write_actions))
     click.echo(f"participants with changes: {changed}")
+    click.echo(f"write strategy: {result['write_strategy']}")
     read = result["read"]
     if read.get("rejected"):
         click.echo(f"rows the sync would reject: {read['rejected']} (rejects report: {result['rejects_report']})")
