@@ -913,12 +913,16 @@ def landed(config_path: Path | None, as_json: bool) -> None:
 @config_option
 @click.option("--repair", is_flag=True,
               help="Then re-send what is missing or changed on the server (a normal sync of exactly those records).")
+@click.option("--references", is_flag=True,
+              help="Also scan the program's resources on the server for references that do not resolve.")
 @json_option
 @logging_options
 @translate_errors
-def verify(config_path: Path | None, repair: bool, as_json: bool) -> None:
+def verify(config_path: Path | None, repair: bool, references: bool, as_json: bool) -> None:
     """Read back what the ledger says the server confirmed, and report per resource type: identical, changed on
     the server (another version), or missing (deleted on the server). Takes the ledger lock.
+
+    With --references, also report stored references that do not resolve (65 when there are any).
 
     Exit codes: 0 all identical; 65 drift found (with --repair: the repair sync's own exit code); 69 server
     unavailable; 75 another run holds the lock; 77 auth; 78 config.
@@ -938,6 +942,14 @@ def verify(config_path: Path | None, repair: bool, as_json: bool) -> None:
         marked = mark_for_repair(ledger, report, run_id=RUN_ID.get()) if repair and report.drifted else 0
     result: dict[str, Any] = {"verify": report.as_dict()}
     exit_code = report.exit_code()
+    if references:
+        from connector.ops.references import check_references
+        from connector.wiring import mapping_context
+
+        checked = check_references(client, mapping_context(settings))
+        result["references"] = checked.as_dict()
+        if checked.broken and exit_code == ExitCode.OK:
+            exit_code = int(ExitCode.RECORDS_REJECTED)
     if marked:
         summary = Syncer(sync_options(settings), build_client(settings)).run(RUN_ID.get())
         _write_metrics(settings, summary.as_dict())
@@ -950,7 +962,17 @@ def verify(config_path: Path | None, repair: bool, as_json: bool) -> None:
         _echo_json(result)
     else:
         _print_verify(result)
+        if references:
+            _print_references(result["references"])
     sys.exit(exit_code)
+
+
+def _print_references(report: dict[str, Any]) -> None:
+    broken = report["broken"]
+    click.echo(f"references: {report['checked']} checked in {sum(report['scanned'].values())} resources, "
+               f"{len(broken)} do not resolve")
+    for finding in broken[:20]:
+        click.echo(f"  {finding['referrer']}.{finding['element']} -> {finding['target']}: {finding['why']}")
 
 
 def _print_verify(result: dict[str, Any]) -> None:

@@ -301,3 +301,35 @@ def test_a_batch_answers_per_entry_and_a_refused_entry_fails_only_its_unit() -> 
     assert outcomes["goal:1"].failure is None
     failure = outcomes["goal:2"].failure
     assert failure is not None and failure.action is Action.ISOLATE and "HTTP 400" in failure.reason
+
+
+# -- the reference checker -----------------------------------------------------------------------------
+
+@responses.activate
+def test_the_reference_checker_reports_stored_conditional_and_dangling_references() -> None:
+    from connector.ops.references import check_references
+
+    stored = {
+        "Communication": [{"resourceType": "Communication", "id": "c1",
+                           "basedOn": [{"reference": "CarePlan?identifier=s|e1"}],
+                           "subject": {"reference": "Patient/p1"}, "about": [{"reference": "Goal/g1"}]}],
+        "Goal": [{"resourceType": "Goal", "id": "g1", "subject": {"reference": "Patient/p1"}}],
+        "Task": [{"resourceType": "Task", "id": "t1", "focus": {"reference": "ServiceRequest/gone"}}],
+    }
+
+    def search(request: Any) -> tuple[int, dict[str, str], str]:
+        resource_type = request.path_url.split("?")[0].rsplit("/", 1)[1]
+        found = stored.pop(resource_type, [])  # each type once (two identifier kinds share Organization)
+        return 200, {}, json.dumps({"resourceType": "Bundle", "type": "searchset",
+                                    "entry": [{"resource": r} for r in found]})
+
+    responses.add_callback(responses.GET, re.compile(f"{BASE}/[A-Za-z]+\\?.*"), callback=search)
+    responses.add(responses.GET, f"{BASE}/Patient/p1", json={"resourceType": "Patient", "id": "p1"})
+    responses.add(responses.GET, f"{BASE}/ServiceRequest/gone", status=404,
+                  json={"resourceType": "OperationOutcome", "issue": []})
+    report = check_references(FhirClient(BASE, retry=FAST), CTX)
+    assert report.checked == 5 and report.scanned == {"Communication": 1, "Goal": 1, "Task": 1}
+    assert {(b.referrer, b.element, b.target, b.why) for b in report.broken} == {
+        ("Communication/c1", "basedOn", "CarePlan", "stored conditional"),
+        ("Task/t1", "focus", "ServiceRequest", "not on the server")}
+    assert sum(c.request.url.endswith("/Patient/p1") for c in responses.calls) == 1  # each target read once
