@@ -258,7 +258,8 @@ class Writer:
     def _send(self, ledger: Ledger, units: list[PendingWrite], *,
               patient: tuple[Identity, str] | None, participant: str | None, author: str | None,
               patient_id: str | None = None, deferred: list[PendingWrite] | None = None) -> None:
-        """Send units as one transaction; on a content error, split until the bad units are isolated.
+        """Send units as one request of the run's strategy (a transaction, or batches or single requests in
+        reference order); on a content error, split until the bad units are isolated.
 
         A single unit that fails only on an unresolved reference is appended to ``deferred`` (when given)
         instead of being quarantined: its target may land later in the same run. So is a unit sent without a
