@@ -69,7 +69,7 @@ def _capability(transaction: bool = True) -> dict[str, Any]:
                   "interaction": [{"code": c} for c in ("read", "update", "create", "search-type")]}
                  for t in ("Patient", *WRITTEN_TYPES)]
     rest = {"mode": "server", "resource": resources,
-            "interaction": [{"code": "transaction"}] if transaction else []}
+            "interaction": [{"code": "transaction" if transaction else "batch"}]}
     return {"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1", "rest": [rest]}
 
 
@@ -208,7 +208,9 @@ CASES = [
     Case("terminology publish: 401", ["terminology", "publish", C, CFG], ExitCode.AUTH_FAILED, server=answers(401)),
     # doctor / config check / auth test
     Case("doctor: ok", ["doctor", C, CFG], ExitCode.OK, server=healthy),
-    Case("doctor: no transactions", ["doctor", C, CFG], ExitCode.CONFIG_ERROR, server=no_transaction_support),
+    Case("doctor: batch only", ["doctor", C, CFG], ExitCode.OK, server=no_transaction_support),
+    Case("doctor: transaction forced, batch only", ["doctor", C, CFG], ExitCode.CONFIG_ERROR,
+         server=no_transaction_support, env={"PEERSYNC_SERVER__WRITE_STRATEGY": "transaction"}),
     Case("doctor: unreachable", ["doctor", C, CFG], ExitCode.SERVER_UNAVAILABLE, server=unreachable),
     Case("config check: ok", ["config", "check", CFG], ExitCode.OK),
     Case("config check: --config", ["config", "check", C, CFG], ExitCode.OK),
