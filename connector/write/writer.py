@@ -228,11 +228,20 @@ class Writer:
                                   self.limits.max_entries):
             self._send(ledger, chunk, patient=patient, participant=participant, author=author,
                        patient_id=patient_id, deferred=deferred)
-        if deferred:
+        while deferred:
             # Units that only failed on a reference to something not yet written (a CarePlan and the requests
-            # that point back at it, split apart): now everything else has landed, send them together once more.
-            self._send(ledger, deferred, patient=patient, participant=participant, author=author,
-                       patient_id=patient_id, deferred=None)
+            # that point back at it, split apart): now everything else has landed, send them together once more,
+            # in bundles the server takes; again while a pass lands some of them (their targets are written).
+            retry, deferred = deferred, []
+            last_pass = self.limits.max_entries >= sum(w.size for w in retry)
+            for chunk in chunk_writes(retry, self.limits.max_entries):
+                self._send(ledger, chunk, patient=patient, participant=participant, author=author,
+                           patient_id=patient_id, deferred=None if last_pass else deferred)
+            if len(deferred) == len(retry):  # no progress: the last pass decides (quarantine with the reason)
+                for chunk in chunk_writes(deferred, self.limits.max_entries):
+                    self._send(ledger, chunk, patient=patient, participant=participant, author=author,
+                               patient_id=patient_id, deferred=None)
+                break
 
     def _resolve_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
         """(patient id, review reason, PHI-free detail). A search or read the server refuses (4xx) sends the
