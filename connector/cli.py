@@ -570,14 +570,18 @@ def _print_validation(result: dict[str, Any]) -> None:
 @click.option("--exit-zero-on-data-problems", is_flag=True,
               help="Exit 0 instead of 65 when the only problems are rejected, quarantined or in-review records "
                    "(as [sync] data_problems_exit_zero = true); the metrics and the summary still count them.")
+@click.option("--retry-parked", is_flag=True,
+              help="Send again the records parked because the server refused their type (otherwise retried only "
+                   "when the server's CapabilityStatement or the settings change).")
 @logging_options
 @translate_errors
 def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_shape_change: bool,
-         exit_zero_on_data_problems: bool) -> None:
+         exit_zero_on_data_problems: bool, retry_parked: bool) -> None:
     """Push the program's records to the FHIR server: idempotent, incremental, safe to rerun at any time.
 
     Exit codes: 0 all landed; 65 rows rejected, quarantined or in review (the rest landed), no input rows, or
-    deletions held (a truncated input); 69 server unavailable (pending records are sent next run); 75 another
+    deletions held (a truncated input); 76 the server refuses some resource types (those records are parked,
+    the rest landed); 69 server unavailable (pending records are sent next run); 75 another
     run holds the lock; 77 auth; 78 config.
     A record kind whose input lost a column or more than sync.max_row_drop_fraction of its rows is held (not
     updated or voided; exit 65) until the export is fixed or --accept-shape-change confirms the change.
@@ -600,6 +604,7 @@ def sync(config_path: Path | None, as_json: bool, progress: bool | None, accept_
         opts = sync_options(settings)
         opts.accept_shape_change = opts.accept_shape_change or accept_shape_change
         opts.data_problems_exit_zero = opts.data_problems_exit_zero or exit_zero_on_data_problems
+        opts.retry_parked = retry_parked
         log.info("sync started: peersync %s, server %s, auth %s, profile %s, %d input path(s)", __version__,
                  redact_url(settings.server.base_url), settings.auth.mode, opts.profile.name, len(opts.inputs),
                  extra={"event": "run-started"})
@@ -728,6 +733,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
     _warn_summary(summary)
     for reason, records in (summary.get("pending_reasons") or {}).items():
         click.echo(f"  pending {records}: {reason}")
+    for adaptation in summary.get("adaptations") or []:
+        click.echo(f"  adapted: {adaptation}")
+    if summary.get("not_permitted"):
+        click.echo("  not permitted by the server (parked): " + ", ".join(
+            f"{resource_type} {records}" for resource_type, records in summary["not_permitted"].items()))
     if summary.get("rejects_report") and counts.get("rejected"):
         click.echo(f"  rejects report: {summary['rejects_report']}")
     if summary.get("error"):
@@ -799,8 +809,9 @@ def _planned_strategy(configured: str, last: str | None) -> str:
 
 def _print_plan(result: dict[str, Any]) -> None:
     """The plan as the operator reads it: per resource type, in the words `sync` reports."""
-    columns = ("created", "updated", "voided", "deleted", "unchanged", "held", "skipped_quarantined")
-    heads = {"skipped_quarantined": "quarantined"}
+    columns = ("created", "updated", "voided", "deleted", "unchanged", "held", "skipped_quarantined",
+               "not_permitted")
+    heads = {"skipped_quarantined": "quarantined", "not_permitted": "parked"}
     click.echo(f"{'resource type':<22}" + "".join(f"{heads.get(c, c):>12}" for c in columns))
     for resource_type, counts in result["sync_counts_by_resource_type"].items():
         click.echo(f"{resource_type:<22}" + "".join(f"{counts.get(c, 0):>12}" for c in columns))
@@ -866,7 +877,12 @@ def status(config_path: Path | None, as_json: bool, runs: int) -> None:
         click.echo(f"held:         {held}")
     b = result["backlog"]
     click.echo(f"backlog:      pending {b['pending']}, quarantined {b['quarantined']}, in review {b['in_review']}, "
-               f"open reviews {b['open_reviews']}")
+               f"parked {b['not_permitted']}, open reviews {b['open_reviews']}")
+    parked = result["parked"]
+    if parked["records_by_kind"]:
+        click.echo("parked:       " + ", ".join(f"{kind} {n}" for kind, n in parked["records_by_kind"].items())
+                   + " (the server does not accept " + ", ".join(sorted(parked["refused_types"])) + "; "
+                   "sent again when its CapabilityStatement or the settings change, or with sync --retry-parked)")
     click.echo(f"{'run':<14}{'started':<27}{'outcome':<12}{'exit':>5}{'secs':>9}  counts")
     for run in result["runs"]:
         shown = ", ".join(f"{k} {v}" for k, v in run["counts"].items() if v)

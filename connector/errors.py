@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     RECORDS_REJECTED = 65  # EX_DATAERR: some rows rejected, quarantined or sent to review; the rest landed
     SERVER_UNAVAILABLE = 69  # EX_UNAVAILABLE: server unreachable or retries exhausted; pending work kept
     LOCK_HELD = 75  # EX_TEMPFAIL: another sync holds the ledger lock; try again later
+    SERVER_REFUSES_TYPES = 76  # partial: the server refuses writes of some resource types (parked); the rest landed
     AUTH_FAILED = 77  # EX_NOPERM: 401/403, token endpoint refused us, or granted scopes too narrow
     CONFIG_ERROR = 78  # EX_CONFIG: bad configuration or mapping profile
 
@@ -59,6 +60,9 @@ class AuthError(PeersyncError):
     """Authentication or authorization failed (bad credentials, refused token, missing scopes)."""
 
     exit_code = ExitCode.AUTH_FAILED
+    # The FHIR server's refusal (a connector.server.client.FhirHttpError) when the error is its 401/403: the
+    # writer tells a type the server does not accept from a missing scope.
+    http_error: object | None = None
 
 
 class TransportError(ConfigError):

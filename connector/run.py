@@ -29,6 +29,7 @@ from connector.files import PRIVATE_FILE_MODE, make_folder
 from connector.map import MappingContext
 from connector.plan.ledger import Ledger, check_ledger_access
 from connector.plan.planner import (
+    UNIT_RESOURCE_TYPES,
     Act,
     Plan,
     compute_plan,
@@ -46,7 +47,7 @@ from connector.read.profile import Profile
 from connector.read.program import ReadReport, read_program, write_rejects
 from connector.read.staging import Staging
 from connector.server.client import FhirClient
-from connector.write.writer import Writer
+from connector.write.writer import Writer, permissions_fingerprint_of, read_capabilities
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)  # what reading the inputs warned about (as `check` does)
     # Why records were left pending (PHI-free reason -> records): an unconfirmed answer, the server down, ...
     pending_reasons: Counter[str] = field(default_factory=Counter)
+    # What the run adapted to the server's limits ("bundles of at most 8 entries (server limit)")
+    adaptations: list[str] = field(default_factory=list)
+    # Records parked because the server does not accept one of their types: resource type -> records
+    not_permitted: dict[str, int] = field(default_factory=dict)
     rejects_report: str | None = None
     error: str | None = None
     # Seconds per phase: read (inputs into staging, rejects report), plan (diff against the ledger), write.
@@ -102,6 +107,8 @@ class RunSummary:
             "shape_held": self.shape_held,
             "warnings": self.warnings,
             "pending_reasons": dict(self.pending_reasons.most_common(10)),
+            "adaptations": self.adaptations,
+            "not_permitted": dict(sorted(self.not_permitted.items())),
             "rejects_report": self.rejects_report,
             "error": self.error,
         }
@@ -110,7 +117,7 @@ class RunSummary:
 # retried: units sent again this run because an earlier run left them pending, quarantined or in review.
 # held: updates, voids and deletions the shape guard held back.
 COUNT_NAMES = ("rejected", "unchanged", "created", "updated", "voided", "deleted", "in_review", "quarantined",
-               "pending", "skipped_quarantined", "retried", "held")
+               "pending", "skipped_quarantined", "retried", "held", "not_permitted")
 
 
 @dataclass
@@ -134,6 +141,7 @@ class SyncOptions:
     file_mode: int = PRIVATE_FILE_MODE  # of the ledger and the rejects report (0600, or 0640 for a group)
     run_deadline_seconds: float | None = 7200.0  # after this, nothing more is sent: the rest stays pending (69)
     data_problems_exit_zero: bool = False  # rejected/quarantined/in-review records exit 0 (still in the metrics)
+    retry_parked: bool = False  # send records parked as not permitted again, even if nothing changed
 
 
 class LedgerLock:
@@ -243,7 +251,23 @@ class Syncer:
                                 "counts": dict(summary.counts)})
         return summary
 
+    def _retry_parked_if_changed(self, ledger: Ledger) -> None:
+        """Parked records (types the server refused) are sent again when asked, or when the server's
+        CapabilityStatement or the settings changed since they were parked (one metadata read, only then)."""
+        if not ledger.parked_by_kind():
+            return
+        stored, _types = ledger.refused_types()
+        if not self.opts.retry_parked:
+            capabilities = read_capabilities(self.client) if self.opts.write_mode != "conditional" else None
+            if stored == permissions_fingerprint_of(capabilities, self.opts):
+                return
+        count = ledger.retry_parked()
+        log.info("%d parked record(s) sent again: %s", count,
+                 "asked for (--retry-parked)" if self.opts.retry_parked else "the server's CapabilityStatement or the "
+                 "settings changed", extra={"event": "retry-parked", "count": count})
+
     def _run(self, ledger: Ledger, summary: RunSummary) -> None:
+        self._retry_parked_if_changed(ledger)
         with tempfile.TemporaryDirectory(prefix="peersync-") as tmp, Staging(Path(tmp) / "staging.sqlite") as staging:
             report, plan, rejects = read_and_plan(self.opts, ledger, staging, summary.phases)
             summary.read = report.as_dict()["total"]
@@ -258,6 +282,8 @@ class Syncer:
             self.counts["unchanged"] = plan.total(Act.UNCHANGED)
             self.counts["skipped_quarantined"] = plan.total(Act.QUARANTINED)
             self.counts["retried"] = retried_units(staging)
+            self.counts["not_permitted"] = plan.total(Act.PARKED)
+            summary.not_permitted = parked_by_type(plan, ledger.refused_types()[1])
             log.info("plan: %d units to write, %d unchanged", plan.writes(), plan.total(Act.UNCHANGED),
                      extra={"event": "plan", "counts": plan.as_dict()["totals"]})
             if plan.writes() == 0:
@@ -268,6 +294,21 @@ class Syncer:
                 writer.write(staging, ledger, on_progress=self.on_progress)
             finally:
                 summary.pending_reasons.update(writer.pending_reasons)
+                summary.adaptations = list(writer.limits.adaptations)
+                for resource_type, count in writer.not_permitted.items():
+                    summary.not_permitted[resource_type] = summary.not_permitted.get(resource_type, 0) + count
+
+
+def parked_by_type(plan: Plan, refused: dict[str, str]) -> dict[str, int]:
+    """Records the plan parks, per refused resource type of their kind (a kind of several types counts under
+    each refused one)."""
+    counts: Counter[str] = Counter()
+    for kind, actions in plan.by_kind.items():
+        parked = actions.get(Act.PARKED.value, 0)
+        for resource_type in UNIT_RESOURCE_TYPES.get(kind, ()):
+            if parked and resource_type in refused:
+                counts[resource_type] += parked
+    return dict(counts)
 
 
 def _warn_about_inputs(rows_read: int, deletions_held: list[str], inputs: list[Path]) -> None:
@@ -287,12 +328,12 @@ def outcome_of_error(exit_code: int) -> str:
 
 
 # Runs that completed: the shape guard remembers their input's shape.
-COMPLETED_EXIT_CODES = (int(ExitCode.OK), int(ExitCode.RECORDS_REJECTED))
+COMPLETED_EXIT_CODES = (int(ExitCode.OK), int(ExitCode.RECORDS_REJECTED), int(ExitCode.SERVER_REFUSES_TYPES))
 
 
 # Why a completed run needs a person (the summary's ``attention``). The first three are the input's or the
 # guards' doing (IT or the export job); DATA_PROBLEMS are single records, for the program staff.
-ATTENTION_REASONS = ("no-input-rows", "deletions-held", "shape-held",
+ATTENTION_REASONS = ("no-input-rows", "deletions-held", "shape-held", "types-not-permitted",
                      "records-rejected", "records-quarantined", "records-in-review")
 DATA_PROBLEMS = frozenset({"records-rejected", "records-quarantined", "records-in-review"})
 
@@ -305,6 +346,7 @@ def attention_reasons(counts: Counter[str], *, rows_read: int | None = None, del
         "no-input-rows": rows_read == 0,
         "deletions-held": deletions_held > 0,
         "shape-held": shape_held,
+        "types-not-permitted": counts["not_permitted"] > 0,
         "records-rejected": counts["rejected"] > 0,
         "records-quarantined": counts["quarantined"] > 0,
         "records-in-review": counts["in_review"] > 0,
@@ -315,7 +357,8 @@ def attention_reasons(counts: Counter[str], *, rows_read: int | None = None, del
 def exit_for(counts: Counter[str], *, shape_held: bool = False, rows_read: int | None = None,
              deletions_held: int = 0, data_problems_exit_zero: bool = False) -> tuple[int, str]:
     """The exit code and outcome of a run that ended without an error, from its counts: 69 when records were
-    left pending; 65 (outcome ``partial``) when it needs a person (``attention_reasons``: no input rows, held
+    left pending; 76 (``partial``) when records were parked because the server refuses their types; 65 (outcome
+    ``partial``) when it needs a person (``attention_reasons``: no input rows, held
     deletions or kinds, records rejected, quarantined or in review); else 0. ``data_problems_exit_zero``: a run
     whose only problems are single records (DATA_PROBLEMS) exits 0 for the scheduler, its outcome still
     ``partial`` (docs/exit-codes.md)."""
@@ -324,6 +367,8 @@ def exit_for(counts: Counter[str], *, shape_held: bool = False, rows_read: int |
     reasons = attention_reasons(counts, rows_read=rows_read, deletions_held=deletions_held, shape_held=shape_held)
     if not reasons:
         return int(ExitCode.OK), "ok"
+    if "types-not-permitted" in reasons:
+        return int(ExitCode.SERVER_REFUSES_TYPES), "partial"
     if data_problems_exit_zero and DATA_PROBLEMS.issuperset(reasons):
         return int(ExitCode.OK), "partial"
     return int(ExitCode.RECORDS_REJECTED), "partial"

@@ -19,7 +19,7 @@ from typing import Any
 from connector import __version__
 from connector.files import PRIVATE_FILE_MODE, make_folder, write_atomically
 
-SUCCESS_EXIT_CODES = (0, 65)  # the run completed; 65 means some rows need the program's attention
+SUCCESS_EXIT_CODES = (0, 65, 76)  # the run completed; 65: some rows need the program's attention; 76: types parked
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)(?:\s+\d+)?$")
 
 
@@ -123,7 +123,7 @@ def render(summary: dict[str, Any], now: float | None = None, *, backlog: dict[s
     requests.add(int(summary.get("retries", 0)), kind="retry")
     if backlog is not None:
         waiting = family("peersync_backlog_records", "gauge", "Records waiting in the ledger, by state.")
-        for name in ("pending", "quarantined", "in_review"):
+        for name in ("pending", "quarantined", "in_review", "not_permitted"):
             waiting.add(int(backlog.get(name, 0)), state=name)
         family("peersync_open_reviews", "gauge", "Open entries in the review queue.").add(
             int(backlog.get("open_reviews", 0)))

@@ -12,19 +12,28 @@ from typing import Any
 
 from connector.plan.ledger import Ledger, UnitState
 
-# Exit codes of runs that completed: everything sendable landed (65 = some rows need the program's attention).
-SUCCESS_EXIT_CODES = (0, 65)
+# Exit codes of runs that completed: everything sendable landed (65 = some rows need the program's attention;
+# 76 = the server refuses some types: those records are parked, the rest landed).
+SUCCESS_EXIT_CODES = (0, 65, 76)
 
 
 def backlog(ledger: Ledger) -> dict[str, int]:
-    """Records waiting: pending (next run sends them), quarantined, in review, and open review entries."""
+    """Records waiting: pending (next run sends them), quarantined, in review, parked (not permitted by the
+    server), and open review entries."""
     states = ledger.state_counts()
     return {
         "pending": int(states.get(UnitState.PENDING, 0)),
         "quarantined": int(states.get(UnitState.QUARANTINED, 0)),
         "in_review": int(states.get(UnitState.REVIEW, 0)),
+        "not_permitted": int(states.get(UnitState.NOT_PERMITTED, 0)),
         "open_reviews": len(ledger.reviews()),
     }
+
+
+def parked(ledger: Ledger) -> dict[str, Any]:
+    """Parked records per record kind, and the resource types the server refuses (with why)."""
+    _fingerprint, refused = ledger.refused_types()
+    return {"records_by_kind": ledger.parked_by_kind(), "refused_types": refused}
 
 
 def last_success(ledger: Ledger) -> dict[str, Any] | None:
@@ -36,12 +45,15 @@ def status_report(ledger_path: Path, runs: int = 5) -> dict[str, Any]:
     """Everything ``peersync status`` shows, as one JSON-friendly dict."""
     report: dict[str, Any] = {"ledger": str(ledger_path), "ledger_exists": ledger_path.is_file(), "runs": [],
                               "last_run": None, "last_success": None,
-                              "backlog": {"pending": 0, "quarantined": 0, "in_review": 0, "open_reviews": 0}}
+                              "backlog": {"pending": 0, "quarantined": 0, "in_review": 0, "not_permitted": 0,
+                                          "open_reviews": 0},
+                              "parked": {"records_by_kind": {}, "refused_types": {}}}
     if not ledger_path.is_file():
         return report
     with Ledger(ledger_path) as ledger:
         recent = ledger.runs(runs)
         report["backlog"] = backlog(ledger)
+        report["parked"] = parked(ledger)
         report["last_success"] = last_success(ledger)
     lock_held = lock_is_held(Path(f"{ledger_path}.lock"))
     report["runs"] = [_run_row(run, newest=(i == 0), lock_held=lock_held) for i, run in enumerate(recent)]

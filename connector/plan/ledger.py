@@ -38,6 +38,9 @@ class UnitState(StrEnum):
     PENDING = "pending"  # not confirmed yet (never sent, failed transiently, or interrupted)
     QUARANTINED = "quarantined"  # the server rejected it (4xx); waits for a source change or a retry
     REVIEW = "review"  # a person must look (patient not found or ambiguous, duplicate on the server)
+    # The server does not accept writes of one of its types (parked): retried when the server's
+    # CapabilityStatement or the configuration changes, or with `sync --retry-parked`
+    NOT_PERMITTED = "not_permitted"
 
 # The hash a voided unit keeps: never equal to a content hash, so a record that comes back is re-sent.
 VOIDED_HASH = "deleted"
@@ -422,6 +425,33 @@ class Ledger:
         with self.transaction() as db:
             return db.execute("UPDATE units SET state=?, hash=NULL, detail='retry requested', updated_at=? "
                               "WHERE state=?", (UnitState.PENDING, now_iso(), UnitState.QUARANTINED)).rowcount
+
+    def refused_types(self) -> tuple[str | None, dict[str, str]]:
+        """(permissions fingerprint, type -> reason) of the types the server refused, as the last run saw them."""
+        stored = self.meta("refused_types")
+        if not stored:
+            return None, {}
+        saved = json.loads(stored)
+        return saved.get("fingerprint"), dict(saved.get("types", {}))
+
+    def set_refused_types(self, fingerprint: str, types: dict[str, str]) -> None:
+        """Remember the types the server refused, with the fingerprint of what decided it."""
+        self.set_meta("refused_types", json.dumps({"fingerprint": fingerprint, "types": types}, sort_keys=True))
+
+    def retry_parked(self) -> int:
+        """Every parked unit (not permitted by the server) back to pending, and the refused types forgotten: the
+        next sync sends them again. Returns how many units."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM meta WHERE key='refused_types'")
+            return db.execute("UPDATE units SET state=?, attempt_hash=NULL, detail='retry: parked types', "
+                              "updated_at=? WHERE state=?",
+                              (UnitState.PENDING, now_iso(), UnitState.NOT_PERMITTED)).rowcount
+
+    def parked_by_kind(self) -> dict[str, int]:
+        """Parked units (not permitted by the server) per record kind."""
+        with self._lock:
+            return dict(self.db.execute("SELECT kind, count(*) FROM units WHERE state=? GROUP BY kind ORDER BY kind",
+                                        (UnitState.NOT_PERMITTED,)).fetchall())
 
     def is_settled(self, unit_key: str, unit_hash: str | None) -> bool:
         """True when the server already confirmed exactly this content for the unit."""

@@ -37,6 +37,7 @@ class Act(StrEnum):
     # record of the same participant, changes (a fixed goal lets the CarePlan that lists it through), or a
     # record it refers to is written or has landed since (its supporter, planned contact, goals, CarePlan)
     HELD = "held"  # an update, void or deletion the shape guard held back (connector/plan/shape.py)
+    PARKED = "parked"  # same content, parked: the server does not accept one of its types (connector/write/limits.py)
 
 
 WRITE_ACTIONS = frozenset({Act.CREATE, Act.UPDATE, Act.VOID, Act.DELETE, Act.RETRY})
@@ -116,6 +117,7 @@ DELETE FROM plan;
 INSERT INTO plan
     SELECT u.unit_key, u.kind, u.source_id, u.participant, u.hash,
       CASE
+        WHEN l.state = :not_permitted AND l.attempt_hash = u.hash THEN 'parked'
         WHEN l.unit_key IS NULL OR l.hash IS NULL THEN
           CASE WHEN l.state = :quarantined AND l.attempt_hash = u.hash THEN 'quarantined' ELSE 'create' END
         WHEN l.hash != u.hash THEN
@@ -210,7 +212,8 @@ class Plan:
 
 
 # The counts of `sync` (connector.run.COUNT_NAMES) that the plan can know before anything is sent.
-SYNC_COUNT_NAMES = ("created", "updated", "voided", "deleted", "unchanged", "skipped_quarantined", "held")
+SYNC_COUNT_NAMES = ("created", "updated", "voided", "deleted", "unchanged", "skipped_quarantined", "held",
+                    "not_permitted")
 
 
 def sync_count_name(action: Act, voided: bool, confirmed: bool) -> str:
@@ -228,6 +231,8 @@ def sync_count_name(action: Act, voided: bool, confirmed: bool) -> str:
         return "skipped_quarantined"
     if action is Act.HELD:
         return "held"
+    if action is Act.PARKED:
+        return "not_permitted"
     if voided or action is Act.VOID:
         return "voided"
     return "updated" if confirmed else "created"
@@ -268,7 +273,8 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
         for statement in _split(_UNITS_SQL):
             db.execute(statement, {"program": program_id, "fp": fingerprint})
         for statement in _split(_PLAN_SQL):
-            db.execute(statement, {"sent": UnitState.SENT, "quarantined": UnitState.QUARANTINED})
+            db.execute(statement, {"sent": UnitState.SENT, "quarantined": UnitState.QUARANTINED,
+                                   "not_permitted": UnitState.NOT_PERMITTED})
     plan = Plan()
     plan.deletions_held, plan.deletions_held_records = _hold_unsafe_deletions(db, staging, max_delete_fraction)
     if held_kinds:

@@ -188,8 +188,12 @@ def summarize_outcome(body: Any, *, keep_diagnostics: bool = False) -> OutcomeSu
 class FhirHttpError(PeersyncError):
     """A FHIR request failed with an HTTP status; carries the action and a PHI-free outcome summary."""
 
-    def __init__(self, method: str, path: str, status: int, outcome: OutcomeSummary) -> None:
+    def __init__(self, method: str, path: str, status: int, outcome: OutcomeSummary, *, signal_text: str = "",
+                 headers: dict[str, str] | None = None) -> None:
         self.method, self.path, self.status, self.outcome = method, path, status, outcome
+        # The server's raw messages, only for matching fixed phrases (connector.write.limits): never logged or
+        # stored, as they may echo patient data. Headers: the rate-limit ones only.
+        self.signal_text, self.headers = signal_text, headers or {}
         self.action = Action.REVIEW if outcome.duplicate else action_for(status, outcome.codes())
         self.exit_code = exit_code_for_action(self.action)
         super().__init__(f"{method} {path} -> HTTP {status}" + (f": {outcome.codes()}" if outcome.issues else ""))
@@ -396,15 +400,20 @@ class FhirClient:
                     log.info("server answered 401; refreshing the access token once", extra={"status": 401})
                     continue
             break
-        if response.status_code in (401, 403) and hasattr(self.session.auth, "unauthorized_error"):
-            raise self.session.auth.unauthorized_error(response)  # type: ignore[union-attr]
-        if response.status_code in outcome_statuses and _is_outcome(response):
+        if response.status_code in outcome_statuses and response.status_code not in (401, 403) \
+                and _is_outcome(response):
             return response
         if response.status_code >= 400:
-            outcome = summarize_outcome(_json_or_none(response), keep_diagnostics=self.keep_diagnostics)
-            error = FhirHttpError(method, _path_only(url, self.base_url), response.status_code, outcome)
-            if error.action is Action.AUTH:
-                raise AuthError(f"{error} (check credentials and granted scopes)") from None
+            body = _json_or_none(response)
+            outcome = summarize_outcome(body, keep_diagnostics=self.keep_diagnostics)
+            error = FhirHttpError(method, _path_only(url, self.base_url), response.status_code, outcome,
+                                  signal_text=_outcome_messages(body), headers=_limit_headers(response))
+            if response.status_code in (401, 403) or error.action is Action.AUTH:
+                auth_error = (self.session.auth.unauthorized_error(response)  # type: ignore[union-attr]
+                              if hasattr(self.session.auth, "unauthorized_error")
+                              else AuthError(f"{error} (check credentials and granted scopes)"))
+                auth_error.http_error = error  # the writer tells a refused type from a missing scope
+                raise auth_error from None
             raise error
         if not 200 <= response.status_code < 300:
             location = response.headers.get("Location")
@@ -567,6 +576,25 @@ class FhirClient:
 
 
 _READ_SIZE = 256 * 1024
+_LIMIT_HEADERS = ("retry-after", "x-ratelimit-remaining", "ratelimit-remaining", "x-rate-limit-remaining")
+
+
+def _outcome_messages(body: Any) -> str:
+    """An OperationOutcome's raw messages (diagnostics, details.text), capped: for phrase matching only."""
+    if not (isinstance(body, dict) and isinstance(body.get("issue"), list)):
+        return ""
+    texts = []
+    for issue in body["issue"][:10]:
+        if isinstance(issue, dict):
+            details = issue.get("details")
+            texts += [str(issue.get("diagnostics", "")), str(details.get("text", "")) if isinstance(details, dict)
+                      else ""]
+    return " | ".join(t for t in texts if t)[:4000]
+
+
+def _limit_headers(response: requests.Response) -> dict[str, str]:
+    """The rate-limit headers of an answer (names lower case, values capped)."""
+    return {name: response.headers[name][:40] for name in _LIMIT_HEADERS if name in response.headers}
 
 
 def _json_resource(response: requests.Response, what: str) -> dict[str, Any]:

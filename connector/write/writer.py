@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from connector.errors import (
+    AuthError,
     ServerUnavailableError,
 )
 from connector.identifiers import identifier_system, token_query
@@ -58,6 +59,15 @@ from connector.write.decisions import (
     strip_deferrable,
     write_plan,
 )
+from connector.write.limits import (
+    FailureKind,
+    RunLimits,
+    classify_failure,
+    logical_references,
+    permissions_fingerprint,
+    refused_by_capabilities,
+    unit_types,
+)
 from connector.write.patients import PatientPrefetch, prefetch_for
 from connector.write.stepwise import Failure, KnownIds, StepwiseSender
 
@@ -88,12 +98,18 @@ class Writer:
         self._patients: PatientPrefetch | None = None  # Patients looked up in batches (first syncs)
         self._down_reason = "the FHIR server stopped answering"
         self.pending_reasons: Counter[str] = Counter()  # why units were left pending (PHI-free): the run summary
+        # The server's limits and per-type permissions as this run learns them (connector.write.limits)
+        self.limits = RunLimits(opts.max_bundle_entries)
+        self.not_permitted: Counter[str] = Counter()  # units parked this run, per refused resource type
+        self._parked: list[tuple[UnitWrite, str | None, str | None]] = []  # (unit, hash, participant) parked
+        self.capabilities: Capabilities | None = None
 
     def write(self, staging: Staging, ledger: Ledger, *,
               on_progress: Callable[[int, int], None] | None = None) -> None:
         """Write the global units, then every participant with changes (in parallel)."""
         self.plan, self.choice = self._write_plan()
         ledger.set_meta("write_strategy", f"{self.choice.strategy} ({self.choice.reason})")  # `peersync plan` shows it
+        fingerprint = self._seed_permissions(ledger)
         self._write_global_units(staging, ledger)
         participants = participants_to_write(staging)
         self._patients = prefetch_for(self.client, staging, participants, self.opts.ctx.mrn_system)
@@ -112,6 +128,12 @@ class Writer:
         finally:
             if self._patients is not None:
                 self._patients.close()
+        if self.limits.refused_everything():
+            self._unpark(ledger)
+            raise AuthError("the FHIR server refused every write of this run (HTTP 403/405) and accepted none: the "
+                            "credentials lack write permission. Ask the EHR administrator for the write scopes "
+                            "(auth.scope) or permissions; nothing was written, the records stay pending")
+        ledger.set_refused_types(fingerprint, dict(self.limits.refused))
         if self._server_down.is_set():
             raise ServerUnavailableError(f"{self._down_reason}; unsent records stay pending and the next run "
                                          "sends them")
@@ -151,6 +173,7 @@ class Writer:
             except FhirHttpError as exc:
                 log.warning("could not read the CapabilityStatement (HTTP %s); assuming conditional update",
                             exc.status, extra={"event": "capabilities-unavailable", "status": exc.status})
+        self.capabilities = capabilities
         plan = write_plan(self.opts.write_mode, capabilities, UPDATED_TYPES)
         choice = choose_strategy(self.opts.write_strategy, capabilities,
                                  resolves_conditional_references=self.opts.resolves_conditional_references,
@@ -162,15 +185,31 @@ class Writer:
                         ", ".join(plan.search_types), extra={"event": "write-mode-fallback"})
         return plan, choice
 
+    def _seed_permissions(self, ledger: Ledger) -> str:
+        """Start the run's refused types: those the CapabilityStatement declares not writable, and those an
+        earlier run was refused while the statement and settings are unchanged. Returns their fingerprint."""
+        fingerprint = permissions_fingerprint_of(self.capabilities, self.opts)
+        for resource_type, reason in refused_by_capabilities(self.capabilities, WRITTEN_TYPES).items():
+            self.limits.refuse([resource_type], reason)
+        stored, types = ledger.refused_types()
+        if stored == fingerprint:
+            for resource_type, reason in types.items():
+                self.limits.refuse([resource_type], reason)
+        if self.limits.refused:
+            log.warning("the server does not accept writes of %s: those records are parked",
+                        ", ".join(sorted(self.limits.refused)),
+                        extra={"event": "types-not-permitted", "types": sorted(self.limits.refused)})
+        return fingerprint
+
     # -- global units (program, supporters, community organizations) -----------------------------------
 
     def _write_global_units(self, staging: Staging, ledger: Ledger) -> None:
         writes = reference_order(map_planned_global_units(staging, units_to_write(staging, None), self.opts.ctx))
         deferred: list[PendingWrite] = []
-        for chunk in chunk_writes(writes, self.opts.max_bundle_entries):
+        for chunk in chunk_writes(writes, self.limits.max_entries):
             self._send(ledger, chunk, patient=None, participant=None, author=None, deferred=deferred)
-        if deferred:
-            self._send(ledger, deferred, patient=None, participant=None, author=None, deferred=None)
+        for chunk in chunk_writes(reference_order(deferred), self.limits.max_entries):
+            self._send(ledger, chunk, patient=None, participant=None, author=None, deferred=None)
 
     # -- one participant -------------------------------------------------------------------------------
 
@@ -213,13 +252,14 @@ class Writer:
         # Targets before referrers (a CarePlan before the requests based on it): no chunk, and no half of a
         # rejected chunk, then sends a reference to something not yet written.
         ordered = reference_order(list(iter_planned_units(staging, participant, planned, self.opts.ctx)))
-        for chunk in chunk_writes(ordered, self.opts.max_bundle_entries):
+        for chunk in chunk_writes(ordered, self.limits.max_entries):
             self._send(ledger, chunk, patient=patient, participant=participant, author=author,
                        patient_id=patient_id, deferred=deferred)
-        if deferred:
-            # Units that failed on a reference to something not yet written, and units sent without a deferrable
-            # reference (a CarePlan's activities, written after it): now everything else has landed, once more.
-            self._send(ledger, deferred, patient=patient, participant=participant, author=author,
+        # Units that failed on a reference to something not yet written, and units sent without a deferrable
+        # reference (a CarePlan's activities, written after it): now everything else has landed, once more, in
+        # bundles the server takes.
+        for chunk in chunk_writes(reference_order(deferred), self.limits.max_entries):
+            self._send(ledger, chunk, patient=patient, participant=participant, author=author,
                        patient_id=patient_id, deferred=None)
 
     def _resolve_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
@@ -265,6 +305,9 @@ class Writer:
         instead of being quarantined: its target may land later in the same run. So is a unit sent without a
         deferrable reference whose target is not written yet (see :meth:`_complete_later`).
         """
+        units = self._park_refused(ledger, units, participant)
+        if not units:
+            return
         units, incomplete = self._strip_unwritten_targets(ledger, units,
                                                           same_request=self.choice.strategy is Strategy.TRANSACTION)
         if self.choice.strategy is not Strategy.TRANSACTION:
@@ -276,16 +319,28 @@ class Writer:
             if not units:
                 return
         resolved: dict[Identity, str | None] = {}  # what the ledger resolved references to (lost-target check)
+        built: BuiltBundle | None = None
+        resend = {"patient": patient, "participant": participant, "author": author, "patient_id": patient_id,
+                  "deferred": deferred}
         try:
             # Building may search (search-then-write): two matches there are a duplicate on the server (review).
             built = self._build(ledger, units, patient, author, resolved)
             answer = self.client.send_transaction(built.bundle)
+        except AuthError as exc:
+            # A 403 may refuse one type (park it, write the rest) rather than every write (a missing scope: 77).
+            if not isinstance(exc.http_error, FhirHttpError) or built is None \
+                    or not self._adapt(ledger, units, built, exc.http_error, resend):
+                raise
+            return
         except FhirHttpError as exc:
+            if built is not None and self._adapt(ledger, units, built, exc, resend):
+                return
             # The builder rewrote references in copies: the units are as mapped, ready to be sent again.
             self._after_failure(ledger, [incomplete.get(w.unit.unit_key, w) for w in units], exc, resolved,
                                 patient=patient, participant=participant, author=author, patient_id=patient_id,
                                 deferred=deferred)
             return
+        self.limits.note_written()
         self._record_success(ledger, units, built, answer, participant, patient_id, incomplete, deferred)
 
     def _after_failure(self, ledger: Ledger, units: list[PendingWrite], exc: FhirHttpError,
@@ -431,6 +486,108 @@ class Writer:
         log.warning("record %s: %s", state, failure.reason,
                     extra={"event": state, "key": opaque_key(unit.unit_key), "kind": unit.kind})
 
+    def _adapt(self, ledger: Ledger, units: list[PendingWrite], built: BuiltBundle, exc: FhirHttpError,
+               resend: dict[str, Any]) -> bool:
+        """Handle a refusal that is the server's limit or permission, not the records' fault: True when handled
+        (smaller bundles, parked types, or the run stops as throttled); False: the caller goes on as before."""
+        sent_types = {entry["resource"]["resourceType"] for entry in built.bundle["entry"]}
+        failure = classify_failure(exc.status, issue_codes=[i["code"] for i in exc.outcome.issues],
+                                   text=exc.signal_text, headers=exc.headers, sent_types=sent_types)
+        if failure.kind is FailureKind.RATE_LIMIT:
+            raise ServerUnavailableError(f"the server's rate limit (HTTP {exc.status}); unsent records stay pending "
+                                         "and the next run sends them")
+        if failure.kind is FailureKind.LIMIT:
+            self._adapt_to_limit(ledger, units, exc, failure.stated_limit, resend)
+            return True
+        if failure.kind is not FailureKind.NOT_PERMITTED:
+            return False
+        self.limits.note_forbidden()
+        groups: dict[tuple[str, ...], list[PendingWrite]] = {}
+        for w in units:
+            groups.setdefault(tuple(unit_types(w.unit.resources)), []).append(w)
+        types = failure.types
+        if "Provenance" not in types and not any(types.intersection(group) for group in groups):
+            types = frozenset()  # the types it names are none of these records' (e.g. a referenced type)
+        if not types and len(groups) > 1:
+            # Several types, none named: send each set of types apart to learn which is refused.
+            for group in groups.values():
+                self._send(ledger, group, **resend)
+            return True
+        types = types or frozenset(next(iter(groups)))
+        reason = f"HTTP {exc.status} ({exc.outcome.codes() or 'no OperationOutcome'})"
+        for resource_type in self.limits.refuse(types, reason):
+            log.warning("the server refuses writes of %s (HTTP %s): those records are parked, the others go on",
+                        resource_type, exc.status,
+                        extra={"event": "type-not-permitted", "resource_type": resource_type, "status": exc.status})
+        self._send(ledger, units, **resend)  # parks the refused units, sends the others
+        return True
+
+    def _adapt_to_limit(self, ledger: Ledger, units: list[PendingWrite], exc: FhirHttpError,
+                        stated_limit: int | None, resend: dict[str, Any]) -> None:
+        """A bundle refused as too large: smaller bundles for the rest of the run, and these units again."""
+        sent = sum(w.size for w in units)
+        before = self.limits.max_entries
+        lowered = self.limits.lower(sent, stated_limit)
+        if lowered is not None and lowered < before:
+            log.warning("server limit: bundle of %d entries refused (HTTP %s); bundles of at most %d entries for the "
+                        "rest of the run", sent + 1, exc.status, lowered + 1,
+                        extra={"event": "server-limit-adapted", "status": exc.status, "max_entries": lowered + 1})
+        if lowered is not None:
+            for chunk in chunk_writes(units, lowered):
+                self._send(ledger, chunk, **resend)
+            return
+        if len(units) > 1:
+            for half in halves(units):
+                self._send(ledger, half, **resend)
+            return
+        # One record's bundle is still too large: a strategy with smaller requests is needed (write strategies).
+        self.limits.downgrade_strategy()
+        reason = f"server limit: the server refuses even this record's bundle as too large (HTTP {exc.status})"
+        for w in units:
+            self._leave_pending(ledger, w, resend["participant"], reason)
+
+    def _leave_pending(self, ledger: Ledger, w: PendingWrite, participant: str | None, reason: str) -> None:
+        ledger.record_state(w.unit.unit_key, kind=w.unit.kind, participant=participant, state=UnitState.PENDING,
+                            detail=reason, run_id=RUN_ID.get(), attempt_hash=w.unit_hash)
+        self._count("pending")
+        with self._counts_lock:
+            self.pending_reasons[reason] += 1
+
+    def _park_refused(self, ledger: Ledger, units: list[PendingWrite], participant: str | None) -> list[PendingWrite]:
+        """Park the units with a type the server does not accept (no request); returns the others."""
+        if not self.limits.refused:
+            return units
+        others: list[PendingWrite] = []
+        for w in units:
+            refused = self.limits.refused_of(unit_types(w.unit.resources))
+            if not refused:
+                others.append(w)
+                continue
+            self._park(ledger, w.unit, w.unit_hash, participant, refused)
+        return others
+
+    def _park(self, ledger: Ledger, unit: UnitWrite, unit_hash: str | None, participant: str | None,
+              refused: list[str]) -> None:
+        reasons = "; ".join(f"{t}: {self.limits.refused.get(t, 'refused')}" for t in refused)
+        ledger.record_state(unit.unit_key, kind=unit.kind, participant=participant, state=UnitState.NOT_PERMITTED,
+                            detail=f"not permitted by the server: {reasons}"[:500], run_id=RUN_ID.get(),
+                            attempt_hash=unit_hash)
+        self._count("not_permitted")
+        with self._counts_lock:
+            self.not_permitted.update(refused)
+            self._parked.append((unit, unit_hash, participant))
+
+    def _unpark(self, ledger: Ledger) -> None:
+        """Every write was refused: a missing scope, not types. What this run parked goes back to pending, so
+        the run after the fix sends it (parked records would wait for a changed CapabilityStatement)."""
+        reason = "not attempted: the server refused every write (HTTP 403)"
+        for unit, unit_hash, participant in self._parked:
+            ledger.record_state(unit.unit_key, kind=unit.kind, participant=participant, state=UnitState.PENDING,
+                                detail=reason, run_id=RUN_ID.get(), attempt_hash=unit_hash)
+        self.counts["not_permitted"] = 0
+        self.not_permitted.clear()
+        self.limits.refused.clear()
+
     def _build(self, ledger: Ledger, writes: list[PendingWrite], patient: tuple[Identity, str] | None,
                author: str | None, cache: dict[Identity, str | None] | None = None) -> BuiltBundle:
         """The units' change set; ``cache`` receives the server ids the ledger resolved for its references."""
@@ -448,6 +605,10 @@ class Writer:
         built = build_change_set(writes, ctx=self.opts.ctx, patient=patient, resolve=resolve, author=author,
                                  recorded=self.clock(),
                                  conditional_provenance=self.plan.provenance_conditional_create)
+        if self.limits.refused:  # never a literal reference to a type the server refuses: a logical one
+            parked = frozenset(self.limits.refused)
+            for entry in built.bundle["entry"]:
+                entry["resource"] = logical_references(entry["resource"], parked)
         if self.plan.conditional_types is not None:
             self._apply_search_mode(built, resolve)
         return built
@@ -581,6 +742,10 @@ class Writer:
 
     def _void_remote(self, ledger: Ledger, unit_key: str, kind: str, participant: str | None) -> None:
         """A record gone from the source: mark its resources entered-in-error (read, set status, update by id)."""
+        refused = self.limits.refused_of(res.resource_type for res in ledger.resources_of(unit_key))
+        if refused:
+            self._park(ledger, UnitWrite(unit_key, kind, []), None, participant, refused)
+            return
         current = [self.client.read(res.resource_type, res.server_id) for res in ledger.resources_of(unit_key)
                    if res.resource_type in STATUS_ELEMENT and res.server_id]
         bundle = void_bundle(unit_key, current, ctx=self.opts.ctx, recorded=self.clock(),
@@ -667,3 +832,22 @@ class Writer:
         with self._counts_lock:
             self.counts[name] += n
 
+
+
+# Every type peersync writes, Provenance included (the per-type permissions cover them all).
+WRITTEN_TYPES = UPDATED_TYPES | {"Provenance"}
+
+
+def read_capabilities(client: FhirClient) -> Capabilities | None:
+    """The server's CapabilityStatement, parsed; None when the server does not answer it (4xx)."""
+    try:
+        return Capabilities.parse(client.capabilities())
+    except FhirHttpError as exc:
+        log.warning("could not read the CapabilityStatement (HTTP %s); assuming conditional update",
+                    exc.status, extra={"event": "capabilities-unavailable", "status": exc.status})
+        return None
+
+
+def permissions_fingerprint_of(capabilities: Capabilities | None, opts: SyncOptions) -> str:
+    """What decides the per-type permissions of this deployment: parked records are retried when it changes."""
+    return permissions_fingerprint(capabilities, WRITTEN_TYPES, opts.ctx.base_url, opts.write_mode)

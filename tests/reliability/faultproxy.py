@@ -42,6 +42,15 @@ Hostile-server modes (the server, or something in front of it, answers in ways t
 ``echo-foreign``                or inside a non-English message (not forwarded)
 ==============================  ===================================================================================
 
+EHR restrictions (:class:`Restrictions`, independent of the schedule), answered by the proxy itself, never forwarded:
+
+=====================  ==========================================================================================
+``max_entries``        a transaction or batch with more entries is refused: 413, or (``limit_status=400``) a 400
+                       with Medplum's "Transaction requires strict isolation but has too many entries"
+``writable_types``     a write (bundle, PUT, POST) of any other resource type is refused with 403 and an
+                       OperationOutcome ``forbidden`` naming the refused types
+=====================  ==========================================================================================
+
 The schedule is a ``random.Random(seed)`` consumed once per request in arrival order: with one client
 connection the same seed gives the same faults; with several, the same *multiset* of faults.
 
@@ -157,6 +166,46 @@ def _hostile_answer(fault: str, payload: bytes) -> bytes:
     return json.dumps(answer).encode()
 
 
+@dataclass
+class Restrictions:
+    """What a restricted EHR refuses (see the module docstring); None: no such restriction."""
+
+    max_entries: int | None = None
+    limit_status: int = 413
+    writable_types: frozenset[str] | None = None
+
+    def refusal(self, method: str, route: str, body: bytes) -> tuple[int, bytes, str] | None:
+        """(status, OperationOutcome, what) for a request this EHR refuses, or None to forward it. ``route``: the
+        request path below the FHIR base, without the query ("" for a transaction or batch)."""
+        if method not in ("POST", "PUT", "PATCH", "DELETE"):
+            return None
+        entries: list[dict[str, object]] = []
+        if route == "":
+            try:
+                bundle = json.loads(body or b"{}")
+            except ValueError:
+                return None
+            entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)] if isinstance(bundle, dict) else []
+            types = {str((e.get("resource") or {}).get("resourceType")) for e in entries}  # type: ignore[union-attr]
+        else:
+            types = {route.split("/", 1)[0]}
+        if self.max_entries is not None and len(entries) > self.max_entries:
+            if self.limit_status == 400:
+                outcome = {"resourceType": "OperationOutcome", "issue": [{
+                    "severity": "error", "code": "invalid",
+                    "details": {"text": "Transaction requires strict isolation but has too many entries"}}]}
+                return 400, json.dumps(outcome).encode(), "too-many-entries"
+            return 413, _outcome(413, "Request entity too large: bundle size over the limit"), "too-many-entries"
+        if self.writable_types is not None:
+            refused = sorted(types - self.writable_types)
+            if refused:
+                outcome = {"resourceType": "OperationOutcome", "issue": [{
+                    "severity": "error", "code": "forbidden",
+                    "diagnostics": f"Access denied: this client may not write {', '.join(refused)}"}]}
+                return 403, json.dumps(outcome).encode(), "type-forbidden"
+        return None
+
+
 def _outcome(status: int, text: str) -> bytes:
     return json.dumps({"resourceType": "OperationOutcome",
                        "issue": [{"severity": "error", "code": "transient" if status >= 500 else "throttled",
@@ -214,6 +263,7 @@ class Stats:
     faults: Counter[str] = field(default_factory=Counter)
     by_method: Counter[str] = field(default_factory=Counter)
     upstream_errors: int = 0
+    restricted: Counter[str] = field(default_factory=Counter)  # requests refused by the Restrictions, by what
     echoed: list[str] = field(default_factory=list)  # the first diagnostics of 400-echo answers (PHI tests)
 
     @property
@@ -223,7 +273,7 @@ class Stats:
     def as_dict(self) -> dict[str, object]:
         return {"requests": self.requests, "forwarded": self.forwarded, "forwarded_writes": self.forwarded_writes,
                 "faults": dict(self.faults), "total_faults": self.total_faults, "by_method": dict(self.by_method),
-                "upstream_errors": self.upstream_errors}
+                "upstream_errors": self.upstream_errors, "restricted": dict(self.restricted)}
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -244,7 +294,8 @@ class FaultProxy:
                  trickle_seconds: float = 1.0,
                  latency_seconds: float = 0.0, max_requests: int = 20_000, max_body: int = 64 << 20,
                  upstream_timeout: float = 120.0,
-                 hook: Callable[[int, str, str], str | None] | None = None) -> None:
+                 hook: Callable[[int, str, str], str | None] | None = None,
+                 restrictions: Restrictions | None = None) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname or not _is_loopback(parts.hostname):
             raise ValueError(f"faultproxy forwards only to http:// on a loopback address, not {upstream!r}")
@@ -259,6 +310,7 @@ class FaultProxy:
         self.max_body = max_body
         self.upstream_timeout = upstream_timeout
         self.hook = hook
+        self.restrictions = restrictions or Restrictions()
         self.stats = Stats()
         self._lock = threading.Lock()
         self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
@@ -334,6 +386,13 @@ class FaultProxy:
                     return
                 body = self.rfile.read(length) if length else b""
                 index, fault = proxy._next(self.command)
+                route = self.path.split("?", 1)[0][len(proxy.upstream_path):].strip("/")
+                refused = proxy.restrictions.refusal(self.command, route, body)
+                if refused is not None:
+                    with proxy._lock:
+                        proxy.stats.restricted[refused[2]] += 1
+                    self._reply(refused[0], refused[1])
+                    return
                 if proxy.latency_seconds:
                     time.sleep(proxy.latency_seconds)
                 if proxy.hook and proxy.hook(index, "before-forward", self.command) == "reset":
@@ -477,4 +536,4 @@ class FaultProxy:
         return Handler
 
 
-__all__ = ["COMMITTING_FAULTS", "FAULTS", "HOSTILE", "FaultProxy", "Schedule", "Stats"]
+__all__ = ["COMMITTING_FAULTS", "FAULTS", "HOSTILE", "FaultProxy", "Restrictions", "Schedule", "Stats"]

@@ -191,10 +191,11 @@ def test_status_shows_last_run_last_success_and_backlog(cfg: Path, fake_syncer: 
     assert len(data["runs"]) == 1 and data["last_run"]["exit_code"] == 69
     assert data["last_run"]["counts"]["pending"] == 4 and data["last_run"]["duration_s"] == 1.9
     assert data["last_success"]["exit_code"] == 65
-    assert data["backlog"] == {"pending": 1, "quarantined": 1, "in_review": 0, "open_reviews": 1}
+    assert data["backlog"] == {"pending": 1, "quarantined": 1, "in_review": 0, "not_permitted": 0,
+                               "open_reviews": 1}
     text = run("status", "--config", str(cfg)).stdout
     assert "last run:" in text and "last success:" in text and " ago, exit 65)" in text
-    assert "backlog:      pending 1, quarantined 1, in review 0, open reviews 1" in text
+    assert "backlog:      pending 1, quarantined 1, in review 0, parked 0, open reviews 1" in text
 
 
 def test_review_list_retry_dismiss(cfg: Path) -> None:
