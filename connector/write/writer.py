@@ -21,7 +21,6 @@ from connector.errors import (
     ServerUnavailableError,
 )
 from connector.identifiers import identifier_system, token_query
-from connector.map import change_set_author
 from connector.map.units import iter_planned_units, map_planned_global_units
 from connector.model import Enrollment, RecordKind
 from connector.ops.logs import RUN_ID, opaque_key, outcome_codes
@@ -151,7 +150,7 @@ class Writer:
     def _write_global_units(self, staging: Staging, ledger: Ledger) -> None:
         writes = map_planned_global_units(staging, units_to_write(staging, None), self.opts.ctx)
         for chunk in chunk_writes(writes, self.opts.max_bundle_entries):
-            self._send(ledger, chunk, patient=None, participant=None, author=None)
+            self._send(ledger, chunk, patient=None, participant=None)
 
     # -- one participant -------------------------------------------------------------------------------
 
@@ -188,17 +187,16 @@ class Writer:
             return
         self._retire_moved_units(ledger, [u.unit_key for u in planned], patient_id)
         patient_identity: Identity = ("Patient", mrn_system, enrollment.mrn)
-        author = change_set_author(enrollment, self.opts.ctx)
         patient = (patient_identity, f"Patient/{patient_id}")
         deferred: list[PendingWrite] = []
         for chunk in chunk_writes(iter_planned_units(staging, participant, planned, self.opts.ctx),
                                   self.opts.max_bundle_entries):
-            self._send(ledger, chunk, patient=patient, participant=participant, author=author,
+            self._send(ledger, chunk, patient=patient, participant=participant,
                        patient_id=patient_id, deferred=deferred)
         if deferred:
             # Units that only failed on a reference to something not yet written (a CarePlan and the requests
             # that point back at it, split apart): now everything else has landed, send them together once more.
-            self._send(ledger, deferred, patient=patient, participant=participant, author=author,
+            self._send(ledger, deferred, patient=patient, participant=participant,
                        patient_id=patient_id, deferred=None)
 
     def _resolve_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
@@ -235,7 +233,7 @@ class Writer:
     # -- sending with failure isolation ----------------------------------------------------------------
 
     def _send(self, ledger: Ledger, units: list[PendingWrite], *,
-              patient: tuple[Identity, str] | None, participant: str | None, author: str | None,
+              patient: tuple[Identity, str] | None, participant: str | None,
               patient_id: str | None = None, deferred: list[PendingWrite] | None = None) -> None:
         """Send units as one transaction; on a content error, split until the bad units are isolated.
 
@@ -245,7 +243,7 @@ class Writer:
         resolved: dict[Identity, str | None] = {}  # what the ledger resolved references to (lost-target check)
         try:
             # Building may search (search-then-write): two matches there are a duplicate on the server (review).
-            built = self._build(ledger, units, patient, author, resolved)
+            built = self._build(ledger, units, patient, resolved)
             answer = self.client.send_transaction(built.bundle)
         except FhirHttpError as exc:
             # The builder rewrote references in copies: the units are as mapped, ready to be sent again.
@@ -254,7 +252,7 @@ class Writer:
                                       unresolved_reference=unresolved)
             if step is FailureStep.SPLIT:
                 for half in halves(units):
-                    self._send(ledger, half, patient=patient, participant=participant, author=author,
+                    self._send(ledger, half, patient=patient, participant=participant,
                                patient_id=patient_id, deferred=deferred)
             elif step is FailureStep.DEFER and deferred is not None:
                 deferred.extend(units)
@@ -269,7 +267,7 @@ class Writer:
         self._record_success(ledger, units, built, answer, participant, patient_id)
 
     def _build(self, ledger: Ledger, writes: list[PendingWrite], patient: tuple[Identity, str] | None,
-               author: str | None, cache: dict[Identity, str | None] | None = None) -> BuiltBundle:
+               cache: dict[Identity, str | None] | None = None) -> BuiltBundle:
         """The units' change set; ``cache`` receives the server ids the ledger resolved for its references."""
         cache = {} if cache is None else cache
 
@@ -278,8 +276,7 @@ class Writer:
                 cache[identity] = ledger.server_ids([identity]).get(identity)
             return cache[identity]
 
-        built = build_change_set(writes, ctx=self.opts.ctx, patient=patient, resolve=resolve, author=author,
-                                 recorded=self.clock(),
+        built = build_change_set(writes, ctx=self.opts.ctx, patient=patient, resolve=resolve, recorded=self.clock(),
                                  conditional_provenance=self.plan.provenance_conditional_create)
         if self.plan.conditional_types is not None:
             self._apply_search_mode(built, resolve)
@@ -306,10 +303,10 @@ class Writer:
     def _record_success(self, ledger: Ledger, units: list[PendingWrite], built: BuiltBundle,
                         answer: HttpAnswer, participant: str | None, patient_id: str | None) -> None:
         """Mark sent exactly the units the answer proves written (connector.write.confirm); the others stay
-        pending with the reason. The Provenance covers every unit of the bundle: unproven, none is sent."""
+        pending with the reason. The Provenances cover the units of the bundle: one unproven, none is sent."""
         confirmation = confirm_writes(built.bundle, answer.status, answer.body, answer.content_type)
         verdicts = confirmation.entries
-        provenance = verdicts[-1] if built.has_provenance else None
+        provenance = next((v for v in verdicts[len(built.entries):] if not v.confirmed), None)
         confirmed: dict[str, list[tuple[str, str, str, str | None, str | None]]] = {}
         statuses: dict[str, list[str]] = {}
         unproven: dict[str, str] = {}
@@ -318,7 +315,7 @@ class Writer:
             statuses.setdefault(unit_key, []).append(verdict.status)
             if not verdict.confirmed:
                 unproven.setdefault(unit_key, verdict.reason or "not confirmed")
-        if provenance is not None and not provenance.confirmed:
+        if provenance is not None:
             for w in units:
                 unproven.setdefault(w.unit.unit_key, f"Provenance: {provenance.reason or 'not confirmed'}")
         ledger.record_confirmed_many(
