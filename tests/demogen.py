@@ -409,7 +409,8 @@ _REFERRAL_OUTCOMES = {
     "completed": ["Picked up the first box.", "Enrolled, goes to the Tuesday 6pm class.", "Card received.",
                   "Se inscribió en el programa."],
     "accepted": ["Intake appointment next week.", "On the list, waiting for a start date."],
-    "participant-declined": ["Declined, no childcare in the evenings.", "Not interested right now.", "No le interesa por ahora."],
+    "participant-declined": ["Declined, no childcare in the evenings.", "Not interested right now.",
+                             "No le interesa por ahora."],
     "cancelled": ["Program full until fall.", "Moved out of the service area."],
     "made": [""],
 }
@@ -926,7 +927,8 @@ def _build_referrals(rng: Random, person: _Person, as_of: date, counters: dict[s
         if person.status == "withdrawn":
             status = _pick(rng, {"made": 50, "cancelled": 30, "participant-declined": 20})
         elif age > 30:
-            status = _pick(rng, {"completed": 40, "accepted": 20, "participant-declined": 15, "cancelled": 5, "made": 20})
+            status = _pick(rng, {"completed": 40, "accepted": 20, "participant-declined": 15, "cancelled": 5,
+                                 "made": 20})
         else:
             status = _pick(rng, {"made": 60, "accepted": 30, "participant-declined": 10})
         outcome = rng.choice(_REFERRAL_OUTCOMES[status]) if rng.random() < 0.7 else ""
