@@ -238,3 +238,17 @@ def test_the_demos_care_teams_hold_the_supporters_of_the_contacts(demo: dict[str
         enrollment_id = _value(careteam)
         members = {parse_conditional_reference(p["member"]["reference"])[2] for p in careteam["participant"][1:]}
         assert members == contacts.get(enrollment_id, set()) | {enrollments[enrollment_id].supporter_id}
+
+
+def test_a_profiles_referral_codes_reach_the_context_and_the_fingerprint() -> None:
+    from connector.plan.planner import program_fingerprint
+    from connector.read.profile import ProgramSpec
+
+    profile = load_profile("peersync-template")
+    housing = {"system": "http://snomed.info/sct", "code": "123", "display": "Housing help"}
+    program = ProgramSpec.model_validate({**profile.program.model_dump(), "referral_codes": {"housing": housing}})
+    ctx = MappingContext.from_profile(profile.model_copy(update={"program": program}))
+    assert ctx.referral_codes == (("housing", "http://snomed.info/sct", "123", "Housing help"),)
+    assert program_fingerprint(ctx) != program_fingerprint(MappingContext.from_profile(profile))
+    with pytest.raises(ValueError, match="referral_codes"):
+        ProgramSpec.model_validate({**profile.program.model_dump(), "referral_codes": {"rent": housing}})
