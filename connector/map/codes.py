@@ -299,7 +299,8 @@ NOT_DONE_RECIPIENT_UNAVAILABLE = coding(COMMUNICATION_NOT_DONE_REASON, "recipien
 
 # -- referrals (fhir-modeling.md §6) ---------------------------------------------------------------------------------
 US_CORE_SDOH = coding(US_CORE_CATEGORY, "sdoh", "SDOH")
-SNOMED_SOCIAL_SERVICE = coding(SNOMED, "410606002", "Social service procedure")
+# display as the US Core 6.1 ServiceRequest category value set lists it (the validator checks it there)
+SNOMED_SOCIAL_SERVICE = coding(SNOMED, "410606002", "Social service procedure (procedure)")
 # need → SDOHCC category (physical activity has none: it uses the PA IG category instead)
 NEED_SDOHCC = {
     NeedCategory.FOOD: coding(SDOHCC_TEMPORARY_CODES, "food-insecurity", "Food Insecurity"),
