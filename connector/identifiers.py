@@ -25,6 +25,7 @@ KIND_CARETEAM = "careteam"
 KIND_GOAL = "goal"
 KIND_CONTACT = "contact"
 KIND_CONTACT_REQUEST = "contact-request"
+KIND_CANCELLED_CONTACT = "cancelled-contact"  # the revoked request of a cancelled contact without a planned one
 KIND_REFERRAL = "referral"
 KIND_REFERRAL_TASK = "referral-task"
 KIND_CBO = "cbo"

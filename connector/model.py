@@ -206,8 +206,9 @@ class ReferralStatus(StrEnum):
     MADE = "made"
     ACCEPTED = "accepted"
     COMPLETED = "completed"
-    DECLINED = "declined"
+    DECLINED = "declined"  # the community organization declined to serve the participant
     CANCELLED = "cancelled"
+    PARTICIPANT_DECLINED = "participant-declined"  # the participant declined the referral
 
 
 class PlannedStatus(StrEnum):
@@ -343,6 +344,7 @@ class Goal(SourceRecord):
     due_date: date | None = None
     lifecycle_status: GoalLifecycle = GoalLifecycle.ACTIVE
     achievement_status: GoalAchievement | None = None
+    status_date: date | None = Field(None, description="When the program recorded the current status.")
     set_by: GoalSetBy = GoalSetBy.PARTICIPANT
     supporter_id: SourceId | None = None
     notes: tuple[GoalNote, ...] = ()
@@ -364,6 +366,7 @@ class Referral(SourceRecord):
     need: NeedCategory
     referred_on: date
     status: ReferralStatus = ReferralStatus.MADE
+    status_date: date | None = Field(None, description="When the referral reached its current status.")
     outcome_notes: str | None = None
 
     @property

@@ -110,13 +110,13 @@ TEMPLATE_COLUMNS: dict[str, list[str]] = {
                    "conditions"],
     "goal": ["goal_id", "enrollment_id", "goal_in_own_words", "behavior", "target_measure", "target_comparator",
              "target_value", "target_unit", "start_date", "due_date", "lifecycle_status", "achievement_status",
-             "set_by", "supporter_id", "void"],
+             "status_date", "set_by", "supporter_id", "void"],
     "goal_note": ["note_id", "goal_id", "date", "supporter_id", "note"],
     "contact": ["contact_id", "enrollment_id", "supporter_id", "contact_datetime", "duration_minutes", "mode",
                 "setting", "outcome", "support_types", "essential_elements", "goal_ids", "notes",
                 "group_session_id", "planned_contact_id", "void"],
     "referral": ["referral_id", "enrollment_id", "supporter_id", "resource_name", "resource_id", "need",
-                 "referral_date", "status", "outcome_notes", "void"],
+                 "referral_date", "status", "status_date", "outcome_notes", "void"],
     "planned_contact": ["planned_contact_id", "enrollment_id", "supporter_id", "due_datetime", "mode", "status",
                         "void"],
 }
@@ -409,7 +409,8 @@ _REFERRAL_OUTCOMES = {
     "completed": ["Picked up the first box.", "Enrolled, goes to the Tuesday 6pm class.", "Card received.",
                   "Se inscribió en el programa."],
     "accepted": ["Intake appointment next week.", "On the list, waiting for a start date."],
-    "declined": ["Declined, no childcare in the evenings.", "Not interested right now.", "No le interesa por ahora."],
+    "participant-declined": ["Declined, no childcare in the evenings.", "Not interested right now.",
+                             "No le interesa por ahora."],
     "cancelled": ["Program full until fall.", "Moved out of the service area."],
     "made": [""],
 }
@@ -924,11 +925,12 @@ def _build_referrals(rng: Random, person: _Person, as_of: date, counters: dict[s
         on = _weekday_on_or_before(min(person.start + timedelta(days=offset), person.last_day))
         age = (as_of - on).days
         if person.status == "withdrawn":
-            status = _pick(rng, {"made": 50, "cancelled": 30, "declined": 20})
+            status = _pick(rng, {"made": 50, "cancelled": 30, "participant-declined": 20})
         elif age > 30:
-            status = _pick(rng, {"completed": 40, "accepted": 20, "declined": 15, "cancelled": 5, "made": 20})
+            status = _pick(rng, {"completed": 40, "accepted": 20, "participant-declined": 15, "cancelled": 5,
+                                 "made": 20})
         else:
-            status = _pick(rng, {"made": 60, "accepted": 30, "declined": 10})
+            status = _pick(rng, {"made": 60, "accepted": 30, "participant-declined": 10})
         outcome = rng.choice(_REFERRAL_OUTCOMES[status]) if rng.random() < 0.7 else ""
         counters["referral"] += 1
         person.referrals.append(_Referral(local, counters["referral"], name, resource_id, need, on, status, outcome,
@@ -1374,7 +1376,8 @@ class _TemplateRows:
                 yield [f"G{g.seq:04d}", p.enrollment_id, g.text, g.behavior, self._text(measure),
                        self._text(comparator), (_number(value) if value else None) if self.excel else value,
                        self._text(unit), self._date(g.start), self._date(g.due), g.lifecycle,
-                       self._text(g.achievement), g.set_by, self._text(g.supporter), self._text(None)], p, g
+                       self._text(g.achievement), self._text(None), g.set_by, self._text(g.supporter),
+                       self._text(None)], p, g
 
     def goal_notes(self) -> Iterator[list[Any]]:
         for p in self.program.persons:
@@ -1387,7 +1390,7 @@ class _TemplateRows:
             for r in p.referrals:
                 yield [f"R{r.seq:04d}", p.enrollment_id, self._text(r.supporter), r.resource,
                        self._text(r.resource_id), r.need, self._date(r.on, us_style=r.seq % 9 == 4), r.status,
-                       self._text(r.outcome), self._text(None)]
+                       self._text(None), self._text(r.outcome), self._text(None)]
 
     def planned(self) -> Iterator[list[Any]]:
         for p in self.program.persons:
@@ -1823,7 +1826,9 @@ COLUMN_HELP: dict[str, dict[str, str]] = {
         "target_comparator": "Target comparison.", "target_value": "Target number, e.g. 7 or 7000.",
         "target_unit": "Target unit, e.g. %, /d, min/wk, d/wk, kg, mg/dL.", "start_date": "Date the goal was set.",
         "due_date": "Target date (optional).", "lifecycle_status": "Goal status.",
-        "achievement_status": "Progress (optional).", "set_by": "Who set the goal.",
+        "achievement_status": "Progress (optional).",
+        "status_date": "Date the status last changed (optional; leave empty when not recorded).",
+        "set_by": "Who set the goal.",
         "supporter_id": "staff_id of the supporter who helped set it (optional).",
         "void": "1 / yes if the row was entered in error.",
     },
@@ -1850,7 +1855,9 @@ COLUMN_HELP: dict[str, dict[str, str]] = {
         "supporter_id": "staff_id of the supporter who referred (optional).",
         "resource_name": "Community resource (food pantry, YMCA program...).",
         "resource_id": "The resource's id in your directory (optional).", "need": "Need addressed.",
-        "referral_date": "Date referred.", "status": "Referral status.", "outcome_notes": "What happened (optional).",
+        "referral_date": "Date referred.", "status": "Referral status.",
+        "status_date": "Date the status last changed (optional; leave empty when not recorded).",
+        "outcome_notes": "What happened (optional).",
         "void": "1 / yes if the row was entered in error.",
     },
     "planned_contact": {

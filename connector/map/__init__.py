@@ -9,18 +9,19 @@ from __future__ import annotations
 
 from .careplan import map_enrollment
 from .codes import US_CORE_PROFILES
-from .communication import map_contact
+from .communication import map_cancelled_contact_request, map_contact
 from .context import DEFAULT_TERMINOLOGY_BASE, MappingContext
 from .goal import map_goal
-from .people import map_program, map_supporter
-from .provenance import change_set_author, map_provenance
+from .people import TeamMember, map_program, map_supporter
+from .provenance import map_provenance, resource_authors
 from .requests import map_cbo, map_planned_contact, map_referral
 
 __all__ = [
     "DEFAULT_TERMINOLOGY_BASE",
     "US_CORE_PROFILES",
     "MappingContext",
-    "change_set_author",
+    "TeamMember",
+    "map_cancelled_contact_request",
     "map_cbo",
     "map_contact",
     "map_enrollment",
@@ -30,4 +31,5 @@ __all__ = [
     "map_provenance",
     "map_referral",
     "map_supporter",
+    "resource_authors",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -66,3 +67,17 @@ def resource(resource_type: str, ctx: MappingContext, **elements: Any) -> dict[s
             continue
         out[key] = item
     return out
+
+
+# Characters CommonMark gives a meaning anywhere in a line (emphasis, code, links, raw HTML, entities, tables).
+_MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]<>&|~])")
+# Line starts that make a heading, quote, list item or thematic break.
+_MARKDOWN_LINE_START = re.compile(r"^(\s*)([#>+\-=]|\d+[.)])", re.MULTILINE)
+
+
+def markdown_text(text: str) -> str:
+    """Source text as FHIR ``markdown`` that renders as the text itself: markup characters are backslash-escaped,
+    so source HTML such as ``<script>`` shows as written and never renders (CommonMark §2.4 backslash escapes)."""
+    escaped = _MARKDOWN_INLINE.sub(r"\\\1", text)
+    return _MARKDOWN_LINE_START.sub(lambda m: m.group(1) + "".join("\\" + ch if not ch.isdigit() else ch
+                                                                     for ch in m.group(2)), escaped)

@@ -18,7 +18,7 @@ from connector.model import Enrollment, EnrollmentStatus, Supporter
 from . import codes
 from ._util import compact, iso_date, resource
 from .context import MappingContext
-from .people import map_careteam
+from .people import TeamMember, map_careteam
 
 CAREPLAN_TITLE = "Diabetes peer support plan"
 _XHTML = "http://www.w3.org/1999/xhtml"
@@ -44,12 +44,14 @@ def map_enrollment(
     referral_ids: Sequence[str],
     ctx: MappingContext,
     supporter: Supporter | None = None,
+    team: Sequence[TeamMember] = (),
 ) -> list[dict[str, Any]]:
     """An enrollment as [CarePlan, CareTeam].
 
     ``goal_ids``, ``planned_contact_ids`` and ``referral_ids`` are the source ids of the enrollment's goals,
     planned contacts and referrals (list only those that are sent). ``supporter`` (optional) gives the
-    CareTeam member's role its NUCC code and title; without it the role is text only.
+    CareTeam member's role its NUCC code and title; without it the role is text only. ``team`` are the other
+    supporters who worked with the participant (:class:`~connector.map.people.TeamMember`).
     """
     status = codes.ENTERED_IN_ERROR if e.void else codes.CAREPLAN_STATUS[e.status]
     activities = [{"reference": ctx.ref("CommunicationRequest", KIND_CONTACT_REQUEST, p)} for p in planned_contact_ids]
@@ -74,7 +76,7 @@ def map_enrollment(
         goal=[ctx.ref("Goal", KIND_GOAL, g) for g in goal_ids],
         activity=activities,
     )
-    return [careplan, map_careteam(e, ctx, supporter)]
+    return [careplan, map_careteam(e, ctx, supporter, team)]
 
 
 def _narrative(

@@ -10,6 +10,9 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
+import yaml
+
+from connector import assets
 from connector.map import terminology
 from connector.model import (
     Behavior,
@@ -154,19 +157,35 @@ SERVICE_REQUEST_STATUS = {
     ReferralStatus.ACCEPTED: "active",
     ReferralStatus.COMPLETED: "completed",
     ReferralStatus.DECLINED: "revoked",
+    ReferralStatus.PARTICIPANT_DECLINED: "revoked",
     ReferralStatus.CANCELLED: "revoked",
 }
+# SDOHCC Task: `rejected` is the performer (the community organization) declining; a participant who declines
+# cancels the request, which the requester's side records as `cancelled` with the reason.
 TASK_STATUS = {
     ReferralStatus.MADE: "requested",
     ReferralStatus.ACCEPTED: "accepted",
     ReferralStatus.COMPLETED: "completed",
     ReferralStatus.DECLINED: "rejected",
+    ReferralStatus.PARTICIPANT_DECLINED: "cancelled",
     ReferralStatus.CANCELLED: "cancelled",
 }
-# SDOHCC asks for statusReason.text on rejected and cancelled Tasks.
-TASK_STATUS_REASON = {
-    ReferralStatus.DECLINED: "Referral declined",
-    ReferralStatus.CANCELLED: "Referral cancelled before the service was delivered",
+# SNOMED CT "Procedure refused" (situation): a root of R4's procedure-not-performed-reason value set.
+SNOMED_PROCEDURE_REFUSED = coding(SNOMED, "183944003", "Procedure refused")
+# SDOHCC asks for statusReason.text on rejected and cancelled Tasks; the participant's refusal is also coded.
+TASK_STATUS_REASON: dict[ReferralStatus, dict[str, Any]] = {
+    ReferralStatus.DECLINED: {"text": "Declined by the community organization"},
+    ReferralStatus.PARTICIPANT_DECLINED: {"coding": [SNOMED_PROCEDURE_REFUSED], "text": "Declined by the participant"},
+    ReferralStatus.CANCELLED: {"text": "Referral cancelled before the service was delivered"},
+}
+# Task.businessStatus: the program's own status, in its words.
+TASK_BUSINESS_STATUS = {
+    ReferralStatus.MADE: "Referral made",
+    ReferralStatus.ACCEPTED: "Accepted by the community organization",
+    ReferralStatus.COMPLETED: "Service received",
+    ReferralStatus.DECLINED: "Declined by the community organization",
+    ReferralStatus.PARTICIPANT_DECLINED: "Declined by the participant",
+    ReferralStatus.CANCELLED: "Cancelled",
 }
 ENTERED_IN_ERROR = "entered-in-error"
 
@@ -187,6 +206,8 @@ TITLE_TAXONOMY = {
 CAREPLAN_ASSESS_PLAN = coding(US_CORE_CAREPLAN_CATEGORY, "assess-plan", "Assessment and Plan of Treatment")
 SNOMED_DIABETES_SM_PLAN = coding(SNOMED, "698360004", "Diabetes self management plan")
 SNOMED_PATIENT = coding(SNOMED, "116154003", "Patient")
+# R4 care-team-category (LOINC answer list LL3112-8): a team that coordinates care over time
+CARETEAM_LONGITUDINAL = coding(LOINC, "LA28865-6", "Longitudinal care-coordination focused care team")
 
 # -- Goal ------------------------------------------------------------------------------------------------------------
 GOAL_ACHIEVEMENT_DISPLAY = {
@@ -278,8 +299,8 @@ NOT_DONE_RECIPIENT_UNAVAILABLE = coding(COMMUNICATION_NOT_DONE_REASON, "recipien
 
 # -- referrals (fhir-modeling.md §6) ---------------------------------------------------------------------------------
 US_CORE_SDOH = coding(US_CORE_CATEGORY, "sdoh", "SDOH")
-SNOMED_SOCIAL_SERVICE = coding(SNOMED, "410606002", "Social service procedure")
-SNOMED_PA_REFERRAL = coding(SNOMED, "390893007", "Referral to physical activity program")
+# display as the US Core 6.1 ServiceRequest category value set lists it (the validator checks it there)
+SNOMED_SOCIAL_SERVICE = coding(SNOMED, "410606002", "Social service procedure (procedure)")
 # need → SDOHCC category (physical activity has none: it uses the PA IG category instead)
 NEED_SDOHCC = {
     NeedCategory.FOOD: coding(SDOHCC_TEMPORARY_CODES, "food-insecurity", "Food Insecurity"),
@@ -295,11 +316,30 @@ NEED_SDOHCC = {
     ),
     NeedCategory.OTHER: coding(SDOHCC_TEMPORARY_CODES, "sdoh-category-unspecified", "SDOH Category Unspecified"),
 }
-# need → ServiceRequest.code (US Core Procedure Codes, SNOMED). Only codes verified in a primary or IG source are
-# used; "social service procedure" is US Core's own SDOH example and the fallback for every social need.
-NEED_SERVICE_CODE = {n: SNOMED_SOCIAL_SERVICE for n in NeedCategory} | {
-    NeedCategory.PHYSICAL_ACTIVITY: SNOMED_PA_REFERRAL
-}
+REFERRAL_CODES_FILE = "referral-codes.yaml"
+
+
+@lru_cache(maxsize=1)
+def shipped_referral_codes() -> dict[str, dict[str, str]]:
+    """need → {system, code, display}: the shipped table ``mappings/referral-codes.yaml``."""
+    path = assets.mappings_dir() / REFERRAL_CODES_FILE
+    try:
+        table = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise terminology.TerminologyError(f"cannot read the referral code table {path}: {exc}") from exc
+    return {need: coding(str(c["system"]), str(c["code"]), str(c["display"])) for need, c in table.items()}
+
+
+def referral_service_code(need: NeedCategory, ctx: MappingContext) -> dict[str, Any]:
+    """ServiceRequest.code's coding for a need: the profile's code, else the shipped table's, else SNOMED CT
+    "Social service procedure" (no verified specific code for that need)."""
+    for override_need, system, code, display in ctx.referral_codes:
+        if override_need == need.value:
+            return coding(system, code, display)
+    return dict(shipped_referral_codes().get(need.value, SNOMED_SOCIAL_SERVICE))
+
+
+SDOHCC_RESULTING_ACTIVITY = coding(SDOHCC_TEMPORARY_CODES, "resulting-activity", "Resulting Activity")
 TASK_FULFILL = coding(TASK_CODE, "fulfill", "Fulfill the focal request")
 ORG_TYPE_COMMUNITY_GROUP = coding(ORGANIZATION_TYPE, "cg", "Community Group")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from connector.identifiers import (
+    KIND_CANCELLED_CONTACT,
     KIND_CONTACT,
     KIND_CONTACT_REQUEST,
     KIND_GOAL,
@@ -21,7 +22,7 @@ from connector.model import (
 )
 
 from . import codes
-from ._util import resource
+from ._util import compact, markdown_text, resource
 from .careplan import careplan_ref
 from .context import MappingContext
 
@@ -51,11 +52,14 @@ def map_contact(c: Contact, e: Enrollment, ctx: MappingContext) -> dict[str, Any
         status = "completed"
     else:
         status = "not-done"
-    sent = ctx.datetime_str(c.occurred_at)
+    # a cancelled contact was never attempted: no `sent`; its planned time is on the revoked request
+    sent = None if c.outcome is ContactOutcome.CANCELLED else ctx.datetime_str(c.occurred_at)
     plan = careplan_ref(e, ctx)
     based_on = [plan]
     if c.planned_contact_id:
         based_on.append(ctx.ref("CommunicationRequest", KIND_CONTACT_REQUEST, c.planned_contact_id))
+    elif c.outcome is ContactOutcome.CANCELLED:
+        based_on.append(ctx.ref("CommunicationRequest", KIND_CANCELLED_CONTACT, c.contact_id))
     sender = ctx.ref("PractitionerRole", KIND_ROLE, c.supporter_id)
     return resource(
         "Communication",
@@ -70,14 +74,36 @@ def map_contact(c: Contact, e: Enrollment, ctx: MappingContext) -> dict[str, Any
         subject=ctx.patient_ref(e),
         topic={"coding": [dict(codes.TOPIC_PROGRESS_UPDATE)], "text": "Peer support contact"},
         about=[ctx.ref("Goal", KIND_GOAL, g) for g in c.goal_ids] + [plan],
-        # for a contact that did not happen, `sent` is the time of the attempt and nothing was received
+        # for a participant not reached, `sent` is the time of the attempt and nothing was received
         sent=sent,
         received=sent if status == "completed" and c.mode in codes.SYNCHRONOUS_MODES else None,
         recipient=[ctx.patient_ref(e)],
         sender=sender,
-        note=[{"authorReference": ctx.ref("Practitioner", KIND_STAFF, c.supporter_id), "time": sent, "text": c.notes}]
+        note=[compact({"authorReference": ctx.ref("Practitioner", KIND_STAFF, c.supporter_id), "time": sent,
+                       "text": markdown_text(c.notes)})]
         if c.notes
         else [],
+    )
+
+
+def map_cancelled_contact_request(c: Contact, e: Enrollment, ctx: MappingContext) -> dict[str, Any] | None:
+    """A cancelled contact that no planned contact stands for: a revoked CommunicationRequest carrying the time it
+    was planned for (its Communication has no `sent`). None for any other contact."""
+    if c.outcome is not ContactOutcome.CANCELLED or c.planned_contact_id:
+        return None
+    supporter = ctx.ref("PractitionerRole", KIND_ROLE, c.supporter_id)
+    return resource(
+        "CommunicationRequest",
+        ctx,
+        identifier=[ctx.ident(KIND_CANCELLED_CONTACT, c.contact_id)],
+        basedOn=[careplan_ref(e, ctx)],
+        status=codes.ENTERED_IN_ERROR if c.void else "revoked",
+        medium=[medium(c.mode, ctx)],
+        subject=ctx.patient_ref(e),
+        occurrenceDateTime=ctx.datetime_str(c.occurred_at),
+        requester=supporter,
+        recipient=[ctx.patient_ref(e)],
+        sender=supporter,
     )
 
 

@@ -45,6 +45,8 @@ class MappingContext:
         terminology_base: canonical base of peersync's CodeSystems and extensions.
         connector_version: the connector's version (Device.version).
         program_phone: the program's phone, used as PractitionerRole telecom when a supporter has none (pd-1).
+        referral_codes: the profile's ServiceRequest.code per referral need, ``(need, system, code, display)``;
+            they replace the shipped table (``mappings/referral-codes.yaml``) for those needs.
     """
 
     program_id: str
@@ -55,6 +57,7 @@ class MappingContext:
     terminology_base: str = DEFAULT_TERMINOLOGY_BASE
     connector_version: str = __version__
     program_phone: str | None = None
+    referral_codes: tuple[tuple[str, str, str, str], ...] = ()
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:
@@ -67,6 +70,8 @@ class MappingContext:
             "mrn_system": program.mrn_system,
             "timezone": program.timezone,
             "program_phone": program.phone,
+            "referral_codes": tuple(sorted((need.value, c.system, c.code, c.display)
+                                           for need, c in program.referral_codes.items())),
         }
         values.update(overrides)
         return cls(**values)

@@ -28,9 +28,8 @@ from typing import IO, Any
 import orjson
 
 from connector.identifiers import identifier_value
-from connector.map import MappingContext, change_set_author
+from connector.map import MappingContext
 from connector.map.units import iter_planned_units, map_planned_global_units
-from connector.model import Enrollment, RecordKind
 from connector.plan.ledger import Ledger
 from connector.plan.planner import (
     compute_plan,
@@ -88,7 +87,7 @@ def iter_bundles(staging: Staging, ctx: MappingContext, *, recorded: datetime | 
     """
     recorded = recorded or datetime.now(UTC)
 
-    def built(name: str, writes: Iterable[PendingWrite], author: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    def built(name: str, writes: Iterable[PendingWrite]) -> Iterator[tuple[str, dict[str, Any]]]:
         # As a first sync sends them: in reference order, cut, and a unit whose deferrable references point past
         # its bundle sent without them, then complete in a last bundle (connector.write.decisions).
         written: set[Identity] = set()
@@ -99,24 +98,22 @@ def iter_bundles(staging: Staging, ctx: MappingContext, *, recorded: datetime | 
             sent, incomplete = strip_deferrable(chunk, written.__contains__)
             complete_later += incomplete.values()
             change_set = build_change_set(sent, ctx=ctx, patient=None, resolve=lambda _identity: None,
-                                          author=author, recorded=recorded)
+                                          recorded=recorded)
             yield (name if part == 1 else f"{name}-{part}"), change_set.bundle
         if complete_later:
             change_set = build_change_set(complete_later, ctx=ctx, patient=None, resolve=lambda _identity: None,
-                                          author=author, recorded=recorded)
+                                          recorded=recorded)
             yield f"{name}-{part + 1}", change_set.bundle
 
     # What a first sync writes: the plan against a ledger that holds nothing (thrown away afterwards).
     with tempfile.TemporaryDirectory(prefix="peersync-map-") as tmp, Ledger(Path(tmp) / "empty.sqlite") as empty:
         compute_plan(staging, empty, program_id=ctx.program_id, fingerprint=program_fingerprint(ctx))
         try:
-            yield from built("_program", map_planned_global_units(staging, units_to_write(staging, None), ctx), None)
+            yield from built("_program", map_planned_global_units(staging, units_to_write(staging, None), ctx))
             for participant in participants_to_write(staging):
-                enrollment = staging.record(RecordKind.ENROLLMENT, participant)
-                author = change_set_author(enrollment if isinstance(enrollment, Enrollment) else None, ctx)
                 planned = units_to_write(staging, participant)
                 yield from built(f"participant-{identifier_value(participant)}",
-                                 iter_planned_units(staging, participant, planned, ctx), author)
+                                 iter_planned_units(staging, participant, planned, ctx))
         finally:
             # A consumer that stops early may close the generator after it closed the staging store.
             with contextlib.suppress(sqlite3.ProgrammingError):

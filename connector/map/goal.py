@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from connector.identifiers import KIND_GOAL, KIND_ROLE, KIND_STAFF
-from connector.model import Behavior, Comparator, Enrollment, Goal, GoalSetBy, GoalTarget
+from connector.model import (
+    Behavior,
+    Comparator,
+    Enrollment,
+    Goal,
+    GoalAchievement,
+    GoalLifecycle,
+    GoalSetBy,
+    GoalTarget,
+)
 
 from . import codes
-from ._util import compact, fhir_decimal, iso_date, resource
+from ._util import compact, fhir_decimal, iso_date, markdown_text, resource
 from .context import MappingContext
 
 
-def map_goal(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
-    """A goal in the participant's words, with its ADCES7 behaviour, target, status and progress notes."""
+def map_goal(g: Goal, e: Enrollment, ctx: MappingContext,
+             outcome_references: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A goal in the participant's words, with its ADCES7 behaviour, target, status and progress notes.
+
+    ``outcome_references`` are references to results known to show the outcome (e.g. the HbA1c Observation
+    that closed an HbA1c goal); none are known yet, so callers pass none.
+    """
     notes = [n for n in g.notes if not n.void]
-    status_dates = [g.start_date, *(n.noted_on for n in notes)]
     return resource(
         "Goal",
         ctx,
@@ -28,18 +42,32 @@ def map_goal(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
         subject=ctx.patient_ref(e),
         startDate=iso_date(g.start_date),
         target=compact(_targets(g)),
-        # the last date the program looked at the goal: its start, or the latest progress note
-        statusDate=iso_date(max(status_dates)),
+        # only a date the source recorded for the status: a start or note date would claim a change that day
+        statusDate=iso_date(g.status_date) if g.status_date else None,
+        statusReason=None if g.void else _status_reason(g),
         expressedBy=_expressed_by(g, e, ctx),
         note=compact([
             {
                 "authorReference": ctx.ref("Practitioner", KIND_STAFF, n.supporter_id) if n.supporter_id else None,
                 "time": iso_date(n.noted_on),
-                "text": n.text,
+                "text": markdown_text(n.text),
             }
             for n in sorted(notes, key=lambda n: (n.noted_on, n.note_id))
         ]),
+        outcomeReference=list(outcome_references),
     )
+
+
+# Achievement codes that say an ended goal was not met.
+NOT_MET = frozenset({GoalAchievement.NOT_ACHIEVED, GoalAchievement.NO_PROGRESS, GoalAchievement.NOT_ATTAINABLE})
+
+
+def _status_reason(g: Goal) -> str | None:
+    """Why a goal ended as it did, for receivers that show only lifecycleStatus: "completed" alone reads as met."""
+    if g.lifecycle_status in (GoalLifecycle.COMPLETED, GoalLifecycle.CANCELLED) and g.achievement_status in NOT_MET:
+        ended = "Completed" if g.lifecycle_status is GoalLifecycle.COMPLETED else "Cancelled"
+        return f"{ended} without being achieved ({codes.GOAL_ACHIEVEMENT_DISPLAY[g.achievement_status.value]})"
+    return None
 
 
 def _achievement(g: Goal) -> dict[str, Any] | None:
@@ -100,9 +128,8 @@ def _acceptance(g: Goal, e: Enrollment, ctx: MappingContext) -> list[dict[str, A
     if g.set_by is not GoalSetBy.TOGETHER:
         return []
     people = [ctx.patient_ref(e)]
-    supporter_id = g.supporter_id or e.supporter_id
-    if supporter_id:
-        people.append(ctx.ref("Practitioner", KIND_STAFF, supporter_id))
+    if g.supporter_id:  # only the supporter the goal names: the enrollment's may not have been there
+        people.append(ctx.ref("Practitioner", KIND_STAFF, g.supporter_id))
     return [
         {"url": GOAL_ACCEPTANCE, "extension": [{"url": "individual", "valueReference": who},
                                                {"url": "status", "valueCode": "agree"}]}
@@ -110,8 +137,9 @@ def _acceptance(g: Goal, e: Enrollment, ctx: MappingContext) -> list[dict[str, A
     ]
 
 
-def _expressed_by(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
+def _expressed_by(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any] | None:
     if g.set_by in codes.EXPRESSED_BY_SUPPORTER:
-        return ctx.ref("PractitionerRole", KIND_ROLE, g.supporter_id or e.supporter_id)
+        # expressedBy cannot be an Organization: without a named supporter it is left out (0..1, not must-support)
+        return ctx.ref("PractitionerRole", KIND_ROLE, g.supporter_id) if g.supporter_id else None
     # set by the participant, or together with the supporter/clinician: the participant owns the goal
     return ctx.patient_ref(e)

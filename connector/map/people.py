@@ -3,6 +3,9 @@ PractitionerRole and CareTeam (fhir-modeling.md §4, §5, §7)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 from connector.identifiers import (
@@ -97,26 +100,44 @@ def map_supporter(s: Supporter, ctx: MappingContext) -> list[dict[str, Any]]:
     return [practitioner, role]
 
 
-def map_careteam(e: Enrollment, ctx: MappingContext, supporter: Supporter | None = None) -> dict[str, Any]:
-    """The participant's CareTeam for one enrollment: the patient and their peer supporter."""
+@dataclass(frozen=True)
+class TeamMember:
+    """A supporter who worked with the participant (from the contacts), from the day of their first contact."""
+
+    supporter_id: str
+    since: date
+    supporter: Supporter | None = None
+
+
+def map_careteam(e: Enrollment, ctx: MappingContext, supporter: Supporter | None = None,
+                 team: Sequence[TeamMember] = ()) -> dict[str, Any]:
+    """The participant's CareTeam for one enrollment: the patient, the enrollment's supporter and every other
+    supporter in ``team``. Membership periods end when the team is inactive (the enrollment ended)."""
     status = codes.ENTERED_IN_ERROR if e.void else codes.CARETEAM_STATUS[e.status]
+    end = iso_date(e.end_date) if e.end_date and status == "inactive" else None
     period = compact({"start": iso_date(e.start_date), "end": iso_date(e.end_date) if e.end_date else None})
+    members = [TeamMember(e.supporter_id, e.start_date, supporter)]
+    members += sorted((m for m in team if m.supporter_id != e.supporter_id), key=lambda m: (m.since, m.supporter_id))
     return resource(
         "CareTeam",
         ctx,
         identifier=[ctx.ident(KIND_CARETEAM, e.enrollment_id)],
         status=status,
+        category=[{"coding": [dict(codes.CARETEAM_LONGITUDINAL)]}],
         name=CARE_TEAM_NAME,
         subject=ctx.patient_ref(e),
         period=period,
         participant=[
             {"role": [{"coding": [dict(codes.SNOMED_PATIENT)], "text": "Patient"}], "member": ctx.patient_ref(e)},
-            {
-                "role": [supporter_role_concept(supporter, ctx)],
-                "member": ctx.ref("PractitionerRole", KIND_ROLE, e.supporter_id, _role_display(supporter)),
-                "onBehalfOf": ctx.organization_ref(),
-                "period": {"start": iso_date(e.start_date)},
-            },
+            *(
+                {
+                    "role": [supporter_role_concept(m.supporter, ctx)],
+                    "member": ctx.ref("PractitionerRole", KIND_ROLE, m.supporter_id, _role_display(m.supporter)),
+                    "onBehalfOf": ctx.organization_ref(),
+                    "period": compact({"start": iso_date(max(m.since, e.start_date)), "end": end}),
+                }
+                for m in members
+            ),
         ],
         managingOrganization=[ctx.organization_ref()],
     )

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
-from connector.identifiers import KIND_ROLE
-from connector.model import Enrollment
+from connector.identifiers import KIND_ROLE, KIND_STAFF, conditional_reference, parse_conditional_reference
 
 from . import codes
 from ._util import resource
@@ -16,12 +15,39 @@ from .context import MappingContext
 SOURCE_RECORD_KIND = "source-record"
 
 
-def change_set_author(enrollment: Enrollment | None, ctx: MappingContext) -> str | None:
-    """The author of a participant's change-set: the enrollment supporter's PractitionerRole (a reference string).
-    None for program-wide units (and an unknown enrollment): the program Organization authors those."""
-    if enrollment is None:
+# Where each resource type names the supporter who wrote it: the sender or requester, and note authors.
+_AUTHOR_ELEMENTS: dict[str, tuple[str, ...]] = {
+    "Communication": ("sender",),
+    "CommunicationRequest": ("requester",),
+    "ServiceRequest": ("requester",),
+    "Task": ("requester",),
+    "Goal": ("expressedBy",),
+}
+
+
+def resource_authors(resource: dict[str, Any], ctx: MappingContext) -> list[str]:
+    """The supporters who wrote a mapped resource, as PractitionerRole reference strings, in a stable order: the
+    sender or requester it names and the authors of its notes. Empty when it names none (the program
+    Organization then authors it: a participant's own words, the CarePlan, program-wide resources)."""
+    found: list[str] = []
+    for element in _AUTHOR_ELEMENTS.get(resource["resourceType"], ()):
+        found.append(str(resource.get(element, {}).get("reference", "")))
+    found += [str(n.get("authorReference", {}).get("reference", "")) for n in resource.get("note", ())]
+    roles = (_as_role(ref, ctx) for ref in found)
+    return list(dict.fromkeys(r for r in roles if r))
+
+
+def _as_role(reference: str, ctx: MappingContext) -> str | None:
+    """A supporter's PractitionerRole reference for a PractitionerRole or Practitioner (staff) reference."""
+    parsed = parse_conditional_reference(reference)
+    if parsed is None:
         return None
-    return str(ctx.ref("PractitionerRole", KIND_ROLE, enrollment.supporter_id)["reference"])
+    resource_type, system, value = parsed
+    if resource_type == "PractitionerRole" and system == ctx.system(KIND_ROLE):
+        return reference
+    if resource_type == "Practitioner" and system == ctx.system(KIND_STAFF):
+        return conditional_reference("PractitionerRole", ctx.system(KIND_ROLE), value)
+    return None
 
 
 def map_provenance(

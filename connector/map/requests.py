@@ -12,10 +12,10 @@ from connector.identifiers import (
     KIND_REFERRAL_TASK,
     KIND_ROLE,
 )
-from connector.model import Enrollment, NeedCategory, PlannedContact, Referral
+from connector.model import Enrollment, NeedCategory, PlannedContact, Referral, ReferralStatus
 
 from . import codes
-from ._util import iso_date, resource
+from ._util import iso_date, markdown_text, resource
 from .careplan import careplan_ref
 from .communication import medium
 from .context import MappingContext
@@ -24,7 +24,7 @@ from .context import MappingContext
 def map_planned_contact(p: PlannedContact, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
     """The next planned contact as a CommunicationRequest (listed in CarePlan.activity)."""
     status = codes.ENTERED_IN_ERROR if p.void else codes.COMMUNICATION_REQUEST_STATUS[p.status]
-    supporter = ctx.ref("PractitionerRole", KIND_ROLE, p.supporter_id or e.supporter_id)
+    supporter = supporter_or_program(p.supporter_id, ctx)
     return resource(
         "CommunicationRequest",
         ctx,
@@ -38,6 +38,14 @@ def map_planned_contact(p: PlannedContact, e: Enrollment, ctx: MappingContext) -
         recipient=[ctx.patient_ref(e)],
         sender=supporter,
     )
+
+
+def supporter_or_program(supporter_id: str | None, ctx: MappingContext) -> dict[str, Any]:
+    """Who asked for something: the supporter the record names, else the program Organization (never a default
+    supporter: the enrollment's supporter did not necessarily make the request)."""
+    if supporter_id:
+        return ctx.ref("PractitionerRole", KIND_ROLE, supporter_id)
+    return ctx.organization_ref()
 
 
 def cbo_ref(r: Referral, ctx: MappingContext) -> dict[str, Any]:
@@ -62,9 +70,12 @@ def map_cbo(r: Referral, ctx: MappingContext) -> dict[str, Any] | None:
 
 
 def map_referral(r: Referral, e: Enrollment, ctx: MappingContext) -> list[dict[str, Any]]:
-    """A referral to a community resource as [ServiceRequest, Task]."""
-    requester = ctx.ref("PractitionerRole", KIND_ROLE, r.supporter_id or e.supporter_id)
+    """A referral to a community resource as [ServiceRequest, Task] (US Core ServiceRequest, SDOHCC Task)."""
+    requester = supporter_or_program(r.supporter_id, ctx)
     performer = cbo_ref(r, ctx)
+    need_text = r.original_text.get("need") if r.need is NeedCategory.OTHER else None
+    service = {"coding": [codes.referral_service_code(r.need, ctx)], "text": f"Referral to {r.resource_name}"}
+    notes = [{"text": markdown_text(r.outcome_notes)}] if r.outcome_notes else []
     service_request = resource(
         "ServiceRequest",
         ctx,
@@ -72,12 +83,13 @@ def map_referral(r: Referral, e: Enrollment, ctx: MappingContext) -> list[dict[s
         basedOn=[careplan_ref(e, ctx)],
         status=codes.ENTERED_IN_ERROR if r.void else codes.SERVICE_REQUEST_STATUS[r.status],
         intent="order",
-        category=_categories(r, ctx),
-        code={"coding": [dict(codes.NEED_SERVICE_CODE[r.need])], "text": f"Referral to {r.resource_name}"},
+        category=_categories(r, need_text, ctx),
+        code=service,
         subject=ctx.patient_ref(e),
         authoredOn=iso_date(r.referred_on),
         requester=requester,
         performer=[performer],
+        reasonCode=[codes.local_concept(ctx, codes.CS_REFERRAL_NEED, r.need.value, need_text)],
     )
     if r.void:
         task_status, reason = codes.ENTERED_IN_ERROR, None
@@ -89,28 +101,48 @@ def map_referral(r: Referral, e: Enrollment, ctx: MappingContext) -> list[dict[s
         ctx,
         identifier=[ctx.ident(KIND_REFERRAL_TASK, r.referral_id)],
         status=task_status,
-        statusReason={"text": reason} if reason else None,
+        statusReason=reason,
+        businessStatus={"text": codes.TASK_BUSINESS_STATUS[r.status]},
         intent="order",
         code={"coding": [dict(codes.TASK_FULFILL)]},
         focus=ctx.ref("ServiceRequest", KIND_REFERRAL, r.referral_id),
         # `for` is a Python keyword, hence the dict
         **{"for": ctx.patient_ref(e)},
         authoredOn=iso_date(r.referred_on),
+        lastModified=_last_modified(r),
         requester=requester,
         owner=performer,
-        note=[{"text": r.outcome_notes}] if r.outcome_notes else [],
+        note=notes,
+        output=_output(r, service),
     )
     return [service_request, task]
 
 
-def _categories(r: Referral, ctx: MappingContext) -> list[dict[str, Any]]:
-    need_text = r.original_text.get("need") if r.need is NeedCategory.OTHER else None
+def _last_modified(r: Referral) -> str | None:
+    """When the referral reached its status: recorded by the source, or the referral date while it is only made;
+    otherwise unknown and left out (never invented)."""
+    if r.status_date is not None:
+        return iso_date(r.status_date)
+    return iso_date(r.referred_on) if r.status is ReferralStatus.MADE else None
+
+
+def _output(r: Referral, service: dict[str, Any]) -> list[dict[str, Any]]:
+    """SDOHCC PerformedActivityCode: a completed referral's service, as the activity that resulted from it."""
+    if r.void or r.status is not ReferralStatus.COMPLETED:
+        return []
+    return [{"type": {"coding": [dict(codes.SDOHCC_RESULTING_ACTIVITY)]},
+             "valueCodeableConcept": {"coding": [dict(c) for c in service["coding"]], "text": service["text"]}}]
+
+
+def _categories(r: Referral, need_text: str | None, ctx: MappingContext) -> list[dict[str, Any]]:
     local = codes.local_concept(ctx, codes.CS_REFERRAL_NEED, r.need.value, need_text)
     if r.need is NeedCategory.PHYSICAL_ACTIVITY:
         # the Physical Activity IG's ServiceRequest category; not a social determinant
         return [{"coding": [dict(codes.PA_PHYSICAL_ACTIVITY)]}, local]
     return [
         {"coding": [dict(codes.US_CORE_SDOH)]},
+        # US Core ServiceRequest category value set: a social service procedure (SDOHCC's examples do the same)
+        {"coding": [dict(codes.SNOMED_SOCIAL_SERVICE)]},
         {"coding": [dict(codes.NEED_SDOHCC[r.need])]},
         local,
     ]

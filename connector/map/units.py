@@ -9,10 +9,14 @@ transactions without a reference ever pointing at something not yet written.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import date
 from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
 
 from connector.map import (
     MappingContext,
+    TeamMember,
+    map_cancelled_contact_request,
     map_cbo,
     map_contact,
     map_enrollment,
@@ -25,6 +29,7 @@ from connector.map import (
 from connector.model import (
     RECORD_MODELS,
     Contact,
+    ContactOutcome,
     Enrollment,
     Goal,
     GoalNote,
@@ -89,16 +94,18 @@ def map_planned_global_units(staging: Staging, planned: Iterable[PlannedUnit],
     for unit in planned:
         mapped = map_global_unit(staging, unit.kind, unit.source_id, ctx)
         if mapped is not None:
-            writes.append(PendingWrite(mapped, unit.unit_hash))
+            writes.append(PendingWrite(mapped, unit.unit_hash, first_send=unit.action == "create"))
     return writes
 
 
 def iter_planned_units(staging: Staging, participant: str, planned: Sequence[PlannedUnit],
                        ctx: MappingContext) -> Iterator[PendingWrite]:
     """A participant's planned units, mapped one at a time in dependency order, each with the plan's hash."""
-    hashes = {unit.unit_key: unit.unit_hash for unit in planned}
+    by_key = {unit.unit_key: unit for unit in planned}
     for mapped in iter_participant_units(staging, participant, [(u.kind, u.source_id) for u in planned], ctx):
-        yield PendingWrite(mapped, hashes.get(mapped.unit_key))
+        unit = by_key.get(mapped.unit_key)
+        yield PendingWrite(mapped, unit.unit_hash if unit else None,
+                           first_send=unit is not None and unit.action == "create")
 
 
 def map_participant_units(
@@ -145,6 +152,23 @@ class _ParticipantRecords:
     def keys(self, kind: RecordKind) -> list[str]:
         return list(self.keys_by_kind.get(kind.value, ()))
 
+    def team(self, ctx: MappingContext) -> list[TeamMember]:
+        """Every supporter who worked with the participant (a contact that was not cancelled nor voided), from
+        their first contact's day in the program's time zone."""
+        first: dict[str, date] = {}
+        zone = ZoneInfo(ctx.timezone)
+        for key in self.keys_by_kind.get(RecordKind.CONTACT.value, ()):
+            contact = Contact.model_validate_json(self.bodies[(RecordKind.CONTACT.value, key)])
+            if contact.void or contact.outcome is ContactOutcome.CANCELLED:
+                continue
+            day = contact.occurred_at.astimezone(zone).date()
+            first[contact.supporter_id] = min(day, first.get(contact.supporter_id, day))
+        members = []
+        for supporter_id, since in sorted(first.items()):
+            supporter = self.record(RecordKind.SUPPORTER, supporter_id)
+            members.append(TeamMember(supporter_id, since, supporter if isinstance(supporter, Supporter) else None))
+        return members
+
     def notes(self, goal_id: str) -> tuple[GoalNote, ...]:
         """The participant's notes on one goal, in input order (all notes parsed once per participant)."""
         if self._notes is None:
@@ -167,6 +191,7 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
             referral_ids=records.keys(RecordKind.REFERRAL),
             ctx=ctx,
             supporter=supporter if isinstance(supporter, Supporter) else None,
+            team=records.team(ctx),
         )
         return UnitWrite(unit_key, kind, resources, voided=False)
     record = records.record(RecordKind(kind), source_id)
@@ -176,7 +201,9 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
         record = record.model_copy(update={"notes": records.notes(record.goal_id)})
         return UnitWrite(unit_key, kind, [map_goal(record, enrollment, ctx)], voided=record.void)
     if isinstance(record, Contact):
-        return UnitWrite(unit_key, kind, [map_contact(record, enrollment, ctx)], voided=record.void)
+        request = map_cancelled_contact_request(record, enrollment, ctx)
+        contact = [map_contact(record, enrollment, ctx)]
+        return UnitWrite(unit_key, kind, [request, *contact] if request else contact, voided=record.void)
     if isinstance(record, PlannedContact):
         return UnitWrite(unit_key, kind, [map_planned_contact(record, enrollment, ctx)], voided=record.void)
     if isinstance(record, Referral):

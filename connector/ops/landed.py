@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from connector.identifiers import (
+    KIND_CANCELLED_CONTACT,
     KIND_CAREPLAN,
     KIND_CARETEAM,
     KIND_CBO,
@@ -31,6 +32,7 @@ PROGRAM_RESOURCES: list[tuple[str, str, str | None]] = [
     ("Goal", KIND_GOAL, "lifecycle-status"),
     ("Communication", KIND_CONTACT, "status"),
     ("CommunicationRequest", KIND_CONTACT_REQUEST, "status"),
+    ("CommunicationRequest", KIND_CANCELLED_CONTACT, "status"),  # the planned time of a cancelled contact
     ("ServiceRequest", KIND_REFERRAL, "status"),
     ("Task", KIND_REFERRAL_TASK, "status"),
 ]

@@ -102,7 +102,14 @@ INSERT INTO units
            sha(:fp, e.hash, (SELECT group_concat(k, ',') FROM (
                SELECT c.kind || ':' || c.key AS k FROM staged c WHERE c.participant=e.key
                AND +c.kind IN ('goal','planned_contact','referral') ORDER BY c.kind, c.key)),
-               (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(e.body,'$.supporter_id'))),
+               (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(e.body,'$.supporter_id')),
+               (SELECT group_concat(m, ',') FROM (
+                   SELECT json_extract(c.body,'$.supporter_id') || '@' || min(json_extract(c.body,'$.occurred_at'))
+                          || '@' || coalesce((SELECT s.hash FROM staged s WHERE s.kind='supporter'
+                                              AND s.key=json_extract(c.body,'$.supporter_id')), '') AS m
+                   FROM staged c WHERE c.participant=e.key AND +c.kind='contact'
+                   AND NOT json_extract(c.body,'$.void') AND json_extract(c.body,'$.outcome') != 'cancelled'
+                   GROUP BY json_extract(c.body,'$.supporter_id') ORDER BY 1))),
            0
     FROM staged e WHERE e.kind='enrollment';
 """
@@ -246,13 +253,16 @@ def mapping_fingerprint(*parts: str) -> str:
 # Bump when mapping output changes in a way that must re-send everything.
 # 2: goals set together carry goal-acceptance; essential elements derived from the data; change-set Provenance
 # on every bundle, voids included.
-MAPPING_VERSION = "2"
+# 3: issue 19 clinical semantics: participant-declined referrals, one Provenance per author, recorded status dates
+# only, specific referral codes, the care team from the contacts, SDOHCC Task elements.
+MAPPING_VERSION = "3"
 
 
 def program_fingerprint(ctx: MappingContext) -> str:
     """The mapping fingerprint of a deployment: a change re-sends everything (conditionally: no duplicates)."""
     return mapping_fingerprint(MAPPING_VERSION, ctx.program_id, ctx.program_name, ctx.base_url, ctx.mrn_system,
-                               ctx.terminology_base, ctx.program_phone or "")
+                               ctx.terminology_base, ctx.program_phone or "",
+                               *("|".join(code) for code in ctx.referral_codes))
 
 
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,

@@ -23,7 +23,7 @@ class KindShape:
 
 
 # Unit kinds whose resources also carry what a record kind holds: a goal's notes are in its Goal; an
-# enrollment's CarePlan lists its goals, planned contacts and referrals, its CareTeam the supporter; a
+# enrollment's CarePlan lists its goals, planned contacts and referrals, its CareTeam the supporters; a
 # referral names its community organization.
 HELD_WITH: dict[str, tuple[str, ...]] = {
     "goal_note": ("goal",),
@@ -31,6 +31,7 @@ HELD_WITH: dict[str, tuple[str, ...]] = {
     "planned_contact": ("enrollment",),
     "referral": ("enrollment", "cbo"),
     "supporter": ("enrollment",),
+    "contact": ("enrollment",),  # the CareTeam lists every supporter who worked with the participant
 }
 
 

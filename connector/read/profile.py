@@ -31,7 +31,7 @@ from pydantic import (
 
 from connector import assets
 from connector.errors import ProfileError
-from connector.model import RECORD_MODELS, EssentialElement, GoalTarget, RecordKind, SupportType
+from connector.model import RECORD_MODELS, EssentialElement, GoalTarget, NeedCategory, RecordKind, SupportType
 from connector.read.values import cell_text, value_at
 
 PROFILE_FORMAT_VERSION = 1
@@ -189,6 +189,14 @@ class RecordSpec(_Strict):
         return value
 
 
+class ReferralCode(_Strict):
+    """A code for ServiceRequest.code (a US Core procedure code: SNOMED CT, CPT or HCPCS)."""
+
+    system: str = Field(pattern=r"^\S+$")
+    code: str = Field(pattern=r"^\S+$")
+    display: str = Field(min_length=1)
+
+
 class ProgramSpec(_Strict):
     """The program's identity: its identifier namespace, time zone and the clinic's MRN system."""
 
@@ -199,6 +207,9 @@ class ProgramSpec(_Strict):
     mrn_system: str = Field(description="The clinic's MRN identifier system (URI).")
     phone: str | None = Field(
         None, min_length=1, description="The program's phone: PractitionerRole.telecom of supporters who have none."
+    )
+    referral_codes: dict[NeedCategory, ReferralCode] = Field(
+        default_factory=dict, description="ServiceRequest.code per referral need, replacing the shipped table."
     )
 
     @field_validator("timezone")

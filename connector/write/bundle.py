@@ -49,6 +49,7 @@ class PendingWrite:
 
     unit: UnitWrite
     unit_hash: str | None
+    first_send: bool = False  # never confirmed on the server: its Provenance activity is CREATE
 
     @property
     def size(self) -> int:
@@ -56,13 +57,27 @@ class PendingWrite:
         return len(self.unit.resources)
 
 
+@dataclass(frozen=True)
+class BundledResource:
+    """One resource entry of a transaction: its fullUrl, the resource as mapped, and its unit."""
+
+    full_url: str
+    resource: dict[str, Any]
+    unit_key: str
+
+
 @dataclass
 class BuiltBundle:
     """A transaction bundle and, per entry, which unit and identity it belongs to (same order)."""
 
     bundle: dict[str, Any]
-    entries: list[tuple[str, Identity]] = field(default_factory=list)  # (unit_key, identity); Provenance last
-    has_provenance: bool = False
+    entries: list[tuple[str, Identity]] = field(default_factory=list)  # (unit_key, identity); Provenances after
+    provenance_count: int = 0  # the Provenance entries that follow the resources'
+
+    @property
+    def has_provenance(self) -> bool:
+        """Whether the bundle ends with Provenance entries."""
+        return self.provenance_count > 0
 
 
 def build_transaction(
@@ -70,15 +85,14 @@ def build_transaction(
     *,
     patient: tuple[Identity, str] | None,
     resolve: Callable[[Identity], str | None],
-    provenance: Callable[[list[str]], dict[str, Any]] | None = None,
-    provenance_condition: str | None = None,
+    provenances: Callable[[list[BundledResource]], list[tuple[dict[str, Any], str | None]]] | None = None,
 ) -> BuiltBundle:
     """Assemble units into one transaction bundle.
 
     ``patient`` maps the Patient's conditional identity to its literal reference ("Patient/123").
     ``resolve`` returns a known server id for an identity (from the ledger), or None.
-    ``provenance`` builds the Provenance for the list of target fullUrls (POSTed in the same bundle);
-    ``provenance_condition`` makes that POST a conditional create (``ifNoneExist``).
+    ``provenances`` builds the Provenances over the bundled resources (POSTed in the same bundle), each with the
+    ``ifNoneExist`` condition that makes its POST a conditional create (None: a plain create).
     """
     units = list(units)
     in_bundle: dict[Identity, str] = {}
@@ -99,6 +113,7 @@ def build_transaction(
 
     entries: list[dict[str, Any]] = []
     index: list[tuple[str, Identity]] = []
+    bundled: list[BundledResource] = []
     seen: set[Identity] = set()
     for unit in units:
         for resource in unit.resources:
@@ -114,14 +129,16 @@ def build_transaction(
                 }
             )
             index.append((unit.unit_key, identity))
+            bundled.append(BundledResource(in_bundle[identity], resource, unit.unit_key))
     built = BuiltBundle({"resourceType": "Bundle", "type": "transaction", "entry": entries}, index)
-    if provenance is not None and entries:
-        prov = _rewritten(provenance([e["fullUrl"] for e in entries]), rewrite)
-        request = {"method": "POST", "url": "Provenance"}
-        if provenance_condition:
-            request["ifNoneExist"] = provenance_condition
-        entries.append({"fullUrl": "urn:uuid:" + str(uuid.uuid4()), "resource": prov, "request": request})
-        built.has_provenance = True
+    if provenances is not None and entries:
+        for prov, condition in provenances(bundled):
+            request = {"method": "POST", "url": "Provenance"}
+            if condition:
+                request["ifNoneExist"] = condition
+            entries.append({"fullUrl": "urn:uuid:" + str(uuid.uuid4()), "resource": _rewritten(prov, rewrite),
+                            "request": request})
+            built.provenance_count += 1
     return built
 
 

@@ -1,4 +1,5 @@
-"""Change-sets: the transaction a sync sends (and ``peersync map`` writes) for a group of units, with its Provenance.
+"""Change-sets: the transaction a sync sends (and ``peersync map`` writes) for a group of units, with a Provenance
+per author who wrote its resources.
 
 Every Provenance peersync posts carries a change-set tag in ``meta.tag`` and is a conditional create on that
 tag (``ifNoneExist: _tag=...``): a replay of the same change-set (a lost response, a crash between the server's
@@ -14,9 +15,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 from connector.identifiers import token_query
-from connector.map import MappingContext, map_provenance
+from connector.map import MappingContext, map_provenance, resource_authors
 from connector.write.bundle import (
     BuiltBundle,
+    BundledResource,
     Identity,
     PendingWrite,
     build_transaction,
@@ -67,23 +69,52 @@ def change_set_provenance(targets: Sequence[str], *, code: str, activity: Litera
     return prov
 
 
+Activity = Literal["CREATE", "UPDATE", "NULLIFY"]
+
+
+def provenance_groups(bundled: Sequence[BundledResource], writes: Sequence[PendingWrite],
+                      ctx: MappingContext) -> list[tuple[str | None, Activity, list[str]]]:
+    """(author, activity, target fullUrls) for each Provenance of a change-set, in a stable order.
+
+    One per author who wrote a target (:func:`~connector.map.resource_authors`; None: the program Organization,
+    for targets that name no supporter) and per activity: NULLIFY for a voided unit, CREATE for a unit's first
+    send, UPDATE after. A target written by two supporters is in both their Provenances.
+    """
+    by_unit = {w.unit.unit_key: w for w in writes}
+    groups: dict[tuple[str | None, Activity], list[str]] = {}
+    for entry in bundled:
+        write = by_unit[entry.unit_key]
+        activity: Activity = "NULLIFY" if write.unit.voided else "CREATE" if write.first_send else "UPDATE"
+        authors: list[str | None] = [*resource_authors(entry.resource, ctx)] or [None]
+        for author in authors:
+            groups.setdefault((author, activity), []).append(entry.full_url)
+    return [(author, activity, targets) for (author, activity), targets in
+            sorted(groups.items(), key=lambda g: (g[0][0] or "", g[0][1]))]
+
+
 def build_change_set(writes: Sequence[PendingWrite], *, ctx: MappingContext, patient: tuple[Identity, str] | None,
-                     resolve: Callable[[Identity], str | None], author: str | None, recorded: datetime,
+                     resolve: Callable[[Identity], str | None], recorded: datetime,
                      conditional_provenance: bool = True) -> BuiltBundle:
-    """The transaction for a group of units: their conditional updates, then the change-set's Provenance.
+    """The transaction for a group of units: their conditional updates, then one Provenance per author and
+    activity (:func:`provenance_groups`), each tagged with its own change-set code.
 
     ``patient`` and ``resolve`` say how references are rewritten (see :func:`build_transaction`); ``map`` passes
     no Patient and resolves nothing, so its references stay conditional. ``conditional_provenance`` is False
     only for a server that declares it cannot do a conditional create on Provenance.
     """
-    code = units_change_set(writes)
-    activity: Literal["UPDATE", "NULLIFY"] = "NULLIFY" if all(w.unit.voided for w in writes) else "UPDATE"
+    units_code = units_change_set(writes)
 
-    def provenance(targets: list[str]) -> dict[str, Any]:
-        return change_set_provenance(targets, code=code, activity=activity, author=author, recorded=recorded, ctx=ctx)
+    def provenances(bundled: list[BundledResource]) -> list[tuple[dict[str, Any], str | None]]:
+        out = []
+        for author, activity, targets in provenance_groups(bundled, writes, ctx):
+            # one tag per author and activity: a replay finds each Provenance again, none is merged with another
+            code = change_set_code([units_code, author or "program", activity])
+            prov = change_set_provenance(targets, code=code, activity=activity, author=author, recorded=recorded,
+                                         ctx=ctx)
+            out.append((prov, provenance_condition(ctx, code) if conditional_provenance else None))
+        return out
 
-    return build_transaction([w.unit for w in writes], patient=patient, resolve=resolve, provenance=provenance,
-                             provenance_condition=provenance_condition(ctx, code) if conditional_provenance else None)
+    return build_transaction([w.unit for w in writes], patient=patient, resolve=resolve, provenances=provenances)
 
 
 def void_bundle(unit_key: str, current: Sequence[dict[str, Any]], *, ctx: MappingContext, recorded: datetime,

@@ -17,13 +17,19 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from connector.identifiers import conditional_url, parse_conditional_reference, token_query
 from connector.map import MappingContext
 from connector.server.client import Action, FhirClient, FhirHttpError, action_for, summarize_outcome
-from connector.write.bundle import Identity, PendingWrite, _rewritten, identity_of
-from connector.write.changeset import change_set_provenance, provenance_condition, units_change_set
+from connector.write.bundle import BundledResource, Identity, PendingWrite, _rewritten, identity_of
+from connector.write.changeset import (
+    change_set_code,
+    change_set_provenance,
+    provenance_condition,
+    provenance_groups,
+    units_change_set,
+)
 from connector.write.confirm import EntryVerdict, confirm_single, confirm_writes, stored_conditional_references
 from connector.write.decisions import (
     Strategy,
@@ -104,8 +110,8 @@ class StepwiseSender:
         self.ctx = ctx
 
     def send(self, units: Sequence[PendingWrite], *, patient: tuple[Identity, str] | None, resolve: Resolver,
-             known: KnownIds, author: str | None, recorded: datetime) -> dict[str, UnitOutcome]:
-        """Write the units (already in reference order), then their Provenance; one outcome per unit key.
+             known: KnownIds, recorded: datetime) -> dict[str, UnitOutcome]:
+        """Write the units (already in reference order), then their Provenances; one outcome per unit key.
 
         ``resolve`` gives the (id, version) of a resource written before this group (ledger, search); what this
         group confirms goes into ``known``. A whole batch the server refuses raises FhirHttpError (the writer
@@ -145,7 +151,7 @@ class StepwiseSender:
                 requests.append(self._request(entry, resource, lookup))
             if requests:
                 self._send_wave(requests, outcomes, known)
-        self._send_provenance(units, outcomes, known, author=author, rewrite=rewrite, recorded=recorded)
+        self._send_provenance(units, outcomes, known, rewrite=rewrite, recorded=recorded)
         return outcomes
 
     # -- requests --------------------------------------------------------------------------------------
@@ -245,32 +251,42 @@ class StepwiseSender:
     # -- provenance ------------------------------------------------------------------------------------
 
     def _send_provenance(self, units: Sequence[PendingWrite], outcomes: dict[str, UnitOutcome], known: KnownIds,
-                         *, author: str | None, rewrite: Callable[[str], str], recorded: datetime) -> None:
-        """One Provenance over the resources of the units that landed, as a conditional create on the change-set
-        tag; unproven, none of those units counts as landed."""
+                         *, rewrite: Callable[[str], str], recorded: datetime) -> None:
+        """One Provenance per author and activity over the resources of the units that landed
+        (:func:`~connector.write.changeset.provenance_groups`), each a conditional create on its change-set tag;
+        one unproven, none of those units counts as landed."""
         landed = [w for w in units if outcomes[w.unit.unit_key].failure is None and outcomes[w.unit.unit_key].resources]
         if not landed:
             return
-        targets = [f"{t}/{server_id}" for w in landed for t, _s, _v, server_id, _ver in
-                   outcomes[w.unit.unit_key].resources]
-        code = units_change_set(landed)
-        activity: Literal["UPDATE", "NULLIFY"] = "NULLIFY" if all(w.unit.voided for w in landed) else "UPDATE"
-        provenance = _rewritten(change_set_provenance(targets, code=code, activity=activity, author=author,
-                                                      recorded=recorded, ctx=self.ctx), rewrite)
+        bundled: list[BundledResource] = []
+        for w in landed:
+            ids = {(t, system, value): server_id
+                   for t, system, value, server_id, _ver in outcomes[w.unit.unit_key].resources}
+            for resource in w.unit.resources:
+                server_id = ids.get(identity_of(resource))
+                if server_id:
+                    bundled.append(BundledResource(f"{resource['resourceType']}/{server_id}", resource,
+                                                   w.unit.unit_key))
+        units_code = units_change_set(landed)
         reason: str | None = None
-        if stored_conditional_references(provenance):
-            reason = "Provenance: its author is not on the server"
-        else:
+        for author, activity, targets in provenance_groups(bundled, landed, self.ctx):
+            code = change_set_code([units_code, author or "program", activity])
+            provenance = _rewritten(change_set_provenance(targets, code=code, activity=activity, author=author,
+                                                          recorded=recorded, ctx=self.ctx), rewrite)
+            if stored_conditional_references(provenance):
+                reason = "Provenance: its author is not on the server"
+                break
             condition = provenance_condition(self.ctx, code) if self.plan.provenance_conditional_create else None
             try:
                 answer = self.client.write("POST", "Provenance", provenance, if_none_exist=condition)
             except FhirHttpError as exc:
                 reason = f"Provenance: HTTP {exc.status}"
-            else:
-                verdict = confirm_single("Provenance", None, answer.status, answer.body, answer.location, answer.etag,
-                                         conditional_create=condition is not None)
-                if not verdict.confirmed:
-                    reason = f"Provenance: {verdict.reason}"
+                break
+            verdict = confirm_single("Provenance", None, answer.status, answer.body, answer.location, answer.etag,
+                                     conditional_create=condition is not None)
+            if not verdict.confirmed:
+                reason = f"Provenance: {verdict.reason}"
+                break
         if reason:
             for w in landed:
                 outcomes[w.unit.unit_key].failure = Failure(Action.RETRY_LATER, f"not confirmed: {reason}")

@@ -24,7 +24,6 @@ from connector.errors import (
     ServerUnavailableError,
 )
 from connector.identifiers import identifier_system, token_query
-from connector.map import change_set_author
 from connector.map.units import iter_planned_units, map_planned_global_units
 from connector.model import Enrollment, RecordKind
 from connector.ops.logs import RUN_ID, opaque_key, outcome_codes
@@ -207,9 +206,9 @@ class Writer:
         writes = reference_order(map_planned_global_units(staging, units_to_write(staging, None), self.opts.ctx))
         deferred: list[PendingWrite] = []
         for chunk in chunk_writes(writes, self.limits.max_entries):
-            self._send(ledger, chunk, patient=None, participant=None, author=None, deferred=deferred)
+            self._send(ledger, chunk, patient=None, participant=None, deferred=deferred)
         for chunk in chunk_writes(reference_order(deferred), self.limits.max_entries):
-            self._send(ledger, chunk, patient=None, participant=None, author=None, deferred=None)
+            self._send(ledger, chunk, patient=None, participant=None, deferred=None)
 
     # -- one participant -------------------------------------------------------------------------------
 
@@ -246,20 +245,19 @@ class Writer:
             return
         self._retire_moved_units(ledger, [u.unit_key for u in planned], patient_id)
         patient_identity: Identity = ("Patient", mrn_system, enrollment.mrn)
-        author = change_set_author(enrollment, self.opts.ctx)
         patient = (patient_identity, f"Patient/{patient_id}")
         deferred: list[PendingWrite] = []
         # Targets before referrers (a CarePlan before the requests based on it): no chunk, and no half of a
         # rejected chunk, then sends a reference to something not yet written.
         ordered = reference_order(list(iter_planned_units(staging, participant, planned, self.opts.ctx)))
         for chunk in chunk_writes(ordered, self.limits.max_entries):
-            self._send(ledger, chunk, patient=patient, participant=participant, author=author,
+            self._send(ledger, chunk, patient=patient, participant=participant,
                        patient_id=patient_id, deferred=deferred)
         # Units that failed on a reference to something not yet written, and units sent without a deferrable
         # reference (a CarePlan's activities, written after it): now everything else has landed, once more, in
         # bundles the server takes.
         for chunk in chunk_writes(reference_order(deferred), self.limits.max_entries):
-            self._send(ledger, chunk, patient=patient, participant=participant, author=author,
+            self._send(ledger, chunk, patient=patient, participant=participant,
                        patient_id=patient_id, deferred=None)
 
     def _resolve_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
@@ -296,7 +294,7 @@ class Writer:
     # -- sending with failure isolation ----------------------------------------------------------------
 
     def _send(self, ledger: Ledger, units: list[PendingWrite], *,
-              patient: tuple[Identity, str] | None, participant: str | None, author: str | None,
+              patient: tuple[Identity, str] | None, participant: str | None,
               patient_id: str | None = None, deferred: list[PendingWrite] | None = None) -> None:
         """Send units as one request of the run's strategy (a transaction, or batches or single requests in
         reference order); on a content error, split until the bad units are isolated.
@@ -311,7 +309,7 @@ class Writer:
         units, incomplete = self._strip_unwritten_targets(ledger, units,
                                                           same_request=self.choice.strategy is Strategy.TRANSACTION)
         if self.choice.strategy is not Strategy.TRANSACTION:
-            self._send_stepwise(ledger, units, incomplete, patient=patient, participant=participant, author=author,
+            self._send_stepwise(ledger, units, incomplete, patient=patient, participant=participant,
                                 patient_id=patient_id, deferred=deferred)
             return
         if self.choice.peersync_resolves_references:
@@ -320,11 +318,19 @@ class Writer:
                 return
         resolved: dict[Identity, str | None] = {}  # what the ledger resolved references to (lost-target check)
         built: BuiltBundle | None = None
-        resend = {"patient": patient, "participant": participant, "author": author, "patient_id": patient_id,
+        resend = {"patient": patient, "participant": participant, "patient_id": patient_id,
                   "deferred": deferred}
         try:
             # Building may search (search-then-write): two matches there are a duplicate on the server (review).
-            built = self._build(ledger, units, patient, author, resolved)
+            built = self._build(ledger, units, patient, resolved)
+            if (len(units) > 1 and self.limits.max_entries < self.opts.max_bundle_entries
+                    and len(built.bundle["entry"]) > self.limits.max_entries + 1):
+                # A learned server limit counts every entry, and a change-set has one Provenance per author:
+                # a bundle over the limit is split before it is sent, not refused again.
+                for half in halves(units):
+                    self._send(ledger, half, patient=patient, participant=participant, patient_id=patient_id,
+                               deferred=deferred)
+                return
             answer = self.client.send_transaction(built.bundle)
         except AuthError as exc:
             # A 403 may refuse one type (park it, write the rest) rather than every write (a missing scope: 77).
@@ -337,7 +343,7 @@ class Writer:
                 return
             # The builder rewrote references in copies: the units are as mapped, ready to be sent again.
             self._after_failure(ledger, [incomplete.get(w.unit.unit_key, w) for w in units], exc, resolved,
-                                patient=patient, participant=participant, author=author, patient_id=patient_id,
+                                patient=patient, participant=participant, patient_id=patient_id,
                                 deferred=deferred)
             return
         self.limits.note_written()
@@ -345,7 +351,7 @@ class Writer:
 
     def _after_failure(self, ledger: Ledger, units: list[PendingWrite], exc: FhirHttpError,
                        resolved: dict[Identity, str | None], *, patient: tuple[Identity, str] | None,
-                       participant: str | None, author: str | None, patient_id: str | None,
+                       participant: str | None, patient_id: str | None,
                        deferred: list[PendingWrite] | None) -> None:
         """A request the server refused as a whole: split it, defer it, or record the units' state."""
         unresolved = is_unresolved_reference(exc.status, exc.outcome.text())
@@ -353,7 +359,7 @@ class Writer:
                                   unresolved_reference=unresolved)
         if step is FailureStep.SPLIT:
             for half in halves(units):
-                self._send(ledger, half, patient=patient, participant=participant, author=author,
+                self._send(ledger, half, patient=patient, participant=participant,
                            patient_id=patient_id, deferred=deferred)
         elif step is FailureStep.DEFER and deferred is not None:
             deferred.extend(units)
@@ -426,16 +432,16 @@ class Writer:
     # -- outside a transaction -------------------------------------------------------------------------
 
     def _send_stepwise(self, ledger: Ledger, units: list[PendingWrite], incomplete: dict[str, PendingWrite], *,
-                       patient: tuple[Identity, str] | None, participant: str | None, author: str | None,
+                       patient: tuple[Identity, str] | None, participant: str | None,
                        patient_id: str | None, deferred: list[PendingWrite] | None) -> None:
         """Batch, single or update-as-create (:mod:`connector.write.stepwise`): record each unit's outcome."""
         sender = StepwiseSender(self.client, self.choice.strategy, self.plan, self.opts.ctx)
         try:
             outcomes = sender.send(units, patient=patient, resolve=lambda identity: self._resolve(ledger, identity),
-                                   known=self.known, author=author, recorded=self.clock())
+                                   known=self.known, recorded=self.clock())
         except FhirHttpError as exc:
             self._after_failure(ledger, [incomplete.get(w.unit.unit_key, w) for w in units], exc, {},
-                                patient=patient, participant=participant, author=author, patient_id=patient_id,
+                                patient=patient, participant=participant, patient_id=patient_id,
                                 deferred=deferred)
             return
         confirmed: list[ConfirmedUnit] = []
@@ -589,7 +595,7 @@ class Writer:
         self.limits.refused.clear()
 
     def _build(self, ledger: Ledger, writes: list[PendingWrite], patient: tuple[Identity, str] | None,
-               author: str | None, cache: dict[Identity, str | None] | None = None) -> BuiltBundle:
+               cache: dict[Identity, str | None] | None = None) -> BuiltBundle:
         """The units' change set; ``cache`` receives the server ids the ledger resolved for its references."""
         cache = {} if cache is None else cache
 
@@ -602,8 +608,7 @@ class Writer:
                     cache[identity] = ledger.server_ids([identity]).get(identity)
             return cache[identity]
 
-        built = build_change_set(writes, ctx=self.opts.ctx, patient=patient, resolve=resolve, author=author,
-                                 recorded=self.clock(),
+        built = build_change_set(writes, ctx=self.opts.ctx, patient=patient, resolve=resolve, recorded=self.clock(),
                                  conditional_provenance=self.plan.provenance_conditional_create)
         if self.limits.refused:  # never a literal reference to a type the server refuses: a logical one
             parked = frozenset(self.limits.refused)
@@ -636,12 +641,12 @@ class Writer:
                         incomplete: dict[str, PendingWrite] | None = None,
                         deferred: list[PendingWrite] | None = None) -> None:
         """Mark sent exactly the units the answer proves written (connector.write.confirm); the others stay
-        pending with the reason. The Provenance covers every unit of the bundle: unproven, none is sent. Units sent
+        pending with the reason. The Provenances cover the units of the bundle: one unproven, none is sent. Units sent
         ``incomplete`` (by unit key: the complete unit) go again later (:meth:`_complete_later`)."""
         incomplete = incomplete or {}
         confirmation = confirm_writes(built.bundle, answer.status, answer.body, answer.content_type)
         verdicts = confirmation.entries
-        provenance = verdicts[-1] if built.has_provenance else None
+        provenance = next((v for v in verdicts[len(built.entries):] if not v.confirmed), None)
         confirmed: dict[str, list[tuple[str, str, str, str | None, str | None]]] = {}
         statuses: dict[str, list[str]] = {}
         unproven: dict[str, str] = {}
@@ -652,7 +657,7 @@ class Writer:
             statuses.setdefault(unit_key, []).append(verdict.status)
             if not verdict.confirmed:
                 unproven.setdefault(unit_key, verdict.reason or "not confirmed")
-        if provenance is not None and not provenance.confirmed:
+        if provenance is not None:
             for w in units:
                 unproven.setdefault(w.unit.unit_key, f"Provenance: {provenance.reason or 'not confirmed'}")
         ledger.record_confirmed_many(

@@ -37,7 +37,7 @@ from connector.map.units import (
 from connector.read.profile import load_profile
 from connector.read.program import read_program
 from connector.read.staging import Staging
-from connector.write.bundle import build_transaction
+from connector.write.bundle import BundledResource, build_transaction
 
 from .common import Dataset
 
@@ -107,8 +107,9 @@ def measure(data: Dataset, *, naive_sample: int = 3000, seed: int = 1) -> Mappin
     clock = time.process_time
     wall = time.perf_counter()
 
-    def provenance(targets: list[str]) -> dict[str, Any]:
-        return map_provenance(targets, activity="UPDATE", author=None, recorded=recorded, ctx=ctx)
+    def provenances(bundled: list[BundledResource]) -> list[tuple[dict[str, Any], str | None]]:
+        targets = [b.full_url for b in bundled]
+        return [(map_provenance(targets, activity="UPDATE", author=None, recorded=recorded, ctx=ctx), None)]
 
     with tempfile.TemporaryDirectory(prefix="bench-map-") as tmp, Staging(Path(tmp) / "s.sqlite") as staging:
         started = clock()
@@ -122,7 +123,8 @@ def measure(data: Dataset, *, naive_sample: int = 3000, seed: int = 1) -> Mappin
             t0 = clock()
             units = units_of()
             t1 = clock()
-            orjson.dumps(build_transaction(units, patient=None, resolve=lambda i: None, provenance=provenance).bundle)
+            orjson.dumps(build_transaction(units, patient=None, resolve=lambda i: None,
+                                           provenances=provenances).bundle)
             t2 = clock()
             map_s += t1 - t0
             bundle_s += t2 - t1

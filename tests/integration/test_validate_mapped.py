@@ -23,6 +23,8 @@ from connector.identifiers import parse_conditional_reference
 from connector.map import (
     US_CORE_PROFILES,
     MappingContext,
+    TeamMember,
+    map_cancelled_contact_request,
     map_cbo,
     map_contact,
     map_enrollment,
@@ -165,7 +167,19 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
                 due_date=date(2025, 3, 1),
                 lifecycle_status="completed",
                 achievement_status="achieved",
+                status_date=date(2025, 3, 1),
                 set_by="together",
+                supporter_id="S01",
+            ),
+            Goal(
+                goal_id="G008",
+                enrollment_id="E001",
+                description="Check my feet every night",
+                behavior="monitoring",
+                start_date=date(2025, 1, 6),
+                lifecycle_status="completed",
+                achievement_status="not-achieved",
+                set_by="supporter",
             ),
         ],
         "E002": [
@@ -177,6 +191,8 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
                 target=GoalTarget(measure="body-weight", comparator="<=", value=Decimal("82.5"), unit="kg"),
                 start_date=date(2025, 2, 3),
                 lifecycle_status="cancelled",
+                achievement_status="not-attainable",
+                status_date=date(2025, 5, 2),
             ),
             Goal(
                 goal_id="G005",
@@ -273,8 +289,19 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
                 need="transportation",
                 referred_on=date(2025, 2, 10),
                 status="declined",
-                outcome_notes="Participant prefers the bus",
-            )
+                outcome_notes="The service does not reach her street",
+            ),
+            Referral(
+                referral_id="R006",
+                enrollment_id="E002",
+                supporter_id="S02",
+                resource_name="Walking group",
+                need="social-connection",
+                referred_on=date(2025, 2, 10),
+                status="participant-declined",
+                status_date=date(2025, 2, 17),
+                outcome_notes="Prefers to walk <b>alone</b>",
+            ),
         ],
         "E003": [
             Referral(
@@ -324,7 +351,7 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
             Contact(
                 contact_id="C003",
                 enrollment_id="E001",
-                supporter_id="S01",
+                supporter_id="S02",  # another supporter led the group session: a second CareTeam member
                 occurred_at=datetime(2025, 2, 22, 10, tzinfo=tz),
                 duration_minutes=90,
                 mode="group",
@@ -391,15 +418,33 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
             referral_ids=[r.referral_id for r in referrals[eid]],
             ctx=ctx,
             supporter=by_id[e.supporter_id],
+            team=_team(contacts[eid], by_id),
         )
         out += [map_goal(g, e, ctx) for g in goals[eid]]
         out += [map_planned_contact(p, e, ctx) for p in planned[eid]]
-        out += [map_contact(c, e, ctx) for c in contacts[eid]]
+        out += _contacts(contacts[eid], e, ctx)
         for r in referrals[eid]:
             out += map_referral(r, e, ctx)
             cbo = map_cbo(r, ctx)
             if cbo is not None and cbo not in out:
                 out.append(cbo)
+    return out
+
+
+def _team(contacts: list[Contact], supporters: dict[str, Supporter]) -> list[TeamMember]:
+    first: dict[str, date] = {}
+    for c in contacts:
+        if not c.void and c.outcome != "cancelled":
+            first[c.supporter_id] = min(c.occurred_at.date(), first.get(c.supporter_id, c.occurred_at.date()))
+    return [TeamMember(s, since, supporters.get(s)) for s, since in sorted(first.items())]
+
+
+def _contacts(contacts: list[Contact], e: Enrollment, ctx: MappingContext) -> list[dict[str, Any]]:
+    """Each contact's Communication, after the revoked request of a cancelled one."""
+    out = []
+    for c in contacts:
+        request = map_cancelled_contact_request(c, e, ctx)
+        out += ([request] if request else []) + [map_contact(c, e, ctx)]
     return out
 
 
@@ -441,10 +486,11 @@ def _map_records(flat: list[Any], ctx: MappingContext) -> list[dict[str, Any]]:
             planned_contact_ids=[p.planned_contact_id for p in planned],
             referral_ids=[r.referral_id for r in refs],
             ctx=ctx,
+            team=_team([c for c in mine if isinstance(c, Contact)], {}),
         )
         out += [map_goal(g.model_copy(update={"notes": tuple(notes.get(g.goal_id, ()))}), e, ctx) for g in goals]
         out += [map_planned_contact(p, e, ctx) for p in planned]
-        out += [map_contact(c, e, ctx) for c in mine if isinstance(c, Contact)]
+        out += _contacts([c for c in mine if isinstance(c, Contact)], e, ctx)
         for r in refs:
             out += map_referral(r, e, ctx)
             cbo = map_cbo(r, ctx)

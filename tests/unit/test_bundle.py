@@ -59,8 +59,9 @@ def test_references_rewritten_in_bundle_known_or_left_conditional() -> None:
 def test_same_condition_never_twice_and_provenance_targets_every_entry() -> None:
     units = [UnitWrite("goal:G1", "goal", [goal("G1")]), UnitWrite("goal:G1b", "goal", [goal("G1")])]
     built = build_transaction(units, patient=None, resolve=lambda i: None,
-                              provenance=lambda targets: {"resourceType": "Provenance",
-                                                          "target": [{"reference": t} for t in targets]})
+                              provenances=lambda bundled: [({"resourceType": "Provenance",
+                                                             "target": [{"reference": b.full_url} for b in bundled]},
+                                                            None)])
     urls = [e["request"]["url"] for e in built.bundle["entry"]]
     assert len(urls) == 2 and urls.count(urls[0]) == 1
     assert built.bundle["entry"][-1]["request"] == {"method": "POST", "url": "Provenance"}

@@ -212,7 +212,7 @@ def test_units_the_answer_does_not_prove_stay_pending_with_the_reason(tmp_path: 
     responses.post(BASE + "/", json=answer)
     writer = _writer(tmp_path)
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
-        writer._send(ledger, _units(), patient=None, participant="E1", author=None)
+        writer._send(ledger, _units(), patient=None, participant="E1")
         states = {key: ledger.unit(key) for key in ("goal:G1", "contact:C1")}
     assert {key: (u.state, u.detail) for key, u in states.items() if u} == {
         "goal:G1": (UnitState.PENDING, reason), "contact:C1": (UnitState.PENDING, reason)}
@@ -225,7 +225,7 @@ def test_only_the_unit_whose_entry_is_unproven_stays_pending(tmp_path: Path) -> 
     responses.post(BASE + "/", json=_answer(CREATED, {"status": "200 OK"}, {"status": "200 OK"}, kind="batch-response"))
     writer = _writer(tmp_path)
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
-        writer._send(ledger, _units(), patient=None, participant="E1", author=None)
+        writer._send(ledger, _units(), patient=None, participant="E1")
         goal, contact = ledger.unit("goal:G1"), ledger.unit("contact:C1")
         goal_ids = ledger.resources_of("goal:G1")
     assert goal is not None and goal.state == UnitState.SENT and [r.server_id for r in goal_ids] == ["7"]
@@ -239,7 +239,7 @@ def test_a_confirmed_transaction_marks_every_unit_sent(tmp_path: Path) -> None:
                                             {"status": "200 OK"}))
     writer = _writer(tmp_path)
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
-        writer._send(ledger, _units(), patient=None, participant="E1", author=None)
+        writer._send(ledger, _units(), patient=None, participant="E1")
         units = [ledger.unit(key) for key in ("goal:G1", "contact:C1")]
     assert [u.state for u in units if u] == [UnitState.SENT, UnitState.SENT]
     assert writer.counts == Counter(created=1, updated=1) and not writer.pending_reasons

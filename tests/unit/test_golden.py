@@ -7,7 +7,7 @@ review the diff of tests/golden/expected/ like code.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from connector.model import (
     Referral,
     Supporter,
 )
+from connector.write.bundle import PendingWrite, UnitWrite
+from connector.write.changeset import build_change_set
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 INPUTS = GOLDEN / "inputs"
@@ -62,19 +64,40 @@ def map_case(case: dict[str, Any]) -> list[dict[str, Any]]:
         return mappers.map_supporter(record, ctx)
     if name == "map_enrollment":
         supporter = Supporter.model_validate(shared["supporter"]) if kwargs.pop("with_supporter", False) else None
-        return mappers.map_enrollment(record, ctx=ctx, supporter=supporter, **kwargs)
+        team = [mappers.TeamMember(m["supporter_id"], date.fromisoformat(m["since"])) for m in kwargs.pop("team", [])]
+        return mappers.map_enrollment(record, ctx=ctx, supporter=supporter, team=team, **kwargs)
     if name == "map_goal":
         return [mappers.map_goal(record, enrollment, ctx)]
     if name == "map_contact":
-        return [mappers.map_contact(record, enrollment, ctx)]
+        request = mappers.map_cancelled_contact_request(record, enrollment, ctx)
+        return ([request] if request else []) + [mappers.map_contact(record, enrollment, ctx)]
     if name == "map_planned_contact":
         return [mappers.map_planned_contact(record, enrollment, ctx)]
     if name == "map_referral":
         cbo = mappers.map_cbo(record, ctx)
         return mappers.map_referral(record, enrollment, ctx) + ([cbo] if cbo else [])
+    if name == "change_set":
+        return _change_set_provenances(case, enrollment, ctx)
     if name == "map_provenance":
         return [mappers.map_provenance(kwargs.pop("targets"), recorded=MAPPING_TIME, ctx=ctx, **kwargs)]
     raise AssertionError(f"unknown mapper in golden input: {name}")
+
+
+def _change_set_provenances(case: dict[str, Any], enrollment: Enrollment, ctx: MappingContext) -> list[dict[str, Any]]:
+    """The Provenances of one change-set over the case's records (``kind``: goal, contact or referral), each unit
+    sent for the first time unless listed in ``updated``: what a sync credits to whom."""
+    mappers_by_kind = {"goal": (Goal, lambda r: [mappers.map_goal(r, enrollment, ctx)]),
+                       "contact": (Contact, lambda r: [mappers.map_contact(r, enrollment, ctx)]),
+                       "referral": (Referral, lambda r: mappers.map_referral(r, enrollment, ctx))}
+    writes = []
+    for item in case["records"]:
+        model, mapper = mappers_by_kind[item["kind"]]
+        record = model.model_validate(item["record"])
+        unit_key = f"{item['kind']}:{record.key}"
+        writes.append(PendingWrite(UnitWrite(unit_key, item["kind"], mapper(record)), "h",
+                                   first_send=unit_key not in case.get("updated", [])))
+    built = build_change_set(writes, ctx=ctx, patient=None, resolve=lambda _identity: None, recorded=MAPPING_TIME)
+    return [e["resource"] for e in built.bundle["entry"] if e["resource"]["resourceType"] == "Provenance"]
 
 
 def _dump(resources: list[dict[str, Any]]) -> str:

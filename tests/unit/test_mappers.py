@@ -406,7 +406,8 @@ def test_public_api() -> None:
         "DEFAULT_TERMINOLOGY_BASE",
         "US_CORE_PROFILES",
         "MappingContext",
-        "change_set_author",
+        "TeamMember",
+        "map_cancelled_contact_request",
         "map_cbo",
         "map_contact",
         "map_enrollment",
@@ -416,6 +417,7 @@ def test_public_api() -> None:
         "map_provenance",
         "map_referral",
         "map_supporter",
+        "resource_authors",
     }
     assert mappers.DEFAULT_TERMINOLOGY_BASE == "https://peersync.dev/fhir"
 
@@ -689,7 +691,8 @@ def test_goal_elements(ctx: MappingContext) -> None:
     r = map_goal(goal(description="Caminar <más> & comer bien", notes=notes), enrollment(), ctx)
     assert r["description"] == {"text": "Caminar <más> & comer bien"}
     assert r["startDate"] == "2025-01-06"
-    assert r["statusDate"] == "2025-03-01"  # latest (non-void) review
+    assert "statusDate" not in r  # the source recorded no status date: a note date is not one
+    assert map_goal(goal(status_date=date(2025, 3, 2)), enrollment(), ctx)["statusDate"] == "2025-03-02"
     assert [n["text"] for n in r["note"]] == ["first", "second"]
     assert "authorReference" not in r["note"][0]
     # Annotation.author cannot be a PractitionerRole in R4: the Practitioner
@@ -729,7 +732,9 @@ def test_contact_status(ctx: MappingContext, outcome: ContactOutcome, void: bool
     assert r["status"] == status
     if status == "not-done":
         assert r["statusReason"]["text"]
-        assert "received" not in r and r["sent"] == "2025-02-10T09:05:00-06:00"
+        assert "received" not in r
+        # an attempt has its time; a cancelled contact was never attempted (its planned time is on its request)
+        assert r.get("sent") == (None if outcome is ContactOutcome.CANCELLED else "2025-02-10T09:05:00-06:00")
     else:
         assert "statusReason" not in r
 
@@ -798,7 +803,7 @@ def test_contact_elements(ctx: MappingContext) -> None:
     assert parse_conditional_reference(r["sender"]["reference"])[0] == "PractitionerRole"
     assert parse_conditional_reference(r["subject"]["reference"])[0] == "Patient"
     assert r["recipient"] == [r["subject"]]
-    assert r["note"][0]["text"] == "meals & <labs>"
+    assert r["note"][0]["text"] == "meals \\& \\<labs\\>"  # markdown: the source's markup shows as written
     assert parse_conditional_reference(r["note"][0]["authorReference"]["reference"])[0] == "Practitioner"
     ext = {e["url"].rsplit("/", 1)[1]: e for e in r["extension"]}
     assert ext["contact-duration"]["valueDuration"] == {"value": 25, "unit": "min", "system": codes.UCUM, "code": "min"}
@@ -843,8 +848,9 @@ def test_planned_contact_elements(ctx: MappingContext) -> None:
     assert parse_conditional_reference(r["basedOn"][0]["reference"])[0] == "CarePlan"
     assert parse_conditional_reference(r["recipient"][0]["reference"])[0] == "Patient"
     assert "intent" not in r  # R4 CommunicationRequest has no intent
+    # no supporter named: the program asked for it, not the enrollment's supporter by default
     r = map_planned_contact(planned(), enrollment(supporter_id="S05"), ctx)
-    assert parse_conditional_reference(r["requester"]["reference"])[2] == "S05"
+    assert r["requester"] == r["sender"] == ctx.organization_ref()
 
 
 # -- referral ------------------------------------------------------------------------------------------------------
@@ -857,6 +863,7 @@ def test_planned_contact_elements(ctx: MappingContext) -> None:
         (ReferralStatus.ACCEPTED, "active", "accepted", False),
         (ReferralStatus.COMPLETED, "completed", "completed", False),
         (ReferralStatus.DECLINED, "revoked", "rejected", True),
+        (ReferralStatus.PARTICIPANT_DECLINED, "revoked", "cancelled", True),
         (ReferralStatus.CANCELLED, "revoked", "cancelled", True),
     ],
 )
@@ -874,13 +881,18 @@ def test_referral_status(ctx: MappingContext, status: ReferralStatus, sr: str, t
 def test_referral_codes(ctx: MappingContext, need: NeedCategory) -> None:
     sr, _ = map_referral(referral(need=need), enrollment(), ctx)
     systems = [c["coding"][0]["system"] for c in sr["category"]]
+    specific = {NeedCategory.FOOD: "467771000124109", NeedCategory.SOCIAL_CONNECTION: "461481000124109",
+                NeedCategory.PHYSICAL_ACTIVITY: "390893007"}
     if need is NeedCategory.PHYSICAL_ACTIVITY:
         assert systems == [codes.PA_TEMPORARY_CODES, ctx.code_system("referral-need")]
-        assert sr["code"]["coding"][0]["code"] == "390893007"
     else:
-        assert systems == [codes.US_CORE_CATEGORY, codes.SDOHCC_TEMPORARY_CODES, ctx.code_system("referral-need")]
+        assert systems == [codes.US_CORE_CATEGORY, codes.SNOMED, codes.SDOHCC_TEMPORARY_CODES,
+                           ctx.code_system("referral-need")]
         assert sr["category"][0]["coding"][0]["code"] == "sdoh"
-        assert sr["code"]["coding"][0]["code"] == "410606002"
+        assert sr["category"][1]["coding"][0]["code"] == "410606002"  # US Core ServiceRequest category
+    # a specific procedure where a verified one exists, else the generic social service procedure
+    assert sr["code"]["coding"][0]["code"] == specific.get(need, "410606002")
+    assert sr["reasonCode"][0]["coding"][0]["code"] == need.value
     assert sr["code"]["coding"][0]["system"] == codes.SNOMED  # US Core Procedure Codes: 1..1
     assert sr["category"][-1]["coding"][0]["code"] == need.value
 
@@ -929,7 +941,8 @@ def test_referral_without_cbo(ctx: MappingContext) -> None:
     sr, task = map_referral(r, enrollment(), ctx)
     assert sr["performer"] == [{"display": "Northside Food Bank"}]
     assert task["owner"] == {"display": "Northside Food Bank"}
-    assert parse_conditional_reference(sr["requester"]["reference"])[2] == "S01"  # the enrollment's supporter
+    # no supporter named: the program Organization requested it (never the enrollment's supporter by default)
+    assert sr["requester"] == task["requester"] == ctx.organization_ref()
     assert map_cbo(r, ctx) is None
 
 

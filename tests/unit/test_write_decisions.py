@@ -15,6 +15,7 @@ from connector.server.client import Action
 from connector.write.bundle import PendingWrite, UnitWrite
 from connector.write.changeset import (
     build_change_set,
+    change_set_code,
     units_change_set,
     void_bundle,
     void_change_set,
@@ -157,16 +158,18 @@ def test_a_change_set_code_depends_on_the_units_and_hashes_not_their_order() -> 
 
 def test_the_change_set_bundle_ends_with_a_tagged_conditional_provenance() -> None:
     built = build_change_set([unit("contact:C1", 2)], ctx=CTX, patient=None, resolve=lambda _i: None,
-                             author="PractitionerRole/r1", recorded=NOW)
+                             recorded=NOW)
     *resources, provenance = built.bundle["entry"]
     assert len(resources) == 2 and built.has_provenance
     tag = provenance["resource"]["meta"]["tag"][0]
-    assert tag == {"system": f"{CTX.meta_source}/change-set", "code": units_change_set([unit("contact:C1", 2)])}
+    # the resources name no supporter: one Provenance, by the program, tagged with its own change-set code
+    code = change_set_code([units_change_set([unit("contact:C1", 2)]), "program", "UPDATE"])
+    assert tag == {"system": f"{CTX.meta_source}/change-set", "code": code}
     assert provenance["request"]["ifNoneExist"].endswith("%7C" + tag["code"])
     assert provenance["resource"]["target"] == [{"reference": e["fullUrl"]} for e in resources]
     assert provenance["resource"]["activity"]["coding"][0]["code"] == "UPDATE"
     plain = build_change_set([unit("contact:C1", voided=True)], ctx=CTX, patient=None, resolve=lambda _i: None,
-                             author=None, recorded=NOW, conditional_provenance=False)
+                             recorded=NOW, conditional_provenance=False)
     assert "ifNoneExist" not in plain.bundle["entry"][-1]["request"]
     assert plain.bundle["entry"][-1]["resource"]["activity"]["coding"][0]["code"] == "NULLIFY"
 

@@ -227,7 +227,7 @@ def test_single_writes_resolve_references_to_literal_ids_in_order() -> None:
     responses.add_callback(responses.POST, f"{BASE}/Provenance", callback=lambda r: stored_answer(r, "pv", "1"))
     known = KnownIds()
     outcomes = StepwiseSender(FhirClient(BASE, retry=FAST), Strategy.SINGLE, CONDITIONAL_EVERYWHERE, CTX).send(
-        units, patient=None, resolve=program_written, known=known, author=None, recorded=NOW)
+        units, patient=None, resolve=program_written, known=known, recorded=NOW)
     assert all(o.failure is None for o in outcomes.values()), outcomes
     sent = [json.loads(c.request.body) for c in responses.calls if c.request.method == "PUT"]
     assert sent[0]["addresses"] == [] and sent[1]["addresses"] == [{"reference": "Goal/id-1"}]
@@ -248,7 +248,7 @@ def test_update_as_create_sends_if_match_and_retries_a_version_conflict_once() -
     sender = StepwiseSender(FhirClient(BASE, retry=FAST), Strategy.UPDATE_AS_CREATE, CONDITIONAL_EVERYWHERE, CTX)
     outcomes = sender.send([goal("1", [])], patient=None, resolve=lambda i: (resource_id, "4") if i[0] == "Goal"
                            else program_written(i), known=known,
-                           author=None, recorded=NOW)
+                           recorded=NOW)
     assert outcomes["goal:1"].failure is None
     assert outcomes["goal:1"].resources == [("Goal", SYSTEM, "1", resource_id, "6")]
     puts = [c.request for c in responses.calls if c.request.method == "PUT"]
@@ -263,7 +263,7 @@ def test_a_second_version_conflict_leaves_the_unit_pending_with_the_reason() -> 
     responses.add(responses.GET, url, json={"resourceType": "Goal", "id": resource_id, "meta": {"versionId": "5"}})
     sender = StepwiseSender(FhirClient(BASE, retry=FAST), Strategy.UPDATE_AS_CREATE, CONDITIONAL_EVERYWHERE, CTX)
     outcomes = sender.send([goal("1", [])], patient=None, resolve=lambda _i: (resource_id, "4"), known=KnownIds(),
-                           author=None, recorded=NOW)
+                           recorded=NOW)
     failure = outcomes["goal:1"].failure
     assert failure is not None and failure.action is Action.CONFLICT and "If-Match" in failure.reason
     assert not any(c.request.url.endswith("/Provenance") for c in responses.calls)
@@ -278,7 +278,7 @@ def test_a_stored_resource_whose_reference_the_server_kept_conditional_is_not_la
 
     responses.add_callback(responses.PUT, re.compile(f"{BASE}/Goal.*"), callback=keeps_conditional)
     outcomes = StepwiseSender(FhirClient(BASE, retry=FAST), Strategy.SINGLE, CONDITIONAL_EVERYWHERE, CTX).send(
-        [goal("2", [])], patient=None, resolve=lambda _i: None, known=KnownIds(), author=None, recorded=NOW)
+        [goal("2", [])], patient=None, resolve=lambda _i: None, known=KnownIds(), recorded=NOW)
     failure = outcomes["goal:2"].failure
     assert failure is not None and failure.unresolved_reference and "unresolved" in failure.reason
 
@@ -296,7 +296,7 @@ def test_a_batch_answers_per_entry_and_a_refused_entry_fails_only_its_unit() -> 
     responses.add_callback(responses.POST, f"{BASE}/", callback=answer)
     responses.add_callback(responses.POST, f"{BASE}/Provenance", callback=lambda r: stored_answer(r, "pv", "1"))
     outcomes = StepwiseSender(FhirClient(BASE, retry=FAST), Strategy.BATCH, CONDITIONAL_EVERYWHERE, CTX).send(
-        [goal("1", []), goal("2", [])], patient=None, resolve=program_written, known=KnownIds(), author=None,
+        [goal("1", []), goal("2", [])], patient=None, resolve=program_written, known=KnownIds(),
         recorded=NOW)
     assert outcomes["goal:1"].failure is None
     failure = outcomes["goal:2"].failure

@@ -187,9 +187,11 @@ def test_a_first_sync_creates_everything_in_one_transaction_per_participant(rsps
     assert (contacts_in(e1), contacts_in(e2)) == (["C1", "C3", "C5"], ["C2", "C4", "C6"])
     for bundle in (program_wide, e1, e2):
         assert bundle["type"] == "transaction"
-        *writes, provenance = bundle["entry"]
+        writes, provenances = not_provenances(bundle), provenances_in(bundle)
+        assert bundle["entry"] == writes + provenances  # the Provenances (one per author) come last
         assert all(e["request"]["method"] == "PUT" and "?identifier=" in e["request"]["url"] for e in writes)
-        assert provenance["request"]["method"] == "POST" and provenance["request"]["ifNoneExist"].startswith("_tag=")
+        assert provenances and all(p["request"]["method"] == "POST" and p["request"]["ifNoneExist"].startswith(
+            "_tag=") for p in provenances)
     assert {e["resource"]["subject"]["reference"] for e in e1["entry"]
             if e["resource"]["resourceType"] == "Communication"} == {"Patient/p1"}
     with Ledger(program.ledger) as ledger:
@@ -216,7 +218,7 @@ def test_a_rejected_unit_is_isolated_by_bisection_and_the_rest_lands(rsps: respo
     # [C3] and [C5]: resources per transaction, the Provenance aside.
     e1 = [b for b in sent_transactions(rsps) if not communications_with(b, "C2")
           and (contacts_in(b) or b["entry"][0]["resource"]["resourceType"] == "CarePlan")]
-    assert [len(b["entry"]) - 1 for b in e1] == [5, 3, 2, 1, 1]
+    assert [len(not_provenances(b)) for b in e1] == [5, 3, 2, 1, 1]
     assert [contacts_in(b) for b in e1] == [["C1", "C3", "C5"], ["C1"], ["C3", "C5"], ["C3"], ["C5"]]
     with Ledger(program.ledger) as ledger:
         c3 = ledger.unit("contact:C3")
@@ -341,6 +343,14 @@ def test_a_server_that_goes_down_leaves_the_rest_pending(rsps: responses.Request
 # -- corrections: voids and moves ----------------------------------------------------------------------------------
 
 
+def provenances_in(bundle: Bundle) -> list[dict[str, Any]]:
+    return [e for e in bundle["entry"] if e["resource"]["resourceType"] == "Provenance"]
+
+
+def not_provenances(bundle: Bundle) -> list[dict[str, Any]]:
+    return [e for e in bundle["entry"] if e["resource"]["resourceType"] != "Provenance"]
+
+
 def is_void(bundle: Bundle) -> bool:
     return any(e["request"]["url"].startswith("Communication/") for e in bundle["entry"])
 
@@ -349,10 +359,11 @@ def test_a_record_gone_from_the_input_is_voided_with_one_provenance_even_when_th
         rsps: responses.RequestsMock, program: Program) -> None:
     answer_first_sync(rsps)
     program.sync()
-    c1 = location_of(rsps, "Communication", "C1")
+    c1 = location_of(rsps, "Communication", "C5")
     as_written = resources_on_server(rsps)[c1]
-    program.write(contacts=contacts([2, 3, 4, 5, 6]))  # C1 removed (1 of 6: under max_delete_fraction)
-    # The void reads C1 twice: before the void, and in the next run after the server committed it.
+    # C5 removed (1 of 6: under max_delete_fraction); not S1's first contact with E1, so E1's CareTeam stays as it is
+    program.write(contacts=contacts([1, 2, 3, 4, 6]))
+    # The void reads C5 twice: before the void, and in the next run after the server committed it.
     rsps.add(responses.GET, f"{BASE}/{c1}", body=json.dumps(as_written), content_type=FHIR_JSON)
     rsps.add(responses.GET, f"{BASE}/{c1}", content_type=FHIR_JSON,
              body=json.dumps(as_stored({**as_written, "status": "entered-in-error"}, c1.split("/")[1], 2)))
@@ -369,7 +380,7 @@ def test_a_record_gone_from_the_input_is_voided_with_one_provenance_even_when_th
     with pytest.raises(ServerUnavailableError):
         program.sync()
     assert requests_made(rsps, calls) == ["GET /metadata", f"GET /{c1}", "POST /"]
-    assert program.unit_state("contact:C1") == UnitState.PENDING
+    assert program.unit_state("contact:C5") == UnitState.PENDING
 
     summary = program.sync()  # the void is sent again, with the same Provenance condition
     assert summary.counts["deleted"] == 1 and summary.exit_code == 0
@@ -383,9 +394,9 @@ def test_a_record_gone_from_the_input_is_voided_with_one_provenance_even_when_th
     assert unquote(provenance["request"]["ifNoneExist"]) == f"_tag={tag['system']}|{tag['code']}"
     assert provenance["resource"]["activity"]["coding"][0]["code"] == "NULLIFY"
     assert provenance["resource"]["target"] == [{"reference": c1}]
-    assert program.unit_state("contact:C1") == UnitState.SENT
+    assert program.unit_state("contact:C5") == UnitState.SENT
     with Ledger(program.ledger) as ledger:
-        assert ledger.unit("contact:C1").voided  # type: ignore[union-attr]
+        assert ledger.unit("contact:C5").voided  # type: ignore[union-attr]
 
 
 def test_a_void_the_server_refuses_is_quarantined(rsps: responses.RequestsMock, program: Program) -> None:
@@ -519,8 +530,10 @@ def test_a_server_without_conditional_create_on_provenance_gets_a_plain_post(rsp
                                                                               program: Program) -> None:
     answer_first_sync(rsps, provenance_conditional_create=False)
     program.sync()
-    provenance_requests = [b["entry"][-1]["request"] for b in sent_transactions(rsps)]
-    assert provenance_requests == [{"method": "POST", "url": "Provenance"}] * 3
+    provenance_requests = [p["request"] for b in sent_transactions(rsps) for p in provenances_in(b)]
+    # the program's bundle: 1 (the program); each participant's: 2 (the program for the CarePlan and CareTeam, S1
+    # for the contacts S1 sent)
+    assert provenance_requests == [{"method": "POST", "url": "Provenance"}] * 5
 
 
 def test_write_mode_conditional_does_not_read_the_capability_statement(rsps: responses.RequestsMock,
@@ -530,7 +543,7 @@ def test_write_mode_conditional_does_not_read_the_capability_statement(rsps: res
     rsps.add_callback(responses.POST, f"{BASE}/", callback=answer_transactions())
     assert program.sync(write_mode="conditional", write_strategy="transaction").exit_code == 0
     assert "GET /metadata" not in requests_made(rsps)
-    assert all("?identifier=" in e["request"]["url"] for b in sent_transactions(rsps) for e in b["entry"][:-1])
+    assert all("?identifier=" in e["request"]["url"] for b in sent_transactions(rsps) for e in not_provenances(b))
 
 
 def test_every_transaction_answer_has_one_located_entry_per_request_entry() -> None:

@@ -1,0 +1,254 @@
+"""Issue 19: what the output says happened is what the source recorded (who declined, who wrote it, when a status
+changed, what was really achieved), checked over the seeded demo program and on single records."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connector.identifiers import KIND_ROLE, KIND_STAFF, parse_conditional_reference
+from connector.map import (
+    MappingContext,
+    TeamMember,
+    map_cancelled_contact_request,
+    map_contact,
+    map_enrollment,
+    map_goal,
+    map_referral,
+)
+from connector.map.export import iter_bundles
+from connector.model import Contact, Enrollment, Goal, RecordKind, Referral
+from connector.read.profile import load_profile
+from connector.read.program import read_program
+from connector.read.staging import Staging
+from tests.demogen import generate_program
+
+CTX = MappingContext(program_id="demo", program_name="Demo", base_url="https://demo.example.org",
+                     mrn_system="urn:oid:1.2.3", timezone="America/Chicago")
+RECORDED = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
+ENROLLMENT = Enrollment(enrollment_id="E1", mrn="M1", start_date=date(2025, 1, 6), supporter_id="S01")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The default demo program (template format): its source records and what ``peersync map`` sends."""
+    folder: Path = tmp_path_factory.mktemp("demo")
+    generate_program(folder, fmt="template")
+    profile = load_profile("peersync-template")
+    ctx = MappingContext.from_profile(profile)
+    with Staging() as staging:
+        read_program(profile, [folder], staging)
+        records = {kind: list(staging.records(kind)) for kind in RecordKind}
+        bundles = [bundle for _name, bundle in iter_bundles(staging, ctx, recorded=RECORDED)]
+    return {"ctx": ctx, "records": records, "bundles": bundles}
+
+
+def _resources(bundles: list[dict[str, Any]], resource_type: str) -> list[dict[str, Any]]:
+    return [e["resource"] for b in bundles for e in b["entry"] if e["resource"]["resourceType"] == resource_type]
+
+
+def _value(resource: dict[str, Any]) -> str:
+    return str(resource["identifier"][0]["value"])
+
+
+# -- 1. who declined -----------------------------------------------------------------------------------------------
+
+
+def test_the_demos_declined_referrals_read_cancelled_with_the_participants_reason(demo: dict[str, Any]) -> None:
+    declined = {r.referral_id for r in demo["records"][RecordKind.REFERRAL] if r.status == "participant-declined"}
+    assert len(declined) == 12  # every declined referral of the demo was declined by the participant
+    tasks = {_value(t): t for t in _resources(demo["bundles"], "Task")}
+    for referral_id in declined:
+        task = tasks[referral_id]
+        assert task["status"] == "cancelled"
+        assert task["statusReason"]["coding"][0]["code"] == "183944003"  # SNOMED CT: procedure refused
+        assert task["statusReason"]["text"] == "Declined by the participant"
+        assert task["businessStatus"]["text"] == "Declined by the participant"
+    assert not [t for t in tasks.values() if t["status"] == "rejected"]  # no organization declined in the demo
+
+
+def test_only_the_organization_declining_rejects_the_task() -> None:
+    _, task = map_referral(Referral(referral_id="R1", enrollment_id="E1", resource_name="Food bank", need="food",
+                                    referred_on=date(2025, 2, 1), status="declined"), ENROLLMENT, CTX)
+    assert task["status"] == "rejected" and task["statusReason"] == {"text": "Declined by the community organization"}
+
+
+# -- 2. who wrote it -----------------------------------------------------------------------------------------------
+
+
+def _writers(resource: dict[str, Any]) -> set[str]:
+    """Staff ids of the supporters a resource names as its writer (sender, requester, expressedBy, note author)."""
+    refs = [resource.get(k, {}).get("reference", "") for k in ("sender", "requester", "expressedBy")]
+    refs += [n.get("authorReference", {}).get("reference", "") for n in resource.get("note", [])]
+    out = set()
+    for ref in refs:
+        parsed = parse_conditional_reference(ref) if ref else None
+        if parsed and parsed[0] in ("PractitionerRole", "Practitioner"):
+            out.add(parsed[2])
+    return out
+
+
+def test_no_provenance_credits_an_author_who_did_not_write_its_targets(demo: dict[str, Any]) -> None:
+    ctx: MappingContext = demo["ctx"]
+    credited_per_bundle = []
+    for bundle in demo["bundles"]:
+        by_url = {e["fullUrl"]: e["resource"] for e in bundle["entry"]}
+        targeted: set[str] = set()
+        credited = set()
+        for prov in (r for r in by_url.values() if r["resourceType"] == "Provenance"):
+            who = prov["agent"][0]["who"]["reference"]
+            # the program's bundle holds the Organization itself: its reference is the entry's fullUrl there
+            kind, system, value = parse_conditional_reference(who) or (by_url[who]["resourceType"], "", "")
+            for target in prov["target"]:
+                written_by = _writers(by_url[target["reference"]])
+                if kind == "PractitionerRole":
+                    assert system == ctx.system(KIND_ROLE)
+                    assert value in written_by, (value, by_url[target["reference"]]["resourceType"])
+                else:  # the program Organization: only for what no supporter is named as writing
+                    assert kind == "Organization" and not written_by
+                targeted.add(target["reference"])
+            if kind == "PractitionerRole":
+                credited.add(value)
+        assert targeted == {url for url, r in by_url.items() if r["resourceType"] != "Provenance"}
+        credited_per_bundle.append(len(credited))
+    # the demo's supporters stand in for each other: many participants' records are written by several
+    assert sum(n >= 2 for n in credited_per_bundle) >= 20
+
+
+def test_provenance_activity_is_create_on_a_first_send(demo: dict[str, Any]) -> None:
+    # peersync map shows a first sync: everything is created, except records the source voided (nullified)
+    for bundle in demo["bundles"]:
+        by_url = {e["fullUrl"]: e["resource"] for e in bundle["entry"]}
+        for prov in (r for r in by_url.values() if r["resourceType"] == "Provenance"):
+            statuses = {by_url[t["reference"]].get("status", by_url[t["reference"]].get("lifecycleStatus"))
+                        for t in prov["target"]}
+            activity = prov["activity"]["coding"][0]["code"]
+            assert activity == ("NULLIFY" if statuses == {"entered-in-error"} else "CREATE")
+            assert activity == "CREATE" or len(statuses) == 1
+
+
+def test_a_note_author_is_credited_with_the_goal_and_practitioner_becomes_their_role() -> None:
+    goal = Goal(goal_id="G1", enrollment_id="E1", description="walk", behavior="being-active",
+                start_date=date(2025, 1, 6), notes=({"note_id": "N1", "goal_id": "G1", "noted_on": date(2025, 2, 1),
+                                                      "text": "ok", "supporter_id": "S09"},))
+    from connector.map import resource_authors
+
+    (author,) = resource_authors(map_goal(goal, ENROLLMENT, CTX), CTX)
+    assert parse_conditional_reference(author) == ("PractitionerRole", CTX.system(KIND_ROLE), "S09")
+    assert CTX.system(KIND_STAFF) != CTX.system(KIND_ROLE)
+
+
+# -- 3. and 4. goal status dates and outcomes ------------------------------------------------------------------------
+
+
+def test_no_ended_goal_gets_a_status_date_the_source_did_not_record(demo: dict[str, Any]) -> None:
+    recorded = {g.goal_id: g.status_date for g in demo["records"][RecordKind.GOAL]}
+    goals = _resources(demo["bundles"], "Goal")
+    ended = [g for g in goals if g["lifecycleStatus"] in ("completed", "cancelled")]
+    assert len(ended) >= 20
+    for goal in goals:
+        source = recorded[_value(goal)]
+        assert goal.get("statusDate") == (source.isoformat() if source else None)
+
+
+def test_a_completed_goal_not_achieved_says_so_in_status_reason() -> None:
+    base = {"goal_id": "G1", "enrollment_id": "E1", "description": "A1c under 7", "behavior": "monitoring",
+            "start_date": date(2025, 1, 6), "lifecycle_status": "completed"}
+    missed = map_goal(Goal(**base, achievement_status="not-achieved", status_date=date(2025, 6, 1)), ENROLLMENT, CTX)
+    assert missed["statusReason"] == "Completed without being achieved (Not Achieved)"
+    assert missed["statusDate"] == "2025-06-01" and "outcomeReference" not in missed
+    assert "statusReason" not in map_goal(Goal(**base, achievement_status="achieved"), ENROLLMENT, CTX)
+    lab = {"reference": "Observation/a1c-1"}  # the hook for a known result (no lab data yet)
+    assert map_goal(Goal(**base), ENROLLMENT, CTX, outcome_references=[lab])["outcomeReference"] == [lab]
+
+
+# -- 5. cancelled contacts -------------------------------------------------------------------------------------------
+
+
+def test_a_cancelled_contact_has_no_sent_and_its_planned_time_is_on_a_revoked_request() -> None:
+    c = Contact(contact_id="C1", enrollment_id="E1", supporter_id="S02", mode="telephone", outcome="cancelled",
+                occurred_at=datetime(2025, 2, 10, 15, 5, tzinfo=UTC))
+    communication = map_contact(c, ENROLLMENT, CTX)
+    request = map_cancelled_contact_request(c, ENROLLMENT, CTX)
+    assert communication["status"] == "not-done" and "sent" not in communication
+    assert request is not None and request["status"] == "revoked"
+    assert request["occurrenceDateTime"] == "2025-02-10T15:05:00+00:00"
+    assert communication["basedOn"][1]["reference"].startswith("CommunicationRequest?")
+    # a cancelled contact that fulfils a planned contact points at that one: no second request
+    planned = c.model_copy(update={"planned_contact_id": "P1"})
+    assert map_cancelled_contact_request(planned, ENROLLMENT, CTX) is None
+    not_reached = Contact(**{**c.model_dump(), "outcome": "not-reached"})
+    assert map_contact(not_reached, ENROLLMENT, CTX)["sent"] == "2025-02-10T15:05:00+00:00"
+
+
+# -- 6. and 7. referral codes and requesters -----------------------------------------------------------------------
+
+
+def test_a_profile_overrides_the_referral_code_of_a_need() -> None:
+    referral = Referral(referral_id="R1", enrollment_id="E1", resource_name="Bus passes", need="transportation",
+                        referred_on=date(2025, 2, 1), status="completed", outcome_notes="<b>got</b> a pass")
+    ctx = MappingContext(**{**{f: getattr(CTX, f) for f in ("program_id", "program_name", "base_url", "mrn_system")},
+                            "referral_codes": (("transportation", "http://example.org/cpt", "X1", "Bus pass"),)})
+    sr, task = map_referral(referral, ENROLLMENT, ctx)
+    assert sr["code"]["coding"] == [{"system": "http://example.org/cpt", "code": "X1", "display": "Bus pass"}]
+    assert sr["code"]["text"] == "Referral to Bus passes"
+    assert sr["requester"] == task["requester"] == ctx.organization_ref()  # no supporter named
+    assert task["output"][0]["valueCodeableConcept"]["coding"] == sr["code"]["coding"]
+    assert task["output"][0]["type"]["coding"][0]["code"] == "resulting-activity"
+    assert task["note"] == [{"text": "\\<b\\>got\\</b\\> a pass"}]  # markdown: the HTML shows, never renders
+    assert "lastModified" not in task  # completed on an unknown day
+    made = Referral(**{**referral.model_dump(), "status": "made"})
+    assert map_referral(made, ENROLLMENT, ctx)[1]["lastModified"] == "2025-02-01"
+
+
+def test_a_goal_set_by_the_supporter_without_a_named_one_has_no_expressed_by() -> None:
+    goal = Goal(goal_id="G1", enrollment_id="E1", description="walk", behavior="being-active",
+                start_date=date(2025, 1, 6), set_by="supporter")
+    assert "expressedBy" not in map_goal(goal, ENROLLMENT, CTX)
+    named = map_goal(Goal(**{**goal.model_dump(), "supporter_id": "S04"}), ENROLLMENT, CTX)
+    assert parse_conditional_reference(named["expressedBy"]["reference"])[2] == "S04"
+
+
+# -- CareTeam ------------------------------------------------------------------------------------------------------
+
+
+def test_the_care_team_lists_every_supporter_who_worked_with_the_participant() -> None:
+    ended = Enrollment(**{**ENROLLMENT.model_dump(), "status": "completed", "end_date": date(2025, 6, 30)})
+    team = [TeamMember("S01", date(2025, 1, 8)), TeamMember("S07", date(2025, 3, 2))]
+    _, careteam = map_enrollment(ended, goal_ids=[], planned_contact_ids=[], referral_ids=[], ctx=CTX, team=team)
+    assert careteam["category"][0]["coding"][0]["code"] == "LA28865-6"
+    members = careteam["participant"][1:]
+    assert [parse_conditional_reference(m["member"]["reference"])[2] for m in members] == ["S01", "S07"]
+    assert [m["period"] for m in members] == [{"start": "2025-01-06", "end": "2025-06-30"},
+                                             {"start": "2025-03-02", "end": "2025-06-30"}]
+    _, active = map_enrollment(ENROLLMENT, goal_ids=[], planned_contact_ids=[], referral_ids=[], ctx=CTX, team=team)
+    assert all("end" not in m["period"] for m in active["participant"][1:])
+
+
+def test_the_demos_care_teams_hold_the_supporters_of_the_contacts(demo: dict[str, Any]) -> None:
+    contacts: dict[str, set[str]] = {}
+    for c in demo["records"][RecordKind.CONTACT]:
+        if not c.void and c.outcome != "cancelled":
+            contacts.setdefault(c.enrollment_id, set()).add(c.supporter_id)
+    enrollments = {e.enrollment_id: e for e in demo["records"][RecordKind.ENROLLMENT]}
+    for careteam in _resources(demo["bundles"], "CareTeam"):
+        enrollment_id = _value(careteam)
+        members = {parse_conditional_reference(p["member"]["reference"])[2] for p in careteam["participant"][1:]}
+        assert members == contacts.get(enrollment_id, set()) | {enrollments[enrollment_id].supporter_id}
+
+
+def test_a_profiles_referral_codes_reach_the_context_and_the_fingerprint() -> None:
+    from connector.plan.planner import program_fingerprint
+    from connector.read.profile import ProgramSpec
+
+    profile = load_profile("peersync-template")
+    housing = {"system": "http://snomed.info/sct", "code": "123", "display": "Housing help"}
+    program = ProgramSpec.model_validate({**profile.program.model_dump(), "referral_codes": {"housing": housing}})
+    ctx = MappingContext.from_profile(profile.model_copy(update={"program": program}))
+    assert ctx.referral_codes == (("housing", "http://snomed.info/sct", "123", "Housing help"),)
+    assert program_fingerprint(ctx) != program_fingerprint(MappingContext.from_profile(profile))
+    with pytest.raises(ValueError, match="referral_codes"):
+        ProgramSpec.model_validate({**profile.program.model_dump(), "referral_codes": {"rent": housing}})
