@@ -45,6 +45,8 @@ class MappingContext:
         terminology_base: canonical base of peersync's CodeSystems and extensions.
         connector_version: the connector's version (Device.version).
         program_phone: the program's phone, used as PractitionerRole telecom when a supporter has none (pd-1).
+        clinical_notes: clinical-note mode: ``off``, ``also`` (notes and the structured resources) or ``only``.
+        note_period: what one note covers: one ``contact``, an ISO ``week`` or a calendar ``month``.
     """
 
     program_id: str
@@ -55,6 +57,8 @@ class MappingContext:
     terminology_base: str = DEFAULT_TERMINOLOGY_BASE
     connector_version: str = __version__
     program_phone: str | None = None
+    clinical_notes: str = "off"
+    note_period: str = "month"
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:

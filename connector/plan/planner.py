@@ -19,9 +19,10 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 from connector.map.context import MappingContext
+from connector.map.units import participant_notes
 from connector.plan.ledger import Ledger, UnitState
 from connector.plan.shape import KindShape
-from connector.read.staging import Staging
+from connector.read.staging import Staging, record_hash
 
 
 class Act(StrEnum):
@@ -43,6 +44,9 @@ WRITE_ACTIONS = frozenset({Act.CREATE, Act.UPDATE, Act.VOID, Act.DELETE, Act.RET
 
 # Units that belong to no participant, written first and once per run.
 GLOBAL_KINDS = ("program", "supporter", "cbo")
+# A participant's structured units (not written in clinical-note mode "only"), and its clinical notes.
+STRUCTURED_KINDS = ("contact", "goal", "planned_contact", "referral", "enrollment")
+NOTE_KIND = "note"
 # Which resource types each unit kind produces (for per-type plan counts).
 UNIT_RESOURCE_TYPES: dict[str, tuple[str, ...]] = {
     "program": ("Organization", "Device"),
@@ -53,6 +57,7 @@ UNIT_RESOURCE_TYPES: dict[str, tuple[str, ...]] = {
     "contact": ("Communication",),
     "planned_contact": ("CommunicationRequest",),
     "referral": ("ServiceRequest", "Task"),
+    "note": ("DocumentReference",),
 }
 
 
@@ -129,7 +134,7 @@ INSERT INTO plan
 INSERT INTO plan
     SELECT l.unit_key, l.kind, substr(l.unit_key, instr(l.unit_key, ':') + 1), l.participant, NULL, 'delete'
     FROM ledger.units l
-    WHERE l.voided = 0 AND l.hash IS NOT NULL AND l.kind IN ('contact','goal','planned_contact','referral','enrollment')
+    WHERE l.voided = 0 AND l.hash IS NOT NULL AND l.kind IN (:deletable_kinds)
       AND NOT EXISTS (SELECT 1 FROM units u WHERE u.unit_key = l.unit_key);
 UPDATE plan SET action = 'retry'
     WHERE action = 'quarantined' AND participant IN (
@@ -251,7 +256,8 @@ def program_fingerprint(ctx: MappingContext) -> str:
 
 
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,
-                 max_delete_fraction: float = 0.2, held_kinds: Collection[str] = ()) -> Plan:
+                 max_delete_fraction: float = 0.2, held_kinds: Collection[str] = (),
+                 ctx: MappingContext | None = None) -> Plan:
     """Fill the staging DB's ``units`` and ``plan`` tables and return the counts.
 
     Deletions are held back (not planned) for a kind when rows of that kind were rejected without a readable
@@ -259,15 +265,24 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
     truncated input file must never void a program's history). Units of ``held_kinds`` (the shape guard's)
     are neither updated, voided nor deleted: those actions become ``held``; creates and retries of content
     the server already confirmed go ahead.
+
+    ``ctx`` brings the clinical-note mode (``ctx.clinical_notes``): with "also" or "only" every participant gets a
+    ``note`` unit per period; with "only" its structured units (and the community organizations only they name)
+    are left out. Kinds a mode does not write are never deleted: switching modes leaves what the server has.
     """
     db = staging.db
     db.create_function("sha", -1, _sha, deterministic=True)
     _attach(db, ledger)
     staging.flush()
+    mode = ctx.clinical_notes if ctx is not None else "off"
+    deletable = (STRUCTURED_KINDS if mode != "only" else ()) + ((NOTE_KIND,) if mode != "off" else ())
     with db:
         for statement in _split(_UNITS_SQL):
             db.execute(statement, {"program": program_id, "fp": fingerprint})
+        if ctx is not None and mode != "off":
+            _add_note_units(db, staging, ctx, fingerprint, structured=mode == "also")
         for statement in _split(_PLAN_SQL):
+            statement = statement.replace(":deletable_kinds", ",".join(f"'{k}'" for k in deletable) or "NULL")
             db.execute(statement, {"sent": UnitState.SENT, "quarantined": UnitState.QUARANTINED})
     plan = Plan()
     plan.deletions_held, plan.deletions_held_records = _hold_unsafe_deletions(db, staging, max_delete_fraction)
@@ -291,6 +306,22 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
             plan.by_participant.setdefault(participant, Counter())[action] += count
             plan.reported_by_participant.setdefault(participant, Counter())[reported] += count
     return plan
+
+
+def _add_note_units(db: sqlite3.Connection, staging: Staging, ctx: MappingContext, fingerprint: str, *,
+                    structured: bool) -> None:
+    """Insert a ``note`` unit per participant per period; its hash covers every record the note renders."""
+    rows = []
+    for participant, mrn in db.execute("SELECT participant, mrn FROM patient_of ORDER BY participant").fetchall():
+        for note in participant_notes(staging, participant, ctx):
+            unit_hash = _sha(fingerprint, "note", ctx.note_period, ctx.timezone, mrn,
+                             *(f"{r.kind}:{r.key}:{record_hash(r)}" for r in note.records()))
+            rows.append((f"{NOTE_KIND}:{note.source_id}", NOTE_KIND, note.source_id, participant, unit_hash,
+                         int(note.voided)))
+    db.executemany("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?)", rows)
+    if not structured:
+        kinds = (*STRUCTURED_KINDS, "cbo")
+        db.execute(f"DELETE FROM units WHERE kind IN ({','.join('?' * len(kinds))})", kinds)
 
 
 def _hold_unsafe_deletions(db: sqlite3.Connection, staging: Staging, max_fraction: float) -> tuple[list[str], int]:

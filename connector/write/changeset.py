@@ -31,6 +31,7 @@ STATUS_ELEMENT = {
     "CommunicationRequest": "status",
     "ServiceRequest": "status",
     "Task": "status",
+    "DocumentReference": "status",
 }
 
 
