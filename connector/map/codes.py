@@ -95,6 +95,7 @@ US_CORE_PROFILES: dict[str, str] = {
     for t in (
         "CarePlan",
         "CareTeam",
+        "DocumentReference",
         "Goal",
         "Organization",
         "Practitioner",

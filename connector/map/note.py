@@ -6,7 +6,7 @@ and the DocumentReference that carries both (:func:`map_note`). See docs/clinica
 A note covers one participant's contacts in one period (one contact, an ISO week or a calendar month in the
 program's time zone). It also lists what those contacts worked on: the goals they discussed or that have a
 progress note in the period (with those notes), the referrals made in the period and the planned contacts due
-in the period or in the 31 days after it. Every source value is escaped in the HTML, and the HTML carries a
+after its last contact, up to 31 days after the period. Every source value is escaped in the HTML, and the HTML carries a
 Content-Security-Policy that allows no script, so a note stays inert in any viewer that honours it.
 """
 
@@ -164,6 +164,7 @@ def group_notes(enrollment: Enrollment, contacts: Iterable[Contact], goals: Iter
             if not goal.void and (goal.goal_id in discussed or progress):
                 period_goals.append(goal.model_copy(update={"notes": progress}))
         horizon = period.end + PLANNED_HORIZON
+        last_contact = in_period[-1].occurred_at
         notes.append(NoteSources(
             period=period,
             enrollment=enrollment,
@@ -171,7 +172,7 @@ def group_notes(enrollment: Enrollment, contacts: Iterable[Contact], goals: Iter
             goals=tuple(period_goals),
             referrals=tuple(r for r in referrals if not r.void and period.covers(r.referred_on)),
             planned=tuple(sorted((p for p in planned if not p.void and p.status is PlannedStatus.PLANNED
-                                  and period.start < p.due_at <= horizon), key=lambda p: p.due_at)),
+                                  and last_contact < p.due_at <= horizon), key=lambda p: p.due_at)),
             supporters=dict(supporters),
         ))
     return notes

@@ -15,6 +15,7 @@ import pytest
 
 from connector import map as mappers
 from connector.map import MappingContext
+from connector.map.note import group_notes, map_note, render_note
 from connector.model import (
     Contact,
     Enrollment,
@@ -72,9 +73,24 @@ def map_case(case: dict[str, Any]) -> list[dict[str, Any]]:
     if name == "map_referral":
         cbo = mappers.map_cbo(record, ctx)
         return mappers.map_referral(record, enrollment, ctx) + ([cbo] if cbo else [])
+    if name == "map_note":
+        return [map_note(note, ctx) for note in note_case(case, ctx)]
     if name == "map_provenance":
         return [mappers.map_provenance(kwargs.pop("targets"), recorded=MAPPING_TIME, ctx=ctx, **kwargs)]
     raise AssertionError(f"unknown mapper in golden input: {name}")
+
+
+def note_case(case: dict[str, Any], ctx: MappingContext) -> list[Any]:
+    """The notes of a clinical-note golden input (the shared enrollment and supporter, its records)."""
+    shared = _shared()
+    return group_notes(
+        Enrollment.model_validate(shared["enrollment"]),
+        [Contact.model_validate(c) for c in case.get("contacts", [])],
+        [Goal.model_validate(g) for g in case.get("goals", [])],
+        [Referral.model_validate(r) for r in case.get("referrals", [])],
+        [PlannedContact.model_validate(p) for p in case.get("planned", [])],
+        {"S01": Supporter.model_validate(shared["supporter"])},
+        kind=case["kwargs"]["period"], timezone=ctx.timezone)
 
 
 def _dump(resources: list[dict[str, Any]]) -> str:
@@ -97,6 +113,26 @@ def test_golden(case_name: str, update_golden: bool) -> None:
     )
 
 
+NOTE_CASES = [c for c in golden_cases()
+              if json.loads((INPUTS / f"{c}.json").read_text(encoding="utf-8"))["mapper"] == "map_note"]
+
+
+@pytest.mark.parametrize("case_name", NOTE_CASES)
+def test_golden_note_text(case_name: str, update_golden: bool) -> None:
+    """The clinical notes' plain text and HTML, readable in review (the JSON golden file has them in base64)."""
+    case = json.loads((INPUTS / f"{case_name}.json").read_text(encoding="utf-8"))
+    ctx = MappingContext(**_shared()["context"])
+    rendered = [render_note(note, ctx) for note in note_case(case, ctx)]
+    for suffix, actual in (("txt", "\n\f\n".join(r.plain for r in rendered)),
+                           ("html", "\n".join(r.html for r in rendered))):
+        path = EXPECTED / f"{case_name}.{suffix}"
+        if update_golden:
+            path.write_text(actual, encoding="utf-8")
+            continue
+        assert path.is_file(), f"no golden file {path}; run with --update-golden and review it"
+        assert actual == path.read_text(encoding="utf-8"), f"{case_name}: note {suffix} differs from {path.name}"
+
+
 def test_golden_files_have_inputs() -> None:
     """No stale expected file without an input."""
     stale = {p.stem for p in EXPECTED.glob("*.json")} - set(golden_cases())
@@ -114,6 +150,7 @@ def test_golden_inputs_cover_every_mapper() -> None:
         "map_planned_contact",
         "map_referral",
         "map_provenance",
+        "map_note",
     }
 
 
