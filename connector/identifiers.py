@@ -28,6 +28,7 @@ KIND_CONTACT_REQUEST = "contact-request"
 KIND_REFERRAL = "referral"
 KIND_REFERRAL_TASK = "referral-task"
 KIND_CBO = "cbo"
+KIND_NOTE = "note"  # a clinical note (DocumentReference) per participant per period
 
 
 def identifier_value(source_id: str) -> str:

@@ -6,8 +6,8 @@ and the DocumentReference that carries both (:func:`map_note`). See docs/clinica
 A note covers one participant's contacts in one period (one contact, an ISO week or a calendar month in the
 program's time zone). It also lists what those contacts worked on: the goals they discussed or that have a
 progress note in the period (with those notes), the referrals made in the period and the planned contacts due
-after its last contact, up to 31 days after the period. Every source value is escaped in the HTML, and the HTML carries a
-Content-Security-Policy that allows no script, so a note stays inert in any viewer that honours it.
+after its last contact, up to 31 days after the period. Every source value is escaped in the HTML, and the HTML
+carries a Content-Security-Policy that allows no script, so a note stays inert in any viewer that honours it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from datetime import date, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from connector.identifiers import KIND_ROLE
+from connector.identifiers import KIND_NOTE, KIND_ROLE
 from connector.model import (
     Contact,
     ContactOutcome,
@@ -41,8 +41,6 @@ from .context import MappingContext
 
 NoteMode = Literal["off", "also", "only"]
 NotePeriodKind = Literal["contact", "week", "month"]
-
-KIND_NOTE = "note"  # identifier kind of the notes' business identifiers
 
 # LOINC 85901-7 "Community health care Note" (Scale DOC, class DOC.ONT: in US Core's DocumentReference type value
 # set); sources in docs/clinical-notes.md.

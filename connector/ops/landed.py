@@ -10,6 +10,7 @@ from connector.identifiers import (
     KIND_CONTACT_REQUEST,
     KIND_DEVICE,
     KIND_GOAL,
+    KIND_NOTE,
     KIND_ORGANIZATION,
     KIND_REFERRAL,
     KIND_REFERRAL_TASK,
@@ -33,6 +34,7 @@ PROGRAM_RESOURCES: list[tuple[str, str, str | None]] = [
     ("CommunicationRequest", KIND_CONTACT_REQUEST, "status"),
     ("ServiceRequest", KIND_REFERRAL, "status"),
     ("Task", KIND_REFERRAL_TASK, "status"),
+    ("DocumentReference", KIND_NOTE, "status"),
 ]
 
 
