@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from connector.identifiers import (
@@ -17,6 +18,8 @@ from connector.model import (
     ContactMode,
     ContactOutcome,
     Enrollment,
+    Goal,
+    Supporter,
     SupportType,
 )
 
@@ -24,6 +27,7 @@ from . import codes
 from ._util import resource
 from .careplan import careplan_ref
 from .context import MappingContext
+from .narrative import communication_narrative, with_narrative
 
 _NOT_DONE_REASON = {
     ContactOutcome.NOT_REACHED: {
@@ -43,8 +47,12 @@ def medium(mode: ContactMode, ctx: MappingContext) -> dict[str, Any]:
     return {"coding": coding, "text": text}
 
 
-def map_contact(c: Contact, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
-    """One contact with one participant: status, mode, support delivered, links to goals and plan, notes."""
+def map_contact(c: Contact, e: Enrollment, ctx: MappingContext, *, supporter: Supporter | None = None,
+                goals: Sequence[Goal] = ()) -> dict[str, Any]:
+    """One contact with one participant: status, mode, support delivered, links to goals and plan, notes.
+
+    ``supporter`` (the contact's) and ``goals`` (those it discussed) give the narrative the supporter's name and
+    title and the goals' own words; without them it says "Peer supporter" and lists no goals."""
     if c.void:
         status = codes.ENTERED_IN_ERROR
     elif c.outcome is ContactOutcome.COMPLETED:
@@ -57,7 +65,7 @@ def map_contact(c: Contact, e: Enrollment, ctx: MappingContext) -> dict[str, Any
     if c.planned_contact_id:
         based_on.append(ctx.ref("CommunicationRequest", KIND_CONTACT_REQUEST, c.planned_contact_id))
     sender = ctx.ref("PractitionerRole", KIND_ROLE, c.supporter_id)
-    return resource(
+    communication = resource(
         "Communication",
         ctx,
         extension=_extensions(c, ctx),
@@ -79,6 +87,8 @@ def map_contact(c: Contact, e: Enrollment, ctx: MappingContext) -> dict[str, Any
         if c.notes
         else [],
     )
+    return with_narrative(communication, communication_narrative(communication, supporter=supporter, goals=goals,
+                                                                 timezone=ctx.timezone))
 
 
 def _categories(c: Contact, ctx: MappingContext) -> list[dict[str, Any]]:

@@ -10,13 +10,14 @@ from connector.model import Behavior, Comparator, Enrollment, Goal, GoalSetBy, G
 from . import codes
 from ._util import compact, fhir_decimal, iso_date, resource
 from .context import MappingContext
+from .narrative import goal_narrative, with_narrative
 
 
 def map_goal(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
     """A goal in the participant's words, with its ADCES7 behaviour, target, status and progress notes."""
     notes = [n for n in g.notes if not n.void]
     status_dates = [g.start_date, *(n.noted_on for n in notes)]
-    return resource(
+    goal = resource(
         "Goal",
         ctx,
         extension=_acceptance(g, e, ctx),
@@ -40,6 +41,7 @@ def map_goal(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
             for n in sorted(notes, key=lambda n: (n.noted_on, n.note_id))
         ]),
     )
+    return with_narrative(goal, goal_narrative(goal, g))
 
 
 def _achievement(g: Goal) -> dict[str, Any] | None:

@@ -17,6 +17,14 @@ from connector.model import Enrollment, Supporter, SupporterTitle
 from . import codes
 from ._util import compact, iso_date, resource
 from .context import DEVICE_IDENTIFIER_VALUE, MappingContext
+from .narrative import (
+    careteam_narrative,
+    device_narrative,
+    organization_narrative,
+    practitioner_narrative,
+    practitioner_role_narrative,
+    with_narrative,
+)
 
 CARE_TEAM_NAME = "Diabetes peer support team"
 
@@ -42,7 +50,8 @@ def map_program(ctx: MappingContext) -> list[dict[str, Any]]:
         version=[{"value": ctx.connector_version}],
         owner=ctx.organization_ref(),
     )
-    return [organization, device]
+    return [with_narrative(organization, organization_narrative(organization)),
+            with_narrative(device, device_narrative(device, program_name=ctx.program_name))]
 
 
 def supporter_role_concept(s: Supporter | None, ctx: MappingContext) -> dict[str, Any]:
@@ -94,14 +103,15 @@ def map_supporter(s: Supporter, ctx: MappingContext) -> list[dict[str, Any]]:
         specialty=[{"coding": [dict(codes.TITLE_TAXONOMY[s.title])]}],
         telecom=role_telecom,
     )
-    return [practitioner, role]
+    return [with_narrative(practitioner, practitioner_narrative(practitioner, s, program_name=ctx.program_name)),
+            with_narrative(role, practitioner_role_narrative(role, s, program_name=ctx.program_name))]
 
 
 def map_careteam(e: Enrollment, ctx: MappingContext, supporter: Supporter | None = None) -> dict[str, Any]:
     """The participant's CareTeam for one enrollment: the patient and their peer supporter."""
     status = codes.ENTERED_IN_ERROR if e.void else codes.CARETEAM_STATUS[e.status]
     period = compact({"start": iso_date(e.start_date), "end": iso_date(e.end_date) if e.end_date else None})
-    return resource(
+    careteam = resource(
         "CareTeam",
         ctx,
         identifier=[ctx.ident(KIND_CARETEAM, e.enrollment_id)],
@@ -120,6 +130,7 @@ def map_careteam(e: Enrollment, ctx: MappingContext, supporter: Supporter | None
         ],
         managingOrganization=[ctx.organization_ref()],
     )
+    return with_narrative(careteam, careteam_narrative(careteam, supporter=supporter, program_name=ctx.program_name))
 
 
 def _role_display(supporter: Supporter | None) -> str:

@@ -137,12 +137,19 @@ class _ParticipantRecords:
             self.keys_by_kind.setdefault(kind, []).append(key)
         self._notes: dict[str, list[GoalNote]] | None = None
         self._clinical_notes: dict[str, NoteSources] | None = None
+        self._shared: dict[tuple[RecordKind, str], SourceRecord | None] = {}
 
     def record(self, kind: RecordKind, key: str) -> SourceRecord | None:
         body = self.bodies.get((kind.value, key))
         if body is None:  # not this participant's (or not staged): ask the store, as before
             return self.staging.record(kind, key)
         return RECORD_MODELS[kind].model_validate_json(body)
+
+    def shared(self, kind: RecordKind, key: str) -> SourceRecord | None:
+        """A record several units read (a supporter, a goal a contact discussed), parsed once per participant."""
+        if (kind, key) not in self._shared:
+            self._shared[(kind, key)] = self.record(kind, key)
+        return self._shared[(kind, key)]
 
     def keys(self, kind: RecordKind) -> list[str]:
         return list(self.keys_by_kind.get(kind.value, ()))
@@ -209,7 +216,12 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
         record = record.model_copy(update={"notes": records.notes(record.goal_id)})
         return UnitWrite(unit_key, kind, [map_goal(record, enrollment, ctx)], voided=record.void)
     if isinstance(record, Contact):
-        return UnitWrite(unit_key, kind, [map_contact(record, enrollment, ctx)], voided=record.void)
+        # the narrative names the supporter and quotes the goals discussed (both in the contact's unit hash)
+        supporter = records.shared(RecordKind.SUPPORTER, record.supporter_id)
+        goals = [g for g in (records.shared(RecordKind.GOAL, gid) for gid in record.goal_ids) if isinstance(g, Goal)]
+        communication = map_contact(record, enrollment, ctx, goals=goals,
+                                    supporter=supporter if isinstance(supporter, Supporter) else None)
+        return UnitWrite(unit_key, kind, [communication], voided=record.void)
     if isinstance(record, PlannedContact):
         return UnitWrite(unit_key, kind, [map_planned_contact(record, enrollment, ctx)], voided=record.void)
     if isinstance(record, Referral):

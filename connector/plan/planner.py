@@ -2,8 +2,9 @@
 
 A *unit* is one source record and the resources mapped from it (a contact -> Communication; an enrollment
 -> CarePlan + CareTeam; a referral -> ServiceRequest + Task...). Its hash covers everything that changes
-its resources: the record, the records it lists (an enrollment's goals, a goal's notes), the participant's
-MRN, and the mapping fingerprint. Unchanged units cost nothing: they are neither mapped nor sent.
+its resources: the record, the records it lists (an enrollment's goals, a goal's notes), the records its
+narrative names (a contact's supporter and the goals it discussed), the participant's MRN, and the mapping
+fingerprint. Unchanged units cost nothing: they are neither mapped nor sent.
 
 The plan is computed in SQL inside the staging database (the ledger attached), so memory stays flat.
 """
@@ -93,7 +94,16 @@ INSERT INTO units
     SELECT s.kind || ':' || s.key, s.kind, s.key, s.participant, sha(:fp, s.hash, p.mrn),
            json_extract(s.body,'$.void')
     FROM staged s JOIN patient_of p ON p.participant = s.participant
-    WHERE s.kind IN ('contact','planned_contact','referral');
+    WHERE s.kind IN ('planned_contact','referral');
+INSERT INTO units
+    SELECT 'contact:' || c.key, 'contact', c.key, c.participant,
+           sha(:fp, c.hash, p.mrn,
+               (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(c.body,'$.supporter_id')),
+               (SELECT group_concat(h, ',') FROM (
+                   SELECT g.hash AS h FROM json_each(c.body,'$.goal_ids') j
+                   JOIN staged g ON g.kind='goal' AND g.key=j.value ORDER BY j.key))),
+           json_extract(c.body,'$.void')
+    FROM staged c JOIN patient_of p ON p.participant = c.participant WHERE c.kind='contact';
 INSERT INTO units
     SELECT 'goal:' || g.key, 'goal', g.key, g.participant,
            sha(:fp, g.hash, p.mrn, (SELECT group_concat(h, ',') FROM (
@@ -246,13 +256,15 @@ def mapping_fingerprint(*parts: str) -> str:
 # Bump when mapping output changes in a way that must re-send everything.
 # 2: goals set together carry goal-acceptance; essential elements derived from the data; change-set Provenance
 # on every bundle, voids included.
-MAPPING_VERSION = "2"
+# 3: a narrative (text) on every resource; a contact's hash covers its supporter and the goals it discussed (named
+# and quoted in its narrative), the fingerprint the program's time zone (narrative times are stated in it).
+MAPPING_VERSION = "3"
 
 
 def program_fingerprint(ctx: MappingContext) -> str:
     """The mapping fingerprint of a deployment: a change re-sends everything (conditionally: no duplicates)."""
     return mapping_fingerprint(MAPPING_VERSION, ctx.program_id, ctx.program_name, ctx.base_url, ctx.mrn_system,
-                               ctx.terminology_base, ctx.program_phone or "")
+                               ctx.terminology_base, ctx.program_phone or "", ctx.timezone)
 
 
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,

@@ -67,7 +67,11 @@ def map_case(case: dict[str, Any]) -> list[dict[str, Any]]:
     if name == "map_goal":
         return [mappers.map_goal(record, enrollment, ctx)]
     if name == "map_contact":
-        return [mappers.map_contact(record, enrollment, ctx)]
+        # as units.py maps it: with the contact's supporter and the goals it discussed (for the narrative);
+        # "without_supporter" shows the narrative of a contact whose supporter is unknown
+        supporter = None if kwargs.pop("without_supporter", False) else Supporter.model_validate(shared["supporter"])
+        goals = [Goal.model_validate(g) for g in shared["goals"] if g["goal_id"] in record.goal_ids]
+        return [mappers.map_contact(record, enrollment, ctx, supporter=supporter, goals=goals)]
     if name == "map_planned_contact":
         return [mappers.map_planned_contact(record, enrollment, ctx)]
     if name == "map_referral":
