@@ -38,6 +38,7 @@ from connector.model import (
 
 from ._util import resource
 from .context import MappingContext
+from .narrative import bullets, escape_text, labelled, narrative, with_narrative, xhtml_div
 
 NoteMode = Literal["off", "also", "only"]
 NotePeriodKind = Literal["contact", "week", "month"]
@@ -312,7 +313,7 @@ def render_note(sources: NoteSources, ctx: MappingContext) -> RenderedNote:
     for heading, lines in sections:
         plain += ["", heading.upper()] + [f"- {line.lead}: {line.text}" if line.lead else f"- {line.text}"
                                           for line in lines]
-    esc = html.escape
+    esc = escape_text  # escaped, XML-safe, right-to-left text isolated (connector/map/narrative.py)
     body = [f"<h1>{esc(title)}</h1>", f'<p class="meta">{esc(when)}</p>',
             f'<p class="meta">Peer supporter: {esc(by)}</p>']
     if status:
@@ -322,6 +323,22 @@ def render_note(sources: NoteSources, ctx: MappingContext) -> RenderedNote:
                         else f"<li>{esc(line.text)}</li>" for line in lines)
         body.append(f"<h2>{esc(heading)}</h2><ul>{items}</ul>")
     return RenderedNote(title, "\n".join(plain) + "\n", html_page(title, "".join(body)))
+
+
+def note_narrative(sources: NoteSources, ctx: MappingContext) -> dict[str, str]:
+    """The DocumentReference's own narrative: the note in short, in FHIR's XHTML subset."""
+    tz = ctx.timezone
+    staff = dict.fromkeys(c.supporter_id for c in (sources.live_contacts() or sources.contacts))
+    blocks = [f"<p><b>Peer support note</b>: {escape_text(period_text(sources.period, tz))}</p>",
+              f"<p>Peer supporter: {escape_text('; '.join(supporter_line(sources.supporter(s)) for s in staff))}</p>"]
+    if sources.voided:
+        blocks.append("<p><b>Entered in error</b>: the program voided every contact this note summarized.</p>")
+    else:
+        for heading, lines in note_sections(sources, tz):
+            blocks.append(f"<p><b>{escape_text(heading)}</b></p>")
+            blocks.append(bullets(labelled(line.lead, escape_text(line.text)) if line.lead
+                                  else f"<li>{escape_text(line.text)}</li>" for line in lines))
+    return narrative(xhtml_div(*blocks))
 
 
 def html_page(title: str, body: str) -> str:
@@ -354,7 +371,7 @@ def map_note(sources: NoteSources, ctx: MappingContext) -> dict[str, Any]:
     created = ctx.datetime_str(last)
     staff = dict.fromkeys(c.supporter_id for c in (sources.live_contacts() or sources.contacts))
     description = period_text(sources.period, ctx.timezone)
-    return resource(
+    return with_narrative(resource(
         "DocumentReference",
         ctx,
         identifier=[ctx.ident(KIND_NOTE, sources.source_id)],
@@ -372,7 +389,7 @@ def map_note(sources: NoteSources, ctx: MappingContext) -> dict[str, Any]:
                  {"attachment": attachment(rendered.html, HTML_TEXT, rendered.title, created)}],
         context={"period": {"start": ctx.datetime_str(sources.period.start),
                             "end": ctx.datetime_str(sources.period.end)}},
-    )
+    ), note_narrative(sources, ctx))
 
 
 def preview_page(notes: Sequence[NoteSources], ctx: MappingContext, heading: str) -> str:
