@@ -40,7 +40,6 @@ from ._util import resource
 from .context import MappingContext
 from .narrative import bullets, escape_text, labelled, narrative, with_narrative, xhtml_div
 
-NoteMode = Literal["off", "also", "only"]
 NotePeriodKind = Literal["contact", "week", "month"]
 
 # LOINC 85901-7 "Community health care Note" (Scale DOC, class DOC.ONT: in US Core's DocumentReference type value
