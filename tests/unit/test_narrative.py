@@ -39,6 +39,7 @@ from connector.map.narrative import (
     format_date,
     format_datetime,
     goal_narrative,
+    mark_entered_in_error,
     with_narrative,
 )
 from connector.map.units import map_participant_units, participant_unit_keys
@@ -283,3 +284,15 @@ def test_hostile_source_text_stays_inert_valid_xhtml(note: str, name: str, title
         for value in values:
             for line in _lines(value):
                 assert line in texts[resource_type], (resource_type, line[:80])
+
+
+def test_a_resource_voided_on_the_server_gets_a_notice_in_front_of_its_narrative() -> None:
+    old = map_goal(GOAL, ENROLLMENT, ctx())["text"]
+    marked = mark_entered_in_error(old)
+    root = parsed_div({"text": marked})
+    assert "".join(root[0].itertext()) == "Entered in error: disregard this record"
+    assert "Bajar mi A1c" in visible_text(root) and marked["status"] == old["status"]
+    assert mark_entered_in_error(marked) == marked
+    for bare in (None, {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml"/>'}):
+        assert visible_text(parsed_div({"text": mark_entered_in_error(bare)})) == (
+            "Entered in error: disregard this record")
