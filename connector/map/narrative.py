@@ -169,6 +169,22 @@ def with_narrative(resource: Mapping[str, Any], text: Mapping[str, str]) -> dict
     return out
 
 
+ENTERED_IN_ERROR_NOTICE = "<p><b>Entered in error</b>: disregard this record</p>"
+
+
+def mark_entered_in_error(text: Mapping[str, Any] | None) -> dict[str, str]:
+    """The narrative of a resource set to entered-in-error as it stands on the server (a record gone from the input):
+    its old narrative with a notice in front, so the chart does not keep showing it as current. Idempotent."""
+    div = str((text or {}).get("div") or xhtml_div())
+    if ENTERED_IN_ERROR_NOTICE not in div:
+        start = div.index(">") + 1
+        if div[start - 2] == "/":  # an empty <div .../>
+            div = div[: start - 2] + ">" + ENTERED_IN_ERROR_NOTICE + "</div>"
+        else:
+            div = div[:start] + ENTERED_IN_ERROR_NOTICE + div[start:]
+    return {"status": str((text or {}).get("status") or "generated"), "div": div}
+
+
 def _heading(title: str, detail_html: str = "") -> str:
     return f"<p><b>{escape(title)}</b>{': ' + detail_html if detail_html else ''}</p>"
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from connector.identifiers import token_query
 from connector.map import MappingContext, map_provenance
+from connector.map.narrative import mark_entered_in_error
 from connector.write.bundle import (
     BuiltBundle,
     Identity,
@@ -98,6 +99,7 @@ def void_bundle(unit_key: str, current: Sequence[dict[str, Any]], *, ctx: Mappin
             continue
         voided = {k: v for k, v in resource.items() if k != "meta"}  # the server sets meta; ours would conflict
         voided[STATUS_ELEMENT[resource_type]] = "entered-in-error"
+        voided["text"] = mark_entered_in_error(resource.get("text"))
         entries.append({"resource": voided, "request": {"method": "PUT", "url": f"{resource_type}/{resource['id']}"}})
     if not entries:
         return None
