@@ -6,7 +6,7 @@ SERVER := tests/fhir-server/server.sh
 DEMO_CONFIG := fixtures/demo/peersync.toml
 PYTEST_ARGS ?=
 
-.PHONY: install server server-stop demo lint test test-unit coverage wheel-check container-check reliability reliability-report bench clean
+.PHONY: install server server-stop demo lint test test-unit coverage wheel-check container-check reliability reliability-report bench docs-screenshots clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,11 @@ reliability: install
 
 reliability-report:
 	$(PY) tests/reliability/report.py
+
+# The screenshots of docs/clinical-notes.md, taken by headless Chromium (Debian: apt-get install -y chromium) from the
+# HTML peersync generates for the demo program.
+docs-screenshots: install
+	$(PY) -m tests.browser.screenshots
 
 bench: install server
 	$(PY) -m tests.bench.run

@@ -415,25 +415,40 @@ def _print_read_report(summary: dict[str, Any], lines: list[str]) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for bundles/, <Type>.ndjson and summary.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--clinical-notes", type=click.Choice(["off", "also", "only"]), default="off", show_default=True,
+              help="Clinical-note mode, as program.clinical_notes in the config (docs/clinical-notes.md).")
+@click.option("--note-period", type=click.Choice(["contact", "week", "month"]), default="month", show_default=True,
+              help="What one clinical note covers, as program.note_period.")
+@click.option("--preview-html", "preview_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also render the participants' clinical notes to DIR/notes-<participant>.html (0600).")
+@click.option("--participant", help="With --preview-html: only this participant (enrollment id).")
 @logging_options
 @translate_errors
-def map_command(profile_ref: str, inputs: tuple[Path, ...], out_dir: Path, as_json: bool) -> None:
+def map_command(profile_ref: str, inputs: tuple[Path, ...], out_dir: Path, as_json: bool, clinical_notes: str,
+                note_period: str, preview_dir: Path | None, participant: str | None) -> None:
     """Map INPUTS to FHIR without a server: transaction bundles per participant (at most 100 entries
     each), NDJSON per type, a summary.
 
     Exits 65 when rows were rejected (see the rejects report in OUT), 0 otherwise.
     """
     from connector.map import MappingContext
-    from connector.map.export import map_program
+    from connector.map.export import map_program, write_note_previews
     from connector.read.profile import load_profile
     from connector.read.program import write_rejects
     from connector.read.staging import Staging
 
     loaded = load_profile(profile_ref)
-    ctx = MappingContext.from_profile(loaded)
+    ctx = MappingContext.from_profile(loaded, clinical_notes=clinical_notes, note_period=note_period)
+    previews: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="peersync-map-") as tmp, Staging(Path(tmp) / "s.sqlite") as st:
         summary = map_program(loaded, list(inputs), ctx, out_dir, st)
         write_rejects(st, out_dir)
+        if preview_dir is not None:
+            if participant is not None and participant not in st.participants():
+                raise click.BadParameter("no accepted enrollment has this id; check the id (an enrollment id) and "
+                                         "the rejects report", param_hint="--participant")
+            previews = write_note_previews(st, ctx, preview_dir, participant)
+    summary["previews"] = [str(p) for p in previews]
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -442,6 +457,8 @@ def map_command(profile_ref: str, inputs: tuple[Path, ...], out_dir: Path, as_js
         click.echo(f"wrote {summary['bundles']} transaction bundles to {out_dir / 'bundles'}")
         for resource_type, count in summary["resources"].items():
             click.echo(f"  {resource_type:<22}{count:>8}")
+        if preview_dir is not None:
+            click.echo(f"wrote {len(previews)} clinical-note previews to {preview_dir}")
     sys.exit(ExitCode.RECORDS_REJECTED if summary["read"]["total"]["rejected"] else ExitCode.OK)
 
 

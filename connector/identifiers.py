@@ -29,6 +29,7 @@ KIND_CANCELLED_CONTACT = "cancelled-contact"  # the revoked request of a cancell
 KIND_REFERRAL = "referral"
 KIND_REFERRAL_TASK = "referral-task"
 KIND_CBO = "cbo"
+KIND_NOTE = "note"  # a clinical note (DocumentReference) per participant per period
 
 
 def identifier_value(source_id: str) -> str:

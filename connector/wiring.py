@@ -59,6 +59,8 @@ def mapping_context(settings: Settings) -> MappingContext:
             "mrn_system": settings.program.mrn_system,
             "terminology_base": settings.program.terminology_base,
             "program_phone": settings.program.phone,
+            "clinical_notes": settings.program.clinical_notes,
+            "note_period": settings.program.note_period,
         }.items()
         if value is not None
     }

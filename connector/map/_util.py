@@ -75,6 +75,15 @@ _MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]<>&|~])")
 _MARKDOWN_LINE_START = re.compile(r"^(\s*)([#>+\-=]|\d+[.)])", re.MULTILINE)
 
 
+_BACKSLASH_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
+
+
+def plain_text(markdown: str) -> str:
+    """The text a :func:`markdown_text` value stands for (CommonMark backslash escapes removed): narratives show
+    a note as the supporter wrote it, escaped for XHTML instead."""
+    return _BACKSLASH_ESCAPE.sub(r"\1", markdown)
+
+
 def markdown_text(text: str) -> str:
     """Source text as FHIR ``markdown`` that renders as the text itself: markup characters are backslash-escaped,
     so source HTML such as ``<script>`` shows as written and never renders (CommonMark §2.4 backslash escapes)."""

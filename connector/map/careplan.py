@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from html import escape
 from typing import Any
 
 from connector.identifiers import (
@@ -18,10 +17,10 @@ from connector.model import Enrollment, EnrollmentStatus, Supporter
 from . import codes
 from ._util import compact, iso_date, resource
 from .context import MappingContext
+from .narrative import careplan_narrative, with_narrative
 from .people import TeamMember, map_careteam
 
 CAREPLAN_TITLE = "Diabetes peer support plan"
-_XHTML = "http://www.w3.org/1999/xhtml"
 _STATUS_TEXT = {
     EnrollmentStatus.ACTIVE: "active",
     EnrollmentStatus.ON_HOLD: "on hold",
@@ -59,7 +58,6 @@ def map_enrollment(
     careplan = resource(
         "CarePlan",
         ctx,
-        text={"status": "generated", "div": _narrative(e, goal_ids, planned_contact_ids, referral_ids, ctx)},
         identifier=[ctx.ident(KIND_CAREPLAN, e.enrollment_id)],
         status=status,
         intent="plan",
@@ -76,30 +74,8 @@ def map_enrollment(
         goal=[ctx.ref("Goal", KIND_GOAL, g) for g in goal_ids],
         activity=activities,
     )
+    status_text = "entered in error" if e.void else _STATUS_TEXT[e.status]
+    careplan = with_narrative(careplan, careplan_narrative(
+        careplan, enrollment_id=e.enrollment_id, status_text=status_text, program_name=ctx.program_name,
+        goal_ids=goal_ids, planned_contacts=len(planned_contact_ids), referrals=len(referral_ids)))
     return [careplan, map_careteam(e, ctx, supporter, team)]
-
-
-def _narrative(
-    e: Enrollment,
-    goal_ids: Sequence[str],
-    planned_contact_ids: Sequence[str],
-    referral_ids: Sequence[str],
-    ctx: MappingContext,
-) -> str:
-    # Only what the chart may show: program, dates, status and record counts/ids. Never the MRN or a name.
-    # Every piece of source text is escaped (quote=True also covers attribute-breaking quotes).
-    status = "entered in error" if e.void else _STATUS_TEXT[e.status]
-    period = f"{e.start_date.isoformat()} to {e.end_date.isoformat() if e.end_date else 'ongoing'}"
-    goals = ", ".join(escape(g) for g in goal_ids)
-    parts = [
-        f'<div xmlns="{_XHTML}">',
-        f"<p><b>{escape(CAREPLAN_TITLE)}</b>: {escape(ctx.program_name)}</p>",
-        "<ul>",
-        f"<li>Enrollment {escape(e.enrollment_id)}, {escape(status)}, {escape(period)}</li>",
-        f"<li>Goals: {len(goal_ids)}{' (' + goals + ')' if goal_ids else ''}</li>",
-        f"<li>Planned contacts: {len(planned_contact_ids)}</li>",
-        f"<li>Community referrals: {len(referral_ids)}</li>",
-        "</ul>",
-        "</div>",
-    ]
-    return "".join(parts)

@@ -98,6 +98,7 @@ US_CORE_PROFILES: dict[str, str] = {
     for t in (
         "CarePlan",
         "CareTeam",
+        "DocumentReference",
         "Goal",
         "Organization",
         "Practitioner",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from connector.identifiers import (
@@ -18,6 +19,8 @@ from connector.model import (
     ContactMode,
     ContactOutcome,
     Enrollment,
+    Goal,
+    Supporter,
     SupportType,
 )
 
@@ -25,6 +28,7 @@ from . import codes
 from ._util import compact, markdown_text, resource
 from .careplan import careplan_ref
 from .context import MappingContext
+from .narrative import communication_narrative, communication_request_narrative, with_narrative
 
 _NOT_DONE_REASON = {
     ContactOutcome.NOT_REACHED: {
@@ -44,8 +48,12 @@ def medium(mode: ContactMode, ctx: MappingContext) -> dict[str, Any]:
     return {"coding": coding, "text": text}
 
 
-def map_contact(c: Contact, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
-    """One contact with one participant: status, mode, support delivered, links to goals and plan, notes."""
+def map_contact(c: Contact, e: Enrollment, ctx: MappingContext, *, supporter: Supporter | None = None,
+                goals: Sequence[Goal] = ()) -> dict[str, Any]:
+    """One contact with one participant: status, mode, support delivered, links to goals and plan, notes.
+
+    ``supporter`` (the contact's) and ``goals`` (those it discussed) give the narrative the supporter's name and
+    title and the goals' own words; without them it says "Peer supporter" and lists no goals."""
     if c.void:
         status = codes.ENTERED_IN_ERROR
     elif c.outcome is ContactOutcome.COMPLETED:
@@ -61,7 +69,7 @@ def map_contact(c: Contact, e: Enrollment, ctx: MappingContext) -> dict[str, Any
     elif c.outcome is ContactOutcome.CANCELLED:
         based_on.append(ctx.ref("CommunicationRequest", KIND_CANCELLED_CONTACT, c.contact_id))
     sender = ctx.ref("PractitionerRole", KIND_ROLE, c.supporter_id)
-    return resource(
+    communication = resource(
         "Communication",
         ctx,
         extension=_extensions(c, ctx),
@@ -84,6 +92,8 @@ def map_contact(c: Contact, e: Enrollment, ctx: MappingContext) -> dict[str, Any
         if c.notes
         else [],
     )
+    return with_narrative(communication, communication_narrative(communication, supporter=supporter, goals=goals,
+                                                                 timezone=ctx.timezone))
 
 
 def map_cancelled_contact_request(c: Contact, e: Enrollment, ctx: MappingContext) -> dict[str, Any] | None:
@@ -92,7 +102,7 @@ def map_cancelled_contact_request(c: Contact, e: Enrollment, ctx: MappingContext
     if c.outcome is not ContactOutcome.CANCELLED or c.planned_contact_id:
         return None
     supporter = ctx.ref("PractitionerRole", KIND_ROLE, c.supporter_id)
-    return resource(
+    request = resource(
         "CommunicationRequest",
         ctx,
         identifier=[ctx.ident(KIND_CANCELLED_CONTACT, c.contact_id)],
@@ -105,6 +115,7 @@ def map_cancelled_contact_request(c: Contact, e: Enrollment, ctx: MappingContext
         recipient=[ctx.patient_ref(e)],
         sender=supporter,
     )
+    return with_narrative(request, communication_request_narrative(request, timezone=ctx.timezone))
 
 
 def _categories(c: Contact, ctx: MappingContext) -> list[dict[str, Any]]:

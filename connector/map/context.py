@@ -47,6 +47,8 @@ class MappingContext:
         program_phone: the program's phone, used as PractitionerRole telecom when a supporter has none (pd-1).
         referral_codes: the profile's ServiceRequest.code per referral need, ``(need, system, code, display)``;
             they replace the shipped table (``mappings/referral-codes.yaml``) for those needs.
+        clinical_notes: clinical-note mode: ``off``, ``also`` (notes and the structured resources) or ``only``.
+        note_period: what one note covers: one ``contact``, an ISO ``week`` or a calendar ``month``.
     """
 
     program_id: str
@@ -58,6 +60,8 @@ class MappingContext:
     connector_version: str = __version__
     program_phone: str | None = None
     referral_codes: tuple[tuple[str, str, str, str], ...] = ()
+    clinical_notes: str = "off"
+    note_period: str = "month"
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:

@@ -27,9 +27,11 @@ from typing import IO, Any
 
 import orjson
 
+from connector.files import make_folder, write_atomically
 from connector.identifiers import identifier_value
 from connector.map import MappingContext
-from connector.map.units import iter_planned_units, map_planned_global_units
+from connector.map.note import preview_page
+from connector.map.units import iter_planned_units, map_planned_global_units, participant_notes
 from connector.plan.ledger import Ledger
 from connector.plan.planner import (
     compute_plan,
@@ -107,7 +109,7 @@ def iter_bundles(staging: Staging, ctx: MappingContext, *, recorded: datetime | 
 
     # What a first sync writes: the plan against a ledger that holds nothing (thrown away afterwards).
     with tempfile.TemporaryDirectory(prefix="peersync-map-") as tmp, Ledger(Path(tmp) / "empty.sqlite") as empty:
-        compute_plan(staging, empty, program_id=ctx.program_id, fingerprint=program_fingerprint(ctx))
+        compute_plan(staging, empty, program_id=ctx.program_id, fingerprint=program_fingerprint(ctx), ctx=ctx)
         try:
             yield from built("_program", map_planned_global_units(staging, units_to_write(staging, None), ctx))
             for participant in participants_to_write(staging):
@@ -118,3 +120,20 @@ def iter_bundles(staging: Staging, ctx: MappingContext, *, recorded: datetime | 
             # A consumer that stops early may close the generator after it closed the staging store.
             with contextlib.suppress(sqlite3.ProgrammingError):
                 Ledger.detach_from(staging.db)
+
+
+def write_note_previews(staging: Staging, ctx: MappingContext, out_dir: Path,
+                        participant: str | None = None) -> list[Path]:
+    """Render participants' clinical notes (all, or one) to ``notes-<id>.html`` in ``out_dir``, each file created
+    0600 (it holds patient data): what the clinic will see, before the first sync. Returns the files written."""
+    make_folder(out_dir)
+    chosen = [participant] if participant is not None else staging.participants()
+    written = []
+    for pid in chosen:
+        notes = participant_notes(staging, pid, ctx)
+        if not notes:
+            continue
+        path = out_dir / f"notes-{identifier_value(pid)}.html"
+        write_atomically(path, preview_page(notes, ctx, f"Peer support notes: {ctx.program_name}"))
+        written.append(path)
+    return written

@@ -20,6 +20,7 @@ from connector.model import (
 from . import codes
 from ._util import compact, fhir_decimal, iso_date, markdown_text, resource
 from .context import MappingContext
+from .narrative import goal_narrative, with_narrative
 
 
 def map_goal(g: Goal, e: Enrollment, ctx: MappingContext,
@@ -30,7 +31,7 @@ def map_goal(g: Goal, e: Enrollment, ctx: MappingContext,
     that closed an HbA1c goal); none are known yet, so callers pass none.
     """
     notes = [n for n in g.notes if not n.void]
-    return resource(
+    goal = resource(
         "Goal",
         ctx,
         extension=_acceptance(g, e, ctx),
@@ -56,6 +57,7 @@ def map_goal(g: Goal, e: Enrollment, ctx: MappingContext,
         ]),
         outcomeReference=list(outcome_references),
     )
+    return with_narrative(goal, goal_narrative(goal, g))
 
 
 # Achievement codes that say an ended goal was not met.

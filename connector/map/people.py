@@ -20,6 +20,14 @@ from connector.model import Enrollment, Supporter, SupporterTitle
 from . import codes
 from ._util import compact, iso_date, resource
 from .context import DEVICE_IDENTIFIER_VALUE, MappingContext
+from .narrative import (
+    careteam_narrative,
+    device_narrative,
+    organization_narrative,
+    practitioner_narrative,
+    practitioner_role_narrative,
+    with_narrative,
+)
 
 CARE_TEAM_NAME = "Diabetes peer support team"
 
@@ -45,7 +53,8 @@ def map_program(ctx: MappingContext) -> list[dict[str, Any]]:
         version=[{"value": ctx.connector_version}],
         owner=ctx.organization_ref(),
     )
-    return [organization, device]
+    return [with_narrative(organization, organization_narrative(organization)),
+            with_narrative(device, device_narrative(device, program_name=ctx.program_name))]
 
 
 def supporter_role_concept(s: Supporter | None, ctx: MappingContext) -> dict[str, Any]:
@@ -97,7 +106,8 @@ def map_supporter(s: Supporter, ctx: MappingContext) -> list[dict[str, Any]]:
         specialty=[{"coding": [dict(codes.TITLE_TAXONOMY[s.title])]}],
         telecom=role_telecom,
     )
-    return [practitioner, role]
+    return [with_narrative(practitioner, practitioner_narrative(practitioner, s, program_name=ctx.program_name)),
+            with_narrative(role, practitioner_role_narrative(role, s, program_name=ctx.program_name))]
 
 
 @dataclass(frozen=True)
@@ -118,7 +128,7 @@ def map_careteam(e: Enrollment, ctx: MappingContext, supporter: Supporter | None
     period = compact({"start": iso_date(e.start_date), "end": iso_date(e.end_date) if e.end_date else None})
     members = [TeamMember(e.supporter_id, e.start_date, supporter)]
     members += sorted((m for m in team if m.supporter_id != e.supporter_id), key=lambda m: (m.since, m.supporter_id))
-    return resource(
+    careteam = resource(
         "CareTeam",
         ctx,
         identifier=[ctx.ident(KIND_CARETEAM, e.enrollment_id)],
@@ -141,6 +151,7 @@ def map_careteam(e: Enrollment, ctx: MappingContext, supporter: Supporter | None
         ],
         managingOrganization=[ctx.organization_ref()],
     )
+    return with_narrative(careteam, careteam_narrative(careteam, supporter=supporter, program_name=ctx.program_name))
 
 
 def _role_display(supporter: Supporter | None) -> str:

@@ -11,6 +11,7 @@ from connector.identifiers import KIND_ROLE, KIND_STAFF, conditional_reference, 
 from . import codes
 from ._util import resource
 from .context import MappingContext
+from .narrative import provenance_narrative, with_narrative
 
 SOURCE_RECORD_KIND = "source-record"
 
@@ -80,7 +81,7 @@ def map_provenance(
         "who": ctx.device_ref(),
         "onBehalfOf": organization,
     }
-    return resource(
+    provenance = resource(
         "Provenance",
         ctx,
         target=[{"reference": t} for t in targets],
@@ -89,6 +90,8 @@ def map_provenance(
         agent=[author_agent, transmitter],
         entity=[{"role": "source", "what": {"identifier": _entity_identifier(s, ctx)}} for s in source_entities],
     )
+    return with_narrative(provenance, provenance_narrative(provenance, program_name=ctx.program_name,
+                                                           timezone=ctx.timezone))
 
 
 def _entity_identifier(entity: str, ctx: MappingContext) -> dict[str, str]:

@@ -19,13 +19,20 @@ from ._util import iso_date, markdown_text, resource
 from .careplan import careplan_ref
 from .communication import medium
 from .context import MappingContext
+from .narrative import (
+    communication_request_narrative,
+    organization_narrative,
+    service_request_narrative,
+    task_narrative,
+    with_narrative,
+)
 
 
 def map_planned_contact(p: PlannedContact, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
     """The next planned contact as a CommunicationRequest (listed in CarePlan.activity)."""
     status = codes.ENTERED_IN_ERROR if p.void else codes.COMMUNICATION_REQUEST_STATUS[p.status]
     supporter = supporter_or_program(p.supporter_id, ctx)
-    return resource(
+    request = resource(
         "CommunicationRequest",
         ctx,
         identifier=[ctx.ident(KIND_CONTACT_REQUEST, p.planned_contact_id)],
@@ -38,6 +45,7 @@ def map_planned_contact(p: PlannedContact, e: Enrollment, ctx: MappingContext) -
         recipient=[ctx.patient_ref(e)],
         sender=supporter,
     )
+    return with_narrative(request, communication_request_narrative(request, timezone=ctx.timezone))
 
 
 def supporter_or_program(supporter_id: str | None, ctx: MappingContext) -> dict[str, Any]:
@@ -59,7 +67,7 @@ def map_cbo(r: Referral, ctx: MappingContext) -> dict[str, Any] | None:
     """The community resource as an Organization, when the program identifies it (``resource_id``)."""
     if not r.resource_id:
         return None
-    return resource(
+    organization = resource(
         "Organization",
         ctx,
         identifier=[ctx.ident(KIND_CBO, r.resource_id)],
@@ -67,6 +75,7 @@ def map_cbo(r: Referral, ctx: MappingContext) -> dict[str, Any] | None:
         type=[{"coding": [dict(codes.ORG_TYPE_COMMUNITY_GROUP)]}],
         name=r.resource_name,
     )
+    return with_narrative(organization, organization_narrative(organization, community_resource=True))
 
 
 def map_referral(r: Referral, e: Enrollment, ctx: MappingContext) -> list[dict[str, Any]]:
@@ -115,7 +124,8 @@ def map_referral(r: Referral, e: Enrollment, ctx: MappingContext) -> list[dict[s
         note=notes,
         output=_output(r, service),
     )
-    return [service_request, task]
+    return [with_narrative(service_request, service_request_narrative(service_request, r)),
+            with_narrative(task, task_narrative(task, r))]
 
 
 def _last_modified(r: Referral) -> str | None:

@@ -26,6 +26,7 @@ from connector.map import (
     map_referral,
     map_supporter,
 )
+from connector.map.note import NoteSources, group_notes, map_note
 from connector.model import (
     RECORD_MODELS,
     Contact,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 # Write order inside a participant's change-set (see module docstring).
 KIND_ORDER = {"program": 0, "supporter": 1, "cbo": 2, "goal": 3, "planned_contact": 4, "referral": 5,
-              "enrollment": 6, "contact": 7}
+              "enrollment": 6, "contact": 7, "note": 8}
 
 
 # The record kinds that are units of a participant besides the enrollment itself.
@@ -142,12 +143,20 @@ class _ParticipantRecords:
             self.bodies[(kind, key)] = body
             self.keys_by_kind.setdefault(kind, []).append(key)
         self._notes: dict[str, list[GoalNote]] | None = None
+        self._clinical_notes: dict[str, NoteSources] | None = None
+        self._shared: dict[tuple[RecordKind, str], SourceRecord | None] = {}
 
     def record(self, kind: RecordKind, key: str) -> SourceRecord | None:
         body = self.bodies.get((kind.value, key))
         if body is None:  # not this participant's (or not staged): ask the store, as before
             return self.staging.record(kind, key)
         return RECORD_MODELS[kind].model_validate_json(body)
+
+    def shared(self, kind: RecordKind, key: str) -> SourceRecord | None:
+        """A record several units read (a supporter, a goal a contact discussed), parsed once per participant."""
+        if (kind, key) not in self._shared:
+            self._shared[(kind, key)] = self.record(kind, key)
+        return self._shared[(kind, key)]
 
     def keys(self, kind: RecordKind) -> list[str]:
         return list(self.keys_by_kind.get(kind.value, ()))
@@ -178,6 +187,34 @@ class _ParticipantRecords:
                 self._notes.setdefault(note.goal_id, []).append(note)
         return tuple(self._notes.get(goal_id, ()))
 
+    def all_of(self, kind: RecordKind) -> list[SourceRecord]:
+        """Every staged record of one kind of this participant, in input order."""
+        return [r for r in (self.record(kind, key) for key in self.keys(kind)) if r is not None]
+
+    def clinical_notes(self, ctx: MappingContext) -> dict[str, NoteSources]:
+        """The participant's clinical notes by source id (grouped once per participant)."""
+        if self._clinical_notes is None:
+            self._clinical_notes = {}
+            enrollment = self.record(RecordKind.ENROLLMENT, self.participant)
+            if isinstance(enrollment, Enrollment):
+                contacts = [c for c in self.all_of(RecordKind.CONTACT) if isinstance(c, Contact)]
+                planned = [p for p in self.all_of(RecordKind.PLANNED_CONTACT) if isinstance(p, PlannedContact)]
+                goals = [g.model_copy(update={"notes": self.notes(g.goal_id)})
+                         for g in self.all_of(RecordKind.GOAL) if isinstance(g, Goal)]
+                referrals = [r for r in self.all_of(RecordKind.REFERRAL) if isinstance(r, Referral)]
+                staff = sorted({c.supporter_id for c in contacts} | {p.supporter_id for p in planned if p.supporter_id})
+                supporters = {s: rec for s in staff
+                              if isinstance(rec := self.staging.record(RecordKind.SUPPORTER, s), Supporter)}
+                for note in group_notes(enrollment, contacts, goals, referrals, planned, supporters,
+                                        kind=ctx.note_period, timezone=ctx.timezone):  # type: ignore[arg-type]
+                    self._clinical_notes[note.source_id] = note
+        return self._clinical_notes
+
+
+def participant_notes(staging: Staging, participant: str, ctx: MappingContext) -> list[NoteSources]:
+    """One participant's clinical notes (what the planner hashes and the note units map)."""
+    return list(_ParticipantRecords(staging, participant).clinical_notes(ctx).values())
+
 
 def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, source_id: str,
              ctx: MappingContext) -> UnitWrite | None:
@@ -194,6 +231,9 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
             team=records.team(ctx),
         )
         return UnitWrite(unit_key, kind, resources, voided=False)
+    if kind == "note":
+        note = records.clinical_notes(ctx).get(source_id)
+        return UnitWrite(unit_key, kind, [map_note(note, ctx)], voided=note.voided) if note else None
     record = records.record(RecordKind(kind), source_id)
     if record is None:
         return None
@@ -202,7 +242,11 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
         return UnitWrite(unit_key, kind, [map_goal(record, enrollment, ctx)], voided=record.void)
     if isinstance(record, Contact):
         request = map_cancelled_contact_request(record, enrollment, ctx)
-        contact = [map_contact(record, enrollment, ctx)]
+        # the narrative names the supporter and quotes the goals discussed (both in the contact's unit hash)
+        supporter = records.shared(RecordKind.SUPPORTER, record.supporter_id)
+        goals = [g for g in (records.shared(RecordKind.GOAL, gid) for gid in record.goal_ids) if isinstance(g, Goal)]
+        contact = [map_contact(record, enrollment, ctx, goals=goals,
+                               supporter=supporter if isinstance(supporter, Supporter) else None)]
         return UnitWrite(unit_key, kind, [request, *contact] if request else contact, voided=record.void)
     if isinstance(record, PlannedContact):
         return UnitWrite(unit_key, kind, [map_planned_contact(record, enrollment, ctx)], voided=record.void)

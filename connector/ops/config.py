@@ -209,6 +209,13 @@ class ProgramSettings(_Section):
     mrn_system: str | None = Field(None, description="The clinic's MRN identifier system (URI)")
     terminology_base: str | None = Field(None, description="Canonical base of peersync's CodeSystems and extensions")
     phone: str | None = Field(None, description="The program's phone, used when a supporter has none")
+    clinical_notes: Literal["off", "also", "only"] = Field(
+        "off", description="Clinical-note mode (docs/clinical-notes.md): off = structured resources only; also = a "
+        "US Core DocumentReference per participant per period as well; only = the notes (and the supporters and "
+        "program they name) instead of the structured resources, for EHRs that accept only documents")
+    note_period: Literal["contact", "week", "month"] = Field(
+        "month", description="What one clinical note covers: one contact, an ISO week or a calendar month (in the "
+        "program's time zone)")
 
 
 class ServerSettings(_Section):

@@ -11,6 +11,7 @@ from connector.identifiers import (
     KIND_CONTACT_REQUEST,
     KIND_DEVICE,
     KIND_GOAL,
+    KIND_NOTE,
     KIND_ORGANIZATION,
     KIND_REFERRAL,
     KIND_REFERRAL_TASK,
@@ -35,6 +36,7 @@ PROGRAM_RESOURCES: list[tuple[str, str, str | None]] = [
     ("CommunicationRequest", KIND_CANCELLED_CONTACT, "status"),  # the planned time of a cancelled contact
     ("ServiceRequest", KIND_REFERRAL, "status"),
     ("Task", KIND_REFERRAL_TASK, "status"),
+    ("DocumentReference", KIND_NOTE, "status"),
 ]
 
 

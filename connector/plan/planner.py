@@ -2,8 +2,9 @@
 
 A *unit* is one source record and the resources mapped from it (a contact -> Communication; an enrollment
 -> CarePlan + CareTeam; a referral -> ServiceRequest + Task...). Its hash covers everything that changes
-its resources: the record, the records it lists (an enrollment's goals, a goal's notes), the participant's
-MRN, and the mapping fingerprint. Unchanged units cost nothing: they are neither mapped nor sent.
+its resources: the record, the records it lists (an enrollment's goals, a goal's notes), the records its
+narrative names (a contact's supporter and the goals it discussed), the participant's MRN, and the mapping
+fingerprint. Unchanged units cost nothing: they are neither mapped nor sent.
 
 The plan is computed in SQL inside the staging database (the ledger attached), so memory stays flat.
 """
@@ -19,9 +20,10 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 from connector.map.context import MappingContext
+from connector.map.units import participant_notes
 from connector.plan.ledger import Ledger, UnitState
 from connector.plan.shape import KindShape
-from connector.read.staging import Staging
+from connector.read.staging import Staging, record_hash
 
 
 class Act(StrEnum):
@@ -44,6 +46,9 @@ WRITE_ACTIONS = frozenset({Act.CREATE, Act.UPDATE, Act.VOID, Act.DELETE, Act.RET
 
 # Units that belong to no participant, written first and once per run.
 GLOBAL_KINDS = ("program", "supporter", "cbo")
+# A participant's structured units (not written in clinical-note mode "only"), and its clinical notes.
+STRUCTURED_KINDS = ("contact", "goal", "planned_contact", "referral", "enrollment")
+NOTE_KIND = "note"
 # Which resource types each unit kind produces (for per-type plan counts).
 UNIT_RESOURCE_TYPES: dict[str, tuple[str, ...]] = {
     "program": ("Organization", "Device"),
@@ -54,6 +59,7 @@ UNIT_RESOURCE_TYPES: dict[str, tuple[str, ...]] = {
     "contact": ("Communication",),
     "planned_contact": ("CommunicationRequest",),
     "referral": ("ServiceRequest", "Task"),
+    "note": ("DocumentReference",),
 }
 
 
@@ -89,7 +95,16 @@ INSERT INTO units
     SELECT s.kind || ':' || s.key, s.kind, s.key, s.participant, sha(:fp, s.hash, p.mrn),
            json_extract(s.body,'$.void')
     FROM staged s JOIN patient_of p ON p.participant = s.participant
-    WHERE s.kind IN ('contact','planned_contact','referral');
+    WHERE s.kind IN ('planned_contact','referral');
+INSERT INTO units
+    SELECT 'contact:' || c.key, 'contact', c.key, c.participant,
+           sha(:fp, c.hash, p.mrn,
+               (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(c.body,'$.supporter_id')),
+               (SELECT group_concat(h, ',') FROM (
+                   SELECT g.hash AS h FROM json_each(c.body,'$.goal_ids') j
+                   JOIN staged g ON g.kind='goal' AND g.key=j.value ORDER BY j.key))),
+           json_extract(c.body,'$.void')
+    FROM staged c JOIN patient_of p ON p.participant = c.participant WHERE c.kind='contact';
 INSERT INTO units
     SELECT 'goal:' || g.key, 'goal', g.key, g.participant,
            sha(:fp, g.hash, p.mrn, (SELECT group_concat(h, ',') FROM (
@@ -138,7 +153,7 @@ INSERT INTO plan
 INSERT INTO plan
     SELECT l.unit_key, l.kind, substr(l.unit_key, instr(l.unit_key, ':') + 1), l.participant, NULL, 'delete'
     FROM ledger.units l
-    WHERE l.voided = 0 AND l.hash IS NOT NULL AND l.kind IN ('contact','goal','planned_contact','referral','enrollment')
+    WHERE l.voided = 0 AND l.hash IS NOT NULL AND l.kind IN (:deletable_kinds)
       AND NOT EXISTS (SELECT 1 FROM units u WHERE u.unit_key = l.unit_key);
 UPDATE plan SET action = 'retry'
     WHERE action = 'quarantined' AND participant IN (
@@ -255,18 +270,21 @@ def mapping_fingerprint(*parts: str) -> str:
 # on every bundle, voids included.
 # 3: issue 19 clinical semantics: participant-declined referrals, one Provenance per author, recorded status dates
 # only, specific referral codes, the care team from the contacts, SDOHCC Task elements.
+# Also in 3: a narrative (text) on every resource; a contact's hash covers its supporter and the goals it discussed
+# (named and quoted in its narrative), the fingerprint the program's time zone (narrative times are stated in it).
 MAPPING_VERSION = "3"
 
 
 def program_fingerprint(ctx: MappingContext) -> str:
     """The mapping fingerprint of a deployment: a change re-sends everything (conditionally: no duplicates)."""
     return mapping_fingerprint(MAPPING_VERSION, ctx.program_id, ctx.program_name, ctx.base_url, ctx.mrn_system,
-                               ctx.terminology_base, ctx.program_phone or "",
+                               ctx.terminology_base, ctx.program_phone or "", ctx.timezone,
                                *("|".join(code) for code in ctx.referral_codes))
 
 
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,
-                 max_delete_fraction: float = 0.2, held_kinds: Collection[str] = ()) -> Plan:
+                 max_delete_fraction: float = 0.2, held_kinds: Collection[str] = (),
+                 ctx: MappingContext | None = None) -> Plan:
     """Fill the staging DB's ``units`` and ``plan`` tables and return the counts.
 
     Deletions are held back (not planned) for a kind when rows of that kind were rejected without a readable
@@ -274,15 +292,24 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
     truncated input file must never void a program's history). Units of ``held_kinds`` (the shape guard's)
     are neither updated, voided nor deleted: those actions become ``held``; creates and retries of content
     the server already confirmed go ahead.
+
+    ``ctx`` brings the clinical-note mode (``ctx.clinical_notes``): with "also" or "only" every participant gets a
+    ``note`` unit per period; with "only" its structured units (and the community organizations only they name)
+    are left out. Kinds a mode does not write are never deleted: switching modes leaves what the server has.
     """
     db = staging.db
     db.create_function("sha", -1, _sha, deterministic=True)
     _attach(db, ledger)
     staging.flush()
+    mode = ctx.clinical_notes if ctx is not None else "off"
+    deletable = (STRUCTURED_KINDS if mode != "only" else ()) + ((NOTE_KIND,) if mode != "off" else ())
     with db:
         for statement in _split(_UNITS_SQL):
             db.execute(statement, {"program": program_id, "fp": fingerprint})
+        if ctx is not None and mode != "off":
+            _add_note_units(db, staging, ctx, fingerprint, structured=mode == "also")
         for statement in _split(_PLAN_SQL):
+            statement = statement.replace(":deletable_kinds", ",".join(f"'{k}'" for k in deletable) or "NULL")
             db.execute(statement, {"sent": UnitState.SENT, "quarantined": UnitState.QUARANTINED,
                                    "not_permitted": UnitState.NOT_PERMITTED})
     plan = Plan()
@@ -307,6 +334,22 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
             plan.by_participant.setdefault(participant, Counter())[action] += count
             plan.reported_by_participant.setdefault(participant, Counter())[reported] += count
     return plan
+
+
+def _add_note_units(db: sqlite3.Connection, staging: Staging, ctx: MappingContext, fingerprint: str, *,
+                    structured: bool) -> None:
+    """Insert a ``note`` unit per participant per period; its hash covers every record the note renders."""
+    rows = []
+    for participant, mrn in db.execute("SELECT participant, mrn FROM patient_of ORDER BY participant").fetchall():
+        for note in participant_notes(staging, participant, ctx):
+            unit_hash = _sha(fingerprint, "note", ctx.note_period, ctx.timezone, mrn,
+                             *(f"{r.kind}:{r.key}:{record_hash(r)}" for r in note.records()))
+            rows.append((f"{NOTE_KIND}:{note.source_id}", NOTE_KIND, note.source_id, participant, unit_hash,
+                         int(note.voided)))
+    db.executemany("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?)", rows)
+    if not structured:
+        kinds = (*STRUCTURED_KINDS, "cbo")
+        db.execute(f"DELETE FROM units WHERE kind IN ({','.join('?' * len(kinds))})", kinds)
 
 
 def _hold_unsafe_deletions(db: sqlite3.Connection, staging: Staging, max_fraction: float) -> tuple[list[str], int]:

@@ -25,13 +25,15 @@ class KindShape:
 # Unit kinds whose resources also carry what a record kind holds: a goal's notes are in its Goal; an
 # enrollment's CarePlan lists its goals, planned contacts and referrals, its CareTeam the supporters; a
 # referral names its community organization.
+# A clinical note (clinical-note mode) renders its contacts, goals and their notes, referrals, planned contacts
+# and supporters.
 HELD_WITH: dict[str, tuple[str, ...]] = {
-    "goal_note": ("goal",),
-    "goal": ("enrollment",),
-    "planned_contact": ("enrollment",),
-    "referral": ("enrollment", "cbo"),
-    "supporter": ("enrollment",),
-    "contact": ("enrollment",),  # the CareTeam lists every supporter who worked with the participant
+    "goal_note": ("goal", "note"),
+    "goal": ("enrollment", "note"),
+    "planned_contact": ("enrollment", "note"),
+    "referral": ("enrollment", "cbo", "note"),
+    "supporter": ("enrollment", "note"),
+    "contact": ("enrollment", "note"),  # the CareTeam lists every supporter who worked with the participant
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from connector.identifiers import token_query
 from connector.map import MappingContext, map_provenance, resource_authors
+from connector.map.narrative import mark_entered_in_error
 from connector.write.bundle import (
     BuiltBundle,
     BundledResource,
@@ -33,6 +34,7 @@ STATUS_ELEMENT = {
     "CommunicationRequest": "status",
     "ServiceRequest": "status",
     "Task": "status",
+    "DocumentReference": "status",
 }
 
 
@@ -128,6 +130,7 @@ def void_bundle(unit_key: str, current: Sequence[dict[str, Any]], *, ctx: Mappin
             continue
         voided = {k: v for k, v in resource.items() if k != "meta"}  # the server sets meta; ours would conflict
         voided[STATUS_ELEMENT[resource_type]] = "entered-in-error"
+        voided["text"] = mark_entered_in_error(resource.get("text"))
         entries.append({"resource": voided, "request": {"method": "PUT", "url": f"{resource_type}/{resource['id']}"}})
     if not entries:
         return None

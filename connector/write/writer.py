@@ -188,7 +188,9 @@ class Writer:
         """Start the run's refused types: those the CapabilityStatement declares not writable, and those an
         earlier run was refused while the statement and settings are unchanged. Returns their fingerprint."""
         fingerprint = permissions_fingerprint_of(self.capabilities, self.opts)
-        for resource_type, reason in refused_by_capabilities(self.capabilities, WRITTEN_TYPES).items():
+        # DocumentReference only matters in clinical-note mode: a server without it is no news otherwise.
+        written = WRITTEN_TYPES if self.opts.ctx.clinical_notes != "off" else WRITTEN_TYPES - {"DocumentReference"}
+        for resource_type, reason in refused_by_capabilities(self.capabilities, written).items():
             self.limits.refuse([resource_type], reason)
         stored, types = ledger.refused_types()
         if stored == fingerprint:

@@ -15,6 +15,7 @@ import pytest
 
 from connector import map as mappers
 from connector.map import MappingContext
+from connector.map.note import group_notes, map_note, render_note
 from connector.model import (
     Contact,
     Enrollment,
@@ -69,8 +70,13 @@ def map_case(case: dict[str, Any]) -> list[dict[str, Any]]:
     if name == "map_goal":
         return [mappers.map_goal(record, enrollment, ctx)]
     if name == "map_contact":
+        # as units.py maps it: with the contact's supporter and the goals it discussed (for the narrative);
+        # "without_supporter" shows the narrative of a contact whose supporter is unknown
+        supporter = None if kwargs.pop("without_supporter", False) else Supporter.model_validate(shared["supporter"])
+        goals = [Goal.model_validate(g) for g in shared["goals"] if g["goal_id"] in record.goal_ids]
         request = mappers.map_cancelled_contact_request(record, enrollment, ctx)
-        return ([request] if request else []) + [mappers.map_contact(record, enrollment, ctx)]
+        return ([request] if request else []) + [mappers.map_contact(record, enrollment, ctx, supporter=supporter,
+                                                                      goals=goals)]
     if name == "map_planned_contact":
         return [mappers.map_planned_contact(record, enrollment, ctx)]
     if name == "map_referral":
@@ -78,6 +84,8 @@ def map_case(case: dict[str, Any]) -> list[dict[str, Any]]:
         return mappers.map_referral(record, enrollment, ctx) + ([cbo] if cbo else [])
     if name == "change_set":
         return _change_set_provenances(case, enrollment, ctx)
+    if name == "map_note":
+        return [map_note(note, ctx) for note in note_case(case, ctx)]
     if name == "map_provenance":
         return [mappers.map_provenance(kwargs.pop("targets"), recorded=MAPPING_TIME, ctx=ctx, **kwargs)]
     raise AssertionError(f"unknown mapper in golden input: {name}")
@@ -100,6 +108,19 @@ def _change_set_provenances(case: dict[str, Any], enrollment: Enrollment, ctx: M
     return [e["resource"] for e in built.bundle["entry"] if e["resource"]["resourceType"] == "Provenance"]
 
 
+def note_case(case: dict[str, Any], ctx: MappingContext) -> list[Any]:
+    """The notes of a clinical-note golden input (the shared enrollment and supporter, its records)."""
+    shared = _shared()
+    return group_notes(
+        Enrollment.model_validate(shared["enrollment"]),
+        [Contact.model_validate(c) for c in case.get("contacts", [])],
+        [Goal.model_validate(g) for g in case.get("goals", [])],
+        [Referral.model_validate(r) for r in case.get("referrals", [])],
+        [PlannedContact.model_validate(p) for p in case.get("planned", [])],
+        {"S01": Supporter.model_validate(shared["supporter"])},
+        kind=case["kwargs"]["period"], timezone=ctx.timezone)
+
+
 def _dump(resources: list[dict[str, Any]]) -> str:
     return json.dumps(resources, indent=2, ensure_ascii=False) + "\n"
 
@@ -120,6 +141,26 @@ def test_golden(case_name: str, update_golden: bool) -> None:
     )
 
 
+NOTE_CASES = [c for c in golden_cases()
+              if json.loads((INPUTS / f"{c}.json").read_text(encoding="utf-8"))["mapper"] == "map_note"]
+
+
+@pytest.mark.parametrize("case_name", NOTE_CASES)
+def test_golden_note_text(case_name: str, update_golden: bool) -> None:
+    """The clinical notes' plain text and HTML, readable in review (the JSON golden file has them in base64)."""
+    case = json.loads((INPUTS / f"{case_name}.json").read_text(encoding="utf-8"))
+    ctx = MappingContext(**_shared()["context"])
+    rendered = [render_note(note, ctx) for note in note_case(case, ctx)]
+    for suffix, actual in (("txt", "\n\f\n".join(r.plain for r in rendered)),
+                           ("html", "\n".join(r.html for r in rendered))):
+        path = EXPECTED / f"{case_name}.{suffix}"
+        if update_golden:
+            path.write_text(actual, encoding="utf-8")
+            continue
+        assert path.is_file(), f"no golden file {path}; run with --update-golden and review it"
+        assert actual == path.read_text(encoding="utf-8"), f"{case_name}: note {suffix} differs from {path.name}"
+
+
 def test_golden_files_have_inputs() -> None:
     """No stale expected file without an input."""
     stale = {p.stem for p in EXPECTED.glob("*.json")} - set(golden_cases())
@@ -137,6 +178,7 @@ def test_golden_inputs_cover_every_mapper() -> None:
         "map_planned_contact",
         "map_referral",
         "map_provenance",
+        "map_note",
     }
 
 

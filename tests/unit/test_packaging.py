@@ -44,7 +44,7 @@ def test_mappings_dir_follows_the_environment(peersync_env: None, monkeypatch: p
 def test_us_core_resources_ship_with_their_license_note() -> None:
     folder = assets.us_core_dir()
     files = sorted(p.name for p in folder.glob("*.json"))
-    assert len(files) == 34
+    assert len(files) == 38
     assert "StructureDefinition-us-core-goal.json" in files
     assert "CC0-1.0" in (folder / "README.md").read_text(encoding="utf-8")
 

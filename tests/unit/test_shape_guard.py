@@ -122,10 +122,10 @@ def test_a_kind_gone_from_the_input_is_held() -> None:
 
 
 def test_held_kinds_take_what_is_built_from_them() -> None:
-    assert held_unit_kinds(["goal_note"]) == {"goal_note", "goal"}
-    assert held_unit_kinds(["referral"]) == {"referral", "enrollment", "cbo"}
-    assert held_unit_kinds(["contact"]) == {"contact", "enrollment"}  # the CareTeam lists the contacts' supporters
-    assert held_unit_kinds(["planned_contact"]) == {"planned_contact", "enrollment"}
+    # "note": the clinical notes (clinical-note mode) render contacts, goals, referrals...
+    assert held_unit_kinds(["goal_note"]) == {"goal_note", "goal", "note"}
+    assert held_unit_kinds(["referral"]) == {"referral", "enrollment", "cbo", "note"}
+    assert held_unit_kinds(["contact"]) == {"contact", "enrollment", "note"}  # the CareTeam lists its supporters
 
 
 def test_exit_code_of_a_held_run_is_65() -> None:

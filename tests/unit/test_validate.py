@@ -115,7 +115,7 @@ def test_validate_on_server_without_us_core_profiles_says_to_load_them() -> None
 
 def test_us_core_resources_load_terminology_before_profiles() -> None:
     kinds = [r["resourceType"] for r in v.us_core_resources()]
-    assert len(kinds) == 34 and kinds == sorted(kinds, key=["CodeSystem", "ValueSet", "StructureDefinition"].index)
+    assert len(kinds) == 38 and kinds == sorted(kinds, key=["CodeSystem", "ValueSet", "StructureDefinition"].index)
 
 
 def test_offline_validate_of_the_demo(peersync_env: None) -> None:

@@ -182,6 +182,7 @@ def test_a_void_bundle_sets_entered_in_error_and_posts_a_conditional_provenance(
     put, provenance = bundle["entry"]
     assert put["request"] == {"method": "PUT", "url": "Communication/7"}
     assert put["resource"]["status"] == "entered-in-error" and "meta" not in put["resource"]
+    assert "Entered in error" in put["resource"]["text"]["div"]  # the chart stops showing it as current
     assert current[0]["status"] == "completed"  # the resource as read is not changed
     code = void_change_set("contact:C1", ["Communication/7"])
     assert provenance["resource"]["meta"]["tag"][0]["code"] == code

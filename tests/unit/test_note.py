@@ -1,0 +1,187 @@
+"""Clinical-note mode: the pure note renderer and mapper (connector/map/note.py) and how notes are planned."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from datetime import UTC, date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from connector.map import MappingContext
+from connector.map.export import write_note_previews
+from connector.map.note import (
+    CLINICAL_NOTE_CATEGORY,
+    NOTE_TYPE,
+    group_notes,
+    map_note,
+    period_of,
+    render_note,
+)
+from connector.model import Contact, Enrollment, Goal, GoalNote, GoalTarget, PlannedContact, Referral, Supporter
+from connector.plan.ledger import Ledger
+from connector.plan.planner import Act, compute_plan
+from connector.read.profile import load_profile
+from connector.read.program import read_program
+from connector.read.staging import Staging
+
+DEMO = Path(__file__).resolve().parents[2] / "fixtures" / "demo" / "template"
+CST = timezone(timedelta(hours=-6))
+CTX = MappingContext(program_id="demo", program_name="Demo Program", base_url="https://example.org/ps",
+                     mrn_system="urn:mrn", timezone="America/Chicago")
+ENROLLMENT = Enrollment(enrollment_id="E1", mrn="MRN-1", start_date=date(2025, 1, 6), supporter_id="S1")
+SUPPORTER = Supporter(staff_id="S1", given_name="Rosa", family_name="Lopez", title="promotora",
+                      title_text="Promotora de salud")
+
+
+def contact(cid: str, when: datetime, **fields: object) -> Contact:
+    return Contact(contact_id=cid, enrollment_id="E1", supporter_id="S1", occurred_at=when, mode="telephone",
+                   **fields)  # type: ignore[arg-type]
+
+
+def notes_of(contacts: list[Contact], kind: str = "month", **records: list) -> list:
+    return group_notes(ENROLLMENT, contacts, records.get("goals", []), records.get("referrals", []),
+                       records.get("planned", []), {"S1": SUPPORTER}, kind=kind, timezone=CTX.timezone)  # type: ignore[arg-type]
+
+
+def decoded(resource: dict, content_type_prefix: str) -> str:
+    attachment = next(c["attachment"] for c in resource["content"]
+                      if c["attachment"]["contentType"].startswith(content_type_prefix))
+    return base64.b64decode(attachment["data"]).decode("utf-8")
+
+
+@pytest.mark.parametrize(("kind", "key", "start", "end"), [
+    ("month", "2025-03", "2025-03-01T00:00:00-06:00", "2025-03-31T23:59:59-05:00"),
+    ("week", "2025-W10", "2025-03-03T00:00:00-06:00", "2025-03-09T23:59:59-05:00"),
+    ("contact", "contact-C1", "2025-03-04T11:00:00-06:00", "2025-03-04T11:00:00-06:00"),
+])
+def test_periods_are_calendar_periods_in_the_program_time_zone(kind: str, key: str, start: str, end: str) -> None:
+    period = period_of(contact("C1", datetime(2025, 3, 4, 11, tzinfo=CST)), kind, "America/Chicago")  # type: ignore[arg-type]
+    assert (period.key, period.start.isoformat(), period.end.isoformat()) == (key, start, end)
+
+
+def test_a_contact_late_on_the_last_day_belongs_to_that_day_in_the_program_zone() -> None:
+    # 23:30 in Chicago on 31 March is already 1 April in UTC
+    late = contact("C1", datetime(2025, 4, 1, 4, 30, tzinfo=UTC))
+    assert period_of(late, "month", "America/Chicago").key == "2025-03"
+
+
+def test_one_note_per_period_with_what_its_contacts_worked_on() -> None:
+    goal = Goal(goal_id="G1", enrollment_id="E1", description="Bajar mi A1c a menos de 7", behavior="monitoring",
+                target=GoalTarget(measure="hba1c", comparator="<", value=Decimal(7)), start_date=date(2025, 3, 1),
+                notes=(GoalNote(note_id="N1", goal_id="G1", noted_on=date(2025, 3, 20), text="A1c 7.4"),
+                       GoalNote(note_id="N2", goal_id="G1", noted_on=date(2025, 4, 20), text="A1c 7.1")))
+    referral = Referral(referral_id="R1", enrollment_id="E1", resource_name="Food pantry", need="food",
+                        referred_on=date(2025, 4, 2))
+    planned = PlannedContact(planned_contact_id="P1", enrollment_id="E1", due_at=datetime(2025, 4, 2, 9, tzinfo=CST),
+                             mode="video")
+    notes = notes_of([contact("C1", datetime(2025, 3, 4, 11, tzinfo=CST), goal_ids=("G1",)),
+                      contact("C2", datetime(2025, 4, 2, 11, tzinfo=CST))],
+                     goals=[goal], referrals=[referral], planned=[planned])
+    march, april = notes
+    assert [n.period.key for n in notes] == ["2025-03", "2025-04"]
+    assert [g.notes for g in march.goals] == [(goal.notes[0],)]  # only the progress dated in the period
+    assert march.planned == (planned,) and march.referrals == ()
+    assert april.referrals == (referral,) and april.planned == ()  # P1 is due before C2: planned next for March only
+    assert [g.notes for g in april.goals] == [(goal.notes[1],)]  # not discussed, but it has progress in April
+
+
+def test_the_note_shows_what_a_clinician_needs_and_escapes_every_source_value() -> None:
+    goal = Goal(goal_id="G1", enrollment_id="E1", description="Get my A1c <7>", behavior="monitoring",
+                target=GoalTarget(measure="hba1c", comparator="<", value=Decimal(7)), start_date=date(2025, 3, 1))
+    hostile = "<script>document.body.innerHTML='x'</script><img src=x onerror=alert(1)>"
+    notes = notes_of([contact("C1", datetime(2025, 3, 4, 11, tzinfo=CST), goal_ids=("G1",), notes=hostile,
+                              support_types=("emotional",)),
+                      contact("C2", datetime(2025, 3, 5, 11, tzinfo=CST), outcome="not-reached")], goals=[goal])
+    rendered = render_note(notes[0], CTX)
+    for text in ("Promotora de salud", "Support given: emotional", "HbA1c < 7 %", "participant not reached",
+                 "(America/Chicago)"):
+        assert text in rendered.plain
+    assert hostile in rendered.plain  # plain text carries the words as written
+    assert "<script" not in rendered.html and "<img" not in rendered.html
+    assert "&lt;script&gt;" in rendered.html and "Get my A1c &lt;7&gt;" in rendered.html
+    assert "Content-Security-Policy" in rendered.html and "default-src 'none'" in rendered.html
+
+
+def test_the_document_reference_follows_us_core() -> None:
+    note = notes_of([contact("C1", datetime(2025, 3, 4, 11, tzinfo=CST))])[0]
+    doc = map_note(note, CTX)
+    assert doc["status"] == "current" and doc["docStatus"] == "final"
+    assert doc["type"]["coding"] == [NOTE_TYPE] and doc["category"][0]["coding"] == [CLINICAL_NOTE_CATEGORY]
+    assert doc["identifier"][0]["system"] == "https://example.org/ps/sid/demo/note"
+    assert doc["identifier"][0]["value"] == "E1_7C2025-03"
+    assert doc["subject"] == {"reference": "Patient?identifier=urn:mrn|MRN-1"}
+    assert doc["author"] == [{"reference": "PractitionerRole?identifier=https://example.org/ps/sid/demo/role|S1",
+                              "display": "Promotora de salud"}]
+    assert doc["custodian"]["reference"].startswith("Organization?identifier=")
+    assert doc["context"]["period"] == {"start": "2025-03-01T00:00:00-06:00", "end": "2025-03-31T23:59:59-05:00"}
+    assert doc["date"] == "2025-03-04T11:00:00-06:00"
+    for content in doc["content"]:
+        attachment = content["attachment"]
+        data = base64.b64decode(attachment["data"])
+        assert attachment["size"] == len(data)
+        assert attachment["hash"] == base64.b64encode(hashlib.sha1(data).digest()).decode()
+        assert attachment["contentType"].endswith("; charset=utf-8")
+    assert {c["attachment"]["contentType"].split(";")[0] for c in doc["content"]} == {"text/plain", "text/html"}
+    assert "Rosa Lopez" in decoded(doc, "text/plain")
+
+
+def test_loinc_note_type_is_a_document_code() -> None:
+    # LOINC 85901-7: Component "Note", Method "Community health care", Scale "Doc", class DOC.ONT, so it is in US
+    # Core's DocumentReference type value set (LOINC codes with SCALE_TYP = DOC); see docs/clinical-notes.md.
+    assert NOTE_TYPE == {"system": "http://loinc.org", "code": "85901-7", "display": "Community health care Note"}
+
+
+def test_a_note_whose_contacts_are_all_voided_is_entered_in_error() -> None:
+    live, voided = notes_of([contact("C1", datetime(2025, 3, 4, 11, tzinfo=CST)),
+                             contact("C2", datetime(2025, 4, 4, 11, tzinfo=CST), void=True, notes="typo")])
+    assert not live.voided and voided.voided
+    doc = map_note(voided, CTX)
+    assert doc["status"] == "entered-in-error"
+    assert "Entered in error" in decoded(doc, "text/plain") and "typo" not in decoded(doc, "text/plain")
+
+
+# -- planning ---------------------------------------------------------------------------------------------------------
+
+
+def plan_units(staging: Staging, ledger: Ledger, mode: str, period: str = "month") -> dict[str, str]:
+    ctx = MappingContext.from_profile(load_profile("peersync-template"), clinical_notes=mode, note_period=period)
+    compute_plan(staging, ledger, program_id=ctx.program_id, fingerprint="fp", ctx=ctx, max_delete_fraction=1.0)
+    return {key: action for key, action in staging.db.execute("SELECT unit_key, action FROM plan")}
+
+
+@pytest.fixture()
+def demo_staging(tmp_path: Path):  # type: ignore[no-untyped-def]
+    with Staging(tmp_path / "s.sqlite") as staging, Ledger(tmp_path / "l.sqlite") as ledger:
+        read_program(load_profile("peersync-template"), [DEMO], staging)
+        yield staging, ledger
+
+
+def test_modes_choose_which_units_are_planned(demo_staging) -> None:  # type: ignore[no-untyped-def]
+    staging, ledger = demo_staging
+    kinds = {mode: {key.split(":")[0] for key in plan_units(staging, ledger, mode)} for mode in ("off", "also", "only")}
+    assert "note" not in kinds["off"] and {"note", "contact", "goal"} <= kinds["also"]
+    assert kinds["only"] == {"program", "supporter", "note"}
+
+
+def test_a_mode_never_deletes_what_another_mode_wrote(demo_staging) -> None:  # type: ignore[no-untyped-def]
+    staging, ledger = demo_staging
+    with ledger.db:
+        for unit_key in ("contact:C-old", "note:E-old|2025-01"):
+            kind = unit_key.split(":")[0]
+            ledger.db.execute("INSERT INTO units (unit_key, kind, participant, hash, voided, state, updated_at) "
+                              "VALUES (?, ?, 'E0001', 'h', 0, 'sent', '2025-01-01T00:00:00Z')", (unit_key, kind))
+    assert {k for k, a in plan_units(staging, ledger, "only").items() if a == Act.DELETE} == {"note:E-old|2025-01"}
+    assert {k for k, a in plan_units(staging, ledger, "off").items() if a == Act.DELETE} == {"contact:C-old"}
+
+
+def test_preview_files_are_private_and_hold_the_rendered_notes(demo_staging, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    staging, _ = demo_staging
+    written = write_note_previews(staging, CTX, tmp_path / "preview", "E0001")
+    assert [p.name for p in written] == ["notes-E0001.html"]
+    assert written[0].stat().st_mode & 0o777 == 0o600
+    page = written[0].read_text(encoding="utf-8")
+    assert page.count('<article class="note">') >= 1 and not re.search(r"<script", page, re.I)
