@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
@@ -34,6 +34,7 @@ from connector.plan.planner import (
     compute_plan,
     program_fingerprint,
     retried_units,
+    source_ids_to_write,
 )
 from connector.plan.shape import (
     KindShape,
@@ -261,11 +262,26 @@ class Syncer:
             if plan.writes() == 0:
                 return
             self._write_started = time.monotonic()
-            writer = Writer(self.opts, self.client, self.counts, clock=self.clock)
+            opts = self._with_organization_statuses(ledger, staging)
+            writer = Writer(opts, self.client, self.counts, clock=self.clock)
             try:
                 writer.write(staging, ledger, on_progress=self.on_progress)
             finally:
                 summary.pending_reasons.update(writer.pending_reasons)
+
+
+    def _with_organization_statuses(self, ledger: Ledger, staging: Staging) -> SyncOptions:
+        """The options with the referral Tasks a community organization changed since peersync wrote them, for
+        the referrals this run re-sends: the mapper keeps the organization's status (never rolled back)."""
+        from connector.pull.puller import organization_task_fields
+
+        referral_ids = source_ids_to_write(staging, "referral")
+        owned = organization_task_fields(self.client, ledger, self.opts.ctx, referral_ids)
+        if not owned:
+            return self.opts
+        log.info("%d referral(s) carry a status set by the community organization: kept", len(owned),
+                 extra={"event": "organization-status-kept"})
+        return replace(self.opts, ctx=replace(self.opts.ctx, organization_tasks=owned))
 
 
 def _warn_about_inputs(rows_read: int, deletions_held: list[str], inputs: list[Path]) -> None:

@@ -5,7 +5,8 @@ Everything a mapper needs besides the source record lives here, so mappers stay 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -45,6 +46,7 @@ class MappingContext:
         terminology_base: canonical base of peersync's CodeSystems and extensions.
         connector_version: the connector's version (Device.version).
         program_phone: the program's phone, used as PractitionerRole telecom when a supporter has none (pd-1).
+        organization_tasks: referral Tasks whose status belongs to the community organization (see below).
     """
 
     program_id: str
@@ -55,6 +57,10 @@ class MappingContext:
     terminology_base: str = DEFAULT_TERMINOLOGY_BASE
     connector_version: str = __version__
     program_phone: str | None = None
+    # Referral Tasks a community organization changed since peersync wrote them (identifier value -> the server's
+    # Task): their status, reason and outputs are the organization's (connector.pull.community). Filled by a
+    # sync from the server, never from the source; not part of the mapping fingerprint.
+    organization_tasks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:
