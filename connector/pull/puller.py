@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 SINCE_KEY = "pull.tasks.since"
 PAGE_SIZE = "100"
-MAX_MATCH_RETRIES = 3  # re-read and re-apply after a 412 at most this often
+MAX_MATCH_RETRIES = 3  # re-read and re-apply after a version conflict at most this often
+# An If-Match that no longer matches: 412 as FHIR specifies; HAPI answers 409 (HAPI-0989, "not the current version").
+VERSION_CONFLICT = (409, 412)
 
 
 @dataclass(frozen=True)
@@ -185,10 +187,10 @@ class Puller:
             try:
                 self.client.update_versioned("Task", referral.task_id, updated, version)
             except FhirHttpError as exc:
-                if exc.status != 412:
+                if exc.status not in VERSION_CONFLICT:
                     raise
                 self.summary.concurrent_edits += 1
-                log.info("Task changed in the EHR meanwhile (412): re-read and re-applied",
+                log.info("Task changed in the EHR meanwhile (HTTP %s): re-read and re-applied", exc.status,
                          extra={"event": "task-concurrent-edit"})
                 task = self.client.read("Task", referral.task_id)
                 continue

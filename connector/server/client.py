@@ -511,7 +511,8 @@ class FhirClient:
     def search_with_included(self, resource_type: str, params: dict[str, Any], *,
                              max_pages: int = 50) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(matches, included resources) of a search that may ``_include`` others; a list value repeats the
-        parameter (``{"_include": ["Task:focus", "Task:patient"]}``). Entries without a resource are left out."""
+        parameter (``{"_include": ["Task:focus", "Task:patient"]}``). A malformed entry (no resource) is an empty
+        dict among the matches, for the caller to report."""
         matches: list[dict[str, Any]] = []
         included: list[dict[str, Any]] = []
         response = self.request("GET", resource_type, params=params)
@@ -520,6 +521,7 @@ class FhirClient:
             for entry in bundle.get("entry", []):
                 resource = entry.get("resource") if isinstance(entry, dict) else None
                 if not isinstance(resource, dict) or not resource.get("resourceType"):
+                    matches.append({})  # a malformed entry: the caller reports it (never silently dropped)
                     continue
                 mode = (entry.get("search") or {}).get("mode")
                 if mode == "include" or (mode is None and resource["resourceType"] != resource_type):

@@ -65,10 +65,12 @@ class Clinic:
         })
 
     def clinician(self) -> dict[str, Any]:
-        return self.create({"resourceType": "Practitioner", "name": [{"given": ["Ana"], "family": "Ruiz", "prefix": ["Dr."]}]})
+        return self.create({"resourceType": "Practitioner",
+                            "name": [{"given": ["Ana"], "family": "Ruiz", "prefix": ["Dr."]}]})
 
     def refer(self, patient: dict[str, Any] | None, *, code: dict[str, str] = PEER_SUPPORT,
-              owner_id: str | None = None, reason: str = "HbA1c 9.1 %, needs self-management support") -> dict[str, Any]:
+              owner_id: str | None = None,
+              reason: str = "HbA1c 9.1 %, needs self-management support") -> dict[str, Any]:
         """A referral from the clinic to the program: ServiceRequest + Task (status requested)."""
         doctor = self.clinician()
         subject = {"reference": f"Patient/{patient['id']}"} if patient else None
