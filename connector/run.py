@@ -27,6 +27,7 @@ from connector.errors import (
 )
 from connector.files import PRIVATE_FILE_MODE, make_folder
 from connector.map import MappingContext
+from connector.model import Contact, Enrollment, Goal, RecordKind
 from connector.plan.ledger import Ledger, check_ledger_access
 from connector.plan.planner import (
     Act,
@@ -42,6 +43,7 @@ from connector.plan.shape import (
     held_unit_kinds,
     shape_changes,
 )
+from connector.pull.answers import DesiredTask, answer_clinic_referrals, clinic_referral_requests, desired_task
 from connector.read.formats import DEFAULT_LIMITS, ReadLimits
 from connector.read.profile import Profile
 from connector.read.program import ReadReport, read_program, write_rejects
@@ -259,29 +261,50 @@ class Syncer:
             self.counts["retried"] = retried_units(staging)
             log.info("plan: %d units to write, %d unchanged", plan.writes(), plan.total(Act.UNCHANGED),
                      extra={"event": "plan", "counts": plan.as_dict()["totals"]})
-            if plan.writes() == 0:
-                return
-            self._write_started = time.monotonic()
-            opts = self._with_organization_statuses(ledger, staging)
-            writer = Writer(opts, self.client, self.counts, clock=self.clock)
-            try:
-                writer.write(staging, ledger, on_progress=self.on_progress)
-            finally:
-                summary.pending_reasons.update(writer.pending_reasons)
+            answers = clinic_referral_answers(staging)
+            if plan.writes() > 0:
+                self._write_started = time.monotonic()
+                opts = self._with_referral_context(ledger, staging, answers)
+                writer = Writer(opts, self.client, self.counts, clock=self.clock)
+                try:
+                    writer.write(staging, ledger, on_progress=self.on_progress)
+                finally:
+                    summary.pending_reasons.update(writer.pending_reasons)
+            if answers:
+                answered = answer_clinic_referrals(self.client, ledger, self.opts.ctx, answers, clock=self.clock)
+                self.counts["clinic_tasks_updated"] += answered.updated
+                summary.warnings = [*summary.warnings, *answered.problems]
+                for problem in answered.problems:
+                    log.warning("clinic referral not answered: %s", problem, extra={"event": "clinic-referral"})
 
 
-    def _with_organization_statuses(self, ledger: Ledger, staging: Staging) -> SyncOptions:
-        """The options with the referral Tasks a community organization changed since peersync wrote them, for
-        the referrals this run re-sends: the mapper keeps the organization's status (never rolled back)."""
+    def _with_referral_context(self, ledger: Ledger, staging: Staging,
+                               answers: dict[str, tuple[Enrollment, DesiredTask]]) -> SyncOptions:
+        """The options with what the mapper needs from the server about referrals: the Tasks a community
+        organization changed since peersync wrote them (their status is kept, never rolled back), and the
+        ServiceRequests of the clinic referrals enrollments answer (CarePlan.basedOn)."""
         from connector.pull.puller import organization_task_fields
 
-        referral_ids = source_ids_to_write(staging, "referral")
-        owned = organization_task_fields(self.client, ledger, self.opts.ctx, referral_ids)
-        if not owned:
+        owned = organization_task_fields(self.client, ledger, self.opts.ctx, source_ids_to_write(staging, "referral"))
+        if owned:
+            log.info("%d referral(s) carry a status set by the community organization: kept", len(owned),
+                     extra={"event": "organization-status-kept"})
+        requests = clinic_referral_requests(self.client, answers)[0] if answers else {}
+        if not owned and not requests:
             return self.opts
-        log.info("%d referral(s) carry a status set by the community organization: kept", len(owned),
-                 extra={"event": "organization-status-kept"})
-        return replace(self.opts, ctx=replace(self.opts.ctx, organization_tasks=owned))
+        return replace(self.opts, ctx=replace(self.opts.ctx, organization_tasks=owned,
+                                              clinic_referral_requests=requests))
+
+
+def clinic_referral_answers(staging: Staging) -> dict[str, tuple[Enrollment, DesiredTask]]:
+    """Clinic referral Task id -> (the enrollment that answers it, the Task status it means)."""
+    answers: dict[str, tuple[Enrollment, DesiredTask]] = {}
+    for record in staging.records(RecordKind.ENROLLMENT):
+        if isinstance(record, Enrollment) and record.clinic_referral and not record.void:
+            contacts = [c for c in staging.records(RecordKind.CONTACT, record.enrollment_id) if isinstance(c, Contact)]
+            goals = [g for g in staging.records(RecordKind.GOAL, record.enrollment_id) if isinstance(g, Goal)]
+            answers[record.clinic_referral] = (record, desired_task(record, contacts, goals))
+    return answers
 
 
 def _warn_about_inputs(rows_read: int, deletions_held: list[str], inputs: list[Path]) -> None:

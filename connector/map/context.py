@@ -47,6 +47,7 @@ class MappingContext:
         connector_version: the connector's version (Device.version).
         program_phone: the program's phone, used as PractitionerRole telecom when a supporter has none (pd-1).
         organization_tasks: referral Tasks whose status belongs to the community organization (see below).
+        clinic_referral_requests: the ServiceRequests of the clinic referrals enrollments answer (see below).
     """
 
     program_id: str
@@ -61,6 +62,8 @@ class MappingContext:
     # Task): their status, reason and outputs are the organization's (connector.pull.community). Filled by a
     # sync from the server, never from the source; not part of the mapping fingerprint.
     organization_tasks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, hash=False)
+    # Clinic referral Task id -> the server id of its ServiceRequest (CarePlan.basedOn), read by a sync.
+    clinic_referral_requests: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:
