@@ -39,7 +39,8 @@ def careplan_ref(e_or_id: Enrollment | str, ctx: MappingContext) -> dict[str, An
 
 
 def _clinic_referral(e: Enrollment, ctx: MappingContext) -> list[dict[str, Any]]:
-    """The clinic's ServiceRequest this enrollment answers (read from the referral Task at sync time)."""
+    """The clinic's ServiceRequest this enrollment answers (read from the referral Task at sync time). In
+    supportingInfo: R4 limits CarePlan.basedOn to CarePlan (HAPI refuses a ServiceRequest there, HAPI-0931)."""
     request_id = ctx.clinic_referral_requests.get(e.clinic_referral) if e.clinic_referral else None
     return [{"reference": f"ServiceRequest/{request_id}"}] if request_id else []
 
@@ -78,10 +79,10 @@ def map_enrollment(
         subject=ctx.patient_ref(e),
         period=compact({"start": iso_date(e.start_date), "end": iso_date(e.end_date) if e.end_date else None}),
         author=ctx.organization_ref(),
-        basedOn=_clinic_referral(e, ctx),
         careTeam=[ctx.ref("CareTeam", KIND_CARETEAM, e.enrollment_id)],
         goal=[ctx.ref("Goal", KIND_GOAL, g) for g in goal_ids],
         activity=activities,
+        supportingInfo=_clinic_referral(e, ctx),
     )
     return [careplan, map_careteam(e, ctx, supporter)]
 

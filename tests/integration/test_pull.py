@@ -289,3 +289,59 @@ def test_no_patient_data_in_ledger_logs_or_status(program: Program, clinic: Clin
     for text, where in ((stderr, "logs"), (status, "status"), (ledger, "ledger"), (json.dumps(summary), "summary")):
         leaked = [s for s in secrets if s in text]
         assert not leaked, f"patient data in the {where}: {len(leaked)} value(s)"
+
+
+def enroll(program: Program, task_id: str, mrn: str, enrollment_id: str, status: str = "active",
+           end_date: str = "") -> None:
+    """The program's export gains (or updates) the enrollment that answers a clinic referral."""
+    rows = [r for r in read_csv(program.inputs / "enrollments.csv") if r["enrollment_id"] != enrollment_id]
+    supporter = rows[0]["supporter_id"]
+    rows.append({**{k: "" for k in rows[0]}, "enrollment_id": enrollment_id, "mrn": mrn, "start_date": "2026-12-01",
+                 "end_date": end_date, "status": status, "supporter_id": supporter, "clinic_referral": task_id})
+    write_csv(program.inputs / "enrollments.csv", rows)
+
+
+def history(program: Program, task_id: str) -> list[str]:
+    bundle = requests.get(f"{program.base_url}/Task/{task_id}/_history", timeout=60).json()
+    return [e["resource"]["status"] for e in reversed(bundle["entry"])]
+
+
+def test_an_enrollment_answers_the_clinic_referral_on_the_server(program: Program, clinic: Clinic) -> None:
+    mrn = f"MRN-A-{program.program_id}"
+    referral = clinic.refer(clinic.patient(mrn=mrn))
+    declined = clinic.refer(clinic.patient(mrn=f"MRN-D-{program.program_id}"))
+    assert pull(program)[0] == 0
+    enroll(program, referral["id"], mrn, "E9001")
+    enroll(program, declined["id"], f"MRN-D-{program.program_id}", "E9002", status="declined")
+    summary = program.sync()
+    assert summary.counts["clinic_tasks_updated"] == 3  # accepted + in-progress; rejected
+    accepted = task(program, referral["id"])
+    assert accepted["status"] == "in-progress"
+    assert history(program, referral["id"]) == ["requested", "received", "accepted", "in-progress"]
+    careplan_ref = accepted["output"][0]["valueReference"]["reference"]
+    careplan = requests.get(f"{program.base_url}/{careplan_ref}", timeout=60).json()
+    assert careplan["supportingInfo"] == [{"reference": referral["focus"]["reference"]}]
+    refused = task(program, declined["id"])
+    assert refused["status"] == "rejected"
+    assert refused["statusReason"]["coding"][0]["code"] == "participant-declined"
+
+    assert program.sync().counts["clinic_tasks_updated"] == 0  # nothing changed: nothing written
+
+    # The enrollment ends; meanwhile the EHR edits the Task (a version bump between peersync's read and write).
+    enroll(program, referral["id"], mrn, "E9001", status="completed", end_date="2026-12-02")
+    edited = threading.Event()
+
+    def hook(_index: int, when: str, method: str) -> str | None:
+        if method == "PUT" and when == "before-forward" and not edited.is_set():
+            edited.set()
+            current = task(program, referral["id"])
+            current["note"] = [{"text": "Seen in clinic 2026-12-02"}]
+            clinic.update(current)
+        return None
+
+    with FaultProxy(program.base_url, hook=hook) as proxy:
+        summary = program.sync(server={"base_url": proxy.base_url})
+    assert edited.is_set() and summary.counts["clinic_tasks_updated"] == 1
+    done = task(program, referral["id"])
+    assert done["status"] == "completed" and done["note"] == [{"text": "Seen in clinic 2026-12-02"}]
+    assert [o.get("valueString") for o in done["output"]][-1].endswith("goal(s) achieved")
