@@ -212,3 +212,17 @@ def test_a_step_sets_the_coded_reason_and_keeps_other_systems_outputs() -> None:
                           careplan_id=None, now="2026-12-03T10:00:00+00:00", ctx=ctx)
     assert declined["statusReason"]["coding"][0] == {"system": ctx.code_system("referral-status-reason"),
                                                      "code": "participant-withdrew", "display": "Participant withdrew"}
+
+
+def test_doctor_names_the_scopes_pull_needs() -> None:
+    from connector.ops.doctor import Report, Status, _check_pull_scopes
+
+    report = Report(None)
+    _check_pull_scopes(report, ["system/Task.rus", "system/ServiceRequest.rs", "system/Patient.rs",
+                                "system/Practitioner.rs"], clinical=True)
+    (check,) = [c for c in report.checks if c.name == "auth.scopes.pull"]
+    assert check.status is Status.WARN
+    assert "system/Observation.rs" in check.detail and "system/Appointment.rs" in check.detail
+    report = Report(None)
+    _check_pull_scopes(report, ["system/*.cruds"], clinical=True)
+    assert [c.status for c in report.checks] == [Status.PASS]
