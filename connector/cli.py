@@ -856,6 +856,48 @@ def _print_plan(result: dict[str, Any]) -> None:
 @main.command()
 @config_option
 @json_option
+@logging_options
+@translate_errors
+def pull(config_path: Path | None, as_json: bool) -> None:
+    """Bring back what the program needs from the EHR: new clinic referrals to an intake file (PHI, 0600; each Task
+    moves to received), the status community organizations set on the program's referrals (referrals.csv/json),
+    and, with pull.clinical_facts on, clinical facts of consenting participants. Takes the ledger lock.
+
+    Exit codes: 0 done; 65 a referral was skipped or a step failed (see the summary); 69 server unavailable;
+    75 another run holds the lock; 77 auth; 78 config.
+    """
+    from connector.plan.ledger import Ledger
+    from connector.pull.puller import Puller
+    from connector.run import LedgerLock
+    from connector.wiring import build_client, pull_options
+
+    settings = _settings(config_path)
+    with LedgerLock(settings.sync.ledger), Ledger(settings.sync.ledger, mode=settings.file_mode()) as ledger:
+        summary = Puller(pull_options(settings), build_client(settings)).run(ledger)
+    result = summary.as_dict()
+    if as_json:
+        _echo_json(result)
+    else:
+        click.echo(f"clinic referrals: {summary.delivered} new to intake, {summary.already_delivered} delivered "
+                   f"before, {summary.received} Task(s) moved to received, {len(summary.skipped)} skipped")
+        if summary.intake_file:
+            click.echo(f"  intake file (PHI): {summary.intake_file}")
+        for skip in summary.skipped[:20]:
+            click.echo(f"  skipped Task/{skip['task']}: {skip['reason']}")
+        statuses = ", ".join(f"{k} {v}" for k, v in sorted(summary.referral_statuses.items())) or "none"
+        click.echo(f"community referrals: {statuses} ({summary.changed_by_organization} changed by the "
+                   f"organization); report: {summary.referrals_report}")
+        if summary.clinical_file:
+            click.echo(f"clinical facts (PHI): {summary.clinical_participants} consenting participant(s): "
+                       f"{summary.clinical_file}")
+        for problem in summary.problems:
+            click.echo(f"problem: {problem}")
+    sys.exit(summary.exit_code())
+
+
+@main.command()
+@config_option
+@json_option
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 1000),
               help="How many recent runs to show.")
 @logging_options
@@ -900,6 +942,12 @@ def status(config_path: Path | None, as_json: bool, runs: int) -> None:
         click.echo("parked:       " + ", ".join(f"{kind} {n}" for kind, n in parked["records_by_kind"].items())
                    + " (the server does not accept " + ", ".join(sorted(parked["refused_types"])) + "; "
                    "sent again when its CapabilityStatement or the settings change, or with sync --retry-parked)")
+    referrals = result.get("referrals") or {}
+    if referrals.get("community") or referrals.get("clinic_referrals_delivered"):
+        community = ", ".join(f"{k} {v}" for k, v in referrals["community"].items()) or "none"
+        click.echo(f"referrals:    community {community} ({referrals['changed_by_organization']} changed by the "
+                   f"organization, seen {referrals['last_seen'] or 'never'}); clinic referrals delivered to intake "
+                   f"{referrals['clinic_referrals_delivered']}")
     click.echo(f"{'run':<14}{'started':<27}{'outcome':<12}{'exit':>5}{'secs':>9}  counts")
     for run in result["runs"]:
         shown = ", ".join(f"{k} {v}" for k, v in run["counts"].items() if v)

@@ -65,6 +65,8 @@ class EnrollmentStatus(StrEnum):
     ON_HOLD = "on-hold"
     COMPLETED = "completed"  # finished the program
     WITHDRAWN = "withdrawn"  # left early
+    DECLINED = "declined"  # referred, but declined to join (answers a clinic referral: Task rejected)
+    NOT_REACHED = "not-reached"  # referred, but could not be reached (answers a clinic referral: Task rejected)
 
 
 class ContactMode(StrEnum):
@@ -267,6 +269,11 @@ class Enrollment(SourceRecord):
     status: EnrollmentStatus = EnrollmentStatus.ACTIVE
     supporter_id: SourceId
     conditions: tuple[str, ...] = ()
+    clinic_referral: str | None = Field(
+        None, description="The clinic's referral Task this enrollment answers (its id, from the intake file).")
+    clinical_consent: bool = Field(
+        False, description="The participant consented to the program reading their HbA1c, blood pressure and "
+                           "appointments from the EHR (peersync pull). Off unless the row says so.")
 
     @property
     def key(self) -> str:

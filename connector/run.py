@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
@@ -27,6 +27,7 @@ from connector.errors import (
 )
 from connector.files import PRIVATE_FILE_MODE, make_folder
 from connector.map import MappingContext
+from connector.model import Contact, Enrollment, Goal, RecordKind
 from connector.plan.ledger import Ledger, check_ledger_access
 from connector.plan.planner import (
     UNIT_RESOURCE_TYPES,
@@ -35,6 +36,7 @@ from connector.plan.planner import (
     compute_plan,
     program_fingerprint,
     retried_units,
+    source_ids_to_write,
 )
 from connector.plan.shape import (
     KindShape,
@@ -42,6 +44,7 @@ from connector.plan.shape import (
     held_unit_kinds,
     shape_changes,
 )
+from connector.pull.answers import DesiredTask, answer_clinic_referrals, clinic_referral_requests, desired_task
 from connector.read.formats import DEFAULT_LIMITS, ReadLimits
 from connector.read.profile import Profile
 from connector.read.program import ReadReport, read_program, write_rejects
@@ -286,17 +289,41 @@ class Syncer:
             summary.not_permitted = parked_by_type(plan, ledger.refused_types()[1])
             log.info("plan: %d units to write, %d unchanged", plan.writes(), plan.total(Act.UNCHANGED),
                      extra={"event": "plan", "counts": plan.as_dict()["totals"]})
-            if plan.writes() == 0:
-                return
-            self._write_started = time.monotonic()
-            writer = Writer(self.opts, self.client, self.counts, clock=self.clock)
-            try:
-                writer.write(staging, ledger, on_progress=self.on_progress)
-            finally:
-                summary.pending_reasons.update(writer.pending_reasons)
-                summary.adaptations = list(writer.limits.adaptations)
-                for resource_type, count in writer.not_permitted.items():
-                    summary.not_permitted[resource_type] = summary.not_permitted.get(resource_type, 0) + count
+            answers = clinic_referral_answers(staging)
+            if plan.writes() > 0:
+                self._write_started = time.monotonic()
+                opts = self._with_referral_context(ledger, staging, answers)
+                writer = Writer(opts, self.client, self.counts, clock=self.clock)
+                try:
+                    writer.write(staging, ledger, on_progress=self.on_progress)
+                finally:
+                    summary.pending_reasons.update(writer.pending_reasons)
+                    summary.adaptations = list(writer.limits.adaptations)
+                    for resource_type, count in writer.not_permitted.items():
+                        summary.not_permitted[resource_type] = summary.not_permitted.get(resource_type, 0) + count
+            if answers:
+                answered = answer_clinic_referrals(self.client, ledger, self.opts.ctx, answers, clock=self.clock)
+                self.counts["clinic_tasks_updated"] += answered.updated
+                summary.warnings = [*summary.warnings, *answered.problems]
+                for problem in answered.problems:
+                    log.warning("clinic referral not answered: %s", problem, extra={"event": "clinic-referral"})
+
+    def _with_referral_context(self, ledger: Ledger, staging: Staging,
+                               answers: dict[str, tuple[Enrollment, DesiredTask]]) -> SyncOptions:
+        """The options with what the mapper needs from the server about referrals: the Tasks a community
+        organization changed since peersync wrote them (their status is kept, never rolled back), and the
+        ServiceRequests of the clinic referrals enrollments answer (CarePlan.basedOn)."""
+        from connector.pull.puller import organization_task_fields
+
+        owned = organization_task_fields(self.client, ledger, self.opts.ctx, source_ids_to_write(staging, "referral"))
+        if owned:
+            log.info("%d referral(s) carry a status set by the community organization: kept", len(owned),
+                     extra={"event": "organization-status-kept"})
+        requests = clinic_referral_requests(self.client, answers)[0] if answers else {}
+        if not owned and not requests:
+            return self.opts
+        return replace(self.opts, ctx=replace(self.opts.ctx, organization_tasks=owned,
+                                              clinic_referral_requests=requests))
 
 
 def parked_by_type(plan: Plan, refused: dict[str, str]) -> dict[str, int]:
@@ -309,6 +336,17 @@ def parked_by_type(plan: Plan, refused: dict[str, str]) -> dict[str, int]:
             if parked and resource_type in refused:
                 counts[resource_type] += parked
     return dict(counts)
+
+
+def clinic_referral_answers(staging: Staging) -> dict[str, tuple[Enrollment, DesiredTask]]:
+    """Clinic referral Task id -> (the enrollment that answers it, the Task status it means)."""
+    answers: dict[str, tuple[Enrollment, DesiredTask]] = {}
+    for record in staging.records(RecordKind.ENROLLMENT):
+        if isinstance(record, Enrollment) and record.clinic_referral and not record.void:
+            contacts = [c for c in staging.records(RecordKind.CONTACT, record.enrollment_id) if isinstance(c, Contact)]
+            goals = [g for g in staging.records(RecordKind.GOAL, record.enrollment_id) if isinstance(g, Goal)]
+            answers[record.clinic_referral] = (record, desired_task(record, contacts, goals))
+    return answers
 
 
 def _warn_about_inputs(rows_read: int, deletions_held: list[str], inputs: list[Path]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from connector import __version__
 from connector.auth import build_auth
@@ -12,6 +13,9 @@ from connector.read.profile import load_profile
 from connector.run import SyncOptions
 from connector.server.client import FhirClient, RetryPolicy
 from connector.server.transport import check_url_safety, new_session
+
+if TYPE_CHECKING:
+    from connector.pull.puller import PullOptions
 
 USER_AGENT = f"peersync/{__version__} (+https://github.com/peersync/peersync)"
 
@@ -87,4 +91,28 @@ def sync_options(settings: Settings) -> SyncOptions:
         file_mode=settings.file_mode(),
         run_deadline_seconds=settings.sync.run_deadline_seconds,
         data_problems_exit_zero=settings.sync.data_problems_exit_zero,
+    )
+
+
+def pull_options(settings: Settings) -> PullOptions:
+    """PullOptions from Settings."""
+    from datetime import timedelta
+
+    from connector.pull.puller import PullOptions
+
+    organization = None
+    if settings.pull.program_organization:
+        system, _, value = settings.pull.program_organization.rpartition("|")
+        organization = (system, value)
+    return PullOptions(
+        ctx=mapping_context(settings),
+        profile=load_profile(settings.source.profile),
+        inputs=[Path(p) for p in settings.source.inputs],
+        intake_dir=settings.intake_dir(),
+        reports_dir=settings.pull_reports_dir(),
+        overlap=timedelta(minutes=settings.pull.overlap_minutes),
+        accepted_codes=frozenset(settings.pull.referral_codes),
+        program_organization=organization,
+        clinical_facts=settings.pull.clinical_facts,
+        file_mode=settings.file_mode(),
     )

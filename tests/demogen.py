@@ -107,7 +107,7 @@ TEMPLATE_SHEETS: dict[str, str] = {
 TEMPLATE_COLUMNS: dict[str, list[str]] = {
     "supporter": ["staff_id", "given_name", "family_name", "title", "organization", "phone", "email", "npi", "active"],
     "enrollment": ["enrollment_id", "participant_id", "mrn", "start_date", "end_date", "status", "supporter_id",
-                   "conditions"],
+                   "conditions", "clinic_referral", "clinical_consent"],
     "goal": ["goal_id", "enrollment_id", "goal_in_own_words", "behavior", "target_measure", "target_comparator",
              "target_value", "target_unit", "start_date", "due_date", "lifecycle_status", "achievement_status",
              "status_date", "set_by", "supporter_id", "void"],
@@ -1367,7 +1367,7 @@ class _TemplateRows:
             persons.append(self.program.bad_enrollment)
         for p in persons:
             yield [p.enrollment_id, p.participant_id, self._text(p.mrn), self._date(p.start), self._date(p.end),
-                   p.status, p.supporter.staff_id, ";".join(p.conditions)], p
+                   p.status, p.supporter.staff_id, ";".join(p.conditions), self._text(None), self._text(None)], p
 
     def goals(self) -> Iterator[tuple[list[Any], _Person, _Goal]]:
         for p in self.program.persons:
@@ -1818,6 +1818,10 @@ COLUMN_HELP: dict[str, dict[str, str]] = {
         "start_date": "Date enrolled.", "end_date": "Date the enrollment ended (completed or withdrawn).",
         "status": "Enrollment status.", "supporter_id": "staff_id of the assigned peer supporter.",
         "conditions": "Diagnosis codes (ICD-10-CM), separated by ;.",
+        "clinic_referral": "The clinic's referral this enrollment answers: the id in the intake file's "
+                           "clinic_referral column (peersync pull). Leave empty otherwise.",
+        "clinical_consent": "yes when the participant consented to the program reading their HbA1c, blood "
+                            "pressure and appointments from the clinic (peersync pull). Empty means no.",
     },
     "goal": {
         "goal_id": "Your id for the goal (G0001...).", "enrollment_id": "The participant's enrollment_id.",

@@ -26,6 +26,8 @@ _STATUS_TEXT = {
     EnrollmentStatus.ON_HOLD: "on hold",
     EnrollmentStatus.COMPLETED: "completed",
     EnrollmentStatus.WITHDRAWN: "withdrawn early",
+    EnrollmentStatus.DECLINED: "declined to join",
+    EnrollmentStatus.NOT_REACHED: "could not be reached",
 }
 
 
@@ -33,6 +35,13 @@ def careplan_ref(e_or_id: Enrollment | str, ctx: MappingContext) -> dict[str, An
     """Conditional reference to the CarePlan of an enrollment."""
     enrollment_id = e_or_id if isinstance(e_or_id, str) else e_or_id.enrollment_id
     return ctx.ref("CarePlan", KIND_CAREPLAN, enrollment_id)
+
+
+def _clinic_referral(e: Enrollment, ctx: MappingContext) -> list[dict[str, Any]]:
+    """The clinic's ServiceRequest this enrollment answers (read from the referral Task at sync time). In
+    supportingInfo: R4 limits CarePlan.basedOn to CarePlan (HAPI refuses a ServiceRequest there, HAPI-0931)."""
+    request_id = ctx.clinic_referral_requests.get(e.clinic_referral) if e.clinic_referral else None
+    return [{"reference": f"ServiceRequest/{request_id}"}] if request_id else []
 
 
 def map_enrollment(
@@ -73,6 +82,7 @@ def map_enrollment(
         careTeam=[ctx.ref("CareTeam", KIND_CARETEAM, e.enrollment_id)],
         goal=[ctx.ref("Goal", KIND_GOAL, g) for g in goal_ids],
         activity=activities,
+        supportingInfo=_clinic_referral(e, ctx),
     )
     status_text = "entered in error" if e.void else _STATUS_TEXT[e.status]
     careplan = with_narrative(careplan, careplan_narrative(

@@ -141,12 +141,16 @@ CAREPLAN_STATUS = {
     EnrollmentStatus.ON_HOLD: "on-hold",
     EnrollmentStatus.COMPLETED: "completed",
     EnrollmentStatus.WITHDRAWN: "revoked",
+    EnrollmentStatus.DECLINED: "revoked",
+    EnrollmentStatus.NOT_REACHED: "revoked",
 }
 CARETEAM_STATUS = {
     EnrollmentStatus.ACTIVE: "active",
     EnrollmentStatus.ON_HOLD: "suspended",
     EnrollmentStatus.COMPLETED: "inactive",
     EnrollmentStatus.WITHDRAWN: "inactive",
+    EnrollmentStatus.DECLINED: "inactive",
+    EnrollmentStatus.NOT_REACHED: "inactive",
 }
 COMMUNICATION_REQUEST_STATUS = {
     PlannedStatus.PLANNED: "active",

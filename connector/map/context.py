@@ -5,7 +5,8 @@ Everything a mapper needs besides the source record lives here, so mappers stay 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -49,6 +50,8 @@ class MappingContext:
             they replace the shipped table (``mappings/referral-codes.yaml``) for those needs.
         clinical_notes: clinical-note mode: ``off``, ``also`` (notes and the structured resources) or ``only``.
         note_period: what one note covers: one ``contact``, an ISO ``week`` or a calendar ``month``.
+        organization_tasks: referral Tasks whose status belongs to the community organization (see below).
+        clinic_referral_requests: the ServiceRequests of the clinic referrals enrollments answer (see below).
     """
 
     program_id: str
@@ -62,6 +65,12 @@ class MappingContext:
     referral_codes: tuple[tuple[str, str, str, str], ...] = ()
     clinical_notes: str = "off"
     note_period: str = "month"
+    # Referral Tasks a community organization changed since peersync wrote them (identifier value -> the server's
+    # Task): their status, reason and outputs are the organization's (connector.pull.community). Filled by a
+    # sync from the server, never from the source; not part of the mapping fingerprint.
+    organization_tasks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, hash=False)
+    # Clinic referral Task id -> the server id of its ServiceRequest (CarePlan.basedOn), read by a sync.
+    clinic_referral_requests: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:

@@ -3,6 +3,7 @@ the SDOH Clinical Care pattern) (fhir-modeling.md §3.4, §6)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from connector.identifiers import (
@@ -11,6 +12,7 @@ from connector.identifiers import (
     KIND_REFERRAL,
     KIND_REFERRAL_TASK,
     KIND_ROLE,
+    identifier_value,
 )
 from connector.model import Enrollment, NeedCategory, PlannedContact, Referral, ReferralStatus
 
@@ -124,6 +126,9 @@ def map_referral(r: Referral, e: Enrollment, ctx: MappingContext) -> list[dict[s
         note=notes,
         output=_output(r, service),
     )
+    server_task = ctx.organization_tasks.get(identifier_value(r.referral_id))
+    if server_task is not None and not r.void:
+        task = keep_organization_fields(task, server_task)  # the organization's status is never rolled back
     return [with_narrative(service_request, service_request_narrative(service_request, r)),
             with_narrative(task, task_narrative(task, r))]
 
@@ -142,6 +147,22 @@ def _output(r: Referral, service: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     return [{"type": {"coding": [dict(codes.SDOHCC_RESULTING_ACTIVITY)]},
              "valueCodeableConcept": {"coding": [dict(c) for c in service["coding"]], "text": service["text"]}}]
+
+
+# The elements of a referral Task that belong to the performing organization once it has changed the Task.
+ORGANIZATION_ELEMENTS = ("status", "statusReason", "businessStatus", "output", "lastModified")
+
+
+def keep_organization_fields(mapped_task: dict[str, Any], server_task: Mapping[str, Any]) -> dict[str, Any]:
+    """The Task peersync is about to send, with the organization's elements kept from the server's copy
+    (docs/care-coordination.md: a program export never rolls back the organization's status)."""
+    out = dict(mapped_task)
+    for element in ORGANIZATION_ELEMENTS:
+        if element in server_task:
+            out[element] = server_task[element]
+        else:
+            out.pop(element, None)
+    return out
 
 
 def _categories(r: Referral, need_text: str | None, ctx: MappingContext) -> list[dict[str, Any]]:

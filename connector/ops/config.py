@@ -279,6 +279,24 @@ class OutputSettings(_Section):
                            "it can echo patient data.")
 
 
+class PullSettings(_Section):
+    """``peersync pull``: clinic referrals into the program, referral statuses and (with consent) clinical facts."""
+
+    intake_dir: Path | None = Field(None, description="Intake files of clinic referrals (PHI, 0600; default: "
+                                                      "next to the ledger, intake/).")
+    overlap_minutes: int = Field(10, ge=0, le=1440, description="Each search for new referral Tasks starts this "
+                                                                "long before the last one's newest Task (clock skew).")
+    referral_codes: list[str] = Field(
+        default_factory=list, description="ServiceRequest codes (system|code) the program takes; empty: any code.")
+    program_organization: str | None = Field(
+        None, description="The program's Organization on the EHR as system|value (default: the one peersync "
+                          "writes for the program).")
+    clinical_facts: bool = Field(False, description="Fetch the latest HbA1c, blood pressure and upcoming "
+                                                    "appointments for participants whose enrollment records consent.")
+    reports_dir: Path | None = Field(None, description="referrals.csv/json and clinical-facts.csv (0600; default: "
+                                                       "next to the ledger, pull/).")
+
+
 # -- secrets directories -----------------------------------------------------------------------------------
 
 
@@ -369,6 +387,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     sync: SyncSettings = SyncSettings()
     output: OutputSettings = OutputSettings()
+    pull: PullSettings = PullSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -394,6 +413,14 @@ class Settings(BaseSettings):
         """Where this deployment's rejects reports go."""
         return self.output.rejects_dir or self.sync.ledger.parent / "rejects"
 
+    def intake_dir(self) -> Path:
+        """Where intake files of clinic referrals go (PHI)."""
+        return self.pull.intake_dir or self.sync.ledger.parent / "intake"
+
+    def pull_reports_dir(self) -> Path:
+        """Where the referrals report and the clinical facts file go."""
+        return self.pull.reports_dir or self.sync.ledger.parent / "pull"
+
     def file_mode(self) -> int:
         """The mode of the ledger, rejects and metrics files peersync creates (0600, or 0640 for a group)."""
         from connector.files import file_mode
@@ -403,7 +430,7 @@ class Settings(BaseSettings):
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "source": SourceSettings, "program": ProgramSettings, "server": ServerSettings, "auth": AuthSettings,
-    "sync": SyncSettings, "output": OutputSettings,
+    "sync": SyncSettings, "output": OutputSettings, "pull": PullSettings,
 }
 
 

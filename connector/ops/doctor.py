@@ -495,7 +495,7 @@ def run_doctor(path: Path | None, environ: Mapping[str, str] | None = None, *, t
     if statement is None and not needs_auth:
         report.add("auth", Status.SKIP, "not checked: the server is not reachable")
     else:
-        auth_ready = _check_auth_online(report, client) if loaded.auth_ok else False
+        auth_ready = _check_auth_online(report, client, settings) if loaded.auth_ok else False
         if not loaded.auth_ok:
             report.add("auth", Status.SKIP, "not checked: fix the [auth] configuration first")
         if statement is None and needs_auth and auth_ready:
@@ -708,7 +708,7 @@ def _check_resource(report: Report, resource_type: str, resource: ResourceCapabi
     report.add(name, status, f"{resource_type}: " + ", ".join(notes or ["supported"]), fix)
 
 
-def _check_auth_online(report: Report, client: Any) -> bool:
+def _check_auth_online(report: Report, client: Any, settings: Any = None) -> bool:
     from connector.auth import missing_scopes
 
     auth = client.session.auth
@@ -743,7 +743,28 @@ def _check_auth_online(report: Report, client: Any) -> bool:
                        "and add them to auth.scope (docs/authentication.md, 'Scopes to request')")
         else:
             report.add("auth.scopes", Status.PASS, "the granted scopes cover every type peersync writes")
+        _check_pull_scopes(report, granted, clinical=bool(settings is not None and settings.pull.clinical_facts))
     return True
+
+
+# What `peersync pull` reads and updates: referral Tasks (moved to received), their ServiceRequests, Patients and
+# requesters; with pull.clinical_facts, Observations and Appointments of consenting participants.
+PULL_SCOPES = ("system/Task.rus", "system/ServiceRequest.rs", "system/Patient.rs", "system/Practitioner.rs")
+CLINICAL_SCOPES = ("system/Observation.rs", "system/Appointment.rs")
+
+
+def _check_pull_scopes(report: Report, granted: Any, *, clinical: bool) -> None:
+    from connector.auth import missing_scopes
+
+    needed = [*PULL_SCOPES, *(CLINICAL_SCOPES if clinical else ())]
+    missing = missing_scopes(granted, needed)
+    if missing:
+        report.add("auth.scopes.pull", Status.WARN, "peersync pull needs " + " ".join(missing),
+                   "without them pull cannot read clinic referrals (or, with pull.clinical_facts, the clinical "
+                   "facts); ask the EHR administrator (docs/care-coordination.md, 'Scopes')")
+    else:
+        report.add("auth.scopes.pull", Status.PASS, "the granted scopes cover peersync pull"
+                   + (" and clinical facts" if clinical else ""))
 
 
 def _check_probe(report: Report, client: Any, settings: Any) -> None:

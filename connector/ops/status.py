@@ -55,10 +55,25 @@ def status_report(ledger_path: Path, runs: int = 5) -> dict[str, Any]:
         report["backlog"] = backlog(ledger)
         report["parked"] = parked(ledger)
         report["last_success"] = last_success(ledger)
+        report["referrals"] = referral_summary(ledger)
     lock_held = lock_is_held(Path(f"{ledger_path}.lock"))
     report["runs"] = [_run_row(run, newest=(i == 0), lock_held=lock_held) for i, run in enumerate(recent)]
     report["last_run"] = report["runs"][0] if report["runs"] else None
     return report
+
+
+def referral_summary(ledger: Ledger) -> dict[str, Any]:
+    """What the last ``peersync pull`` saw: community referrals by status (and how many the organization changed),
+    and the clinic referrals delivered to intake. Counts only."""
+    statuses = ledger.referral_statuses()
+    by_status: dict[str, int] = {}
+    for row in statuses:
+        by_status[row["status"]] = by_status.get(row["status"], 0) + 1
+    pulled = ledger.pulled_tasks()
+    return {"community": dict(sorted(by_status.items())),
+            "changed_by_organization": sum(row["changed_by"] == "organization" for row in statuses),
+            "last_seen": max((row["seen_at"] for row in statuses), default=None),
+            "clinic_referrals_delivered": len(pulled)}
 
 
 def lock_is_held(lock_path: Path, proc_locks: Path = Path("/proc/locks")) -> bool | None:

@@ -27,7 +27,7 @@ from typing import Any, Self
 from connector.errors import WRITE_ACCESS_FIX, LedgerError
 from connector.files import PRIVATE_FILE_MODE, create_file, make_folder
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 
@@ -134,9 +134,38 @@ def _v2(db: sqlite3.Connection) -> None:
     )
 
 
+def _v3(db: sqlite3.Connection) -> None:
+    """``peersync pull``: the clinic referrals delivered to intake (Task ids only), and the last status seen on
+    each referral Task peersync wrote (codes and times only: no free text, no patient data)."""
+    db.executescript(
+        """
+        BEGIN IMMEDIATE;
+        CREATE TABLE pulled_tasks (
+            task_id TEXT PRIMARY KEY,        -- the clinic's referral Task (server id)
+            version TEXT,                    -- its version when delivered
+            service_request_id TEXT,
+            state TEXT NOT NULL,             -- delivered (in an intake file) | received (the Task says so)
+            delivered_at TEXT NOT NULL,
+            run_id TEXT
+        );
+        CREATE TABLE referral_statuses (
+            referral_id TEXT PRIMARY KEY,    -- the program's referral id (as in its export)
+            task_id TEXT NOT NULL,
+            version TEXT,
+            status TEXT NOT NULL,
+            changed_at TEXT,
+            changed_by TEXT NOT NULL,        -- organization | program
+            seen_at TEXT NOT NULL
+        );
+        PRAGMA user_version = 3;
+        COMMIT;
+        """
+    )
+
+
 # Ordered migrations: MIGRATIONS[i] takes the schema from version i to i + 1, atomically, including the
 # user_version bump (each script runs in its own BEGIN ... COMMIT).
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 
 
 def now_iso() -> str:
@@ -286,6 +315,47 @@ class Ledger:
                     raise
             except sqlite3.OperationalError as exc:
                 raise LedgerError(_write_failure(self.path, exc)) from exc
+
+    # -- pull: clinic referrals and referral statuses ---------------------------------------------------
+
+    def pulled_tasks(self) -> dict[str, str]:
+        """Clinic referral Task id -> state (delivered | received) for every Task delivered to intake."""
+        with self._lock:
+            return dict(self.db.execute("SELECT task_id, state FROM pulled_tasks").fetchall())
+
+    def record_pulled_task(self, task_id: str, *, version: str, service_request_id: str, state: str,
+                           run_id: str) -> None:
+        """A clinic referral was delivered to intake (``delivered``), or its Task now says ``received``."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO pulled_tasks(task_id, version, service_request_id, state, delivered_at, run_id) "
+                "VALUES(?,?,?,?,?,?) ON CONFLICT(task_id) DO UPDATE SET state=excluded.state, "
+                "version=excluded.version", (task_id, version, service_request_id, state, now_iso(), run_id))
+
+    def confirmed_versions(self, resource_type: str, system: str) -> dict[str, tuple[str | None, str | None]]:
+        """Identifier value -> (server id, version) peersync last confirmed, for one identifier system."""
+        with self._lock:
+            rows = self.db.execute("SELECT value, server_id, version FROM resources WHERE resource_type=? AND "
+                                   "system=?", (resource_type, system)).fetchall()
+        return {value: (server_id, version) for value, server_id, version in rows}
+
+    def record_referral_statuses(self, rows: list[tuple[str, str, str, str, str, str]]) -> None:
+        """(referral id, task id, version, status, changed at, changed by) as last seen on the server."""
+        seen = now_iso()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO referral_statuses(referral_id, task_id, version, status, changed_at, changed_by, "
+                "seen_at) VALUES(?,?,?,?,?,?,?) ON CONFLICT(referral_id) DO UPDATE SET task_id=excluded.task_id, "
+                "version=excluded.version, status=excluded.status, changed_at=excluded.changed_at, "
+                "changed_by=excluded.changed_by, seen_at=excluded.seen_at", [(*row, seen) for row in rows])
+
+    def referral_statuses(self) -> list[dict[str, Any]]:
+        """The last status seen on each referral Task peersync wrote (no free text)."""
+        with self._lock:
+            cursor = self.db.execute("SELECT referral_id, task_id, version, status, changed_at, changed_by, seen_at "
+                                     "FROM referral_statuses ORDER BY referral_id")
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     # -- meta ------------------------------------------------------------------------------------------
 
@@ -546,6 +616,12 @@ class Ledger:
             return dict(self.db.execute("SELECT state, count(*) FROM units GROUP BY state").fetchall())
 
     # -- participants ----------------------------------------------------------------------------------
+
+    def participant_patients(self) -> dict[str, str]:
+        """Participant (enrollment id) -> the server Patient id it was last matched to."""
+        with self._lock:
+            return dict(self.db.execute("SELECT participant, patient_id FROM participants "
+                                        "WHERE patient_id IS NOT NULL").fetchall())
 
     def set_participant(self, participant: str, *, patient_id: str | None, mrn_hash: str, state: str,
                         detail: str, close_review: bool = False) -> None:

@@ -414,6 +414,14 @@ def units_to_write(staging: Staging, participant: str | None) -> list[PlannedUni
             for unit_key, kind, source_id, unit_hash, action in rows]
 
 
+def source_ids_to_write(staging: Staging, kind: str) -> list[str]:
+    """The source ids of one kind's units this run creates or updates (not voids or deletions)."""
+    rows = staging.db.execute(
+        f"SELECT source_id FROM plan WHERE kind = ? AND action IN ({_in(WRITE_ACTIONS - {Act.DELETE, Act.VOID})}) "
+        "ORDER BY rowid", (kind,))
+    return [source_id for (source_id,) in rows]
+
+
 def _in(actions: frozenset[Act]) -> str:
     return ",".join(f"'{a.value}'" for a in sorted(actions))
 

@@ -528,6 +528,39 @@ class FhirClient:
                 return
             response = self.request("GET", next_link)
 
+    def search_with_included(self, resource_type: str, params: dict[str, Any], *,
+                             max_pages: int = 50) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(matches, included resources) of a search that may ``_include`` others; a list value repeats the
+        parameter (``{"_include": ["Task:focus", "Task:patient"]}``). A malformed entry (no resource) is an empty
+        dict among the matches, for the caller to report."""
+        matches: list[dict[str, Any]] = []
+        included: list[dict[str, Any]] = []
+        response = self.request("GET", resource_type, params=params)
+        for _ in range(max_pages):
+            bundle = _searchset(response, f"GET /{resource_type}")
+            for entry in bundle.get("entry", []):
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                if not isinstance(resource, dict) or not resource.get("resourceType"):
+                    matches.append({})  # a malformed entry: the caller reports it (never silently dropped)
+                    continue
+                mode = (entry.get("search") or {}).get("mode")
+                if mode == "include" or (mode is None and resource["resourceType"] != resource_type):
+                    included.append(resource)
+                else:
+                    matches.append(resource)
+            next_link = next((link["url"] for link in bundle.get("link", []) if link.get("relation") == "next"), None)
+            if not next_link:
+                break
+            response = self.request("GET", next_link)
+        return matches, included
+
+    def update_versioned(self, resource_type: str, resource_id: str, resource: dict[str, Any],
+                         version: str) -> dict[str, Any]:
+        """PUT a resource by id only if the server still holds ``version`` (``If-Match``): a concurrent edit
+        answers 412 (FhirHttpError), never overwritten."""
+        return _json_resource(self.request("PUT", f"{resource_type}/{resource_id}", json_body=resource,
+                                           headers={"If-Match": f'W/"{version}"'}), f"PUT /{resource_type}")
+
     def search_raw(self, query: str) -> list[dict[str, Any]]:
         """Resources for a pre-encoded query such as ``Goal?identifier=sys%7Cval`` (one page). An answer that is
         not a ``searchset`` Bundle is an error (ServerAnswerError), never "no match"."""

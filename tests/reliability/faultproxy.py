@@ -31,6 +31,8 @@ Hostile-server modes (the server, or something in front of it, answers in ways t
 ``short-after-commit``          the real answer with its last entry removed
 ``no-location-after-commit``    the real answer with each entry's ``location`` (and the first one's ``status``)
                                 removed
+``garbled-bundle-after-commit`` the real answer (a search) with three malformed entries in front: a resource
+                                without an id, an entry without a resource, an entry that is not an object
 ``302-json-after-commit``       302 to another address, with the real JSON answer as its body
 ``html-200-after-commit``       200 with a ``text/html`` page (a proxy's or login page's answer)
 ``slow-body-after-commit``      the real status and headers, then the body one byte every ``trickle_seconds``
@@ -88,7 +90,8 @@ from urllib.parse import urlsplit
 
 FAULTS = ("429", "500", "502", "503", "reset-before", "drop-after-commit", "500-after-commit",
           "truncate-after-commit", "slow-after-commit", "400-echo")
-HOSTILE = ("empty-after-commit", "short-after-commit", "no-location-after-commit", "302-json-after-commit",
+HOSTILE = ("empty-after-commit", "short-after-commit", "no-location-after-commit", "garbled-bundle-after-commit",
+           "302-json-after-commit",
            "html-200-after-commit", "slow-body-after-commit", "void-drop-after-commit", "echo-unquoted",
            "echo-typographic", "echo-foreign")
 COMMITTING_FAULTS = frozenset(f for f in FAULTS if f.endswith("-after-commit"))
@@ -156,6 +159,9 @@ def _hostile_answer(fault: str, payload: bytes) -> bytes:
     entries = answer.get("entry") or []
     if fault == "empty-after-commit":
         answer["entry"] = []
+    elif fault == "garbled-bundle-after-commit":
+        answer["entry"] = [{"resource": {"resourceType": "Task", "status": "requested"}}, {"fullUrl": "urn:x"},
+                           "not an entry", *entries]
     elif fault == "short-after-commit":
         answer["entry"] = entries[:-1]
     else:
@@ -262,6 +268,7 @@ class Stats:
     forwarded_writes: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     by_method: Counter[str] = field(default_factory=Counter)
+    by_type: Counter[str] = field(default_factory=Counter)  # requests per resource type (first path segment)
     upstream_errors: int = 0
     restricted: Counter[str] = field(default_factory=Counter)  # requests refused by the Restrictions, by what
     echoed: list[str] = field(default_factory=list)  # the first diagnostics of 400-echo answers (PHI tests)
@@ -352,10 +359,12 @@ class FaultProxy:
 
     # -- the handler -----------------------------------------------------------------------------------
 
-    def _next(self, method: str) -> tuple[int, str | None]:
+    def _next(self, method: str, path: str = "") -> tuple[int, str | None]:
         with self._lock:
             self.stats.requests += 1
             self.stats.by_method[method] += 1
+            relative = urlsplit(path).path[len(self.upstream_path):].strip("/")
+            self.stats.by_type[relative.split("/", 1)[0] or "(base)"] += 1
             index = self.stats.requests
             if index > self.max_requests:
                 return index, "503"
@@ -385,7 +394,7 @@ class FaultProxy:
                     self._reply(413, _outcome(413, "request too large for the fault proxy"))
                     return
                 body = self.rfile.read(length) if length else b""
-                index, fault = proxy._next(self.command)
+                index, fault = proxy._next(self.command, self.path)
                 route = self.path.split("?", 1)[0][len(proxy.upstream_path):].strip("/")
                 refused = proxy.restrictions.refusal(self.command, route, body)
                 if refused is not None:
@@ -452,7 +461,8 @@ class FaultProxy:
                     return
                 if fault in ("drop-after-commit", "void-drop-after-commit"):
                     self._reset()
-                elif fault in ("empty-after-commit", "short-after-commit", "no-location-after-commit"):
+                elif fault in ("empty-after-commit", "short-after-commit", "no-location-after-commit",
+                               "garbled-bundle-after-commit"):
                     self._reply(status, _hostile_answer(fault, payload))
                 elif fault == "302-json-after-commit":
                     self._reply(302, payload, {"Location": "http://127.0.0.1:9/elsewhere/fhir"})
