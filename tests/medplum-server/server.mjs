@@ -8,11 +8,14 @@
 import { createServer } from 'node:http';
 import {
   OperationOutcomeError,
+  Operator,
   badRequest,
+  deepClone,
   getStatus,
   indexSearchParameterBundle,
   indexStructureDefinitionBundle,
   isOk,
+  matchesSearchRequest,
   normalizeOperationOutcome,
   validateResource,
 } from '@medplum/core';
@@ -34,19 +37,79 @@ indexSearchParameterBundle(readJson('fhir/r4/search-parameters.json'));
 
 // Medplum's server validates every resource it writes against the base R4 definitions (its Repository does, the
 // in-memory one does not): do the same, so a resource Medplum would refuse is refused here too.
-class ValidatingMemoryRepository extends MemoryRepository {
+//
+// The in-memory search scans every resource of the type, which makes each conditional write cost O(resources) and
+// a test session quadratic. Medplum's server searches a database index; here an index of identifier and _tag tokens
+// narrows the candidates, and Medplum's own matcher (matchesSearchRequest) still decides every match.
+const INDEXED_TOKENS = {
+  identifier: (resource) => resource.identifier ?? [],
+  _tag: (resource) => (resource.meta?.tag ?? []).map((coding) => ({ system: coding.system, value: coding.code })),
+};
+
+class IndexedValidatingMemoryRepository extends MemoryRepository {
+  constructor() {
+    super();
+    this.tokenIndex = new Map(); // "Type code system|value" -> Set of ids (stale ids are filtered by the matcher)
+  }
+
   async createResource(resource, options) {
     validateResource(resource);
-    return super.createResource(resource, options);
+    const stored = await super.createResource(resource, options);
+    for (const [code, tokens] of Object.entries(INDEXED_TOKENS)) {
+      for (const token of tokens(stored)) {
+        const key = `${stored.resourceType} ${code} ${token.system ?? ''}|${token.value ?? ''}`;
+        if (!this.tokenIndex.has(key)) {
+          this.tokenIndex.set(key, new Set());
+        }
+        this.tokenIndex.get(key).add(stored.id);
+      }
+    }
+    return stored;
   }
 
   async updateResource(resource, options) {
     validateResource(resource);
-    return super.updateResource(resource, options);
+    return super.updateResource(resource, options); // stores through createResource, which indexes
+  }
+
+  async search(searchRequest) {
+    const ids = this.indexedIds(searchRequest);
+    if (!ids) {
+      return super.search(searchRequest);
+    }
+    const stored = this.resources.get(searchRequest.resourceType) ?? new Map();
+    const matches = [...ids]
+      .map((id) => stored.get(id))
+      .filter((resource) => resource && matchesSearchRequest(resource, searchRequest));
+    let entry = matches.map((resource) => ({ resource: deepClone(resource) }));
+    if (searchRequest.offset !== undefined) {
+      entry = entry.slice(searchRequest.offset);
+    }
+    if (searchRequest.count !== undefined) {
+      entry = entry.slice(0, searchRequest.count);
+    }
+    return { resourceType: 'Bundle', type: 'searchset', entry: entry.length ? entry : undefined, total: matches.length };
+  }
+
+  // Candidate ids when the search has an exact system|value filter on an indexed token and no sort; else undefined.
+  indexedIds(searchRequest) {
+    if (searchRequest.sortRules?.length) {
+      return undefined;
+    }
+    const filter = (searchRequest.filters ?? []).find(
+      (f) =>
+        f.code in INDEXED_TOKENS &&
+        f.operator === Operator.EQUALS &&
+        /^[^|,]+\|[^|,]+$/.test(f.value)
+    );
+    if (!filter) {
+      return undefined;
+    }
+    return this.tokenIndex.get(`${searchRequest.resourceType} ${filter.code} ${filter.value}`) ?? new Set();
   }
 }
 
-const repo = new ValidatingMemoryRepository();
+const repo = new IndexedValidatingMemoryRepository();
 const router = new FhirRouter();
 const capabilityStatement = buildCapabilityStatement(BASE_URL);
 
