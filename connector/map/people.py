@@ -113,8 +113,8 @@ def map_careteam(e: Enrollment, ctx: MappingContext, supporter: Supporter | None
             {"role": [{"coding": [dict(codes.SNOMED_PATIENT)], "text": "Patient"}], "member": ctx.patient_ref(e)},
             {
                 "role": [supporter_role_concept(supporter, ctx)],
+                # no onBehalfOf: R4 ctm-1 allows it only for a Practitioner member; the role names the program
                 "member": ctx.ref("PractitionerRole", KIND_ROLE, e.supporter_id, _role_display(supporter)),
-                "onBehalfOf": ctx.organization_ref(),
                 "period": {"start": iso_date(e.start_date)},
             },
         ],
