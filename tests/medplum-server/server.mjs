@@ -201,7 +201,8 @@ async function handle(req, res) {
     params: {},
     query: {},
     headers: req.headers,
-    // Medplum's server turns transactions on; without it the router processes a transaction as a batch.
+    // Atomic transactions, as Medplum's server gives projects with its transaction feature turned on (without the
+    // option the router processes a transaction as a batch): the strict rules above apply only then.
     config: { transactions: true },
   };
   const [outcome, resource] = await router.handleRequest(fhirRequest, repo);

@@ -1,6 +1,7 @@
 """docs/examples/ehr-*.toml: one ready-made configuration per server of docs/ehr-compatibility.md, each loading
-with the real config loader. Keys that issue 15 adds (``server.write_strategy``) are written as
-``# issue15: key = value`` lines until the settings model has them; the last test says when to uncomment them."""
+with the real config loader. The keys of issue 15's write strategies (``server.write_strategy``,
+``server.resolves_conditional_references``, branch ``strat``) are written as ``# issue15: key = value`` lines
+until the settings model has them; the last test says when to uncomment them."""
 
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ from connector.ops.config import ServerSettings, load_settings
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 EXAMPLES = DOCS / "examples"
 SERVERS = ["athenahealth", "azure", "epic", "google", "hapi", "healthlake", "medplum", "oracle-health"]
-STRATEGIES = {"auto", "transaction", "batch", "single", "update-as-create"}
+STRATEGIES = {"transaction", "batch", "single", "update-as-create"}
 PENDING = re.compile(r"^# issue15: (\w+ = \S+)", re.M)
+
+
+def pending_settings(server: str) -> dict[str, object]:
+    text = (EXAMPLES / f"ehr-{server}.toml").read_text(encoding="utf-8")
+    return dict(tomllib.loads(line).popitem() for line in PENDING.findall(text))
 
 
 def test_one_example_per_server() -> None:
@@ -38,11 +44,17 @@ def test_example_is_described_in_the_compatibility_doc(server: str) -> None:
 
 
 @pytest.mark.parametrize("server", SERVERS)
-def test_pending_write_strategy_names_a_strategy_of_issue_15(server: str) -> None:
-    pending = dict(tomllib.loads(line).popitem() for line in PENDING.findall(
-        (EXAMPLES / f"ehr-{server}.toml").read_text(encoding="utf-8")))
-    assert set(pending) == {"write_strategy"} and pending["write_strategy"] in STRATEGIES
-    # When issue 15's strategies land, the key must be live so that the loader checks it.
-    assert "write_strategy" not in ServerSettings.model_fields, (
-        "server.write_strategy exists now: uncomment the '# issue15:' lines in docs/examples/ehr-*.toml "
-        "and drop this check")
+def test_example_names_the_strategy_of_the_doc_table(server: str) -> None:
+    pending = pending_settings(server)
+    assert set(pending) <= {"write_strategy", "resolves_conditional_references"}
+    strategy = pending["write_strategy"]
+    assert strategy in STRATEGIES
+    row = next(line for line in (DOCS / "ehr-compatibility.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith("|") and f"(examples/ehr-{server}.toml)" in line)
+    assert f"`{strategy}`" in row, f"docs/ehr-compatibility.md gives {server} another strategy than the example"
+
+
+def test_pending_keys_are_not_in_the_settings_model_yet() -> None:
+    known = {key for server in SERVERS for key in pending_settings(server)} & set(ServerSettings.model_fields)
+    assert not known, (f"server.{sorted(known)} exist now: uncomment the '# issue15:' lines in "
+                       "docs/examples/ehr-*.toml and move these checks to the loaded settings")
