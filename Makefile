@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SERVER := tests/fhir-server/server.sh
+MEDPLUM_SERVER := tests/medplum-server/server.sh
 DEMO_CONFIG := fixtures/demo/peersync.toml
 PYTEST_ARGS ?=
 
-.PHONY: install server server-stop demo lint test test-unit coverage wheel-check container-check reliability reliability-report bench docs-screenshots clean
+.PHONY: install server server-stop medplum-install medplum-server medplum-server-stop demo lint test test-unit coverage wheel-check container-check reliability reliability-report bench docs-screenshots clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +23,16 @@ server:
 server-stop:
 	bash $(SERVER) stop
 
+# The second test server, Medplum's FHIR engine in Node (tests/medplum-server/): npm ci from its lock file.
+medplum-install:
+	bash $(MEDPLUM_SERVER) install
+
+medplum-server:
+	bash $(MEDPLUM_SERVER) start
+
+medplum-server-stop:
+	bash $(MEDPLUM_SERVER) stop
+
 # The main job: sync the demo program into the local HAPI server and show what landed.
 demo: install server
 	$(PY) tests/fhirserver.py load-patients fixtures/demo/clinic/patients.json
@@ -34,8 +45,9 @@ lint: install
 	$(VENV)/bin/ruff check connector tests
 	$(VENV)/bin/mypy
 
-# The whole suite: lint, unit tests, and integration tests against the local HAPI server (started if needed).
-test: install lint
+# The whole suite: lint, unit tests, and integration tests against the local HAPI server and the Medplum server
+# (each started by the pytest fixtures if needed).
+test: install lint medplum-install
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: install

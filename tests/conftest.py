@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fhirserver
+import medplumserver
 
 # -- FHIR test server: `integration` marker and the `fhir_base_url` fixture ------------------------------------------
 #
@@ -33,6 +34,9 @@ def _register_integration_marker(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "integration: needs a real FHIR server (the local HAPI server unless PEERSYNC_TEST_FHIR_URL is set)"
     )
+    config.addinivalue_line(
+        "markers", "medplum: needs the second FHIR server, Medplum's engine (tests/medplum-server/, Node.js and npm)"
+    )
 
 
 def _skip_integration_if_asked(items: list[pytest.Item]) -> None:
@@ -40,7 +44,7 @@ def _skip_integration_if_asked(items: list[pytest.Item]) -> None:
         return
     skip = pytest.mark.skip(reason="PEERSYNC_SKIP_INTEGRATION=1: integration tests skipped")
     for item in items:
-        if item.get_closest_marker("integration") is not None:
+        if item.get_closest_marker("integration") is not None or item.get_closest_marker("medplum") is not None:
             item.add_marker(skip)
 
 
@@ -69,6 +73,26 @@ def fhir_base_url() -> Iterator[str]:
     # pytest-xdist workers share one server: leave stopping it to whoever runs the suite (.ci/run stops it too)
     if started_here and not _env_flag("PEERSYNC_KEEP_SERVER") and not os.environ.get("PYTEST_XDIST_WORKER"):
         fhirserver.stop_server()
+
+
+@pytest.fixture(scope="session")
+def medplum_base_url() -> Iterator[str]:
+    """Base URL of the second FHIR server, Medplum's engine in memory (tests/medplum-server/), for the session.
+
+    Same rules as ``fhir_base_url``: it fails when the server cannot be had (PEERSYNC_SKIP_INTEGRATION=1 skips it,
+    PEERSYNC_REQUIRE_INTEGRATION=1 overrides that), and a server this session started is stopped at the end.
+    """
+    if _integration_skipped():
+        pytest.skip("PEERSYNC_SKIP_INTEGRATION=1: no Medplum server for this session")
+    try:
+        url, started_here = medplumserver.ensure_server_for_session()
+    except fhirserver.ServerError as exc:
+        pytest.fail(f"no Medplum server for the integration tests: {exc}\n"
+                    "(it needs Node.js 20.19+ and npm with the npm registry reachable for the first npm ci)",
+                    pytrace=False)
+    yield url
+    if started_here and not _env_flag("PEERSYNC_KEEP_SERVER") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        medplumserver.stop_server()
 
 
 # -- end of FHIR test server ------------------------------------------------------------------------------------------

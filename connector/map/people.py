@@ -143,7 +143,7 @@ def map_careteam(e: Enrollment, ctx: MappingContext, supporter: Supporter | None
                 {
                     "role": [supporter_role_concept(m.supporter, ctx)],
                     "member": ctx.ref("PractitionerRole", KIND_ROLE, m.supporter_id, _role_display(m.supporter)),
-                    "onBehalfOf": ctx.organization_ref(),
+                    # no onBehalfOf: R4 ctm-1 allows it only for a Practitioner member; the role names the program
                     "period": compact({"start": iso_date(max(m.since, e.start_date)), "end": end}),
                 }
                 for m in members

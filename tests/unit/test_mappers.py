@@ -331,6 +331,14 @@ def test_identifier_kinds(ctx: MappingContext, resource_type: str, kind: str) ->
         )
 
 
+def test_careteam_participants_keep_invariant_ctm_1(ctx: MappingContext) -> None:
+    """R4 ctm-1: onBehalfOf only when the member is a Practitioner (Medplum's validator refuses anything else)."""
+    _, careteam = map_enrollment(enrollment(), goal_ids=[], planned_contact_ids=[], referral_ids=[], ctx=ctx)
+    members = [parse_conditional_reference(p["member"]["reference"])[0] for p in careteam["participant"]]
+    assert members == ["Patient", "PractitionerRole"]
+    assert not [p for p in careteam["participant"] if "onBehalfOf" in p]
+
+
 def test_careteam_and_careplan_share_the_enrollment_id_under_different_systems(ctx: MappingContext) -> None:
     careplan, careteam = map_enrollment(enrollment(), goal_ids=[], planned_contact_ids=[], referral_ids=[], ctx=ctx)
     assert careplan["identifier"][0]["value"] == careteam["identifier"][0]["value"] == "E0001"
