@@ -129,6 +129,8 @@ class SyncOptions:
     accept_shape_change: bool = False
     read_limits: ReadLimits = DEFAULT_LIMITS
     write_mode: str = "auto"
+    write_strategy: str = "auto"  # transaction | batch | single | update-as-create, or auto (capabilities)
+    resolves_conditional_references: bool = True  # in a transaction (else peersync resolves references)
     file_mode: int = PRIVATE_FILE_MODE  # of the ledger and the rejects report (0600, or 0640 for a group)
     run_deadline_seconds: float | None = 7200.0  # after this, nothing more is sent: the rest stays pending (69)
     data_problems_exit_zero: bool = False  # rejected/quarantined/in-review records exit 0 (still in the metrics)

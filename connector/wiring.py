@@ -80,6 +80,8 @@ def sync_options(settings: Settings) -> SyncOptions:
         accept_shape_change=settings.sync.accept_shape_change,
         read_limits=settings.source.read_limits(),
         write_mode=settings.server.write_mode,
+        write_strategy=settings.server.write_strategy,
+        resolves_conditional_references=settings.server.resolves_conditional_references,
         file_mode=settings.file_mode(),
         run_deadline_seconds=settings.sync.run_deadline_seconds,
         data_problems_exit_zero=settings.sync.data_problems_exit_zero,

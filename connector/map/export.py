@@ -41,9 +41,9 @@ from connector.plan.planner import (
 from connector.read.profile import Profile
 from connector.read.program import ReadReport, read_program
 from connector.read.staging import Staging
-from connector.write.bundle import PendingWrite
+from connector.write.bundle import Identity, PendingWrite, identity_of
 from connector.write.changeset import build_change_set
-from connector.write.decisions import chunk_writes
+from connector.write.decisions import chunk_writes, reference_order, strip_deferrable
 
 
 def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_dir: Path, staging: Staging,
@@ -89,10 +89,22 @@ def iter_bundles(staging: Staging, ctx: MappingContext, *, recorded: datetime | 
     recorded = recorded or datetime.now(UTC)
 
     def built(name: str, writes: Iterable[PendingWrite], author: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
-        for part, chunk in enumerate(chunk_writes(writes, max_bundle_entries), start=1):
-            change_set = build_change_set(chunk, ctx=ctx, patient=None, resolve=lambda _identity: None,
+        # As a first sync sends them: in reference order, cut, and a unit whose deferrable references point past
+        # its bundle sent without them, then complete in a last bundle (connector.write.decisions).
+        written: set[Identity] = set()
+        complete_later: list[PendingWrite] = []
+        part = 0
+        for part, chunk in enumerate(chunk_writes(reference_order(list(writes)), max_bundle_entries), start=1):
+            written |= {identity_of(r) for w in chunk for r in w.unit.resources}
+            sent, incomplete = strip_deferrable(chunk, written.__contains__)
+            complete_later += incomplete.values()
+            change_set = build_change_set(sent, ctx=ctx, patient=None, resolve=lambda _identity: None,
                                           author=author, recorded=recorded)
             yield (name if part == 1 else f"{name}-{part}"), change_set.bundle
+        if complete_later:
+            change_set = build_change_set(complete_later, ctx=ctx, patient=None, resolve=lambda _identity: None,
+                                          author=author, recorded=recorded)
+            yield f"{name}-{part + 1}", change_set.bundle
 
     # What a first sync writes: the plan against a ledger that holds nothing (thrown away afterwards).
     with tempfile.TemporaryDirectory(prefix="peersync-map-") as tmp, Ledger(Path(tmp) / "empty.sqlite") as empty:

@@ -224,6 +224,13 @@ class ServerSettings(_Section):
     write_mode: Literal["auto", "conditional", "search"] = Field(
         "auto", description="auto: conditional update where the CapabilityStatement allows it, else search-then-write."
     )
+    write_strategy: Literal["auto", "transaction", "batch", "single", "update-as-create"] = Field(
+        "auto", description="How writes travel: auto picks transaction, else batch, else single from the "
+        "CapabilityStatement; update-as-create (PUT Type/{id derived from the identifier}) only when set "
+        "(docs/configuration.md)")
+    resolves_conditional_references: bool = Field(
+        True, description="The server resolves Type?identifier= references inside a transaction (HAPI does); "
+        "false: peersync sends literal Type/id references it resolved itself")
 
 
 class SyncSettings(_Section):

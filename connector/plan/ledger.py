@@ -328,6 +328,20 @@ class Ledger:
                     found[key] = row[0]
         return found
 
+    def versions(self, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], str]:
+        """(type, system, value) -> the version id the server last confirmed, for the identifiers that have one."""
+        found: dict[tuple[str, str, str], str] = {}
+        with self._lock:
+            for key in keys:
+                row = self.db.execute(
+                    "SELECT version FROM resources"
+                    " WHERE resource_type=? AND system=? AND value=? AND version IS NOT NULL",
+                    key,
+                ).fetchone()
+                if row:
+                    found[key] = row[0]
+        return found
+
     def resources_of(self, unit_key: str) -> list[LedgerResource]:
         """The resources the server confirmed for a unit (those with a server id)."""
         with self._lock:

@@ -19,6 +19,7 @@ class ResourceCapability:
     interactions: frozenset[str] = frozenset()  # empty: not declared (says nothing either way)
     conditional_update: bool = False
     conditional_create: bool = False
+    update_create: bool = False  # the server accepts PUT Type/{client id} for a new resource
     search_params: frozenset[str] | None = None  # None: not declared
 
 
@@ -45,6 +46,7 @@ class Capabilities:
                 interactions=_codes(resource.get("interaction")),
                 conditional_update=bool(resource.get("conditionalUpdate")),
                 conditional_create=bool(resource.get("conditionalCreate")),
+                update_create=bool(resource.get("updateCreate")),
                 search_params=None if params is None else frozenset(
                     str(p.get("name")) for p in _list(params)),
             )
@@ -59,13 +61,17 @@ class Capabilities:
 
     @property
     def supports_transaction(self) -> bool:
-        """The server declares the ``transaction`` interaction (peersync's only way of writing)."""
+        """The server declares the ``transaction`` interaction."""
         return "transaction" in self.system_interactions
 
     @property
     def supports_batch(self) -> bool:
         """The server declares the ``batch`` interaction."""
         return "batch" in self.system_interactions
+
+    def update_create_types(self) -> frozenset[str]:
+        """The types that accept a new resource by ``PUT Type/{client-assigned id}`` (``updateCreate``)."""
+        return frozenset(t for t, r in self.resources.items() if r.update_create)
 
     def resource(self, resource_type: str) -> ResourceCapability | None:
         """The declaration for one type, or None when the statement does not list it."""

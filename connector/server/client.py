@@ -205,6 +205,17 @@ class HttpAnswer:
     content_type: str = ""
 
 
+@dataclass(frozen=True)
+class WriteAnswer:
+    """A 2xx answer to one write outside a bundle: status, parsed JSON body (None when empty or not JSON), and the
+    Location (or Content-Location) and ETag headers."""
+
+    status: int
+    body: Any
+    location: str | None = None
+    etag: str | None = None
+
+
 @dataclass
 class RequestStats:
     """What the client did: requests sent (including retries), writes, and retries."""
@@ -523,6 +534,21 @@ class FhirClient:
         """POST a transaction (or batch) bundle; the 2xx answer as it came, for :mod:`connector.write.confirm`."""
         response = self.request("POST", "", json_body=bundle)
         return HttpAnswer(response.status_code, _json_or_none(response), response.headers.get("Content-Type", ""))
+
+    def write(self, method: str, path: str, resource: dict[str, Any], *, if_match: str | None = None,
+              if_none_exist: str | None = None) -> WriteAnswer:
+        """One write outside a bundle (``PUT Type?identifier=``, ``PUT Type/id``, ``POST Type``): the 2xx answer
+        as it came, for :func:`connector.write.confirm.confirm_single`. ``if_match`` is a version id (sent as
+        ``W/"version"``), ``if_none_exist`` a search query (a conditional create)."""
+        headers = {"Prefer": "return=representation"}
+        if if_match:
+            headers["If-Match"] = f'W/"{if_match}"'
+        if if_none_exist:
+            headers["If-None-Exist"] = if_none_exist
+        response = self.request(method, path, json_body=resource, headers=headers)
+        return WriteAnswer(response.status_code, _json_or_none(response),
+                           response.headers.get("Location") or response.headers.get("Content-Location"),
+                           response.headers.get("ETag"))
 
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
         """POST a transaction bundle; return the answer, which must be a FHIR resource (else ServerAnswerError)."""

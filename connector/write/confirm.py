@@ -110,3 +110,56 @@ def _safe_token(value: Any) -> str:
     """A resource type or Bundle type as the server sent it, only if it looks like one (never free text)."""
     text = str(value) if value is not None else "none"
     return text if re.fullmatch(r"[A-Za-z][A-Za-z0-9/+.-]{0,40}", text) else "an unexpected value"
+
+
+def confirm_single(resource_type: str, identifier: tuple[str, str] | None, status: int, body: Any,
+                   location: str | None, etag: str | None, *, conditional_create: bool = False) -> EntryVerdict:
+    """What the answer to one write outside a bundle proves (``identifier``: the business identifier sent, as
+    (system, value); None for a resource without one, the Provenance).
+
+    Believed only when proven: a 2xx with a ``Location`` naming a resource of the type, or a body that is the
+    resource of the type with an id and the identifier sent. A conditional create that matched (200 without a
+    body or location) is proof the resource exists. The version comes from the location, the ETag or the body.
+    """
+    code = str(status)
+    if not 200 <= status < 300:
+        return EntryVerdict(False, code, reason=f"the server answered HTTP {status}, not 2xx")
+    server_id, version = parse_location(location) if location and f"{resource_type}/" in location else (None, None)
+    if isinstance(body, dict) and body.get("resourceType") == resource_type and isinstance(body.get("id"), str):
+        if identifier is not None and not any(
+                isinstance(i, dict) and (i.get("system"), i.get("value")) == identifier
+                for i in body.get("identifier") or []):
+            return EntryVerdict(False, code,
+                                reason=f"the {resource_type} the server returned lacks the identifier sent")
+        if server_id not in (None, body["id"]):
+            return EntryVerdict(False, code, reason="the server's location and body name different resources")
+        server_id = body["id"]
+        version = version or str((body.get("meta") or {}).get("versionId") or "") or None
+    if server_id is None:
+        if conditional_create and status == 200:
+            return EntryVerdict(True, code)  # matched an existing resource
+        return EntryVerdict(False, code, reason=f"HTTP {status} without a location or the resource written")
+    if version is None and etag:
+        match = re.fullmatch(r'(?:W/)?"([^"]{1,64})"', etag.strip())
+        version = match.group(1) if match else None
+    return EntryVerdict(True, code, server_id, version)
+
+
+def stored_conditional_references(resource: Any) -> list[str]:
+    """The resource types of references a stored resource still holds as ``Type?identifier=`` (unresolved): a
+    server that neither resolves nor rejects them keeps them literally. PHI-free (types only)."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "reference" and isinstance(value, str) and "?" in value:
+                    found.append(value.split("?", 1)[0])
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(resource)
+    return found

@@ -3,20 +3,26 @@
 * how a group of units is cut into transactions (:func:`chunk_writes`, used by sync and by ``peersync map``);
 * what to do after a transaction fails (:func:`step_after_failure`, :func:`halves`,
   :func:`is_unresolved_reference`);
-* how each resource type is written on this server (:func:`write_plan`, from its CapabilityStatement).
+* how each resource type is written on this server (:func:`write_plan`, from its CapabilityStatement);
+* which write strategy a run uses (:func:`choose_strategy`) and the ids update-as-create assigns
+  (:func:`deterministic_id`);
+* the order that never sends a referrer before its target (:func:`reference_order`, :func:`resource_order`,
+  :func:`request_waves`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from connector.identifiers import parse_conditional_reference
 from connector.server.capabilities import Capabilities
 from connector.server.client import Action
 from connector.server.hapi import UNRESOLVED_REFERENCE_CODES
-from connector.write.bundle import PendingWrite
+from connector.write.bundle import Identity, PendingWrite, UnitWrite, identity_of
 
 T = TypeVar("T")
 
@@ -110,3 +116,207 @@ def write_plan(write_mode: str, capabilities: Capabilities | None, written_types
         search_types=tuple(sorted(set(written_types) - types)),
         transaction_declared=capabilities.supports_transaction or not capabilities.system_interactions,
     )
+
+
+# -- write strategies ----------------------------------------------------------------------------------
+
+class Strategy(StrEnum):
+    """How change-sets travel to the server (``server.write_strategy``)."""
+
+    TRANSACTION = "transaction"  # one transaction per chunk; the server resolves conditional references
+    BATCH = "batch"  # batch Bundles of independent entries, in reference order; peersync resolves references
+    SINGLE = "single"  # one request per resource, in reference order; peersync resolves references
+    UPDATE_AS_CREATE = "update-as-create"  # PUT Type/{deterministic id}, one request per resource
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    """The strategy a run uses, why (one PHI-free line for doctor, plan and the log), and who resolves
+    references: the server inside a transaction, or peersync (literal ``Type/id`` of resources it knows)."""
+
+    strategy: Strategy
+    reason: str
+    peersync_resolves_references: bool
+
+
+def choose_strategy(configured: str, capabilities: Capabilities | None, *,
+                    resolves_conditional_references: bool | None = None,
+                    written_types: Iterable[str] = ()) -> StrategyChoice:
+    """The write strategy for ``server.write_strategy`` and the server's CapabilityStatement.
+
+    ``auto`` picks transaction when the server declares it (or declares no system interactions at all, or its
+    statement cannot be read: the standard's default), else batch when declared, else single. update-as-create
+    is never picked automatically: it puts ids into the server's id space, which only the operator can agree to
+    (and a server that already holds peersync's resources under server-assigned ids would get a second copy
+    when the ledger is lost). ``resolves_conditional_references`` (None: yes for a transaction) says whether the
+    server resolves ``Type?identifier=`` references inside a transaction; when not, peersync resolves them.
+    """
+    if configured != "auto":
+        strategy = Strategy(configured)
+        reason = f"server.write_strategy = {configured}"
+        missing = sorted(set(written_types) - capabilities.update_create_types()) if capabilities else []
+        if strategy is Strategy.UPDATE_AS_CREATE and missing:
+            reason += f" (no updateCreate declared for {', '.join(missing)}: the server may refuse client ids)"
+    elif capabilities is None:
+        strategy, reason = Strategy.TRANSACTION, "auto: no readable CapabilityStatement, assuming transaction"
+    elif capabilities.supports_transaction or not capabilities.system_interactions:
+        strategy = Strategy.TRANSACTION
+        reason = "auto: the server declares transaction" if capabilities.supports_transaction else \
+            "auto: the CapabilityStatement lists no system interactions, assuming transaction"
+    elif capabilities.supports_batch:
+        strategy, reason = Strategy.BATCH, "auto: the server declares batch but not transaction"
+    else:
+        strategy, reason = Strategy.SINGLE, "auto: the server declares neither transaction nor batch"
+    if strategy is Strategy.TRANSACTION:
+        peersync_resolves = resolves_conditional_references is False
+        if peersync_resolves:
+            reason += "; server.resolves_conditional_references = false: peersync resolves references"
+    else:
+        peersync_resolves = True
+    return StrategyChoice(strategy, reason, peersync_resolves)
+
+
+def deterministic_id(resource_type: str, system: str, value: str) -> str:
+    """The server id update-as-create uses for a business identifier: stable across runs and machines, and a
+    valid FHIR id ([A-Za-z0-9.-]{1,64}). "ps" then 48 hex digits (192 bits) of SHA-256 over type|system|value:
+    never all digits (HAPI refuses numeric client ids), and a collision needs about 2^96 resources."""
+    digest = hashlib.sha256(f"{resource_type}|{system}|{value}".encode()).hexdigest()
+    return "ps" + digest[:48]
+
+
+# -- reference order -----------------------------------------------------------------------------------
+
+# References that may be left out of a first write and added by a second one: they close a cycle (a CarePlan
+# lists its activities, which point back at it with basedOn). (resource type, top-level element).
+DEFERRABLE_REFERENCES = frozenset({("CarePlan", "activity")})
+
+
+def references_of(resource: dict[str, Any]) -> list[tuple[Identity, bool]]:
+    """(target identity, deferrable) of every conditional reference in a resource, in document order."""
+    found: list[tuple[Identity, bool]] = []
+    resource_type = resource.get("resourceType", "")
+    for element, value in resource.items():
+        deferrable = (resource_type, element) in DEFERRABLE_REFERENCES
+        for reference in _reference_strings(value):
+            target = parse_conditional_reference(reference)
+            if target is not None:
+                found.append((target, deferrable))
+    return found
+
+
+def _reference_strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                yield value
+            else:
+                yield from _reference_strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _reference_strings(item)
+
+
+def without_references(resource: dict[str, Any], targets: set[Identity]) -> dict[str, Any]:
+    """A copy of a resource without the items of its deferrable elements that reference one of ``targets``."""
+    out = dict(resource)
+    for element in [e for t, e in DEFERRABLE_REFERENCES if t == resource.get("resourceType")]:
+        items = resource.get(element)
+        if isinstance(items, list):
+            kept = [item for item in items if not any(parse_conditional_reference(ref) in targets
+                                                      for ref in _reference_strings(item))]
+            if kept:
+                out[element] = kept
+            else:
+                out.pop(element, None)
+    return out
+
+
+def strip_deferrable(units: Sequence[PendingWrite], written: Callable[[Identity], bool]
+                     ) -> tuple[list[PendingWrite], dict[str, PendingWrite]]:
+    """The units to send, each deferrable reference (a CarePlan's activities) to a resource not ``written`` left
+    out; and, by unit key, the complete units of those sent incomplete: they go again once their targets have
+    landed (a cycle, CarePlan <-> its requests, cannot be written in one step outside one transaction)."""
+    out: list[PendingWrite] = []
+    incomplete: dict[str, PendingWrite] = {}
+    for write in units:
+        missing = {target for r in write.unit.resources for target, deferrable in references_of(r)
+                   if deferrable and not written(target)}
+        if not missing:
+            out.append(write)
+            continue
+        unit = write.unit
+        stripped = UnitWrite(unit.unit_key, unit.kind, [without_references(r, missing) for r in unit.resources],
+                             unit.voided)
+        out.append(PendingWrite(stripped, write.unit_hash))
+        incomplete[unit.unit_key] = write
+    return out, incomplete
+
+
+def reference_order(writes: Sequence[PendingWrite]) -> list[PendingWrite]:
+    """The units in an order where every unit comes after the units holding what it references (deferrable
+    references aside), otherwise as given (a stable topological sort). Chunks cut from this order, and the halves
+    a rejected chunk is split into (first half first), then never send a referrer before its target. Units in a
+    cycle of non-deferrable references (none today) keep their given order."""
+    holder: dict[Identity, int] = {}
+    for index, write in enumerate(writes):
+        for resource in write.unit.resources:
+            holder.setdefault(identity_of(resource), index)
+    needs: list[set[int]] = []
+    for index, write in enumerate(writes):
+        targets = {holder[t] for r in write.unit.resources for t, deferrable in references_of(r)
+                   if not deferrable and t in holder}
+        targets.discard(index)
+        needs.append(targets)
+    placed: list[int] = []
+    done: set[int] = set()
+    visiting: set[int] = set()
+
+    def place(index: int) -> None:
+        if index in done or index in visiting:
+            return  # done, or a cycle: keep the given order
+        visiting.add(index)
+        for target in sorted(needs[index]):
+            place(target)
+        visiting.discard(index)
+        done.add(index)
+        placed.append(index)
+
+    for index in range(len(writes)):
+        place(index)
+    return [writes[i] for i in placed]
+
+
+def resource_order(resources: Sequence[dict[str, Any]]) -> list[int]:
+    """Positions of a unit's resources with every referenced one first (a ServiceRequest before its Task)."""
+    position = {identity_of(r): i for i, r in enumerate(resources)}
+    order: list[int] = []
+
+    def place(index: int, path: frozenset[int]) -> None:
+        if index in order or index in path:
+            return
+        for target, deferrable in references_of(resources[index]):
+            if not deferrable and target in position:
+                place(position[target], path | {index})
+        order.append(index)
+
+    for index in range(len(resources)):
+        place(index, frozenset())
+    return order
+
+
+def request_waves(targets: Sequence[set[int]], *, one_per_request: bool) -> list[list[int]]:
+    """Group entries (given in reference order, ``targets[i]``: the earlier entries entry i references) into
+    requests whose entries are independent: each entry goes one request after the latest of its targets. A
+    batch's entries are processed independently, so a target must be in an earlier request, never the same one.
+    ``one_per_request``: every entry alone, in order (the single strategy)."""
+    if one_per_request:
+        return [[i] for i in range(len(targets))]
+    wave_of: list[int] = []
+    waves: list[list[int]] = []
+    for index, needed in enumerate(targets):
+        wave = 1 + max((wave_of[t] for t in needed if t < index), default=-1)
+        wave_of.append(wave)
+        if wave == len(waves):
+            waves.append([])
+        waves[wave].append(index)
+    return waves

@@ -1,10 +1,12 @@
 """The writer: everything a sync run sends to the FHIR server, one participant at a time.
 
 For each participant with changes: resolve the Patient by MRN (never create it; 0 or several matches go to
-the review queue), map the changed units, and send them as transactions of conditional updates with a
-Provenance. A rejected transaction is split until the entries at fault are found; those are quarantined
-with the server's reason, and the rest lands. Transient failures are retried by the HTTP layer and then left
-pending for the next run. The ledger marks a unit sent only after the server confirmed it.
+the review queue), map the changed units, order them so no referrer goes before its target, and send them with
+the run's write strategy (:func:`connector.write.decisions.choose_strategy`): transactions of conditional
+updates with a Provenance, or, outside a transaction, batches or single requests with references peersync
+resolved itself (:mod:`connector.write.stepwise`). A rejected request is split until the entries at fault are
+found; those are quarantined with the server's reason, and the rest lands. Transient failures are retried by the
+HTTP layer and then left pending for the next run. The ledger marks a unit sent only after the server confirmed it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from connector.errors import (
     ServerUnavailableError,
@@ -36,20 +38,28 @@ from connector.plan.planner import (
 from connector.read.staging import Staging
 from connector.server.capabilities import Capabilities
 from connector.server.client import Action, FhirClient, FhirHttpError, HttpAnswer, summarize_outcome
-from connector.write.bundle import BuiltBundle, Identity, PendingWrite, UnitWrite
+from connector.write.bundle import BuiltBundle, Identity, PendingWrite, UnitWrite, identity_of
 from connector.write.changeset import STATUS_ELEMENT, build_change_set, void_bundle
-from connector.write.confirm import confirm_writes
+from connector.write.confirm import Confirmation, confirm_single, confirm_writes
 from connector.write.decisions import (
     CONDITIONAL_EVERYWHERE,
     FailureStep,
+    Strategy,
+    StrategyChoice,
     WritePlan,
+    choose_strategy,
     chunk_writes,
+    deterministic_id,
     halves,
     is_unresolved_reference,
+    reference_order,
+    references_of,
     step_after_failure,
+    strip_deferrable,
     write_plan,
 )
 from connector.write.patients import PatientPrefetch, prefetch_for
+from connector.write.stepwise import Failure, KnownIds, StepwiseSender, UnitOutcome
 
 if TYPE_CHECKING:
     from connector.run import SyncOptions
@@ -72,6 +82,8 @@ class Writer:
         self._counts_lock = threading.Lock()
         self._server_down = threading.Event()
         self.plan: WritePlan = CONDITIONAL_EVERYWHERE  # set from the CapabilityStatement by write()
+        self.choice = StrategyChoice(Strategy.TRANSACTION, "default", False)  # set by write()
+        self.known = KnownIds()  # server ids confirmed in this run: what peersync-resolved references point at
         self._patients: PatientPrefetch | None = None  # Patients looked up in batches (first syncs)
         self._down_reason = "the FHIR server stopped answering"
         self.pending_reasons: Counter[str] = Counter()  # why units were left pending (PHI-free): the run summary
@@ -79,7 +91,7 @@ class Writer:
     def write(self, staging: Staging, ledger: Ledger, *,
               on_progress: Callable[[int, int], None] | None = None) -> None:
         """Write the global units, then every participant with changes (in parallel)."""
-        self.plan = self._write_plan()
+        self.plan, self.choice = self._write_plan()
         self._write_global_units(staging, ledger)
         participants = participants_to_write(staging)
         self._patients = prefetch_for(self.client, staging, participants, self.opts.ctx.mrn_system)
@@ -127,31 +139,36 @@ class Writer:
 
     # -- capabilities ----------------------------------------------------------------------------------
 
-    def _write_plan(self) -> WritePlan:
-        """How to write each type: from ``server.write_mode`` and the server's CapabilityStatement."""
-        if self.opts.write_mode == "conditional":
-            return CONDITIONAL_EVERYWHERE
-        try:
-            capabilities: Capabilities | None = Capabilities.parse(self.client.capabilities())
-        except FhirHttpError as exc:
-            log.warning("could not read the CapabilityStatement (HTTP %s); assuming conditional update",
-                        exc.status, extra={"event": "capabilities-unavailable", "status": exc.status})
-            capabilities = None
+    def _write_plan(self) -> tuple[WritePlan, StrategyChoice]:
+        """How to write each type (``server.write_mode``) and how writes travel (``server.write_strategy``), from
+        the configuration and the server's CapabilityStatement (read only when a setting is auto)."""
+        capabilities: Capabilities | None = None
+        if self.opts.write_mode != "conditional" or self.opts.write_strategy == "auto":
+            try:
+                capabilities = Capabilities.parse(self.client.capabilities())
+            except FhirHttpError as exc:
+                log.warning("could not read the CapabilityStatement (HTTP %s); assuming conditional update",
+                            exc.status, extra={"event": "capabilities-unavailable", "status": exc.status})
         plan = write_plan(self.opts.write_mode, capabilities, UPDATED_TYPES)
-        if not plan.transaction_declared:
-            log.warning("the server does not declare transaction support; peersync writes only in transactions "
-                        "(run peersync doctor)", extra={"event": "capabilities-no-transaction"})
+        choice = choose_strategy(self.opts.write_strategy, capabilities,
+                                 resolves_conditional_references=self.opts.resolves_conditional_references,
+                                 written_types=UPDATED_TYPES)
+        log.info("write strategy: %s (%s)", choice.strategy, choice.reason,
+                 extra={"event": "write-strategy", "strategy": str(choice.strategy)})
         if plan.search_types and self.opts.write_mode == "auto":
             log.warning("server lacks conditional update for %s: using search-then-write for them",
                         ", ".join(plan.search_types), extra={"event": "write-mode-fallback"})
-        return plan
+        return plan, choice
 
     # -- global units (program, supporters, community organizations) -----------------------------------
 
     def _write_global_units(self, staging: Staging, ledger: Ledger) -> None:
-        writes = map_planned_global_units(staging, units_to_write(staging, None), self.opts.ctx)
+        writes = reference_order(map_planned_global_units(staging, units_to_write(staging, None), self.opts.ctx))
+        deferred: list[PendingWrite] = []
         for chunk in chunk_writes(writes, self.opts.max_bundle_entries):
-            self._send(ledger, chunk, patient=None, participant=None, author=None)
+            self._send(ledger, chunk, patient=None, participant=None, author=None, deferred=deferred)
+        if deferred:
+            self._send(ledger, deferred, patient=None, participant=None, author=None, deferred=None)
 
     # -- one participant -------------------------------------------------------------------------------
 
@@ -191,13 +208,15 @@ class Writer:
         author = change_set_author(enrollment, self.opts.ctx)
         patient = (patient_identity, f"Patient/{patient_id}")
         deferred: list[PendingWrite] = []
-        for chunk in chunk_writes(iter_planned_units(staging, participant, planned, self.opts.ctx),
-                                  self.opts.max_bundle_entries):
+        # Targets before referrers (a CarePlan before the requests based on it): no chunk, and no half of a
+        # rejected chunk, then sends a reference to something not yet written.
+        ordered = reference_order(list(iter_planned_units(staging, participant, planned, self.opts.ctx)))
+        for chunk in chunk_writes(ordered, self.opts.max_bundle_entries):
             self._send(ledger, chunk, patient=patient, participant=participant, author=author,
                        patient_id=patient_id, deferred=deferred)
         if deferred:
-            # Units that only failed on a reference to something not yet written (a CarePlan and the requests
-            # that point back at it, split apart): now everything else has landed, send them together once more.
+            # Units that failed on a reference to something not yet written, and units sent without a deferrable
+            # reference (a CarePlan's activities, written after it): now everything else has landed, once more.
             self._send(ledger, deferred, patient=patient, participant=participant, author=author,
                        patient_id=patient_id, deferred=None)
 
@@ -240,8 +259,19 @@ class Writer:
         """Send units as one transaction; on a content error, split until the bad units are isolated.
 
         A single unit that fails only on an unresolved reference is appended to ``deferred`` (when given)
-        instead of being quarantined: its target may land later in the same run.
+        instead of being quarantined: its target may land later in the same run. So is a unit sent without a
+        deferrable reference whose target is not written yet (see :meth:`_complete_later`).
         """
+        units, incomplete = self._strip_unwritten_targets(ledger, units,
+                                                          same_request=self.choice.strategy is Strategy.TRANSACTION)
+        if self.choice.strategy is not Strategy.TRANSACTION:
+            self._send_stepwise(ledger, units, incomplete, patient=patient, participant=participant, author=author,
+                                patient_id=patient_id, deferred=deferred)
+            return
+        if self.choice.peersync_resolves_references:
+            units = self._defer_unresolvable(ledger, units, patient, participant, deferred)
+            if not units:
+                return
         resolved: dict[Identity, str | None] = {}  # what the ledger resolved references to (lost-target check)
         try:
             # Building may search (search-then-write): two matches there are a duplicate on the server (review).
@@ -249,24 +279,147 @@ class Writer:
             answer = self.client.send_transaction(built.bundle)
         except FhirHttpError as exc:
             # The builder rewrote references in copies: the units are as mapped, ready to be sent again.
-            unresolved = is_unresolved_reference(exc.status, exc.outcome.text())
-            step = step_after_failure(exc.action, units=len(units), can_defer=deferred is not None,
-                                      unresolved_reference=unresolved)
-            if step is FailureStep.SPLIT:
-                for half in halves(units):
-                    self._send(ledger, half, patient=patient, participant=participant, author=author,
-                               patient_id=patient_id, deferred=deferred)
-            elif step is FailureStep.DEFER and deferred is not None:
-                deferred.extend(units)
-            elif unresolved and step is FailureStep.RECORD and self._resend_lost_targets(ledger, units, resolved,
-                                                                                          participant):
-                return
-            else:
-                self._record_failure(ledger, units, exc, participant)
-                if step is FailureStep.STOP:
-                    raise
+            self._after_failure(ledger, [incomplete.get(w.unit.unit_key, w) for w in units], exc, resolved,
+                                patient=patient, participant=participant, author=author, patient_id=patient_id,
+                                deferred=deferred)
             return
-        self._record_success(ledger, units, built, answer, participant, patient_id)
+        self._record_success(ledger, units, built, answer, participant, patient_id, incomplete, deferred)
+
+    def _after_failure(self, ledger: Ledger, units: list[PendingWrite], exc: FhirHttpError,
+                       resolved: dict[Identity, str | None], *, patient: tuple[Identity, str] | None,
+                       participant: str | None, author: str | None, patient_id: str | None,
+                       deferred: list[PendingWrite] | None) -> None:
+        """A request the server refused as a whole: split it, defer it, or record the units' state."""
+        unresolved = is_unresolved_reference(exc.status, exc.outcome.text())
+        step = step_after_failure(exc.action, units=len(units), can_defer=deferred is not None,
+                                  unresolved_reference=unresolved)
+        if step is FailureStep.SPLIT:
+            for half in halves(units):
+                self._send(ledger, half, patient=patient, participant=participant, author=author,
+                           patient_id=patient_id, deferred=deferred)
+        elif step is FailureStep.DEFER and deferred is not None:
+            deferred.extend(units)
+        elif unresolved and step is FailureStep.RECORD and self._resend_lost_targets(ledger, units, resolved,
+                                                                                      participant):
+            return
+        else:
+            self._record_failure(ledger, units, exc, participant)
+            if step is FailureStep.STOP:
+                raise exc
+
+    # -- references peersync resolves ------------------------------------------------------------------
+
+    def _resolve(self, ledger: Ledger, identity: Identity) -> tuple[str, str | None] | None:
+        """(server id, version) of a resource written before: confirmed in this run, known to the ledger, or
+        found by its identifier on the server (a lost or new ledger). update-as-create computes it instead."""
+        found = self.known.get(identity)
+        if found:
+            return found
+        server_id = ledger.server_ids([identity]).get(identity)
+        if server_id:
+            return server_id, ledger.versions([identity]).get(identity)
+        if self.choice.strategy is Strategy.UPDATE_AS_CREATE:
+            return deterministic_id(*identity), None
+        matches = self.client.search_raw(f"{identity[0]}?identifier={token_query(identity[1], identity[2])}")
+        if len(matches) != 1:
+            return None  # not written yet (or a duplicate on the server: the referrer waits)
+        found = (str(matches[0]["id"]), (matches[0].get("meta") or {}).get("versionId"))
+        self.known.put(identity, *found)
+        return found
+
+    def _strip_unwritten_targets(self, ledger: Ledger, units: list[PendingWrite], *, same_request: bool
+                                 ) -> tuple[list[PendingWrite], dict[str, PendingWrite]]:
+        """:func:`strip_deferrable` with what is written: confirmed in this run, known to the ledger, or (for a
+        transaction, ``same_request``) in the same request."""
+        in_request = {identity_of(r) for w in units for r in w.unit.resources} if same_request else set()
+        return strip_deferrable(units, lambda target: target in in_request or self.known.get(target) is not None
+                                or bool(ledger.server_ids([target])))
+
+    def _complete_later(self, ledger: Ledger, write: PendingWrite, participant: str | None,
+                        deferred: list[PendingWrite] | None) -> None:
+        """A unit that landed without a deferrable reference: sent again, complete, after its targets (or left
+        pending with the reason when this already was the last pass)."""
+        if deferred is not None:
+            deferred.append(write)
+            return
+        self._unit_failed(ledger, write, Failure(Action.RETRY_LATER, "written without some of its references: "
+                                                 "a record it lists was not written; completed on a later run"),
+                          participant, None)
+
+    def _defer_unresolvable(self, ledger: Ledger, units: list[PendingWrite], patient: tuple[Identity, str] | None,
+                            participant: str | None, deferred: list[PendingWrite] | None) -> list[PendingWrite]:
+        """A transaction where peersync resolves references: the units whose references all resolve (in the
+        request, this run, the ledger, or by identifier); the others wait (deferred, or pending)."""
+        in_request = {identity_of(r) for w in units for r in w.unit.resources}
+        ready: list[PendingWrite] = []
+        for write in units:
+            missing = next((target for r in write.unit.resources for target, deferrable in references_of(r)
+                            if not deferrable and target not in in_request
+                            and (patient is None or target != patient[0]) and self._resolve(ledger, target) is None),
+                           None)
+            if missing is None:
+                ready.append(write)
+            else:
+                self._unit_failed(ledger, write, Failure(Action.ISOLATE, f"references a {missing[0]} that is not on "
+                                                         "the server", unresolved_reference=True),
+                                  participant, deferred)
+        return ready
+
+    # -- outside a transaction -------------------------------------------------------------------------
+
+    def _send_stepwise(self, ledger: Ledger, units: list[PendingWrite], incomplete: dict[str, PendingWrite], *,
+                       patient: tuple[Identity, str] | None, participant: str | None, author: str | None,
+                       patient_id: str | None, deferred: list[PendingWrite] | None) -> None:
+        """Batch, single or update-as-create (:mod:`connector.write.stepwise`): record each unit's outcome."""
+        sender = StepwiseSender(self.client, self.choice.strategy, self.plan, self.opts.ctx)
+        try:
+            outcomes = sender.send(units, patient=patient, resolve=lambda identity: self._resolve(ledger, identity),
+                                   known=self.known, author=author, recorded=self.clock())
+        except FhirHttpError as exc:
+            self._after_failure(ledger, [incomplete.get(w.unit.unit_key, w) for w in units], exc, {},
+                                patient=patient, participant=participant, author=author, patient_id=patient_id,
+                                deferred=deferred)
+            return
+        confirmed: list[ConfirmedUnit] = []
+        for write in units:
+            unit, outcome = write.unit, outcomes[write.unit.unit_key]
+            if outcome.failure is not None:
+                self._unit_failed(ledger, incomplete.get(unit.unit_key, write), outcome.failure, participant,
+                                  deferred)
+            elif unit.unit_key in incomplete:
+                self._complete_later(ledger, incomplete[unit.unit_key], participant, deferred)
+            else:
+                confirmed.append(ConfirmedUnit(unit.unit_key, unit.kind, participant, write.unit_hash or "",
+                                               unit.voided, patient_id, outcome.resources, " ".join(outcome.statuses)))
+                self._count_landed(unit, outcome)
+        ledger.record_confirmed_many(confirmed, run_id=RUN_ID.get())
+
+    def _count_landed(self, unit: UnitWrite, outcome: UnitOutcome) -> None:
+        codes = outcome.statuses
+        self._count("voided" if unit.voided else "created" if codes and all(c == "201" for c in codes)
+                    else "updated")
+
+    def _unit_failed(self, ledger: Ledger, write: PendingWrite, failure: Failure, participant: str | None,
+                     deferred: list[PendingWrite] | None) -> None:
+        """One unit that did not land: deferred (a target may land later this run), or its state recorded."""
+        if failure.unresolved_reference and deferred is not None:
+            deferred.append(write)
+            return
+        unit = write.unit
+        if failure.action is Action.REVIEW:
+            state, counter = UnitState.REVIEW, "in_review"
+            ledger.open_review(unit.unit_key, "duplicate-on-server", failure.reason, RUN_ID.get())
+        elif failure.action in (Action.CONFLICT, Action.RETRY_LATER) or failure.unresolved_reference:
+            state, counter = UnitState.PENDING, "pending"
+            with self._counts_lock:
+                self.pending_reasons[failure.reason] += 1
+        else:
+            state, counter = UnitState.QUARANTINED, "quarantined"
+        ledger.record_state(unit.unit_key, kind=unit.kind, participant=participant, state=state,
+                            detail=failure.reason, run_id=RUN_ID.get(), attempt_hash=write.unit_hash)
+        self._count(counter)
+        log.warning("record %s: %s", state, failure.reason,
+                    extra={"event": state, "key": opaque_key(unit.unit_key), "kind": unit.kind})
 
     def _build(self, ledger: Ledger, writes: list[PendingWrite], patient: tuple[Identity, str] | None,
                author: str | None, cache: dict[Identity, str | None] | None = None) -> BuiltBundle:
@@ -275,7 +428,11 @@ class Writer:
 
         def resolve(identity: Identity) -> str | None:
             if identity not in cache:
-                cache[identity] = ledger.server_ids([identity]).get(identity)
+                if self.choice.peersync_resolves_references:
+                    found = self._resolve(ledger, identity)
+                    cache[identity] = found[0] if found else None
+                else:
+                    cache[identity] = ledger.server_ids([identity]).get(identity)
             return cache[identity]
 
         built = build_change_set(writes, ctx=self.opts.ctx, patient=patient, resolve=resolve, author=author,
@@ -304,9 +461,13 @@ class Writer:
                 entry["request"] = {"method": "POST", "url": resource_type}
 
     def _record_success(self, ledger: Ledger, units: list[PendingWrite], built: BuiltBundle,
-                        answer: HttpAnswer, participant: str | None, patient_id: str | None) -> None:
+                        answer: HttpAnswer, participant: str | None, patient_id: str | None,
+                        incomplete: dict[str, PendingWrite] | None = None,
+                        deferred: list[PendingWrite] | None = None) -> None:
         """Mark sent exactly the units the answer proves written (connector.write.confirm); the others stay
-        pending with the reason. The Provenance covers every unit of the bundle: unproven, none is sent."""
+        pending with the reason. The Provenance covers every unit of the bundle: unproven, none is sent. Units sent
+        ``incomplete`` (by unit key: the complete unit) go again later (:meth:`_complete_later`)."""
+        incomplete = incomplete or {}
         confirmation = confirm_writes(built.bundle, answer.status, answer.body, answer.content_type)
         verdicts = confirmation.entries
         provenance = verdicts[-1] if built.has_provenance else None
@@ -315,6 +476,8 @@ class Writer:
         unproven: dict[str, str] = {}
         for (unit_key, identity), verdict in zip(built.entries, verdicts, strict=False):
             confirmed.setdefault(unit_key, []).append((*identity, verdict.server_id, verdict.version))
+            if verdict.confirmed and verdict.server_id:
+                self.known.put(identity, verdict.server_id, verdict.version)
             statuses.setdefault(unit_key, []).append(verdict.status)
             if not verdict.confirmed:
                 unproven.setdefault(unit_key, verdict.reason or "not confirmed")
@@ -324,10 +487,13 @@ class Writer:
         ledger.record_confirmed_many(
             [ConfirmedUnit(w.unit.unit_key, w.unit.kind, participant, w.unit_hash or "", w.unit.voided, patient_id,
                            confirmed.get(w.unit.unit_key, []), " ".join(statuses.get(w.unit.unit_key, [])))
-             for w in units if w.unit.unit_key not in unproven],
+             for w in units if w.unit.unit_key not in unproven and w.unit.unit_key not in incomplete],
             run_id=RUN_ID.get())
         for w in units:
             unit = w.unit
+            if unit.unit_key in incomplete and unit.unit_key not in unproven:
+                self._complete_later(ledger, incomplete[unit.unit_key], participant, deferred)
+                continue
             if unit.unit_key in unproven:
                 self._leave_unconfirmed(ledger, unit, w.unit_hash, participant, unproven[unit.unit_key])
                 continue
@@ -412,13 +578,12 @@ class Writer:
                              conditional_provenance=self.plan.provenance_conditional_create)
         if bundle is not None:
             try:
-                answer = self.client.send_transaction(bundle)
+                confirmation = self._send_void(bundle)
             except FhirHttpError as exc:
                 ledger.record_state(unit_key, kind=kind, participant=participant, state=UnitState.QUARANTINED,
                                     detail=f"void failed: HTTP {exc.status}: {exc.outcome.text()}", run_id=RUN_ID.get())
                 self._count("quarantined")
                 return
-            confirmation = confirm_writes(bundle, answer.status, answer.body, answer.content_type)
             if not confirmation.all_confirmed:
                 reason = f"void not confirmed: {confirmation.first_reason()}"
                 ledger.record_state(unit_key, kind=kind, participant=participant, state=UnitState.PENDING,
@@ -429,6 +594,23 @@ class Writer:
                 return
         ledger.record_voided(unit_key, run_id=RUN_ID.get())
         self._count("deleted")
+
+    def _send_void(self, bundle: dict[str, Any]) -> Confirmation:
+        """Send a void (updates by id, then its Provenance) with the run's strategy: one transaction, one batch
+        (its entries need no references resolved), or one request each."""
+        if self.choice.strategy in (Strategy.TRANSACTION, Strategy.BATCH):
+            bundle["type"] = "transaction" if self.choice.strategy is Strategy.TRANSACTION else "batch"
+            answer = self.client.send_transaction(bundle)
+            return confirm_writes(bundle, answer.status, answer.body, answer.content_type)
+        verdicts = []
+        for entry in bundle["entry"]:
+            request, resource = entry["request"], entry["resource"]
+            single = self.client.write(request["method"], request["url"], resource,
+                                       if_none_exist=request.get("ifNoneExist"))
+            verdicts.append(confirm_single(resource["resourceType"], None, single.status, single.body,
+                                           single.location, single.etag,
+                                           conditional_create=bool(request.get("ifNoneExist"))))
+        return Confirmation(verdicts)
 
     def _retire_moved_units(self, ledger: Ledger, unit_keys: list[str], patient_id: str) -> None:
         """Records now under another Patient: void the old resources and move their identifier to a retired

@@ -528,7 +528,7 @@ def test_write_mode_conditional_does_not_read_the_capability_statement(rsps: res
     answer_patient_search(rsps, "MRN1", "p1")
     answer_patient_search(rsps, "MRN2", "p2")
     rsps.add_callback(responses.POST, f"{BASE}/", callback=answer_transactions())
-    assert program.sync(write_mode="conditional").exit_code == 0
+    assert program.sync(write_mode="conditional", write_strategy="transaction").exit_code == 0
     assert "GET /metadata" not in requests_made(rsps)
     assert all("?identifier=" in e["request"]["url"] for b in sent_transactions(rsps) for e in b["entry"][:-1])
 
