@@ -39,6 +39,7 @@ from .syncutil import demo_summary, expected_identities, make_program, server_re
 pytestmark = pytest.mark.integration
 
 PARTICIPANTS = 5
+CONCURRENCY = 4  # relutil's default [sync] concurrency
 RESULTS = Path(__file__).resolve().parents[2] / ".peersync" / "ehr-restrictions"
 WRITTEN_TYPES = frozenset(t for t, _, _ in PROGRAM_RESOURCES)
 
@@ -171,6 +172,11 @@ def test_three_runs_behind_a_restricted_server(mode: str, tmp_path: Path, fhir_b
             _check_parked(rel, case)
             if run == "again":
                 assert stats[run].writes == 0, f"an unchanged re-sync sent writes: {stats[run].as_dict()}"
+            if mode == "max-8-entries":
+                # A limit adapts the bundle size for the rest of the run (the message states the limit): at most
+                # the bundles already in flight are refused (one per writer thread, plus the global units'),
+                # never one per bisected half.
+                assert stats[run].refused["too-many-entries"] <= CONCURRENCY + 1, stats[run].as_dict()
 
     first, again = stats["first"], stats["again"]
     if case.refused_types:
