@@ -770,6 +770,7 @@ def plan(config_path: Path | None, as_json: bool) -> None:
             Ledger(opts.ledger_path, mode=opts.file_mode) as ledger:
         report, computed, rejects = read_and_plan(opts, ledger, staging)
         review = ledger.reviews()
+        last_strategy = ledger.meta("write_strategy")
         in_review = review_candidates(staging, {entry["subject"] for entry in review})
         retried = retried_units(staging)
     expected: Counter[str] = Counter({name: computed.reported.get(name, 0) for name in SYNC_COUNT_NAMES})
@@ -778,12 +779,22 @@ def plan(config_path: Path | None, as_json: bool) -> None:
     result = computed.as_dict() | {"read": report.as_dict()["total"], "rejects_report": str(rejects),
                                    "open_reviews": len(review), "sync_counts": dict(expected),
                                    "review_candidates": in_review, "warnings": report.warnings,
-                                   "exit_code": code, "outcome": outcome}
+                                   "exit_code": code, "outcome": outcome,
+                                   "write_strategy": _planned_strategy(opts.write_strategy, last_strategy)}
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         _print_plan(result)
     sys.exit(code)
+
+
+def _planned_strategy(configured: str, last: str | None) -> str:
+    """The write strategy a sync would use: the configured one, or (auto, chosen from the CapabilityStatement at
+    sync time; plan sends nothing) the one the last sync used."""
+    if configured != "auto":
+        return f"{configured} (server.write_strategy)"
+    return f"auto: last sync wrote as {last}" if last else \
+        "auto: chosen from the server's CapabilityStatement when the sync starts (peersync doctor shows it)"
 
 
 def _print_plan(result: dict[str, Any]) -> None:
@@ -800,6 +811,7 @@ def _print_plan(result: dict[str, Any]) -> None:
     write_actions = ("create", "update", "void", "delete", "retry")
     changed = sum(1 for c in result["participants"].values() if any(c.get(a) for a in write_actions))
     click.echo(f"participants with changes: {changed}")
+    click.echo(f"write strategy: {result['write_strategy']}")
     read = result["read"]
     if read.get("rejected"):
         click.echo(f"rows the sync would reject: {read['rejected']} (rejects report: {result['rejects_report']})")
@@ -901,12 +913,16 @@ def landed(config_path: Path | None, as_json: bool) -> None:
 @config_option
 @click.option("--repair", is_flag=True,
               help="Then re-send what is missing or changed on the server (a normal sync of exactly those records).")
+@click.option("--references", is_flag=True,
+              help="Also scan the program's resources on the server for references that do not resolve.")
 @json_option
 @logging_options
 @translate_errors
-def verify(config_path: Path | None, repair: bool, as_json: bool) -> None:
+def verify(config_path: Path | None, repair: bool, references: bool, as_json: bool) -> None:
     """Read back what the ledger says the server confirmed, and report per resource type: identical, changed on
     the server (another version), or missing (deleted on the server). Takes the ledger lock.
+
+    With --references, also report stored references that do not resolve (65 when there are any).
 
     Exit codes: 0 all identical; 65 drift found (with --repair: the repair sync's own exit code); 69 server
     unavailable; 75 another run holds the lock; 77 auth; 78 config.
@@ -926,6 +942,14 @@ def verify(config_path: Path | None, repair: bool, as_json: bool) -> None:
         marked = mark_for_repair(ledger, report, run_id=RUN_ID.get()) if repair and report.drifted else 0
     result: dict[str, Any] = {"verify": report.as_dict()}
     exit_code = report.exit_code()
+    if references:
+        from connector.ops.references import check_references
+        from connector.wiring import mapping_context
+
+        checked = check_references(client, mapping_context(settings))
+        result["references"] = checked.as_dict()
+        if checked.broken and exit_code == ExitCode.OK:
+            exit_code = int(ExitCode.RECORDS_REJECTED)
     if marked:
         summary = Syncer(sync_options(settings), build_client(settings)).run(RUN_ID.get())
         _write_metrics(settings, summary.as_dict())
@@ -938,7 +962,17 @@ def verify(config_path: Path | None, repair: bool, as_json: bool) -> None:
         _echo_json(result)
     else:
         _print_verify(result)
+        if references:
+            _print_references(result["references"])
     sys.exit(exit_code)
+
+
+def _print_references(report: dict[str, Any]) -> None:
+    broken = report["broken"]
+    click.echo(f"references: {report['checked']} checked in {sum(report['scanned'].values())} resources, "
+               f"{len(broken)} do not resolve")
+    for finding in broken[:20]:
+        click.echo(f"  {finding['referrer']}.{finding['element']} -> {finding['target']}: {finding['why']}")
 
 
 def _print_verify(result: dict[str, Any]) -> None:

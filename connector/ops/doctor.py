@@ -501,7 +501,9 @@ def run_doctor(path: Path | None, environ: Mapping[str, str] | None = None, *, t
         if statement is None and needs_auth and auth_ready:
             statement = _metadata_with_auth(report, client)
         if statement is not None:
-            _check_capabilities(report, Capabilities.parse(statement), settings.server.write_mode)
+            _check_capabilities(report, Capabilities.parse(statement), settings.server.write_mode,
+                                write_strategy=settings.server.write_strategy,
+                                resolves_conditional_references=settings.server.resolves_conditional_references)
         if auth_ready:
             _check_probe(report, client, settings)
             _check_ledger_on_server(report, client, settings.sync.ledger)
@@ -607,21 +609,48 @@ def _check_clock(report: Report, response: Any) -> None:
         report.add("host.clock", Status.PASS, f"within {CLOCK_SKEW_WARN_SECONDS} s of the server's clock")
 
 
-def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: str) -> None:
+def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: str, *,
+                        write_strategy: str = "auto", resolves_conditional_references: bool = True) -> None:
     version = capabilities.fhir_version
     if version.startswith("4.0."):
         report.add("server.fhir_version", Status.PASS, f"FHIR {version} (R4)")
     else:
         report.add("server.fhir_version", Status.FAIL, f"the server speaks FHIR {version or '(not stated)'}, not R4 "
                    "(4.0.x)", "point server.base_url at the server's R4 endpoint")
-    if capabilities.supports_transaction:
-        report.add("server.transaction", Status.PASS, "transaction bundles are supported")
-    else:
-        report.add("server.transaction", Status.FAIL, "the CapabilityStatement does not list the 'transaction' "
-                   "interaction; peersync sends each participant's records as one transaction",
-                   "ask the EHR team to enable FHIR transactions for this endpoint; peersync cannot run without them")
+    _check_write_strategy(report, capabilities, write_strategy, resolves_conditional_references)
     for resource_type in ("Patient", *WRITTEN_TYPES):
         _check_resource(report, resource_type, capabilities.resource(resource_type), write_mode)
+
+
+def _check_write_strategy(report: Report, capabilities: Capabilities, write_strategy: str,
+                          resolves_conditional_references: bool) -> None:
+    """How sync will write to this server (the writer's own choice, connector.write.decisions) and whether the
+    server declares what that needs."""
+    from connector.write.decisions import Strategy, choose_strategy
+
+    choice = choose_strategy(write_strategy, capabilities, written_types=WRITTEN_TYPES,
+                             resolves_conditional_references=resolves_conditional_references)
+    declared = capabilities.system_interactions
+    if capabilities.supports_transaction:
+        report.add("server.transaction", Status.PASS, "transaction bundles are supported")
+    elif choice.strategy is Strategy.TRANSACTION and declared:
+        report.add("server.transaction", Status.FAIL, "the CapabilityStatement does not list the 'transaction' "
+                   "interaction, but server.write_strategy = transaction",
+                   'set write_strategy = "auto" under [server] (batch or single requests), or ask the EHR team to '
+                   "enable FHIR transactions for this endpoint")
+    elif choice.strategy is Strategy.TRANSACTION:
+        report.add("server.transaction", Status.WARN, "the CapabilityStatement lists no system interactions; "
+                   "peersync assumes transactions", 'if the server refuses them, set write_strategy = "batch" (or '
+                   '"single") under [server]')
+    else:
+        report.add("server.transaction", Status.PASS, f"no transaction needed: writes go as {choice.strategy}")
+    who = "peersync resolves references (literal Type/id)" if choice.peersync_resolves_references \
+        else "the server resolves conditional references in each transaction"
+    slow = choice.strategy is Strategy.SINGLE and write_strategy == "auto"
+    report.add("server.write_strategy", Status.WARN if slow else Status.PASS,
+               f"{choice.strategy}: {choice.reason}; {who}",
+               "one request per resource is slow on large programs: ask the EHR team whether batch or transaction "
+               "can be enabled" if slow else "")
 
 
 def _check_resource(report: Report, resource_type: str, resource: ResourceCapability | None, write_mode: str) -> None:

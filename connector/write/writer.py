@@ -92,6 +92,7 @@ class Writer:
               on_progress: Callable[[int, int], None] | None = None) -> None:
         """Write the global units, then every participant with changes (in parallel)."""
         self.plan, self.choice = self._write_plan()
+        ledger.set_meta("write_strategy", f"{self.choice.strategy} ({self.choice.reason})")  # `peersync plan` shows it
         self._write_global_units(staging, ledger)
         participants = participants_to_write(staging)
         self._patients = prefetch_for(self.client, staging, participants, self.opts.ctx.mrn_system)

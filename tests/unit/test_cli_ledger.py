@@ -222,6 +222,19 @@ def test_plan_text_and_json(cfg: Path) -> None:
     assert data["read"]["rejected"] == 8 and data["totals"]["create"] > 0
     assert data["sync_counts"]["rejected"] == 8 and data["exit_code"] == ExitCode.RECORDS_REJECTED
     assert data["sync_counts"]["voided"] > 0  # the demo's voided rows: sent as entered-in-error, never "created"
+    assert "write strategy: auto: chosen from the server's CapabilityStatement" in text.stdout
+
+
+def test_plan_shows_the_configured_strategy_or_the_one_the_last_sync_used(cfg: Path) -> None:
+    (cfg.parent / "state").mkdir(exist_ok=True)
+    with Ledger(cfg.parent / "state" / "ledger.sqlite") as ledger:
+        ledger.set_meta("write_strategy", "batch (auto: the server declares batch but not transaction)")
+    data = json.loads(run("plan", "--config", str(cfg), "--json").stdout)
+    assert data["write_strategy"] == "auto: last sync wrote as batch (auto: the server declares batch but not " \
+                                     "transaction)"
+    cfg.write_text(cfg.read_text().replace("[server]\n", '[server]\nwrite_strategy = "single"\n'), encoding="utf-8")
+    data = json.loads(run("plan", "--config", str(cfg), "--json").stdout)
+    assert data["write_strategy"] == "single (server.write_strategy)"
 
 
 def test_landed(cfg: Path) -> None:

@@ -296,10 +296,33 @@ def test_missing_conditional_update_fails_when_conditional_is_forced(tmp_path: P
     assert report.exit_code() == 78
 
 
-def test_missing_transaction_fails(tmp_path: Path) -> None:
+def test_no_system_interactions_warns_that_transactions_are_assumed(tmp_path: Path) -> None:
     report = doctor(config(tmp_path), capability(transaction=False))
     check = one(report, "server.transaction")
-    assert check.status is Status.FAIL and "transaction" in check.detail and check.fix
+    assert check.status is Status.WARN and "assumes transactions" in check.detail and "batch" in check.fix
+    assert one(report, "server.write_strategy").detail.startswith("transaction: auto:")
+
+
+def batch_only() -> dict[str, Any]:
+    statement = capability()
+    statement["rest"][0]["interaction"] = [{"code": "batch"}]
+    return statement
+
+
+def test_a_batch_only_server_is_written_in_batches_with_references_peersync_resolves(tmp_path: Path) -> None:
+    report = doctor(config(tmp_path), batch_only())
+    assert one(report, "server.transaction").status is Status.PASS
+    strategy = one(report, "server.write_strategy")
+    assert strategy.status is Status.PASS and strategy.detail.startswith("batch: auto: the server declares batch")
+    assert "peersync resolves references" in strategy.detail
+    assert report.exit_code() == 0
+
+
+def test_a_forced_transaction_on_a_server_without_one_fails(tmp_path: Path) -> None:
+    path = config(tmp_path, server=f'base_url = "{BASE}"\nwrite_strategy = "transaction"')
+    report = doctor(path, batch_only())
+    check = one(report, "server.transaction")
+    assert check.status is Status.FAIL and 'write_strategy = "auto"' in check.fix
     assert report.exit_code() == ExitCode.CONFIG_ERROR
 
 
