@@ -37,7 +37,8 @@ def table(results: Path = RESULTS) -> str:
         landed = sum(last["on_server"].values())
         expected = sum(last["expected"].values())
         state = (f"{landed} of {expected} accepted records, {last['duplicates']} duplicates, "
-                 f"{last['broken_references']} broken references")
+                 f"{last['broken_references']} broken references"
+                 + (f" ({last['checker_broken']} by peersync's checker)" if "checker_broken" in last else ""))
         lines.append(f"| `{mode}` | " + " | ".join(cells) + f" | {state} |")
     return "\n".join(lines)
 

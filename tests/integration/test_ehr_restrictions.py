@@ -33,6 +33,8 @@ from reliability.relutil import RelProgram, provenance_duplicates
 from connector.cli import main
 from connector.errors import ExitCode
 from connector.ops.landed import PROGRAM_RESOURCES
+from connector.ops.references import check_references
+from connector.wiring import build_client
 
 from .syncutil import demo_summary, expected_identities, make_program, server_resources, trim_inputs
 
@@ -96,12 +98,13 @@ class ServerState:
     expected: Counter[str]  # every record the server accepts, once
     duplicates: dict[Any, int]
     provenance_duplicates: dict[str, int]
-    broken_references: list[str]
+    broken_references: list[str]  # tests/ehr/checks.py's scan (independent of peersync's code)
+    checker_broken: list[str]  # peersync's own checker (connector/ops/references.py, `verify --references`)
 
     def as_dict(self) -> dict[str, Any]:
         return {"on_server": dict(sorted(self.by_type.items())), "expected": dict(sorted(self.expected.items())),
                 "duplicates": len(self.duplicates) + len(self.provenance_duplicates),
-                "broken_references": len(self.broken_references)}
+                "broken_references": len(self.broken_references), "checker_broken": len(self.checker_broken)}
 
 
 def _server_state(rel: RelProgram, case: Case) -> ServerState:
@@ -113,7 +116,16 @@ def _server_state(rel: RelProgram, case: Case) -> ServerState:
                           if t not in case.refused_types}),
         duplicates={k: len(v) for k, v in found.items() if len(v) != 1},
         provenance_duplicates=provenance_duplicates(program),
-        broken_references=broken_references(program.base_url, [r for rs in found.values() for r in rs]))
+        broken_references=broken_references(program.base_url, [r for rs in found.values() for r in rs]),
+        checker_broken=_checker_broken(rel))
+
+
+def _checker_broken(rel: RelProgram) -> list[str]:
+    """peersync's reference checker, pointed at HAPI itself rather than the proxy."""
+    settings = rel.program.settings()
+    settings.server.base_url = rel.program.base_url
+    report = check_references(build_client(settings), rel.program.context())
+    return [f"{b.referrer}.{b.element} -> {b.target}: {b.why}" for b in report.broken]
 
 
 def _check_server(state: ServerState, run: str) -> None:
@@ -125,6 +137,7 @@ def _check_server(state: ServerState, run: str) -> None:
                                             f"once {dict(state.expected)}"
     assert not state.broken_references, f"{run}: {len(state.broken_references)} stored reference(s) do not " \
                                         f"resolve: {state.broken_references[:5]}"
+    assert not state.checker_broken, f"{run}: peersync's reference checker: {state.checker_broken[:5]}"
 
 
 def _check_parked(rel: RelProgram, case: Case) -> None:
