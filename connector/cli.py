@@ -794,7 +794,7 @@ def _planned_strategy(configured: str, last: str | None) -> str:
     if configured != "auto":
         return f"{configured} (server.write_strategy)"
     return f"auto: last sync wrote as {last}" if last else \
-        "auto: chosen from the server's CapabilityStatement when the sync starts (peersync doctor shows it)"
+        "auto: chosen from the CapabilityStatement of the server when the sync starts (peersync doctor shows it)"
 
 
 def _print_plan(result: dict[str, Any]) -> None:

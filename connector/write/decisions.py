@@ -191,6 +191,9 @@ def deterministic_id(resource_type: str, system: str, value: str) -> str:
 DEFERRABLE_REFERENCES = frozenset({("CarePlan", "activity")})
 
 
+_DEFERRING_TYPES = frozenset(t for t, _element in DEFERRABLE_REFERENCES)
+
+
 def references_of(resource: dict[str, Any]) -> list[tuple[Identity, bool]]:
     """(target identity, deferrable) of every conditional reference in a resource, in document order."""
     found: list[tuple[Identity, bool]] = []
@@ -239,8 +242,8 @@ def strip_deferrable(units: Sequence[PendingWrite], written: Callable[[Identity]
     out: list[PendingWrite] = []
     incomplete: dict[str, PendingWrite] = {}
     for write in units:
-        missing = {target for r in write.unit.resources for target, deferrable in references_of(r)
-                   if deferrable and not written(target)}
+        missing = {target for r in write.unit.resources if r.get("resourceType") in _DEFERRING_TYPES
+                   for target, deferrable in references_of(r) if deferrable and not written(target)}
         if not missing:
             out.append(write)
             continue

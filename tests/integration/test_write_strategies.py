@@ -32,9 +32,12 @@ def broken_references(program: Program) -> list[Any]:
     return check_references(build_client(program.settings()), program.context()).broken
 
 
-@pytest.mark.parametrize("strategy", ["transaction", "batch", "single", "update-as-create"])
-def test_strategy_lands_once_resyncs_with_nothing_and_repairs_a_lost_ledger(program: Program, strategy: str) -> None:
-    server = {"write_strategy": strategy}
+@pytest.mark.parametrize(("strategy", "server_resolves"), [
+    ("transaction", True), ("transaction", False), ("batch", True), ("single", True), ("update-as-create", True)])
+def test_strategy_lands_once_resyncs_with_nothing_and_repairs_a_lost_ledger(program: Program, strategy: str,
+                                                                           server_resolves: bool) -> None:
+    # server_resolves False: a transaction whose references peersync resolved to literal Type/id itself
+    server = {"write_strategy": strategy, "resolves_conditional_references": server_resolves}
     first = program.sync(server=server)
     assert first.exit_code == 65  # the demo's bad rows and two participants for review
     assert first.counts["pending"] == 0 and first.counts["quarantined"] == 0, first.as_dict()

@@ -222,7 +222,7 @@ def test_plan_text_and_json(cfg: Path) -> None:
     assert data["read"]["rejected"] == 8 and data["totals"]["create"] > 0
     assert data["sync_counts"]["rejected"] == 8 and data["exit_code"] == ExitCode.RECORDS_REJECTED
     assert data["sync_counts"]["voided"] > 0  # the demo's voided rows: sent as entered-in-error, never "created"
-    assert "write strategy: auto: chosen from the server's CapabilityStatement" in text.stdout
+    assert "write strategy: auto: chosen from the CapabilityStatement of the server" in text.stdout
 
 
 def test_plan_shows_the_configured_strategy_or_the_one_the_last_sync_used(cfg: Path) -> None:
