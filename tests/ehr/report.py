@@ -13,7 +13,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[2] / ".peersync" / "ehr-restrictions"
 ORDER = ("unrestricted", "batch-only", "no-conditional-update", "no-conditional-references",
-         "only-communication-provenance", "max-8-entries", "rate-limit")
+         "only-communication-provenance", "max-8-entries", "max-8-entries-unstated", "rate-limit")
 
 
 def _cell(run: dict) -> str:

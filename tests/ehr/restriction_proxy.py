@@ -20,8 +20,10 @@ mode                            what the proxy does
 provenance``                    ``forbidden``, naming the type). Metadata: the other types keep only read/search
                                 interactions, no conditional create/update.
 ``max-8-entries``               a batch or transaction Bundle with more than ``max_entries`` entries is refused
-                                (400 ``too-costly``, "too many entries"). Metadata unchanged: R4 has no element
-                                for a bundle size limit (servers document it).
+                                (400 ``too-costly``, "too many entries ... at most 8"; with ``limit_stated=False``
+                                Medplum's 400 "Transaction requires strict isolation but has too many entries",
+                                which names no number). Metadata unchanged: R4 has no element for a bundle size
+                                limit (servers document it).
 ``rate-limit``                  every ``rate_every``-th request is answered 429 with ``Retry-After`` (not
                                 forwarded). Metadata unchanged.
 ``unrestricted``                the baseline: everything forwarded and counted.
@@ -77,6 +79,7 @@ class Restriction:
     retry_after_seconds: int = 1  # rate-limit
     writable_types: frozenset[str] = frozenset({"Communication", "Provenance"})  # only-communication-provenance
     transaction_status: int = 400  # batch-only: 400 (most servers) or 405
+    limit_stated: bool = True  # max-8-entries: the message states the limit; False: Medplum's, which does not
 
     def __post_init__(self) -> None:
         if self.mode not in (*MODES, UNRESTRICTED):
@@ -141,6 +144,9 @@ def bundle_refusal(restriction: Restriction, bundle_type: str, entries: int) -> 
         return Refusal(restriction.transaction_status, "not-supported", "transaction-not-supported",
                        "Transaction not supported: this server processes batch Bundles only")
     if restriction.mode == "max-8-entries" and entries > restriction.max_entries:
+        if not restriction.limit_stated:  # Medplum's answer (its transaction isolation rule): no number in it
+            return Refusal(400, "invalid", "too-many-entries",
+                           "Transaction requires strict isolation but has too many entries")
         return Refusal(400, "too-costly", "too-many-entries",
                        f"Bundle has too many entries ({entries}): at most {restriction.max_entries} entries "
                        "per batch or transaction")

@@ -67,6 +67,8 @@ CASES = {
                                           exit_code=getattr(ExitCode, "SERVER_REFUSES_TYPES", 76),
                                           refused_types=WRITTEN_TYPES - {"Communication", "Provenance"}),
     "max-8-entries": Case(Restriction("max-8-entries")),
+    # Medplum's refusal names no number: the size must be found by lowering it
+    "max-8-entries-unstated": Case(Restriction("max-8-entries", limit_stated=False)),
     "rate-limit": Case(Restriction("rate-limit", rate_every=4)),
 }
 

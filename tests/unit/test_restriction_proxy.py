@@ -63,6 +63,12 @@ def test_bundle_refusals(restriction: Restriction, bundle_type: str, entries: in
     assert (refusal.status if refusal else None) == status
 
 
+def test_the_medplum_style_limit_message_names_no_number() -> None:
+    refusal = bundle_refusal(Restriction("max-8-entries", limit_stated=False), "transaction", 9)
+    assert refusal is not None and refusal.status == 400
+    assert not any(ch.isdigit() for ch in refusal.diagnostics)
+
+
 def _statement() -> dict[str, Any]:
     every = [{"code": c} for c in ("read", "vread", "search-type", "create", "update", "delete")]
     return {"resourceType": "CapabilityStatement", "rest": [{
