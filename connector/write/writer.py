@@ -59,7 +59,7 @@ from connector.write.decisions import (
     write_plan,
 )
 from connector.write.patients import PatientPrefetch, prefetch_for
-from connector.write.stepwise import Failure, KnownIds, StepwiseSender, UnitOutcome
+from connector.write.stepwise import Failure, KnownIds, StepwiseSender
 
 if TYPE_CHECKING:
     from connector.run import SyncOptions
@@ -84,6 +84,7 @@ class Writer:
         self.plan: WritePlan = CONDITIONAL_EVERYWHERE  # set from the CapabilityStatement by write()
         self.choice = StrategyChoice(Strategy.TRANSACTION, "default", False)  # set by write()
         self.known = KnownIds()  # server ids confirmed in this run: what peersync-resolved references point at
+        self._created_incomplete: set[str] = set()  # units created without a deferrable reference, completed later
         self._patients: PatientPrefetch | None = None  # Patients looked up in batches (first syncs)
         self._down_reason = "the FHIR server stopped answering"
         self.pending_reasons: Counter[str] = Counter()  # why units were left pending (PHI-free): the run summary
@@ -388,17 +389,24 @@ class Writer:
                 self._unit_failed(ledger, incomplete.get(unit.unit_key, write), outcome.failure, participant,
                                   deferred)
             elif unit.unit_key in incomplete:
+                self._note_created(unit.unit_key, outcome.statuses)
                 self._complete_later(ledger, incomplete[unit.unit_key], participant, deferred)
             else:
                 confirmed.append(ConfirmedUnit(unit.unit_key, unit.kind, participant, write.unit_hash or "",
                                                unit.voided, patient_id, outcome.resources, " ".join(outcome.statuses)))
-                self._count_landed(unit, outcome)
+                self._count_written(unit, outcome.statuses)
         ledger.record_confirmed_many(confirmed, run_id=RUN_ID.get())
 
-    def _count_landed(self, unit: UnitWrite, outcome: UnitOutcome) -> None:
-        codes = outcome.statuses
-        self._count("voided" if unit.voided else "created" if codes and all(c == "201" for c in codes)
-                    else "updated")
+    def _note_created(self, unit_key: str, codes: list[str]) -> None:
+        """A unit created by its first, incomplete write: its completion still counts as created."""
+        if codes and all(c == "201" for c in codes):
+            with self._counts_lock:
+                self._created_incomplete.add(unit_key)
+
+    def _count_written(self, unit: UnitWrite, codes: list[str]) -> None:
+        with self._counts_lock:
+            created = unit.unit_key in self._created_incomplete or (bool(codes) and all(c == "201" for c in codes))
+        self._count("voided" if unit.voided else "created" if created else "updated")
 
     def _unit_failed(self, ledger: Ledger, write: PendingWrite, failure: Failure, participant: str | None,
                      deferred: list[PendingWrite] | None) -> None:
@@ -493,14 +501,13 @@ class Writer:
         for w in units:
             unit = w.unit
             if unit.unit_key in incomplete and unit.unit_key not in unproven:
+                self._note_created(unit.unit_key, statuses.get(unit.unit_key, []))
                 self._complete_later(ledger, incomplete[unit.unit_key], participant, deferred)
                 continue
             if unit.unit_key in unproven:
                 self._leave_unconfirmed(ledger, unit, w.unit_hash, participant, unproven[unit.unit_key])
                 continue
-            codes = statuses.get(unit.unit_key, [])
-            self._count("voided" if unit.voided else "created" if codes and all(c == "201" for c in codes)
-                        else "updated")
+            self._count_written(unit, statuses.get(unit.unit_key, []))
         log.debug("transaction answered: %d record(s), %d of %d entries confirmed (HTTP %s)", len(units),
                   sum(v.confirmed for v in verdicts), len(verdicts),
                   " ".join(f"{code or '-'}x{n}" for code, n in sorted(Counter(v.status for v in verdicts).items())),

@@ -41,6 +41,7 @@ def test_strategy_lands_once_resyncs_with_nothing_and_repairs_a_lost_ledger(prog
     first = program.sync(server=server)
     assert first.exit_code == 65  # the demo's bad rows and two participants for review
     assert first.counts["pending"] == 0 and first.counts["quarantined"] == 0, first.as_dict()
+    assert first.counts["updated"] == 0  # a CarePlan written twice (activities completed) still counts as created
     assert_clean_state(program, REVIEW)
     assert broken_references(program) == []
 
@@ -72,6 +73,7 @@ def test_small_transactions_never_send_a_referrer_before_its_target(program: Pro
     monkeypatch.setattr(FhirClient, "send_transaction", counting)
     summary = program.sync(server={"write_strategy": "transaction"}, sync={"max_bundle_entries": 7})
     assert unresolved == []
+    assert summary.counts["updated"] == 0
     assert summary.counts["pending"] == 0 and summary.counts["quarantined"] == 0
     assert_clean_state(program, REVIEW)
     assert broken_references(program) == []
