@@ -118,9 +118,9 @@ def test_3_edits_voids_and_additions_reach_the_server_exactly(program: Program) 
     write_csv(program.inputs / "goals.csv", goals)
 
     summary = program.sync()
-    assert (summary.counts["updated"], summary.counts["voided"], summary.counts["created"]) == (3, 1, 2)
     after = server_resources(program)
     changed = {k for k, v in versions(after).items() if before.get(k) != v}
+    assert (summary.counts["updated"], summary.counts["voided"], summary.counts["created"]) == (3, 1, 2), changed
     assert changed == ({("Communication", f"contact|{c}") for c in edited | {voided, "C900001", "C900002"}}
                        | {("Goal", f"goal|{edited_goal['goal_id']}")})
     assert after[("Communication", f"contact|{voided}")][0]["status"] == "entered-in-error"
@@ -144,8 +144,8 @@ def test_5_a_rejected_record_is_quarantined_and_the_rest_lands(program: Program,
     victim = landed_contacts_from_inputs(program)[0]
     original = connector.map.units.map_contact
 
-    def corrupt(contact, enrollment, ctx):  # type: ignore[no-untyped-def]
-        resource = original(contact, enrollment, ctx)
+    def corrupt(contact, enrollment, ctx, **kwargs):  # type: ignore[no-untyped-def]
+        resource = original(contact, enrollment, ctx, **kwargs)
         if contact.contact_id == victim["contact_id"]:
             resource["status"] = "not-a-status-code"  # the server refuses this code
         return resource
