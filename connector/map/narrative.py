@@ -54,6 +54,8 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 _DROPPED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ufffe\uffff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _NEWLINES = re.compile(r"\r\n?|\n")
+# Every character of bidi class R, AL or AN lies in these blocks (checked against unicodedata in the tests).
+_RIGHT_TO_LEFT = re.compile("[\u0590-\u08ff\u200f\ufb1d-\ufdff\ufe70-\ufefe\U00010800-\U00010fff\U0001e800-\U0001efff]")
 
 _STATUS_WORDS = {
     "entered-in-error": "entered in error: disregard this record",
@@ -99,10 +101,9 @@ def clean_text(value: str) -> str:
 
 def _direction(value: str) -> str | None:
     """``rtl``/``ltr`` by the first strong character, when the value holds any right-to-left text (else None)."""
-    classes = [unicodedata.bidirectional(ch) for ch in value]
-    if not any(c in ("R", "AL", "AN") for c in classes):
+    if value.isascii() or not _RIGHT_TO_LEFT.search(value):  # the common case, without a per-character walk
         return None
-    first = next((c for c in classes if c in ("L", "R", "AL")), "L")
+    first = next((c for c in map(unicodedata.bidirectional, value) if c in ("L", "R", "AL")), "L")
     return "ltr" if first == "L" else "rtl"
 
 
@@ -110,7 +111,10 @@ def escape_text(value: object) -> str:
     """One source value as XHTML text: cleaned (:func:`clean_text`), escaped (``& < > " '``), line breaks as
     ``<br/>``, and, when it holds right-to-left text, wrapped in ``<span dir>`` so it stays isolated from the
     labels around it (HTML isolates an element with ``dir``)."""
-    text = clean_text(str(value))
+    text = str(value)
+    if text.isascii() and text.isprintable():  # most values: nothing to drop, no line breaks, no right-to-left
+        return escape(text, quote=True)
+    text = clean_text(text)
     html = "<br/>".join(escape(line, quote=True) for line in text.split("\n"))
     direction = _direction(text)
     return f'<span dir="{direction}">{html}</span>' if direction else html
@@ -200,8 +204,8 @@ def _concept_text(concept: Mapping[str, Any] | None) -> str:
 def _texts_from(concepts: Iterable[Mapping[str, Any]], code_system_id: str) -> list[str]:
     """The texts of the concepts coded in one of our CodeSystems (by its id, whatever the terminology base)."""
     suffix = f"/CodeSystem/{code_system_id}"
-    return [_concept_text(c) for c in concepts if any(str(x.get("system", "")).endswith(suffix)
-                                                       for x in c.get("coding", ()))]
+    return [_concept_text(c) for c in concepts
+            if any(x.get("system", "").endswith(suffix) for x in c.get("coding", ()))]
 
 
 def _joined(values: Iterable[str]) -> str:

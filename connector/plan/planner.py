@@ -3,7 +3,7 @@
 A *unit* is one source record and the resources mapped from it (a contact -> Communication; an enrollment
 -> CarePlan + CareTeam; a referral -> ServiceRequest + Task...). Its hash covers everything that changes
 its resources: the record, the records it lists (an enrollment's goals, a goal's notes), the records its
-narrative names (a contact's supporter and the goals it discussed), the participant's MRN, and the mapping
+narrative names (a contact's supporter, and the words of the goals it discussed), the participant's MRN, and the mapping
 fingerprint. Unchanged units cost nothing: they are neither mapped nor sent.
 
 The plan is computed in SQL inside the staging database (the ledger attached), so memory stays flat.
@@ -100,8 +100,9 @@ INSERT INTO units
     SELECT 'contact:' || c.key, 'contact', c.key, c.participant,
            sha(:fp, c.hash, p.mrn,
                (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(c.body,'$.supporter_id')),
-               (SELECT group_concat(h, ',') FROM (
-                   SELECT g.hash AS h FROM json_each(c.body,'$.goal_ids') j
+               (SELECT group_concat(h, ',') FROM (  -- what the narrative shows of each goal: its words, if not void
+                   SELECT json_extract(g.body,'$.description') || '|' || coalesce(json_extract(g.body,'$.void'), 0)
+                   AS h FROM json_each(c.body,'$.goal_ids') j
                    JOIN staged g ON g.kind='goal' AND g.key=j.value ORDER BY j.key))),
            json_extract(c.body,'$.void')
     FROM staged c JOIN patient_of p ON p.participant = c.participant WHERE c.kind='contact';

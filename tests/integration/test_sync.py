@@ -144,8 +144,8 @@ def test_5_a_rejected_record_is_quarantined_and_the_rest_lands(program: Program,
     victim = landed_contacts_from_inputs(program)[0]
     original = connector.map.units.map_contact
 
-    def corrupt(contact, enrollment, ctx, **kwargs):  # type: ignore[no-untyped-def]
-        resource = original(contact, enrollment, ctx, **kwargs)
+    def corrupt(contact, enrollment, ctx, **narrative_sources):  # type: ignore[no-untyped-def]
+        resource = original(contact, enrollment, ctx, **narrative_sources)
         if contact.contact_id == victim["contact_id"]:
             resource["status"] = "not-a-status-code"  # the server refuses this code
         return resource

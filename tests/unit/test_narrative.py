@@ -296,3 +296,14 @@ def test_a_resource_voided_on_the_server_gets_a_notice_in_front_of_its_narrative
     for bare in (None, {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml"/>'}):
         assert visible_text(parsed_div({"text": mark_entered_in_error(bare)})) == (
             "Entered in error: disregard this record")
+
+
+def test_the_right_to_left_prefilter_covers_every_right_to_left_character() -> None:
+    import sys
+    import unicodedata
+
+    from connector.map.narrative import _RIGHT_TO_LEFT
+
+    missed = [hex(c) for c in range(sys.maxunicode + 1)
+              if unicodedata.bidirectional(chr(c)) in ("R", "AL", "AN") and not _RIGHT_TO_LEFT.match(chr(c))]
+    assert not missed
