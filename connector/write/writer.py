@@ -725,6 +725,8 @@ class Writer:
         for identity, server_id in suspects:
             try:
                 self.client.read(identity[0], server_id)
+            except AuthError:
+                continue  # no read permission for that type: cannot tell, so not counted as lost
             except FhirHttpError as exc:
                 if exc.status in (404, 410):
                     lost.append(identity)

@@ -309,14 +309,15 @@ def test_missing_scope_for_one_type_is_named_before_any_write(tmp_path: Path, au
 
 def test_the_fhir_server_names_a_missing_scope_peersync_was_told_not_to_require(tmp_path: Path,
                                                                                 authenv: AuthEnv) -> None:
-    """An operator who narrows required_scopes meets HAPI's 403, which names the scope (exit 77)."""
+    """An operator who narrows required_scopes meets HAPI's 403 for one type: that type is parked (exit 76, "the
+    server refuses some types"), never written."""
     program = program_for(tmp_path, authenv, enrollments=3)
     required = " ".join(s for s in authserver.SYNC_SCOPES if s != NARROW_MISSING)
     use_smart(program, "peersync-narrow", authenv.rs384, extra=f'required_scopes = "{required}"\n')
 
     result = sync(program)
 
-    assert result.returncode == 77, result.stderr[-3000:]
-    assert "the server names the missing scope system/CareTeam.c system/CareTeam.write" in result.stderr
+    assert result.returncode == 76, result.stderr[-3000:]
+    assert "the server refuses writes of CareTeam (HTTP 403)" in result.stderr, result.stderr[-2500:]
     types = Counter(kind for kind, _ in server_resources(program))
     assert "CareTeam" not in types

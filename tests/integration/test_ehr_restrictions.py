@@ -115,8 +115,7 @@ def _server_state(rel: RelProgram, case: Case) -> ServerState:
     found = server_resources(program)
     return ServerState(
         by_type=Counter(k[0] for k in found),
-        expected=Counter({t: n for t, n in expected_identities(program, set()).items()
-                          if t not in case.refused_types}),
+        expected=expected_identities(program, set(), case.refused_types),
         duplicates={k: len(v) for k, v in found.items() if len(v) != 1},
         provenance_duplicates=provenance_duplicates(program),
         broken_references=broken_references(program.base_url, [r for rs in found.values() for r in rs]),
