@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from integration.syncutil import server_resources
 
 from connector.identifiers import identifier_value
+from connector.map._util import plain_text
 from connector.read.profile import load_profile
 from connector.read.program import read_program, write_rejects
 from connector.read.staging import Staging
@@ -161,6 +162,8 @@ def test_hostile_corpus_check_and_sync(program_factory, tmp_path: Path, record) 
             missing += 1
             continue
         note = note_of(resources[0])
+        # stored as FHIR markdown with the source's markup escaped (issue 19): compare the text it stands for
+        note = plain_text(note) if note is not None else None
         if row["expect"] == "big":
             assert note is not None and len(note) == row["note_length"]
             assert hashlib.sha256(note.encode()).hexdigest() == row["note_sha256"], "the 50 MB note changed"
