@@ -10,7 +10,7 @@ Three local processes, all on 127.0.0.1:
 - the **FHIR server**: a second instance of the local HAPI server (``tests/fhir-server/server.sh``) with SMART
   enforcement on (``PEERSYNC_FHIR_AUTH_*``), on its own port so the rest of the suite keeps its plain server.
 
-Ports (environment): ``PEERSYNC_AUTH_FHIR_PORT`` (default 8090) and ``PEERSYNC_AUTHZ_PORT`` (default 8190); the
+Ports (environment): ``PEERSYNC_AUTH_FHIR_PORT`` (default 8092) and ``PEERSYNC_AUTHZ_PORT`` (default 8190); the
 JWK Set host takes a free port.
 """
 
@@ -47,7 +47,7 @@ def authz_port() -> int:
 
 
 def auth_fhir_port() -> int:
-    return int(os.environ.get("PEERSYNC_AUTH_FHIR_PORT") or 8090)
+    return int(os.environ.get("PEERSYNC_AUTH_FHIR_PORT") or 8092)
 
 
 class JwksHost:

