@@ -62,5 +62,5 @@ rejects_dir = "state/rejects"
 TOML
 expect 0 "$venv/peersync" config check peersync.toml
 expect 0 "$venv/peersync" validate --offline --config peersync.toml
-expect 0 "$venv/python" -c "from connector.assets import us_core_dir; assert len(list(us_core_dir().glob('*.json'))) == 34"
+expect 0 "$venv/python" -c "from connector.assets import us_core_dir; assert len(list(us_core_dir().glob('*.json'))) == 38"
 step "the wheel works"
