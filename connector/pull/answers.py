@@ -172,6 +172,9 @@ def _move(client: FhirClient, task: dict[str, Any], desired: DesiredTask, *, car
                 updated = apply_step(task, status, desired, careplan_id=careplan_id,
                                      now=clock().isoformat(timespec="seconds"), ctx=ctx)
                 task = client.update_versioned("Task", task_id, updated, version)
+                if task.get("status") != status:  # believed only when the stored Task shows the step
+                    report.problems.append(f"Task/{task_id}: the server's answer does not show it {status}")
+                    return
                 report.updated += 1
         except FhirHttpError as exc:
             if exc.status not in VERSION_CONFLICT:

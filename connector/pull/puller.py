@@ -28,6 +28,7 @@ from connector.model import Enrollment, Goal, RecordKind
 from connector.ops.logs import RUN_ID
 from connector.plan.ledger import Ledger
 from connector.pull import clinical
+from connector.pull.answers import VERSION_CONFLICT
 from connector.pull.community import ReferralStatus, referral_status
 from connector.pull.inbound import DELIVERED_TAG_CODE, OPEN_STATUSES, InboundReferral, inbound_referrals
 from connector.pull.intake import REFERRAL_FIELD, IntakeFile, delivered_task_ids, intake_columns, write_rows
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 SINCE_KEY = "pull.tasks.since"
 PAGE_SIZE = "100"
 MAX_MATCH_RETRIES = 3  # re-read and re-apply after a version conflict at most this often
-# An If-Match that no longer matches: 412 as FHIR specifies; HAPI answers 409 (HAPI-0989, "not the current version").
-VERSION_CONFLICT = (409, 412)
 
 
 @dataclass(frozen=True)
@@ -185,7 +184,7 @@ class Puller:
             meta["tag"] = [*tags, {"system": self.tag_system, "code": DELIVERED_TAG_CODE}]
             updated["meta"] = {"tag": meta["tag"]}
             try:
-                self.client.update_versioned("Task", referral.task_id, updated, version)
+                stored = self.client.update_versioned("Task", referral.task_id, updated, version)
             except FhirHttpError as exc:
                 if exc.status not in VERSION_CONFLICT:
                     raise
@@ -194,6 +193,10 @@ class Puller:
                          extra={"event": "task-concurrent-edit"})
                 task = self.client.read("Task", referral.task_id)
                 continue
+            if stored.get("status") != "received":  # believed only when the stored Task says so
+                self.summary.problems.append(f"Task/{referral.task_id}: the server's answer does not show it "
+                                             "received; the next pull tries again")
+                return
             ledger.record_pulled_task(referral.task_id, version=version, service_request_id=referral.service_request_id,
                                       state="received", run_id=RUN_ID.get())
             self.summary.received += 1
