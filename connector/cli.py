@@ -721,7 +721,8 @@ def _write_metrics(settings: Any, summary: dict[str, Any]) -> None:
 
     waiting: dict[str, int] | None = None
     try:
-        if settings.sync.ledger.is_file():
+        # A run refused the lock leaves the ledger to the run that holds it (not even a read that could migrate it).
+        if settings.sync.ledger.is_file() and summary.get("exit_code") != ExitCode.LOCK_HELD:
             with Ledger(settings.sync.ledger) as ledger:
                 waiting = backlog(ledger)
     except PeersyncError:

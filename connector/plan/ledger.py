@@ -50,9 +50,7 @@ DRIFTED_HASH = "drifted"
 
 
 def _v1(db: sqlite3.Connection) -> None:
-    db.executescript(
-        """
-        BEGIN IMMEDIATE;
+    _run_statements(db, """
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE units (
             unit_key TEXT PRIMARY KEY,       -- '<kind>:<source id>'
@@ -109,18 +107,13 @@ def _v1(db: sqlite3.Connection) -> None:
             exit_code INTEGER,
             summary TEXT
         );
-        PRAGMA user_version = 1;
-        COMMIT;
-        """
-    )
+        """)
 
 
 def _v2(db: sqlite3.Connection) -> None:
     """The shape guard's memory: per record kind, the profile's columns the input had and its row count at
     the last completed run (column names only: no values)."""
-    db.executescript(
-        """
-        BEGIN IMMEDIATE;
+    _run_statements(db, """
         CREATE TABLE shapes (
             kind TEXT PRIMARY KEY,
             columns TEXT NOT NULL,           -- JSON list of column names, as the profile spells them
@@ -128,18 +121,13 @@ def _v2(db: sqlite3.Connection) -> None:
             updated_at TEXT NOT NULL,
             run_id TEXT
         );
-        PRAGMA user_version = 2;
-        COMMIT;
-        """
-    )
+        """)
 
 
 def _v3(db: sqlite3.Connection) -> None:
     """``peersync pull``: the clinic referrals delivered to intake (Task ids only), and the last status seen on
     each referral Task peersync wrote (codes and times only: no free text, no patient data)."""
-    db.executescript(
-        """
-        BEGIN IMMEDIATE;
+    _run_statements(db, """
         CREATE TABLE pulled_tasks (
             task_id TEXT PRIMARY KEY,        -- the clinic's referral Task (server id)
             version TEXT,                    -- its version when delivered
@@ -157,14 +145,21 @@ def _v3(db: sqlite3.Connection) -> None:
             changed_by TEXT NOT NULL,        -- organization | program
             seen_at TEXT NOT NULL
         );
-        PRAGMA user_version = 3;
-        COMMIT;
-        """
-    )
+        """)
 
 
-# Ordered migrations: MIGRATIONS[i] takes the schema from version i to i + 1, atomically, including the
-# user_version bump (each script runs in its own BEGIN ... COMMIT).
+def _run_statements(db: sqlite3.Connection, script: str) -> None:
+    """Run a script's statements one by one: ``executescript`` would commit the migration's transaction."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            db.execute(statement)
+            statement = ""
+
+
+# Ordered migrations: MIGRATIONS[i] takes the schema from version i to i + 1. Ledger._migrate runs them, with
+# the user_version bumps, in one transaction.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 
 
@@ -289,13 +284,19 @@ class Ledger:
                 f"ledger {self.path} has schema version {version}, newer than this peersync understands "
                 f"({SCHEMA_VERSION}); upgrade peersync"
             )
-        for target in range(version, SCHEMA_VERSION):
-            with self._lock:
-                MIGRATIONS[target](self.db)
-        salt = self.meta("salt")
-        if salt is None:
-            salt = secrets.token_hex(16)
-            self.set_meta("salt", salt)
+        salt = self.meta("salt") if version else None
+        if version < SCHEMA_VERSION or salt is None:
+            # Under the write lock, and read again: two processes may open a new ledger at once (a sync and the
+            # metrics of a run refused its lock), and only one may create the tables and the salt.
+            with self.transaction() as db:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                for target in range(version, SCHEMA_VERSION):
+                    MIGRATIONS[target](db)
+                    db.execute(f"PRAGMA user_version = {target + 1}")
+                row = db.execute("SELECT value FROM meta WHERE key = 'salt'").fetchone()
+                salt = row[0] if row else secrets.token_hex(16)
+                if row is None:
+                    db.execute("INSERT INTO meta(key, value) VALUES('salt', ?)", (salt,))
         self._salt = salt
 
     @contextmanager

@@ -327,3 +327,43 @@ def test_verify_without_a_ledger_is_a_configuration_error(cfg: Path) -> None:
     result = run("verify", "--config", str(cfg))
     assert result.exit_code == 78 and "no ledger at" in result.output
     assert not (cfg.parent / "state" / "ledger.sqlite").exists()  # not created by looking
+
+
+def test_connections_opening_a_new_ledger_at_once_create_it_once(tmp_path: Path) -> None:
+    """A sync and the metrics of a run refused its lock may open a new ledger together (CI saw 'database is
+    locked'): the schema and the salt are created once, under the write lock, and all see the same salt."""
+    import threading
+
+    for attempt in range(5):
+        path = tmp_path / f"ledger-{attempt}.sqlite"
+        barrier = threading.Barrier(8)
+        salts: list[str | BaseException] = []
+
+        def open_it(path: Path = path, barrier: threading.Barrier = barrier, salts: list = salts) -> None:
+            barrier.wait()
+            try:
+                with Ledger(path) as ledger:  # its own SQLite connection, like another process
+                    salts.append(ledger.meta("salt") or "")
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                salts.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(set(map(str, salts))) == 1 and "" not in salts, salts
+        with Ledger(path) as ledger:
+            assert ledger.db.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_a_run_refused_the_lock_does_not_open_the_ledger_for_its_metrics(
+        cfg: Path, fake_syncer: type[FakeSyncer], monkeypatch: pytest.MonkeyPatch) -> None:
+    run("sync", "--config", str(cfg))  # the ledger exists: the other run created it
+    opened: list[object] = []
+    real_init = Ledger.__init__
+    monkeypatch.setattr(Ledger, "__init__", lambda self, *a, **k: opened.append(a) or real_init(self, *a, **k))
+    fake_syncer.behaviour = "lock"
+    assert run("sync", "--config", str(cfg)).exit_code == ExitCode.LOCK_HELD
+    assert opened == []
+    assert metrics(cfg)["peersync_last_run_exit_code"] == 75
