@@ -21,8 +21,14 @@ PID_FILE="$RUN_DIR/auth-server-$PORT.pid"
 LOG_FILE="$RUN_DIR/auth-server-$PORT.log"
 STAMP_FILE="$HERE/node_modules/.peersync-install.stamp"
 
-log() { printf 'auth-server: %s\n' "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+BASE_URL="$ISSUER"
+STOP_GRACE=5
+PORT_VARIABLE=PEERSYNC_AUTHZ_PORT
+PROCESS_MATCH="server.mjs"
+RUN_FILES=()
+NAME=auth-server
+# shellcheck source=../launcher.sh
+source "$HERE/../launcher.sh"
 
 is_ready() {
 	python3 - "$ISSUER/.well-known/openid-configuration" <<'PY' >/dev/null 2>&1
@@ -32,85 +38,19 @@ with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
 PY
 }
 
-our_pid() {
-	[[ -f "$PID_FILE" ]] || return 1
-	local pid
-	pid="$(cat "$PID_FILE" 2>/dev/null || true)"
-	[[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
-	tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "server.mjs" || return 1
-	echo "$pid"
-}
-
-cmd_install() {
-	command -v node >/dev/null 2>&1 || die "node not found (Node.js 20.19+ needed for oidc-provider 9)"
-	local want
-	want="$(sha256sum "$HERE/package.json" "$HERE/package-lock.json" | sha256sum | cut -d' ' -f1)"
-	if [[ -f "$STAMP_FILE" && "$(cat "$STAMP_FILE")" == "$want" ]]; then
-		return 0
-	fi
-	log "installing oidc-provider from the npm registry (npm ci) ..."
-	(cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error >&2) || die "npm ci failed"
-	echo "$want" >"$STAMP_FILE"
-}
+cmd_install() { npm_install "$STAMP_FILE" package.json package-lock.json; }
 
 cmd_start() {
 	local config="${1:-}"
 	[[ -n "$config" && -f "$config" ]] || die "usage: server.sh start CONFIG.json (the harness writes it)"
+	with_lock
 	if our_pid >/dev/null; then
 		die "already running on port $PORT (pid $(our_pid)); stop it first, or use restart"
 	fi
-	if (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; then
-		die "port $PORT on $HOST is in use by another process; choose another with PEERSYNC_AUTHZ_PORT"
-	fi
+	require_free_port
 	cmd_install
-	mkdir -p "$RUN_DIR"
-	(
-		cd "$HERE"
-		exec node server.mjs "$config" </dev/null >>"$LOG_FILE" 2>&1
-	) &
-	local pid=$! t0=$SECONDS
-	echo "$pid" >"$PID_FILE"
-	while ! is_ready; do
-		if ! kill -0 "$pid" 2>/dev/null; then
-			rm -f "$PID_FILE"
-			tail -n 40 "$LOG_FILE" >&2 || true
-			die "the server process died (log: $LOG_FILE)"
-		fi
-		if ((SECONDS - t0 >= START_TIMEOUT)); then
-			kill -TERM "$pid" 2>/dev/null || true
-			rm -f "$PID_FILE"
-			die "not ready after ${START_TIMEOUT}s (log: $LOG_FILE)"
-		fi
-		sleep 0.2
-	done
-	log "ready (pid $pid): $ISSUER"
-	echo "$ISSUER"
-}
-
-cmd_stop() {
-	local pid waited=0
-	if pid="$(our_pid)"; then
-		kill -TERM "$pid" 2>/dev/null || true
-		while kill -0 "$pid" 2>/dev/null && ((waited < 50)); do
-			sleep 0.1
-			waited=$((waited + 1))
-		done
-		kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-		log "stopped pid $pid"
-	else
-		log "not running"
-	fi
-	rm -f "$PID_FILE"
-}
-
-cmd_status() {
-	local pid
-	if pid="$(our_pid)"; then
-		echo "running $ISSUER (pid $pid)"
-		return 0
-	fi
-	echo "stopped $ISSUER"
-	return 3
+	launch node server.mjs "$config"
+	wait_until_ready "$LAUNCHED_PID" 0.2 40
 }
 
 case "${1:-}" in

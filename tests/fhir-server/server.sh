@@ -51,8 +51,12 @@ DEFAULT_JAVA_OPTS=(
 	-Djava.awt.headless=true
 )
 
-log() { printf 'fhir-server: %s\n' "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+PORT_VARIABLE=PEERSYNC_FHIR_PORT
+PROCESS_MATCH="$MAIN_CLASS"
+RUN_FILES=("$SETTINGS_FILE")
+NAME=fhir-server
+# shellcheck source=../launcher.sh
+source "$HERE/../launcher.sh"
 
 # ------------------------------------------------------------------ helpers
 
@@ -91,31 +95,6 @@ is_ready() {
 	local body
 	body="$(http_get "$BASE_URL/metadata" 2>/dev/null)" || return 1
 	grep -q '"resourceType" *: *"CapabilityStatement"' <<<"$body"
-}
-
-port_in_use() {
-	(exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null
-}
-
-# pid from our pid file, only if that process is alive and is our server
-our_pid() {
-	[[ -f "$PID_FILE" ]] || return 1
-	local pid
-	pid="$(cat "$PID_FILE" 2>/dev/null || true)"
-	[[ "$pid" =~ ^[0-9]+$ ]] || return 1
-	kill -0 "$pid" 2>/dev/null || return 1
-	if [[ -r "/proc/$pid/cmdline" ]]; then
-		tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$MAIN_CLASS" || return 1
-	fi
-	echo "$pid"
-}
-
-with_lock() {
-	mkdir -p "$RUN_DIR"
-	if command -v flock >/dev/null 2>&1; then
-		exec 9>"$RUN_DIR/.lock-$PORT"
-		flock -w "$((START_TIMEOUT + 600))" 9 || die "could not get the lock $RUN_DIR/.lock-$PORT"
-	fi
 }
 
 source_hash() {
@@ -184,14 +163,9 @@ cmd_start() {
 		fi
 		log "pid $pid is alive but not answering; waiting for it"
 	else
-		rm -f "$PID_FILE"
-		if port_in_use; then
-			die "port $PORT on $HOST is in use by another process (not started by this script);" \
-				"stop it or choose another port with PEERSYNC_FHIR_PORT"
-		fi
+		require_free_port
 		cmd_build
 		command -v java >/dev/null 2>&1 || die "java not found (Java 17+ required)"
-		mkdir -p "$RUN_DIR"
 		local extra_opts=() extra_args=()
 		# shellcheck disable=SC2206
 		[[ -n "${PEERSYNC_FHIR_JAVA_OPTS:-}" ]] && extra_opts=(${PEERSYNC_FHIR_JAVA_OPTS})
@@ -204,89 +178,18 @@ cmd_start() {
 				--peersync.fhir.auth.audience="${PEERSYNC_FHIR_AUTH_AUDIENCE:-}"
 				--peersync.fhir.auth.token-url="${PEERSYNC_FHIR_AUTH_TOKEN_URL:-}")
 		fi
-		local launcher=()
-		command -v setsid >/dev/null 2>&1 && launcher=(setsid)
 		{
 			echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) server.sh start: port=$PORT validate_requests=$VALIDATE_REQUESTS auth_jwks_url=${AUTH_JWKS_URL:-off}"
 		} >"$LOG_FILE"
-		(
-			cd "$HERE"
-			exec 9>&- # do not hand the start/stop lock to the server process
-			exec "${launcher[@]}" java "${DEFAULT_JAVA_OPTS[@]}" "${extra_opts[@]}" \
-				-cp "$TARGET/classes:$(cat "$CLASSPATH_FILE")" "$MAIN_CLASS" \
-				--server.address="$HOST" --server.port="$PORT" \
-				--peersync.fhir.validate.requests="$VALIDATE_REQUESTS" \
-				"${extra_args[@]}" </dev/null >>"$LOG_FILE" 2>&1
-		) &
-		pid=$!
-		echo "$pid" >"$PID_FILE"
+		launch java "${DEFAULT_JAVA_OPTS[@]}" "${extra_opts[@]}" \
+			-cp "$TARGET/classes:$(cat "$CLASSPATH_FILE")" "$MAIN_CLASS" \
+			--server.address="$HOST" --server.port="$PORT" \
+			--peersync.fhir.validate.requests="$VALIDATE_REQUESTS" \
+			"${extra_args[@]}"
+		pid=$LAUNCHED_PID
 		printf 'validate_requests=%s\nport=%s\nauth_jwks_url=%s\n' "$VALIDATE_REQUESTS" "$PORT" "$AUTH_JWKS_URL" >"$SETTINGS_FILE"
-		log "started pid $pid (log: $LOG_FILE); waiting up to ${START_TIMEOUT}s for $BASE_URL/metadata"
 	fi
-
-	local deadline=$((SECONDS + START_TIMEOUT)) t0=$SECONDS
-	while true; do
-		if ! kill -0 "$pid" 2>/dev/null; then
-			rm -f "$PID_FILE"
-			log "the server process died; last lines of $LOG_FILE:"
-			tail -n 80 "$LOG_FILE" >&2 || true
-			exit 1
-		fi
-		if is_ready; then
-			log "ready after $((SECONDS - t0)) s: $BASE_URL"
-			echo "$BASE_URL"
-			return 0
-		fi
-		if ((SECONDS >= deadline)); then
-			log "not ready after ${START_TIMEOUT}s; last lines of $LOG_FILE:"
-			tail -n 80 "$LOG_FILE" >&2 || true
-			stop_pid "$pid"
-			exit 1
-		fi
-		sleep 1
-	done
-}
-
-stop_pid() {
-	local pid="$1" waited=0
-	kill -TERM "$pid" 2>/dev/null || true
-	while kill -0 "$pid" 2>/dev/null && ((waited < STOP_GRACE * 2)); do
-		sleep 0.5
-		waited=$((waited + 1))
-	done
-	if kill -0 "$pid" 2>/dev/null; then
-		log "pid $pid still alive after ${STOP_GRACE}s; sending KILL"
-		kill -KILL "$pid" 2>/dev/null || true
-		sleep 0.5
-	fi
-	rm -f "$PID_FILE" "$SETTINGS_FILE"
-}
-
-cmd_stop() {
-	with_lock
-	local pid
-	if pid="$(our_pid)"; then
-		log "stopping pid $pid"
-		stop_pid "$pid"
-		log "stopped"
-	else
-		rm -f "$PID_FILE" "$SETTINGS_FILE"
-		log "not running (no live server from $PID_FILE)"
-	fi
-}
-
-cmd_status() {
-	local pid
-	if pid="$(our_pid)"; then
-		if is_ready; then
-			echo "running $BASE_URL (pid $pid)"
-		else
-			echo "running $BASE_URL (pid $pid, not answering yet)"
-		fi
-		return 0
-	fi
-	echo "stopped $BASE_URL"
-	return 3
+	wait_until_ready "$pid" 1 80
 }
 
 cmd_reset() {
