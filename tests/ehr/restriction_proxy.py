@@ -46,25 +46,19 @@ loopback upstream. Stop it with :meth:`RestrictionProxy.stop` (or use it as a co
 
 from __future__ import annotations
 
-import http.client
-import ipaddress
 import json
 import re
-import sys
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
-from urllib.parse import urlsplit
+from typing import Any
+
+from loopback_proxy import LoopbackProxy, ProxyHandler  # tests/loopback_proxy.py (tests/ is on sys.path)
 
 MODES = ("batch-only", "no-conditional-update", "no-conditional-references", "only-communication-provenance",
          "max-8-entries", "rate-limit")
 UNRESTRICTED = "unrestricted"  # the baseline: forward everything, count it
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _CONDITIONAL_REFERENCE = re.compile(r"^[A-Z][A-Za-z]+\?")
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-               "transfer-encoding", "upgrade", "content-length", "content-encoding", "accept-encoding"}
 _REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 429: "Too Many Requests"}
 _READ_ONLY = ("read", "vread", "search-type", "history-instance", "history-type")
 
@@ -207,63 +201,14 @@ class Stats:
 # -- the proxy ----------------------------------------------------------------------------------------------------
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        if isinstance(sys.exc_info()[1], OSError):
-            return  # the client went away mid-answer: not worth a traceback
-        super().handle_error(request, client_address)
-
-
-class RestrictionProxy:
+class RestrictionProxy(LoopbackProxy):
     """A reverse proxy on 127.0.0.1 in front of ``upstream`` (a loopback FHIR base URL) enforcing a restriction."""
 
     def __init__(self, upstream: str, restriction: Restriction, *, max_body: int = 64 << 20,
                  upstream_timeout: float = 120.0) -> None:
-        parts = urlsplit(upstream)
-        if parts.scheme != "http" or not parts.hostname or not _is_loopback(parts.hostname):
-            raise ValueError(f"the restriction proxy forwards only to http:// on a loopback address, not {upstream!r}")
-        self.upstream_host = parts.hostname
-        self.upstream_port = parts.port or 80
-        self.upstream_path = parts.path.rstrip("/")
         self.restriction = restriction
-        self.max_body = max_body
-        self.upstream_timeout = upstream_timeout
         self.stats = Stats()
-        self._lock = threading.Lock()
-        self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="restriction-proxy", daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        """The FHIR base URL to give peersync (the upstream's path, on the proxy's port)."""
-        return f"http://127.0.0.1:{self._server.server_address[1]}{self.upstream_path}"
-
-    def start(self) -> Self:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(upstream, name="restriction proxy", upstream_timeout=upstream_timeout, max_body=max_body)
 
     def take_stats(self) -> Stats:
         """The counters so far, and fresh ones from now on (one run's requests each)."""
@@ -282,21 +227,10 @@ class RestrictionProxy:
         with self._lock:
             getattr(self.stats, counter)[key] += n
 
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+    def _handler_class(self) -> type[ProxyHandler]:
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            timeout = 300
-
-            def log_message(self, format: str, *args: object) -> None:
-                return  # URLs hold identifiers: never printed
-
-            def do_GET(self) -> None:
-                self._handle()
-
-            do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
-
+        class Handler(ProxyHandler):
             # -- dispatch ------------------------------------------------------------------------------------
 
             def _handle(self) -> None:
@@ -393,25 +327,12 @@ class RestrictionProxy:
             # -- I/O -----------------------------------------------------------------------------------------
 
             def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-                conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
-                                                  timeout=proxy.upstream_timeout)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-                    headers["Content-Length"] = str(len(body))
-                    headers["Accept-Encoding"] = "identity"  # the proxy reads and rewrites answers
-                    headers["Connection"] = "close"
-                    # The Host header is passed through: HAPI builds paging links from it, so they point here.
-                    conn.request(self.command, self.path, body=body if body or self.command != "GET" else None,
-                                 headers=headers)
-                    response = conn.getresponse()
-                    payload = response.read()
+                try:  # uncompressed: the proxy reads and rewrites answers
+                    status, _reason, headers, payload = proxy.forward(self, body, identity=True)
                 except OSError:
                     return 502, [("Content-Type", "application/fhir+json")], \
                         Refusal(502, "transient", "upstream", "upstream unreachable").body()
-                finally:
-                    conn.close()
-                kept = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP]
-                return response.status, kept, payload
+                return status, headers, payload
 
             def _refuse(self, refusal: Refusal) -> None:
                 proxy._count("refused", refusal.reason)

@@ -72,21 +72,18 @@ on a free port. Stop it with :meth:`FaultProxy.stop`.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import io
-import ipaddress
 import json
 import random
 import socket
 import struct
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
 from urllib.parse import urlsplit
+
+from loopback_proxy import LoopbackProxy, ProxyHandler  # tests/loopback_proxy.py (tests/ is on sys.path)
 
 FAULTS = ("429", "500", "502", "503", "reset-before", "drop-after-commit", "500-after-commit",
           "truncate-after-commit", "slow-after-commit", "400-echo")
@@ -101,17 +98,6 @@ _ECHO_STYLES = {
     "echo-foreign": "HAPI-0450: Impossible de traiter la requ\u00eate\u00a0: la valeur {v} n\u2019est pas valide "
                     "(\u5024 {v} \u306f\u7121\u52b9\u3067\u3059)",
 }
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-               "transfer-encoding", "upgrade", "content-length"}
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _echo_values(body: bytes, limit: int = 4) -> list[str]:
@@ -283,18 +269,7 @@ class Stats:
                 "upstream_errors": self.upstream_errors, "restricted": dict(self.restricted)}
 
 
-class _QuietServer(ThreadingHTTPServer):
-    """Client went away mid-answer (it was killed, or timed out): not an error worth a traceback."""
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        import sys
-
-        if isinstance(sys.exc_info()[1], OSError):
-            return
-        super().handle_error(request, client_address)
-
-
-class FaultProxy:
+class FaultProxy(LoopbackProxy):
     """A reverse proxy on 127.0.0.1 in front of ``upstream`` (a loopback FHIR base URL), injecting faults."""
 
     def __init__(self, upstream: str, schedule: Schedule | None = None, *, slow_seconds: float = 4.0,
@@ -303,53 +278,15 @@ class FaultProxy:
                  upstream_timeout: float = 120.0,
                  hook: Callable[[int, str, str], str | None] | None = None,
                  restrictions: Restrictions | None = None) -> None:
-        parts = urlsplit(upstream)
-        if parts.scheme != "http" or not parts.hostname or not _is_loopback(parts.hostname):
-            raise ValueError(f"faultproxy forwards only to http:// on a loopback address, not {upstream!r}")
-        self.upstream_host = parts.hostname
-        self.upstream_port = parts.port or 80
-        self.upstream_path = parts.path.rstrip("/")
         self.schedule = schedule or Schedule()
         self.slow_seconds = slow_seconds
         self.trickle_seconds = trickle_seconds
         self.latency_seconds = latency_seconds
         self.max_requests = max_requests
-        self.max_body = max_body
-        self.upstream_timeout = upstream_timeout
         self.hook = hook
         self.restrictions = restrictions or Restrictions()
         self.stats = Stats()
-        self._lock = threading.Lock()
-        self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="faultproxy", daemon=True)
-
-    # -- lifecycle -------------------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    @property
-    def base_url(self) -> str:
-        """The FHIR base URL to give the client (same path as upstream, on the proxy's port)."""
-        return f"http://127.0.0.1:{self.port}{self.upstream_path}"
-
-    def start(self) -> FaultProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(upstream, name="faultproxy", upstream_timeout=upstream_timeout, max_body=max_body)
 
     def reset(self, schedule: Schedule | None = None) -> None:
         """New schedule and zeroed counters (between phases of a test)."""
@@ -373,21 +310,10 @@ class FaultProxy:
                 self.stats.faults[fault] += 1
             return index, fault
 
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+    def _handler_class(self) -> type[ProxyHandler]:
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            timeout = 300  # idle keep-alive connections are closed after this
-
-            def log_message(self, format: str, *args: object) -> None:
-                return  # quiet: bodies and URLs (which hold identifiers) are never printed
-
-            def do_GET(self) -> None:
-                self._handle()
-
-            do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
-
+        class Handler(ProxyHandler):
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 if length > proxy.max_body:
@@ -446,7 +372,7 @@ class FaultProxy:
                         proxy.stats.faults[fault] -= 1  # not a void: passed through, not a fault
                     fault = None
                 try:
-                    status, reason, headers, payload = self._forward(body, plain=fault in HOSTILE)
+                    status, reason, headers, payload = proxy.forward(self, body, identity=fault in HOSTILE)
                 except OSError:
                     with proxy._lock:
                         proxy.stats.upstream_errors += 1
@@ -493,26 +419,6 @@ class FaultProxy:
                     self._send_head(status, reason, headers, len(payload))
                     if self.command != "HEAD":
                         self.wfile.write(payload)
-
-            def _forward(self, body: bytes, *, plain: bool = False) -> tuple[int, str, list[tuple[str, str]], bytes]:
-                conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
-                                                  timeout=proxy.upstream_timeout)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-                    headers["Content-Length"] = str(len(body))
-                    headers["Connection"] = "close"
-                    if plain:  # a hostile answer is made from the real one: ask for it uncompressed
-                        headers = {k: v for k, v in headers.items() if k.lower() != "accept-encoding"}
-                        headers["Accept-Encoding"] = "identity"
-                    # The Host header is passed through: HAPI builds paging links from it, so they point here.
-                    conn.request(self.command, self.path, body=body if body or self.command != "GET" else None,
-                                 headers=headers)
-                    response = conn.getresponse()
-                    payload = response.read()
-                    kept = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP]
-                    return response.status, response.reason, kept, payload
-                finally:
-                    conn.close()
 
             def _send_head(self, status: int, reason: str, headers: list[tuple[str, str]], length: int) -> None:
                 self.send_response_only(status, reason)
