@@ -120,7 +120,7 @@ class RunSummary:
 # retried: units sent again this run because an earlier run left them pending, quarantined or in review.
 # held: updates, voids and deletions the shape guard held back.
 COUNT_NAMES = ("rejected", "unchanged", "created", "updated", "voided", "deleted", "in_review", "quarantined",
-               "pending", "skipped_quarantined", "retried", "held", "not_permitted")
+               "pending", "skipped_quarantined", "retried", "held", "not_permitted", "clinic_referrals_unanswered")
 
 
 @dataclass
@@ -304,6 +304,8 @@ class Syncer:
             if answers:
                 answered = answer_clinic_referrals(self.client, ledger, self.opts.ctx, answers, clock=self.clock)
                 self.counts["clinic_tasks_updated"] += answered.updated
+                # Retried by the next sync; until then the referring clinician sees a stale status: never silent.
+                self.counts["clinic_referrals_unanswered"] += len(answered.problems)
                 summary.warnings = [*summary.warnings, *answered.problems]
                 for problem in answered.problems:
                     log.warning("clinic referral not answered: %s", problem, extra={"event": "clinic-referral"})
@@ -372,7 +374,7 @@ COMPLETED_EXIT_CODES = (int(ExitCode.OK), int(ExitCode.RECORDS_REJECTED), int(Ex
 # Why a completed run needs a person (the summary's ``attention``). The first three are the input's or the
 # guards' doing (IT or the export job); DATA_PROBLEMS are single records, for the program staff.
 ATTENTION_REASONS = ("no-input-rows", "deletions-held", "shape-held", "types-not-permitted",
-                     "records-rejected", "records-quarantined", "records-in-review")
+                     "clinic-referrals-unanswered", "records-rejected", "records-quarantined", "records-in-review")
 DATA_PROBLEMS = frozenset({"records-rejected", "records-quarantined", "records-in-review"})
 
 
@@ -385,6 +387,7 @@ def attention_reasons(counts: Counter[str], *, rows_read: int | None = None, del
         "deletions-held": deletions_held > 0,
         "shape-held": shape_held,
         "types-not-permitted": counts["not_permitted"] > 0,
+        "clinic-referrals-unanswered": counts["clinic_referrals_unanswered"] > 0,
         "records-rejected": counts["rejected"] > 0,
         "records-quarantined": counts["quarantined"] > 0,
         "records-in-review": counts["in_review"] > 0,

@@ -110,7 +110,8 @@ def render(summary: dict[str, Any], now: float | None = None, *, backlog: dict[s
         int(summary.get("deletions_held_records", 0)))
     attention = family("peersync_last_run_attention", "gauge",
                        "1 for each reason the last run needs a person (no-input-rows, deletions-held, shape-held, "
-                       "records-rejected, records-quarantined, records-in-review).")
+                       "types-not-permitted, clinic-referrals-unanswered, records-rejected, records-quarantined, "
+                       "records-in-review).")
     for reason in summary.get("attention") or []:
         attention.add(1, reason=reason)
     records = family("peersync_last_run_records", "gauge", "Records by outcome in the last run.")

@@ -50,6 +50,9 @@ def _sync(config: Path, *args: str) -> tuple[int, str]:
     (Counter(), {"data_problems_exit_zero": True, "deletions_held": 1}, (65, "partial")),
     (Counter(), {"data_problems_exit_zero": True, "shape_held": True}, (65, "partial")),
     (Counter(pending=1, rejected=1), {"data_problems_exit_zero": True}, (69, "incomplete")),
+    # a clinic referral's Task left in an older status: the referring clinician would see it stale
+    (Counter(created=3, clinic_referrals_unanswered=1), {}, (65, "partial")),
+    (Counter(clinic_referrals_unanswered=1), {"data_problems_exit_zero": True}, (65, "partial")),
 ])
 def test_exit_for(counts: Counter[str], kwargs: dict[str, object], expected: tuple[int, str]) -> None:
     assert exit_for(counts, **kwargs) == expected  # type: ignore[arg-type]
