@@ -65,8 +65,8 @@ class EnrollmentStatus(StrEnum):
     ON_HOLD = "on-hold"
     COMPLETED = "completed"  # finished the program
     WITHDRAWN = "withdrawn"  # left early
-    DECLINED = "declined"  # referred, but declined to join (answers a clinic referral: Task rejected)
-    NOT_REACHED = "not-reached"  # referred, but could not be reached (answers a clinic referral: Task rejected)
+    DECLINED = "declined"  # referred, but declined to join (answers a clinic referral: Task cancelled)
+    NOT_REACHED = "not-reached"  # referred, but could not be reached (answers a clinic referral: Task cancelled)
 
 
 class ContactMode(StrEnum):

@@ -8,7 +8,8 @@ enrollment status          the clinic's Task
 active                     accepted, then in-progress; ``output`` the program's CarePlan
 on-hold                    on-hold (after accepted)
 completed                  completed; ``output`` the CarePlan and a summary (contacts, goals achieved)
-declined / not-reached     rejected (the program, the performer, does not take it on) with a coded statusReason
+declined / not-reached     cancelled with a coded statusReason: the person declined or could not be reached; SDOH
+                           CC keeps ``rejected`` for a performer that decides not to do it (the program never does)
 withdrawn                  cancelled (after it was accepted) with a coded statusReason
 =========================  =====================================================================================
 
@@ -26,6 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from connector.identifiers import KIND_CAREPLAN, identifier_value
+from connector.map.codes import SNOMED_PROCEDURE_REFUSED
 from connector.map.context import MappingContext
 from connector.model import Contact, ContactOutcome, Enrollment, EnrollmentStatus, Goal, GoalAchievement
 from connector.plan.ledger import Ledger
@@ -58,9 +60,7 @@ class DesiredTask:
 def desired_task(enrollment: Enrollment, contacts: Iterable[Contact], goals: Iterable[Goal]) -> DesiredTask:
     """The Task status an enrollment means (pure)."""
     status = enrollment.status
-    if status in (EnrollmentStatus.DECLINED, EnrollmentStatus.NOT_REACHED):
-        return DesiredTask("rejected", REASONS[status])
-    if status is EnrollmentStatus.WITHDRAWN:
+    if status in (EnrollmentStatus.DECLINED, EnrollmentStatus.NOT_REACHED, EnrollmentStatus.WITHDRAWN):
         return DesiredTask("cancelled", REASONS[status])
     if status is EnrollmentStatus.ON_HOLD:
         return DesiredTask("on-hold")
@@ -75,12 +75,9 @@ def desired_task(enrollment: Enrollment, contacts: Iterable[Contact], goals: Ite
 
 def task_steps(current: str, desired: str) -> list[str]:
     """The statuses to move a Task through, in order, from ``current`` to ``desired`` (pure). An ended Task is
-    never moved; a Task not yet accepted is accepted first; a program that already accepted the referral
-    cancels rather than rejects it."""
+    never moved; a Task not yet accepted is accepted first, unless it is cancelled."""
     if current in ENDED or current == desired:
         return []
-    if desired == "rejected":
-        return ["rejected"] if current in NOT_STARTED else ["cancelled"]
     if desired == "cancelled":
         return ["cancelled"]
     steps = ["accepted"] if current in NOT_STARTED else []
@@ -98,10 +95,12 @@ def apply_step(task: Mapping[str, Any], status: str, desired: DesiredTask, *, ca
     out.pop("meta", None)
     out["status"] = status
     out["lastModified"] = now
-    if status in ("rejected", "cancelled") and desired.reason:
+    if status == "cancelled" and desired.reason:
         code, display = desired.reason
-        out["statusReason"] = {"coding": [{"system": ctx.code_system(STATUS_REASON_SYSTEM), "code": code,
-                                           "display": display}], "text": display}
+        codings = [{"system": ctx.code_system(STATUS_REASON_SYSTEM), "code": code, "display": display}]
+        if code == "participant-declined":  # the standard code beside ours (docs/fhir-modeling-corrections.md)
+            codings.append(dict(SNOMED_PROCEDURE_REFUSED))
+        out["statusReason"] = {"coding": codings, "text": display}
     outputs = [o for o in out.get("output", []) if not _is_ours(o)]
     if careplan_id and status in ("in-progress", "on-hold", "completed"):
         outputs.append({"type": {"text": "Peer support care plan"},

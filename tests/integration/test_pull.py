@@ -314,7 +314,7 @@ def test_an_enrollment_answers_the_clinic_referral_on_the_server(program: Progra
     enroll(program, referral["id"], mrn, "E9001")
     enroll(program, declined["id"], f"MRN-D-{program.program_id}", "E9002", status="declined")
     summary = program.sync()
-    assert summary.counts["clinic_tasks_updated"] == 3  # accepted + in-progress; rejected
+    assert summary.counts["clinic_tasks_updated"] == 3  # accepted + in-progress; cancelled
     accepted = task(program, referral["id"])
     assert accepted["status"] == "in-progress"
     assert history(program, referral["id"]) == ["requested", "received", "accepted", "in-progress"]
@@ -322,8 +322,8 @@ def test_an_enrollment_answers_the_clinic_referral_on_the_server(program: Progra
     careplan = requests.get(f"{program.base_url}/{careplan_ref}", timeout=60).json()
     assert careplan["supportingInfo"] == [{"reference": referral["focus"]["reference"]}]
     refused = task(program, declined["id"])
-    assert refused["status"] == "rejected"
-    assert refused["statusReason"]["coding"][0]["code"] == "participant-declined"
+    assert refused["status"] == "cancelled"  # the participant declined: not the program's decision (SDOH CC)
+    assert [c["code"] for c in refused["statusReason"]["coding"]] == ["participant-declined", "183944003"]
 
     assert program.sync().counts["clinic_tasks_updated"] == 0  # nothing changed: nothing written
 

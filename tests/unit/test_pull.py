@@ -168,8 +168,7 @@ def test_upcoming_appointments_are_booked_future_ones_in_order() -> None:
     ("received", "completed", ["accepted", "in-progress", "completed"]),
     ("in-progress", "completed", ["completed"]),
     ("on-hold", "completed", ["in-progress", "completed"]),
-    ("received", "rejected", ["rejected"]),
-    ("in-progress", "rejected", ["cancelled"]),  # once accepted, the program cancels rather than rejects
+    ("received", "cancelled", ["cancelled"]),  # declined before the program accepted it: never "rejected"
     ("in-progress", "cancelled", ["cancelled"]),
     ("in-progress", "on-hold", ["on-hold"]),
     ("cancelled", "in-progress", []),  # the EHR ended it: never reopened
@@ -188,8 +187,8 @@ def enrollment(status: EnrollmentStatus) -> Enrollment:
 @pytest.mark.parametrize(("status", "task", "reason"), [
     (EnrollmentStatus.ACTIVE, "in-progress", None),
     (EnrollmentStatus.ON_HOLD, "on-hold", None),
-    (EnrollmentStatus.DECLINED, "rejected", "participant-declined"),
-    (EnrollmentStatus.NOT_REACHED, "rejected", "not-reachable"),
+    (EnrollmentStatus.DECLINED, "cancelled", "participant-declined"),
+    (EnrollmentStatus.NOT_REACHED, "cancelled", "not-reachable"),
     (EnrollmentStatus.WITHDRAWN, "cancelled", "participant-withdrew"),
 ])
 def test_what_an_enrollment_status_means_for_the_clinics_task(status: EnrollmentStatus, task: str,
