@@ -9,7 +9,9 @@ and rewritten by the bundle builder to ``urn:uuid:`` (same bundle) or ``Type/id`
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from functools import lru_cache
+from typing import Any
 from urllib.parse import quote
 
 _SAFE = re.compile(r"[A-Za-z0-9.-]")
@@ -101,3 +103,16 @@ def parse_conditional_reference(reference: str) -> tuple[str, str, str] | None:
         return None
     unescape = lambda s: re.sub(r"\\([\\|,$])", r"\1", s)  # noqa: E731
     return head, unescape(parts[0]), unescape(parts[1])
+
+
+def reference_strings(node: Any) -> Iterator[str]:
+    """Every ``Reference.reference`` string inside a resource (or any part of one), in document order."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                yield value
+            else:
+                yield from reference_strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from reference_strings(item)

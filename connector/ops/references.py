@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from connector.identifiers import reference_strings
 from connector.map import MappingContext
 from connector.ops.landed import PROGRAM_RESOURCES
 from connector.server.client import FhirClient, FhirHttpError
@@ -97,17 +98,5 @@ def _target_type(reference: str) -> str:
 def _references(resource: dict[str, Any]) -> Iterator[tuple[str, str]]:
     """(top-level element, reference string) of every Reference.reference in a resource."""
     for element, value in resource.items():
-        for reference in _walk(value):
+        for reference in reference_strings(value):
             yield element, reference
-
-
-def _walk(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                yield value
-            else:
-                yield from _walk(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _walk(item)

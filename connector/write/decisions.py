@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from connector.identifiers import parse_conditional_reference
+from connector.identifiers import parse_conditional_reference, reference_strings
 from connector.server.capabilities import Capabilities
 from connector.server.client import Action
 from connector.server.hapi import UNRESOLVED_REFERENCE_CODES
@@ -200,23 +200,11 @@ def references_of(resource: dict[str, Any]) -> list[tuple[Identity, bool]]:
     resource_type = resource.get("resourceType", "")
     for element, value in resource.items():
         deferrable = (resource_type, element) in DEFERRABLE_REFERENCES
-        for reference in _reference_strings(value):
+        for reference in reference_strings(value):
             target = parse_conditional_reference(reference)
             if target is not None:
                 found.append((target, deferrable))
     return found
-
-
-def _reference_strings(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                yield value
-            else:
-                yield from _reference_strings(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _reference_strings(item)
 
 
 def without_references(resource: dict[str, Any], targets: set[Identity]) -> dict[str, Any]:
@@ -226,7 +214,7 @@ def without_references(resource: dict[str, Any], targets: set[Identity]) -> dict
         items = resource.get(element)
         if isinstance(items, list):
             kept = [item for item in items if not any(parse_conditional_reference(ref) in targets
-                                                      for ref in _reference_strings(item))]
+                                                      for ref in reference_strings(item))]
             if kept:
                 out[element] = kept
             else:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import requests
+
+from connector.identifiers import reference_strings
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "fixtures" / "demo" / "template"
 _RECORD_FILES = {"enrollment": ("enrollments.csv", "enrollment_id"), "goal": ("goals.csv", "goal_id"),
@@ -40,18 +42,6 @@ def clean_enrollments(summary: dict[str, Any], count: int) -> set[str]:
     return set(clean[:count])
 
 
-def _references(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                yield value
-            else:
-                yield from _references(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _references(item)
-
-
 def broken_references(base_url: str, resources: Iterable[dict[str, Any]]) -> list[str]:
     """``Type/id -> reference`` for each stored reference that does not resolve on the server (PHI-free: ids)."""
     literal: dict[str, set[str]] = defaultdict(set)  # type -> ids referenced
@@ -59,7 +49,7 @@ def broken_references(base_url: str, resources: Iterable[dict[str, Any]]) -> lis
     broken: list[str] = []
     for resource in resources:
         holder = f"{resource['resourceType']}/{resource['id']}"
-        for reference in _references(resource):
+        for reference in reference_strings(resource):
             parts = reference.split("/")
             if reference.startswith("#"):
                 continue  # a contained resource: resolved inside the resource
