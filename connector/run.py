@@ -27,6 +27,12 @@ from connector.errors import (
 )
 from connector.files import PRIVATE_FILE_MODE, make_folder
 from connector.map import MappingContext
+from connector.map.directory import (
+    ORGANIZATION_NOT_FOUND,
+    PRACTITIONER_NOT_FOUND,
+    organization_subject,
+    supporter_subject,
+)
 from connector.model import Contact, Enrollment, Goal, RecordKind
 from connector.plan.ledger import Ledger, check_ledger_access
 from connector.plan.planner import (
@@ -50,6 +56,7 @@ from connector.read.profile import Profile
 from connector.read.program import ReadReport, read_program, write_rejects
 from connector.read.staging import Staging
 from connector.server.client import FhirClient
+from connector.write.directory import resolve_directory
 from connector.write.writer import Writer, permissions_fingerprint_of, read_capabilities
 
 log = logging.getLogger(__name__)
@@ -292,7 +299,7 @@ class Syncer:
             answers = clinic_referral_answers(staging)
             if plan.writes() > 0:
                 self._write_started = time.monotonic()
-                opts = self._with_referral_context(ledger, staging, answers)
+                opts = self._with_directory(ledger, staging, self._with_referral_context(ledger, staging, answers))
                 writer = Writer(opts, self.client, self.counts, clock=self.clock)
                 try:
                     writer.write(staging, ledger, on_progress=self.on_progress)
@@ -307,6 +314,19 @@ class Syncer:
                 summary.warnings = [*summary.warnings, *answered.problems]
                 for problem in answered.problems:
                     log.warning("clinic referral not answered: %s", problem, extra={"event": "clinic-referral"})
+
+    def _with_directory(self, ledger: Ledger, staging: Staging, opts: SyncOptions) -> SyncOptions:
+        """The options with the EHR's own Organization and Practitioners found (``[directory]``, once per run);
+        review entries of those found since are closed."""
+        directory = opts.ctx.directory
+        if not directory.existing_organization and not directory.existing_practitioners:
+            return opts
+        found = resolve_directory(self.client, staging, directory, opts.ctx.program_id)
+        if found.existing_organization and found.organization_id:
+            ledger.close_review(organization_subject(opts.ctx.program_id), ORGANIZATION_NOT_FOUND)
+        for staff_id in found.practitioner_ids:
+            ledger.close_review(supporter_subject(staff_id), PRACTITIONER_NOT_FOUND)
+        return replace(opts, ctx=replace(opts.ctx, directory=found))
 
     def _with_referral_context(self, ledger: Ledger, staging: Staging,
                                answers: dict[str, tuple[Enrollment, DesiredTask]]) -> SyncOptions:
