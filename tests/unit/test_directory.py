@@ -33,10 +33,11 @@ from connector.map.directory import (
 from connector.map.people import map_careteam
 from connector.model import Contact, Enrollment, Supporter
 from connector.ops.config import load_settings
+from connector.ops.doctor import WRITTEN_TYPES, Report, Status, _check_directory, written_types
 from connector.plan.planner import program_fingerprint
 from connector.read.formats.base import RowLocation
 from connector.read.staging import Staging
-from connector.server.client import FhirClient, RetryPolicy
+from connector.server.client import FhirClient, FhirHttpError, OutcomeSummary, RetryPolicy
 from connector.wiring import directory_of
 from connector.write.directory import resolve_directory
 
@@ -240,3 +241,55 @@ def test_config_directory_modes(tmp_path: Path) -> None:
 def test_config_existing_organization_needs_its_identifier(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="organization_identifier"):
         load_settings(write_config(tmp_path, 'organization = "existing"'))
+
+
+# -- doctor --------------------------------------------------------------------------------------------------
+
+
+class SearchOnly:
+    """A client whose searches answer from a table (or raise what the server would)."""
+
+    def __init__(self, answers: dict[str, list[dict] | Exception]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    def search_raw(self, url: str) -> list[dict]:
+        self.asked.append(url)
+        answer = self.answers[url.split("?")[0]]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_doctor_reports_the_directory_mode_and_checks_the_searches(tmp_path: Path) -> None:
+    settings = load_settings(write_config(tmp_path, f'organization = "existing"\norganization_identifier = "{ORG}"\n'
+                                                    'practitioners = "existing"'))
+    assert "Practitioner" not in written_types(settings) and "PractitionerRole" not in written_types(settings)
+    assert "Organization" in written_types(settings)  # community organizations are still written
+    report = Report(None)
+    client = SearchOnly({"Organization": [{"resourceType": "Organization", "id": "org-7"}], "Practitioner": []})
+    _check_directory(report, client, settings)
+    checks = {c.name: c for c in report.checks}
+    assert checks["directory.mode"].status is Status.PASS and "PractitionerRole: not written" in \
+        checks["directory.mode"].detail
+    assert checks["directory.organization"].status is Status.PASS and "Organization/org-7" in \
+        checks["directory.organization"].detail
+    assert checks["directory.practitioners"].status is Status.PASS
+    assert "peersync-doctor-probe" in client.asked[1]  # the permission probe matches no one
+
+    report = Report(None)
+    refused = FhirHttpError("GET", "/Practitioner", 403, OutcomeSummary())
+    _check_directory(report, SearchOnly({"Organization": [], "Practitioner": refused}), settings)
+    checks = {c.name: c for c in report.checks}
+    assert checks["directory.organization"].status is Status.FAIL
+    assert "organization_identifier" in checks["directory.organization"].fix
+    assert checks["directory.practitioners"].status is Status.FAIL
+    assert "system/Practitioner.rs" in checks["directory.practitioners"].fix
+
+
+def test_doctor_says_nothing_of_the_default_directory(tmp_path: Path) -> None:
+    settings = load_settings(write_config(tmp_path, ""))
+    report = Report(None)
+    _check_directory(report, SearchOnly({}), settings)
+    assert report.checks == []
+    assert written_types(settings) == WRITTEN_TYPES
