@@ -30,6 +30,7 @@ from connector.map import MappingContext
 from connector.map.directory import (
     ORGANIZATION_NOT_FOUND,
     PRACTITIONER_NOT_FOUND,
+    Directory,
     organization_subject,
     supporter_subject,
 )
@@ -300,6 +301,7 @@ class Syncer:
             if plan.writes() > 0:
                 self._write_started = time.monotonic()
                 opts = self._with_directory(ledger, staging, self._with_referral_context(ledger, staging, answers))
+                summary.warnings = [*summary.warnings, *directory_warnings(opts.ctx.directory)]
                 writer = Writer(opts, self.client, self.counts, clock=self.clock)
                 try:
                     writer.write(staging, ledger, on_progress=self.on_progress)
@@ -344,6 +346,15 @@ class Syncer:
             return self.opts
         return replace(self.opts, ctx=replace(self.opts.ctx, organization_tasks=owned,
                                               clinic_referral_requests=requests))
+
+
+def directory_warnings(directory: Directory) -> list[str]:
+    """What the run did not find of the EHR's own directory (``[directory]``): counts only, no identifiers."""
+    reasons = Counter(reason for reason, _ in directory.problems.values())
+    what = {ORGANIZATION_NOT_FOUND: "the program's Organization was not found on the EHR",
+            PRACTITIONER_NOT_FOUND: "supporter(s) have no Practitioner on the EHR"}
+    return [f"{f'{count} ' if reason == PRACTITIONER_NOT_FOUND else ''}{what[reason]} ({reason}): the records that "
+            "need it wait in review; see `peersync review list`" for reason, count in sorted(reasons.items())]
 
 
 def parked_by_type(plan: Plan, refused: dict[str, str]) -> dict[str, int]:

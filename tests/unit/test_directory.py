@@ -37,6 +37,7 @@ from connector.ops.doctor import WRITTEN_TYPES, Report, Status, _check_directory
 from connector.plan.planner import program_fingerprint
 from connector.read.formats.base import RowLocation
 from connector.read.staging import Staging
+from connector.run import directory_warnings
 from connector.server.client import FhirClient, FhirHttpError, OutcomeSummary, RetryPolicy
 from connector.wiring import directory_of
 from connector.write.directory import resolve_directory
@@ -293,3 +294,16 @@ def test_doctor_says_nothing_of_the_default_directory(tmp_path: Path) -> None:
     _check_directory(report, SearchOnly({}), settings)
     assert report.checks == []
     assert written_types(settings) == WRITTEN_TYPES
+
+
+def test_the_run_summary_warns_with_counts_only() -> None:
+    problems = {"supporter:S01": (PRACTITIONER_NOT_FOUND, "no Practitioner has identifier x|1"),
+                "supporter:S02": (PRACTITIONER_NOT_FOUND, "the supporter has no npi"),
+                "organization:p": (ORGANIZATION_NOT_FOUND, "no Organization")}
+    warnings = directory_warnings(replace(EXISTING, problems=problems))
+    assert warnings == [
+        "the program's Organization was not found on the EHR (organization-not-found): the records that need it "
+        "wait in review; see `peersync review list`",
+        "2 supporter(s) have no Practitioner on the EHR (practitioner-not-found): the records that need it wait in "
+        "review; see `peersync review list`"]
+    assert directory_warnings(EXISTING) == []
