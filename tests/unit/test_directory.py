@@ -101,6 +101,7 @@ def test_provenance_names_the_existing_practitioner_as_author_for_the_existing_o
                                 recorded=datetime(2025, 3, 1, tzinfo=CST), ctx=ctx)
     assert provenance["agent"][0]["who"] == {"reference": "Practitioner/pr-1"}
     assert provenance["agent"][0]["onBehalfOf"] == {"reference": "Organization/org-7"}
+    assert "peer supporter" in provenance["text"]["div"]
 
 
 def test_roles_can_still_be_written_for_existing_practitioners() -> None:
