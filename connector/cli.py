@@ -1083,7 +1083,8 @@ def _print_verify(result: dict[str, Any]) -> None:
 
 @main.group()
 def review() -> None:
-    """The review queue: participants whose Patient was not found or is ambiguous, duplicates on the server."""
+    """The review queue: participants whose Patient was not found or is ambiguous, duplicates on the server, and
+    the program's Organization or supporters' Practitioners the EHR lacks ([directory])."""
 
 
 @review.command("list")

@@ -27,6 +27,13 @@ from connector.errors import (
 )
 from connector.files import PRIVATE_FILE_MODE, make_folder
 from connector.map import MappingContext
+from connector.map.directory import (
+    ORGANIZATION_NOT_FOUND,
+    PRACTITIONER_NOT_FOUND,
+    Directory,
+    organization_subject,
+    supporter_subject,
+)
 from connector.model import Contact, Enrollment, Goal, RecordKind
 from connector.plan.ledger import Ledger, check_ledger_access
 from connector.plan.planner import (
@@ -50,6 +57,7 @@ from connector.read.profile import Profile
 from connector.read.program import ReadReport, read_program, write_rejects
 from connector.read.staging import Staging
 from connector.server.client import FhirClient
+from connector.write.directory import resolve_directory
 from connector.write.writer import Writer, permissions_fingerprint_of, read_capabilities
 
 log = logging.getLogger(__name__)
@@ -292,7 +300,8 @@ class Syncer:
             answers = clinic_referral_answers(staging)
             if plan.writes() > 0:
                 self._write_started = time.monotonic()
-                opts = self._with_referral_context(ledger, staging, answers)
+                opts = self._with_directory(ledger, staging, self._with_referral_context(ledger, staging, answers))
+                summary.warnings = [*summary.warnings, *directory_warnings(opts.ctx.directory)]
                 writer = Writer(opts, self.client, self.counts, clock=self.clock)
                 try:
                     writer.write(staging, ledger, on_progress=self.on_progress)
@@ -310,6 +319,19 @@ class Syncer:
                 for problem in answered.problems:
                     log.warning("clinic referral not answered: %s", problem, extra={"event": "clinic-referral"})
 
+    def _with_directory(self, ledger: Ledger, staging: Staging, opts: SyncOptions) -> SyncOptions:
+        """The options with the EHR's own Organization and Practitioners found (``[directory]``, once per run);
+        review entries of those found since are closed."""
+        directory = opts.ctx.directory
+        if not directory.existing_organization and not directory.existing_practitioners:
+            return opts
+        found = resolve_directory(self.client, staging, directory, opts.ctx.program_id)
+        if found.existing_organization and found.organization_id:
+            ledger.close_review(organization_subject(opts.ctx.program_id), ORGANIZATION_NOT_FOUND)
+        for staff_id in found.practitioner_ids:
+            ledger.close_review(supporter_subject(staff_id), PRACTITIONER_NOT_FOUND)
+        return replace(opts, ctx=replace(opts.ctx, directory=found))
+
     def _with_referral_context(self, ledger: Ledger, staging: Staging,
                                answers: dict[str, tuple[Enrollment, DesiredTask]]) -> SyncOptions:
         """The options with what the mapper needs from the server about referrals: the Tasks a community
@@ -326,6 +348,15 @@ class Syncer:
             return self.opts
         return replace(self.opts, ctx=replace(self.opts.ctx, organization_tasks=owned,
                                               clinic_referral_requests=requests))
+
+
+def directory_warnings(directory: Directory) -> list[str]:
+    """What the run did not find of the EHR's own directory (``[directory]``): counts only, no identifiers."""
+    reasons = Counter(reason for reason, _ in directory.problems.values())
+    what = {ORGANIZATION_NOT_FOUND: "the program's Organization was not found on the EHR",
+            PRACTITIONER_NOT_FOUND: "supporter(s) have no Practitioner on the EHR"}
+    return [f"{f'{count} ' if reason == PRACTITIONER_NOT_FOUND else ''}{what[reason]} ({reason}): the records that "
+            "need it wait in review; see `peersync review list`" for reason, count in sorted(reasons.items())]
 
 
 def parked_by_type(plan: Plan, refused: dict[str, str]) -> dict[str, int]:

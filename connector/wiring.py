@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from connector import __version__
 from connector.auth import build_auth
 from connector.map import MappingContext
+from connector.map.directory import Directory
 from connector.ops.config import Settings
 from connector.read.profile import load_profile
 from connector.run import SyncOptions
@@ -68,7 +69,18 @@ def mapping_context(settings: Settings) -> MappingContext:
         }.items()
         if value is not None
     }
-    return MappingContext.from_profile(profile, **overrides)
+    return MappingContext.from_profile(profile, directory=directory_of(settings), **overrides)
+
+
+def directory_of(settings: Settings) -> Directory:
+    """Which directory resources the EHR holds already (``[directory]``); the ids are found by each sync."""
+    d = settings.directory
+    return Directory(
+        organization_identifier=d.organization_identifier if d.organization == "existing" else None,
+        practitioner_system=d.practitioner_identifier_system if d.practitioners == "existing" else None,
+        practitioner_field=d.practitioner_identifier_field,
+        write_roles=d.writes_roles(),
+    )
 
 
 def sync_options(settings: Settings) -> SyncOptions:
@@ -101,8 +113,9 @@ def pull_options(settings: Settings) -> PullOptions:
     from connector.pull.puller import PullOptions
 
     organization = None
-    if settings.pull.program_organization:
-        system, _, value = settings.pull.program_organization.rpartition("|")
+    program_organization = settings.pull.program_organization or directory_of(settings).organization_identifier
+    if program_organization:
+        system, _, value = program_organization.rpartition("|")
         organization = (system, value)
     return PullOptions(
         ctx=mapping_context(settings),

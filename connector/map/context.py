@@ -15,10 +15,13 @@ from connector import __version__
 from connector.identifiers import (
     KIND_DEVICE,
     KIND_ORGANIZATION,
+    KIND_ROLE,
+    KIND_STAFF,
     conditional_reference,
     identifier_system,
     identifier_value,
 )
+from connector.map.directory import Directory
 
 if TYPE_CHECKING:
     from connector.model import Enrollment
@@ -52,6 +55,8 @@ class MappingContext:
         note_period: what one note covers: one ``contact``, an ISO ``week`` or a calendar ``month``.
         organization_tasks: referral Tasks whose status belongs to the community organization (see below).
         clinic_referral_requests: the ServiceRequests of the clinic referrals enrollments answer (see below).
+        directory: the Organization and Practitioners the EHR holds already (referenced, not written) and the
+            server ids a sync found for them (connector.map.directory).
     """
 
     program_id: str
@@ -71,6 +76,7 @@ class MappingContext:
     organization_tasks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, hash=False)
     # Clinic referral Task id -> the server id of its ServiceRequest (CarePlan.basedOn), read by a sync.
     clinic_referral_requests: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+    directory: Directory = field(default_factory=Directory)
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:
@@ -107,10 +113,15 @@ class MappingContext:
     # -- references ----------------------------------------------------------------------------------------------
 
     def ref(self, resource_type: str, kind: str, source_id: str, display: str | None = None) -> dict[str, Any]:
-        """A conditional reference to one of our resources, by its business identifier."""
-        out: dict[str, Any] = {
-            "reference": conditional_reference(resource_type, self.system(kind), identifier_value(source_id))
-        }
+        """A conditional reference to one of our resources, by its business identifier; a supporter's
+        Practitioner the EHR holds (``directory``) by its server id."""
+        if resource_type == "PractitionerRole" and kind == KIND_ROLE and not self.directory.write_roles:
+            resource_type, kind = "Practitioner", KIND_STAFF  # no roles written: the supporter themself
+        found = self.directory.practitioner_ids.get(source_id) if kind == KIND_STAFF else None
+        if resource_type == "Practitioner" and self.directory.existing_practitioners and found:
+            out: dict[str, Any] = {"reference": f"Practitioner/{found}"}
+        else:
+            out = {"reference": conditional_reference(resource_type, self.system(kind), identifier_value(source_id))}
         if display:
             out["display"] = display
         return out
@@ -120,7 +131,13 @@ class MappingContext:
         return {"reference": conditional_reference("Patient", enrollment.mrn_system or self.mrn_system, enrollment.mrn)}
 
     def organization_ref(self) -> dict[str, Any]:
-        """The program's Organization."""
+        """The program's Organization: peersync's own, or the EHR's (``directory``) by server id once found, by
+        its identifier until then."""
+        if self.directory.existing_organization:
+            system, value = self.directory.organization_token()
+            reference = (f"Organization/{self.directory.organization_id}" if self.directory.organization_id
+                         else conditional_reference("Organization", system, value))
+            return {"reference": reference}  # no display: the EHR names its own Organization
         return self.ref("Organization", KIND_ORGANIZATION, self.program_id, self.program_name)
 
     def device_ref(self) -> dict[str, Any]:

@@ -464,7 +464,8 @@ def provenance_narrative(resource: Mapping[str, Any], *, program_name: str, time
     agents = resource.get("agent", ())
     author = next((a for a in agents if any(c.get("code") == "author" for c in a.get("type", {}).get("coding", ()))),
                   None)
-    by_supporter = bool(author and str(author.get("who", {}).get("reference", "")).startswith("PractitionerRole"))
+    # a supporter's PractitionerRole, or the EHR's own Practitioner of the supporter ([directory])
+    by_supporter = bool(author and str(author.get("who", {}).get("reference", "")).startswith("Practitioner"))
     who = "the participant's peer supporter" if by_supporter else "the program"
     targets = len(resource.get("target", ()))
     items = [

@@ -33,7 +33,8 @@ CARE_TEAM_NAME = "Diabetes peer support team"
 
 
 def map_program(ctx: MappingContext) -> list[dict[str, Any]]:
-    """The program's Organization and the peersync Device that transmits on its behalf."""
+    """The program's Organization and the peersync Device that transmits on its behalf (only the Device when the
+    Organization is the EHR's own, ``ctx.directory``)."""
     organization = resource(
         "Organization",
         ctx,
@@ -53,8 +54,10 @@ def map_program(ctx: MappingContext) -> list[dict[str, Any]]:
         version=[{"value": ctx.connector_version}],
         owner=ctx.organization_ref(),
     )
-    return [with_narrative(organization, organization_narrative(organization)),
-            with_narrative(device, device_narrative(device, program_name=ctx.program_name))]
+    written = [with_narrative(device, device_narrative(device, program_name=ctx.program_name))]
+    if ctx.directory.existing_organization:
+        return written
+    return [with_narrative(organization, organization_narrative(organization)), *written]
 
 
 def supporter_role_concept(s: Supporter | None, ctx: MappingContext) -> dict[str, Any]:
@@ -80,6 +83,8 @@ def map_supporter(s: Supporter, ctx: MappingContext) -> list[dict[str, Any]]:
 
     The role's telecom is the supporter's phone/email, else the program phone (US Core pd-1 needs telecom or
     endpoint); with neither, it is omitted and pd-1 fails knowingly (see docs/field-coverage.md).
+    With the EHR's own Practitioners (``ctx.directory``) the Practitioner is not written, and the role only when
+    the directory says so.
     """
     identifiers = [ctx.ident(KIND_STAFF, s.staff_id)]
     if s.npi:
@@ -106,8 +111,13 @@ def map_supporter(s: Supporter, ctx: MappingContext) -> list[dict[str, Any]]:
         specialty=[{"coding": [dict(codes.TITLE_TAXONOMY[s.title])]}],
         telecom=role_telecom,
     )
-    return [with_narrative(practitioner, practitioner_narrative(practitioner, s, program_name=ctx.program_name)),
-            with_narrative(role, practitioner_role_narrative(role, s, program_name=ctx.program_name))]
+    written = []
+    if not ctx.directory.existing_practitioners:
+        written.append(with_narrative(practitioner, practitioner_narrative(practitioner, s,
+                                                                           program_name=ctx.program_name)))
+    if ctx.directory.write_roles:
+        written.append(with_narrative(role, practitioner_role_narrative(role, s, program_name=ctx.program_name)))
+    return written
 
 
 @dataclass(frozen=True)

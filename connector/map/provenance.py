@@ -40,6 +40,8 @@ def resource_authors(resource: dict[str, Any], ctx: MappingContext) -> list[str]
 
 def _as_role(reference: str, ctx: MappingContext) -> str | None:
     """A supporter's PractitionerRole reference for a PractitionerRole or Practitioner (staff) reference."""
+    if reference.startswith("Practitioner/"):  # the EHR's own Practitioner (ctx.directory): the supporter themself
+        return reference
     parsed = parse_conditional_reference(reference)
     if parsed is None:
         return None

@@ -80,7 +80,8 @@ def map_global_unit(staging: Staging, kind: str, source_id: str, ctx: MappingCon
         return UnitWrite(unit_key, kind, map_program(ctx))
     if kind == "supporter":
         supporter = staging.record(RecordKind.SUPPORTER, source_id)
-        return UnitWrite(unit_key, kind, map_supporter(supporter, ctx)) if isinstance(supporter, Supporter) else None
+        resources = map_supporter(supporter, ctx) if isinstance(supporter, Supporter) else []
+        return UnitWrite(unit_key, kind, resources) if resources else None  # none: the EHR's own (ctx.directory)
     if kind == "cbo":
         referral = staging.first_referral_for_cbo(source_id)
         resource = map_cbo(referral, ctx) if isinstance(referral, Referral) else None

@@ -297,6 +297,43 @@ class PullSettings(_Section):
                                                        "next to the ledger, pull/).")
 
 
+class DirectorySettings(_Section):
+    """Directory resources (Organization, Practitioner, PractitionerRole) the EHR already holds: many EHRs do
+    not let an outside system create them (docs/configuration.md, docs/ehr-compatibility.md)."""
+
+    organization: Literal["write", "existing"] = Field(
+        "write", description="write: peersync writes the program's Organization; existing: it references the EHR's "
+        "Organization found by organization_identifier and never writes one")
+    organization_identifier: str | None = Field(
+        None, pattern=r"^\S+\|\S+$", description="The EHR's Organization of the program or clinic as system|value "
+        "(required with organization = \"existing\")")
+    practitioners: Literal["write", "existing"] = Field(
+        "write", description="write: peersync writes a Practitioner per supporter; existing: it references the "
+        "EHR's Practitioner found by the supporter's identifier (practitioner_identifier_system) and never writes one")
+    practitioner_identifier_system: str = Field(
+        "http://hl7.org/fhir/sid/us-npi", description="The identifier system the EHR's Practitioners carry (NPI by "
+        "default)")
+    practitioner_identifier_field: Literal["npi", "staff_id"] = Field(
+        "npi", description="The supporter field holding their identifier in that system: npi (the profile's "
+        "supporter npi column) or staff_id (the program's staff id, when the EHR holds it)")
+    practitioner_roles: Literal["write", "skip"] | None = Field(
+        None, description="write: peersync writes each supporter's PractitionerRole; skip: references name the "
+        "supporter's Practitioner instead. Default: follows practitioners (write, or skip with existing)")
+
+    @model_validator(mode="after")
+    def _identifier_when_existing(self) -> DirectorySettings:
+        if self.organization == "existing" and not self.organization_identifier:
+            raise ValueError('organization = "existing" needs organization_identifier = "system|value": the '
+                             "identifier of the program's (or clinic's) Organization on the EHR")
+        return self
+
+    def writes_roles(self) -> bool:
+        """Whether peersync writes the supporters' PractitionerRoles."""
+        if self.practitioner_roles is None:
+            return self.practitioners == "write"
+        return self.practitioner_roles == "write"
+
+
 # -- secrets directories -----------------------------------------------------------------------------------
 
 
@@ -388,6 +425,7 @@ class Settings(BaseSettings):
     sync: SyncSettings = SyncSettings()
     output: OutputSettings = OutputSettings()
     pull: PullSettings = PullSettings()
+    directory: DirectorySettings = DirectorySettings()
 
     @classmethod
     def settings_customise_sources(
@@ -430,7 +468,7 @@ class Settings(BaseSettings):
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "source": SourceSettings, "program": ProgramSettings, "server": ServerSettings, "auth": AuthSettings,
-    "sync": SyncSettings, "output": OutputSettings, "pull": PullSettings,
+    "sync": SyncSettings, "output": OutputSettings, "pull": PullSettings, "directory": DirectorySettings,
 }
 
 

@@ -503,9 +503,11 @@ def run_doctor(path: Path | None, environ: Mapping[str, str] | None = None, *, t
         if statement is not None:
             _check_capabilities(report, Capabilities.parse(statement), settings.server.write_mode,
                                 write_strategy=settings.server.write_strategy,
-                                resolves_conditional_references=settings.server.resolves_conditional_references)
+                                resolves_conditional_references=settings.server.resolves_conditional_references,
+                                written_types=written_types(settings))
         if auth_ready:
             _check_probe(report, client, settings)
+            _check_directory(report, client, settings)
             _check_ledger_on_server(report, client, settings.sync.ledger)
     _check_lock(report, settings.sync.ledger)
     return report
@@ -609,8 +611,60 @@ def _check_clock(report: Report, response: Any) -> None:
         report.add("host.clock", Status.PASS, f"within {CLOCK_SKEW_WARN_SECONDS} s of the server's clock")
 
 
+def written_types(settings: Settings) -> tuple[str, ...]:
+    """The types peersync writes with these settings: the EHR's own Practitioners (``[directory]``) are not
+    written, nor PractitionerRoles when skipped. Organization stays: community organizations are written."""
+    directory = settings.directory
+    skipped = {"Practitioner"} if directory.practitioners == "existing" else set()
+    if not directory.writes_roles():
+        skipped.add("PractitionerRole")
+    return tuple(t for t in WRITTEN_TYPES if t not in skipped)
+
+
+def _check_directory(report: Report, client: Any, settings: Any) -> None:
+    """``[directory]``: the mode, and that the searches the sync runs once per run are allowed and find the
+    Organization (the Practitioner probe matches no one: it only checks the permission)."""
+    from connector.identifiers import token_query
+
+    directory = settings.directory
+    if directory.organization == "write" and directory.practitioners == "write":
+        return
+    roles = "written" if directory.writes_roles() else "not written (references name the Practitioner)"
+    report.add("directory.mode", Status.PASS,
+               f"Organization: {directory.organization}; Practitioner: {directory.practitioners} (by "
+               f"{directory.practitioner_identifier_system}, supporter field {directory.practitioner_identifier_field})"
+               f"; PractitionerRole: {roles}")
+    if directory.organization == "existing":
+        system, _, value = (directory.organization_identifier or "").rpartition("|")
+        try:
+            found = client.search_raw(f"Organization?identifier={token_query(system, value)}&_count=2")
+        except PeersyncError as exc:
+            report.add("directory.organization", Status.FAIL, f"the Organization search failed: {exc}",
+                       "grant search on Organization (system/Organization.rs) to this client", exc.exit_code)
+        else:
+            if len(found) == 1:
+                report.add("directory.organization", Status.PASS, f"found Organization/{found[0].get('id')}")
+            else:
+                report.add("directory.organization", Status.FAIL,
+                           f"{len(found) or 'no'} Organization(s) have identifier {system}|{value}: every record "
+                           "would wait in review (organization-not-found)",
+                           "set [directory] organization_identifier to the identifier of the program's Organization "
+                           "on the EHR (ask the EHR team)", ExitCode.CONFIG_ERROR)
+    if directory.practitioners == "existing":
+        system = directory.practitioner_identifier_system
+        try:
+            client.search_raw(f"Practitioner?identifier={token_query(system, PROBE_VALUE)}&_count=1")
+        except PeersyncError as exc:
+            report.add("directory.practitioners", Status.FAIL, f"the Practitioner search failed: {exc}",
+                       "grant search on Practitioner (system/Practitioner.rs) to this client", exc.exit_code)
+        else:
+            report.add("directory.practitioners", Status.PASS, f"Practitioner search by {system} is allowed "
+                       "(supporters not found wait in review: practitioner-not-found)")
+
+
 def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: str, *,
-                        write_strategy: str = "auto", resolves_conditional_references: bool = True) -> None:
+                        write_strategy: str = "auto", resolves_conditional_references: bool = True,
+                        written_types: tuple[str, ...] = WRITTEN_TYPES) -> None:
     version = capabilities.fhir_version
     if version.startswith("4.0."):
         report.add("server.fhir_version", Status.PASS, f"FHIR {version} (R4)")
@@ -618,7 +672,7 @@ def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: 
         report.add("server.fhir_version", Status.FAIL, f"the server speaks FHIR {version or '(not stated)'}, not R4 "
                    "(4.0.x)", "point server.base_url at the server's R4 endpoint")
     _check_write_strategy(report, capabilities, write_strategy, resolves_conditional_references)
-    for resource_type in ("Patient", *WRITTEN_TYPES):
+    for resource_type in ("Patient", *written_types):
         _check_resource(report, resource_type, capabilities.resource(resource_type), write_mode)
 
 
@@ -734,8 +788,13 @@ def _check_auth_online(report: Report, client: Any, settings: Any = None) -> boo
         shown.append("granted: " + (" ".join(granted) or "(none)"))
     report.add("auth", Status.PASS, ", ".join(shown))
     if granted is not None:
-        needed = [f"system/{t}.c" if t in CREATE_ONLY_TYPES else f"system/{t}.cu" for t in WRITTEN_TYPES]
+        types = written_types(settings) if settings is not None else WRITTEN_TYPES
+        needed = [f"system/{t}.c" if t in CREATE_ONLY_TYPES else f"system/{t}.cu" for t in types]
         needed.append("system/Patient.rs")
+        if settings is not None and settings.directory.practitioners == "existing":
+            needed.append("system/Practitioner.rs")
+        if settings is not None and settings.directory.organization == "existing":
+            needed.append("system/Organization.rs")
         missing = missing_scopes(granted, needed)
         if missing:
             report.add("auth.scopes", Status.WARN, "the granted scopes do not cover " + " ".join(missing),

@@ -652,6 +652,12 @@ class Ledger:
                 (subject, reason, detail, now_iso(), now_iso(), run_id),
             )
 
+    def close_review(self, subject: str, reason: str) -> None:
+        """Close a subject's open entry for one reason: what it waited for has been found."""
+        with self.transaction() as db:
+            db.execute("UPDATE review SET status='resolved', updated_at=? WHERE subject=? AND reason=? "
+                       "AND status IN ('open','retry')", (now_iso(), subject, reason))
+
     @staticmethod
     def _resolve_review(db: sqlite3.Connection, subject: str) -> None:
         """Close open review entries of a subject that has since gone through."""

@@ -280,7 +280,7 @@ def program_fingerprint(ctx: MappingContext) -> str:
     """The mapping fingerprint of a deployment: a change re-sends everything (conditionally: no duplicates)."""
     return mapping_fingerprint(MAPPING_VERSION, ctx.program_id, ctx.program_name, ctx.base_url, ctx.mrn_system,
                                ctx.terminology_base, ctx.program_phone or "", ctx.timezone,
-                               *("|".join(code) for code in ctx.referral_codes))
+                               *("|".join(code) for code in ctx.referral_codes), *ctx.directory.fingerprint_parts())
 
 
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,
@@ -307,6 +307,8 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
     with db:
         for statement in _split(_UNITS_SQL):
             db.execute(statement, {"program": program_id, "fp": fingerprint})
+        if ctx is not None and not ctx.directory.writes_supporters:  # the EHR's own Practitioners, no roles
+            db.execute("DELETE FROM units WHERE kind='supporter'")
         if ctx is not None and mode != "off":
             _add_note_units(db, staging, ctx, fingerprint, structured=mode == "also")
         for statement in _split(_PLAN_SQL):

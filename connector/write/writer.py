@@ -24,6 +24,7 @@ from connector.errors import (
     ServerUnavailableError,
 )
 from connector.identifiers import identifier_system, token_query
+from connector.map.directory import missing_directory_entries
 from connector.map.units import iter_planned_units, map_planned_global_units
 from connector.model import Enrollment, RecordKind
 from connector.ops.logs import RUN_ID, opaque_key, outcome_codes
@@ -206,6 +207,7 @@ class Writer:
 
     def _write_global_units(self, staging: Staging, ledger: Ledger) -> None:
         writes = reference_order(map_planned_global_units(staging, units_to_write(staging, None), self.opts.ctx))
+        writes = [w for w in writes if not self._wait_for_directory(ledger, [w], None, whole=False)]
         deferred: list[PendingWrite] = []
         for chunk in chunk_writes(writes, self.limits.max_entries):
             self._send(ledger, chunk, patient=None, participant=None, deferred=deferred)
@@ -245,13 +247,15 @@ class Writer:
             log.warning("participant sent to review: %s", reason,
                         extra={"event": "review", "participant_key": opaque_key(participant), "code": reason})
             return
+        # Targets before referrers (a CarePlan before the requests based on it): no chunk, and no half of a
+        # rejected chunk, then sends a reference to something not yet written.
+        ordered = reference_order(list(iter_planned_units(staging, participant, planned, self.opts.ctx)))
+        if self._wait_for_directory(ledger, ordered, participant, whole=True):
+            return
         self._retire_moved_units(ledger, [u.unit_key for u in planned], patient_id)
         patient_identity: Identity = ("Patient", mrn_system, enrollment.mrn)
         patient = (patient_identity, f"Patient/{patient_id}")
         deferred: list[PendingWrite] = []
-        # Targets before referrers (a CarePlan before the requests based on it): no chunk, and no half of a
-        # rejected chunk, then sends a reference to something not yet written.
-        ordered = reference_order(list(iter_planned_units(staging, participant, planned, self.opts.ctx)))
         for chunk in chunk_writes(ordered, self.limits.max_entries):
             self._send(ledger, chunk, patient=patient, participant=participant,
                        patient_id=patient_id, deferred=deferred)
@@ -261,6 +265,35 @@ class Writer:
         for chunk in chunk_writes(reference_order(deferred), self.limits.max_entries):
             self._send(ledger, chunk, patient=patient, participant=participant,
                        patient_id=patient_id, deferred=None)
+
+    def _wait_for_directory(self, ledger: Ledger, units: list[PendingWrite], participant: str | None, *,
+                            whole: bool) -> bool:
+        """Put units that need an Organization or Practitioner the EHR lacks (``[directory]``) in review, with a
+        review entry per missing one; ``whole``: all of them when any needs one (a participant's units refer to
+        each other). True when units were held."""
+        directory = self.opts.ctx.directory
+        if not directory.problems:
+            return False
+        needs = {w.unit.unit_key: missing_directory_entries(w.unit.resources, directory,
+                                                            base_url=self.opts.ctx.base_url,
+                                                            program_id=self.opts.ctx.program_id) for w in units}
+        subjects = sorted({s for found in needs.values() for s in found})
+        if not subjects:
+            return False
+        for subject in subjects:
+            reason, detail = directory.problems[subject]
+            ledger.open_review(subject, reason, detail, RUN_ID.get())
+        reasons = ", ".join(sorted({directory.problems[s][0] for s in subjects}))
+        for w in units:
+            if whole or needs[w.unit.unit_key]:
+                ledger.record_state(w.unit.unit_key, kind=w.unit.kind, participant=participant,
+                                    state=UnitState.REVIEW, run_id=RUN_ID.get(), attempt_hash=w.unit_hash,
+                                    detail=f"{reasons}: waits for {', '.join(subjects)}"[:300])
+                self._count("in_review")
+        log.warning("records wait in review for directory resources the EHR lacks: %s", reasons,
+                    extra={"event": "review", "code": reasons, "count": len(subjects),
+                           **({"participant_key": opaque_key(participant)} if participant else {})})
+        return True
 
     def _resolve_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
         """(patient id, review reason, PHI-free detail). A search or read the server refuses (4xx) sends the
