@@ -133,6 +133,7 @@ class Replay:
         self.new_ids = dict(seed)  # old "Type/id" -> new "Type/id"
         self.done = {old: threading.Event() for ids in self.created for old in ids if old and old not in seed}
         self.lock = threading.Lock()
+        self.threads = 0  # how many threads the last run used (one per recorded thread)
 
     def _new_id(self, old: str, own: set[str | None]) -> str:
         """The replay's id for a recorded one; waits for the request that creates it, unless it is this one
@@ -217,9 +218,9 @@ class Replay:
             for thread in threads:
                 thread.join()
         session.close()
+        self.threads = len(threads)
         if errors:
             raise errors[0]
-        self.threads = len(threads)
         return timer.seconds
 
 
