@@ -4,7 +4,8 @@ Sections: mapping (in-process, no server), first-sync, resync and verify (the lo
 tests/fhir-server, or PEERSYNC_TEST_FHIR_URL; verify: tests/bench/drift.py), first-sync-latency (the same
 first sync through Toxiproxy adding ~20 ms of round trip in front of the local server; tests/bench/latency.py),
 first-sync-pinned (server-bound and peersync with the local server on one CPU and the benchmark on the other,
-as on separate machines), memory (child
+as on separate machines), strategies (a first sync per write strategy against a replay of its own requests;
+tests/bench/strategies.py), memory (child
 processes, no server). Every figure with a target is a ratio of two measurements of this run. Results also go
 to ``<bench dir>/results-<time>.json``. See docs/benchmarks.md.
 
@@ -26,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import drift, latency, mapping, memory
+from . import drift, latency, mapping, memory, strategies
 from .common import (
     Row,
     dataset,
@@ -44,8 +45,9 @@ from .common import (
 )
 from .writes import post_bundles, prebuild_bundles, run_naive, run_peersync
 
-SECTIONS = ("mapping", "first-sync", "first-sync-latency", "first-sync-pinned", "resync", "verify", "memory")
-SERVER_SECTIONS = {"first-sync", "first-sync-latency", "first-sync-pinned", "resync", "verify"}
+SECTIONS = ("mapping", "first-sync", "first-sync-latency", "first-sync-pinned", "strategies", "resync", "verify",
+            "memory")
+SERVER_SECTIONS = {"first-sync", "first-sync-latency", "first-sync-pinned", "strategies", "resync", "verify"}
 CONCURRENCY = 4  # peersync's sync concurrency and the server-bound loop's threads, in every write section
 # Up to this many participants, peersync and server-bound run twice each in the order A B B A (server-bound,
 # peersync, peersync, server-bound) and the faster run of each side counts: the server speeds up as its JIT
@@ -61,6 +63,9 @@ FULL = {
     # per participant, each paying the round trip) the first "naive_participants" of them
     "first-sync-latency": {"participants": 1000, "contacts": 0, "naive_participants": 200},
     "first-sync-pinned": 1000,  # participants; server-bound and peersync only
+    # per write strategy: peersync and its replay, twice each (single: ~15 requests per participant); measured at
+    # 100 on a machine at load 15-20 (docs/benchmarks.md)
+    "strategies": (100, 0),
     "resync": (2000, 83_300),  # 100k source rows in all (contacts + enrollments, goals, notes, ...)
     "verify": (2000, 83_300),  # the demo program, then the resync section's 100k-row program
     "memory": [10_000, 100_000, 1_000_000],
@@ -72,6 +77,7 @@ QUICK = {
     "naive_participants": 100,
     "first-sync-latency": {"participants": 100, "contacts": 0, "naive_participants": 30},
     "first-sync-pinned": 100,
+    "strategies": (50, 0),
     "resync": (200, 8300),
     "verify": (200, 8300),
     "memory": [10_000, 100_000],
@@ -251,6 +257,25 @@ class Bench:
             pin_process(server_pid, set(cpus))
             os.sched_setaffinity(0, set(cpus))
 
+    # -- 2d. first sync per write strategy ------------------------------------------------------------------------
+
+    def strategies(self) -> None:
+        """A first sync with each ``server.write_strategy`` against a replay of the requests it sent
+        (tests/bench/strategies.py); the server's write path for each strategy is warmed up first (20
+        participants, not measured)."""
+        assert self.base_url
+        participants, contacts = self.scales["strategies"]
+        data = dataset(participants, contacts)
+        out: dict[str, Any] = {"participants": participants, "contacts": contacts, "rows": data.rows, "runs": []}
+        self.results["strategies"] = out
+        for strategy in strategies.STRATEGIES:
+            self.log(f"strategies: {strategy}, {participants} participants ({data.rows} rows); warm-up")
+            self.fresh_server()
+            strategies.run_recorded(strategies.with_strategy(new_program(dataset(20, 0), self.base_url, "wu"),
+                                                             strategy), "warm-up")
+            out["runs"].append(strategies.compare(data, self.base_url, strategy, concurrency=CONCURRENCY,
+                                                  fresh=self.fresh_server, log=self.log))
+
     # -- 3 and 4. re-syncs ----------------------------------------------------------------------------------
 
     def resync(self) -> None:
@@ -358,6 +383,8 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
                     f"{run['server_bound']['seconds']:,.0f} s"),
                 *_rounds_rows(section, run.get("rounds", [])),
             ]
+    if "strategies" in results:
+        rows += strategy_rows(results["strategies"])
     if "resync" in results:
         r = results["resync"]
         first, noop, changed = r["first"], r["noop"], r["changed"]
@@ -413,6 +440,41 @@ def first_sync_rows(section: str, run: dict[str, Any]) -> list[Row]:
             f"{naive['seconds']:,.0f} s, {naive['requests']:,} requests",
             f"bound/naive = {rate['bound'] / rate['naive']:.1f}×"),
     ]
+
+
+def strategy_rows(out: dict[str, Any]) -> list[Row]:
+    """Per write strategy: peersync against the replay of its own requests; then update-as-create against the
+    conditional transaction."""
+    runs = {run["strategy"]: run for run in out["runs"]}
+    if not runs:
+        return []
+    first = next(iter(runs.values()))
+    section = (f"first sync per write strategy, {out['participants']:,} participants "
+               f"({first['peersync']['resources']:,} res)")
+    rows: list[Row] = []
+    rates: dict[str, dict[str, float]] = {}
+    for name, run in runs.items():
+        ours, bound = run["peersync"], run["server_bound"]
+        rate = rates[name] = {"ours": ours["resources"] / ours["seconds"],
+                              "bound": bound["resources"] / bound["seconds"]}
+        over_bound = rate["ours"] / rate["bound"]
+        rows += [
+            Row(section, f"{name}: peersync, concurrency {CONCURRENCY}", f"{rate['ours']:,.0f} res/s",
+                f"{over_bound:.2f}× server-bound", "≥ 0.8× server-bound", verdict(over_bound >= 0.8)),
+            Row(section, f"  {ours['seconds']:,.0f} s, {ours['requests']:,} requests",
+                f"{ours['write_requests']:,} writes",
+                f"server-bound {rate['bound']:,.0f} res/s, {bound['seconds']:,.0f} s ({bound['detail']})"),
+            *_rounds_rows(section, run.get("rounds", [])),
+        ]
+    # update-as-create against conditional writes: the transaction (peersync's default), and single requests (the
+    # same requests one by one, each a conditional update instead of an update by id)
+    for other, label in (("transaction", "conditional transaction"), ("single", "conditional single requests")):
+        if "update-as-create" in rates and other in rates:
+            uac, them = rates["update-as-create"], rates[other]
+            rows.append(Row(section, f"update-as-create / {label}, res/s", f"{uac['ours']:,.0f} / {them['ours']:,.0f}",
+                            f"{uac['ours'] / them['ours']:.2f}× (peersync), "
+                            f"{uac['bound'] / them['bound']:.2f}× (server-bound)"))
+    return rows
 
 
 def _posted(url: str, bodies: list[bytes], resources: int) -> tuple[Any, None]:
