@@ -55,7 +55,7 @@ from connector.write.decisions import (
     request_waves,
     resource_order,
 )
-from connector.write.limits import FailureKind, RunLimits, classify_failure
+from connector.write.limits import FailureKind, RunLimits, classify_failure, logical_references
 
 # Statuses that, on an update by id with If-Match, mean "the version changed" (FHIR: 412; HAPI answers 409).
 VERSION_CONFLICT = frozenset({409, 412})
@@ -373,8 +373,10 @@ class StepwiseSender:
         reason: str | None = None
         for author, activity, targets in provenance_groups(bundled, landed, self.ctx):
             code = change_set_code([units_code, author or "program", activity])
-            provenance = _rewritten(change_set_provenance(targets, code=code, activity=activity, author=author,
-                                                          recorded=recorded, ctx=self.ctx), rewrite)
+            provenance = change_set_provenance(targets, code=code, activity=activity, author=author,
+                                               recorded=recorded, ctx=self.ctx)
+            # An author of a type the server refuses is named by identifier, never by a reference that dangles
+            provenance = _rewritten(logical_references(provenance, frozenset(self.limits.refused)), rewrite)
             if stored_conditional_references(provenance):
                 reason = "Provenance: its author is not on the server"
                 break
