@@ -20,6 +20,7 @@ import authserver
 import pytest
 import requests
 from click.testing import CliRunner
+from ehr.checks import broken_references
 
 from connector.auth.keys import load_private_key
 from connector.auth.smart import CLIENT_ASSERTION_TYPE, SmartBackendAuth
@@ -31,6 +32,7 @@ from .syncutil import (
     assert_clean_state,
     demo_enrollments,
     demo_summary,
+    expected_identities,
     make_program,
     server_resources,
     trim_inputs,
@@ -310,7 +312,8 @@ def test_missing_scope_for_one_type_is_named_before_any_write(tmp_path: Path, au
 def test_the_fhir_server_names_a_missing_scope_peersync_was_told_not_to_require(tmp_path: Path,
                                                                                 authenv: AuthEnv) -> None:
     """An operator who narrows required_scopes meets HAPI's 403 for one type: that type is parked (exit 76, "the
-    server refuses some types"), never written."""
+    server refuses some types"), never written; everything else lands, the CareTeam's CarePlan and what refers to
+    it included, and every stored reference resolves (none points at the CareTeam that is not there)."""
     program = program_for(tmp_path, authenv, enrollments=3)
     required = " ".join(s for s in authserver.SYNC_SCOPES if s != NARROW_MISSING)
     use_smart(program, "peersync-narrow", authenv.rs384, extra=f'required_scopes = "{required}"\n')
@@ -319,5 +322,12 @@ def test_the_fhir_server_names_a_missing_scope_peersync_was_told_not_to_require(
 
     assert result.returncode == 76, result.stderr[-3000:]
     assert "the server refuses writes of CareTeam (HTTP 403)" in result.stderr, result.stderr[-2500:]
-    types = Counter(kind for kind, _ in server_resources(program))
+    found = server_resources(program)
+    types = Counter(kind for kind, _ in found)
     assert "CareTeam" not in types
+    expected = expected_identities(program, REVIEW, frozenset({"CareTeam"}))
+    assert expected["CarePlan"] > 0 and expected["Goal"] > 0
+    for landed in ("CarePlan", "Goal", "Communication"):
+        assert types[landed] == expected[landed], f"{landed}: {types[landed]} on the server of {expected[landed]}"
+    assert not broken_references(program.base_url, [r for rs in found.values() for r in rs],
+                                 headers=program.headers)
