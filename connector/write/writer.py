@@ -463,15 +463,19 @@ class Writer:
             return
         if any(outcome.resources for outcome in outcomes.values()):
             self.limits.note_written()
-        refused = [incomplete.get(w.unit.unit_key, w) for w in units
-                   if (failure := outcomes[w.unit.unit_key].failure) is not None and failure.refused_types]
-        for types in {outcomes[w.unit.unit_key].failure.refused_types for w in refused}:  # type: ignore[union-attr]
+        refused_types = {o.failure.refused_types for o in outcomes.values() if o.failure and o.failure.refused_types}
+        for types in refused_types:
             self._log_refused(types)
+        # Sent again below: the units with a refused type (parked, or sent without its resources), and with them
+        # those that failed on a reference to a record of this request that did not land (now parked: a logical
+        # reference; or sent without its refused part: landed), rather than waiting for the deferred pass.
+        again = {w.unit.unit_key for w in units if (failure := outcomes[w.unit.unit_key].failure) is not None
+                 and (failure.refused_types or (refused_types and failure.unresolved_reference))}
         confirmed: list[ConfirmedUnit] = []
         for write in units:
             unit, outcome = write.unit, outcomes[write.unit.unit_key]
-            if outcome.failure is not None and outcome.failure.refused_types:
-                continue  # sent again below: parked, or sent without the refused type's resources
+            if unit.unit_key in again:
+                continue
             if outcome.failure is not None:
                 self._unit_failed(ledger, incomplete.get(unit.unit_key, write), outcome.failure, participant,
                                   deferred)
@@ -481,8 +485,8 @@ class Writer:
             else:
                 confirmed.append(self._confirmed(write, participant, patient_id, outcome.resources, outcome.statuses))
         ledger.record_confirmed_many(confirmed, run_id=RUN_ID.get())
-        if refused:
-            self._send(ledger, refused, **resend)  # parks the refused types' resources, sends the rest
+        if again:
+            self._send(ledger, reference_order([w for w in as_mapped if w.unit.unit_key in again]), **resend)
 
     def _confirmed(self, write: PendingWrite, participant: str | None, patient_id: str | None,
                    resources: list[tuple[str, str, str, str | None, str | None]], statuses: list[str]
