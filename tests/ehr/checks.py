@@ -52,8 +52,7 @@ def _references(node: Any) -> Iterator[str]:
             yield from _references(item)
 
 
-def broken_references(base_url: str, resources: Iterable[dict[str, Any]], *,
-                      headers: dict[str, str] | None = None) -> list[str]:
+def broken_references(base_url: str, resources: Iterable[dict[str, Any]]) -> list[str]:
     """``Type/id -> reference`` for each stored reference that does not resolve on the server (PHI-free: ids)."""
     literal: dict[str, set[str]] = defaultdict(set)  # type -> ids referenced
     holders: dict[str, list[str]] = defaultdict(list)  # "Type/id" referenced -> who holds the reference
@@ -70,17 +69,17 @@ def broken_references(base_url: str, resources: Iterable[dict[str, Any]], *,
             literal[parts[0]].add(parts[1])
             holders[reference].append(holder)
     for resource_type, ids in literal.items():
-        found = _existing_ids(base_url, resource_type, sorted(ids), headers or {})
+        found = _existing_ids(base_url, resource_type, sorted(ids))
         broken += [f"{holder} -> {resource_type}/{missing}" for missing in sorted(set(ids) - found)
                    for holder in holders[f"{resource_type}/{missing}"]]
     return broken
 
 
-def _existing_ids(base_url: str, resource_type: str, ids: list[str], headers: dict[str, str]) -> set[str]:
+def _existing_ids(base_url: str, resource_type: str, ids: list[str]) -> set[str]:
     found: set[str] = set()
     for start in range(0, len(ids), 50):
         chunk = ids[start:start + 50]
-        params = {"_id": ",".join(chunk), "_elements": "id", "_count": 100}
-        bundle = requests.get(f"{base_url}/{resource_type}", params=params, headers=headers, timeout=60).json()
+        bundle = requests.get(f"{base_url}/{resource_type}", params={"_id": ",".join(chunk), "_elements": "id",
+                                                                      "_count": 100}, timeout=60).json()
         found |= {e["resource"]["id"] for e in bundle.get("entry", []) if e.get("resource", {}).get("id")}
     return found
