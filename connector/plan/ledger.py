@@ -225,6 +225,9 @@ class ConfirmedUnit:
     patient_id: str | None
     resources: list[tuple[str, str, str, str | None, str | None]]
     detail: str
+    # SENT, or NOT_PERMITTED for a unit sent without the resources of a type the server refuses: its landed
+    # resources are known (referrers resolve them), and the whole unit is sent again once the type is permitted.
+    state: UnitState = UnitState.SENT
 
 
 class Ledger:
@@ -552,7 +555,9 @@ class Ledger:
         with self.transaction() as db:
             for unit in units:
                 self._upsert_unit(db, unit.unit_key, unit.kind, unit.participant, unit.unit_hash, unit.voided,
-                                  UnitState.SENT, unit.patient_id, unit.detail, run_id, reset_attempts=True)
+                                  unit.state, unit.patient_id, unit.detail, run_id, reset_attempts=True)
+                if unit.state is not UnitState.SENT:  # parked with this content (the plan's `parked` act)
+                    db.execute("UPDATE units SET attempt_hash=? WHERE unit_key=?", (unit.unit_hash, unit.unit_key))
                 db.executemany(
                     """INSERT INTO resources(resource_type,system,value,unit_key,server_id,version) VALUES(?,?,?,?,?,?)
                        ON CONFLICT(resource_type,system,value) DO UPDATE SET unit_key=excluded.unit_key,

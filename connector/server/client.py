@@ -407,7 +407,7 @@ class FhirClient:
             body = _json_or_none(response)
             outcome = summarize_outcome(body, keep_diagnostics=self.keep_diagnostics)
             error = FhirHttpError(method, _path_only(url, self.base_url), response.status_code, outcome,
-                                  signal_text=_outcome_messages(body), headers=_limit_headers(response))
+                                  signal_text=outcome_messages(body), headers=_limit_headers(response))
             if response.status_code in (401, 403) or error.action is Action.AUTH:
                 auth_error = (self.session.auth.unauthorized_error(response)  # type: ignore[union-attr]
                               if hasattr(self.session.auth, "unauthorized_error")
@@ -612,8 +612,9 @@ _READ_SIZE = 256 * 1024
 _LIMIT_HEADERS = ("retry-after", "x-ratelimit-remaining", "ratelimit-remaining", "x-rate-limit-remaining")
 
 
-def _outcome_messages(body: Any) -> str:
-    """An OperationOutcome's raw messages (diagnostics, details.text), capped: for phrase matching only."""
+def outcome_messages(body: Any) -> str:
+    """An OperationOutcome's raw messages (diagnostics, details.text), capped: for phrase matching only (never
+    log or store them: they may echo patient data)."""
     if not (isinstance(body, dict) and isinstance(body.get("issue"), list)):
         return ""
     texts = []

@@ -16,6 +16,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,8 @@ class Writer:
         self.limits = RunLimits(opts.max_bundle_entries)
         self.not_permitted: Counter[str] = Counter()  # units parked this run, per refused resource type
         self._parked: list[tuple[UnitWrite, str | None, str | None]] = []  # (unit, hash, participant) parked
+        self._partial: dict[str, list[str]] = {}  # unit key -> refused types left out of it (sent without them)
+        self._logged_refused: set[str] = set()  # refused types already logged in this run
         self.capabilities: Capabilities | None = None
 
     def write(self, staging: Staging, ledger: Ledger, *,
@@ -370,11 +373,11 @@ class Writer:
         except AuthError as exc:
             # A 403 may refuse one type (park it, write the rest) rather than every write (a missing scope: 77).
             if not isinstance(exc.http_error, FhirHttpError) or built is None \
-                    or not self._adapt(ledger, units, built, exc.http_error, resend):
+                    or not self._adapt(ledger, units, _bundle_types(built), exc.http_error, resend):
                 raise
             return
         except FhirHttpError as exc:
-            if built is not None and self._adapt(ledger, units, built, exc, resend):
+            if built is not None and self._adapt(ledger, units, _bundle_types(built), exc, resend):
                 return
             # The builder rewrote references in copies: the units are as mapped, ready to be sent again.
             self._after_failure(ledger, [incomplete.get(w.unit.unit_key, w) for w in units], exc, resolved,
@@ -470,18 +473,42 @@ class Writer:
                        patient: tuple[Identity, str] | None, participant: str | None,
                        patient_id: str | None, deferred: list[PendingWrite] | None) -> None:
         """Batch, single or update-as-create (:mod:`connector.write.stepwise`): record each unit's outcome."""
-        sender = StepwiseSender(self.client, self.choice.strategy, self.plan, self.opts.ctx)
+        sender = StepwiseSender(self.client, self.choice.strategy, self.plan, self.opts.ctx, limits=self.limits)
+        resend: dict[str, Any] = {"patient": patient, "participant": participant, "patient_id": patient_id,
+                                  "deferred": deferred}
+        as_mapped = [incomplete.get(w.unit.unit_key, w) for w in units]
         try:
             outcomes = sender.send(units, patient=patient, resolve=lambda identity: self._resolve(ledger, identity),
                                    known=self.known, recorded=self.clock())
-        except FhirHttpError as exc:
-            self._after_failure(ledger, [incomplete.get(w.unit.unit_key, w) for w in units], exc, {},
-                                patient=patient, participant=participant, patient_id=patient_id,
-                                deferred=deferred)
+        except AuthError as exc:
+            # A whole batch refused with 403: one type (park it, send the rest) or every write (77).
+            sent_types = {t for w in units for t in unit_types(w.unit.resources)} | {"Provenance"}
+            if not isinstance(exc.http_error, FhirHttpError) \
+                    or not self._adapt(ledger, as_mapped, sent_types, exc.http_error, resend):
+                raise
             return
+        except FhirHttpError as exc:
+            sent_types = {t for w in units for t in unit_types(w.unit.resources)} | {"Provenance"}
+            if self._adapt(ledger, as_mapped, sent_types, exc, resend):
+                return
+            self._after_failure(ledger, as_mapped, exc, {}, patient=patient, participant=participant,
+                                patient_id=patient_id, deferred=deferred)
+            return
+        if any(outcome.resources for outcome in outcomes.values()):
+            self.limits.note_written()
+        refused_types = {o.failure.refused_types for o in outcomes.values() if o.failure and o.failure.refused_types}
+        for types in refused_types:
+            self._log_refused(types)
+        # Sent again below: the units with a refused type (parked, or sent without its resources), and with them
+        # those that failed on a reference to a record of this request that did not land (now parked: a logical
+        # reference; or sent without its refused part: landed), rather than waiting for the deferred pass.
+        again = {w.unit.unit_key for w in units if (failure := outcomes[w.unit.unit_key].failure) is not None
+                 and (failure.refused_types or (refused_types and failure.unresolved_reference))}
         confirmed: list[ConfirmedUnit] = []
         for write in units:
             unit, outcome = write.unit, outcomes[write.unit.unit_key]
+            if unit.unit_key in again:
+                continue
             if outcome.failure is not None:
                 self._unit_failed(ledger, incomplete.get(unit.unit_key, write), outcome.failure, participant,
                                   deferred)
@@ -489,10 +516,41 @@ class Writer:
                 self._note_created(unit.unit_key, outcome.statuses)
                 self._complete_later(ledger, incomplete[unit.unit_key], participant, deferred)
             else:
-                confirmed.append(ConfirmedUnit(unit.unit_key, unit.kind, participant, write.unit_hash or "",
-                                               unit.voided, patient_id, outcome.resources, " ".join(outcome.statuses)))
-                self._count_written(unit, outcome.statuses)
+                confirmed.append(self._confirmed(write, participant, patient_id, outcome.resources, outcome.statuses))
         ledger.record_confirmed_many(confirmed, run_id=RUN_ID.get())
+        if again:
+            self._send(ledger, reference_order([w for w in as_mapped if w.unit.unit_key in again]), **resend)
+
+    def _confirmed(self, write: PendingWrite, participant: str | None, patient_id: str | None,
+                   resources: list[tuple[str, str, str, str | None, str | None]], statuses: list[str]
+                   ) -> ConfirmedUnit:
+        """A unit the server confirmed, counted: sent, or parked when it was sent without the resources of a
+        type the server refuses (its landed resources recorded, the whole unit sent again once permitted)."""
+        unit = write.unit
+        with self._counts_lock:
+            left_out = self._partial.get(unit.unit_key)
+        if left_out is None:
+            self._count_written(unit, statuses)
+            return ConfirmedUnit(unit.unit_key, unit.kind, participant, write.unit_hash or "", unit.voided,
+                                 patient_id, resources, " ".join(statuses))
+        self._count("not_permitted")
+        with self._counts_lock:
+            self.not_permitted.update(left_out)
+        reasons = "; ".join(f"{t}: {self.limits.refused.get(t, 'refused')}" for t in left_out)
+        return ConfirmedUnit(unit.unit_key, unit.kind, participant, write.unit_hash or "", unit.voided, patient_id,
+                             resources, f"sent without {', '.join(left_out)}, not permitted by the server: "
+                                        f"{reasons}"[:500], state=UnitState.NOT_PERMITTED)
+
+    def _log_refused(self, types: frozenset[str]) -> None:
+        """Once per type and run: the server refused a write of it (outside a transaction)."""
+        for resource_type in sorted(types):
+            with self._counts_lock:
+                if resource_type in self._logged_refused:
+                    continue
+                self._logged_refused.add(resource_type)
+            log.warning("the server refuses writes of %s (%s): those records are parked, the others go on",
+                        resource_type, self.limits.refused.get(resource_type, "refused"),
+                        extra={"event": "type-not-permitted", "resource_type": resource_type})
 
     def _note_created(self, unit_key: str, codes: list[str]) -> None:
         """A unit created by its first, incomplete write: its completion still counts as created."""
@@ -527,11 +585,11 @@ class Writer:
         log.warning("record %s: %s", state, failure.reason,
                     extra={"event": state, "key": opaque_key(unit.unit_key), "kind": unit.kind})
 
-    def _adapt(self, ledger: Ledger, units: list[PendingWrite], built: BuiltBundle, exc: FhirHttpError,
+    def _adapt(self, ledger: Ledger, units: list[PendingWrite], sent_types: set[str], exc: FhirHttpError,
                resend: dict[str, Any]) -> bool:
         """Handle a refusal that is the server's limit or permission, not the records' fault: True when handled
-        (smaller bundles, parked types, or the run stops as throttled); False: the caller goes on as before."""
-        sent_types = {entry["resource"]["resourceType"] for entry in built.bundle["entry"]}
+        (smaller bundles, parked types, or the run stops as throttled); False: the caller goes on as before.
+        ``sent_types``: the resource types the refused request carried (its Provenance included)."""
         failure = classify_failure(exc.status, issue_codes=[i["code"] for i in exc.outcome.issues],
                                    text=exc.signal_text, headers=exc.headers, sent_types=sent_types)
         if failure.kind is FailureKind.RATE_LIMIT:
@@ -595,16 +653,27 @@ class Writer:
             self.pending_reasons[reason] += 1
 
     def _park_refused(self, ledger: Ledger, units: list[PendingWrite], participant: str | None) -> list[PendingWrite]:
-        """Park the units with a type the server does not accept (no request); returns the others."""
+        """Park what the server does not accept (no request) and return what to send. A unit all of whose types
+        are refused is parked; a unit with some refused types is sent without those resources (recorded as
+        parked once the rest lands: :meth:`_confirmed`). References to refused types become logical ones
+        (``Reference.identifier``): never a reference to something the server does not have."""
         if not self.limits.refused:
             return units
+        parked = frozenset(self.limits.refused)
         others: list[PendingWrite] = []
         for w in units:
-            refused = self.limits.refused_of(unit_types(w.unit.resources))
-            if not refused:
-                others.append(w)
+            types = unit_types(w.unit.resources)
+            refused = self.limits.refused_of(types)
+            with self._counts_lock:
+                left_out = self._partial.get(w.unit.unit_key, [])  # refused earlier, already stripped from it
+            if refused and set(types) <= set(refused):
+                self._park(ledger, w.unit, w.unit_hash, participant, sorted(set(refused) | set(left_out)))
                 continue
-            self._park(ledger, w.unit, w.unit_hash, participant, refused)
+            if refused:
+                with self._counts_lock:
+                    self._partial[w.unit.unit_key] = sorted(set(refused) | set(left_out))
+            kept = [logical_references(r, parked) for r in w.unit.resources if r["resourceType"] not in parked]
+            others.append(replace(w, unit=replace(w.unit, resources=kept)))
         return others
 
     def _park(self, ledger: Ledger, unit: UnitWrite, unit_hash: str | None, participant: str | None,
@@ -696,8 +765,8 @@ class Writer:
             for w in units:
                 unproven.setdefault(w.unit.unit_key, f"Provenance: {provenance.reason or 'not confirmed'}")
         ledger.record_confirmed_many(
-            [ConfirmedUnit(w.unit.unit_key, w.unit.kind, participant, w.unit_hash or "", w.unit.voided, patient_id,
-                           confirmed.get(w.unit.unit_key, []), " ".join(statuses.get(w.unit.unit_key, [])))
+            [self._confirmed(w, participant, patient_id, confirmed.get(w.unit.unit_key, []),
+                             statuses.get(w.unit.unit_key, []))
              for w in units if w.unit.unit_key not in unproven and w.unit.unit_key not in incomplete],
             run_id=RUN_ID.get())
         for w in units:
@@ -708,8 +777,6 @@ class Writer:
                 continue
             if unit.unit_key in unproven:
                 self._leave_unconfirmed(ledger, unit, w.unit_hash, participant, unproven[unit.unit_key])
-                continue
-            self._count_written(unit, statuses.get(unit.unit_key, []))
         log.debug("transaction answered: %d record(s), %d of %d entries confirmed (HTTP %s)", len(units),
                   sum(v.confirmed for v in verdicts), len(verdicts),
                   " ".join(f"{code or '-'}x{n}" for code, n in sorted(Counter(v.status for v in verdicts).items())),
@@ -878,6 +945,10 @@ class Writer:
 
 # Every type peersync writes, Provenance included (the per-type permissions cover them all).
 WRITTEN_TYPES = UPDATED_TYPES | {"Provenance"}
+
+
+def _bundle_types(built: BuiltBundle) -> set[str]:
+    return {entry["resource"]["resourceType"] for entry in built.bundle["entry"]}
 
 
 def read_capabilities(client: FhirClient) -> Capabilities | None:

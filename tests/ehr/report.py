@@ -13,7 +13,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[2] / ".peersync" / "ehr-restrictions"
 ORDER = ("unrestricted", "batch-only", "no-conditional-update", "no-conditional-references",
-         "only-communication-provenance", "max-8-entries", "max-8-entries-unstated", "rate-limit")
+         "only-communication-provenance", "max-8-entries", "max-8-entries-unstated", "rate-limit",
+         "careteam-refused", *(f"{mode}-{strategy}" for strategy in ("batch", "single")
+                               for mode in ("only-communication-provenance", "max-8-entries", "careteam-refused")))
 
 
 def _cell(run: dict) -> str:

@@ -16,9 +16,10 @@ mode                            what the proxy does
 ``no-conditional-references``   a write whose resource holds a conditional reference (``Type?identifier=...``)
                                 is refused (400 ``not-supported``). Metadata: ``referencePolicy`` literal,
                                 enforced, local (R4 has no element saying "resolves conditional references").
-``only-communication-           writes of any type other than Communication and Provenance are refused (403
-provenance``                    ``forbidden``, naming the type). Metadata: the other types keep only read/search
-                                interactions, no conditional create/update.
+``only-communication-           writes of any type other than Communication and Provenance (or ``writable_types``)
+provenance``                    are refused (403 ``forbidden``, naming the type). Metadata: the other types keep
+                                only read/search interactions, no conditional create/update (unchanged with
+                                ``refusal_stated=False``: only the 403s tell).
 ``max-8-entries``               a batch or transaction Bundle with more than ``max_entries`` entries is refused
                                 (400 ``too-costly``, "too many entries ... at most 8"; with ``limit_stated=False``
                                 Medplum's 400 "Transaction requires strict isolation but has too many entries",
@@ -74,6 +75,9 @@ class Restriction:
     writable_types: frozenset[str] = frozenset({"Communication", "Provenance"})  # only-communication-provenance
     transaction_status: int = 400  # batch-only: 400 (most servers) or 405
     limit_stated: bool = True  # max-8-entries: the message states the limit; False: Medplum's, which does not
+    # only-communication-provenance: the CapabilityStatement says which types are read-only; False: it lists
+    # them as writable and only the 403s tell (peersync must learn it from the answers)
+    refusal_stated: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in (*MODES, UNRESTRICTED):
@@ -160,7 +164,7 @@ def rewrite_capabilities(restriction: Restriction, statement: dict[str, Any]) ->
                 resource["conditionalUpdate"] = False
             elif restriction.mode == "no-conditional-references":
                 resource["referencePolicy"] = ["literal", "enforced", "local"]
-            elif restriction.mode == "only-communication-provenance" \
+            elif restriction.mode == "only-communication-provenance" and restriction.refusal_stated \
                     and resource.get("type") not in restriction.writable_types:
                 resource["interaction"] = [i for i in resource.get("interaction") or []
                                            if i.get("code") in _READ_ONLY]

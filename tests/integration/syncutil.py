@@ -195,8 +195,8 @@ def server_resources(program: Program) -> dict[tuple[str, str], list[dict[str, A
 
 def expected_identities(program: Program, exclude_participants: set[str],
                         refused_types: frozenset[str] = frozenset()) -> Counter[str]:
-    """Resource counts per type that a clean sync of the program's current inputs must leave on the server. A
-    unit with a resource of ``refused_types`` is parked whole (none of its resources lands)."""
+    """Resource counts per type that a clean sync of the program's current inputs must leave on the server. The
+    resources of ``refused_types`` are parked; the other resources of their units land (docs/ehr-restrictions.md)."""
     settings = program.settings()
     opts = sync_options(settings)
     counts: Counter[str] = Counter()
@@ -206,16 +206,15 @@ def expected_identities(program: Program, exclude_participants: set[str],
         for kind, key in [("program", opts.ctx.program_id)] + [("supporter", s) for s in _keys(staging, "supporter")] \
                 + [("cbo", c) for c in _cbo_ids(staging)]:
             unit = map_global_unit(staging, kind, key, opts.ctx)
-            if unit and not {r["resourceType"] for r in unit.resources} & refused_types:
-                counts.update(r["resourceType"] for r in unit.resources)
+            if unit:
+                counts.update(r["resourceType"] for r in unit.resources if r["resourceType"] not in refused_types)
         for participant in staging.participants():
             if participant in exclude_participants:
                 continue
             units = [(k, key) for k in ("enrollment", "goal", "contact", "planned_contact", "referral")
                      for key in (_keys(staging, k, participant) if k != "enrollment" else [participant])]
             for unit in map_participant_units(staging, participant, units, opts.ctx):
-                if not {r["resourceType"] for r in unit.resources} & refused_types:
-                    counts.update(r["resourceType"] for r in unit.resources)
+                counts.update(r["resourceType"] for r in unit.resources if r["resourceType"] not in refused_types)
     (program.root / "expected.sqlite").unlink()
     return counts
 

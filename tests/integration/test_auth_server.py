@@ -14,7 +14,9 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import authserver
 import pytest
@@ -31,6 +33,7 @@ from .syncutil import (
     assert_clean_state,
     demo_enrollments,
     demo_summary,
+    expected_identities,
     make_program,
     server_resources,
     trim_inputs,
@@ -77,6 +80,32 @@ def set_auth(program: Program, auth_section: str) -> None:
 
 def sync(program: Program) -> subprocess.CompletedProcess[str]:
     return peersync("sync", "--config", str(program.config))
+
+
+def unresolved_references(program: Program, resources: list[dict[str, Any]]) -> list[str]:
+    """``Type/id -> reference`` for each stored reference that is not a literal one, or that the server (read
+    with the harness's admin token) does not have."""
+    def reference_strings(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "reference" and isinstance(value, str):
+                    yield value
+                else:
+                    yield from reference_strings(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from reference_strings(item)
+
+    stored = {f"{r['resourceType']}/{r['id']}" for r in resources}
+    broken: list[str] = []
+    for resource in resources:
+        for reference in reference_strings(resource):
+            if reference.startswith("#") or reference in stored:
+                continue
+            if "?" in reference or reference.count("/") != 1 or requests.get(
+                    f"{program.base_url}/{reference}", headers=program.headers, timeout=60).status_code != 200:
+                broken.append(f"{resource['resourceType']}/{resource['id']} -> {reference.split('?')[0]}")
+    return broken
 
 
 def versions_per_identifier(program: Program) -> Counter[str]:
@@ -310,7 +339,8 @@ def test_missing_scope_for_one_type_is_named_before_any_write(tmp_path: Path, au
 def test_the_fhir_server_names_a_missing_scope_peersync_was_told_not_to_require(tmp_path: Path,
                                                                                 authenv: AuthEnv) -> None:
     """An operator who narrows required_scopes meets HAPI's 403 for one type: that type is parked (exit 76, "the
-    server refuses some types"), never written."""
+    server refuses some types"), never written; everything else lands, the CareTeam's CarePlan and what refers to
+    it included, and every stored reference resolves (none points at the CareTeam that is not there)."""
     program = program_for(tmp_path, authenv, enrollments=3)
     required = " ".join(s for s in authserver.SYNC_SCOPES if s != NARROW_MISSING)
     use_smart(program, "peersync-narrow", authenv.rs384, extra=f'required_scopes = "{required}"\n')
@@ -319,5 +349,11 @@ def test_the_fhir_server_names_a_missing_scope_peersync_was_told_not_to_require(
 
     assert result.returncode == 76, result.stderr[-3000:]
     assert "the server refuses writes of CareTeam (HTTP 403)" in result.stderr, result.stderr[-2500:]
-    types = Counter(kind for kind, _ in server_resources(program))
+    found = server_resources(program)
+    types = Counter(kind for kind, _ in found)
     assert "CareTeam" not in types
+    expected = expected_identities(program, REVIEW, frozenset({"CareTeam"}))
+    assert expected["CarePlan"] > 0 and expected["Goal"] > 0
+    for landed in ("CarePlan", "Goal", "Communication"):
+        assert types[landed] == expected[landed], f"{landed}: {types[landed]} on the server of {expected[landed]}"
+    assert not unresolved_references(program, [r for rs in found.values() for r in rs])

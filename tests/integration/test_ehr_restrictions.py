@@ -45,6 +45,7 @@ CONCURRENCY = 4  # relutil's default [sync] concurrency
 RESULTS = Path(__file__).resolve().parents[2] / ".peersync" / "ehr-restrictions"
 # Clinical-note mode is off here: DocumentReference is neither written nor reported as refused.
 WRITTEN_TYPES = frozenset(t for t, _, _ in PROGRAM_RESOURCES) - {"DocumentReference"}
+ALL_BUT_CARETEAM = (WRITTEN_TYPES - {"CareTeam"}) | {"Provenance"}
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,24 @@ CASES = {
     # Medplum's refusal names no number: the size must be found by lowering it
     "max-8-entries-unstated": Case(Restriction("max-8-entries", limit_stated=False)),
     "rate-limit": Case(Restriction("rate-limit", rate_every=4)),
+    # One type of a two-type record refused (the enrollment's CareTeam, not its CarePlan): the CarePlan, the
+    # Goals, requests and contacts referring to it still land
+    "careteam-refused": Case(Restriction("only-communication-provenance", writable_types=ALL_BUT_CARETEAM),
+                             exit_code=76, refused_types=frozenset({"CareTeam"})),
 }
+# The same restrictions with the write strategy forced outside a transaction: refused types are learnt from the
+# 403s (the CapabilityStatement does not say), the bundle limit from the batch's refusal.
+for _strategy in ("batch", "single"):
+    CASES[f"only-communication-provenance-{_strategy}"] = Case(
+        Restriction("only-communication-provenance", refusal_stated=False), exit_code=76,
+        refused_types=WRITTEN_TYPES - {"Communication", "Provenance"},
+        settings={"server": {"write_strategy": _strategy}})
+    CASES[f"max-8-entries-{_strategy}"] = Case(Restriction("max-8-entries"),
+                                               settings={"server": {"write_strategy": _strategy}})
+    CASES[f"careteam-refused-{_strategy}"] = Case(
+        Restriction("only-communication-provenance", writable_types=ALL_BUT_CARETEAM,
+                    refusal_stated=False),
+        exit_code=76, refused_types=frozenset({"CareTeam"}), settings={"server": {"write_strategy": _strategy}})
 
 
 def _program(tmp_path: Path, fhir_base_url: str, proxy: RestrictionProxy, case: Case) -> RelProgram:
@@ -187,7 +205,7 @@ def test_three_runs_behind_a_restricted_server(mode: str, tmp_path: Path, fhir_b
             _check_parked(rel, case)
             if run == "again":
                 assert stats[run].writes == 0, f"an unchanged re-sync sent writes: {stats[run].as_dict()}"
-            if mode == "max-8-entries":
+            if case.restriction.mode == "max-8-entries" and case.restriction.limit_stated:
                 # A limit adapts the bundle size for the rest of the run (the message states the limit): at most
                 # the bundles already in flight are refused (one per writer thread, plus the global units'),
                 # never one per bisected half.
@@ -201,5 +219,9 @@ def test_three_runs_behind_a_restricted_server(mode: str, tmp_path: Path, fhir_b
         assert not again.refused, again.as_dict()
     if mode == "rate-limit":
         assert first.refused["rate-limited"] > 0  # the restriction was exercised
+    if case.refused_types and not case.restriction.refusal_stated:
+        assert first.refused, "the 403s were not exercised"
+    if case.settings.get("server", {}).get("write_strategy") in ("batch", "single"):
+        assert first.requests[("POST", "transaction")] == 0, "a transaction sent with the strategy forced"
     if mode == "batch-only":
         assert first.requests[("POST", "transaction")] == 0, "transactions sent to a batch-only server"
