@@ -27,7 +27,6 @@ import orjson
 import requests
 
 from connector.identifiers import parse_conditional_reference, token_query
-from connector.map import change_set_author
 from connector.map._util import compact
 from connector.map.units import (
     iter_planned_units,
@@ -146,7 +145,7 @@ def prebuild_bundles(program: BenchProgram) -> tuple[list[bytes], int]:
             Ledger(Path(tmp) / "empty-ledger.sqlite") as empty:
         compute_plan(staging, empty, program_id=ctx.program_id, fingerprint=program_fingerprint(ctx))
         global_units = map_planned_global_units(staging, units_to_write(staging, None), ctx)
-        built = build_change_set(global_units, ctx=ctx, patient=None, resolve=lambda _identity: None, author=None,
+        built = build_change_set(global_units, ctx=ctx, patient=None, resolve=lambda _identity: None,
                                  recorded=recorded)
         response = requests.post(program.setup_url, data=orjson.dumps(built.bundle), headers=HEADERS, timeout=600)
         response.raise_for_status()
@@ -163,9 +162,8 @@ def prebuild_bundles(program: BenchProgram) -> tuple[list[bytes], int]:
                 continue  # no Patient or two: peersync sends this participant to review and writes nothing
             mrn_system = enrollment.mrn_system or program.mrn_system
             patient = (("Patient", mrn_system, enrollment.mrn), f"Patient/{patient_id}")
-            author = change_set_author(enrollment, ctx)
             for chunk in chunk_writes(iter_planned_units(staging, participant, planned, ctx), opts.max_bundle_entries):
-                bundle = build_change_set(chunk, ctx=ctx, patient=patient, resolve=ledger.resolve, author=author,
+                bundle = build_change_set(chunk, ctx=ctx, patient=patient, resolve=ledger.resolve,
                                           recorded=recorded)
                 bodies.append(orjson.dumps(bundle.bundle))
                 resources += len(bundle.entries)
