@@ -244,7 +244,7 @@ def test_types_the_statement_declares_read_only_are_parked_without_a_request(rsp
     assert summary.exit_code == ExitCode.SERVER_REFUSES_TYPES
     assert summary.not_permitted == {"CarePlan": 2}  # CareTeam is parked with its CarePlan (one record)
     assert not any("CarePlan" in types_of(b) for b in sent_transactions(rsps))
-    assert len(sent_transactions(rsps)) == 3
+    assert len(sent_transactions(rsps)) == 2  # program-wide; E1's and E2's small change-sets in one
 
 
 def test_a_403_for_every_write_is_an_auth_failure_and_parks_nothing(rsps: responses.RequestsMock,
