@@ -29,9 +29,21 @@ from connector.write.decisions import Strategy
 SMALL_CHANGE_SET_ENTRIES = 8
 
 
+# A shared request carries at most this many entries. HAPI works through one transaction on one thread: a few
+# requests of this size keep the run's worker threads' requests in parallel, where one large request would not,
+# and about ten entries already spread the cost of a request (a first sync's 9-entry bundles reach the server's
+# own rate, docs/benchmarks.md).
+SHARED_REQUEST_ENTRIES = 20
+
+
 def request_capacity(max_entries: int) -> int:
     """Entries one request may carry: ``max_entries`` resources and a Provenance, as a participant's chunk."""
     return max_entries + 1
+
+
+def shared_capacity(max_entries: int) -> int:
+    """Entries one shared request carries: :data:`SHARED_REQUEST_ENTRIES`, less under a smaller bundle limit."""
+    return min(request_capacity(max_entries), SHARED_REQUEST_ENTRIES)
 
 
 def coalesces(strategy: Strategy, entries: int, capacity: int) -> bool:

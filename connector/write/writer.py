@@ -46,8 +46,8 @@ from connector.write.coalesce import (
     Coalescer,
     Parcel,
     coalesces,
-    request_capacity,
     requests_of,
+    shared_capacity,
     shared_transaction,
     split_confirmation,
 )
@@ -125,7 +125,7 @@ class Writer:
         self._write_global_units(staging, ledger)
         self._staging_path = staging.path
         if self.choice.strategy is Strategy.TRANSACTION:
-            self._coalescer = Coalescer(request_capacity(self.limits.max_entries))
+            self._coalescer = Coalescer(shared_capacity(self.limits.max_entries))
         participants = participants_to_write(staging)
         self._patients = prefetch_for(self.client, staging, participants, self.opts.ctx.mrn_system)
         done = 0
@@ -384,7 +384,7 @@ class Writer:
                            deferred=deferred)
             return False
         if after is not None and self._coalescer is not None and coalesces(
-                self.choice.strategy, len(built.bundle["entry"]), request_capacity(self.limits.max_entries)):
+                self.choice.strategy, len(built.bundle["entry"]), shared_capacity(self.limits.max_entries)):
             full = self._coalescer.add(Parcel(units, built, resend, resolved, incomplete, after))
             self._flush(ledger, full)
             return True
@@ -419,7 +419,7 @@ class Writer:
 
     def _flush(self, ledger: Ledger, parcels: list[Parcel]) -> None:
         """Send queued change-sets, as many to a request as the limit in force allows."""
-        for group in requests_of(parcels, request_capacity(self.limits.max_entries)):
+        for group in requests_of(parcels, shared_capacity(self.limits.max_entries)):
             self._send_shared(ledger, group)
 
     def _send_shared(self, ledger: Ledger, parcels: list[Parcel]) -> None:
@@ -499,7 +499,7 @@ class Writer:
         log.warning("server limit: bundle of %d entries refused (HTTP %s); bundles of at most %d entries for the "
                     "rest of the run", len(bundle["entry"]), exc.status, lowered + 1,
                     extra={"event": "server-limit-adapted", "status": exc.status, "max_entries": lowered + 1})
-        return request_capacity(lowered) < len(bundle["entry"])
+        return shared_capacity(lowered) < len(bundle["entry"])
 
     def _in_parcel(self, ledger: Ledger, parcel: Parcel, work: Callable[[], None]) -> None:
         """Do a queued change-set's work, then its participant's remaining work, as that participant's own."""

@@ -8,12 +8,14 @@ import pytest
 
 from connector.write.bundle import BuiltBundle, PendingWrite, UnitWrite
 from connector.write.coalesce import (
+    SHARED_REQUEST_ENTRIES,
     SMALL_CHANGE_SET_ENTRIES,
     Coalescer,
     Parcel,
     coalesces,
     request_capacity,
     requests_of,
+    shared_capacity,
     shared_transaction,
     split_confirmation,
 )
@@ -54,6 +56,11 @@ def test_only_small_transaction_change_sets_coalesce(strategy: Strategy, entries
 
 def test_a_request_carries_the_resources_of_one_chunk_and_a_provenance() -> None:
     assert request_capacity(100) == 101 and request_capacity(7) == 8
+
+
+def test_shared_requests_stay_small_enough_to_go_in_parallel_and_within_the_limit() -> None:
+    assert shared_capacity(100) == SHARED_REQUEST_ENTRIES  # several requests, the worker threads' in parallel
+    assert shared_capacity(7) == 8  # a server limit of 8 entries (learnt or configured)
 
 
 def test_the_coalescer_hands_over_a_request_when_the_next_change_set_would_not_fit() -> None:
