@@ -162,10 +162,11 @@ class Writer:
             self._guarded(lambda: own, ledger, participant, lambda: self._participant(own, ledger, participant))
 
     def _guarded(self, staging: Callable[[], Staging], ledger: Ledger, participant: str,
-                 work: Callable[[], None]) -> None:
+                 work: Callable[[], None], *, answered: bool = False) -> None:
         """Do a participant's work; when the server is down or answers unexpectedly, its records stay pending
-        and the other participants go on. ``staging`` opens staging when needed (to list the records)."""
-        if self._server_down.is_set():
+        and the other participants go on. ``staging`` opens staging when needed (to list the records);
+        ``answered``: the work records an answer already received, which a server down since does not undo."""
+        if self._server_down.is_set() and not answered:
             self._mark_all(staging(), ledger, participant, UnitState.PENDING, "not attempted: server unavailable")
             return
         try:
@@ -462,7 +463,7 @@ class Writer:
                 self._record_success(ledger, parcel.units, parcel.built, answer, parcel.resend["participant"],
                                      parcel.resend["patient_id"], parcel.incomplete, parcel.resend["deferred"],
                                      confirmation=own)
-            self._in_parcel(ledger, parcel, record)
+            self._in_parcel(ledger, parcel, record, answered=True)
 
     def _each_alone(self, ledger: Ledger, parcels: list[Parcel]) -> None:
         for parcel in parcels:
@@ -501,7 +502,7 @@ class Writer:
                     extra={"event": "server-limit-adapted", "status": exc.status, "max_entries": lowered + 1})
         return shared_capacity(lowered) < len(bundle["entry"])
 
-    def _in_parcel(self, ledger: Ledger, parcel: Parcel, work: Callable[[], None]) -> None:
+    def _in_parcel(self, ledger: Ledger, parcel: Parcel, work: Callable[[], None], *, answered: bool = False) -> None:
         """Do a queued change-set's work, then its participant's remaining work, as that participant's own."""
         def work_then_after() -> None:
             work()
@@ -510,7 +511,7 @@ class Writer:
             def staging() -> Staging:
                 assert self._staging_path is not None
                 return stack.enter_context(Staging(self._staging_path, create=False))
-            self._guarded(staging, ledger, parcel.resend["participant"], work_then_after)
+            self._guarded(staging, ledger, parcel.resend["participant"], work_then_after, answered=answered)
 
     def _after_failure(self, ledger: Ledger, units: list[PendingWrite], exc: FhirHttpError,
                        resolved: dict[Identity, str | None], *, patient: tuple[Identity, str] | None,
