@@ -16,8 +16,10 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from connector.errors import (
@@ -42,6 +44,15 @@ from connector.server.capabilities import Capabilities
 from connector.server.client import Action, FhirClient, FhirHttpError, HttpAnswer, summarize_outcome
 from connector.write.bundle import BuiltBundle, Identity, PendingWrite, UnitWrite, identity_of
 from connector.write.changeset import STATUS_ELEMENT, build_change_set, void_bundle
+from connector.write.coalesce import (
+    Coalescer,
+    Parcel,
+    coalesces,
+    requests_of,
+    shared_capacity,
+    shared_transaction,
+    split_confirmation,
+)
 from connector.write.confirm import Confirmation, confirm_single, confirm_writes
 from connector.write.decisions import (
     CONDITIONAL_EVERYWHERE,
@@ -106,6 +117,8 @@ class Writer:
         self._partial: dict[str, list[str]] = {}  # unit key -> refused types left out of it (sent without them)
         self._logged_refused: set[str] = set()  # refused types already logged in this run
         self.capabilities: Capabilities | None = None
+        self._coalescer: Coalescer | None = None  # small change-sets waiting to share a transaction
+        self._staging_path: Path | str | None = None  # for a shared request's participants
 
     def write(self, staging: Staging, ledger: Ledger, *,
               on_progress: Callable[[int, int], None] | None = None) -> None:
@@ -114,6 +127,9 @@ class Writer:
         ledger.set_meta("write_strategy", f"{self.choice.strategy} ({self.choice.reason})")  # `peersync plan` shows it
         fingerprint = self._seed_permissions(ledger)
         self._write_global_units(staging, ledger)
+        self._staging_path = staging.path
+        if self.choice.strategy is Strategy.TRANSACTION:
+            self._coalescer = Coalescer(shared_capacity(self.limits.max_entries))
         participants = participants_to_write(staging)
         self._patients = prefetch_for(self.client, staging, participants, self.opts.ctx.mrn_system)
         done = 0
@@ -128,6 +144,8 @@ class Writer:
                     done += 1
                     if on_progress:
                         on_progress(done, len(participants))
+            if self._coalescer is not None:
+                self._flush(ledger, self._coalescer.drain())  # the last, partly filled shared request
         finally:
             if self._patients is not None:
                 self._patients.close()
@@ -145,24 +163,31 @@ class Writer:
         RUN_ID.set(run_id)  # worker threads carry the run id in their log lines
         # SQLite connections are per thread: each worker reads staging through its own connection.
         with Staging(staging.path, create=False) as own:
-            if self._server_down.is_set():
-                self._mark_all(own, ledger, participant, UnitState.PENDING, "not attempted: server unavailable")
-                return
-            try:
-                self._participant(own, ledger, participant)
-            except ServerUnavailableError as exc:
-                if not self._server_down.is_set():
-                    self._down_reason = str(exc)
-                self._server_down.set()
-                log.warning("server unavailable: %s", exc, extra={"event": "server-unavailable"})
-                self._mark_all(own, ledger, participant, UnitState.PENDING, f"server unavailable: {exc}"[:300])
-            except FhirHttpError as exc:
-                # An answer the write path does not expect (e.g. a read that fails while voiding): this
-                # participant's records stay pending for the next run; the other participants go on.
-                log.warning("participant left pending: HTTP %s on %s", exc.status, exc.path,
-                            extra={"event": "pending", "participant_key": opaque_key(participant),
-                                   "status": exc.status})
-                self._mark_all(own, ledger, participant, UnitState.PENDING, f"HTTP {exc.status} on {exc.path}")
+            self._guarded(lambda: own, ledger, participant, lambda: self._participant(own, ledger, participant))
+
+    def _guarded(self, staging: Callable[[], Staging], ledger: Ledger, participant: str,
+                 work: Callable[[], None], *, answered: bool = False) -> None:
+        """Do a participant's work; when the server is down or answers unexpectedly, its records stay pending
+        and the other participants go on. ``staging`` opens staging when needed (to list the records);
+        ``answered``: the work records an answer already received, which a server down since does not undo."""
+        if self._server_down.is_set() and not answered:
+            self._mark_all(staging(), ledger, participant, UnitState.PENDING, "not attempted: server unavailable")
+            return
+        try:
+            work()
+        except ServerUnavailableError as exc:
+            if not self._server_down.is_set():
+                self._down_reason = str(exc)
+            self._server_down.set()
+            log.warning("server unavailable: %s", exc, extra={"event": "server-unavailable"})
+            self._mark_all(staging(), ledger, participant, UnitState.PENDING, f"server unavailable: {exc}"[:300])
+        except FhirHttpError as exc:
+            # An answer the write path does not expect (e.g. a read that fails while voiding): this
+            # participant's records stay pending for the next run; the other participants go on.
+            log.warning("participant left pending: HTTP %s on %s", exc.status, exc.path,
+                        extra={"event": "pending", "participant_key": opaque_key(participant),
+                               "status": exc.status})
+            self._mark_all(staging(), ledger, participant, UnitState.PENDING, f"HTTP {exc.status} on {exc.path}")
 
     # -- capabilities ----------------------------------------------------------------------------------
 
@@ -224,13 +249,20 @@ class Writer:
         deletes = [u for u in planned if u.action is Act.DELETE]
         writes = [u for u in planned if u.action is not Act.DELETE]
         enrollment = staging.record(RecordKind.ENROLLMENT, participant)
-        if writes and isinstance(enrollment, Enrollment):
-            self._write_participant(staging, ledger, enrollment, writes)
-        for unit in deletes:
-            self._void_remote(ledger, unit.unit_key, unit.kind, participant)
+
+        def voids() -> None:
+            for unit in deletes:
+                self._void_remote(ledger, unit.unit_key, unit.kind, participant)
+
+        if writes and isinstance(enrollment, Enrollment) and \
+                self._write_participant(staging, ledger, enrollment, writes, after=voids):
+            return  # its change-set waits to share a request: the voids follow once it is recorded
+        voids()
 
     def _write_participant(self, staging: Staging, ledger: Ledger, enrollment: Enrollment,
-                           planned: list[PlannedUnit]) -> None:
+                           planned: list[PlannedUnit], after: Callable[[], None] = lambda: None) -> bool:
+        """Write a participant's units; True when its change-set was queued to share a request with others'
+        (then ``after`` runs once it is recorded; otherwise the caller runs it)."""
         participant = enrollment.enrollment_id
         mrn_system = enrollment.mrn_system or self.opts.ctx.mrn_system
         patient_id, reason, detail = self._resolve_patient(mrn_system, enrollment.mrn)
@@ -249,25 +281,37 @@ class Writer:
                 self._count("in_review")
             log.warning("participant sent to review: %s", reason,
                         extra={"event": "review", "participant_key": opaque_key(participant), "code": reason})
-            return
+            return False
         # Targets before referrers (a CarePlan before the requests based on it): no chunk, and no half of a
         # rejected chunk, then sends a reference to something not yet written.
         ordered = reference_order(list(iter_planned_units(staging, participant, planned, self.opts.ctx)))
         if self._wait_for_directory(ledger, ordered, participant, whole=True):
-            return
+            return False
         self._retire_moved_units(ledger, [u.unit_key for u in planned], patient_id)
         patient_identity: Identity = ("Patient", mrn_system, enrollment.mrn)
         patient = (patient_identity, f"Patient/{patient_id}")
         deferred: list[PendingWrite] = []
-        for chunk in chunk_writes(ordered, self.limits.max_entries):
-            self._send(ledger, chunk, patient=patient, participant=participant,
-                       patient_id=patient_id, deferred=deferred)
-        # Units that failed on a reference to something not yet written, and units sent without a deferrable
-        # reference (a CarePlan's activities, written after it): now everything else has landed, once more, in
-        # bundles the server takes.
-        for chunk in chunk_writes(reference_order(deferred), self.limits.max_entries):
-            self._send(ledger, chunk, patient=patient, participant=participant,
-                       patient_id=patient_id, deferred=None)
+        chunks = list(chunk_writes(ordered, self.limits.max_entries))
+
+        def second_pass() -> None:
+            # Units that failed on a reference to something not yet written, and units sent without a deferrable
+            # reference (a CarePlan's activities, written after it): now everything else has landed, once more,
+            # in bundles the server takes.
+            for chunk in chunk_writes(reference_order(deferred), self.limits.max_entries):
+                self._send(ledger, chunk, patient=patient, participant=participant,
+                           patient_id=patient_id, deferred=None)
+
+        def then() -> None:
+            second_pass()
+            after()
+
+        for chunk in chunks:
+            # only a change-set of one chunk may wait to share a request (a small one: connector.write.coalesce)
+            if self._send(ledger, chunk, patient=patient, participant=participant, patient_id=patient_id,
+                          deferred=deferred, after=then if len(chunks) == 1 else None):
+                return True
+        second_pass()
+        return False
 
     def _wait_for_directory(self, ledger: Ledger, units: list[PendingWrite], participant: str | None, *,
                             whole: bool) -> bool:
@@ -333,42 +377,63 @@ class Writer:
 
     def _send(self, ledger: Ledger, units: list[PendingWrite], *,
               patient: tuple[Identity, str] | None, participant: str | None,
-              patient_id: str | None = None, deferred: list[PendingWrite] | None = None) -> None:
+              patient_id: str | None = None, deferred: list[PendingWrite] | None = None,
+              after: Callable[[], None] | None = None) -> bool:
         """Send units as one request of the run's strategy (a transaction, or batches or single requests in
         reference order); on a content error, split until the bad units are isolated.
 
         A single unit that fails only on an unresolved reference is appended to ``deferred`` (when given)
         instead of being quarantined: its target may land later in the same run. So is a unit sent without a
         deferrable reference whose target is not written yet (see :meth:`_complete_later`).
+
+        With ``after``, a small transaction change-set is queued to share a request with other participants'
+        (:mod:`connector.write.coalesce`); True then, and ``after`` runs once it is recorded.
         """
         units = self._park_refused(ledger, units, participant)
         if not units:
-            return
+            return False
         units, incomplete = self._strip_unwritten_targets(ledger, units,
                                                           same_request=self.choice.strategy is Strategy.TRANSACTION)
         if self.choice.strategy is not Strategy.TRANSACTION:
             self._send_stepwise(ledger, units, incomplete, patient=patient, participant=participant,
                                 patient_id=patient_id, deferred=deferred)
-            return
+            return False
         if self.choice.peersync_resolves_references:
             units = self._defer_unresolvable(ledger, units, patient, participant, deferred)
             if not units:
-                return
+                return False
         resolved: dict[Identity, str | None] = {}  # what the ledger resolved references to (lost-target check)
-        built: BuiltBundle | None = None
-        resend = {"patient": patient, "participant": participant, "patient_id": patient_id,
-                  "deferred": deferred}
+        resend: dict[str, Any] = {"patient": patient, "participant": participant, "patient_id": patient_id,
+                                  "deferred": deferred}
         try:
             # Building may search (search-then-write): two matches there are a duplicate on the server (review).
             built = self._build(ledger, units, patient, resolved)
-            if (len(units) > 1 and self.limits.max_entries < self.opts.max_bundle_entries
-                    and len(built.bundle["entry"]) > self.limits.max_entries + 1):
-                # A learned server limit counts every entry, and a change-set has one Provenance per author:
-                # a bundle over the limit is split before it is sent, not refused again.
-                for half in halves(units):
-                    self._send(ledger, half, patient=patient, participant=participant, patient_id=patient_id,
-                               deferred=deferred)
-                return
+        except FhirHttpError as exc:
+            self._after_failure(ledger, [incomplete.get(w.unit.unit_key, w) for w in units], exc, resolved,
+                                **resend)
+            return False
+        if (len(units) > 1 and self.limits.max_entries < self.opts.max_bundle_entries
+                and len(built.bundle["entry"]) > self.limits.max_entries + 1):
+            # A learned server limit counts every entry, and a change-set has one Provenance per author:
+            # a bundle over the limit is split before it is sent, not refused again.
+            for half in halves(units):
+                self._send(ledger, half, patient=patient, participant=participant, patient_id=patient_id,
+                           deferred=deferred)
+            return False
+        if after is not None and self._coalescer is not None and coalesces(
+                self.choice.strategy, len(built.bundle["entry"]), shared_capacity(self.limits.max_entries)):
+            full = self._coalescer.add(Parcel(units, built, resend, resolved, incomplete, after))
+            self._flush(ledger, full)
+            return True
+        self._transmit(ledger, units, built, resolved, incomplete, resend)
+        return False
+
+    def _transmit(self, ledger: Ledger, units: list[PendingWrite], built: BuiltBundle,
+                  resolved: dict[Identity, str | None], incomplete: dict[str, PendingWrite],
+                  resend: dict[str, Any]) -> None:
+        """Send one built transaction and record what its answer proves; a refusal adapts to the server's limit
+        or permission, or splits the units to isolate the bad ones."""
+        try:
             answer = self.client.send_transaction(built.bundle)
         except AuthError as exc:
             # A 403 may refuse one type (park it, write the rest) rather than every write (a missing scope: 77).
@@ -381,11 +446,108 @@ class Writer:
                 return
             # The builder rewrote references in copies: the units are as mapped, ready to be sent again.
             self._after_failure(ledger, [incomplete.get(w.unit.unit_key, w) for w in units], exc, resolved,
-                                patient=patient, participant=participant, patient_id=patient_id,
-                                deferred=deferred)
+                                **resend)
             return
         self.limits.note_written()
-        self._record_success(ledger, units, built, answer, participant, patient_id, incomplete, deferred)
+        self._record_success(ledger, units, built, answer, resend["participant"], resend["patient_id"], incomplete,
+                             resend["deferred"])
+
+    # -- change-sets that share a request (connector.write.coalesce) -----------------------------------
+
+    def _flush(self, ledger: Ledger, parcels: list[Parcel]) -> None:
+        """Send queued change-sets, as many to a request as the limit in force allows."""
+        for group in requests_of(parcels, shared_capacity(self.limits.max_entries)):
+            self._send_shared(ledger, group)
+
+    def _send_shared(self, ledger: Ledger, parcels: list[Parcel]) -> None:
+        """One transaction of several participants' change-sets; each is recorded from its own part of the answer.
+        A refused request is sent again one change-set per request, where the usual splitting isolates the bad
+        records: one participant's bad data never quarantines another's."""
+        if len(parcels) == 1 or self._server_down.is_set():
+            self._each_alone(ledger, parcels)
+            return
+        bundle = shared_transaction(parcels)
+        try:
+            answer = self.client.send_transaction(bundle)
+        except ServerUnavailableError as exc:
+            down = exc  # each participant's records left pending, as when its own request fails
+
+            def unavailable() -> None:
+                raise down
+            for parcel in parcels:
+                self._in_parcel(ledger, parcel, unavailable)
+            return
+        except (AuthError, FhirHttpError) as exc:
+            http = exc.http_error if isinstance(exc, AuthError) else exc
+            status = http.status if isinstance(http, FhirHttpError) else None
+            log.info("a shared transaction of %d change-sets was refused (HTTP %s): each is sent alone",
+                     len(parcels), status, extra={"event": "shared-refused", "change_sets": len(parcels),
+                                                  "status": status})
+            if isinstance(http, FhirHttpError) and self._learn_from_shared(bundle, http):
+                self._flush(ledger, parcels)  # smaller shared requests under the limit just learnt
+                return
+            for parcel in parcels:
+                def alone(p: Parcel = parcel) -> None:
+                    # built afresh: types refused since are parked, and the usual splitting finds bad records
+                    self._send(ledger, [p.incomplete.get(w.unit.unit_key, w) for w in p.units], **p.resend)
+                self._in_parcel(ledger, parcel, alone)
+            return
+        self.limits.note_written()
+        confirmation = confirm_writes(bundle, answer.status, answer.body, answer.content_type)
+        for parcel, own in zip(parcels, split_confirmation(confirmation, parcels), strict=True):
+            def record(parcel: Parcel = parcel, own: Confirmation = own) -> None:
+                self._record_success(ledger, parcel.units, parcel.built, answer, parcel.resend["participant"],
+                                     parcel.resend["patient_id"], parcel.incomplete, parcel.resend["deferred"],
+                                     confirmation=own)
+            self._in_parcel(ledger, parcel, record, answered=True)
+
+    def _each_alone(self, ledger: Ledger, parcels: list[Parcel]) -> None:
+        for parcel in parcels:
+            def transmit(p: Parcel = parcel) -> None:
+                self._transmit(ledger, p.units, p.built, p.resolved, p.incomplete, p.resend)
+            self._in_parcel(ledger, parcel, transmit)
+
+    def _learn_from_shared(self, bundle: dict[str, Any], exc: FhirHttpError) -> bool:
+        """What a refused shared request teaches for the rest of the run, before its change-sets go alone: a
+        type the server names as not permitted is refused (its records are parked, not sent again); a bundle
+        refused as too large lowers the limit. True when the limit went below this request's size (then smaller
+        shared requests go instead of single change-sets)."""
+        sent_types = {entry["resource"]["resourceType"] for entry in bundle["entry"]}
+        failure = classify_failure(exc.status, issue_codes=[i["code"] for i in exc.outcome.issues],
+                                   text=exc.signal_text, headers=exc.headers, sent_types=sent_types)
+        if failure.kind is FailureKind.NOT_PERMITTED:
+            named = failure.types & (sent_types - {"Provenance"})  # Provenance refused: each change-set tells
+            if named:
+                self.limits.note_forbidden()
+                reason = f"HTTP {exc.status} ({exc.outcome.codes() or 'no OperationOutcome'})"
+                for resource_type in self.limits.refuse(named, reason):
+                    log.warning("the server refuses writes of %s (HTTP %s): those records are parked, the others "
+                                "go on", resource_type, exc.status,
+                                extra={"event": "type-not-permitted", "resource_type": resource_type,
+                                       "status": exc.status})
+            return False
+        if failure.kind is not FailureKind.LIMIT:
+            return False
+        resources = sum(1 for entry in bundle["entry"] if entry["resource"]["resourceType"] != "Provenance")
+        before = self.limits.max_entries
+        lowered = self.limits.lower(resources, failure.stated_limit)
+        if lowered is None or lowered >= before:
+            return False
+        log.warning("server limit: bundle of %d entries refused (HTTP %s); bundles of at most %d entries for the "
+                    "rest of the run", len(bundle["entry"]), exc.status, lowered + 1,
+                    extra={"event": "server-limit-adapted", "status": exc.status, "max_entries": lowered + 1})
+        return shared_capacity(lowered) < len(bundle["entry"])
+
+    def _in_parcel(self, ledger: Ledger, parcel: Parcel, work: Callable[[], None], *, answered: bool = False) -> None:
+        """Do a queued change-set's work, then its participant's remaining work, as that participant's own."""
+        def work_then_after() -> None:
+            work()
+            parcel.after()
+        with ExitStack() as stack:
+            def staging() -> Staging:
+                assert self._staging_path is not None
+                return stack.enter_context(Staging(self._staging_path, create=False))
+            self._guarded(staging, ledger, parcel.resend["participant"], work_then_after, answered=answered)
 
     def _after_failure(self, ledger: Ledger, units: list[PendingWrite], exc: FhirHttpError,
                        resolved: dict[Identity, str | None], *, patient: tuple[Identity, str] | None,
@@ -743,12 +905,15 @@ class Writer:
     def _record_success(self, ledger: Ledger, units: list[PendingWrite], built: BuiltBundle,
                         answer: HttpAnswer, participant: str | None, patient_id: str | None,
                         incomplete: dict[str, PendingWrite] | None = None,
-                        deferred: list[PendingWrite] | None = None) -> None:
+                        deferred: list[PendingWrite] | None = None,
+                        confirmation: Confirmation | None = None) -> None:
         """Mark sent exactly the units the answer proves written (connector.write.confirm); the others stay
         pending with the reason. The Provenances cover the units of the bundle: one unproven, none is sent. Units sent
-        ``incomplete`` (by unit key: the complete unit) go again later (:meth:`_complete_later`)."""
+        ``incomplete`` (by unit key: the complete unit) go again later (:meth:`_complete_later`). ``confirmation``:
+        this bundle's part of a shared request's answer (:func:`~connector.write.coalesce.split_confirmation`)."""
         incomplete = incomplete or {}
-        confirmation = confirm_writes(built.bundle, answer.status, answer.body, answer.content_type)
+        if confirmation is None:
+            confirmation = confirm_writes(built.bundle, answer.status, answer.body, answer.content_type)
         verdicts = confirmation.entries
         provenance = next((v for v in verdicts[len(built.entries):] if not v.confirmed), None)
         confirmed: dict[str, list[tuple[str, str, str, str | None, str | None]]] = {}

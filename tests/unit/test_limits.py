@@ -246,7 +246,7 @@ def test_types_the_statement_declares_read_only_are_parked_without_a_request(rsp
     assert summary.not_permitted == {"CarePlan": 2, "CareTeam": 2}
     assert not any("CarePlan" in types_of(b) for b in sent_transactions(rsps))
     assert [sorted(types_of(b)) for b in sent_transactions(rsps)][1:] == [
-        ["CareTeam", "Communication", "Provenance"],  # refused: CareTeam
+        ["CareTeam", "Communication", "Provenance"],  # E1's and E2's small change-sets shared; refused: CareTeam
         ["Communication", "Provenance"], ["Communication", "Provenance"]]
 
 

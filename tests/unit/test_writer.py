@@ -173,17 +173,30 @@ def location_of(rsps: responses.RequestsMock, resource_type: str, contact_id: st
 # -- first syncs, bisection, deferral ------------------------------------------------------------------------------
 
 
-def test_a_first_sync_creates_everything_in_one_transaction_per_participant(rsps: responses.RequestsMock,
-                                                                            program: Program) -> None:
+def change_sets_in(bundle: Bundle) -> list[Bundle]:
+    """A transaction's change-sets, in order: each is its resources, then its Provenances."""
+    out: list[Bundle] = []
+    for entry in bundle["entry"]:
+        is_provenance = entry["resource"]["resourceType"] == "Provenance"
+        if not out or (not is_provenance and out[-1]["entry"][-1]["resource"]["resourceType"] == "Provenance"):
+            out.append({"resourceType": "Bundle", "type": "transaction", "entry": []})
+        out[-1]["entry"].append(entry)
+    return out
+
+
+def test_a_first_sync_creates_one_change_set_per_participant_small_ones_sharing_a_transaction(
+        rsps: responses.RequestsMock, program: Program) -> None:
     answer_first_sync(rsps)
     summary = program.sync()
     assert (summary.exit_code, summary.outcome) == (0, "ok")
     assert summary.counts["created"] == 1 + 1 + 2 + 6  # program, supporter, 2 enrollments, 6 contacts
     mrn = CTX.mrn_system.replace(":", "%3A")
     assert requests_made(rsps) == ["GET /metadata", "POST /",  # program-wide: program and supporter
-                                   f"GET /Patient?identifier={mrn}%7CMRN1", "POST /",
-                                   f"GET /Patient?identifier={mrn}%7CMRN2", "POST /"]
-    program_wide, e1, e2 = sent_transactions(rsps)
+                                   f"GET /Patient?identifier={mrn}%7CMRN1",
+                                   f"GET /Patient?identifier={mrn}%7CMRN2", "POST /"]  # E1's and E2's, shared
+    program_wide, shared = sent_transactions(rsps)
+    e1, e2 = change_sets_in(shared)
+    assert shared["type"] == "transaction" and shared["entry"] == e1["entry"] + e2["entry"]
     assert (contacts_in(e1), contacts_in(e2)) == (["C1", "C3", "C5"], ["C2", "C4", "C6"])
     for bundle in (program_wide, e1, e2):
         assert bundle["type"] == "transaction"
@@ -223,6 +236,47 @@ def test_a_rejected_unit_is_isolated_by_bisection_and_the_rest_lands(rsps: respo
     with Ledger(program.ledger) as ledger:
         c3 = ledger.unit("contact:C3")
     assert c3 is not None and "HAPI-0450" in (c3.detail or "")
+
+
+def test_a_resync_sends_the_small_change_sets_of_several_participants_in_one_transaction(
+        rsps: responses.RequestsMock, program: Program) -> None:
+    answer_first_sync(rsps)
+    program.sync()
+    program.write(contacts=[*contacts([1, 2, 3, 4, 5, 6]), *contacts([7, 8])[1:]])  # new: C7 (E1), C8 (E2)
+    calls = len(rsps.calls)
+    summary = program.sync()
+    assert summary.exit_code == 0 and summary.counts["created"] == 2
+    (shared,) = sent_transactions(rsps)[2:]  # one request for both participants
+    assert len([r for r in requests_made(rsps, calls) if r.startswith("POST")]) == 1
+    e1, e2 = change_sets_in(shared)
+    assert (contacts_in(e1), contacts_in(e2)) == (["C7"], ["C8"])
+    # each change-set keeps its own Provenance, a conditional create on its own change-set tag
+    (p1,), (p2,) = provenances_in(e1), provenances_in(e2)
+    assert p1["request"]["ifNoneExist"] != p2["request"]["ifNoneExist"]
+    assert [t["reference"] for t in p1["resource"]["target"]] == [not_provenances(e1)[0]["fullUrl"]]
+
+    calls = len(rsps.calls)
+    again = program.sync()
+    assert again.exit_code == 0 and not [r for r in requests_made(rsps, calls) if r.startswith("POST")]
+
+
+def test_a_refused_shared_transaction_quarantines_only_the_participant_at_fault(rsps: responses.RequestsMock,
+                                                                               program: Program) -> None:
+    answer_first_sync(rsps)
+    program.sync()
+    program.write(contacts=[*contacts([1, 2, 3, 4, 5, 6]), *contacts([7, 8])[1:]])
+    refusing(rsps, lambda bundle: (422, outcome("processing", "HAPI-0450: Failed to parse request body"))
+             if communications_with(bundle, "C7") else None)
+    calls = len(rsps.calls)
+    summary = program.sync()
+    assert (summary.exit_code, summary.outcome) == (int(ExitCode.RECORDS_REJECTED), "partial")
+    assert summary.counts["quarantined"] == 1 and summary.counts["created"] == 1
+    assert program.unit_state("contact:C7") == UnitState.QUARANTINED
+    assert program.unit_state("contact:C8") == UnitState.SENT
+    # the shared request, then each participant's change-set alone: E1's refused again (C7 is its only unit)
+    assert [[contacts_in(c) for c in change_sets_in(b)] for b in sent_transactions(rsps)[2:]] == [
+        [["C7"], ["C8"]], [["C7"]], [["C8"]]]
+    assert [r for r in requests_made(rsps, calls) if r.startswith("POST")] == ["POST /"] * 3
 
 
 def test_a_unit_failing_only_on_an_unresolved_reference_is_deferred_then_lands(rsps: responses.RequestsMock,
@@ -329,15 +383,17 @@ def test_a_server_that_goes_down_leaves_the_rest_pending(rsps: responses.Request
     rsps.add_callback(responses.POST, f"{BASE}/", callback=answer_transactions())
     with pytest.raises(ServerUnavailableError):
         program.sync()
-    assert program.unit_state("contact:C1") == UnitState.SENT and program.unit_state("contact:C2") == UnitState.PENDING
+    # E1's small change-set waited to share a request; once the server is down it is not sent either
+    assert program.unit_state("contact:C1") == program.unit_state("contact:C2") == UnitState.PENDING
     with Ledger(program.ledger) as ledger:
         (run,) = ledger.runs()
     assert run["exit_code"] == int(ExitCode.SERVER_UNAVAILABLE)
-    assert len(sent_transactions(rsps)) == 2
+    assert len(sent_transactions(rsps)) == 1  # program-wide
 
     summary = program.sync()
-    assert summary.exit_code == 0 and summary.counts["retried"] == 4  # E2, C2, C4, C6
-    assert contacts_in(sent_transactions(rsps)[-1]) == ["C2", "C4", "C6"]
+    assert summary.exit_code == 0 and summary.counts["retried"] == 8  # E1, C1, C3, C5, E2, C2, C4, C6
+    assert [contacts_in(c) for c in change_sets_in(sent_transactions(rsps)[-1])] == [["C1", "C3", "C5"],
+                                                                                     ["C2", "C4", "C6"]]
 
 
 # -- corrections: voids and moves ----------------------------------------------------------------------------------
@@ -441,7 +497,7 @@ def test_a_record_moved_to_another_patient_retires_the_old_resources(rsps: respo
     old_c1 = puts[location_of(rsps, "Communication", "C1")]
     assert (old_c1["subject"]["reference"], old_c1["status"]) == ("Patient/p1", "entered-in-error")
     assert "retired" in old_c1["identifier"][0]["system"] and "meta" not in old_c1
-    (moved,) = sent_transactions(rsps)[3:]
+    (moved,) = sent_transactions(rsps)[2:]  # the first sync: program-wide, then E1 and E2 in one shared
     new_c1 = next(e for e in moved["entry"] if communications_with({"entry": [e]}, "C1"))
     assert new_c1["resource"]["subject"]["reference"] == "Patient/p9"
     assert new_c1["request"]["url"].startswith("Communication?identifier=")
@@ -465,7 +521,7 @@ def test_a_moved_record_whose_old_resources_the_server_lost_is_written_afresh(rs
     assert not [c for c in rsps.calls if c.request.method == "PUT"]  # nothing left to retire
     with Ledger(program.ledger) as ledger:
         assert ledger.unit("contact:C1").patient_id == "p9"  # type: ignore[union-attr]
-    (moved,) = sent_transactions(rsps)[3:]
+    (moved,) = sent_transactions(rsps)[2:]  # the first sync: program-wide, then E1 and E2 in one shared
     new_c1 = next(e for e in moved["entry"] if communications_with({"entry": [e]}, "C1"))
     assert new_c1["resource"]["subject"]["reference"] == "Patient/p9"
 
@@ -499,7 +555,7 @@ def test_without_conditional_update_the_writer_searches_then_writes_by_id(rsps: 
     summary = program.sync()
     assert summary.counts["updated"] == 6
     assert not [r for r in requests_made(rsps, calls) if "?identifier=" in r and "/Patient?" not in r]  # ids known
-    resent = [e for b in sent_transactions(rsps)[3:] for e in b["entry"]
+    resent = [e for b in sent_transactions(rsps)[2:] for e in b["entry"]
               if e["resource"]["resourceType"] == "Communication"]
     assert {e["request"]["url"] for e in resent} == {location_of(rsps, "Communication", f"C{i}") for i in range(1, 7)}
     assert all(e["request"]["method"] == "PUT" and e["resource"]["id"] == e["request"]["url"].split("/")[1]
