@@ -57,7 +57,6 @@ def mapping_context(settings: Settings) -> MappingContext:
             "program_name": settings.program.name,
             "base_url": settings.program.base_url,
             "mrn_system": settings.program.mrn_system,
-            "terminology_base": settings.program.terminology_base,
             "program_phone": settings.program.phone,
         }.items()
         if value is not None

@@ -207,7 +207,9 @@ class ProgramSettings(_Section):
     base_url: str | None = Field(None, pattern=r"^https?://\S+[^/]$",
                                  description="The program's canonical base URL for identifier systems, no trailing /")
     mrn_system: str | None = Field(None, description="The clinic's MRN identifier system (URI)")
-    terminology_base: str | None = Field(None, description="Canonical base of peersync's CodeSystems and extensions")
+    # Deprecated and ignored: peersync's codes have one canonical base everywhere (`peersync check` warns).
+    terminology_base: str | None = Field(None, description="Deprecated, ignored: peersync's CodeSystems keep their "
+                                         "one canonical base (https://peersync.github.io/fhir); remove this setting")
     phone: str | None = Field(None, description="The program's phone, used when a supporter has none")
 
 

@@ -192,6 +192,7 @@ def _offline(report: Report, path: Path | None, environ: Mapping[str, str] | Non
     report.add("config.settings", Status.PASS, "every setting is known and has a valid value")
     loaded.server_ok = _check_server_settings(report, settings)
     loaded.auth_ok = _check_auth_offline(report, settings, data.get("auth") or {}, loaded.server_ok)
+    _check_deprecated(report, settings)
     _check_profile(report, settings)
     _check_assets(report)
     _check_inputs(report, settings)
@@ -218,6 +219,17 @@ def _file_fix(message: str) -> str:
     if "not readable" in message:
         return "give the peersync user read access (chmod 640 and the right group)"
     return "fix the file as the message says; docs/configuration.md lists every setting"
+
+
+def _check_deprecated(report: Report, settings: Any) -> None:
+    from connector.map.context import TERMINOLOGY_BASE
+
+    if settings.program.terminology_base is not None:
+        report.add("program.terminology_base", Status.WARN,
+                   f"program.terminology_base ({settings.program.terminology_base}) is deprecated and ignored: "
+                   f"peersync's codes keep their one canonical base, {TERMINOLOGY_BASE}, in every deployment",
+                   "remove terminology_base from [program] (and PEERSYNC_PROGRAM__TERMINOLOGY_BASE); codes written "
+                   "under the old base are rewritten on the next sync")
 
 
 def _check_server_settings(report: Report, settings: Any) -> bool:

@@ -241,7 +241,9 @@ def mapping_fingerprint(*parts: str) -> str:
 # Bump when mapping output changes in a way that must re-send everything.
 # 2: goals set together carry goal-acceptance; essential elements derived from the data; change-set Provenance
 # on every bundle, voids included.
-MAPPING_VERSION = "2"
+# 3: peersync's codes under https://peersync.github.io/fhir (versioned package); CarePlan custodian, contributors,
+# outcomes and addressed Conditions; standard codes beside ours.
+MAPPING_VERSION = "3"
 
 
 def program_fingerprint(ctx: MappingContext) -> str:

@@ -566,3 +566,13 @@ def test_doctor_warns_when_sampled_resources_were_edited_on_the_server(tmp_path:
     check = one(report, "ledger.server")
     assert check.status is Status.WARN and "1 of 2 sampled resources were changed" in check.detail
     assert report.exit_code() == 0
+
+
+def test_deprecated_terminology_base_is_a_warning_naming_the_one_base(tmp_path: Path) -> None:
+    path = config(tmp_path)
+    path.write_text(path.read_text() + '\n[program]\nterminology_base = "https://fhir.example.org/ps"\n',
+                    encoding="utf-8")
+    check = one(check_config(path), "program.terminology_base")
+    assert check.status is Status.WARN and "deprecated and ignored" in check.detail
+    assert "https://peersync.github.io/fhir" in check.detail and "remove terminology_base" in check.fix
+    assert not by_name(check_config(config(tmp_path)), "program.terminology_base")

@@ -417,7 +417,7 @@ def test_public_api() -> None:
         "map_referral",
         "map_supporter",
     }
-    assert mappers.DEFAULT_TERMINOLOGY_BASE == "https://peersync.dev/fhir"
+    assert mappers.DEFAULT_TERMINOLOGY_BASE == "https://peersync.github.io/fhir"
 
 
 # -- context -------------------------------------------------------------------------------------------------------
@@ -549,7 +549,7 @@ def test_careplan_elements(ctx: MappingContext) -> None:
     assert cp["category"][0] == {"coding": [codes.CAREPLAN_ASSESS_PLAN]}
     assert cp["category"][1]["coding"][0]["code"] == "698360004"
     assert cp["category"][2]["coding"][0] == {
-        "system": "https://peersync.dev/fhir/CodeSystem/careplan-kind",
+        "system": "https://peersync.github.io/fhir/CodeSystem/careplan-kind",
         "code": "peer-support-plan",
         "display": "Peer support plan",
     }
@@ -993,7 +993,7 @@ def test_terminology_files() -> None:
         "referral-need",
     ):
         cs = by_id[("CodeSystem", cs_id)]
-        assert cs["url"] == f"https://peersync.dev/fhir/CodeSystem/{cs_id}"
+        assert cs["url"] == f"https://peersync.github.io/fhir/CodeSystem/{cs_id}"
         assert (
             cs["status"] == "active" and cs["version"] and cs["content"] == "complete" and cs["caseSensitive"] is True
         )
@@ -1001,13 +1001,13 @@ def test_terminology_files() -> None:
         assert all(c["display"] and c["definition"] for c in cs["concept"])
     for sd_id in ("contact-duration", "contact-setting", "group-session"):
         sd = by_id[("StructureDefinition", sd_id)]
-        assert sd["url"] == f"https://peersync.dev/fhir/StructureDefinition/{sd_id}"
+        assert sd["url"] == f"https://peersync.github.io/fhir/StructureDefinition/{sd_id}"
         assert sd["status"] == "active" and sd["version"] and sd["type"] == "Extension"
         assert sd["context"] == [{"type": "element", "expression": "Communication"}]
         fixed = [e for e in sd["differential"]["element"] if e["path"] == "Extension.url"]
         assert fixed[0]["fixedUri"] == sd["url"]
     for r in resources:
-        assert r["status"] == "active" and r["url"].startswith("https://peersync.dev/fhir/")
+        assert r["status"] == "active" and r["url"].startswith("https://peersync.github.io/fhir/")
 
 
 def test_support_types_carry_their_essential_element() -> None:
@@ -1054,36 +1054,58 @@ def test_terminology_bundle() -> None:
     entry = next(e for e in bundle["entry"] if e["resource"]["id"] == "adces7-behavior")
     assert entry["request"] == {
         "method": "PUT",
-        "url": "CodeSystem?url=https%3A%2F%2Fpeersync.dev%2Ffhir%2FCodeSystem%2Fadces7-behavior",
+        "url": "CodeSystem?url=https%3A%2F%2Fpeersync.github.io%2Ffhir%2FCodeSystem%2Fadces7-behavior",
     }
     assert entry["fullUrl"].startswith("urn:uuid:")
     assert terminology.terminology_bundle(resources) == bundle  # deterministic
-    rebased = terminology.terminology_bundle(resources, terminology_base="https://fhir.example.org/ps")
-    assert "peersync.dev" not in json.dumps(rebased)
-    sd = next(e["resource"] for e in rebased["entry"] if e["resource"]["id"] == "contact-setting")
-    assert sd["url"] == "https://fhir.example.org/ps/StructureDefinition/contact-setting"
+
+
+def test_terminology_is_a_versioned_package_with_publisher_contact_and_copyright() -> None:
+    manifest = terminology.load_package_manifest()
+    assert manifest["canonical"] == "https://peersync.github.io/fhir" and manifest["fhirVersions"] == ["4.0.1"]
+    for r in terminology.load_terminology():
+        assert r["version"] == manifest["version"]
+        assert r["publisher"] == "peersync project"
+        assert r["contact"][0]["telecom"][0]["value"] == "https://github.com/peersync/peersync"
+        assert r["copyright"]
+    adces7 = next(r for r in terminology.load_terminology() if r["id"] == "adces7-behavior")
+    assert "Association of Diabetes Care & Education Specialists" in adces7["copyright"]
 
 
 def test_terminology_load_errors(tmp_path: Any) -> None:
     with pytest.raises(terminology.TerminologyError):
         terminology.load_terminology(tmp_path)
-    (tmp_path / "terminology").mkdir()
-    (tmp_path / "terminology" / "x.json").write_text('{"resourceType": "Patient"}')
+    folder = tmp_path / "terminology"
+    folder.mkdir()
+    with pytest.raises(terminology.TerminologyError, match="package.json"):  # not a package
+        terminology.load_terminology(tmp_path)
+    shipped = terminology.load_package_manifest()
+    (folder / "package.json").write_text(json.dumps(shipped | {"canonical": "https://fhir.example.org/ps"}))
+    with pytest.raises(terminology.TerminologyError, match="one canonical base"):
+        terminology.load_terminology(tmp_path)
+    (folder / "package.json").write_text(json.dumps(shipped))
+    (folder / "x.json").write_text('{"resourceType": "Patient"}')
     with pytest.raises(terminology.TerminologyError):
+        terminology.load_terminology(tmp_path)
+    moved = {"resourceType": "CodeSystem", "id": "x", "url": "https://fhir.example.org/ps/CodeSystem/x",
+             "version": shipped["version"]}
+    (folder / "x.json").write_text(json.dumps(moved))
+    with pytest.raises(terminology.TerminologyError, match="is not https://peersync.github.io/fhir/CodeSystem/x"):
+        terminology.load_terminology(tmp_path)
+    (folder / "x.json").write_text(json.dumps(moved | {"url": "https://peersync.github.io/fhir/CodeSystem/x",
+                                                       "version": "0.1"}))
+    with pytest.raises(terminology.TerminologyError, match="not the package's"):
         terminology.load_terminology(tmp_path)
 
 
-def test_mapped_local_codings_use_the_context_terminology_base() -> None:
-    ctx = MappingContext(
-        program_id="p",
-        program_name="P",
-        base_url="https://x.example/ps",
-        mrn_system="urn:m",
-        terminology_base="https://fhir.example.org/ps",
-    )
+def test_mapped_local_codings_use_the_one_canonical_base() -> None:
+    ctx = MappingContext(program_id="p", program_name="P", base_url="https://x.example/ps", mrn_system="urn:m")
     r = map_contact(contact(setting="home", support_types=("emotional",)), enrollment(), ctx)
-    assert r["category"][0]["coding"][0]["system"] == "https://fhir.example.org/ps/CodeSystem/peer-support-type"
-    assert r["extension"][0]["url"] == "https://fhir.example.org/ps/StructureDefinition/contact-setting"
+    assert r["category"][0]["coding"][0]["system"] == "https://peersync.github.io/fhir/CodeSystem/peer-support-type"
+    assert r["extension"][0]["url"] == "https://peersync.github.io/fhir/StructureDefinition/contact-setting"
+    with pytest.raises(TypeError):  # a deployment cannot choose another base
+        MappingContext(program_id="p", program_name="P", base_url="https://x.example/ps", mrn_system="urn:m",
+                       terminology_base="https://fhir.example.org/ps")  # type: ignore[call-arg]
 
 
 def _mapped_program(profile_name: str, inputs: list[Path]) -> Iterator[dict[str, Any]]:
