@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -1077,7 +1078,7 @@ def test_terminology_load_errors(tmp_path: Any) -> None:
         terminology.load_terminology(tmp_path)
     folder = tmp_path / "terminology"
     folder.mkdir()
-    with pytest.raises(terminology.TerminologyError, match="package.json"):  # not a package
+    with pytest.raises(terminology.TerminologyError, match=r"package\.json"):  # not a package
         terminology.load_terminology(tmp_path)
     shipped = terminology.load_package_manifest()
     (folder / "package.json").write_text(json.dumps(shipped | {"canonical": "https://fhir.example.org/ps"}))
@@ -1090,7 +1091,7 @@ def test_terminology_load_errors(tmp_path: Any) -> None:
     moved = {"resourceType": "CodeSystem", "id": "x", "url": "https://fhir.example.org/ps/CodeSystem/x",
              "version": shipped["version"]}
     (folder / "x.json").write_text(json.dumps(moved))
-    with pytest.raises(terminology.TerminologyError, match="is not https://peersync.github.io/fhir/CodeSystem/x"):
+    with pytest.raises(terminology.TerminologyError, match=re.escape("is not https://peersync.github.io/fhir/CodeSystem/x")):
         terminology.load_terminology(tmp_path)
     (folder / "x.json").write_text(json.dumps(moved | {"url": "https://peersync.github.io/fhir/CodeSystem/x",
                                                        "version": "0.1"}))
