@@ -25,6 +25,7 @@ KIND_CARETEAM = "careteam"
 KIND_GOAL = "goal"
 KIND_CONTACT = "contact"
 KIND_CONTACT_REQUEST = "contact-request"
+KIND_CONTACT_PROCEDURE = "contact-procedure"  # a contact also (or instead) written as a US Core Procedure
 KIND_REFERRAL = "referral"
 KIND_REFERRAL_TASK = "referral-task"
 KIND_CBO = "cbo"

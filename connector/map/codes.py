@@ -58,6 +58,7 @@ CS_CONTACT_MODE = "peer-contact-mode"
 CS_CONTACT_SETTING = "peer-contact-setting"
 CS_CAREPLAN_KIND = "careplan-kind"
 CS_REFERRAL_NEED = "referral-need"
+CS_PEER_SUPPORT_ACTIVITY = "peer-support-activity"
 
 # Source vocabularies written as codes of ours: the terminology files must define every value.
 SOURCE_CODE_SYSTEMS: dict[str, type[StrEnum]] = {

@@ -46,6 +46,8 @@ class MappingContext:
         timezone: IANA zone of the program; applied to naive date-times (e.g. a naive Provenance time).
         connector_version: the connector's version (Device.version).
         program_phone: the program's phone, used as PractitionerRole telecom when a supporter has none (pd-1).
+        contact_procedures: how contacts reach the server: ``off`` (Communication only), ``also`` (Communication
+            and a US Core Procedure) or ``instead`` (Procedure only); a per-server setting.
     """
 
     program_id: str
@@ -55,6 +57,7 @@ class MappingContext:
     timezone: str = "UTC"
     connector_version: str = __version__
     program_phone: str | None = None
+    contact_procedures: str = "off"
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:

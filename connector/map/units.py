@@ -25,6 +25,7 @@ from connector.map import (
 from connector.model import (
     RECORD_MODELS,
     Contact,
+    ContactOutcome,
     Enrollment,
     Goal,
     GoalNote,
@@ -94,10 +95,13 @@ def map_planned_global_units(staging: Staging, planned: Iterable[PlannedUnit],
 
 
 def iter_planned_units(staging: Staging, participant: str, planned: Sequence[PlannedUnit],
-                       ctx: MappingContext) -> Iterator[PendingWrite]:
-    """A participant's planned units, mapped one at a time in dependency order, each with the plan's hash."""
+                       ctx: MappingContext, *, condition_refs: Sequence[str] = ()) -> Iterator[PendingWrite]:
+    """A participant's planned units, mapped one at a time in dependency order, each with the plan's hash.
+
+    ``condition_refs``: the EHR's Conditions the enrollment addresses (found by the write stage)."""
     hashes = {unit.unit_key: unit.unit_hash for unit in planned}
-    for mapped in iter_participant_units(staging, participant, [(u.kind, u.source_id) for u in planned], ctx):
+    for mapped in iter_participant_units(staging, participant, [(u.kind, u.source_id) for u in planned], ctx,
+                                         condition_refs=condition_refs):
         yield PendingWrite(mapped, hashes.get(mapped.unit_key))
 
 
@@ -109,7 +113,8 @@ def map_participant_units(
 
 
 def iter_participant_units(
-    staging: Staging, participant: str, units: Iterable[tuple[str, str]], ctx: MappingContext
+    staging: Staging, participant: str, units: Iterable[tuple[str, str]], ctx: MappingContext, *,
+    condition_refs: Sequence[str] = (),
 ) -> Iterator[UnitWrite]:
     """Like :func:`map_participant_units`, mapping each unit only when it is asked for (memory stays flat for a
     participant with thousands of contacts)."""
@@ -118,7 +123,7 @@ def iter_participant_units(
     if not isinstance(enrollment, Enrollment):
         return
     for kind, source_id in sorted(units, key=lambda u: KIND_ORDER.get(u[0], 99)):
-        unit = _map_one(records, enrollment, kind, source_id, ctx)
+        unit = _map_one(records, enrollment, kind, source_id, ctx, condition_refs)
         if unit is not None:
             yield unit
 
@@ -155,11 +160,30 @@ class _ParticipantRecords:
         return tuple(self._notes.get(goal_id, ()))
 
 
+def _contacts_and_contributors(records: _ParticipantRecords) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """The performed contacts (id, planned contact id) and the supporters who contributed any record, in input
+    order. Kept in step with the enrollment unit's hash in connector/plan/planner.py."""
+    performed: list[tuple[str, str | None]] = []
+    contributors: list[str] = []
+    for kind in (RecordKind.GOAL, RecordKind.PLANNED_CONTACT, RecordKind.REFERRAL, RecordKind.CONTACT):
+        for key in records.keys(kind):
+            record = records.record(kind, key)
+            if record is None or record.void:
+                continue
+            supporter_id = getattr(record, "supporter_id", None)
+            if supporter_id:
+                contributors.append(supporter_id)
+            if isinstance(record, Contact) and record.outcome is ContactOutcome.COMPLETED:
+                performed.append((record.contact_id, record.planned_contact_id))
+    return performed, list(dict.fromkeys(contributors))
+
+
 def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, source_id: str,
-             ctx: MappingContext) -> UnitWrite | None:
+             ctx: MappingContext, condition_refs: Sequence[str] = ()) -> UnitWrite | None:
     unit_key = f"{kind}:{source_id}"
     if kind == "enrollment":
         supporter = records.record(RecordKind.SUPPORTER, enrollment.supporter_id)
+        performed, contributors = _contacts_and_contributors(records)
         resources = map_enrollment(
             enrollment,
             goal_ids=records.keys(RecordKind.GOAL),
@@ -167,6 +191,9 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
             referral_ids=records.keys(RecordKind.REFERRAL),
             ctx=ctx,
             supporter=supporter if isinstance(supporter, Supporter) else None,
+            performed_contacts=performed,
+            contributor_ids=contributors,
+            condition_refs=condition_refs,
         )
         return UnitWrite(unit_key, kind, resources, voided=False)
     record = records.record(RecordKind(kind), source_id)

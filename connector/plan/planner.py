@@ -99,8 +99,13 @@ INSERT INTO units
 INSERT INTO units
     SELECT 'enrollment:' || e.key, 'enrollment', e.key, e.key,
            sha(:fp, e.hash, (SELECT group_concat(k, ',') FROM (
-               SELECT c.kind || ':' || c.key AS k FROM staged c WHERE c.participant=e.key
-               AND +c.kind IN ('goal','planned_contact','referral') ORDER BY c.kind, c.key)),
+               -- what the CarePlan lists: the records, who wrote them, which contacts took place (units.py)
+               SELECT c.kind || ':' || c.key || ':' || coalesce(json_extract(c.body,'$.void'), 0) || ':'
+                      || coalesce(json_extract(c.body,'$.supporter_id'), '') || ':'
+                      || coalesce(json_extract(c.body,'$.outcome'), '') || ':'
+                      || coalesce(json_extract(c.body,'$.planned_contact_id'), '') AS k
+               FROM staged c WHERE c.participant=e.key
+               AND +c.kind IN ('goal','planned_contact','referral','contact') ORDER BY c.kind, c.key)),
                (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(e.body,'$.supporter_id'))),
            0
     FROM staged e WHERE e.kind='enrollment';

@@ -38,6 +38,7 @@ from connector.server.capabilities import Capabilities
 from connector.server.client import Action, FhirClient, FhirHttpError, HttpAnswer, summarize_outcome
 from connector.write.bundle import BuiltBundle, Identity, PendingWrite, UnitWrite
 from connector.write.changeset import STATUS_ELEMENT, build_change_set, void_bundle
+from connector.write.conditions import find_condition_refs
 from connector.write.confirm import confirm_writes
 from connector.write.decisions import (
     CONDITIONAL_EVERYWHERE,
@@ -191,7 +192,11 @@ class Writer:
         author = change_set_author(enrollment, self.opts.ctx)
         patient = (patient_identity, f"Patient/{patient_id}")
         deferred: list[PendingWrite] = []
-        for chunk in chunk_writes(iter_planned_units(staging, participant, planned, self.opts.ctx),
+        # the EHR's own Conditions the CarePlan addresses: looked up like the Patient, only when the plan is sent
+        condition_refs = (find_condition_refs(self.client, patient_id, enrollment.conditions)
+                          if any(u.kind == "enrollment" for u in planned) else [])
+        for chunk in chunk_writes(iter_planned_units(staging, participant, planned, self.opts.ctx,
+                                                     condition_refs=condition_refs),
                                   self.opts.max_bundle_entries):
             self._send(ledger, chunk, patient=patient, participant=participant, author=author,
                        patient_id=patient_id, deferred=deferred)

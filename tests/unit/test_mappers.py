@@ -561,8 +561,44 @@ def test_careplan_elements(ctx: MappingContext) -> None:
         "ServiceRequest",
     ]
     assert "detail" not in json.dumps(cp["activity"])  # MCC: activities are references only
-    assert parse_conditional_reference(cp["author"]["reference"])[0] == "Organization"
+    assert "author" not in cp  # MCC: discouraged (removed in R5); custodian and contributor instead
+    (custodian,) = cp["extension"]
+    assert custodian["url"] == "http://hl7.org/fhir/us/mcc/StructureDefinition/custodian"
+    assert parse_conditional_reference(custodian["valueReference"]["reference"])[0] == "Organization"
+    assert [parse_conditional_reference(c["reference"])[0] for c in cp["contributor"]] == [
+        "Organization", "PractitionerRole"]
     assert parse_conditional_reference(cp["careTeam"][0]["reference"])[1] == ctx.system(KIND_CARETEAM)
+    assert "addresses" not in cp  # no Conditions found: nothing is invented
+
+
+def test_careplan_links_performed_contacts_as_activity_outcomes(ctx: MappingContext) -> None:
+    cp, _ = map_enrollment(
+        enrollment(), goal_ids=[], planned_contact_ids=["P1", "P2"], referral_ids=["R1"], ctx=ctx,
+        performed_contacts=[("C1", "P1"), ("C2", None), ("C3", "P-gone"), ("C4", "P1")],
+    )
+    planned_1, planned_2, referral, unplanned = cp["activity"]
+    ids = [parse_conditional_reference(r["reference"])[1:] for r in planned_1["outcomeReference"]]
+    assert ids == [(ctx.system("contact"), "C1"), (ctx.system("contact"), "C4")]
+    assert "outcomeReference" not in planned_2 and "outcomeReference" not in referral
+    # contacts without a (sent) planned contact: one activity that holds only their outcomes
+    assert set(unplanned) == {"outcomeReference"}
+    assert [parse_conditional_reference(r["reference"])[2] for r in unplanned["outcomeReference"]] == ["C2", "C3"]
+    assert all(parse_conditional_reference(r["reference"])[0] == "Communication" for r in unplanned["outcomeReference"])
+    procedures = MappingContext(**{**_fields(ctx), "contact_procedures": "instead"})
+    cp, _ = map_enrollment(enrollment(), goal_ids=[], planned_contact_ids=[], referral_ids=[], ctx=procedures,
+                           performed_contacts=[("C2", None)])
+    (ref,) = cp["activity"][0]["outcomeReference"]
+    assert parse_conditional_reference(ref["reference"])[:2] == ("Procedure", ctx.system("contact-procedure"))
+
+
+def test_careplan_contributors_and_addressed_conditions(ctx: MappingContext) -> None:
+    cp, _ = map_enrollment(
+        enrollment(supporter_id="S1"), goal_ids=[], planned_contact_ids=[], referral_ids=[], ctx=ctx,
+        contributor_ids=["S2", "S1", "S3"], condition_refs=["Condition/7", "Condition/9"],
+    )
+    roles = [parse_conditional_reference(c["reference"])[2] for c in cp["contributor"][1:]]
+    assert roles == ["S1", "S2", "S3"]  # the enrollment's supporter first, each once
+    assert cp["addresses"] == [{"reference": "Condition/7"}, {"reference": "Condition/9"}]
 
 
 def test_careplan_narrative_escapes_source_text_and_has_no_phi(ctx: MappingContext) -> None:

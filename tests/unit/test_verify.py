@@ -200,4 +200,5 @@ def test_a_retracted_unit_that_drifted_is_voided_again(tmp_path: Path, ledger: L
     ledger.mark_drifted(["contact:C6"], [], detail="drift", run_id="r2")  # someone un-voided it on the server
     staging, _ = plan_for(tmp_path, ledger, contacts(5))
     writes = {key: action for p in (None, "E1", "E2") for key, _k, _s, _h, action in units_to_write(staging, p)}
-    assert writes == {"contact:C6": Act.DELETE.value}
+    # C6 is voided again; E2's CarePlan no longer lists it as an outcome
+    assert writes == {"contact:C6": Act.DELETE.value, "enrollment:E2": Act.UPDATE.value}
