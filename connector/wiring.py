@@ -58,6 +58,7 @@ def mapping_context(settings: Settings) -> MappingContext:
             "base_url": settings.program.base_url,
             "mrn_system": settings.program.mrn_system,
             "program_phone": settings.program.phone,
+            "contact_procedures": settings.server.contact_procedures,
         }.items()
         if value is not None
     }

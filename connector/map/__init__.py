@@ -13,6 +13,7 @@ from .communication import map_contact
 from .context import DEFAULT_TERMINOLOGY_BASE, MappingContext
 from .goal import map_goal
 from .people import map_program, map_supporter
+from .procedure import map_contact_procedure
 from .provenance import change_set_author, map_provenance
 from .requests import map_cbo, map_planned_contact, map_referral
 
@@ -23,6 +24,7 @@ __all__ = [
     "change_set_author",
     "map_cbo",
     "map_contact",
+    "map_contact_procedure",
     "map_enrollment",
     "map_goal",
     "map_planned_contact",

@@ -100,6 +100,7 @@ US_CORE_PROFILES: dict[str, str] = {
         "Organization",
         "Practitioner",
         "PractitionerRole",
+        "Procedure",
         "Provenance",
         "ServiceRequest",
     )
@@ -281,6 +282,9 @@ NOT_DONE_RECIPIENT_UNAVAILABLE = coding(COMMUNICATION_NOT_DONE_REASON, "recipien
 US_CORE_SDOH = coding(US_CORE_CATEGORY, "sdoh", "SDOH")
 SNOMED_SOCIAL_SERVICE = coding(SNOMED, "410606002", "Social service procedure")
 SNOMED_PA_REFERRAL = coding(SNOMED, "390893007", "Referral to physical activity program")
+# FHIR R4 procedure-category value set (SNOMED CT): the standard code beside a support type, where one means the same
+SNOMED_EDUCATION = coding(SNOMED, "409073007", "Education")
+SUPPORT_TYPE_STANDARD = {SupportType.EDUCATION: SNOMED_EDUCATION}
 # need → SDOHCC category (physical activity has none: it uses the PA IG category instead)
 NEED_SDOHCC = {
     NeedCategory.FOOD: coding(SDOHCC_TEMPORARY_CODES, "food-insecurity", "Food Insecurity"),

@@ -9,12 +9,13 @@ transactions without a reference ever pointing at something not yet written.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from connector.map import (
     MappingContext,
     map_cbo,
     map_contact,
+    map_contact_procedure,
     map_enrollment,
     map_goal,
     map_planned_contact,
@@ -160,6 +161,18 @@ class _ParticipantRecords:
         return tuple(self._notes.get(goal_id, ()))
 
 
+def contact_resources(contact: Contact, enrollment: Enrollment, ctx: MappingContext) -> list[dict[str, Any]]:
+    """A contact's resources as ``ctx.contact_procedures`` asks: its Communication, a US Core Procedure beside it
+    (``also``), or the Procedure alone (``instead``). Both carry the contact's business identifier, each under its
+    own system, so a rerun updates them in place."""
+    if ctx.contact_procedures == "instead":
+        return [map_contact_procedure(contact, enrollment, ctx)]
+    resources = [map_contact(contact, enrollment, ctx)]
+    if ctx.contact_procedures == "also":
+        resources.append(map_contact_procedure(contact, enrollment, ctx))
+    return resources
+
+
 def _contacts_and_contributors(records: _ParticipantRecords) -> tuple[list[tuple[str, str | None]], list[str]]:
     """The performed contacts (id, planned contact id) and the supporters who contributed any record, in input
     order. Kept in step with the enrollment unit's hash in connector/plan/planner.py."""
@@ -203,7 +216,7 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
         record = record.model_copy(update={"notes": records.notes(record.goal_id)})
         return UnitWrite(unit_key, kind, [map_goal(record, enrollment, ctx)], voided=record.void)
     if isinstance(record, Contact):
-        return UnitWrite(unit_key, kind, [map_contact(record, enrollment, ctx)], voided=record.void)
+        return UnitWrite(unit_key, kind, contact_resources(record, enrollment, ctx), voided=record.void)
     if isinstance(record, PlannedContact):
         return UnitWrite(unit_key, kind, [map_planned_contact(record, enrollment, ctx)], voided=record.void)
     if isinstance(record, Referral):

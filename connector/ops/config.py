@@ -226,6 +226,10 @@ class ServerSettings(_Section):
     write_mode: Literal["auto", "conditional", "search"] = Field(
         "auto", description="auto: conditional update where the CapabilityStatement allows it, else search-then-write."
     )
+    contact_procedures: Literal["off", "also", "instead"] = Field(
+        "off", description="Also write each contact as a US Core Procedure ('also'), or only as one ('instead'), for "
+        "EHRs that show Procedures and ignore Communications. Choose before the first sync: switching later does "
+        "not retract what was written")
 
 
 class SyncSettings(_Section):

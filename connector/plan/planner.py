@@ -254,7 +254,7 @@ MAPPING_VERSION = "3"
 def program_fingerprint(ctx: MappingContext) -> str:
     """The mapping fingerprint of a deployment: a change re-sends everything (conditionally: no duplicates)."""
     return mapping_fingerprint(MAPPING_VERSION, ctx.program_id, ctx.program_name, ctx.base_url, ctx.mrn_system,
-                               ctx.terminology_base, ctx.program_phone or "")
+                               ctx.terminology_base, ctx.program_phone or "", ctx.contact_procedures)
 
 
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,

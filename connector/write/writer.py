@@ -61,6 +61,15 @@ log = logging.getLogger(__name__)
 UPDATED_TYPES = frozenset(t for types in UNIT_RESOURCE_TYPES.values() for t in types)
 
 
+def updated_types(contact_procedures: str) -> frozenset[str]:
+    """The types this deployment writes by conditional update: contacts may be Procedures too, or instead."""
+    if contact_procedures == "also":
+        return UPDATED_TYPES | {"Procedure"}
+    if contact_procedures == "instead":
+        return (UPDATED_TYPES - {"Communication"}) | {"Procedure"}
+    return UPDATED_TYPES
+
+
 class Writer:
     """Writes one run's planned units; counts what happened into the run's counter."""
 
@@ -138,7 +147,7 @@ class Writer:
             log.warning("could not read the CapabilityStatement (HTTP %s); assuming conditional update",
                         exc.status, extra={"event": "capabilities-unavailable", "status": exc.status})
             capabilities = None
-        plan = write_plan(self.opts.write_mode, capabilities, UPDATED_TYPES)
+        plan = write_plan(self.opts.write_mode, capabilities, updated_types(self.opts.ctx.contact_procedures))
         if not plan.transaction_declared:
             log.warning("the server does not declare transaction support; peersync writes only in transactions "
                         "(run peersync doctor)", extra={"event": "capabilities-no-transaction"})

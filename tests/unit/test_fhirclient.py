@@ -211,6 +211,6 @@ def test_unreadable_capability_statement_falls_back_to_conditional_writes() -> N
     responses.get(BASE + "/metadata", status=400, json=outcome("invalid", "HAPI-1821: bad request"))
     writer = Writer.__new__(Writer)  # only the capability check is under test
     writer.client = FhirClient(BASE, retry=FAST)
-    writer.opts = type("Opts", (), {"write_mode": "auto"})()
+    writer.opts = type("Opts", (), {"write_mode": "auto", "ctx": type("Ctx", (), {"contact_procedures": "off"})()})()
     plan = writer._write_plan()
     assert plan.conditional_types is None and plan.uses_conditional("Communication")

@@ -35,6 +35,7 @@ RECORD_TYPES = {
     "map_enrollment": Enrollment,
     "map_goal": Goal,
     "map_contact": Contact,
+    "map_contact_procedure": Contact,
     "map_planned_contact": PlannedContact,
     "map_referral": Referral,
 }
@@ -67,6 +68,8 @@ def map_case(case: dict[str, Any]) -> list[dict[str, Any]]:
         return [mappers.map_goal(record, enrollment, ctx)]
     if name == "map_contact":
         return [mappers.map_contact(record, enrollment, ctx)]
+    if name == "map_contact_procedure":
+        return [mappers.map_contact_procedure(record, enrollment, ctx)]
     if name == "map_planned_contact":
         return [mappers.map_planned_contact(record, enrollment, ctx)]
     if name == "map_referral":
@@ -111,6 +114,7 @@ def test_golden_inputs_cover_every_mapper() -> None:
         "map_enrollment",
         "map_goal",
         "map_contact",
+        "map_contact_procedure",
         "map_planned_contact",
         "map_referral",
         "map_provenance",

@@ -410,6 +410,7 @@ def test_public_api() -> None:
         "change_set_author",
         "map_cbo",
         "map_contact",
+        "map_contact_procedure",
         "map_enrollment",
         "map_goal",
         "map_planned_contact",
