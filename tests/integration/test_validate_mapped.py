@@ -25,6 +25,7 @@ from connector.map import (
     MappingContext,
     map_cbo,
     map_contact,
+    map_contact_procedure,
     map_enrollment,
     map_goal,
     map_planned_contact,
@@ -391,16 +392,23 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
             referral_ids=[r.referral_id for r in referrals[eid]],
             ctx=ctx,
             supporter=by_id[e.supporter_id],
+            performed_contacts=_performed(contacts[eid]),
+            contributor_ids=[c.supporter_id for c in contacts[eid]],
         )
         out += [map_goal(g, e, ctx) for g in goals[eid]]
         out += [map_planned_contact(p, e, ctx) for p in planned[eid]]
         out += [map_contact(c, e, ctx) for c in contacts[eid]]
+        out += [map_contact_procedure(c, e, ctx) for c in contacts[eid]]  # `contact_procedures = "also"`
         for r in referrals[eid]:
             out += map_referral(r, e, ctx)
             cbo = map_cbo(r, ctx)
             if cbo is not None and cbo not in out:
                 out.append(cbo)
     return out
+
+
+def _performed(contacts: list[Contact]) -> list[tuple[str, str | None]]:
+    return [(c.contact_id, c.planned_contact_id) for c in contacts if c.outcome == "completed" and not c.void]
 
 
 def _demo_program(ctx: MappingContext, tmp: Path) -> list[dict[str, Any]]:
@@ -435,16 +443,20 @@ def _map_records(flat: list[Any], ctx: MappingContext) -> list[dict[str, Any]]:
         goals = [g for g in mine if isinstance(g, Goal)]
         planned = [p for p in mine if isinstance(p, PlannedContact)]
         refs = [r for r in mine if isinstance(r, Referral)]
+        contacts = [c for c in mine if isinstance(c, Contact)]
         out += map_enrollment(
             e,
             goal_ids=[g.goal_id for g in goals],
             planned_contact_ids=[p.planned_contact_id for p in planned],
             referral_ids=[r.referral_id for r in refs],
             ctx=ctx,
+            performed_contacts=_performed(contacts),
+            contributor_ids=[c.supporter_id for c in contacts],
         )
         out += [map_goal(g.model_copy(update={"notes": tuple(notes.get(g.goal_id, ()))}), e, ctx) for g in goals]
         out += [map_planned_contact(p, e, ctx) for p in planned]
-        out += [map_contact(c, e, ctx) for c in mine if isinstance(c, Contact)]
+        out += [map_contact(c, e, ctx) for c in contacts]
+        out += [map_contact_procedure(c, e, ctx) for c in contacts]
         for r in refs:
             out += map_referral(r, e, ctx)
             cbo = map_cbo(r, ctx)
