@@ -36,7 +36,7 @@ from connector.plan.planner import (
 from connector.read.staging import Staging
 from connector.server.capabilities import Capabilities
 from connector.server.client import Action, FhirClient, FhirHttpError, HttpAnswer, summarize_outcome
-from connector.write.bundle import BuiltBundle, Identity, PendingWrite, UnitWrite
+from connector.write.bundle import BuiltBundle, Identity, PendingWrite, UnitWrite, identity_of
 from connector.write.changeset import STATUS_ELEMENT, build_change_set, void_bundle
 from connector.write.conditions import find_condition_refs
 from connector.write.confirm import confirm_writes
@@ -50,6 +50,7 @@ from connector.write.decisions import (
     step_after_failure,
     write_plan,
 )
+from connector.write.outcomes import without_unknown_outcomes
 from connector.write.patients import PatientPrefetch, prefetch_for
 
 if TYPE_CHECKING:
@@ -212,8 +213,34 @@ class Writer:
         if deferred:
             # Units that only failed on a reference to something not yet written (a CarePlan and the requests
             # that point back at it, split apart): now everything else has landed, send them together once more.
+            deferred = self._drop_lost_outcomes(ledger, deferred)
             self._send(ledger, deferred, patient=patient, participant=participant, author=author,
                        patient_id=patient_id, deferred=None)
+
+    def _drop_lost_outcomes(self, ledger: Ledger, deferred: list[PendingWrite]) -> list[PendingWrite]:
+        """The deferred units, with CarePlan outcome links to contacts that did not land taken out (see
+        connector/write/outcomes.py); such a CarePlan is recorded without the plan's hash, so the next run resends
+        it whole."""
+        in_batch = {identity_of(r) for w in deferred for r in w.unit.resources if r.get("identifier")}
+
+        def known(identity: Identity) -> bool:
+            return identity in in_batch or bool(ledger.server_ids([identity]))
+
+        out = []
+        for write in deferred:
+            resources, dropped = [], 0
+            for resource in write.unit.resources:
+                if resource.get("resourceType") == "CarePlan":
+                    resource, n = without_unknown_outcomes(resource, known)
+                    dropped += n
+                resources.append(resource)
+            if dropped:
+                log.warning("CarePlan sent without %d outcome link(s) to contacts that did not land; resent next run",
+                            dropped, extra={"event": "careplan-outcomes-dropped"})
+                unit = write.unit
+                write = PendingWrite(UnitWrite(unit.unit_key, unit.kind, resources, unit.voided), None)
+            out.append(write)
+        return out
 
     def _resolve_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
         """(patient id, review reason, PHI-free detail). A search or read the server refuses (4xx) sends the
