@@ -171,7 +171,8 @@ def read_and_plan(opts: SyncOptions, ledger: Ledger, staging: Staging,
     held = {} if opts.accept_shape_change else shape_changes(
         previous, shapes, report.mapped_columns, max_row_drop_fraction=opts.max_row_drop_fraction)
     plan = compute_plan(staging, ledger, program_id=opts.ctx.program_id, fingerprint=program_fingerprint(opts.ctx),
-                        max_delete_fraction=opts.max_delete_fraction, held_kinds=held_unit_kinds(held))
+                        max_delete_fraction=opts.max_delete_fraction, held_kinds=held_unit_kinds(held),
+                        contact_procedures=opts.ctx.contact_procedures)
     plan.shape_held = list(held.values())
     plan.shapes_seen = {kind: shape for kind, shape in shapes.items() if kind not in held}
     if phases is not None:

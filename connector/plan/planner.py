@@ -56,6 +56,15 @@ UNIT_RESOURCE_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+def unit_resource_types(kind: str, contact_procedures: str = "off") -> tuple[str, ...]:
+    """The resource types a unit of ``kind`` produces under ``[server] contact_procedures``."""
+    if kind == "contact" and contact_procedures == "also":
+        return ("Communication", "Procedure")
+    if kind == "contact" and contact_procedures == "instead":
+        return ("Procedure",)
+    return UNIT_RESOURCE_TYPES.get(kind, ())
+
+
 def _sha(*parts: Any) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -258,14 +267,15 @@ def program_fingerprint(ctx: MappingContext) -> str:
 
 
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,
-                 max_delete_fraction: float = 0.2, held_kinds: Collection[str] = ()) -> Plan:
+                 max_delete_fraction: float = 0.2, held_kinds: Collection[str] = (),
+                 contact_procedures: str = "off") -> Plan:
     """Fill the staging DB's ``units`` and ``plan`` tables and return the counts.
 
     Deletions are held back (not planned) for a kind when rows of that kind were rejected without a readable
     id, or when more than ``max_delete_fraction`` of the kind's confirmed units would be voided (a missing or
     truncated input file must never void a program's history). Units of ``held_kinds`` (the shape guard's)
     are neither updated, voided nor deleted: those actions become ``held``; creates and retries of content
-    the server already confirmed go ahead.
+    the server already confirmed go ahead. ``contact_procedures`` only shapes the counts per resource type.
     """
     db = staging.db
     db.create_function("sha", -1, _sha, deterministic=True)
@@ -291,7 +301,7 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
         reported = sync_count_name(Act(action), bool(voided), bool(confirmed))
         plan.by_kind.setdefault(kind, Counter())[action] += count
         plan.reported[reported] += count
-        for resource_type in UNIT_RESOURCE_TYPES.get(kind, ()):
+        for resource_type in unit_resource_types(kind, contact_procedures):
             plan.by_resource_type.setdefault(resource_type, Counter())[action] += count
             plan.reported_by_resource_type.setdefault(resource_type, Counter())[reported] += count
         if participant is not None:

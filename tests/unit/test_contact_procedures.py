@@ -110,3 +110,12 @@ def test_the_switch_is_a_server_setting_and_part_of_the_mapping_fingerprint() ->
         ServerSettings(base_url="https://ehr.example.org/fhir", contact_procedures="sometimes")
     assert program_fingerprint(context()) != program_fingerprint(context(contact_procedures="also"))
     assert updated_types("off") == UPDATED_TYPES
+
+
+def test_plan_counts_procedures_per_resource_type() -> None:
+    from connector.plan.planner import unit_resource_types
+
+    assert unit_resource_types("contact") == ("Communication",)
+    assert unit_resource_types("contact", "also") == ("Communication", "Procedure")
+    assert unit_resource_types("contact", "instead") == ("Procedure",)
+    assert unit_resource_types("enrollment", "instead") == ("CarePlan", "CareTeam")
