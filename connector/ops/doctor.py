@@ -46,6 +46,17 @@ if TYPE_CHECKING:
 WRITTEN_TYPES: tuple[str, ...] = ("Organization", "Device", "Practitioner", "PractitionerRole", "CareTeam",
                                   "CarePlan", "Goal", "Communication", "CommunicationRequest", "ServiceRequest",
                                   "Task", "Provenance")
+
+
+def written_types(contact_procedures: str = "off") -> tuple[str, ...]:
+    """The types this deployment writes: contacts may be Procedures too, or instead (`[server] contact_procedures`)."""
+    if contact_procedures == "also":
+        return (*WRITTEN_TYPES, "Procedure")
+    if contact_procedures == "instead":
+        return (*(t for t in WRITTEN_TYPES if t != "Communication"), "Procedure")
+    return WRITTEN_TYPES
+
+
 # Provenance is only ever created (R4 Provenance has no identifier); the others are conditional updates.
 CREATE_ONLY_TYPES = frozenset({"Provenance"})
 # Types whose resources peersync reads back by id (to void them, or to follow Patient.link).
@@ -507,13 +518,14 @@ def run_doctor(path: Path | None, environ: Mapping[str, str] | None = None, *, t
     if statement is None and not needs_auth:
         report.add("auth", Status.SKIP, "not checked: the server is not reachable")
     else:
-        auth_ready = _check_auth_online(report, client) if loaded.auth_ok else False
+        types = written_types(settings.server.contact_procedures)
+        auth_ready = _check_auth_online(report, client, types) if loaded.auth_ok else False
         if not loaded.auth_ok:
             report.add("auth", Status.SKIP, "not checked: fix the [auth] configuration first")
         if statement is None and needs_auth and auth_ready:
             statement = _metadata_with_auth(report, client)
         if statement is not None:
-            _check_capabilities(report, Capabilities.parse(statement), settings.server.write_mode)
+            _check_capabilities(report, Capabilities.parse(statement), settings.server.write_mode, types)
         if auth_ready:
             _check_probe(report, client, settings)
             _check_ledger_on_server(report, client, settings.sync.ledger)
@@ -619,7 +631,8 @@ def _check_clock(report: Report, response: Any) -> None:
         report.add("host.clock", Status.PASS, f"within {CLOCK_SKEW_WARN_SECONDS} s of the server's clock")
 
 
-def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: str) -> None:
+def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: str,
+                        types: tuple[str, ...] = WRITTEN_TYPES) -> None:
     version = capabilities.fhir_version
     if version.startswith("4.0."):
         report.add("server.fhir_version", Status.PASS, f"FHIR {version} (R4)")
@@ -632,7 +645,7 @@ def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: 
         report.add("server.transaction", Status.FAIL, "the CapabilityStatement does not list the 'transaction' "
                    "interaction; peersync sends each participant's records as one transaction",
                    "ask the EHR team to enable FHIR transactions for this endpoint; peersync cannot run without them")
-    for resource_type in ("Patient", *WRITTEN_TYPES):
+    for resource_type in ("Patient", *types):
         _check_resource(report, resource_type, capabilities.resource(resource_type), write_mode)
 
 
@@ -691,7 +704,7 @@ def _check_resource(report: Report, resource_type: str, resource: ResourceCapabi
     report.add(name, status, f"{resource_type}: " + ", ".join(notes or ["supported"]), fix)
 
 
-def _check_auth_online(report: Report, client: Any) -> bool:
+def _check_auth_online(report: Report, client: Any, types: tuple[str, ...] = WRITTEN_TYPES) -> bool:
     from connector.auth import missing_scopes
 
     auth = client.session.auth
@@ -717,7 +730,7 @@ def _check_auth_online(report: Report, client: Any) -> bool:
         shown.append("granted: " + (" ".join(granted) or "(none)"))
     report.add("auth", Status.PASS, ", ".join(shown))
     if granted is not None:
-        needed = [f"system/{t}.c" if t in CREATE_ONLY_TYPES else f"system/{t}.cu" for t in WRITTEN_TYPES]
+        needed = [f"system/{t}.c" if t in CREATE_ONLY_TYPES else f"system/{t}.cu" for t in types]
         needed.append("system/Patient.rs")
         missing = missing_scopes(granted, needed)
         if missing:
@@ -726,6 +739,11 @@ def _check_auth_online(report: Report, client: Any) -> bool:
                        "and add them to auth.scope (docs/authentication.md, 'Scopes to request')")
         else:
             report.add("auth.scopes", Status.PASS, "the granted scopes cover every type peersync writes")
+        if missing_scopes(granted, ["system/Condition.rs"]):
+            report.add("auth.scopes.condition", Status.WARN, "the granted scopes do not cover system/Condition.rs: "
+                       "CarePlans will not address the patient's Conditions (CarePlan.addresses)",
+                       "ask the EHR administrator for system/Condition.rs and add it to auth.scope, or accept "
+                       "CarePlans without addresses")
     return True
 
 

@@ -377,8 +377,19 @@ def test_auth_success_reports_scopes_never_the_token(tmp_path: Path) -> None:
     assert auth.status is Status.PASS and "granted: system/Patient.rs system/Goal.cu" in auth.detail
     scopes = one(report, "auth.scopes")
     assert scopes.status is Status.WARN and "system/Task.cu" in scopes.detail
+    assert "system/Procedure" not in scopes.detail  # contacts are not written as Procedures by default
+    condition = one(report, "auth.scopes.condition")
+    assert condition.status is Status.WARN and "CarePlan.addresses" in condition.detail
     assert ACCESS_TOKEN not in str(report.as_dict()) and "cs-very-secret-value" not in str(report.as_dict())
     assert report.exit_code() == 0
+
+
+def test_written_types_follow_contact_procedures() -> None:
+    from connector.ops.doctor import WRITTEN_TYPES, written_types
+
+    assert written_types() == WRITTEN_TYPES
+    assert written_types("also") == (*WRITTEN_TYPES, "Procedure")
+    assert "Communication" not in written_types("instead") and "Procedure" in written_types("instead")
 
 
 def test_probe_refused_is_77(tmp_path: Path) -> None:
