@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from connector.map import (
     MappingContext,
     map_cbo,
@@ -180,14 +182,15 @@ def _contacts_and_contributors(records: _ParticipantRecords) -> tuple[list[tuple
     contributors: list[str] = []
     for kind in (RecordKind.GOAL, RecordKind.PLANNED_CONTACT, RecordKind.REFERRAL, RecordKind.CONTACT):
         for key in records.keys(kind):
-            record = records.record(kind, key)
-            if record is None or record.void:
+            # the staged body was validated when it was read: a plain parse of five fields is enough (a participant
+            # may have thousands of contacts, and a new one resends the CarePlan)
+            body = orjson.loads(records.bodies[(kind.value, key)])
+            if body.get("void"):
                 continue
-            supporter_id = getattr(record, "supporter_id", None)
-            if supporter_id:
-                contributors.append(supporter_id)
-            if isinstance(record, Contact) and record.outcome is ContactOutcome.COMPLETED:
-                performed.append((record.contact_id, record.planned_contact_id))
+            if body.get("supporter_id"):
+                contributors.append(body["supporter_id"])
+            if kind is RecordKind.CONTACT and body.get("outcome", ContactOutcome.COMPLETED) == ContactOutcome.COMPLETED:
+                performed.append((body["contact_id"], body.get("planned_contact_id")))
     return performed, list(dict.fromkeys(contributors))
 
 

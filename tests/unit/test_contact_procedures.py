@@ -11,7 +11,7 @@ from connector.identifiers import parse_conditional_reference
 from connector.map import MappingContext, map_contact, map_contact_procedure
 from connector.map.codes import PERTAINS_TO_GOAL, SNOMED
 from connector.map.units import contact_resources
-from connector.model import Contact, Enrollment
+from connector.model import Contact, Enrollment, RecordKind
 from connector.ops.config import ServerSettings
 from connector.plan.planner import program_fingerprint
 from connector.write.writer import UPDATED_TYPES, updated_types
@@ -119,3 +119,31 @@ def test_plan_counts_procedures_per_resource_type() -> None:
     assert unit_resource_types("contact", "also") == ("Communication", "Procedure")
     assert unit_resource_types("contact", "instead") == ("Procedure",)
     assert unit_resource_types("enrollment", "instead") == ("CarePlan", "CareTeam")
+
+
+def test_the_careplan_links_exactly_the_contacts_that_took_place_and_credits_their_supporters(tmp_path: Any) -> None:
+    import csv
+    from pathlib import Path
+
+    from connector.identifiers import parse_conditional_reference as parse
+    from connector.map.units import map_participant_units
+    from connector.read.profile import load_profile
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+
+    demo = Path(__file__).resolve().parents[2] / "fixtures" / "demo" / "template"
+    profile = load_profile("peersync-template")
+    ctx = MappingContext.from_profile(profile)
+    with Staging(tmp_path / "s.sqlite") as staging:
+        read_program(profile, [demo], staging)
+        kept = {r.contact_id for r in staging.records(RecordKind.CONTACT)}  # rows the reader accepted
+        (unit,) = map_participant_units(staging, "E0001", [("enrollment", "E0001")], ctx)
+    with (demo / "contacts.csv").open(encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["enrollment_id"] == "E0001" and r["contact_id"] in kept]
+    took_place = {r["contact_id"] for r in rows if r["outcome"] in ("", "completed") and r["void"] in ("", "0")}
+    assert took_place and len(took_place) < len(rows)  # the demo has attempts or voids to leave out
+    careplan = unit.resources[0]
+    linked = [parse(ref["reference"]) for a in careplan["activity"] for ref in a.get("outcomeReference", [])]
+    assert {value for _, _, value in linked} == took_place and len(linked) == len(took_place)
+    contributors = {parse(c["reference"])[2] for c in careplan["contributor"][1:]}
+    assert {r["supporter_id"] for r in rows if r["contact_id"] in took_place} <= contributors
