@@ -75,15 +75,17 @@ def map_enrollment(
     found at sync time (``CarePlan.addresses``); the mapper never invents or creates one.
     """
     status = codes.ENTERED_IN_ERROR if e.void else codes.CAREPLAN_STATUS[e.status]
+    planned = set(planned_contact_ids)
     outcomes: dict[str | None, list[dict[str, Any]]] = {}
     for contact_id, planned_id in performed_contacts:
-        key = planned_id if planned_id in planned_contact_ids else None
+        key = planned_id if planned_id in planned else None
         outcomes.setdefault(key, []).append(contact_outcome_ref(contact_id, ctx))
-    activities = [
-        {"outcomeReference": outcomes.get(p, []), "reference": ctx.ref("CommunicationRequest", KIND_CONTACT_REQUEST, p)}
-        for p in planned_contact_ids
-    ]
-    activities = [{k: v for k, v in a.items() if v} for a in activities]
+    activities: list[dict[str, Any]] = []
+    for p in planned_contact_ids:
+        activity: dict[str, Any] = {"reference": ctx.ref("CommunicationRequest", KIND_CONTACT_REQUEST, p)}
+        if outcomes.get(p):
+            activity["outcomeReference"] = outcomes[p]
+        activities.append(activity)
     activities += [{"reference": ctx.ref("ServiceRequest", KIND_REFERRAL, r)} for r in referral_ids]
     if outcomes.get(None):
         # contacts not planned ahead: one activity that holds only their outcomes (activities here are references

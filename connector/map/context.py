@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
 from connector import __version__
@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 # (docs/fhir-modeling-corrections.md, "Canonical URLs"). The files of mappings/terminology/ are written under it.
 TERMINOLOGY_BASE = "https://peersync.github.io/fhir"
 DEFAULT_TERMINOLOGY_BASE = TERMINOLOGY_BASE  # the name earlier releases exported
+
+# How contacts reach the server (`[server] contact_procedures`): Communication only, also a US Core Procedure, or
+# the Procedure alone.
+ContactProcedures = Literal["off", "also", "instead"]
 
 # The value of the connector Device's business identifier (one Device per program: the system carries the program).
 DEVICE_IDENTIFIER_VALUE = "peersync"
@@ -57,7 +61,7 @@ class MappingContext:
     timezone: str = "UTC"
     connector_version: str = __version__
     program_phone: str | None = None
-    contact_procedures: str = "off"
+    contact_procedures: ContactProcedures = "off"
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:

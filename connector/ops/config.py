@@ -38,6 +38,7 @@ from connector.auth import keys
 from connector.auth.methods import AuthMode, ClientAuthMethod, SigningAlg
 from connector.auth.scopes import ScopeList, parse_scope, split_scopes
 from connector.errors import ConfigError, TransportError
+from connector.map.context import ContactProcedures
 from connector.read.formats.base import ReadLimits
 from connector.server.transport import origin_of
 
@@ -226,7 +227,7 @@ class ServerSettings(_Section):
     write_mode: Literal["auto", "conditional", "search"] = Field(
         "auto", description="auto: conditional update where the CapabilityStatement allows it, else search-then-write."
     )
-    contact_procedures: Literal["off", "also", "instead"] = Field(
+    contact_procedures: ContactProcedures = Field(
         "off", description="Also write each contact as a US Core Procedure ('also'), or only as one ('instead'), for "
         "EHRs that show Procedures and ignore Communications. Choose before the first sync: switching later does "
         "not retract what was written")
