@@ -1,4 +1,4 @@
-"""The mapping context: who is mapping (program, identifier namespace, terminology base) and how to refer to things.
+"""The mapping context: who is mapping (program, identifier namespace) and how to refer to things.
 
 Everything a mapper needs besides the source record lives here, so mappers stay pure functions.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
 from connector import __version__
@@ -24,10 +24,16 @@ if TYPE_CHECKING:
     from connector.model import Enrollment
     from connector.read.profile import Profile
 
-# Canonical base of peersync's own CodeSystems, ValueSets and extensions. Shared by every program because the
-# codes mean the same everywhere (a deliberate deviation from fhir-modeling.md §11, see
-# docs/fhir-modeling-corrections.md). It is also the base written in the files of mappings/terminology/.
-DEFAULT_TERMINOLOGY_BASE = "https://peersync.dev/fhir"
+# Canonical base of peersync's own CodeSystems, ValueSets and extensions: the GitHub Pages host of the GitHub
+# organisation that owns peersync's repository (github.com/peersync), so the project controls it and can serve the
+# package there. One base for every program and deployment, never rewritten: one code has one system everywhere
+# (docs/fhir-modeling-corrections.md, "Canonical URLs"). The files of mappings/terminology/ are written under it.
+TERMINOLOGY_BASE = "https://peersync.github.io/fhir"
+DEFAULT_TERMINOLOGY_BASE = TERMINOLOGY_BASE  # the name earlier releases exported
+
+# How contacts reach the server (`[server] contact_procedures`): Communication only, also a US Core Procedure, or
+# the Procedure alone.
+ContactProcedures = Literal["off", "also", "instead"]
 
 # The value of the connector Device's business identifier (one Device per program: the system carries the program).
 DEVICE_IDENTIFIER_VALUE = "peersync"
@@ -43,7 +49,6 @@ class MappingContext:
         base_url: the program's canonical base for identifier systems (no trailing ``/``).
         mrn_system: the clinic's MRN identifier system, used to reference the Patient.
         timezone: IANA zone of the program; applied to naive date-times (e.g. a naive Provenance time).
-        terminology_base: canonical base of peersync's CodeSystems and extensions.
         connector_version: the connector's version (Device.version).
         program_phone: the program's phone, used as PractitionerRole telecom when a supporter has none (pd-1).
         referral_codes: the profile's ServiceRequest.code per referral need, ``(need, system, code, display)``;
@@ -52,6 +57,8 @@ class MappingContext:
         note_period: what one note covers: one ``contact``, an ISO ``week`` or a calendar ``month``.
         organization_tasks: referral Tasks whose status belongs to the community organization (see below).
         clinic_referral_requests: the ServiceRequests of the clinic referrals enrollments answer (see below).
+        contact_procedures: how contacts reach the server: ``off`` (Communication only), ``also`` (Communication
+            and a US Core Procedure) or ``instead`` (Procedure only); a per-server setting.
     """
 
     program_id: str
@@ -59,7 +66,6 @@ class MappingContext:
     base_url: str
     mrn_system: str
     timezone: str = "UTC"
-    terminology_base: str = DEFAULT_TERMINOLOGY_BASE
     connector_version: str = __version__
     program_phone: str | None = None
     referral_codes: tuple[tuple[str, str, str, str], ...] = ()
@@ -71,6 +77,7 @@ class MappingContext:
     organization_tasks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, hash=False)
     # Clinic referral Task id -> the server id of its ServiceRequest (CarePlan.basedOn), read by a sync.
     clinic_referral_requests: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+    contact_procedures: ContactProcedures = "off"
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:
@@ -129,13 +136,18 @@ class MappingContext:
 
     # -- terminology and metadata --------------------------------------------------------------------------------
 
+    @property
+    def terminology_base(self) -> str:
+        """Canonical base of peersync's CodeSystems and extensions: the same for every deployment."""
+        return TERMINOLOGY_BASE
+
     def code_system(self, cs_id: str) -> str:
         """Canonical URL of one of our CodeSystems."""
-        return f"{self.terminology_base}/CodeSystem/{cs_id}"
+        return f"{TERMINOLOGY_BASE}/CodeSystem/{cs_id}"
 
     def extension_url(self, sd_id: str) -> str:
         """Canonical URL of one of our extensions."""
-        return f"{self.terminology_base}/StructureDefinition/{sd_id}"
+        return f"{TERMINOLOGY_BASE}/StructureDefinition/{sd_id}"
 
     @property
     def meta_source(self) -> str:

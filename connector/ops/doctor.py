@@ -46,6 +46,17 @@ if TYPE_CHECKING:
 WRITTEN_TYPES: tuple[str, ...] = ("Organization", "Device", "Practitioner", "PractitionerRole", "CareTeam",
                                   "CarePlan", "Goal", "Communication", "CommunicationRequest", "ServiceRequest",
                                   "Task", "Provenance")
+
+
+def written_types(contact_procedures: str = "off") -> tuple[str, ...]:
+    """The types this deployment writes: contacts may be Procedures too, or instead (`[server] contact_procedures`)."""
+    if contact_procedures == "also":
+        return (*WRITTEN_TYPES, "Procedure")
+    if contact_procedures == "instead":
+        return (*(t for t in WRITTEN_TYPES if t != "Communication"), "Procedure")
+    return WRITTEN_TYPES
+
+
 # Provenance is only ever created (R4 Provenance has no identifier); the others are conditional updates.
 CREATE_ONLY_TYPES = frozenset({"Provenance"})
 # Types whose resources peersync reads back by id (to void them, or to follow Patient.link).
@@ -192,6 +203,7 @@ def _offline(report: Report, path: Path | None, environ: Mapping[str, str] | Non
     report.add("config.settings", Status.PASS, "every setting is known and has a valid value")
     loaded.server_ok = _check_server_settings(report, settings)
     loaded.auth_ok = _check_auth_offline(report, settings, data.get("auth") or {}, loaded.server_ok)
+    _check_deprecated(report, settings)
     _check_profile(report, settings)
     _check_assets(report)
     _check_inputs(report, settings)
@@ -218,6 +230,17 @@ def _file_fix(message: str) -> str:
     if "not readable" in message:
         return "give the peersync user read access (chmod 640 and the right group)"
     return "fix the file as the message says; docs/configuration.md lists every setting"
+
+
+def _check_deprecated(report: Report, settings: Any) -> None:
+    from connector.map.context import TERMINOLOGY_BASE
+
+    if settings.program.terminology_base is not None:
+        report.add("program.terminology_base", Status.WARN,
+                   f"program.terminology_base ({settings.program.terminology_base}) is deprecated and ignored: "
+                   f"peersync's codes keep their one canonical base, {TERMINOLOGY_BASE}, in every deployment",
+                   "remove terminology_base from [program] (and PEERSYNC_PROGRAM__TERMINOLOGY_BASE); codes written "
+                   "under the old base are rewritten on the next sync")
 
 
 def _check_server_settings(report: Report, settings: Any) -> bool:
@@ -495,13 +518,14 @@ def run_doctor(path: Path | None, environ: Mapping[str, str] | None = None, *, t
     if statement is None and not needs_auth:
         report.add("auth", Status.SKIP, "not checked: the server is not reachable")
     else:
-        auth_ready = _check_auth_online(report, client, settings) if loaded.auth_ok else False
+        types = written_types(settings.server.contact_procedures)
+        auth_ready = _check_auth_online(report, client, settings, types) if loaded.auth_ok else False
         if not loaded.auth_ok:
             report.add("auth", Status.SKIP, "not checked: fix the [auth] configuration first")
         if statement is None and needs_auth and auth_ready:
             statement = _metadata_with_auth(report, client)
         if statement is not None:
-            _check_capabilities(report, Capabilities.parse(statement), settings.server.write_mode,
+            _check_capabilities(report, Capabilities.parse(statement), settings.server.write_mode, types,
                                 write_strategy=settings.server.write_strategy,
                                 resolves_conditional_references=settings.server.resolves_conditional_references)
         if auth_ready:
@@ -609,26 +633,27 @@ def _check_clock(report: Report, response: Any) -> None:
         report.add("host.clock", Status.PASS, f"within {CLOCK_SKEW_WARN_SECONDS} s of the server's clock")
 
 
-def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: str, *,
-                        write_strategy: str = "auto", resolves_conditional_references: bool = True) -> None:
+def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: str,
+                        types: tuple[str, ...] = WRITTEN_TYPES, *, write_strategy: str = "auto",
+                        resolves_conditional_references: bool = True) -> None:
     version = capabilities.fhir_version
     if version.startswith("4.0."):
         report.add("server.fhir_version", Status.PASS, f"FHIR {version} (R4)")
     else:
         report.add("server.fhir_version", Status.FAIL, f"the server speaks FHIR {version or '(not stated)'}, not R4 "
                    "(4.0.x)", "point server.base_url at the server's R4 endpoint")
-    _check_write_strategy(report, capabilities, write_strategy, resolves_conditional_references)
-    for resource_type in ("Patient", *WRITTEN_TYPES):
+    _check_write_strategy(report, capabilities, write_strategy, resolves_conditional_references, types)
+    for resource_type in ("Patient", *types):
         _check_resource(report, resource_type, capabilities.resource(resource_type), write_mode)
 
 
 def _check_write_strategy(report: Report, capabilities: Capabilities, write_strategy: str,
-                          resolves_conditional_references: bool) -> None:
+                          resolves_conditional_references: bool, types: tuple[str, ...] = WRITTEN_TYPES) -> None:
     """How sync will write to this server (the writer's own choice, connector.write.decisions) and whether the
     server declares what that needs."""
     from connector.write.decisions import Strategy, choose_strategy
 
-    choice = choose_strategy(write_strategy, capabilities, written_types=WRITTEN_TYPES,
+    choice = choose_strategy(write_strategy, capabilities, written_types=types,
                              resolves_conditional_references=resolves_conditional_references)
     declared = capabilities.system_interactions
     if capabilities.supports_transaction:
@@ -708,7 +733,8 @@ def _check_resource(report: Report, resource_type: str, resource: ResourceCapabi
     report.add(name, status, f"{resource_type}: " + ", ".join(notes or ["supported"]), fix)
 
 
-def _check_auth_online(report: Report, client: Any, settings: Any = None) -> bool:
+def _check_auth_online(report: Report, client: Any, settings: Any = None,
+                       types: tuple[str, ...] = WRITTEN_TYPES) -> bool:
     from connector.auth import missing_scopes
 
     auth = client.session.auth
@@ -734,7 +760,7 @@ def _check_auth_online(report: Report, client: Any, settings: Any = None) -> boo
         shown.append("granted: " + (" ".join(granted) or "(none)"))
     report.add("auth", Status.PASS, ", ".join(shown))
     if granted is not None:
-        needed = [f"system/{t}.c" if t in CREATE_ONLY_TYPES else f"system/{t}.cu" for t in WRITTEN_TYPES]
+        needed = [f"system/{t}.c" if t in CREATE_ONLY_TYPES else f"system/{t}.cu" for t in types]
         needed.append("system/Patient.rs")
         missing = missing_scopes(granted, needed)
         if missing:
@@ -744,6 +770,11 @@ def _check_auth_online(report: Report, client: Any, settings: Any = None) -> boo
         else:
             report.add("auth.scopes", Status.PASS, "the granted scopes cover every type peersync writes")
         _check_pull_scopes(report, granted, clinical=bool(settings is not None and settings.pull.clinical_facts))
+        if missing_scopes(granted, ["system/Condition.rs"]):
+            report.add("auth.scopes.condition", Status.WARN, "the granted scopes do not cover system/Condition.rs: "
+                       "CarePlans will not address the patient's Conditions (CarePlan.addresses)",
+                       "ask the EHR administrator for system/Condition.rs and add it to auth.scope, or accept "
+                       "CarePlans without addresses")
     return True
 
 
