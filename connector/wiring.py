@@ -65,6 +65,7 @@ def mapping_context(settings: Settings) -> MappingContext:
             "clinical_notes": settings.program.clinical_notes,
             "note_period": settings.program.note_period,
             "contact_procedures": settings.server.contact_procedures,
+            "referral_tasks": settings.server.referral_tasks,
         }.items()
         if value is not None
     }

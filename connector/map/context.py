@@ -35,6 +35,11 @@ DEFAULT_TERMINOLOGY_BASE = TERMINOLOGY_BASE  # the name earlier releases exporte
 # the Procedure alone.
 ContactProcedures = Literal["off", "also", "instead"]
 
+# How an open referral's Task reaches the server (`[server] referral_tasks`): `requested` (R4: "ready to be acted
+# upon"), or `draft` ("not yet ready to be acted upon") for receivers that start work on any requested Task they own
+# when the program has already made the referral by other means.
+ReferralTasks = Literal["requested", "draft"]
+
 # The value of the connector Device's business identifier (one Device per program: the system carries the program).
 DEVICE_IDENTIFIER_VALUE = "peersync"
 
@@ -59,6 +64,7 @@ class MappingContext:
         clinic_referral_requests: the ServiceRequests of the clinic referrals enrollments answer (see below).
         contact_procedures: how contacts reach the server: ``off`` (Communication only), ``also`` (Communication
             and a US Core Procedure) or ``instead`` (Procedure only); a per-server setting.
+        referral_tasks: the status of an open referral's Task: ``requested`` or ``draft``; a per-server setting.
     """
 
     program_id: str
@@ -78,6 +84,7 @@ class MappingContext:
     # Clinic referral Task id -> the server id of its ServiceRequest (CarePlan.basedOn), read by a sync.
     clinic_referral_requests: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
     contact_procedures: ContactProcedures = "off"
+    referral_tasks: ReferralTasks = "requested"
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:

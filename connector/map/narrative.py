@@ -331,6 +331,8 @@ def goal_narrative(resource: Mapping[str, Any], goal: Goal) -> dict[str, str]:
     status = status_words(resource.get("lifecycleStatus", ""))
     achievement = _concept_text(resource.get("achievementStatus"))
     status_html = escape(status + (f", {achievement.lower()}" if achievement else ""))
+    if resource.get("statusReason"):  # e.g. completed without being achieved: said in words, not only coded
+        status_html += f" ({escape_text(resource['statusReason'])})"
     if resource.get("startDate"):
         status_html += f"; since {format_date(resource['startDate'])}"
     progress = [f"<li>{format_date(n['time']) + ': ' if n.get('time') else ''}{escape_text(plain_text(n['text']))}</li>"

@@ -38,7 +38,7 @@ from connector.auth import keys
 from connector.auth.methods import AuthMode, ClientAuthMethod, SigningAlg
 from connector.auth.scopes import ScopeList, parse_scope, split_scopes
 from connector.errors import ConfigError, TransportError
-from connector.map.context import ContactProcedures
+from connector.map.context import ContactProcedures, ReferralTasks
 from connector.read.formats.base import ReadLimits
 from connector.server.transport import origin_of
 
@@ -245,6 +245,10 @@ class ServerSettings(_Section):
         "off", description="Also write each contact as a US Core Procedure ('also'), or only as one ('instead'), for "
         "EHRs that show Procedures and ignore Communications. Choose before the first sync: switching later does "
         "not retract what was written")
+    referral_tasks: ReferralTasks = Field(
+        "requested", description="The status of an open referral's Task: 'requested' (ready to be acted upon), or "
+        "'draft' for receivers that start work on any requested Task they own while the program has already made "
+        "the referral by phone or fax (docs/configuration.md)")
 
 
 class SyncSettings(_Section):

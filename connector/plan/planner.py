@@ -296,7 +296,8 @@ def program_fingerprint(ctx: MappingContext) -> str:
     """The mapping fingerprint of a deployment: a change re-sends everything (conditionally: no duplicates)."""
     return mapping_fingerprint(MAPPING_VERSION, ctx.program_id, ctx.program_name, ctx.base_url, ctx.mrn_system,
                                ctx.terminology_base, ctx.program_phone or "", ctx.timezone,
-                               *("|".join(code) for code in ctx.referral_codes), ctx.contact_procedures)
+                               *("|".join(code) for code in ctx.referral_codes), ctx.contact_procedures,
+                               ctx.referral_tasks)
 
 
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,
