@@ -477,7 +477,7 @@ def terminology_publish(config_path: Path | None, dry_run: bool) -> None:
     from connector.map.terminology import load_terminology, terminology_bundle
 
     settings = _settings(config_path)
-    bundle = terminology_bundle(load_terminology(), terminology_base=settings.program.terminology_base)
+    bundle = terminology_bundle(load_terminology())
     if dry_run:
         click.echo(json.dumps(bundle, indent=2))
         return
@@ -549,7 +549,7 @@ def validate(config_path: Path | None, profile_ref: str | None, inputs: tuple[Pa
             report = checks.validate_offline(resources)
         else:
             if load_us_core:
-                loaded_count = checks.load_us_core(client, terminology_base=ctx.terminology_base)
+                loaded_count = checks.load_us_core(client)
                 log.info("loaded %d conformance resources", loaded_count)
             report = checks.validate_on_server(client, resources, us_core=not base_only)
     result = report.as_dict() | {"read": read}

@@ -28,6 +28,7 @@ KIND_GOAL = "goal"
 KIND_CONTACT = "contact"
 KIND_CONTACT_REQUEST = "contact-request"
 KIND_CANCELLED_CONTACT = "cancelled-contact"  # the revoked request of a cancelled contact without a planned one
+KIND_CONTACT_PROCEDURE = "contact-procedure"  # a contact also (or instead) written as a US Core Procedure
 KIND_REFERRAL = "referral"
 KIND_REFERRAL_TASK = "referral-task"
 KIND_CBO = "cbo"

@@ -62,10 +62,11 @@ def mapping_context(settings: Settings) -> MappingContext:
             "program_name": settings.program.name,
             "base_url": settings.program.base_url,
             "mrn_system": settings.program.mrn_system,
-            "terminology_base": settings.program.terminology_base,
             "program_phone": settings.program.phone,
             "clinical_notes": settings.program.clinical_notes,
             "note_period": settings.program.note_period,
+            "contact_procedures": settings.server.contact_procedures,
+            "referral_tasks": settings.server.referral_tasks,
         }.items()
         if value is not None
     }

@@ -13,6 +13,7 @@ from .communication import map_cancelled_contact_request, map_contact
 from .context import DEFAULT_TERMINOLOGY_BASE, MappingContext
 from .goal import map_goal
 from .people import TeamMember, map_program, map_supporter
+from .procedure import map_contact_procedure
 from .provenance import map_provenance, resource_authors
 from .requests import map_cbo, map_planned_contact, map_referral
 
@@ -24,6 +25,7 @@ __all__ = [
     "map_cancelled_contact_request",
     "map_cbo",
     "map_contact",
+    "map_contact_procedure",
     "map_enrollment",
     "map_goal",
     "map_planned_contact",

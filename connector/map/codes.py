@@ -61,6 +61,7 @@ CS_CONTACT_MODE = "peer-contact-mode"
 CS_CONTACT_SETTING = "peer-contact-setting"
 CS_CAREPLAN_KIND = "careplan-kind"
 CS_REFERRAL_NEED = "referral-need"
+CS_PEER_SUPPORT_ACTIVITY = "peer-support-activity"
 
 # Source vocabularies written as codes of ours: the terminology files must define every value.
 SOURCE_CODE_SYSTEMS: dict[str, type[StrEnum]] = {
@@ -103,6 +104,7 @@ US_CORE_PROFILES: dict[str, str] = {
         "Organization",
         "Practitioner",
         "PractitionerRole",
+        "Procedure",
         "Provenance",
         "ServiceRequest",
     )
@@ -306,6 +308,9 @@ NOT_DONE_RECIPIENT_UNAVAILABLE = coding(COMMUNICATION_NOT_DONE_REASON, "recipien
 US_CORE_SDOH = coding(US_CORE_CATEGORY, "sdoh", "SDOH")
 # display as the US Core 6.1 ServiceRequest category value set lists it (the validator checks it there)
 SNOMED_SOCIAL_SERVICE = coding(SNOMED, "410606002", "Social service procedure (procedure)")
+# FHIR R4 procedure-category value set (SNOMED CT): the standard code beside a support type, where one means the same
+SNOMED_EDUCATION = coding(SNOMED, "409073007", "Education")
+SUPPORT_TYPE_STANDARD = {SupportType.EDUCATION: SNOMED_EDUCATION}
 # need → SDOHCC category (physical activity has none: it uses the PA IG category instead)
 NEED_SDOHCC = {
     NeedCategory.FOOD: coding(SDOHCC_TEMPORARY_CODES, "food-insecurity", "Food Insecurity"),

@@ -122,7 +122,10 @@ def _categories(c: Contact, ctx: MappingContext) -> list[dict[str, Any]]:
     out = []
     for support in dict.fromkeys(c.support_types):
         text = c.original_text.get("support_types") if support is SupportType.OTHER else None
-        out.append(codes.local_concept(ctx, codes.CS_SUPPORT_TYPE, support.value, text))
+        concept = codes.local_concept(ctx, codes.CS_SUPPORT_TYPE, support.value, text)
+        if support in codes.SUPPORT_TYPE_STANDARD:  # the same concept in SNOMED CT, for EHRs that ignore ours
+            concept["coding"].append(dict(codes.SUPPORT_TYPE_STANDARD[support]))
+        out.append(concept)
     for element in dict.fromkeys(c.essential_elements):
         out.append(codes.local_concept(ctx, codes.CS_ESSENTIAL_ELEMENT, element.value))
     return out

@@ -1,4 +1,4 @@
-"""The mapping context: who is mapping (program, identifier namespace, terminology base) and how to refer to things.
+"""The mapping context: who is mapping (program, identifier namespace) and how to refer to things.
 
 Everything a mapper needs besides the source record lives here, so mappers stay pure functions.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
 from connector import __version__
@@ -27,10 +27,21 @@ if TYPE_CHECKING:
     from connector.model import Enrollment
     from connector.read.profile import Profile
 
-# Canonical base of peersync's own CodeSystems, ValueSets and extensions. Shared by every program because the
-# codes mean the same everywhere (a deliberate deviation from fhir-modeling.md §11, see
-# docs/fhir-modeling-corrections.md). It is also the base written in the files of mappings/terminology/.
-DEFAULT_TERMINOLOGY_BASE = "https://peersync.dev/fhir"
+# Canonical base of peersync's own CodeSystems, ValueSets and extensions: the GitHub Pages host of the GitHub
+# organisation that owns peersync's repository (github.com/peersync), so the project controls it and can serve the
+# package there. One base for every program and deployment, never rewritten: one code has one system everywhere
+# (docs/fhir-modeling-corrections.md, "Canonical URLs"). The files of mappings/terminology/ are written under it.
+TERMINOLOGY_BASE = "https://peersync.github.io/fhir"
+DEFAULT_TERMINOLOGY_BASE = TERMINOLOGY_BASE  # the name earlier releases exported
+
+# How contacts reach the server (`[server] contact_procedures`): Communication only, also a US Core Procedure, or
+# the Procedure alone.
+ContactProcedures = Literal["off", "also", "instead"]
+
+# How an open referral's Task reaches the server (`[server] referral_tasks`): `requested` (R4: "ready to be acted
+# upon"), or `draft` ("not yet ready to be acted upon") for receivers that start work on any requested Task they own
+# when the program has already made the referral by other means.
+ReferralTasks = Literal["requested", "draft"]
 
 # The value of the connector Device's business identifier (one Device per program: the system carries the program).
 DEVICE_IDENTIFIER_VALUE = "peersync"
@@ -46,7 +57,6 @@ class MappingContext:
         base_url: the program's canonical base for identifier systems (no trailing ``/``).
         mrn_system: the clinic's MRN identifier system, used to reference the Patient.
         timezone: IANA zone of the program; applied to naive date-times (e.g. a naive Provenance time).
-        terminology_base: canonical base of peersync's CodeSystems and extensions.
         connector_version: the connector's version (Device.version).
         program_phone: the program's phone, used as PractitionerRole telecom when a supporter has none (pd-1).
         referral_codes: the profile's ServiceRequest.code per referral need, ``(need, system, code, display)``;
@@ -57,6 +67,9 @@ class MappingContext:
         clinic_referral_requests: the ServiceRequests of the clinic referrals enrollments answer (see below).
         directory: the Organization and Practitioners the EHR holds already (referenced, not written) and the
             server ids a sync found for them (connector.map.directory).
+        contact_procedures: how contacts reach the server: ``off`` (Communication only), ``also`` (Communication
+            and a US Core Procedure) or ``instead`` (Procedure only); a per-server setting.
+        referral_tasks: the status of an open referral's Task: ``requested`` or ``draft``; a per-server setting.
     """
 
     program_id: str
@@ -64,7 +77,6 @@ class MappingContext:
     base_url: str
     mrn_system: str
     timezone: str = "UTC"
-    terminology_base: str = DEFAULT_TERMINOLOGY_BASE
     connector_version: str = __version__
     program_phone: str | None = None
     referral_codes: tuple[tuple[str, str, str, str], ...] = ()
@@ -77,6 +89,8 @@ class MappingContext:
     # Clinic referral Task id -> the server id of its ServiceRequest (CarePlan.basedOn), read by a sync.
     clinic_referral_requests: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
     directory: Directory = field(default_factory=Directory)
+    contact_procedures: ContactProcedures = "off"
+    referral_tasks: ReferralTasks = "requested"
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> MappingContext:
@@ -146,13 +160,18 @@ class MappingContext:
 
     # -- terminology and metadata --------------------------------------------------------------------------------
 
+    @property
+    def terminology_base(self) -> str:
+        """Canonical base of peersync's CodeSystems and extensions: the same for every deployment."""
+        return TERMINOLOGY_BASE
+
     def code_system(self, cs_id: str) -> str:
         """Canonical URL of one of our CodeSystems."""
-        return f"{self.terminology_base}/CodeSystem/{cs_id}"
+        return f"{TERMINOLOGY_BASE}/CodeSystem/{cs_id}"
 
     def extension_url(self, sd_id: str) -> str:
         """Canonical URL of one of our extensions."""
-        return f"{self.terminology_base}/StructureDefinition/{sd_id}"
+        return f"{TERMINOLOGY_BASE}/StructureDefinition/{sd_id}"
 
     @property
     def meta_source(self) -> str:

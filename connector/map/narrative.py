@@ -280,6 +280,31 @@ def communication_narrative(resource: Mapping[str, Any], *, supporter: Supporter
     return narrative(div, extensions=bool(setting or duration))
 
 
+def procedure_narrative(resource: Mapping[str, Any], *, supporter: Supporter | None, goals: Sequence[Goal],
+                        timezone: str) -> dict[str, str]:
+    """A peer contact written as a Procedure: outcome, who, when (and until), the kind of procedure, goals, note."""
+    status = resource.get("status", "")
+    if status == "not-done":
+        outcome = _concept_text(resource.get("statusReason")) or "not done"
+    else:
+        outcome = status_words(status)
+    period = resource.get("performedPeriod") or {}
+    start = period.get("start") or resource.get("performedDateTime")
+    when = format_datetime(start, timezone) if start else ""
+    if period.get("end"):
+        when += " to " + format_datetime(period["end"], timezone)
+    notes = [plain_text(n["text"]) for n in resource.get("note", ()) if n.get("text")]
+    items = [
+        labelled("Who", _who(supporter)),
+        labelled("When", when) if when else "",
+        labelled("Kind", escape_text(_concept_text(resource.get("category")))) if resource.get("category") else "",
+        labelled("Goals", _joined(f"“{g.description}”" for g in goals if not g.void)) if goals else "",
+        labelled("Note", "<br/>".join(escape_text(n) for n in notes)) if notes else "",
+    ]
+    div = xhtml_div(_heading("Peer support contact", escape(outcome[:1].upper() + outcome[1:])), bullets(items))
+    return narrative(div, extensions=False)
+
+
 # -- Goal ------------------------------------------------------------------------------------------------------------
 
 
@@ -306,6 +331,8 @@ def goal_narrative(resource: Mapping[str, Any], goal: Goal) -> dict[str, str]:
     status = status_words(resource.get("lifecycleStatus", ""))
     achievement = _concept_text(resource.get("achievementStatus"))
     status_html = escape(status + (f", {achievement.lower()}" if achievement else ""))
+    if resource.get("statusReason"):  # e.g. completed without being achieved: said in words, not only coded
+        status_html += f" ({escape_text(resource['statusReason'])})"
     if resource.get("startDate"):
         status_html += f"; since {format_date(resource['startDate'])}"
     progress = [f"<li>{format_date(n['time']) + ': ' if n.get('time') else ''}{escape_text(plain_text(n['text']))}</li>"

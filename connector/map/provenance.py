@@ -28,11 +28,13 @@ _AUTHOR_ELEMENTS: dict[str, tuple[str, ...]] = {
 
 def resource_authors(resource: dict[str, Any], ctx: MappingContext) -> list[str]:
     """The supporters who wrote a mapped resource, as PractitionerRole reference strings, in a stable order: the
-    sender or requester it names and the authors of its notes. Empty when it names none (the program
-    Organization then authors it: a participant's own words, the CarePlan, program-wide resources)."""
+    sender, requester or (a Procedure's) performer it names and the authors of its notes. Empty when it names none
+    (the program Organization then authors it: a participant's own words, the CarePlan, program-wide resources)."""
     found: list[str] = []
     for element in _AUTHOR_ELEMENTS.get(resource["resourceType"], ()):
         found.append(str(resource.get(element, {}).get("reference", "")))
+    if resource["resourceType"] == "Procedure":  # a contact as Procedure: its supporter performed it
+        found += [str(p.get("actor", {}).get("reference", "")) for p in resource.get("performer", ())]
     found += [str(n.get("authorReference", {}).get("reference", "")) for n in resource.get("note", ())]
     roles = (_as_role(ref, ctx) for ref in found)
     return list(dict.fromkeys(r for r in roles if r))

@@ -107,6 +107,8 @@ def map_referral(r: Referral, e: Enrollment, ctx: MappingContext) -> list[dict[s
     else:
         task_status = codes.TASK_STATUS[r.status]
         reason = codes.TASK_STATUS_REASON.get(r.status)
+        if task_status == "requested" and ctx.referral_tasks == "draft":
+            task_status = "draft"  # recorded, not yet for the organization to act on ([server] referral_tasks)
     task = resource(
         "Task",
         ctx,

@@ -1,9 +1,10 @@
 """peersync's own terminology: CodeSystems, ValueSets and extension definitions kept as FHIR JSON data.
 
-The files live in ``mappings/terminology/`` (data, not code; found by :mod:`connector.assets`). Mappers take
-code displays from them, so a
-display is changed in one place; ``peersync terminology publish`` sends them to a server with
-:func:`terminology_bundle`.
+The files live in ``mappings/terminology/`` (data, not code; found by :mod:`connector.assets`), laid out as a FHIR
+package: ``package.json`` (name, version, canonical) beside the resources. Every resource's ``url`` lies under the
+package's canonical, which is :data:`~connector.map.context.TERMINOLOGY_BASE`, and carries the package's version.
+Mappers take code displays from them, so a display is changed in one place; ``peersync terminology publish`` sends
+them to a server with :func:`terminology_bundle`, always under their one canonical URL.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from urllib.parse import quote
 
 from connector.assets import terminology_dir
 from connector.errors import ConfigError
-from connector.map.context import DEFAULT_TERMINOLOGY_BASE
+from connector.map.context import TERMINOLOGY_BASE
 
-# The canonical base written in the data files: the default base (a deployment may publish under another).
-FILE_TERMINOLOGY_BASE = DEFAULT_TERMINOLOGY_BASE
+PACKAGE_MANIFEST = "package.json"
 _KINDS = ("CodeSystem", "ValueSet", "StructureDefinition")
 
 
@@ -29,21 +29,51 @@ class TerminologyError(ConfigError):
     """A terminology file is missing, unreadable or not a CodeSystem/ValueSet/StructureDefinition."""
 
 
+def load_package_manifest(mappings_dir: Path | None = None) -> dict[str, Any]:
+    """The terminology package's ``package.json``, checked: a name, a version and peersync's canonical base."""
+    path = terminology_dir(mappings_dir) / PACKAGE_MANIFEST
+    manifest = _read_json(path)
+    if not manifest.get("name") or not manifest.get("version"):
+        raise TerminologyError(f"{path}: a FHIR package manifest needs a name and a version")
+    if manifest.get("canonical") != TERMINOLOGY_BASE:
+        raise TerminologyError(f"{path}: canonical is {manifest.get('canonical')!r}, not peersync's {TERMINOLOGY_BASE}"
+                               " (peersync's codes keep one canonical base: restore the shipped file)")
+    return manifest
+
+
 def load_terminology(mappings_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Read every CodeSystem, ValueSet and StructureDefinition JSON file, in a stable (file name) order."""
+    """Read the terminology package: every CodeSystem, ValueSet and StructureDefinition, in file name order.
+
+    Each must lie under the package's canonical base and carry the package's version.
+    """
     folder = terminology_dir(mappings_dir)
     if not folder.is_dir():
         raise TerminologyError(f"terminology folder not found: {folder}")
+    version = load_package_manifest(mappings_dir)["version"]
     resources: list[dict[str, Any]] = []
     for path in sorted(folder.glob("*.json")):
-        try:
-            resource = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TerminologyError(f"cannot read {path}: {exc}") from exc
-        if not isinstance(resource, dict) or resource.get("resourceType") not in _KINDS or not resource.get("url"):
+        if path.name == PACKAGE_MANIFEST:
+            continue
+        resource = _read_json(path)
+        if resource.get("resourceType") not in _KINDS or not resource.get("url"):
             raise TerminologyError(f"{path}: not a CodeSystem, ValueSet or StructureDefinition with a url")
+        expected = f"{TERMINOLOGY_BASE}/{resource['resourceType']}/{resource.get('id')}"
+        if resource["url"] != expected:
+            raise TerminologyError(f"{path}: url {resource['url']} is not {expected}")
+        if resource.get("version") != version:
+            raise TerminologyError(f"{path}: version {resource.get('version')!r} is not the package's {version!r}")
         resources.append(resource)
     return resources
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TerminologyError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise TerminologyError(f"{path}: not a JSON object")
+    return value
 
 
 @lru_cache(maxsize=1)
@@ -75,25 +105,13 @@ def code_systems() -> Mapping[str, Mapping[str, Mapping[str, Any]]]:
     return _concepts()
 
 
-def rebase(resources: Iterable[Mapping[str, Any]], terminology_base: str) -> list[dict[str, Any]]:
-    """Copies of the resources with the files' canonical base replaced by ``terminology_base``."""
-    text = json.dumps(list(resources), ensure_ascii=False)
-    if terminology_base != FILE_TERMINOLOGY_BASE:
-        text = text.replace(FILE_TERMINOLOGY_BASE + "/", terminology_base.rstrip("/") + "/")
-    rebased: list[dict[str, Any]] = json.loads(text)
-    return rebased
-
-
-def terminology_bundle(
-    resources: Iterable[Mapping[str, Any]], *, terminology_base: str | None = None
-) -> dict[str, Any]:
+def terminology_bundle(resources: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """A transaction Bundle that upserts each resource by canonical URL (``PUT CodeSystem?url=...``).
 
-    ``terminology_base`` rewrites the canonical URLs when a deployment publishes under another base.
+    The URLs are never rewritten: a deployment publishes peersync's codes under their one canonical base.
     """
-    items = rebase(resources, terminology_base) if terminology_base else [dict(r) for r in resources]
     entries = []
-    for resource in items:
+    for resource in (dict(r) for r in resources):
         url = resource["url"]
         entries.append(
             {

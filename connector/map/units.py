@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import date
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
+
+import orjson
 
 from connector.map import (
     MappingContext,
@@ -19,6 +21,7 @@ from connector.map import (
     map_cancelled_contact_request,
     map_cbo,
     map_contact,
+    map_contact_procedure,
     map_enrollment,
     map_goal,
     map_planned_contact,
@@ -101,10 +104,13 @@ def map_planned_global_units(staging: Staging, planned: Iterable[PlannedUnit],
 
 
 def iter_planned_units(staging: Staging, participant: str, planned: Sequence[PlannedUnit],
-                       ctx: MappingContext) -> Iterator[PendingWrite]:
-    """A participant's planned units, mapped one at a time in dependency order, each with the plan's hash."""
+                       ctx: MappingContext, *, condition_refs: Sequence[str] = ()) -> Iterator[PendingWrite]:
+    """A participant's planned units, mapped one at a time in dependency order, each with the plan's hash.
+
+    ``condition_refs``: the EHR's Conditions the enrollment addresses (found by the write stage)."""
     by_key = {unit.unit_key: unit for unit in planned}
-    for mapped in iter_participant_units(staging, participant, [(u.kind, u.source_id) for u in planned], ctx):
+    for mapped in iter_participant_units(staging, participant, [(u.kind, u.source_id) for u in planned], ctx,
+                                         condition_refs=condition_refs):
         unit = by_key.get(mapped.unit_key)
         yield PendingWrite(mapped, unit.unit_hash if unit else None,
                            first_send=unit is not None and unit.action == "create")
@@ -118,7 +124,8 @@ def map_participant_units(
 
 
 def iter_participant_units(
-    staging: Staging, participant: str, units: Iterable[tuple[str, str]], ctx: MappingContext
+    staging: Staging, participant: str, units: Iterable[tuple[str, str]], ctx: MappingContext, *,
+    condition_refs: Sequence[str] = (),
 ) -> Iterator[UnitWrite]:
     """Like :func:`map_participant_units`, mapping each unit only when it is asked for (memory stays flat for a
     participant with thousands of contacts)."""
@@ -127,7 +134,7 @@ def iter_participant_units(
     if not isinstance(enrollment, Enrollment):
         return
     for kind, source_id in sorted(units, key=lambda u: KIND_ORDER.get(u[0], 99)):
-        unit = _map_one(records, enrollment, kind, source_id, ctx)
+        unit = _map_one(records, enrollment, kind, source_id, ctx, condition_refs)
         if unit is not None:
             yield unit
 
@@ -217,11 +224,46 @@ def participant_notes(staging: Staging, participant: str, ctx: MappingContext) -
     return list(_ParticipantRecords(staging, participant).clinical_notes(ctx).values())
 
 
+def contact_resources(contact: Contact, enrollment: Enrollment, ctx: MappingContext, *, goals: Sequence[Goal] = (),
+                      supporter: Supporter | None = None) -> list[dict[str, Any]]:
+    """A contact's resources as ``ctx.contact_procedures`` asks: its Communication, a US Core Procedure beside it
+    (``also``), or the Procedure alone (``instead``); a cancelled contact's revoked CommunicationRequest first in
+    every mode. The Communication and the Procedure carry the contact's business identifier, each under its own
+    system, so a rerun updates them in place. ``goals`` and ``supporter`` feed the Communication's narrative."""
+    request = map_cancelled_contact_request(contact, enrollment, ctx)
+    resources = [request] if request else []
+    if ctx.contact_procedures != "instead":
+        resources.append(map_contact(contact, enrollment, ctx, goals=goals, supporter=supporter))
+    if ctx.contact_procedures != "off":
+        resources.append(map_contact_procedure(contact, enrollment, ctx, goals=goals, supporter=supporter))
+    return resources
+
+
+def _contacts_and_contributors(records: _ParticipantRecords) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """The performed contacts (id, planned contact id) and the supporters who contributed any record, in input
+    order. Kept in step with the enrollment unit's hash in connector/plan/planner.py."""
+    performed: list[tuple[str, str | None]] = []
+    contributors: list[str] = []
+    for kind in (RecordKind.GOAL, RecordKind.PLANNED_CONTACT, RecordKind.REFERRAL, RecordKind.CONTACT):
+        for key in records.keys(kind):
+            # the staged body was validated when it was read: a plain parse of five fields is enough (a participant
+            # may have thousands of contacts, and a new one resends the CarePlan)
+            body = orjson.loads(records.bodies[(kind.value, key)])
+            if body.get("void"):
+                continue
+            if body.get("supporter_id"):
+                contributors.append(body["supporter_id"])
+            if kind is RecordKind.CONTACT and body.get("outcome", ContactOutcome.COMPLETED) == ContactOutcome.COMPLETED:
+                performed.append((body["contact_id"], body.get("planned_contact_id")))
+    return performed, list(dict.fromkeys(contributors))
+
+
 def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, source_id: str,
-             ctx: MappingContext) -> UnitWrite | None:
+             ctx: MappingContext, condition_refs: Sequence[str] = ()) -> UnitWrite | None:
     unit_key = f"{kind}:{source_id}"
     if kind == "enrollment":
         supporter = records.record(RecordKind.SUPPORTER, enrollment.supporter_id)
+        performed, contributors = _contacts_and_contributors(records)
         resources = map_enrollment(
             enrollment,
             goal_ids=records.keys(RecordKind.GOAL),
@@ -230,6 +272,9 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
             ctx=ctx,
             supporter=supporter if isinstance(supporter, Supporter) else None,
             team=records.team(ctx),
+            performed_contacts=performed,
+            contributor_ids=contributors,
+            condition_refs=condition_refs,
         )
         return UnitWrite(unit_key, kind, resources, voided=False)
     if kind == "note":
@@ -242,13 +287,12 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
         record = record.model_copy(update={"notes": records.notes(record.goal_id)})
         return UnitWrite(unit_key, kind, [map_goal(record, enrollment, ctx)], voided=record.void)
     if isinstance(record, Contact):
-        request = map_cancelled_contact_request(record, enrollment, ctx)
         # the narrative names the supporter and quotes the goals discussed (both in the contact's unit hash)
         supporter = records.shared(RecordKind.SUPPORTER, record.supporter_id)
         goals = [g for g in (records.shared(RecordKind.GOAL, gid) for gid in record.goal_ids) if isinstance(g, Goal)]
-        contact = [map_contact(record, enrollment, ctx, goals=goals,
-                               supporter=supporter if isinstance(supporter, Supporter) else None)]
-        return UnitWrite(unit_key, kind, [request, *contact] if request else contact, voided=record.void)
+        resources = contact_resources(record, enrollment, ctx, goals=goals,
+                                      supporter=supporter if isinstance(supporter, Supporter) else None)
+        return UnitWrite(unit_key, kind, resources, voided=record.void)
     if isinstance(record, PlannedContact):
         return UnitWrite(unit_key, kind, [map_planned_contact(record, enrollment, ctx)], voided=record.void)
     if isinstance(record, Referral):

@@ -38,6 +38,7 @@ from connector.auth import keys
 from connector.auth.methods import AuthMode, ClientAuthMethod, SigningAlg
 from connector.auth.scopes import ScopeList, parse_scope, split_scopes
 from connector.errors import ConfigError, TransportError
+from connector.map.context import ContactProcedures, ReferralTasks
 from connector.read.formats.base import ReadLimits
 from connector.server.transport import origin_of
 
@@ -207,7 +208,9 @@ class ProgramSettings(_Section):
     base_url: str | None = Field(None, pattern=r"^https?://\S+[^/]$",
                                  description="The program's canonical base URL for identifier systems, no trailing /")
     mrn_system: str | None = Field(None, description="The clinic's MRN identifier system (URI)")
-    terminology_base: str | None = Field(None, description="Canonical base of peersync's CodeSystems and extensions")
+    # Deprecated and ignored: peersync's codes have one canonical base everywhere (`peersync check` warns).
+    terminology_base: str | None = Field(None, description="Deprecated, ignored: peersync's CodeSystems keep their "
+                                         "one canonical base (https://peersync.github.io/fhir); remove this setting")
     phone: str | None = Field(None, description="The program's phone, used when a supporter has none")
     clinical_notes: Literal["off", "also", "only"] = Field(
         "off", description="Clinical-note mode (docs/clinical-notes.md): off = structured resources only; also = a "
@@ -238,6 +241,14 @@ class ServerSettings(_Section):
     resolves_conditional_references: bool = Field(
         True, description="The server resolves Type?identifier= references inside a transaction (HAPI does); "
         "false: peersync sends literal Type/id references it resolved itself")
+    contact_procedures: ContactProcedures = Field(
+        "off", description="Also write each contact as a US Core Procedure ('also'), or only as one ('instead'), for "
+        "EHRs that show Procedures and ignore Communications. Choose before the first sync: switching later does "
+        "not retract what was written")
+    referral_tasks: ReferralTasks = Field(
+        "requested", description="The status of an open referral's Task: 'requested' (ready to be acted upon), or "
+        "'draft' for receivers that start work on any requested Task they own while the program has already made "
+        "the referral by phone or fax (docs/configuration.md)")
 
 
 class SyncSettings(_Section):

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 WRITTEN_TYPES: tuple[str, ...] = ("Organization", "Device", "Practitioner", "PractitionerRole", "CareTeam",
                                   "CarePlan", "Goal", "Communication", "CommunicationRequest", "ServiceRequest",
                                   "Task", "Provenance")
+
+
 # Provenance is only ever created (R4 Provenance has no identifier); the others are conditional updates.
 CREATE_ONLY_TYPES = frozenset({"Provenance"})
 # Types whose resources peersync reads back by id (to void them, or to follow Patient.link).
@@ -192,6 +194,7 @@ def _offline(report: Report, path: Path | None, environ: Mapping[str, str] | Non
     report.add("config.settings", Status.PASS, "every setting is known and has a valid value")
     loaded.server_ok = _check_server_settings(report, settings)
     loaded.auth_ok = _check_auth_offline(report, settings, data.get("auth") or {}, loaded.server_ok)
+    _check_deprecated(report, settings)
     _check_profile(report, settings)
     _check_assets(report)
     _check_inputs(report, settings)
@@ -218,6 +221,17 @@ def _file_fix(message: str) -> str:
     if "not readable" in message:
         return "give the peersync user read access (chmod 640 and the right group)"
     return "fix the file as the message says; docs/configuration.md lists every setting"
+
+
+def _check_deprecated(report: Report, settings: Any) -> None:
+    from connector.map.context import TERMINOLOGY_BASE
+
+    if settings.program.terminology_base is not None:
+        report.add("program.terminology_base", Status.WARN,
+                   f"program.terminology_base ({settings.program.terminology_base}) is deprecated and ignored: "
+                   f"peersync's codes keep their one canonical base, {TERMINOLOGY_BASE}, in every deployment",
+                   "remove terminology_base from [program] (and PEERSYNC_PROGRAM__TERMINOLOGY_BASE); codes written "
+                   "under the old base are rewritten on the next sync")
 
 
 def _check_server_settings(report: Report, settings: Any) -> bool:
@@ -495,16 +509,16 @@ def run_doctor(path: Path | None, environ: Mapping[str, str] | None = None, *, t
     if statement is None and not needs_auth:
         report.add("auth", Status.SKIP, "not checked: the server is not reachable")
     else:
-        auth_ready = _check_auth_online(report, client, settings) if loaded.auth_ok else False
+        types = written_types(settings)
+        auth_ready = _check_auth_online(report, client, settings, types) if loaded.auth_ok else False
         if not loaded.auth_ok:
             report.add("auth", Status.SKIP, "not checked: fix the [auth] configuration first")
         if statement is None and needs_auth and auth_ready:
             statement = _metadata_with_auth(report, client)
         if statement is not None:
-            _check_capabilities(report, Capabilities.parse(statement), settings.server.write_mode,
+            _check_capabilities(report, Capabilities.parse(statement), settings.server.write_mode, types,
                                 write_strategy=settings.server.write_strategy,
-                                resolves_conditional_references=settings.server.resolves_conditional_references,
-                                written_types=written_types(settings))
+                                resolves_conditional_references=settings.server.resolves_conditional_references)
         if auth_ready:
             _check_probe(report, client, settings)
             _check_directory(report, client, settings)
@@ -612,13 +626,18 @@ def _check_clock(report: Report, response: Any) -> None:
 
 
 def written_types(settings: Settings) -> tuple[str, ...]:
-    """The types peersync writes with these settings: the EHR's own Practitioners (``[directory]``) are not
-    written, nor PractitionerRoles when skipped. Organization stays: community organizations are written."""
+    """The types peersync writes with these settings: contacts may be Procedures too, or instead (``[server]
+    contact_procedures``); the EHR's own Practitioners (``[directory]``) are not written, nor PractitionerRoles
+    when skipped. Organization stays: community organizations are written."""
+    procedures = settings.server.contact_procedures
+    skipped = {"Communication"} if procedures == "instead" else set()
     directory = settings.directory
-    skipped = {"Practitioner"} if directory.practitioners == "existing" else set()
+    if directory.practitioners == "existing":
+        skipped.add("Practitioner")
     if not directory.writes_roles():
         skipped.add("PractitionerRole")
-    return tuple(t for t in WRITTEN_TYPES if t not in skipped)
+    added = ("Procedure",) if procedures in ("also", "instead") else ()
+    return (*(t for t in WRITTEN_TYPES if t not in skipped), *added)
 
 
 def _check_directory(report: Report, client: Any, settings: Any) -> None:
@@ -662,27 +681,27 @@ def _check_directory(report: Report, client: Any, settings: Any) -> None:
                        "(supporters not found wait in review: practitioner-not-found)")
 
 
-def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: str, *,
-                        write_strategy: str = "auto", resolves_conditional_references: bool = True,
-                        written_types: tuple[str, ...] = WRITTEN_TYPES) -> None:
+def _check_capabilities(report: Report, capabilities: Capabilities, write_mode: str,
+                        types: tuple[str, ...] = WRITTEN_TYPES, *, write_strategy: str = "auto",
+                        resolves_conditional_references: bool = True) -> None:
     version = capabilities.fhir_version
     if version.startswith("4.0."):
         report.add("server.fhir_version", Status.PASS, f"FHIR {version} (R4)")
     else:
         report.add("server.fhir_version", Status.FAIL, f"the server speaks FHIR {version or '(not stated)'}, not R4 "
                    "(4.0.x)", "point server.base_url at the server's R4 endpoint")
-    _check_write_strategy(report, capabilities, write_strategy, resolves_conditional_references)
-    for resource_type in ("Patient", *written_types):
+    _check_write_strategy(report, capabilities, write_strategy, resolves_conditional_references, types)
+    for resource_type in ("Patient", *types):
         _check_resource(report, resource_type, capabilities.resource(resource_type), write_mode)
 
 
 def _check_write_strategy(report: Report, capabilities: Capabilities, write_strategy: str,
-                          resolves_conditional_references: bool) -> None:
+                          resolves_conditional_references: bool, types: tuple[str, ...] = WRITTEN_TYPES) -> None:
     """How sync will write to this server (the writer's own choice, connector.write.decisions) and whether the
     server declares what that needs."""
     from connector.write.decisions import Strategy, choose_strategy
 
-    choice = choose_strategy(write_strategy, capabilities, written_types=WRITTEN_TYPES,
+    choice = choose_strategy(write_strategy, capabilities, written_types=types,
                              resolves_conditional_references=resolves_conditional_references)
     declared = capabilities.system_interactions
     if capabilities.supports_transaction:
@@ -762,7 +781,8 @@ def _check_resource(report: Report, resource_type: str, resource: ResourceCapabi
     report.add(name, status, f"{resource_type}: " + ", ".join(notes or ["supported"]), fix)
 
 
-def _check_auth_online(report: Report, client: Any, settings: Any = None) -> bool:
+def _check_auth_online(report: Report, client: Any, settings: Any = None,
+                       types: tuple[str, ...] = WRITTEN_TYPES) -> bool:
     from connector.auth import missing_scopes
 
     auth = client.session.auth
@@ -788,7 +808,6 @@ def _check_auth_online(report: Report, client: Any, settings: Any = None) -> boo
         shown.append("granted: " + (" ".join(granted) or "(none)"))
     report.add("auth", Status.PASS, ", ".join(shown))
     if granted is not None:
-        types = written_types(settings) if settings is not None else WRITTEN_TYPES
         needed = [f"system/{t}.c" if t in CREATE_ONLY_TYPES else f"system/{t}.cu" for t in types]
         needed.append("system/Patient.rs")
         if settings is not None and settings.directory.practitioners == "existing":
@@ -803,6 +822,11 @@ def _check_auth_online(report: Report, client: Any, settings: Any = None) -> boo
         else:
             report.add("auth.scopes", Status.PASS, "the granted scopes cover every type peersync writes")
         _check_pull_scopes(report, granted, clinical=bool(settings is not None and settings.pull.clinical_facts))
+        if missing_scopes(granted, ["system/Condition.rs"]):
+            report.add("auth.scopes.condition", Status.WARN, "the granted scopes do not cover system/Condition.rs: "
+                       "CarePlans will not address the patient's Conditions (CarePlan.addresses)",
+                       "ask the EHR administrator for system/Condition.rs and add it to auth.scope, or accept "
+                       "CarePlans without addresses")
     return True
 
 

@@ -8,6 +8,7 @@ from connector.identifiers import (
     KIND_CARETEAM,
     KIND_CBO,
     KIND_CONTACT,
+    KIND_CONTACT_PROCEDURE,
     KIND_CONTACT_REQUEST,
     KIND_DEVICE,
     KIND_GOAL,
@@ -32,6 +33,7 @@ PROGRAM_RESOURCES: list[tuple[str, str, str | None]] = [
     ("CarePlan", KIND_CAREPLAN, "status"),
     ("Goal", KIND_GOAL, "lifecycle-status"),
     ("Communication", KIND_CONTACT, "status"),
+    ("Procedure", KIND_CONTACT_PROCEDURE, "status"),  # [server] contact_procedures = "also" or "instead"
     ("CommunicationRequest", KIND_CONTACT_REQUEST, "status"),
     ("CommunicationRequest", KIND_CANCELLED_CONTACT, "status"),  # the planned time of a cancelled contact
     ("ServiceRequest", KIND_REFERRAL, "status"),

@@ -174,7 +174,7 @@ def us_core_resources() -> list[dict[str, Any]]:
     return sorted(resources, key=lambda r: _LOAD_ORDER.get(r["resourceType"], 3))
 
 
-def load_us_core(client: FhirClient, *, terminology_base: str | None = None) -> int:
+def load_us_core(client: FhirClient) -> int:
     """Put the US Core 6.1.0 conformance resources (by id) and peersync's terminology on the server.
 
     For test servers: a production EHR manages its own conformance resources. Returns how many were loaded.
@@ -185,7 +185,7 @@ def load_us_core(client: FhirClient, *, terminology_base: str | None = None) -> 
     for resource in resources:
         client.update(resource["resourceType"], resource["id"], resource)
     ours = load_terminology()
-    client.transaction(terminology_bundle(ours, terminology_base=terminology_base))
+    client.transaction(terminology_bundle(ours))
     return len(resources) + len(ours)
 
 

@@ -160,6 +160,14 @@ def mark_for_repair(ledger: Ledger, report: VerifyReport, *, run_id: str) -> int
     missing = [(f.resource.resource_type, f.resource.system, f.resource.value)
                for f in report.drifted if f.drift is Drift.MISSING]
     units = report.drifted_units()
+    # A CarePlan links its participant's contacts by server id (activity.outcomeReference): a contact re-created
+    # under a new id needs its CarePlan re-sent too, or the link would point at the deleted resource.
+    for finding in report.drifted:
+        if finding.drift is Drift.MISSING and finding.resource.unit_key.startswith("contact:"):
+            unit = ledger.unit(finding.resource.unit_key)
+            if unit is not None and unit.participant:
+                units.append(f"enrollment:{unit.participant}")
+    units = sorted(set(units))
     marked = ledger.mark_drifted(units, missing, detail="drift on the server: re-send (peersync verify --repair)",
                                  run_id=run_id)
     log.info("verify: %d record(s) marked for re-sending", marked, extra={"event": "repair-marked", "units": marked})

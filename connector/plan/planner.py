@@ -63,6 +63,15 @@ UNIT_RESOURCE_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+def unit_resource_types(kind: str, contact_procedures: str = "off") -> tuple[str, ...]:
+    """The resource types a unit of ``kind`` produces under ``[server] contact_procedures``."""
+    if kind == "contact" and contact_procedures == "also":
+        return ("Communication", "Procedure")
+    if kind == "contact" and contact_procedures == "instead":
+        return ("Procedure",)
+    return UNIT_RESOURCE_TYPES.get(kind, ())
+
+
 def _sha(*parts: Any) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -116,10 +125,15 @@ INSERT INTO units
 INSERT INTO units
     SELECT 'enrollment:' || e.key, 'enrollment', e.key, e.key,
            sha(:fp, e.hash, (SELECT group_concat(k, ',') FROM (
-               SELECT c.kind || ':' || c.key AS k FROM staged c WHERE c.participant=e.key
-               AND +c.kind IN ('goal','planned_contact','referral') ORDER BY c.kind, c.key)),
+               -- what the CarePlan lists: the records, who wrote them, which contacts took place (units.py)
+               SELECT c.kind || ':' || c.key || ':' || coalesce(json_extract(c.body,'$.void'), 0) || ':'
+                      || coalesce(json_extract(c.body,'$.supporter_id'), '') || ':'
+                      || coalesce(json_extract(c.body,'$.outcome'), '') || ':'
+                      || coalesce(json_extract(c.body,'$.planned_contact_id'), '') AS k
+               FROM staged c WHERE c.participant=e.key
+               AND +c.kind IN ('goal','planned_contact','referral','contact') ORDER BY c.kind, c.key)),
                (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(e.body,'$.supporter_id')),
-               (SELECT group_concat(m, ',') FROM (
+               (SELECT group_concat(m, ',') FROM (  -- the CareTeam: each supporter, since their first contact
                    SELECT json_extract(c.body,'$.supporter_id') || '@' || min(json_extract(c.body,'$.occurred_at'))
                           || '@' || coalesce((SELECT s.hash FROM staged s WHERE s.kind='supporter'
                                               AND s.key=json_extract(c.body,'$.supporter_id')), '') AS m
@@ -273,14 +287,17 @@ def mapping_fingerprint(*parts: str) -> str:
 # only, specific referral codes, the care team from the contacts, SDOHCC Task elements.
 # Also in 3: a narrative (text) on every resource; a contact's hash covers its supporter and the goals it discussed
 # (named and quoted in its narrative), the fingerprint the program's time zone (narrative times are stated in it).
-MAPPING_VERSION = "3"
+# 4: peersync's codes under https://peersync.github.io/fhir (versioned package); CarePlan custodian, contributors,
+# outcomes and addressed Conditions (MCC eCare Plan); standard codes beside ours; contacts as Procedures (optional).
+MAPPING_VERSION = "4"
 
 
 def program_fingerprint(ctx: MappingContext) -> str:
     """The mapping fingerprint of a deployment: a change re-sends everything (conditionally: no duplicates)."""
     return mapping_fingerprint(MAPPING_VERSION, ctx.program_id, ctx.program_name, ctx.base_url, ctx.mrn_system,
                                ctx.terminology_base, ctx.program_phone or "", ctx.timezone,
-                               *("|".join(code) for code in ctx.referral_codes), *ctx.directory.fingerprint_parts())
+                               *("|".join(code) for code in ctx.referral_codes), ctx.contact_procedures,
+                               ctx.referral_tasks, *ctx.directory.fingerprint_parts())
 
 
 def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerprint: str,
@@ -297,12 +314,14 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
     ``ctx`` brings the clinical-note mode (``ctx.clinical_notes``): with "also" or "only" every participant gets a
     ``note`` unit per period; with "only" its structured units (and the community organizations only they name)
     are left out. Kinds a mode does not write are never deleted: switching modes leaves what the server has.
+    Its ``contact_procedures`` only shapes the counts per resource type.
     """
     db = staging.db
     db.create_function("sha", -1, _sha, deterministic=True)
     _attach(db, ledger)
     staging.flush()
     mode = ctx.clinical_notes if ctx is not None else "off"
+    contact_procedures = ctx.contact_procedures if ctx is not None else "off"
     deletable = (STRUCTURED_KINDS if mode != "only" else ()) + ((NOTE_KIND,) if mode != "off" else ())
     with db:
         for statement in _split(_UNITS_SQL):
@@ -330,7 +349,7 @@ def compute_plan(staging: Staging, ledger: Ledger, *, program_id: str, fingerpri
         reported = sync_count_name(Act(action), bool(voided), bool(confirmed))
         plan.by_kind.setdefault(kind, Counter())[action] += count
         plan.reported[reported] += count
-        for resource_type in UNIT_RESOURCE_TYPES.get(kind, ()):
+        for resource_type in unit_resource_types(kind, contact_procedures):
             plan.by_resource_type.setdefault(resource_type, Counter())[action] += count
             plan.reported_by_resource_type.setdefault(resource_type, Counter())[reported] += count
         if participant is not None:

@@ -53,6 +53,7 @@ from connector.write.coalesce import (
     shared_transaction,
     split_confirmation,
 )
+from connector.write.conditions import find_condition_refs
 from connector.write.confirm import Confirmation, confirm_single, confirm_writes
 from connector.write.decisions import (
     CONDITIONAL_EVERYWHERE,
@@ -80,6 +81,7 @@ from connector.write.limits import (
     refused_by_capabilities,
     unit_types,
 )
+from connector.write.outcomes import without_unknown_outcomes
 from connector.write.patients import PatientPrefetch, prefetch_for
 from connector.write.stepwise import Failure, KnownIds, StepwiseSender
 
@@ -90,6 +92,15 @@ log = logging.getLogger(__name__)
 
 # The types written by conditional update (Provenance is only ever created).
 UPDATED_TYPES = frozenset(t for types in UNIT_RESOURCE_TYPES.values() for t in types)
+
+
+def updated_types(contact_procedures: str) -> frozenset[str]:
+    """The types this deployment writes by conditional update: contacts may be Procedures too, or instead."""
+    if contact_procedures == "also":
+        return UPDATED_TYPES | {"Procedure"}
+    if contact_procedures == "instead":
+        return (UPDATED_TYPES - {"Communication"}) | {"Procedure"}
+    return UPDATED_TYPES
 
 
 class Writer:
@@ -202,10 +213,11 @@ class Writer:
                 log.warning("could not read the CapabilityStatement (HTTP %s); assuming conditional update",
                             exc.status, extra={"event": "capabilities-unavailable", "status": exc.status})
         self.capabilities = capabilities
-        plan = write_plan(self.opts.write_mode, capabilities, UPDATED_TYPES)
+        types = updated_types(self.opts.ctx.contact_procedures)
+        plan = write_plan(self.opts.write_mode, capabilities, types)
         choice = choose_strategy(self.opts.write_strategy, capabilities,
                                  resolves_conditional_references=self.opts.resolves_conditional_references,
-                                 written_types=UPDATED_TYPES)
+                                 written_types=types)
         log.info("write strategy: %s (%s)", choice.strategy, choice.reason,
                  extra={"event": "write-strategy", "strategy": str(choice.strategy)})
         if plan.search_types and self.opts.write_mode == "auto":
@@ -218,7 +230,9 @@ class Writer:
         earlier run was refused while the statement and settings are unchanged. Returns their fingerprint."""
         fingerprint = permissions_fingerprint_of(self.capabilities, self.opts)
         # DocumentReference only matters in clinical-note mode: a server without it is no news otherwise.
-        written = WRITTEN_TYPES if self.opts.ctx.clinical_notes != "off" else WRITTEN_TYPES - {"DocumentReference"}
+        written = updated_types(self.opts.ctx.contact_procedures) | {"Provenance"}
+        if self.opts.ctx.clinical_notes == "off":
+            written -= {"DocumentReference"}
         for resource_type, reason in refused_by_capabilities(self.capabilities, written).items():
             self.limits.refuse([resource_type], reason)
         stored, types = ledger.refused_types()
@@ -282,9 +296,13 @@ class Writer:
             log.warning("participant sent to review: %s", reason,
                         extra={"event": "review", "participant_key": opaque_key(participant), "code": reason})
             return False
+        # the EHR's own Conditions the CarePlan addresses: looked up like the Patient, only when the plan is sent
+        condition_refs = (find_condition_refs(self.client, patient_id, enrollment.conditions)
+                          if any(u.kind == "enrollment" for u in planned) else [])
         # Targets before referrers (a CarePlan before the requests based on it): no chunk, and no half of a
         # rejected chunk, then sends a reference to something not yet written.
-        ordered = reference_order(list(iter_planned_units(staging, participant, planned, self.opts.ctx)))
+        ordered = reference_order(list(iter_planned_units(staging, participant, planned, self.opts.ctx,
+                                                          condition_refs=condition_refs)))
         if self._wait_for_directory(ledger, ordered, participant, whole=True):
             return False
         self._retire_moved_units(ledger, [u.unit_key for u in planned], patient_id)
@@ -297,7 +315,7 @@ class Writer:
             # Units that failed on a reference to something not yet written, and units sent without a deferrable
             # reference (a CarePlan's activities, written after it): now everything else has landed, once more,
             # in bundles the server takes.
-            for chunk in chunk_writes(reference_order(deferred), self.limits.max_entries):
+            for chunk in chunk_writes(self._last_pass(ledger, deferred), self.limits.max_entries):
                 self._send(ledger, chunk, patient=patient, participant=participant,
                            patient_id=patient_id, deferred=None)
 
@@ -341,6 +359,41 @@ class Writer:
                     extra={"event": "review", "code": reasons, "count": len(subjects),
                            **({"participant_key": opaque_key(participant)} if participant else {})})
         return True
+
+    def _last_pass(self, ledger: Ledger, deferred: list[PendingWrite]) -> list[PendingWrite]:
+        """The deferred units in the order of their last pass: those not on the server yet in reference order,
+        then those already written (a CarePlan that landed without its activities and outcome links): they point
+        at the others, which no longer need them first. CarePlan outcome links to contacts that are neither in
+        the pass nor written are taken out (connector/write/outcomes.py); such a CarePlan is recorded without the
+        plan's hash, so the next run resends it whole."""
+        def written(identity: Identity) -> bool:
+            return self.known.get(identity) is not None or bool(ledger.server_ids([identity]))
+
+        in_batch = {identity_of(r) for w in deferred for r in w.unit.resources if r.get("identifier")}
+        units = self._drop_lost_outcomes(deferred, lambda identity: identity in in_batch or written(identity))
+        landed = [w for w in units if w.unit.resources and all(written(identity_of(r)) for r in w.unit.resources)]
+        return reference_order([w for w in units if w not in landed]) + reference_order(landed)
+
+    @staticmethod
+    def _drop_lost_outcomes(deferred: list[PendingWrite], known: Callable[[Identity], bool]) -> list[PendingWrite]:
+        """The deferred units, without CarePlan outcome links to contacts that are not ``known``."""
+
+        out = []
+        for write in deferred:
+            resources, dropped = [], 0
+            for resource in write.unit.resources:
+                if resource.get("resourceType") == "CarePlan":
+                    resource, n = without_unknown_outcomes(resource, known)
+                    dropped += n
+                resources.append(resource)
+            if dropped:
+                log.warning("CarePlan sent without %d outcome link(s) to contacts that did not land; resent next run",
+                            dropped, extra={"event": "careplan-outcomes-dropped"})
+                unit = write.unit
+                write = PendingWrite(UnitWrite(unit.unit_key, unit.kind, resources, unit.voided), None,
+                                     first_send=write.first_send)
+            out.append(write)
+        return out
 
     def _resolve_patient(self, mrn_system: str, mrn: str) -> tuple[str | None, str | None, str]:
         """(patient id, review reason, PHI-free detail). A search or read the server refuses (4xx) sends the

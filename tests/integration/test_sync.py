@@ -100,14 +100,17 @@ def test_3_edits_voids_and_additions_reach_the_server_exactly(program: Program) 
     rows = read_csv(program.inputs / "contacts.csv")
     landed = landed_contacts(program)
     edited = {landed[0]["contact_id"], landed[1]["contact_id"]}
-    voided = _not_a_first_contact(before_resources, landed[2:])
+    # contacts that took place: each is an outcome of its participant's CarePlan (MCC), so voiding one or adding
+    # two changes the CarePlans of their participants too
+    performed = [r for r in landed[2:] if r["outcome"] == "completed"]
+    voided = _not_a_first_contact(before_resources, performed)
     for row in rows:
         if row["contact_id"] in edited:
             row["notes"] = (row["notes"] or "") + " (corrected)"
             row["duration_minutes"] = "45"
         if row["contact_id"] == voided:
             row["void"] = "1"
-    template = dict(landed[3])
+    template = dict(next(r for r in performed if r["contact_id"] != voided))
     for new_id in ("C900001", "C900002"):
         rows.append(template | {"contact_id": new_id, "planned_contact_id": "", "notes": "new contact"})
     write_csv(program.inputs / "contacts.csv", rows)
@@ -118,11 +121,15 @@ def test_3_edits_voids_and_additions_reach_the_server_exactly(program: Program) 
     write_csv(program.inputs / "goals.csv", goals)
 
     summary = program.sync()
+    # the CarePlans of the voided contact's and the new contacts' participants list other outcomes now
+    plans = {next(r["enrollment_id"] for r in performed if r["contact_id"] == voided), template["enrollment_id"]}
     after = server_resources(program)
     changed = {k for k, v in versions(after).items() if before.get(k) != v}
-    assert (summary.counts["updated"], summary.counts["voided"], summary.counts["created"]) == (3, 1, 2), changed
+    counts = (summary.counts["updated"], summary.counts["voided"], summary.counts["created"])
+    assert counts == (3 + len(plans), 1, 2), changed
     assert changed == ({("Communication", f"contact|{c}") for c in edited | {voided, "C900001", "C900002"}}
-                       | {("Goal", f"goal|{edited_goal['goal_id']}")})
+                       | {("Goal", f"goal|{edited_goal['goal_id']}")}
+                       | {("CarePlan", f"careplan|{e}") for e in plans})
     assert after[("Communication", f"contact|{voided}")][0]["status"] == "entered-in-error"
     assert_clean_state(program, REVIEW)
 

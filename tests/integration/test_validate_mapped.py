@@ -27,6 +27,7 @@ from connector.map import (
     map_cancelled_contact_request,
     map_cbo,
     map_contact,
+    map_contact_procedure,
     map_enrollment,
     map_goal,
     map_planned_contact,
@@ -421,6 +422,8 @@ def _program(ctx: MappingContext) -> list[dict[str, Any]]:
             ctx=ctx,
             supporter=by_id[e.supporter_id],
             team=_team(contacts[eid], by_id),
+            performed_contacts=_performed(contacts[eid]),
+            contributor_ids=[c.supporter_id for c in contacts[eid]],
         )
         out += [map_goal(g, e, ctx) for g in goals[eid]]
         out += [map_planned_contact(p, e, ctx) for p in planned[eid]]
@@ -447,14 +450,21 @@ def _team(contacts: list[Contact], supporters: dict[str, Supporter]) -> list[Tea
 
 def _contacts(contacts: list[Contact], e: Enrollment, ctx: MappingContext, supporters: dict[str, Any],
               goals_by_id: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each contact's Communication (as units.py maps it), after the revoked request of a cancelled one."""
+    """Each contact's Communication (as units.py maps it), after the revoked request of a cancelled one, and its
+    US Core Procedure (`contact_procedures = "also"`)."""
     out = []
     for c in contacts:
         request = map_cancelled_contact_request(c, e, ctx)
         out += ([request] if request else []) + [map_contact(
             c, e, ctx, supporter=supporters.get(c.supporter_id),
             goals=[goals_by_id[g] for g in c.goal_ids if g in goals_by_id])]
+        out.append(map_contact_procedure(c, e, ctx, supporter=supporters.get(c.supporter_id),
+                                         goals=[goals_by_id[g] for g in c.goal_ids if g in goals_by_id]))
     return out
+
+
+def _performed(contacts: list[Contact]) -> list[tuple[str, str | None]]:
+    return [(c.contact_id, c.planned_contact_id) for c in contacts if c.outcome == "completed" and not c.void]
 
 
 def _demo_program(ctx: MappingContext, tmp: Path) -> list[dict[str, Any]]:
@@ -491,17 +501,20 @@ def _map_records(flat: list[Any], ctx: MappingContext) -> list[dict[str, Any]]:
         goals = [g for g in mine if isinstance(g, Goal)]
         planned = [p for p in mine if isinstance(p, PlannedContact)]
         refs = [r for r in mine if isinstance(r, Referral)]
+        contacts = [c for c in mine if isinstance(c, Contact)]
         out += map_enrollment(
             e,
             goal_ids=[g.goal_id for g in goals],
             planned_contact_ids=[p.planned_contact_id for p in planned],
             referral_ids=[r.referral_id for r in refs],
             ctx=ctx,
-            team=_team([c for c in mine if isinstance(c, Contact)], {}),
+            team=_team(contacts, {}),
+            performed_contacts=_performed(contacts),
+            contributor_ids=[c.supporter_id for c in contacts],
         )
         out += [map_goal(g.model_copy(update={"notes": tuple(notes.get(g.goal_id, ()))}), e, ctx) for g in goals]
         out += [map_planned_contact(p, e, ctx) for p in planned]
-        out += _contacts([c for c in mine if isinstance(c, Contact)], e, ctx, supporters, goals_by_id)
+        out += _contacts(contacts, e, ctx, supporters, goals_by_id)
         for r in refs:
             out += map_referral(r, e, ctx)
             cbo = map_cbo(r, ctx)

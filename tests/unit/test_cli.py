@@ -232,6 +232,16 @@ def test_check_and_map_on_the_demo(tmp_path: Path) -> None:
 def test_terminology_publish_dry_run(tmp_path: Path) -> None:
     result = run("terminology", "publish", "--config", str(write_config(tmp_path)), "--dry-run")
     assert result.exit_code == 0 and json.loads(result.stdout)["type"] == "transaction"
+    resources = [e["resource"] for e in json.loads(result.stdout)["entry"]]
+    assert {r["id"] for r in resources} >= {"adces7-behavior", "peer-support-activity", "contact-duration"}
+    assert all(r["url"].startswith("https://peersync.github.io/fhir/") and r["version"] == "2.0.0" for r in resources)
+
+
+def test_terminology_publish_ignores_a_deprecated_terminology_base(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    path.write_text(path.read_text() + '\n[program]\nterminology_base = "https://fhir.example.org/ps"\n')
+    result = run("terminology", "publish", "--config", str(path), "--dry-run")
+    assert result.exit_code == 0 and "fhir.example.org" not in result.stdout
 
 
 # -- errors ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ changed, what was really achieved), checked over the seeded demo program and on 
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -32,18 +33,27 @@ RECORDED = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 ENROLLMENT = Enrollment(enrollment_id="E1", mrn="M1", start_date=date(2025, 1, 6), supporter_id="S01")
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The default demo program (template format): its source records and what ``peersync map`` sends."""
-    folder: Path = tmp_path_factory.mktemp("demo")
+def _map_demo(folder: Path, **overrides: Any) -> dict[str, Any]:
     generate_program(folder, fmt="template")
     profile = load_profile("peersync-template")
-    ctx = MappingContext.from_profile(profile)
+    ctx = MappingContext.from_profile(profile, **overrides)
     with Staging() as staging:
         read_program(profile, [folder], staging)
         records = {kind: list(staging.records(kind)) for kind in RecordKind}
         bundles = [bundle for _name, bundle in iter_bundles(staging, ctx, recorded=RECORDED)]
     return {"ctx": ctx, "records": records, "bundles": bundles}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The default demo program (template format): its source records and what ``peersync map`` sends."""
+    return _map_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def demo_with_procedures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The demo program mapped for a server that also takes each contact as a US Core Procedure."""
+    return _map_demo(tmp_path_factory.mktemp("demo-procedures"), contact_procedures="also")
 
 
 def _resources(bundles: list[dict[str, Any]], resource_type: str) -> list[dict[str, Any]]:
@@ -70,6 +80,21 @@ def test_the_demos_declined_referrals_read_cancelled_with_the_participants_reaso
     assert not [t for t in tasks.values() if t["status"] == "rejected"]  # no organization declined in the demo
 
 
+def test_an_open_referral_task_is_draft_for_a_server_that_acts_on_requested_tasks() -> None:
+    made = Referral(referral_id="R1", enrollment_id="E1", resource_name="Food bank", need="food",
+                    referred_on=date(2025, 2, 1), status="made")
+    _, task = map_referral(made, ENROLLMENT, CTX)
+    assert task["status"] == "requested"
+    draft_ctx = dataclasses.replace(CTX, referral_tasks="draft")
+    _, task = map_referral(made, ENROLLMENT, draft_ctx)
+    assert task["status"] == "draft" and task["businessStatus"] == {"text": "Referral made"}
+    # only the open status changes: what happened later reads the same for every receiver
+    _, accepted = map_referral(made.model_copy(update={"status": "accepted"}), ENROLLMENT, draft_ctx)
+    assert accepted["status"] == "accepted"
+    from connector.plan.planner import program_fingerprint
+    assert program_fingerprint(draft_ctx) != program_fingerprint(CTX)
+
+
 def test_only_the_organization_declining_rejects_the_task() -> None:
     _, task = map_referral(Referral(referral_id="R1", enrollment_id="E1", resource_name="Food bank", need="food",
                                     referred_on=date(2025, 2, 1), status="declined"), ENROLLMENT, CTX)
@@ -80,8 +105,11 @@ def test_only_the_organization_declining_rejects_the_task() -> None:
 
 
 def _writers(resource: dict[str, Any]) -> set[str]:
-    """Staff ids of the supporters a resource names as its writer (sender, requester, expressedBy, note author)."""
+    """Staff ids of the supporters a resource names as its writer (sender, requester, expressedBy, a Procedure's
+    performer, note author)."""
     refs = [resource.get(k, {}).get("reference", "") for k in ("sender", "requester", "expressedBy")]
+    refs += [p.get("actor", {}).get("reference", "") for p in resource.get("performer", [])
+             if resource["resourceType"] == "Procedure"]
     refs += [n.get("authorReference", {}).get("reference", "") for n in resource.get("note", [])]
     out = set()
     for ref in refs:
@@ -91,8 +119,12 @@ def _writers(resource: dict[str, Any]) -> set[str]:
     return out
 
 
-def test_no_provenance_credits_an_author_who_did_not_write_its_targets(demo: dict[str, Any]) -> None:
+@pytest.mark.parametrize("fixture", ["demo", "demo_with_procedures"])
+def test_no_provenance_credits_an_author_who_did_not_write_its_targets(fixture: str,
+                                                                       request: pytest.FixtureRequest) -> None:
+    demo = request.getfixturevalue(fixture)
     ctx: MappingContext = demo["ctx"]
+    assert fixture == "demo" or len(_resources(demo["bundles"], "Procedure")) >= 100  # the Procedures are checked
     credited_per_bundle = []
     for bundle in demo["bundles"]:
         by_url = {e["fullUrl"]: e["resource"] for e in bundle["entry"]}
@@ -160,6 +192,7 @@ def test_a_completed_goal_not_achieved_says_so_in_status_reason() -> None:
     missed = map_goal(Goal(**base, achievement_status="not-achieved", status_date=date(2025, 6, 1)), ENROLLMENT, CTX)
     assert missed["statusReason"] == "Completed without being achieved (Not Achieved)"
     assert missed["statusDate"] == "2025-06-01" and "outcomeReference" not in missed
+    assert "Completed without being achieved" in missed["text"]["div"]  # for a chart that shows only the narrative
     assert "statusReason" not in map_goal(Goal(**base, achievement_status="achieved"), ENROLLMENT, CTX)
     lab = {"reference": "Observation/a1c-1"}  # the hook for a known result (no lab data yet)
     assert map_goal(Goal(**base), ENROLLMENT, CTX, outcome_references=[lab])["outcomeReference"] == [lab]

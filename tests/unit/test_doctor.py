@@ -400,8 +400,27 @@ def test_auth_success_reports_scopes_never_the_token(tmp_path: Path) -> None:
     assert auth.status is Status.PASS and "granted: system/Patient.rs system/Goal.cu" in auth.detail
     scopes = one(report, "auth.scopes")
     assert scopes.status is Status.WARN and "system/Task.cu" in scopes.detail
+    assert "system/Procedure" not in scopes.detail  # contacts are not written as Procedures by default
+    condition = one(report, "auth.scopes.condition")
+    assert condition.status is Status.WARN and "CarePlan.addresses" in condition.detail
     assert ACCESS_TOKEN not in str(report.as_dict()) and "cs-very-secret-value" not in str(report.as_dict())
     assert report.exit_code() == 0
+
+
+def test_written_types_follow_contact_procedures() -> None:
+    from types import SimpleNamespace
+
+    from connector.ops.config import DirectorySettings
+    from connector.ops.doctor import WRITTEN_TYPES, written_types
+
+    def types(procedures: str) -> tuple[str, ...]:
+        settings = SimpleNamespace(server=SimpleNamespace(contact_procedures=procedures),
+                                   directory=DirectorySettings())
+        return written_types(settings)  # type: ignore[arg-type]
+
+    assert types("off") == WRITTEN_TYPES
+    assert types("also") == (*WRITTEN_TYPES, "Procedure")
+    assert "Communication" not in types("instead") and "Procedure" in types("instead")
 
 
 def test_probe_refused_is_77(tmp_path: Path) -> None:
@@ -589,3 +608,13 @@ def test_doctor_warns_when_sampled_resources_were_edited_on_the_server(tmp_path:
     check = one(report, "ledger.server")
     assert check.status is Status.WARN and "1 of 2 sampled resources were changed" in check.detail
     assert report.exit_code() == 0
+
+
+def test_deprecated_terminology_base_is_a_warning_naming_the_one_base(tmp_path: Path) -> None:
+    path = config(tmp_path)
+    path.write_text(path.read_text() + '\n[program]\nterminology_base = "https://fhir.example.org/ps"\n',
+                    encoding="utf-8")
+    check = one(check_config(path), "program.terminology_base")
+    assert check.status is Status.WARN and "deprecated and ignored" in check.detail
+    assert "https://peersync.github.io/fhir" in check.detail and "remove terminology_base" in check.fix
+    assert not by_name(check_config(config(tmp_path)), "program.terminology_base")

@@ -212,7 +212,8 @@ def test_unreadable_capability_statement_falls_back_to_conditional_writes() -> N
     writer = Writer.__new__(Writer)  # only the capability check is under test
     writer.client = FhirClient(BASE, retry=FAST)
     writer.opts = type("Opts", (), {"write_mode": "auto", "write_strategy": "auto",
-                                    "resolves_conditional_references": True})()
+                                    "resolves_conditional_references": True,
+                                    "ctx": type("Ctx", (), {"contact_procedures": "off"})()})()
     plan, choice = writer._write_plan()
     assert plan.conditional_types is None and plan.uses_conditional("Communication")
     assert choice.strategy == "transaction" and not choice.peersync_resolves_references

@@ -38,6 +38,7 @@ RECORD_TYPES = {
     "map_enrollment": Enrollment,
     "map_goal": Goal,
     "map_contact": Contact,
+    "map_contact_procedure": Contact,
     "map_planned_contact": PlannedContact,
     "map_referral": Referral,
 }
@@ -77,6 +78,10 @@ def map_case(case: dict[str, Any]) -> list[dict[str, Any]]:
         request = mappers.map_cancelled_contact_request(record, enrollment, ctx)
         return ([request] if request else []) + [mappers.map_contact(record, enrollment, ctx, supporter=supporter,
                                                                       goals=goals)]
+    if name == "map_contact_procedure":
+        supporter = Supporter.model_validate(shared["supporter"])
+        goals = [Goal.model_validate(g) for g in shared["goals"] if g["goal_id"] in record.goal_ids]
+        return [mappers.map_contact_procedure(record, enrollment, ctx, supporter=supporter, goals=goals)]
     if name == "map_planned_contact":
         return [mappers.map_planned_contact(record, enrollment, ctx)]
     if name == "map_referral":
@@ -175,6 +180,7 @@ def test_golden_inputs_cover_every_mapper() -> None:
         "map_enrollment",
         "map_goal",
         "map_contact",
+        "map_contact_procedure",
         "map_planned_contact",
         "map_referral",
         "map_provenance",

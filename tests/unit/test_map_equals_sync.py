@@ -75,6 +75,8 @@ def test_map_writes_the_bundles_a_sync_sends(rsps: responses.RequestsMock, tmp_p
     for i, mrn in enumerate(mrns):
         rsps.add(responses.GET, f"{BASE}/Patient", json=searchset([patient(f"pt-{i}", ctx.mrn_system, mrn)]),
                  match=[matchers.query_param_matcher({"identifier": f"{ctx.mrn_system}|{mrn}"})])
+    # the EHR has none of the Conditions the enrollments name: the sync's CarePlans address none, like map's
+    rsps.add(responses.GET, f"{BASE}/Condition", json=searchset([]))
     rsps.add_callback(responses.POST, f"{BASE}/", callback=answer_transactions())
     opts = SyncOptions(profile=PROFILE, inputs=[DEMO], ledger_path=tmp_path / "ledger.sqlite", ctx=ctx,
                        rejects_dir=tmp_path / "rejects", concurrency=1, max_bundle_entries=max_bundle_entries)

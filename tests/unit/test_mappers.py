@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -418,6 +419,7 @@ def test_public_api() -> None:
         "map_cancelled_contact_request",
         "map_cbo",
         "map_contact",
+        "map_contact_procedure",
         "map_enrollment",
         "map_goal",
         "map_planned_contact",
@@ -427,7 +429,7 @@ def test_public_api() -> None:
         "map_supporter",
         "resource_authors",
     }
-    assert mappers.DEFAULT_TERMINOLOGY_BASE == "https://peersync.dev/fhir"
+    assert mappers.DEFAULT_TERMINOLOGY_BASE == "https://peersync.github.io/fhir"
 
 
 # -- context -------------------------------------------------------------------------------------------------------
@@ -559,7 +561,7 @@ def test_careplan_elements(ctx: MappingContext) -> None:
     assert cp["category"][0] == {"coding": [codes.CAREPLAN_ASSESS_PLAN]}
     assert cp["category"][1]["coding"][0]["code"] == "698360004"
     assert cp["category"][2]["coding"][0] == {
-        "system": "https://peersync.dev/fhir/CodeSystem/careplan-kind",
+        "system": "https://peersync.github.io/fhir/CodeSystem/careplan-kind",
         "code": "peer-support-plan",
         "display": "Peer support plan",
     }
@@ -570,8 +572,44 @@ def test_careplan_elements(ctx: MappingContext) -> None:
         "ServiceRequest",
     ]
     assert "detail" not in json.dumps(cp["activity"])  # MCC: activities are references only
-    assert parse_conditional_reference(cp["author"]["reference"])[0] == "Organization"
+    assert "author" not in cp  # MCC: discouraged (removed in R5); custodian and contributor instead
+    (custodian,) = cp["extension"]
+    assert custodian["url"] == "http://hl7.org/fhir/us/mcc/StructureDefinition/custodian"
+    assert parse_conditional_reference(custodian["valueReference"]["reference"])[0] == "Organization"
+    assert [parse_conditional_reference(c["reference"])[0] for c in cp["contributor"]] == [
+        "Organization", "PractitionerRole"]
     assert parse_conditional_reference(cp["careTeam"][0]["reference"])[1] == ctx.system(KIND_CARETEAM)
+    assert "addresses" not in cp  # no Conditions found: nothing is invented
+
+
+def test_careplan_links_performed_contacts_as_activity_outcomes(ctx: MappingContext) -> None:
+    cp, _ = map_enrollment(
+        enrollment(), goal_ids=[], planned_contact_ids=["P1", "P2"], referral_ids=["R1"], ctx=ctx,
+        performed_contacts=[("C1", "P1"), ("C2", None), ("C3", "P-gone"), ("C4", "P1")],
+    )
+    planned_1, planned_2, referral, unplanned = cp["activity"]
+    ids = [parse_conditional_reference(r["reference"])[1:] for r in planned_1["outcomeReference"]]
+    assert ids == [(ctx.system("contact"), "C1"), (ctx.system("contact"), "C4")]
+    assert "outcomeReference" not in planned_2 and "outcomeReference" not in referral
+    # contacts without a (sent) planned contact: one activity that holds only their outcomes
+    assert set(unplanned) == {"outcomeReference"}
+    assert [parse_conditional_reference(r["reference"])[2] for r in unplanned["outcomeReference"]] == ["C2", "C3"]
+    assert all(parse_conditional_reference(r["reference"])[0] == "Communication" for r in unplanned["outcomeReference"])
+    procedures = MappingContext(**{**_fields(ctx), "contact_procedures": "instead"})
+    cp, _ = map_enrollment(enrollment(), goal_ids=[], planned_contact_ids=[], referral_ids=[], ctx=procedures,
+                           performed_contacts=[("C2", None)])
+    (ref,) = cp["activity"][0]["outcomeReference"]
+    assert parse_conditional_reference(ref["reference"])[:2] == ("Procedure", ctx.system("contact-procedure"))
+
+
+def test_careplan_contributors_and_addressed_conditions(ctx: MappingContext) -> None:
+    cp, _ = map_enrollment(
+        enrollment(supporter_id="S1"), goal_ids=[], planned_contact_ids=[], referral_ids=[], ctx=ctx,
+        contributor_ids=["S2", "S1", "S3"], condition_refs=["Condition/7", "Condition/9"],
+    )
+    roles = [parse_conditional_reference(c["reference"])[2] for c in cp["contributor"][1:]]
+    assert roles == ["S1", "S2", "S3"]  # the enrollment's supporter first, each once
+    assert cp["addresses"] == [{"reference": "Condition/7"}, {"reference": "Condition/9"}]
 
 
 def test_careplan_narrative_escapes_source_text_and_has_no_phi(ctx: MappingContext) -> None:
@@ -1014,7 +1052,7 @@ def test_terminology_files() -> None:
         "referral-need",
     ):
         cs = by_id[("CodeSystem", cs_id)]
-        assert cs["url"] == f"https://peersync.dev/fhir/CodeSystem/{cs_id}"
+        assert cs["url"] == f"https://peersync.github.io/fhir/CodeSystem/{cs_id}"
         assert (
             cs["status"] == "active" and cs["version"] and cs["content"] == "complete" and cs["caseSensitive"] is True
         )
@@ -1022,13 +1060,13 @@ def test_terminology_files() -> None:
         assert all(c["display"] and c["definition"] for c in cs["concept"])
     for sd_id in ("contact-duration", "contact-setting", "group-session"):
         sd = by_id[("StructureDefinition", sd_id)]
-        assert sd["url"] == f"https://peersync.dev/fhir/StructureDefinition/{sd_id}"
+        assert sd["url"] == f"https://peersync.github.io/fhir/StructureDefinition/{sd_id}"
         assert sd["status"] == "active" and sd["version"] and sd["type"] == "Extension"
         assert sd["context"] == [{"type": "element", "expression": "Communication"}]
         fixed = [e for e in sd["differential"]["element"] if e["path"] == "Extension.url"]
         assert fixed[0]["fixedUri"] == sd["url"]
     for r in resources:
-        assert r["status"] == "active" and r["url"].startswith("https://peersync.dev/fhir/")
+        assert r["status"] == "active" and r["url"].startswith("https://peersync.github.io/fhir/")
 
 
 def test_support_types_carry_their_essential_element() -> None:
@@ -1075,36 +1113,58 @@ def test_terminology_bundle() -> None:
     entry = next(e for e in bundle["entry"] if e["resource"]["id"] == "adces7-behavior")
     assert entry["request"] == {
         "method": "PUT",
-        "url": "CodeSystem?url=https%3A%2F%2Fpeersync.dev%2Ffhir%2FCodeSystem%2Fadces7-behavior",
+        "url": "CodeSystem?url=https%3A%2F%2Fpeersync.github.io%2Ffhir%2FCodeSystem%2Fadces7-behavior",
     }
     assert entry["fullUrl"].startswith("urn:uuid:")
     assert terminology.terminology_bundle(resources) == bundle  # deterministic
-    rebased = terminology.terminology_bundle(resources, terminology_base="https://fhir.example.org/ps")
-    assert "peersync.dev" not in json.dumps(rebased)
-    sd = next(e["resource"] for e in rebased["entry"] if e["resource"]["id"] == "contact-setting")
-    assert sd["url"] == "https://fhir.example.org/ps/StructureDefinition/contact-setting"
+
+
+def test_terminology_is_a_versioned_package_with_publisher_contact_and_copyright() -> None:
+    manifest = terminology.load_package_manifest()
+    assert manifest["canonical"] == "https://peersync.github.io/fhir" and manifest["fhirVersions"] == ["4.0.1"]
+    for r in terminology.load_terminology():
+        assert r["version"] == manifest["version"]
+        assert r["publisher"] == "peersync project"
+        assert r["contact"][0]["telecom"][0]["value"] == "https://github.com/peersync/peersync"
+        assert r["copyright"]
+    adces7 = next(r for r in terminology.load_terminology() if r["id"] == "adces7-behavior")
+    assert "Association of Diabetes Care & Education Specialists" in adces7["copyright"]
 
 
 def test_terminology_load_errors(tmp_path: Any) -> None:
     with pytest.raises(terminology.TerminologyError):
         terminology.load_terminology(tmp_path)
-    (tmp_path / "terminology").mkdir()
-    (tmp_path / "terminology" / "x.json").write_text('{"resourceType": "Patient"}')
+    folder = tmp_path / "terminology"
+    folder.mkdir()
+    with pytest.raises(terminology.TerminologyError, match=r"package\.json"):  # not a package
+        terminology.load_terminology(tmp_path)
+    shipped = terminology.load_package_manifest()
+    (folder / "package.json").write_text(json.dumps(shipped | {"canonical": "https://fhir.example.org/ps"}))
+    with pytest.raises(terminology.TerminologyError, match="one canonical base"):
+        terminology.load_terminology(tmp_path)
+    (folder / "package.json").write_text(json.dumps(shipped))
+    (folder / "x.json").write_text('{"resourceType": "Patient"}')
     with pytest.raises(terminology.TerminologyError):
+        terminology.load_terminology(tmp_path)
+    moved = {"resourceType": "CodeSystem", "id": "x", "url": "https://fhir.example.org/ps/CodeSystem/x",
+             "version": shipped["version"]}
+    (folder / "x.json").write_text(json.dumps(moved))
+    with pytest.raises(terminology.TerminologyError, match=re.escape("is not https://peersync.github.io/fhir/CodeSystem/x")):
+        terminology.load_terminology(tmp_path)
+    (folder / "x.json").write_text(json.dumps(moved | {"url": "https://peersync.github.io/fhir/CodeSystem/x",
+                                                       "version": "0.1"}))
+    with pytest.raises(terminology.TerminologyError, match="not the package's"):
         terminology.load_terminology(tmp_path)
 
 
-def test_mapped_local_codings_use_the_context_terminology_base() -> None:
-    ctx = MappingContext(
-        program_id="p",
-        program_name="P",
-        base_url="https://x.example/ps",
-        mrn_system="urn:m",
-        terminology_base="https://fhir.example.org/ps",
-    )
+def test_mapped_local_codings_use_the_one_canonical_base() -> None:
+    ctx = MappingContext(program_id="p", program_name="P", base_url="https://x.example/ps", mrn_system="urn:m")
     r = map_contact(contact(setting="home", support_types=("emotional",)), enrollment(), ctx)
-    assert r["category"][0]["coding"][0]["system"] == "https://fhir.example.org/ps/CodeSystem/peer-support-type"
-    assert r["extension"][0]["url"] == "https://fhir.example.org/ps/StructureDefinition/contact-setting"
+    assert r["category"][0]["coding"][0]["system"] == "https://peersync.github.io/fhir/CodeSystem/peer-support-type"
+    assert r["extension"][0]["url"] == "https://peersync.github.io/fhir/StructureDefinition/contact-setting"
+    with pytest.raises(TypeError):  # a deployment cannot choose another base
+        MappingContext(program_id="p", program_name="P", base_url="https://x.example/ps", mrn_system="urn:m",
+                       terminology_base="https://fhir.example.org/ps")  # type: ignore[call-arg]
 
 
 def _mapped_program(profile_name: str, inputs: list[Path]) -> Iterator[dict[str, Any]]:

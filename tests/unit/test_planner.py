@@ -83,7 +83,17 @@ def test_edits_voids_additions_and_deletions_are_exact(tmp_path: Path, ledger: L
     c = plan.by_kind["contact"]
     assert (c[Act.UPDATE], c[Act.VOID], c[Act.CREATE], c[Act.DELETE]) == (3, 1, 2, 1)
     assert c[Act.UNCHANGED] == 20 - 3 - 1 - 1
-    # the enrollment lists only goals/planned/referrals, so new contacts leave the CarePlan unchanged
+    # the CarePlan lists the contacts that took place (activity.outcomeReference): added, voided and deleted
+    # contacts change both participants' CarePlans
+    assert plan.by_kind["enrollment"][Act.UPDATE] == 2
+
+
+def test_contact_edits_that_the_careplan_does_not_show_leave_it_unchanged(tmp_path: Path, ledger: Ledger) -> None:
+    staging, _ = plan_for(tmp_path, ledger, contacts(20))
+    confirm_all(staging, ledger)
+    staging.close()
+    staging, plan = plan_for(tmp_path, ledger, contacts(20, edited={3, 4}))  # notes only: C3 (E1) and C4 (E2)
+    assert plan.by_kind["contact"][Act.UPDATE] == 2
     assert plan.by_kind["enrollment"][Act.UNCHANGED] == 2
 
 

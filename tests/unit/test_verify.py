@@ -181,6 +181,30 @@ def test_repair_marks_drifted_units_and_forgets_missing_server_ids(ledger: Ledge
     assert ledger.resources_of("contact:C3") == []  # missing: found again by identifier, references conditional
 
 
+@responses.activate
+def test_a_missing_contact_also_resends_the_careplan_that_links_it(ledger: Ledger) -> None:
+    confirm(ledger, "contact:C1", "11")
+    confirm(ledger, "contact:C2", "12")
+    ledger.record_confirmed("enrollment:E1", kind="enrollment", participant="E1", unit_hash="h", voided=False,
+                            patient_id="p", resources=[], detail="200", run_id="r")
+    responses.get(f"{BASE}/Communication", json=searchset(on_server("11")))  # C2 deleted on the server
+    report = verify_ledger(client(), ledger)
+    assert mark_for_repair(ledger, report, run_id="r2") == 2  # C2, and E1's CarePlan whose outcome link it was
+    assert ledger.unit("enrollment:E1").hash == DRIFTED_HASH
+    assert ledger.unit("contact:C1").state == UnitState.SENT
+
+
+@responses.activate
+def test_a_changed_contact_leaves_the_careplan_alone(ledger: Ledger) -> None:
+    confirm(ledger, "contact:C1", "11")
+    ledger.record_confirmed("enrollment:E1", kind="enrollment", participant="E1", unit_hash="h", voided=False,
+                            patient_id="p", resources=[], detail="200", run_id="r")
+    responses.get(f"{BASE}/Communication", json=searchset(on_server("11", "4")))  # edited, same server id
+    report = verify_ledger(client(), ledger)
+    assert mark_for_repair(ledger, report, run_id="r2") == 1
+    assert ledger.unit("enrollment:E1").hash == "h"
+
+
 def test_the_planner_resends_exactly_the_drifted_units(tmp_path: Path, ledger: Ledger) -> None:
     staging, _ = plan_for(tmp_path, ledger, contacts(6))
     confirm_all(staging, ledger)
@@ -200,4 +224,5 @@ def test_a_retracted_unit_that_drifted_is_voided_again(tmp_path: Path, ledger: L
     ledger.mark_drifted(["contact:C6"], [], detail="drift", run_id="r2")  # someone un-voided it on the server
     staging, _ = plan_for(tmp_path, ledger, contacts(5))
     writes = {key: action for p in (None, "E1", "E2") for key, _k, _s, _h, action in units_to_write(staging, p)}
-    assert writes == {"contact:C6": Act.DELETE.value}
+    # C6 is voided again; E2's CarePlan no longer lists it as an outcome
+    assert writes == {"contact:C6": Act.DELETE.value, "enrollment:E2": Act.UPDATE.value}

@@ -228,11 +228,15 @@ def test_a_rejected_unit_is_isolated_by_bisection_and_the_rest_lands(rsps: respo
     assert program.unit_state("contact:C3") == UnitState.QUARANTINED
     assert program.unit_state("contact:C1") == UnitState.SENT
     # E1's units: the enrollment (CarePlan, CareTeam), C1, C3, C5. Split into [enrollment, C1] and [C3, C5], then
-    # [C3] and [C5]: resources per transaction, the Provenance aside.
+    # [C3] and [C5]: resources per transaction, the Provenance aside. The CarePlan landed without the outcome links
+    # to C3 and C5 (not written yet): it goes once more at the end, linking C5 (C3 never landed).
     e1 = [b for b in sent_transactions(rsps) if not communications_with(b, "C2")
           and (contacts_in(b) or b["entry"][0]["resource"]["resourceType"] == "CarePlan")]
-    assert [len(not_provenances(b)) for b in e1] == [5, 3, 2, 1, 1]
-    assert [contacts_in(b) for b in e1] == [["C1", "C3", "C5"], ["C1"], ["C3", "C5"], ["C3"], ["C5"]]
+    assert [len(not_provenances(b)) for b in e1] == [5, 3, 2, 1, 1, 2]
+    assert [contacts_in(b) for b in e1] == [["C1", "C3", "C5"], ["C1"], ["C3", "C5"], ["C3"], ["C5"], []]
+    careplan = e1[-1]["entry"][0]["resource"]
+    assert [ref["reference"] for a in careplan["activity"] for ref in a.get("outcomeReference", ())] == [
+        location_of(rsps, "Communication", c) for c in ("C1", "C5")]
     with Ledger(program.ledger) as ledger:
         c3 = ledger.unit("contact:C3")
     assert c3 is not None and "HAPI-0450" in (c3.detail or "")
@@ -245,15 +249,18 @@ def test_a_resync_sends_the_small_change_sets_of_several_participants_in_one_tra
     program.write(contacts=[*contacts([1, 2, 3, 4, 5, 6]), *contacts([7, 8])[1:]])  # new: C7 (E1), C8 (E2)
     calls = len(rsps.calls)
     summary = program.sync()
-    assert summary.exit_code == 0 and summary.counts["created"] == 2
+    # the two contacts, and the two CarePlans that now link them as outcomes (MCC eCare Plan)
+    assert summary.exit_code == 0 and summary.counts["created"] == 4
     (shared,) = sent_transactions(rsps)[2:]  # one request for both participants
     assert len([r for r in requests_made(rsps, calls) if r.startswith("POST")]) == 1
     e1, e2 = change_sets_in(shared)
     assert (contacts_in(e1), contacts_in(e2)) == (["C7"], ["C8"])
-    # each change-set keeps its own Provenance, a conditional create on its own change-set tag
-    (p1,), (p2,) = provenances_in(e1), provenances_in(e2)
-    assert p1["request"]["ifNoneExist"] != p2["request"]["ifNoneExist"]
-    assert [t["reference"] for t in p1["resource"]["target"]] == [not_provenances(e1)[0]["fullUrl"]]
+    # each change-set keeps its own Provenances (one per author), conditional creates on its own change-set tag
+    tags1 = {p["request"]["ifNoneExist"] for p in provenances_in(e1)}
+    tags2 = {p["request"]["ifNoneExist"] for p in provenances_in(e2)}
+    assert tags1 and tags2 and not tags1 & tags2
+    targets1 = {t["reference"] for p in provenances_in(e1) for t in p["resource"]["target"]}
+    assert targets1 == {e["fullUrl"] for e in not_provenances(e1)}
 
     calls = len(rsps.calls)
     again = program.sync()
@@ -270,13 +277,15 @@ def test_a_refused_shared_transaction_quarantines_only_the_participant_at_fault(
     calls = len(rsps.calls)
     summary = program.sync()
     assert (summary.exit_code, summary.outcome) == (int(ExitCode.RECORDS_REJECTED), "partial")
-    assert summary.counts["quarantined"] == 1 and summary.counts["created"] == 1
+    # C8 and E2's CarePlan land; E1's CarePlan too, without its outcome link to C7 (resent next run)
+    assert summary.counts["quarantined"] == 1 and summary.counts["created"] == 3
     assert program.unit_state("contact:C7") == UnitState.QUARANTINED
     assert program.unit_state("contact:C8") == UnitState.SENT
-    # the shared request, then each participant's change-set alone: E1's refused again (C7 is its only unit)
+    # the shared request, then each participant's change-set alone: E1's refused again and split (its CarePlan
+    # lands, C7 is quarantined, the CarePlan is sent once more without its outcome link to C7), then E2's
     assert [[contacts_in(c) for c in change_sets_in(b)] for b in sent_transactions(rsps)[2:]] == [
-        [["C7"], ["C8"]], [["C7"]], [["C8"]]]
-    assert [r for r in requests_made(rsps, calls) if r.startswith("POST")] == ["POST /"] * 3
+        [["C7"], ["C8"]], [["C7"]], [[]], [["C7"]], [[]], [["C8"]]]
+    assert [r for r in requests_made(rsps, calls) if r.startswith("POST")] == ["POST /"] * 6
 
 
 def test_a_unit_failing_only_on_an_unresolved_reference_is_deferred_then_lands(rsps: responses.RequestsMock,
@@ -333,13 +342,16 @@ def test_a_reference_target_the_server_lost_is_re_sent_not_quarantined(rsps: res
              else None)
     answer_reads(rsps, 404)
     summary = program.sync(max_bundle_entries=1)
-    assert summary.counts["quarantined"] == 0 and summary.counts["pending"] == 1
+    # C5, and E1's CarePlan that lists C5 among its outcomes (landed without that link, completed next run)
+    assert summary.counts["quarantined"] == 0 and summary.counts["pending"] == 2
     assert program.unit_state("contact:C5") == UnitState.PENDING
     with Ledger(program.root / "ledger.sqlite") as ledger:
         marked = [u for u in ledger.units_in_state(UnitState.PENDING) if u.unit_key != "contact:C5"]
     # every target it referenced by a ledger id reads 404 here: the program's, its supporter's, its CarePlan's
     assert {u.kind for u in marked} == {"program", "supporter", "enrollment"}
-    assert {u.hash for u in marked} == {"drifted"}
+    # the CarePlan was then written without its outcome link to C5: pending too, with no confirmed hash
+    assert {u.hash for u in marked if u.kind != "enrollment"} == {"drifted"}
+    assert {u.hash for u in marked if u.kind == "enrollment"} <= {"drifted", None}
     assert any("lost by the server" in reason for reason in summary.pending_reasons)
 
 
@@ -435,7 +447,9 @@ def test_a_record_gone_from_the_input_is_voided_with_one_provenance_even_when_th
     refusing(rsps, commit_then_lose_the_answer)
     with pytest.raises(ServerUnavailableError):
         program.sync()
-    assert requests_made(rsps, calls) == ["GET /metadata", f"GET /{c1}", "POST /"]
+    made = requests_made(rsps, calls)
+    # the CarePlan that listed C5 among its outcomes is updated first (found the Patient, sent), then C5 is voided
+    assert made[0] == "GET /metadata" and made[-2:] == [f"GET /{c1}", "POST /"] and len(made) == 5
     assert program.unit_state("contact:C5") == UnitState.PENDING
 
     summary = program.sync()  # the void is sent again, with the same Provenance condition
