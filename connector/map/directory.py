@@ -9,7 +9,7 @@ what a unit needs that the EHR lacks live here too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ from connector.identifiers import (
     identifier_system,
     identifier_value,
     parse_conditional_reference,
+    reference_strings,
 )
 from connector.model import Supporter
 
@@ -113,20 +114,8 @@ def missing_directory_entries(resources: Iterable[dict[str, Any]], directory: Di
         staff = {identifier_system(base_url, program_id, kind) for kind in (KIND_STAFF, KIND_ROLE)}
         missing = {identifier_value(s.partition(":")[2]): s for s in directory.problems if s.startswith("supporter:")}
         for resource in resources:
-            for reference in _references(resource):
+            for reference in reference_strings(resource):
                 target = parse_conditional_reference(reference)
                 if target is not None and target[1] in staff and target[2] in missing:
                     needed.add(missing[target[2]])
     return sorted(needed)
-
-
-def _references(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                yield value
-            else:
-                yield from _references(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _references(item)

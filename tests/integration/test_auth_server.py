@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from click.testing import CliRunner
 from connector.auth.keys import load_private_key
 from connector.auth.smart import CLIENT_ASSERTION_TYPE, SmartBackendAuth
 from connector.cli import main
+from connector.identifiers import reference_strings
 
 from .conftest import NARROW_MISSING, SECRET_CLIENT_SECRET, SHORT_TOKEN_TTL_SECONDS, AuthEnv, KeyPair
 from .syncutil import (
@@ -85,17 +85,6 @@ def sync(program: Program) -> subprocess.CompletedProcess[str]:
 def unresolved_references(program: Program, resources: list[dict[str, Any]]) -> list[str]:
     """``Type/id -> reference`` for each stored reference that is not a literal one, or that the server (read
     with the harness's admin token) does not have."""
-    def reference_strings(node: Any) -> Iterator[str]:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "reference" and isinstance(value, str):
-                    yield value
-                else:
-                    yield from reference_strings(value)
-        elif isinstance(node, list):
-            for item in node:
-                yield from reference_strings(item)
-
     stored = {f"{r['resourceType']}/{r['id']}" for r in resources}
     broken: list[str] = []
     for resource in resources:
