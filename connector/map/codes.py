@@ -29,7 +29,7 @@ from connector.model import (
     TargetMeasure,
 )
 
-from .context import MappingContext
+from .context import MappingContext, code_system_url
 
 # -- systems ---------------------------------------------------------------------------------------------------------
 LOINC = "http://loinc.org"
@@ -119,14 +119,15 @@ def coding(system: str, code: str, display: str | None = None) -> dict[str, Any]
 
 def local_coding(ctx: MappingContext, cs_id: str, code: str) -> dict[str, Any]:
     """A Coding from one of our CodeSystems, display from the terminology files."""
-    system, display = _system_and_display(ctx, cs_id, code)
+    system, display = _system_and_display(ctx.terminology_base, cs_id, code)
     return {"system": system, "code": code, "display": display}
 
 
 @lru_cache(maxsize=4096)
-def _system_and_display(ctx: MappingContext, cs_id: str, code: str) -> tuple[str, str]:
-    # cached: a contact carries several of our codes, from a few hundred in all
-    return ctx.code_system(cs_id), terminology.display(cs_id, code)
+def _system_and_display(terminology_base: str, cs_id: str, code: str) -> tuple[str, str]:
+    # cached: a contact carries several of our codes, from a few hundred in all (keyed on the terminology base,
+    # not the whole context: hashing the context on every call cost more than the look-up saved)
+    return code_system_url(terminology_base, cs_id), terminology.display(cs_id, code)
 
 
 def local_concept(ctx: MappingContext, cs_id: str, code: str, text: str | None = None) -> dict[str, Any]:

@@ -36,6 +36,11 @@ DEFAULT_TERMINOLOGY_BASE = "https://peersync.dev/fhir"
 DEVICE_IDENTIFIER_VALUE = "peersync"
 
 
+def code_system_url(terminology_base: str, cs_id: str) -> str:
+    """Canonical URL of one of our CodeSystems under a terminology base."""
+    return f"{terminology_base}/CodeSystem/{cs_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class MappingContext:
     """Program-level settings every mapper needs.
@@ -148,7 +153,7 @@ class MappingContext:
 
     def code_system(self, cs_id: str) -> str:
         """Canonical URL of one of our CodeSystems."""
-        return f"{self.terminology_base}/CodeSystem/{cs_id}"
+        return code_system_url(self.terminology_base, cs_id)
 
     def extension_url(self, sd_id: str) -> str:
         """Canonical URL of one of our extensions."""
