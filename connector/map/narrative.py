@@ -113,10 +113,11 @@ def escape_text(value: object) -> str:
     ``<br/>``, and, when it holds right-to-left text, wrapped in ``<span dir>`` so it stays isolated from the
     labels around it (HTML isolates an element with ``dir``)."""
     text = str(value)
-    if text.isascii() and text.isprintable():  # most values: nothing to drop, no line breaks, no right-to-left
-        return escape(text, quote=True)
-    text = clean_text(text)
-    html = "<br/>".join(escape(line, quote=True) for line in text.split("\n"))
+    if text.isprintable():  # most values: nothing to drop (all of it unprintable), no line breaks
+        html = escape(text, quote=True)
+    else:
+        text = clean_text(text)
+        html = "<br/>".join(escape(line, quote=True) for line in text.split("\n"))
     direction = _direction(text)
     return f'<span dir="{direction}">{html}</span>' if direction else html
 
@@ -227,8 +228,13 @@ def _concept_text(concept: Mapping[str, Any] | None) -> str:
 def _texts_from(concepts: Iterable[Mapping[str, Any]], code_system_id: str) -> list[str]:
     """The texts of the concepts coded in one of our CodeSystems (by its id, whatever the terminology base)."""
     suffix = f"/CodeSystem/{code_system_id}"
-    return [_concept_text(c) for c in concepts
-            if any(x.get("system", "").endswith(suffix) for x in c.get("coding", ()))]
+    texts = []
+    for concept in concepts:
+        for coding in concept.get("coding", ()):
+            if coding.get("system", "").endswith(suffix):
+                texts.append(_concept_text(concept))
+                break
+    return texts
 
 
 def _joined(values: Iterable[str]) -> str:
@@ -265,7 +271,10 @@ def _who_html(name: str, title: str) -> str:
 
 def _extension(resource: Mapping[str, Any], sd_id: str) -> Mapping[str, Any] | None:
     suffix = f"/StructureDefinition/{sd_id}"
-    return next((x for x in resource.get("extension", ()) if str(x.get("url", "")).endswith(suffix)), None)
+    for extension in resource.get("extension", ()):
+        if str(extension.get("url", "")).endswith(suffix):
+            return extension
+    return None
 
 
 # -- Communication ---------------------------------------------------------------------------------------------------
