@@ -271,6 +271,7 @@ def _who_html(name: str, title: str) -> str:
 
 def _extension(resource: Mapping[str, Any], sd_id: str) -> Mapping[str, Any] | None:
     suffix = f"/StructureDefinition/{sd_id}"
+    extension: Mapping[str, Any]
     for extension in resource.get("extension", ()):
         if str(extension.get("url", "")).endswith(suffix):
             return extension
