@@ -29,7 +29,7 @@ from connector.model import (
     TargetMeasure,
 )
 
-from .context import MappingContext
+from .context import MappingContext, code_system_url
 
 # -- systems ---------------------------------------------------------------------------------------------------------
 LOINC = "http://loinc.org"
@@ -121,14 +121,15 @@ def coding(system: str, code: str, display: str | None = None) -> dict[str, Any]
 
 def local_coding(ctx: MappingContext, cs_id: str, code: str) -> dict[str, Any]:
     """A Coding from one of our CodeSystems, display from the terminology files."""
-    system, display = _system_and_display(ctx, cs_id, code)
+    system, display = _system_and_display(cs_id, code)
     return {"system": system, "code": code, "display": display}
 
 
 @lru_cache(maxsize=4096)
-def _system_and_display(ctx: MappingContext, cs_id: str, code: str) -> tuple[str, str]:
-    # cached: a contact carries several of our codes, from a few hundred in all
-    return ctx.code_system(cs_id), terminology.display(cs_id, code)
+def _system_and_display(cs_id: str, code: str) -> tuple[str, str]:
+    # cached: a contact carries several of our codes, from a few hundred in all (not keyed on the context:
+    # hashing it on every call cost more than the look-up saved)
+    return code_system_url(cs_id), terminology.display(cs_id, code)
 
 
 def local_concept(ctx: MappingContext, cs_id: str, code: str, text: str | None = None) -> dict[str, Any]:

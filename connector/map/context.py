@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -45,6 +46,18 @@ ReferralTasks = Literal["requested", "draft"]
 
 # The value of the connector Device's business identifier (one Device per program: the system carries the program).
 DEVICE_IDENTIFIER_VALUE = "peersync"
+
+
+@lru_cache(maxsize=65536)
+def _identifier_reference(resource_type: str, base_url: str, program_id: str, kind: str, source_id: str) -> str:
+    # cached: a participant's contacts refer to the same plan, supporter and goals again and again
+    return conditional_reference(resource_type, identifier_system(base_url, program_id, kind),
+                                 identifier_value(source_id))
+
+
+def code_system_url(cs_id: str) -> str:
+    """Canonical URL of one of our CodeSystems (one base for every deployment)."""
+    return f"{TERMINOLOGY_BASE}/CodeSystem/{cs_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +148,7 @@ class MappingContext:
         if resource_type == "Practitioner" and self.directory.existing_practitioners and found:
             out: dict[str, Any] = {"reference": f"Practitioner/{found}"}
         else:
-            out = {"reference": conditional_reference(resource_type, self.system(kind), identifier_value(source_id))}
+            out = {"reference": _identifier_reference(resource_type, self.base_url, self.program_id, kind, source_id)}
         if display:
             out["display"] = display
         return out
@@ -167,7 +180,7 @@ class MappingContext:
 
     def code_system(self, cs_id: str) -> str:
         """Canonical URL of one of our CodeSystems."""
-        return f"{TERMINOLOGY_BASE}/CodeSystem/{cs_id}"
+        return code_system_url(cs_id)
 
     def extension_url(self, sd_id: str) -> str:
         """Canonical URL of one of our extensions."""

@@ -23,6 +23,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
+from functools import lru_cache
 from html import escape
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -112,10 +113,11 @@ def escape_text(value: object) -> str:
     ``<br/>``, and, when it holds right-to-left text, wrapped in ``<span dir>`` so it stays isolated from the
     labels around it (HTML isolates an element with ``dir``)."""
     text = str(value)
-    if text.isascii() and text.isprintable():  # most values: nothing to drop, no line breaks, no right-to-left
-        return escape(text, quote=True)
-    text = clean_text(text)
-    html = "<br/>".join(escape(line, quote=True) for line in text.split("\n"))
+    if text.isprintable():  # most values: nothing to drop (all of it unprintable), no line breaks
+        html = escape(text, quote=True)
+    else:
+        text = clean_text(text)
+        html = "<br/>".join(escape(line, quote=True) for line in text.split("\n"))
     direction = _direction(text)
     return f'<span dir="{direction}">{html}</span>' if direction else html
 
@@ -129,9 +131,15 @@ def format_date(value: date | str) -> str:
 def format_datetime(value: datetime | str, timezone: str) -> str:
     """A date-time in the program's time zone, the zone stated: ``12 Mar 2026 14:30 (America/Chicago)``."""
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
-    zone = ZoneInfo(timezone)
+    zone, zone_html = _zone(timezone)
     local = moment.replace(tzinfo=zone) if moment.tzinfo is None else moment.astimezone(zone)
-    return f"{format_date(local.date())} {local:%H:%M} ({escape(timezone)})"
+    return f"{format_date(local)} {local.hour:02d}:{local.minute:02d} ({zone_html})"
+
+
+@lru_cache(maxsize=64)
+def _zone(timezone: str) -> tuple[ZoneInfo, str]:
+    """The zone and its name as XHTML: a program has one, and every contact's time is shown in it."""
+    return ZoneInfo(timezone), escape(timezone)
 
 
 def status_words(code: str) -> str:
@@ -141,7 +149,13 @@ def status_words(code: str) -> str:
 
 def labelled(label: str, value_html: str) -> str:
     """``<li><b>label</b>: value</li>``; ``label`` is ours (escaped), ``value_html`` is already XHTML."""
-    return f"<li><b>{escape(label)}</b>: {value_html}</li>"
+    return f"{_label_html(label)}{value_html}</li>"
+
+
+@lru_cache(maxsize=256)
+def _label_html(label: str) -> str:
+    # labels are a few constants of ours, each escaped once
+    return f"<li><b>{escape(label)}</b>: "
 
 
 def bullets(items: Iterable[str]) -> str:
@@ -162,7 +176,17 @@ def narrative(div: str, *, extensions: bool = False) -> dict[str, str]:
 
 def with_narrative(resource: Mapping[str, Any], text: Mapping[str, str]) -> dict[str, Any]:
     """The resource with ``text`` placed after ``meta`` (where FHIR JSON puts it), any earlier ``text`` replaced."""
-    out: dict[str, Any] = {}
+    if "meta" in resource and "text" not in resource:  # what the mappers pass: copy the rest in one step
+        items = iter(resource.items())
+        out = {}
+        for key, value in items:
+            out[key] = value
+            if key == "meta":
+                break
+        out["text"] = dict(text)
+        out.update(items)
+        return out
+    out = {}
     for key, value in resource.items():
         if key == "text":
             continue
@@ -204,8 +228,13 @@ def _concept_text(concept: Mapping[str, Any] | None) -> str:
 def _texts_from(concepts: Iterable[Mapping[str, Any]], code_system_id: str) -> list[str]:
     """The texts of the concepts coded in one of our CodeSystems (by its id, whatever the terminology base)."""
     suffix = f"/CodeSystem/{code_system_id}"
-    return [_concept_text(c) for c in concepts
-            if any(x.get("system", "").endswith(suffix) for x in c.get("coding", ()))]
+    texts = []
+    for concept in concepts:
+        for coding in concept.get("coding", ()):
+            if coding.get("system", "").endswith(suffix):
+                texts.append(_concept_text(concept))
+                break
+    return texts
 
 
 def _joined(values: Iterable[str]) -> str:
@@ -231,12 +260,22 @@ def supporter_title(s: Supporter | None) -> str:
 def _who(s: Supporter | None) -> str:
     if s is None:
         return "Peer supporter"
-    return f"{escape_text(supporter_name(s))}, {escape_text(supporter_title(s))}"
+    return _who_html(supporter_name(s), supporter_title(s))
+
+
+@lru_cache(maxsize=1024)
+def _who_html(name: str, title: str) -> str:
+    # a supporter (staff, not a patient) is named in each of their contacts: escaped once
+    return f"{escape_text(name)}, {escape_text(title)}"
 
 
 def _extension(resource: Mapping[str, Any], sd_id: str) -> Mapping[str, Any] | None:
     suffix = f"/StructureDefinition/{sd_id}"
-    return next((x for x in resource.get("extension", ()) if str(x.get("url", "")).endswith(suffix)), None)
+    extension: Mapping[str, Any]
+    for extension in resource.get("extension", ()):
+        if str(extension.get("url", "")).endswith(suffix):
+            return extension
+    return None
 
 
 # -- Communication ---------------------------------------------------------------------------------------------------

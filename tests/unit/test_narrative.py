@@ -139,6 +139,13 @@ def test_escape_text_drops_what_xml_cannot_carry_and_bidi_overrides() -> None:
     assert clean_text("lone \ud800 surrogate") == "lone \ufffd surrogate"
 
 
+def test_printable_text_has_nothing_to_clean() -> None:
+    # escape_text skips clean_text for printable values: every character clean_text changes must be unprintable
+    changed = [c for c in map(chr, range(0x110000)) if c.isprintable() and clean_text(c) != c]
+    assert changed == []
+    assert escape_text("“Walk daily”") == "“Walk daily”"
+
+
 def test_right_to_left_text_is_isolated_by_its_own_direction() -> None:
     assert escape_text("שלום") == '<span dir="rtl">שלום</span>'
     assert escape_text("A1c مرتفع") == '<span dir="ltr">A1c مرتفع</span>'
