@@ -27,6 +27,10 @@ SourceId = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
 NonEmptyText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# The id of a resource on the EHR (``Observation/123`` or ``123``): FHIR's id alphabet, at most 64 characters.
+ServerObservationId = Annotated[
+    str, StringConstraints(strip_whitespace=True, pattern=r"^(Observation/)?[A-Za-z0-9\-.]{1,64}$")
+]
 
 
 def _aware(value: datetime) -> datetime:
@@ -354,6 +358,9 @@ class Goal(SourceRecord):
     status_date: date | None = Field(None, description="When the program recorded the current status.")
     set_by: GoalSetBy = GoalSetBy.PARTICIPANT
     supporter_id: SourceId | None = None
+    outcome_observation: ServerObservationId | None = Field(
+        None, description="The EHR's result that shows the outcome (e.g. the HbA1c Observation `peersync pull` "
+                          "lists in clinical-facts.csv), as the program recorded it.")
     notes: tuple[GoalNote, ...] = ()
 
     @property

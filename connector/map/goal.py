@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from connector.identifiers import KIND_GOAL, KIND_ROLE, KIND_STAFF
@@ -23,13 +22,9 @@ from .context import MappingContext
 from .narrative import goal_narrative, with_narrative
 
 
-def map_goal(g: Goal, e: Enrollment, ctx: MappingContext,
-             outcome_references: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """A goal in the participant's words, with its ADCES7 behaviour, target, status and progress notes.
-
-    ``outcome_references`` are references to results known to show the outcome (e.g. the HbA1c Observation
-    that closed an HbA1c goal); none are known yet, so callers pass none.
-    """
+def map_goal(g: Goal, e: Enrollment, ctx: MappingContext) -> dict[str, Any]:
+    """A goal in the participant's words, with its ADCES7 behaviour, target, status and progress notes, and the
+    EHR's result that shows its outcome when the program recorded one (``outcome_observation``)."""
     notes = [n for n in g.notes if not n.void]
     goal = resource(
         "Goal",
@@ -55,9 +50,14 @@ def map_goal(g: Goal, e: Enrollment, ctx: MappingContext,
             }
             for n in sorted(notes, key=lambda n: (n.noted_on, n.note_id))
         ]),
-        outcomeReference=list(outcome_references),
+        outcomeReference=[_observation_ref(g.outcome_observation)] if g.outcome_observation and not g.void else None,
     )
     return with_narrative(goal, goal_narrative(goal, g))
+
+
+def _observation_ref(observation: str) -> dict[str, str]:
+    """A literal reference to the EHR's Observation: peersync never writes Observations, it only points at them."""
+    return {"reference": observation if observation.startswith("Observation/") else f"Observation/{observation}"}
 
 
 # Achievement codes that say an ended goal was not met.

@@ -382,6 +382,8 @@ def goal_narrative(resource: Mapping[str, Any], goal: Goal) -> dict[str, str]:
         labelled("Status", status_html),
         labelled("Set by", escape(_SET_BY_TEXT[goal.set_by])),
         labelled("Progress", bullets(progress)) if progress else "",
+        # the program named the EHR's own result: the chart has it, the narrative says where to look
+        labelled("Outcome", "shown by the linked result in the chart") if resource.get("outcomeReference") else "",
     ]
     description = _concept_text(resource.get("description"))
     div = xhtml_div(_heading("Goal", f"“{escape_text(description)}”"), bullets(items))

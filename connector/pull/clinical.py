@@ -25,6 +25,7 @@ class Measurement:
     value: str
     unit: str
     date: str
+    observation: str = ""  # "Observation/{id}" on the EHR: what a goal's outcome_observation may name
 
 
 def _has_code(concept: Mapping[str, Any] | None, code: str) -> bool:
@@ -53,7 +54,7 @@ def latest_a1c(observations: Iterable[Mapping[str, Any]]) -> Measurement | None:
     if not found:
         return None
     obs, (value, unit) = max(found, key=lambda pair: _effective(pair[0]))
-    return Measurement(value, unit, _effective(obs)[:10])
+    return Measurement(value, unit, _effective(obs)[:10], f"Observation/{obs['id']}" if obs.get("id") else "")
 
 
 def latest_blood_pressure(observations: Iterable[Mapping[str, Any]]) -> Measurement | None:

@@ -253,13 +253,14 @@ class Puller:
                 "enrollment_id": enrollment.enrollment_id, "mrn": enrollment.mrn,
                 "hba1c": f"{a1c.value} {a1c.unit}".strip() if a1c else "",
                 "hba1c_date": a1c.date if a1c else "",
+                "hba1c_observation": a1c.observation if a1c else "",
                 "blood_pressure": f"{bp.value} {bp.unit}".strip() if bp else "",
                 "blood_pressure_date": bp.date if bp else "",
                 "upcoming_appointments": "; ".join(clinical.upcoming_appointments(appointments, today=today)),
                 "goal_targets": "; ".join(progress),
             })
         path = self.opts.reports_dir / "clinical-facts.csv"
-        write_rows(path, rows, ["enrollment_id", "mrn", "hba1c", "hba1c_date", "blood_pressure",
+        write_rows(path, rows, ["enrollment_id", "mrn", "hba1c", "hba1c_date", "hba1c_observation", "blood_pressure",
                                 "blood_pressure_date", "upcoming_appointments", "goal_targets"], self.opts.file_mode)
         self.summary.clinical_participants = len(rows)
         self.summary.clinical_file = str(path)

@@ -272,6 +272,9 @@ def test_clinical_facts_only_with_consent(program: Program, clinic: Clinic) -> N
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     (facts,) = read_csv(path)
     assert (facts["enrollment_id"], facts["hba1c"], facts["hba1c_date"]) == (enrollment, "7.6 %", "2026-11-20")
+    observation = facts["hba1c_observation"]  # what the program may name as a goal's outcome_observation
+    assert observation.startswith("Observation/")
+    assert requests.get(f"{program.base_url}/{observation}", timeout=60).json()["valueQuantity"]["value"] == 7.6
     assert facts["blood_pressure"] == "128/82 mm[Hg]" and facts["upcoming_appointments"].startswith("2027-01-12")
 
 

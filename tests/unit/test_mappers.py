@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
 
 from connector import identifiers
 from connector import map as mappers
@@ -656,6 +657,23 @@ def test_goal_lifecycle(ctx: MappingContext, status: GoalLifecycle) -> None:
     assert (
         map_goal(goal(lifecycle_status=status, void=True), enrollment(), ctx)["lifecycleStatus"] == "entered-in-error"
     )
+
+
+@pytest.mark.parametrize(("named", "reference"), [
+    ("Observation/a1c-7", "Observation/a1c-7"), ("a1c-7", "Observation/a1c-7"), (None, None)])
+def test_goal_outcome_is_only_the_result_the_program_names(ctx: MappingContext, named: str | None,
+                                                          reference: str | None) -> None:
+    mapped = map_goal(goal(outcome_observation=named, lifecycle_status=GoalLifecycle.COMPLETED,
+                           achievement_status=GoalAchievement.NOT_ACHIEVED), enrollment(), ctx)
+    assert mapped.get("outcomeReference") == ([{"reference": reference}] if reference else None)
+    assert ("linked result" in mapped["text"]["div"]) is bool(reference)
+    assert "outcomeReference" not in map_goal(goal(outcome_observation=named, void=True), enrollment(), ctx)
+
+
+@pytest.mark.parametrize("bad", ["Patient/1", "https://ehr.example/Observation/1", "Observation/", "a b"])
+def test_goal_outcome_observation_must_be_an_observation_id(bad: str) -> None:
+    with pytest.raises(ValidationError):
+        goal(outcome_observation=bad)
 
 
 @pytest.mark.parametrize("achievement", list(GoalAchievement))

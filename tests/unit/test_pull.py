@@ -140,9 +140,10 @@ def test_the_latest_usable_a1c_and_blood_pressure() -> None:
          "valueQuantity": {"value": 131, "unit": "mm[Hg]"}},
         {"code": {"coding": [{"system": clinical.LOINC, "code": clinical.DIASTOLIC}]},
          "valueQuantity": {"value": 85, "unit": "mm[Hg]"}}])
-    found = [obs(clinical.HBA1C, 8.1, "2026-09-01"), obs(clinical.HBA1C, 7.2, "2026-11-15"),
-             obs(clinical.HBA1C, 5.0, "2026-12-01", status="entered-in-error"), bp]
-    assert clinical.latest_a1c(found) == clinical.Measurement("7.2", "%", "2026-11-15")
+    found = [obs(clinical.HBA1C, 8.1, "2026-09-01", id="a1"), obs(clinical.HBA1C, 7.2, "2026-11-15", id="a2"),
+             obs(clinical.HBA1C, 5.0, "2026-12-01", status="entered-in-error", id="a3"), bp]
+    # the Observation's id too: what a goal's outcome_observation may name (Goal.outcomeReference)
+    assert clinical.latest_a1c(found) == clinical.Measurement("7.2", "%", "2026-11-15", "Observation/a2")
     assert clinical.latest_blood_pressure(found) == clinical.Measurement("131/85", "mm[Hg]", "2026-11-01")
     assert clinical.latest_a1c([]) is None
     target = GoalTarget(measure=TargetMeasure.HBA1C, comparator=Comparator.LT, value=Decimal("7.0"), unit="%")
