@@ -125,6 +125,7 @@ class Writer:
         self.limits = RunLimits(opts.max_bundle_entries)
         self.not_permitted: Counter[str] = Counter()  # units parked this run, per refused resource type
         self._parked: list[tuple[UnitWrite, str | None, str | None]] = []  # (unit, hash, participant) parked
+        self._lost: set[Identity] = set()  # resources the server lost, found in this run (re-sent next run)
         self._partial: dict[str, list[str]] = {}  # unit key -> refused types left out of it (sent without them)
         self._logged_refused: set[str] = set()  # refused types already logged in this run
         self.capabilities: Capabilities | None = None
@@ -1039,7 +1040,8 @@ class Writer:
         run sends the target, then them. True when a lost target was found."""
         own = {w.unit.unit_key for w in units}
         suspects = [(identity, server_id) for identity, server_id in resolved.items() if server_id]
-        lost: list[Identity] = []
+        # a target found lost earlier in this run is marked for re-send, so the ledger no longer resolves it
+        lost: list[Identity] = sorted(set(resolved) & self._lost)
         for identity, server_id in suspects:
             try:
                 self.client.read(identity[0], server_id)
@@ -1050,6 +1052,8 @@ class Writer:
                     lost.append(identity)
         if not lost:
             return False
+        with self._counts_lock:
+            self._lost.update(lost)
         targets = sorted(set(ledger.unit_keys_of(lost).values()) - own)
         detail = "re-sent: a record referenced it, but the server no longer has it (restored or refreshed?)"
         ledger.mark_drifted(targets, lost, detail=detail, run_id=RUN_ID.get())
