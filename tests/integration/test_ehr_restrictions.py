@@ -43,8 +43,9 @@ pytestmark = pytest.mark.integration
 PARTICIPANTS = 5
 CONCURRENCY = 4  # relutil's default [sync] concurrency
 RESULTS = Path(__file__).resolve().parents[2] / ".peersync" / "ehr-restrictions"
-# Clinical-note mode is off here: DocumentReference is neither written nor reported as refused.
-WRITTEN_TYPES = frozenset(t for t, _, _ in PROGRAM_RESOURCES) - {"DocumentReference"}
+# Clinical-note mode and contact Procedures are off here: DocumentReference and Procedure are neither written nor
+# reported as refused.
+WRITTEN_TYPES = frozenset(t for t, _, _ in PROGRAM_RESOURCES) - {"DocumentReference", "Procedure"}
 ALL_BUT_CARETEAM = (WRITTEN_TYPES - {"CareTeam"}) | {"Provenance"}
 
 
