@@ -126,6 +126,7 @@ class Writer:
         self.not_permitted: Counter[str] = Counter()  # units parked this run, per refused resource type
         self._parked: list[tuple[UnitWrite, str | None, str | None]] = []  # (unit, hash, participant) parked
         self._lost: set[Identity] = set()  # resources the server lost, found in this run (re-sent next run)
+        self._sharing = True  # small change-sets may share a request (off after a shared request timed out)
         self._partial: dict[str, list[str]] = {}  # unit key -> refused types left out of it (sent without them)
         self._logged_refused: set[str] = set()  # refused types already logged in this run
         self.capabilities: Capabilities | None = None
@@ -474,7 +475,7 @@ class Writer:
                 self._send(ledger, half, patient=patient, participant=participant, patient_id=patient_id,
                            deferred=deferred)
             return False
-        if after is not None and self._coalescer is not None and coalesces(
+        if after is not None and self._coalescer is not None and self._sharing and coalesces(
                 self.choice.strategy, len(built.bundle["entry"]), shared_capacity(self.limits.max_entries)):
             full = self._coalescer.add(Parcel(units, built, resend, resolved, incomplete, after))
             self._flush(ledger, full)
@@ -524,6 +525,15 @@ class Writer:
         try:
             answer = self.client.send_transaction(bundle)
         except ServerUnavailableError as exc:
+            if self._sharing:
+                # A slow link may time out on the larger shared request where each change-set alone gets through
+                # (a run that always tried it again would never converge): no more sharing in this run.
+                self._sharing = False
+                log.warning("a shared transaction of %d change-sets failed (%s): change-sets are sent alone for the "
+                            "rest of the run", len(parcels), exc.__class__.__name__,
+                            extra={"event": "shared-unavailable", "change_sets": len(parcels)})
+                self._each_alone(ledger, parcels)
+                return
             down = exc  # each participant's records left pending, as when its own request fails
 
             def unavailable() -> None:

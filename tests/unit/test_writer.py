@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
+import requests
 import responses
 from requests import PreparedRequest
 from responses import matchers
@@ -265,6 +266,26 @@ def test_a_resync_sends_the_small_change_sets_of_several_participants_in_one_tra
     calls = len(rsps.calls)
     again = program.sync()
     assert again.exit_code == 0 and not [r for r in requests_made(rsps, calls) if r.startswith("POST")]
+
+
+def test_a_shared_transaction_that_times_out_is_sent_alone_and_sharing_stops_for_the_run(
+        rsps: responses.RequestsMock, program: Program) -> None:
+    """A slow link may time out on the larger shared request where each change-set alone gets through: a run
+    that tried sharing again and again would never converge (the Toxiproxy slicer scenario)."""
+    answer_first_sync(rsps)
+    program.sync()
+    program.write(contacts=[*contacts([1, 2, 3, 4, 5, 6]), *contacts([7, 8])[1:]])
+
+    def time_out_when_shared(bundle: Bundle) -> None:
+        if communications_with(bundle, "C7") and communications_with(bundle, "C8"):
+            raise requests.ConnectionError("read timed out")
+
+    refusing(rsps, time_out_when_shared)
+    calls = len(rsps.calls)
+    summary = program.sync()
+    assert summary.exit_code == 0 and summary.counts["pending"] == 0
+    assert program.unit_state("contact:C7") == program.unit_state("contact:C8") == UnitState.SENT
+    assert [r for r in requests_made(rsps, calls) if r.startswith("POST")] == ["POST /"] * 3  # shared, then alone
 
 
 def test_a_refused_shared_transaction_quarantines_only_the_participant_at_fault(rsps: responses.RequestsMock,
