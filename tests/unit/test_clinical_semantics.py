@@ -194,8 +194,9 @@ def test_a_completed_goal_not_achieved_says_so_in_status_reason() -> None:
     assert missed["statusDate"] == "2025-06-01" and "outcomeReference" not in missed
     assert "Completed without being achieved" in missed["text"]["div"]  # for a chart that shows only the narrative
     assert "statusReason" not in map_goal(Goal(**base, achievement_status="achieved"), ENROLLMENT, CTX)
-    lab = {"reference": "Observation/a1c-1"}  # the hook for a known result (no lab data yet)
-    assert map_goal(Goal(**base), ENROLLMENT, CTX, outcome_references=[lab])["outcomeReference"] == [lab]
+    # the result the program names (e.g. from pull's clinical-facts.csv), never one peersync picks
+    lab = {"reference": "Observation/a1c-1"}
+    assert map_goal(Goal(**base, outcome_observation="Observation/a1c-1"), ENROLLMENT, CTX)["outcomeReference"] == [lab]
 
 
 # -- 5. cancelled contacts -------------------------------------------------------------------------------------------
