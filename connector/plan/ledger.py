@@ -16,6 +16,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -230,6 +231,21 @@ class ConfirmedUnit:
     state: UnitState = UnitState.SENT
 
 
+def _switch_to_wal(db: sqlite3.Connection, *, patience: float = 30.0) -> None:
+    """Put the ledger in WAL mode (persistent in the file). SQLite answers "database is locked" at once, without
+    waiting for its busy timeout, when another connection switches a new file at the same moment: try again."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+        else:
+            return
+
+
 class Ledger:
     """Thread-safe access to the ledger file. Writes are serialised; each write is one SQLite transaction."""
 
@@ -243,7 +259,7 @@ class Ledger:
             make_folder(self.path.parent, mode)
             create_file(self.path, mode)  # an empty file is an empty SQLite database
             self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(self.db)
             # NORMAL, not FULL: in WAL mode a commit survives a crash of peersync; only a power loss or OS crash
             # may undo the last commits. That costs a resend, never a duplicate: every write is a conditional
             # update by business identifier and Provenance a conditional create (the "ledger deleted" and

@@ -334,7 +334,7 @@ def test_connections_opening_a_new_ledger_at_once_create_it_once(tmp_path: Path)
     locked'): the schema and the salt are created once, under the write lock, and all see the same salt."""
     import threading
 
-    for attempt in range(5):
+    for attempt in range(20):
         path = tmp_path / f"ledger-{attempt}.sqlite"
         barrier = threading.Barrier(8)
         salts: list[str | BaseException] = []
