@@ -10,7 +10,8 @@ import logging
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from connector.errors import (
     LockHeldError,
     PeersyncError,
 )
-from connector.files import PRIVATE_FILE_MODE, make_folder
+from connector.files import PRIVATE_FILE_MODE, create_file, make_folder
 from connector.map import MappingContext
 from connector.map.directory import (
     ORGANIZATION_NOT_FOUND,
@@ -52,6 +53,14 @@ from connector.plan.shape import (
     shape_changes,
 )
 from connector.pull.answers import DesiredTask, answer_clinic_referrals, clinic_referral_requests, desired_task
+from connector.read.cache import (
+    ReadCache,
+    cache_path,
+    keep_as_cache,
+    reader_fingerprint,
+    remove_quietly,
+    run_staging_path,
+)
 from connector.read.formats import DEFAULT_LIMITS, ReadLimits
 from connector.read.profile import Profile
 from connector.read.program import ReadReport, read_program, write_rejects
@@ -153,6 +162,7 @@ class SyncOptions:
     run_deadline_seconds: float | None = 7200.0  # after this, nothing more is sent: the rest stays pending (69)
     data_problems_exit_zero: bool = False  # rejected/quarantined/in-review records exit 0 (still in the metrics)
     retry_parked: bool = False  # send records parked as not permitted again, even if nothing changed
+    read_cache: bool = True  # unchanged rows are staged from the last sync's records (connector.read.cache)
 
 
 class LedgerLock:
@@ -180,11 +190,12 @@ class LedgerLock:
         self.lock.release()
 
 
-def read_and_plan(opts: SyncOptions, ledger: Ledger, staging: Staging,
-                  phases: dict[str, float] | None = None) -> tuple[ReadReport, Plan, Path]:
-    """Read the inputs into staging, write the rejects report, and compute the plan (timed into ``phases``)."""
+def read_and_plan(opts: SyncOptions, ledger: Ledger, staging: Staging, phases: dict[str, float] | None = None,
+                  cache: ReadCache | None = None) -> tuple[ReadReport, Plan, Path]:
+    """Read the inputs into staging (unchanged rows from ``cache``), write the rejects report, and compute the
+    plan (timed into ``phases``)."""
     started = time.monotonic()
-    report = read_program(opts.profile, opts.inputs, staging, opts.read_limits)
+    report = read_program(opts.profile, opts.inputs, staging, opts.read_limits, cache)
     csv_path, _json_path, _n = write_rejects(staging, opts.rejects_dir, opts.file_mode)
     planned = time.monotonic()
     shapes = current_shapes(report.present_columns, report.read)
@@ -197,10 +208,36 @@ def read_and_plan(opts: SyncOptions, ledger: Ledger, staging: Staging,
     plan.shapes_seen = {kind: shape for kind, shape in shapes.items() if kind not in held}
     if phases is not None:
         phases["read"], phases["plan"] = planned - started, time.monotonic() - planned
-    log.debug("read %d rows (%d rejected) in %.2fs; planned in %.2fs", report.as_dict()["total"]["read"],
-              report.total_rejected, planned - started, time.monotonic() - planned,
-              extra={"event": "read", "counts": report.as_dict()["total"]})
+    log.debug("read %d rows (%d rejected, %d unchanged from the read cache) in %.2fs; planned in %.2fs",
+              report.as_dict()["total"]["read"], report.total_rejected, report.cached, planned - started,
+              time.monotonic() - planned, extra={"event": "read", "counts": report.as_dict()["total"]})
     return report, plan, csv_path
+
+
+@contextmanager
+def run_staging(opts: SyncOptions) -> Iterator[tuple[Staging, ReadCache | None]]:
+    """The run's staging, and the read cache to read with. With ``opts.read_cache`` the staging is made next to
+    the ledger and, once its read completed, becomes the next run's cache; otherwise it is a temporary file and
+    any cache is removed."""
+    if not opts.read_cache:
+        remove_quietly(cache_path(opts.ledger_path))
+        with tempfile.TemporaryDirectory(prefix="peersync-") as tmp, Staging(Path(tmp) / "staging.sqlite") as staging:
+            yield staging, None
+        return
+    staging_path, fingerprint = run_staging_path(opts.ledger_path), reader_fingerprint(opts.profile)
+    remove_quietly(staging_path)  # a run that was killed left it
+    create_file(staging_path, opts.file_mode)
+    cache = ReadCache(cache_path(opts.ledger_path), fingerprint)
+    staging = Staging(staging_path)
+    try:
+        yield staging, cache
+    finally:
+        staging.close()
+        cache.close()
+        if staging.finalized:
+            keep_as_cache(staging_path, cache_path(opts.ledger_path), fingerprint)
+        else:  # the read did not complete: the last cache stays
+            remove_quietly(staging_path)
 
 
 class Syncer:
@@ -279,8 +316,8 @@ class Syncer:
 
     def _run(self, ledger: Ledger, summary: RunSummary) -> None:
         self._retry_parked_if_changed(ledger)
-        with tempfile.TemporaryDirectory(prefix="peersync-") as tmp, Staging(Path(tmp) / "staging.sqlite") as staging:
-            report, plan, rejects = read_and_plan(self.opts, ledger, staging, summary.phases)
+        with run_staging(self.opts) as (staging, cache):
+            report, plan, rejects = read_and_plan(self.opts, ledger, staging, summary.phases, cache)
             summary.read = report.as_dict()["total"]
             summary.rejects_report = str(rejects)
             summary.deletions_held = plan.deletions_held

@@ -103,6 +103,7 @@ def sync_options(settings: Settings) -> SyncOptions:
         resolves_conditional_references=settings.server.resolves_conditional_references,
         file_mode=settings.file_mode(),
         run_deadline_seconds=settings.sync.run_deadline_seconds,
+        read_cache=settings.sync.read_cache,
         data_problems_exit_zero=settings.sync.data_problems_exit_zero,
     )
 

@@ -275,6 +275,10 @@ class SyncSettings(_Section):
     run_deadline_seconds: float = Field(
         7200.0, gt=0, le=7 * 86400,
         description="a sync stops sending after this long; unsent records stay pending and the run exits 69")
+    read_cache: bool = Field(
+        True, description="Keep the last sync's staged records next to the ledger (`<ledger>.read-cache.sqlite`, "
+        "created with the ledger's file mode) so that the next sync converts only rows that changed. It holds "
+        "patient data, as the input files do; false removes it and every sync converts every row")
 
 
 class OutputSettings(_Section):

@@ -18,6 +18,7 @@ from typing import Any
 from connector.errors import InputError, ProfileError
 from connector.files import PRIVATE_FILE_MODE, make_folder, open_new
 from connector.model import RecordKind
+from connector.read.cache import ReadCache, row_digest
 from connector.read.columns import HeaderMatcher, missing_note, nested_paths, profile_columns
 from connector.read.convert import RowConverter, RowRejected
 from connector.read.formats import (
@@ -53,6 +54,7 @@ class ReadReport:
     present_columns: dict[str, set[str]] = field(default_factory=dict)
     # resubmitted copies left out because a later copy was kept (profile `duplicates: {keep: latest}`)
     superseded: dict[str, int] = field(default_factory=dict)
+    cached: int = 0  # rows staged from the read cache, unconverted (connector.read.cache)
 
     @property
     def total_read(self) -> int:
@@ -100,11 +102,12 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
 
 
 def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging,
-                 limits: ReadLimits = DEFAULT_LIMITS) -> ReadReport:
+                 limits: ReadLimits = DEFAULT_LIMITS, cache: ReadCache | None = None) -> ReadReport:
     """Read every input into ``staging``; reject bad rows with reasons; return the counts. A file over
-    ``limits`` raises InputError naming it."""
+    ``limits`` raises InputError naming it. With a ``cache``, rows it holds are staged without converting them,
+    and every staged row carries its digest (so that staging can become the next run's cache)."""
     report = ReadReport()
-    converters = {kind: RowConverter(profile, kind) for kind in profile.records}
+    stager = _Stager({kind: RowConverter(profile, kind) for kind in profile.records}, staging, cache)
     report.mapped_columns = {kind.value: profile_columns(spec) for kind, spec in profile.records.items()}
     report.present_columns = {kind.value: set() for kind in profile.records}
     files = expand_inputs(inputs)
@@ -121,7 +124,9 @@ def read_program(profile: Profile, inputs: Iterable[Path], staging: Staging,
         if path.suffix.lower() in (".xlsx", ".xlsm"):
             kinds = _kinds_with_sheets(path, kinds, profile, report, limits)
         for group in _groups(path, kinds, profile):
-            _read_group(path, group, profile, converters, staging, report, shown, limits)
+            _read_group(path, group, profile, stager, staging, report, shown, limits)
+    stager.flush()
+    report.cached = stager.cached
     staging.finalize(keep_latest={kind.value for kind, spec in profile.records.items() if spec.duplicates})
     report.accepted = staging.counts()
     report.rejected = staging.rejected_rows()
@@ -166,7 +171,7 @@ def _read_group(
     path: Path,
     group: list[RecordKind],
     profile: Profile,
-    converters: dict[RecordKind, RowConverter],
+    stager: _Stager,
     staging: Staging,
     report: ReadReport,
     shown: str | None = None,
@@ -210,24 +215,66 @@ def _read_group(
         if kind not in shaped:
             shaped.add(kind)
             report.present_columns[kind.value].update(present & report.mapped_columns[kind.value])
-        converter = converters[kind]
         if kind not in missing_reported and row.values:
             missing_reported.add(kind)
-            for field_name, column in converter.missing_columns(set(row.values)).items():
+            for field_name, column in stager.converters[kind].missing_columns(set(row.values)).items():
                 report.warnings.append(
                     missing_note(path.name, column, f"{kind.value}.{field_name}",
                                  set(row.values) - report.mapped_columns[kind.value], path=False))
+        stager.stage(row, kind)
+    if headers is not None:  # only files that had rows: an empty file says nothing about paths
+        for nested, reader in unseen.items():
+            report.warnings.append(missing_note(path.name, nested, reader, names_seen - read_paths, path=True))
+
+
+class _Stager:
+    """Converts and stages rows; with a read cache, in batches (in input order), and rows the cache holds are
+    staged from it without converting them."""
+
+    BATCH = 500
+
+    def __init__(self, converters: dict[RecordKind, RowConverter], staging: Staging, cache: ReadCache | None) -> None:
+        self.converters = converters
+        self.staging = staging
+        self.cache = cache
+        self.cached = 0  # rows staged from the cache
+        self._batch: list[tuple[RawRow, RowConverter, bytes | None]] = []
+
+    def stage(self, row: RawRow, kind: RecordKind) -> None:
+        """Stage a row of ``kind`` (or reject it with its problems); with a cache, once its batch is full."""
+        converter = self.converters[kind]
+        if self.cache is None:
+            self._convert(row, converter, None)
+            return
+        self._batch.append((row, converter, None if row.error else row_digest(kind.value, row.values)))
+        if len(self._batch) >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Stage the batch, in input order."""
+        if not self._batch:
+            return
+        assert self.cache is not None
+        found = self.cache.lookup(digest for _, _, digest in self._batch if digest is not None)
+        for row, converter, digest in self._batch:
+            cached = found.get(digest) if digest is not None else None
+            if cached is None:
+                self._convert(row, converter, digest)
+            else:
+                self.staging.add_staged(cached, row.location, converter.received_at(row), digest)
+                self.cached += 1
+        self._batch.clear()
+
+    def _convert(self, row: RawRow, converter: RowConverter, digest: bytes | None) -> None:
         try:
             record = converter.convert(row)
         except RowRejected as rejected:
             key = converter.source_key(row)
             for problem in rejected.problems:
-                staging.reject(row.location, kind.value, problem.field, problem.value, problem.reason, key)
-            continue
-        staging.add(record, row.location, converter.received_at(row))
-    if headers is not None:  # only files that had rows: an empty file says nothing about paths
-        for nested, reader in unseen.items():
-            report.warnings.append(missing_note(path.name, nested, reader, names_seen - read_paths, path=True))
+                self.staging.reject(row.location, converter.kind.value, problem.field, problem.value, problem.reason,
+                                    key)
+            return
+        self.staging.add(record, row.location, converter.received_at(row), digest)
 
 
 def _route(row: RawRow, group: list[RecordKind], profile: Profile) -> RecordKind | None:

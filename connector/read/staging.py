@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS staged (
     unit TEXT NOT NULL,
     row INTEGER NOT NULL,
     line INTEGER,            -- CSV: the file line the row starts on (differs from row when notes span lines)
-    received TEXT            -- when this copy was received (UTC ISO), for duplicates: {keep: latest}
+    received TEXT,           -- when this copy was received (UTC ISO), for duplicates: {keep: latest}
+    digest BLOB              -- the raw row's digest, by which the next sync's read cache finds it
 );
 CREATE TABLE IF NOT EXISTS rejects (
     seq INTEGER PRIMARY KEY,
@@ -135,6 +136,7 @@ class Staging:
         self._pending: list[tuple] = []
         self._pending_rejects: list[tuple] = []
         self.superseded: list[Superseded] = []
+        self.finalized = False  # every row was read and the whole-input checks ran
 
     def __enter__(self) -> Self:
         return self
@@ -148,25 +150,21 @@ class Staging:
 
     # -- writing ---------------------------------------------------------------------------------------
 
-    def add(self, record: SourceRecord, location: RowLocation, received: str | None = None) -> None:
-        """Stage an accepted record (batched); ``received`` orders resubmitted copies (UTC ISO date-time)."""
+    def add(self, record: SourceRecord, location: RowLocation, received: str | None = None,
+            digest: bytes | None = None) -> None:
+        """Stage an accepted record (batched); ``received`` orders resubmitted copies (UTC ISO date-time),
+        ``digest`` is its raw row's (connector.read.cache)."""
         body = record_json(record)
         participant = getattr(record, "enrollment_id", None)
-        self._pending.append(
-            (
-                record.kind,
-                record.key,
-                participant,
-                hashlib.sha256(body).hexdigest()[:32],
-                body.decode(),
-                location.file,
-                location.sheet,
-                location.unit,
-                location.row,
-                location.line,
-                received,
-            )
-        )
+        self.add_staged((record.kind, record.key, participant, hashlib.sha256(body).hexdigest()[:32], body.decode()),
+                        location, received, digest)
+
+    def add_staged(self, staged: tuple[str, str, str | None, str, str], location: RowLocation,
+                   received: str | None = None, digest: bytes | None = None) -> None:
+        """Stage a record as (kind, key, participant, hash, canonical JSON): one converted, or one of the read
+        cache."""
+        self._pending.append((*staged, location.file, location.sheet, location.unit, location.row, location.line,
+                              received, digest))
         if len(self._pending) >= 2000:
             self.flush()
 
@@ -198,8 +196,8 @@ class Staging:
         with self._transaction():
             if self._pending:
                 self.db.executemany(
-                    "INSERT INTO staged(kind,key,participant,hash,body,file,sheet,unit,row,line,received)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO staged(kind,key,participant,hash,body,file,sheet,unit,row,line,received,digest)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     self._pending,
                 )
                 self._pending.clear()
@@ -232,6 +230,7 @@ class Staging:
                        WHERE g.kind='goal' AND g.key=json_extract(staged.body,'$.goal_id'))
                    WHERE kind='goal_note'"""
             )
+        self.finalized = True
 
     def _move_to_rejects(self, seqs: list[int], field: str, reason_of: dict[int, str]) -> None:
         with self._transaction():

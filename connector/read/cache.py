@@ -1,0 +1,146 @@
+"""The read cache: the last sync's staging file, kept next to the ledger, so that an unchanged row is staged
+again without being converted (issue 15: a re-sync's cost follows what changed, not the size of the input).
+
+Each staged row carries a digest of its raw values (after column renames) and its record kind. A row whose
+digest is in the cache is staged from the cached record; any other row is converted as usual. The cache is
+keyed by a fingerprint of peersync's code and the profile (code tables, options): any change to either
+empties it. It holds exactly the rows the last completed read accepted, so records gone from the input leave
+it with the next run. It holds patient data, like the input files: it is created with the ledger's file mode
+(0600 by default) and ``[sync] read_cache = false`` removes it. It is never needed: deleting it costs one
+slower read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import connector
+from connector.read.profile import Profile
+
+log = logging.getLogger(__name__)
+
+CACHE_SUFFIX = ".read-cache.sqlite"
+STAGING_SUFFIX = ".staging.sqlite"  # the run's staging, renamed to the cache once the read completed
+
+# (kind, key, participant, hash, body) of a staged record, as the staging table holds them
+CachedRecord = tuple[str, str, str | None, str, str]
+
+
+def cache_path(ledger_path: Path) -> Path:
+    """The read cache of the sync that keeps its ledger at ``ledger_path``."""
+    return ledger_path.with_name(ledger_path.name + CACHE_SUFFIX)
+
+
+def run_staging_path(ledger_path: Path) -> Path:
+    """Where a sync with a read cache stages its rows (next to the ledger, under the ledger lock)."""
+    return ledger_path.with_name(ledger_path.name + STAGING_SUFFIX)
+
+
+@cache
+def _code_digest() -> str:
+    """A digest of peersync's own source: a new version, or an edit during development, empties the cache."""
+    root = Path(connector.__file__).parent
+    digest = hashlib.sha256(connector.__version__.encode())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def reader_fingerprint(profile: Profile) -> str:
+    """What a row's record depends on besides its values: peersync's code and the whole profile."""
+    return hashlib.sha256(_code_digest().encode() + profile.model_dump_json().encode()).hexdigest()
+
+
+def row_digest(kind: str, values: dict[str, Any]) -> bytes | None:
+    """A digest of a raw row's values as read for ``kind``; None for values JSON cannot hold."""
+    try:
+        body = orjson.dumps(values, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return None
+    return hashlib.blake2b(kind.encode() + b"\0" + body, digest_size=16).digest()
+
+
+class ReadCache:
+    """The previous run's staged records by row digest (read-only), for the run that reads with them."""
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        """Open the cache at ``path`` if it was written for ``fingerprint``; otherwise it is empty."""
+        self.path = path
+        self.fingerprint = fingerprint
+        self.hits = 0
+        self._db: sqlite3.Connection | None = None
+        if not path.is_file():
+            return
+        try:
+            db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+            row = db.execute("SELECT value FROM cache_meta WHERE key='fingerprint'").fetchone()
+        except sqlite3.Error as exc:  # damaged or foreign: read without it, and the run replaces it
+            log.warning("read cache %s is unreadable (%s): reading every row", path, exc,
+                        extra={"event": "read-cache-unreadable"})
+            return
+        if row is None or row[0] != fingerprint:
+            db.close()
+            log.info("read cache is for another profile or peersync version: reading every row",
+                     extra={"event": "read-cache-stale"})
+            return
+        self._db = db
+
+    def lookup(self, digests: Iterable[bytes]) -> dict[bytes, CachedRecord]:
+        """The cached records of those of ``digests`` the cache holds."""
+        wanted = list(dict.fromkeys(digests))
+        if self._db is None or not wanted:
+            return {}
+        found: dict[bytes, CachedRecord] = {}
+        try:
+            for start in range(0, len(wanted), 500):
+                part = wanted[start:start + 500]
+                marks = ",".join("?" * len(part))
+                for digest, *record in self._db.execute(
+                        f"SELECT digest, kind, key, participant, hash, body FROM staged WHERE digest IN ({marks})",
+                        part):
+                    found[digest] = tuple(record)
+        except sqlite3.Error as exc:
+            log.warning("read cache %s is unreadable (%s): reading every row", self.path, exc,
+                        extra={"event": "read-cache-unreadable"})
+            self.close()
+            return {}
+        return found
+
+    def close(self) -> None:
+        """Close the cache file."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def keep_as_cache(staging_path: Path, path: Path, fingerprint: str) -> None:
+    """Make a completed run's staging file the next run's cache (it has the file mode it was created with)."""
+    try:
+        with sqlite3.connect(str(staging_path), isolation_level=None) as db:
+            db.execute("CREATE INDEX IF NOT EXISTS staged_digest ON staged(digest)")
+            db.execute("CREATE TABLE IF NOT EXISTS cache_meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.execute("INSERT OR REPLACE INTO cache_meta VALUES('fingerprint', ?)", (fingerprint,))
+        db.close()
+        os.replace(staging_path, path)
+    except (OSError, sqlite3.Error) as exc:  # the run is fine without it: the next one reads every row
+        log.warning("read cache not kept (%s): the next sync reads every row", exc,
+                    extra={"event": "read-cache-not-kept"})
+        remove_quietly(staging_path)
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a cache or staging file if it is there."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc, extra={"event": "read-cache-not-removed"})
