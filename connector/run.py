@@ -233,7 +233,6 @@ def run_staging(opts: SyncOptions) -> Iterator[tuple[Staging, ReadCache | None]]
         yield staging, cache
     finally:
         staging.close()
-        cache.close()
         if staging.finalized:
             keep_as_cache(staging_path, cache_path(opts.ledger_path), fingerprint)
         else:  # the read did not complete: the last cache stays

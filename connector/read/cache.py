@@ -12,11 +12,11 @@ slower read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 
 CACHE_SUFFIX = ".read-cache.sqlite"
 STAGING_SUFFIX = ".staging.sqlite"  # the run's staging, renamed to the cache once the read completed
-
-# (kind, key, participant, hash, body) of a staged record, as the staging table holds them
-CachedRecord = tuple[str, str, str | None, str, str]
-
 
 def cache_path(ledger_path: Path) -> Path:
     """The read cache of the sync that keeps its ledger at ``ledger_path``."""
@@ -71,56 +67,28 @@ def row_digest(kind: str, values: dict[str, Any]) -> bytes | None:
 
 
 class ReadCache:
-    """The previous run's staged records by row digest (read-only), for the run that reads with them."""
+    """The previous run's cache file, when it was written for this fingerprint (checked once, here)."""
 
     def __init__(self, path: Path, fingerprint: str) -> None:
-        """Open the cache at ``path`` if it was written for ``fingerprint``; otherwise it is empty."""
+        """Check the cache at ``path``: ``usable`` when it exists and was written for ``fingerprint``."""
         self.path = path
         self.fingerprint = fingerprint
-        self.hits = 0
-        self._db: sqlite3.Connection | None = None
+        self.usable = False
         if not path.is_file():
             return
         try:
-            db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
-            row = db.execute("SELECT value FROM cache_meta WHERE key='fingerprint'").fetchone()
+            with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+                row = db.execute("SELECT value FROM cache_meta WHERE key='fingerprint'").fetchone()
+                db.execute("SELECT digest FROM staged LIMIT 1").fetchall()
         except sqlite3.Error as exc:  # damaged or foreign: read without it, and the run replaces it
             log.warning("read cache %s is unreadable (%s): reading every row", path, exc,
                         extra={"event": "read-cache-unreadable"})
             return
         if row is None or row[0] != fingerprint:
-            db.close()
             log.info("read cache is for another profile or peersync version: reading every row",
                      extra={"event": "read-cache-stale"})
             return
-        self._db = db
-
-    def lookup(self, digests: Iterable[bytes]) -> dict[bytes, CachedRecord]:
-        """The cached records of those of ``digests`` the cache holds."""
-        wanted = list(dict.fromkeys(digests))
-        if self._db is None or not wanted:
-            return {}
-        found: dict[bytes, CachedRecord] = {}
-        try:
-            for start in range(0, len(wanted), 500):
-                part = wanted[start:start + 500]
-                marks = ",".join("?" * len(part))
-                for digest, *record in self._db.execute(
-                        f"SELECT digest, kind, key, participant, hash, body FROM staged WHERE digest IN ({marks})",
-                        part):
-                    found[digest] = tuple(record)
-        except sqlite3.Error as exc:
-            log.warning("read cache %s is unreadable (%s): reading every row", self.path, exc,
-                        extra={"event": "read-cache-unreadable"})
-            self.close()
-            return {}
-        return found
-
-    def close(self) -> None:
-        """Close the cache file."""
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self.usable = True
 
 
 def keep_as_cache(staging_path: Path, path: Path, fingerprint: str) -> None:

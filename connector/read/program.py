@@ -228,25 +228,29 @@ def _read_group(
 
 
 class _Stager:
-    """Converts and stages rows; with a read cache, in batches (in input order), and rows the cache holds are
-    staged from it without converting them."""
+    """Converts and stages rows; with a usable read cache, in batches (in input order), and rows the cache holds
+    are staged from it without converting them."""
 
     BATCH = 500
 
     def __init__(self, converters: dict[RecordKind, RowConverter], staging: Staging, cache: ReadCache | None) -> None:
         self.converters = converters
         self.staging = staging
-        self.cache = cache
+        self.digests = cache is not None  # every staged row carries its digest: staging becomes the next cache
+        self.cache = cache if cache is not None and cache.usable else None
+        if self.cache is not None:
+            staging.attach_cache(self.cache.path)
         self.cached = 0  # rows staged from the cache
         self._batch: list[tuple[RawRow, RowConverter, bytes | None]] = []
 
     def stage(self, row: RawRow, kind: RecordKind) -> None:
         """Stage a row of ``kind`` (or reject it with its problems); with a cache, once its batch is full."""
         converter = self.converters[kind]
+        digest = row_digest(kind.value, row.values) if self.digests and not row.error else None
         if self.cache is None:
-            self._convert(row, converter, None)
+            self._convert(row, converter, digest)
             return
-        self._batch.append((row, converter, None if row.error else row_digest(kind.value, row.values)))
+        self._batch.append((row, converter, digest))
         if len(self._batch) >= self.BATCH:
             self.flush()
 
@@ -254,15 +258,14 @@ class _Stager:
         """Stage the batch, in input order."""
         if not self._batch:
             return
-        assert self.cache is not None
-        found = self.cache.lookup(digest for _, _, digest in self._batch if digest is not None)
+        found = self.staging.cached([digest for _, _, digest in self._batch if digest is not None])
         for row, converter, digest in self._batch:
-            cached = found.get(digest) if digest is not None else None
-            if cached is None:
-                self._convert(row, converter, digest)
-            else:
-                self.staging.add_staged(cached, row.location, converter.received_at(row), digest)
+            if digest in found:
+                assert digest is not None
+                self.staging.add_cached(digest, row.location, converter.received_at(row))
                 self.cached += 1
+            else:
+                self._convert(row, converter, digest)
         self._batch.clear()
 
     def _convert(self, row: RawRow, converter: RowConverter, digest: bytes | None) -> None:

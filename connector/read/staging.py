@@ -135,6 +135,8 @@ class Staging:
             self.db.executescript(_SCHEMA)
         self._pending: list[tuple] = []
         self._pending_rejects: list[tuple] = []
+        self._pending_cached: list[tuple] = []  # rows staged from the read cache: their location and digest
+        self._seq = 0  # rows are numbered here, so that converted and cached rows keep their input order
         self.superseded: list[Superseded] = []
         self.finalized = False  # every row was read and the whole-input checks ran
 
@@ -161,11 +163,32 @@ class Staging:
 
     def add_staged(self, staged: tuple[str, str, str | None, str, str], location: RowLocation,
                    received: str | None = None, digest: bytes | None = None) -> None:
-        """Stage a record as (kind, key, participant, hash, canonical JSON): one converted, or one of the read
-        cache."""
-        self._pending.append((*staged, location.file, location.sheet, location.unit, location.row, location.line,
-                              received, digest))
+        """Stage a record as (kind, key, participant, hash, canonical JSON)."""
+        self._seq += 1
+        self._pending.append((self._seq, *staged, location.file, location.sheet, location.unit, location.row,
+                              location.line, received, digest))
         if len(self._pending) >= 2000:
+            self.flush()
+
+    def attach_cache(self, path: Path) -> None:
+        """Read the read cache's records (connector.read.cache) through this connection, until finalize()."""
+        self.db.execute("ATTACH DATABASE ? AS read_cache", (str(path),))
+
+    def cached(self, digests: list[bytes]) -> set[bytes]:
+        """Those of ``digests`` the attached read cache holds a record for."""
+        found: set[bytes] = set()
+        for start in range(0, len(digests), 500):
+            part = digests[start:start + 500]
+            found.update(digest for (digest,) in self.db.execute(
+                f"SELECT digest FROM read_cache.staged WHERE digest IN ({','.join('?' * len(part))})", part))
+        return found
+
+    def add_cached(self, digest: bytes, location: RowLocation, received: str | None = None) -> None:
+        """Stage the read cache's record for a row of this ``digest`` (copied by SQLite, never converted)."""
+        self._seq += 1
+        self._pending_cached.append((self._seq, location.file, location.sheet, location.unit, location.row,
+                                     location.line, received, digest))
+        if len(self._pending_cached) >= 2000:
             self.flush()
 
     def reject(self, location: RowLocation, kind: str, field: str, value: str, reason: str,
@@ -196,11 +219,19 @@ class Staging:
         with self._transaction():
             if self._pending:
                 self.db.executemany(
-                    "INSERT INTO staged(kind,key,participant,hash,body,file,sheet,unit,row,line,received,digest)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO staged(seq,kind,key,participant,hash,body,file,sheet,unit,row,line,received,digest)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     self._pending,
                 )
                 self._pending.clear()
+            if self._pending_cached:
+                self.db.executemany(
+                    "INSERT INTO staged(seq,kind,key,participant,hash,body,file,sheet,unit,row,line,received,digest)"
+                    " SELECT ?,kind,key,participant,hash,body,?,?,?,?,?,?,digest FROM read_cache.staged"
+                    " WHERE digest=? LIMIT 1",
+                    self._pending_cached,
+                )
+                self._pending_cached.clear()
             if self._pending_rejects:
                 self.db.executemany(
                     "INSERT INTO rejects(file,sheet,unit,row,line,kind,key,field,value,reason)"
@@ -215,6 +246,8 @@ class Staging:
         """Reject duplicate ids (for kinds in ``keep_latest``, keep the latest received copy when that is
         clear) and dangling references; set each goal note's participant."""
         self.flush()
+        if any(name == "read_cache" for _, name, _ in self.db.execute("PRAGMA database_list")):
+            self.db.execute("DETACH DATABASE read_cache")
         self.db.executescript(_INDEXES)
         if keep_latest:
             self._keep_latest_copies(set(keep_latest))
@@ -301,9 +334,9 @@ class Staging:
 
     def _reject_dangling(self, kind: RecordKind, field: str, target: RecordKind) -> None:
         rows = self.db.execute(
-            f"""SELECT s.seq FROM staged s
-                WHERE s.kind=? AND json_extract(s.body,'$.{field}') IS NOT NULL
-                AND NOT EXISTS (SELECT 1 FROM staged t WHERE t.kind=? AND t.key=json_extract(s.body,'$.{field}'))""",
+            # NOT IN: a record without the reference (NULL) is never in the answer, and each body is parsed once
+            f"""SELECT seq FROM staged
+                WHERE kind=? AND json_extract(body,'$.{field}') NOT IN (SELECT key FROM staged WHERE kind=?)""",
             (kind.value, target.value),
         ).fetchall()
         if rows:

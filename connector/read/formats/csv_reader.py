@@ -124,6 +124,8 @@ def _rows(reader: _csv_reader, path: Path, encoding: str, limits: ReadLimits) ->
     names = [h.strip().lstrip("\ufeff") for h in header]
     columns = list({name: i for i, name in reversed(list(enumerate(names))) if name}.items())  # first of a name
     columns.sort(key=lambda c: c[1])
+    # the common header (every name present and distinct): a row's cells zip straight onto it
+    plain = len(columns) == len(names)
     cut_off = not _ends_with_line_break(path)
     following = next(numbered, None)
     while following is not None:
@@ -140,13 +142,15 @@ def _rows(reader: _csv_reader, path: Path, encoding: str, limits: ReadLimits) ->
                                              f"{len(names)} cells): it looks cut off")
             continue
         text_error = _undecodable(cells, encoding)
-        if not text_error and any(len(c) > limits.max_cell_chars for c in cells):
+        if not text_error and max(map(len, cells)) > limits.max_cell_chars:
             text_error = f"a cell is longer than {limits.max_cell_chars} characters (source.max_cell_chars)"
         if text_error:
             yield RawRow(location, {}, error=text_error)
             continue
-        if len(cells) >= len(names):
-            values: dict[str, str | None] = {name: cells[i].strip() for name, i in columns}
+        if plain and len(cells) == len(names):
+            values: dict[str, str | None] = dict(zip(names, map(str.strip, cells), strict=True))
+        elif len(cells) >= len(names):
+            values = {name: cells[i].strip() for name, i in columns}
         else:  # a short row: the missing cells are None
             values = {name: cells[i].strip() if i < len(cells) else None for name, i in columns}
         yield RawRow(location, values)
