@@ -73,10 +73,9 @@ def unit_resource_types(kind: str, contact_procedures: str = "off") -> tuple[str
 
 
 def _sha(*parts: Any) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(b"\x1f" + (b"" if part is None else str(part).encode()))
-    return digest.hexdigest()[:32]
+    """Each part after a unit separator (None as empty), hashed: one string, one encode (called per unit)."""
+    text = "\x1f" + "\x1f".join("" if part is None else str(part) for part in parts)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 _UNITS_SQL = """

@@ -334,9 +334,9 @@ class Staging:
 
     def _reject_dangling(self, kind: RecordKind, field: str, target: RecordKind) -> None:
         rows = self.db.execute(
-            # NOT IN: a record without the reference (NULL) is never in the answer, and each body is parsed once
-            f"""SELECT seq FROM staged
-                WHERE kind=? AND json_extract(body,'$.{field}') NOT IN (SELECT key FROM staged WHERE kind=?)""",
+            f"""SELECT s.seq FROM staged s
+                WHERE s.kind=? AND json_extract(s.body,'$.{field}') IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM staged t WHERE t.kind=? AND t.key=json_extract(s.body,'$.{field}'))""",
             (kind.value, target.value),
         ).fetchall()
         if rows:

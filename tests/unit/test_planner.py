@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from connector.plan.ledger import Ledger, UnitState
-from connector.plan.planner import Act, compute_plan, units_to_write
+from connector.plan.planner import Act, _sha, compute_plan, units_to_write
 from connector.read.profile import load_profile
 from connector.read.program import read_program
 from connector.read.staging import Staging
@@ -140,3 +140,8 @@ def test_fingerprint_change_replans_everything(tmp_path: Path, ledger: Ledger) -
     staging.close()
     _, plan = plan_for(tmp_path, ledger, contacts(3), fingerprint="fp2")
     assert plan.total(Act.UNCHANGED) == 0 and plan.total(Act.UPDATE) == 7
+
+
+def test_unit_hashes_are_pinned() -> None:
+    """A unit's hash is what the ledger compares: a change to how it is computed re-sends every record."""
+    assert _sha("fp", "contact", None, 3, "é") == "13b66798373b1cfcaccb7b20e874280d"
