@@ -289,15 +289,19 @@ class Bench:
         noop, noop_summary = run_peersync(program, "no-op re-sync")
         self.log(f"  no-op {noop}")
         changed_rows = change_rows(program.inputs / "contacts.csv", fraction_of=data.rows, fraction=0.01)
-        changed, changed_summary = run_peersync(program, "1% changed")
+        changed, changed_summary, calls = strategies.run_recorded(program, "1% changed")
         self.log(f"  1% changed ({changed_rows} rows) {changed}: {changed.seconds / first.seconds:.1%} of the first "
                  f"sync, {changed.write_requests} write requests")
+        # The server's own share: the same requests, the same rows changed once more, replayed by a plain loop.
+        bound = strategies.replay_changes(calls, CHANGE_MARKER, b"(replayed)")
+        self.log(f"  1% changed, server-bound replay {bound}: {bound.seconds / first.seconds:.1%} of the first sync")
         self.results["resync"] = {
             "rows": data.rows, "participants": data.participants, "contacts": data.contacts,
             "changed_rows": changed_rows,
             "first": vars(first) | {"phases": getattr(first_summary, "phases", {})},
             "noop": vars(noop) | {"phases": getattr(noop_summary, "phases", {})},
-            "changed": vars(changed) | {"phases": getattr(changed_summary, "phases", {})}}
+            "changed": vars(changed) | {"phases": getattr(changed_summary, "phases", {})},
+            "changed_server_bound": vars(bound)}
 
     # -- 5. verify: its cost as a ratio to the first sync ---------------------------------------------------
 
@@ -403,6 +407,17 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
                 f"{changed_fraction:.1%} of first, {changed['seconds'] / noop['seconds']:.1f}× no-op",
                 "≤ 3%", verdict(changed_fraction <= 0.03)),
         ]
+        if "changed_server_bound" in r:
+            bound, phases = r["changed_server_bound"], changed.get("phases", {})
+            rows += [
+                Row(section, "  its phases: read, plan, write",
+                    ", ".join(f"{phases.get(p, 0):,.1f} s" for p in ("read", "plan", "write")),
+                    f"read + plan {(phases.get('read', 0) + phases.get('plan', 0)) / first['seconds']:.1%} of first"),
+                Row(section, "  its requests replayed by a plain loop (server-bound)",
+                    f"{bound['seconds']:,.1f} s, {bound['requests']:,} requests",
+                    f"{bound['seconds'] / first['seconds']:.1%} of first; write stage "
+                    f"{bound['seconds'] / phases['write']:.2f}× server-bound" if phases.get("write") else ""),
+            ]
     for run in results.get("verify", []):
         first, check = run["first_sync"], run["verify"]
         section = f"verify, {run['program']} ({check['resources']:,} res)"
@@ -492,6 +507,9 @@ def _rounds_rows(section: str, rounds: list[dict[str, Any]]) -> list[Row]:
     return [Row(section, "  runs in order, res/s (faster of each side counts)", runs)]
 
 
+CHANGE_MARKER = b"(updated)"  # what change_rows() appends to a note
+
+
 def change_rows(path: Path, *, fraction_of: int, fraction: float) -> int:
     """Change the notes of evenly spread contact rows: ``fraction`` of ``fraction_of`` source rows."""
     with path.open(newline="", encoding="utf-8") as handle:
@@ -502,7 +520,7 @@ def change_rows(path: Path, *, fraction_of: int, fraction: float) -> int:
     notes = header.index("notes")
     changed = 0
     for row in body[::step][:wanted]:
-        row[notes] = (row[notes] + " (updated)").strip()
+        row[notes] = (row[notes] + " " + CHANGE_MARKER.decode()).strip()
         changed += 1
     with path.open("w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows([header, *body])

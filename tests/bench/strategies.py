@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -273,3 +274,29 @@ def _ids_from_urls(data: bytes) -> bytes:
         if request.get("method") == "PUT" and "?" not in url and isinstance(resource, dict):
             resource["id"] = url.rsplit("/", 1)[-1]
     return orjson.dumps(bundle)
+
+
+# A 32-hex code in a recorded body: a change-set tag (and its ifNoneExist), the only such values in the program
+_CODE = re.compile(rb"[0-9a-f]{32}")
+
+
+def replay_changes(calls: list[Call], marker: bytes, again: bytes) -> WriteResult:
+    """The server-bound loop of a re-sync: its recorded requests sent again to the same server, one thread per
+    recorded thread, with the changed text (``marker``) changed once more (``again``) and every change-set tag new,
+    so that the server does the same work (a new version of each changed resource, a new Provenance per
+    change-set) without any of peersync's. Reads are sent as recorded."""
+    codes: dict[bytes, bytes] = {}
+
+    def new_code(match: re.Match[bytes]) -> bytes:
+        return codes.setdefault(match[0], uuid.uuid4().hex.encode())
+
+    def changed(call: Call) -> Call:
+        if call.data is None:
+            return call
+        return dataclasses.replace(call, data=_CODE.sub(new_code, call.data.replace(marker, again)),
+                                   url=_CODE.sub(new_code, call.url.encode()).decode())
+
+    loop = Replay([changed(call) for call in calls], {})
+    seconds = loop.run()
+    writes = sum(1 for c in calls if c.method in ("POST", "PUT", "PATCH", "DELETE"))
+    return WriteResult("server-bound", seconds, 0, len(calls), writes, f"{loop.threads} threads")
