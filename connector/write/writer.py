@@ -645,7 +645,9 @@ class Writer:
             return found
         server_id = ledger.server_ids([identity]).get(identity)
         if server_id:
-            return server_id, ledger.versions([identity]).get(identity)
+            found = (server_id, ledger.versions([identity]).get(identity))
+            self.known.put(identity, *found)  # every participant refers to the program's: one ledger look-up
+            return found
         if self.choice.strategy is Strategy.UPDATE_AS_CREATE:
             return deterministic_id(*identity), None
         matches = self.client.search_raw(f"{identity[0]}?identifier={token_query(identity[1], identity[2])}")
@@ -934,8 +936,9 @@ class Writer:
                 if self.choice.peersync_resolves_references:
                     found = self._resolve(ledger, identity)
                     cache[identity] = found[0] if found else None
-                else:
-                    cache[identity] = ledger.server_ids([identity]).get(identity)
+                else:  # confirmed in this run (the program's Organization, Device, roles...), else the ledger's
+                    known = self.known.get(identity)
+                    cache[identity] = known[0] if known else ledger.server_ids([identity]).get(identity)
             return cache[identity]
 
         built = build_change_set(writes, ctx=self.opts.ctx, patient=patient, resolve=resolve, recorded=self.clock(),
