@@ -404,7 +404,9 @@ def test_huge_retry_after_is_not_waited_for(hapi_url, program_factory, reference
     assert code == 69 and summary.get("counts", {}).get("pending", 0) > 0, (code, summary.get("counts"))
     repeated = len(bodies) - len(set(bodies))
     assert bodies and repeated == 0, f"{repeated} request(s) retried after a Retry-After of 100000 s"
-    assert summary["retries"] == 0, summary["retries"]
+    # Not waited for, not even up to the cap. (The retry count is no measure: urllib3 may retry a request once on a
+    # keep-alive connection the proxy closed after a scripted answer, before the proxy read its body; CI saw 1.)
+    assert summary["duration_s"] < 120, summary["duration_s"]
     codes = [code]
     rel.write_config(server_url=hapi_url)
     drain(rel, outputs, codes)
