@@ -4,6 +4,7 @@ import ca.uhn.fhir.interceptor.api.Hook;
 import ca.uhn.fhir.interceptor.api.Interceptor;
 import ca.uhn.fhir.interceptor.api.Pointcut;
 import ca.uhn.fhir.rest.api.RestOperationTypeEnum;
+import ca.uhn.fhir.rest.api.server.IPreResourceShowDetails;
 import ca.uhn.fhir.rest.api.server.RequestDetails;
 import ca.uhn.fhir.rest.api.server.SystemRequestDetails;
 import ca.uhn.fhir.rest.server.exceptions.AuthenticationException;
@@ -42,13 +43,18 @@ import org.slf4j.LoggerFactory;
  * cud, {@code *} = cruds): read/vread/history need r, search needs s, a stored create needs c, update u, delete
  * d. Writes are checked where HAPI stores each resource, so the entries of a transaction are checked one by
  * one; a conditional update that creates needs c, one that updates needs u. Other operations ($expunge ...)
- * need {@code system/*.cruds}. A missing scope is a 403 whose OperationOutcome names it.
+ * need {@code system/*.cruds}. Every resource shown to the client is checked too (included and revincluded
+ * resources, the pages of a search): a search result or a page needs s on its type, anything else r or s. A
+ * missing scope is a 403 whose OperationOutcome names it.
  */
 @Interceptor
 public class SmartScopeInterceptor {
 
 	private static final Logger ourLog = LoggerFactory.getLogger(SmartScopeInterceptor.class);
 	private static final Pattern SCOPE = Pattern.compile("^system/([A-Za-z]+|\\*)\\.(read|write|\\*|[cruds]+)$");
+	private static final Set<RestOperationTypeEnum> WRITES = Set.of(RestOperationTypeEnum.CREATE,
+			RestOperationTypeEnum.UPDATE, RestOperationTypeEnum.DELETE, RestOperationTypeEnum.PATCH,
+			RestOperationTypeEnum.TRANSACTION, RestOperationTypeEnum.BATCH);
 	private static final String GRANTS_KEY = SmartScopeInterceptor.class.getName() + ".grants";
 
 	private final DefaultJWTProcessor<SecurityContext> myProcessor;
@@ -86,7 +92,8 @@ public class SmartScopeInterceptor {
 		switch (theOperation) {
 			case READ, VREAD, HISTORY_INSTANCE, HISTORY_TYPE -> require(grants, type, 'r', "read");
 			case SEARCH_TYPE -> require(grants, type, 's', "search");
-			// stored writes are checked per resource below (also inside transactions); paging continues a search
+			// stored writes are checked per resource below (also inside transactions); what a search or a page
+			// shows (includes too) is checked per resource in showing()
 			case CREATE, UPDATE, DELETE, PATCH, TRANSACTION, BATCH, GET_PAGE -> {}
 			default -> require(grants, "*", null, theOperation.getCode());
 		}
@@ -110,6 +117,31 @@ public class SmartScopeInterceptor {
 	public void deleting(IBaseResource theResource, RequestDetails theRequest) {
 		if (isClientRequest(theRequest)) {
 			require(grants(theRequest), resourceType(theResource), 'd', "delete");
+		}
+	}
+
+	/**
+	 * Every resource about to be shown: a page of a search (GET_PAGE) continues that search, so it needs s on each
+	 * type it shows; elsewhere (a search's _include/_revinclude, a read) the token must grant r or s on the type.
+	 */
+	@Hook(Pointcut.STORAGE_PRESHOW_RESOURCES)
+	public void showing(IPreResourceShowDetails theDetails, RequestDetails theRequest) {
+		RestOperationTypeEnum operation = isClientRequest(theRequest) ? theRequest.getRestOperationType() : null;
+		if (operation == null || WRITES.contains(operation)) {
+			return; // a conditional write's match search is the server's own; its result is not shown
+		}
+		Map<String, Set<Character>> grants = grants(theRequest);
+		boolean paging = operation == RestOperationTypeEnum.GET_PAGE;
+		for (IBaseResource resource : theDetails) {
+			String type = resourceType(resource);
+			if (type == null) {
+				continue;
+			}
+			if (paging) {
+				require(grants, type, 's', "a page of a search");
+			} else if (!allows(grants, type, 'r')) {
+				require(grants, type, 's', "showing a resource (read, _include or _revinclude)");
+			}
 		}
 	}
 
@@ -170,14 +202,17 @@ public class SmartScopeInterceptor {
 			}
 			return;
 		}
-		if (theType == null
-				|| theGrants.getOrDefault(theType, Set.of()).contains(theLetter)
-				|| theGrants.getOrDefault("*", Set.of()).contains(theLetter)) {
+		if (theType == null || allows(theGrants, theType, theLetter)) {
 			return;
 		}
 		String v1 = "rs".indexOf(theLetter) >= 0 ? "read" : "write";
 		throw forbidden(theWhat + " of " + theType + " needs scope system/" + theType + "." + theLetter
 				+ " (v1: system/" + theType + "." + v1 + "), which the access token does not grant");
+	}
+
+	private static boolean allows(Map<String, Set<Character>> theGrants, String theType, char theLetter) {
+		return theGrants.getOrDefault(theType, Set.of()).contains(theLetter)
+				|| theGrants.getOrDefault("*", Set.of()).contains(theLetter);
 	}
 
 	private static String resourceType(IBaseResource theResource) {
