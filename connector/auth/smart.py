@@ -238,7 +238,8 @@ class SmartBackendAuth(RefreshingAuth):
             return (
                 "the server did not accept our signed assertion; check auth.client_id, that auth.kid "
                 "matches a key in the registered JWK Set (and jku, if set, is the registered URL), "
-                "that the key's alg is allowed, and that this host's clock is correct (NTP)"
+                "that the key's alg is allowed, that this host's clock is correct (NTP), and that the assertion "
+                "was not already used: each jti is accepted once, so a replayed assertion is refused"
             )
         return super()._token_error_hint(error)
 
