@@ -38,7 +38,8 @@ AUTH_RUN_DIR = TESTS_DIR / "auth-server" / "target" / "run"
 # What peersync writes (create/update) and reads, as SMART v2 system scopes (docs/authentication.md).
 WRITTEN_TYPES = ("Goal", "CarePlan", "CareTeam", "Communication", "CommunicationRequest", "ServiceRequest", "Task",
                  "Practitioner", "PractitionerRole", "Organization", "Device", "Provenance")
-SYNC_SCOPES = (*tuple(f"system/{t}.cu" for t in WRITTEN_TYPES), "system/Patient.rs")
+# Condition.rs: the sync searches the patient's Conditions for CarePlan.addresses (docs/authentication.md).
+SYNC_SCOPES = (*tuple(f"system/{t}.cu" for t in WRITTEN_TYPES), "system/Patient.rs", "system/Condition.rs")
 ADMIN_SCOPE = "system/*.cruds"  # the harness's own client: load Patients, count resources, $expunge
 
 
@@ -176,6 +177,11 @@ class AuthServer:
         lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
         starts = [i for i, e in enumerate(lines) if e.get("event") == "listening"]
         return lines[starts[-1]:] if starts else lines
+
+    def refresh_client_jwks(self, client_id: str) -> None:
+        """Make the server fetch this client's JWK Set again now (harness-only route of server.mjs): what the
+        expiry of the server's cache of the set leads to, without waiting or a restart."""
+        requests.post(f"{self.issuer}/harness/clients/{client_id}/jwks-stale", timeout=30).raise_for_status()
 
     def token(self, client_id: str, secret: str, scope: str) -> str:
         """An access token for a secret client (the harness's admin client)."""

@@ -47,7 +47,8 @@ const provider = new Provider(config.issuer, {
   },
   cookies: { keys: [randomBytes(32).toString('hex')] },
   routes: { token: '/token', jwks: '/jwks' },
-  enabledJWA: { clientAuthSigningAlgValues: ['RS384', 'ES384', 'RS256', 'ES256'] },
+  // Only what peersync signs with (SMART Backend Services: RS384 or ES384), so the tests prove those two.
+  enabledJWA: { clientAuthSigningAlgValues: ['RS384', 'ES384'] },
   features: {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },
@@ -72,6 +73,28 @@ const provider = new Provider(config.issuer, {
       },
     },
   },
+});
+
+// Harness only: POST /harness/clients/<client_id>/jwks-stale marks the client's cached JWK Set stale and fetches
+// its jwks_uri again now: what the cache's expiry (60 s or max-age) and the next assertion with an unknown kid do
+// together (lib/models/client.js, lib/helpers/jwt.js: a stale set is fetched again only when a signature fails).
+// The key-rotation test uses it instead of waiting or restarting (a restart also forgets every jti).
+provider.use(async (ctx, next) => {
+  const match = ctx.method === 'POST' && /^\/harness\/clients\/([^/]+)\/jwks-stale$/.exec(ctx.path);
+  if (!match) {
+    await next();
+    return;
+  }
+  const client = await provider.Client.find(decodeURIComponent(match[1]));
+  if (!client?.jwksUri) {
+    ctx.status = 404;
+    ctx.body = { error: 'no such client with a jwks_uri' };
+    return;
+  }
+  client.asymmetricKeyStore.freshUntil = 0;
+  await client.asymmetricKeyStore.refresh();
+  log({ event: 'harness.jwks-refreshed', client_id: client.clientId });
+  ctx.status = 204;
 });
 
 provider.on('grant.success', (ctx) => {
