@@ -19,8 +19,13 @@ from connector.auth import keys
 
 SECRET_CLIENT_SECRET = "cs-Kq81-UNIQUE-real-authz-client-secret-20vd"
 ADMIN_SECRET = "adm-Vb27-harness-admin-secret-71mx"
+SCOPED_SECRET = "scp-Tn40-harness-scoped-secret-18qa"
+# The enforcement tests' client: one scope per letter, so a token can be asked for exactly the letters a test needs.
+SCOPED_TYPES = ("Patient", "Goal", "CareTeam")
+SCOPED_SCOPES = tuple(f"system/{t}.{letter}" for t in SCOPED_TYPES for letter in "cruds")
 SHORT_TOKEN_TTL_SECONDS = 3
 NARROW_MISSING = "system/CareTeam.cu"
+CONDITION_SCOPE = "system/Condition.rs"  # optional: without it CarePlans are written without addresses
 
 
 @dataclass
@@ -53,6 +58,11 @@ class AuthEnv:
         token = self.auth.token("harness-admin", ADMIN_SECRET, authserver.ADMIN_SCOPE)
         return {"Authorization": f"Bearer {token}"}
 
+    def scoped_headers(self, *scopes: str) -> dict[str, str]:
+        """A bearer header whose token grants exactly ``scopes`` (each one of :data:`SCOPED_SCOPES`)."""
+        token = self.auth.token("harness-scoped", SCOPED_SECRET, " ".join(scopes))
+        return {"Authorization": f"Bearer {token}"}
+
     def new_key(self, alg: keys.SigningAlg, kid: str) -> KeyPair:
         return new_key(self.workdir, alg, kid)
 
@@ -63,8 +73,6 @@ class AuthEnv:
 
 @pytest.fixture(scope="session")
 def authenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthEnv]:
-    if os.environ.get("PEERSYNC_TEST_FHIR_URL"):
-        pytest.skip("the auth tests start their own enforcing HAPI instance; PEERSYNC_TEST_FHIR_URL points elsewhere")
     workdir = tmp_path_factory.mktemp("authenv")
     jwks_host = authserver.JwksHost(workdir / "jwks.json")
     rotating_host = authserver.JwksHost(workdir / "rotating-jwks.json")
@@ -73,10 +81,13 @@ def authenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthEnv]:
     narrow_scope = " ".join(s for s in authserver.SYNC_SCOPES if s != NARROW_MISSING)
     auth = authserver.AuthServer(workdir, fhir_base_url, [
         authserver.Client("harness-admin", authserver.ADMIN_SCOPE, client_secret=ADMIN_SECRET),
+        authserver.Client("harness-scoped", " ".join(SCOPED_SCOPES), client_secret=SCOPED_SECRET),
         authserver.Client("peersync-smart", sync_scope, jwks_uri=jwks_host.url),
         authserver.Client("peersync-short", sync_scope, jwks_uri=jwks_host.url,
                           token_ttl_seconds=SHORT_TOKEN_TTL_SECONDS),
         authserver.Client("peersync-narrow", narrow_scope, jwks_uri=jwks_host.url),
+        authserver.Client("peersync-no-condition", " ".join(s for s in authserver.SYNC_SCOPES if s != CONDITION_SCOPE),
+                          jwks_uri=jwks_host.url),
         authserver.Client("peersync-rotating", sync_scope, jwks_uri=rotating_host.url),
         authserver.Client("peersync-secret", sync_scope, client_secret=SECRET_CLIENT_SECRET),
     ])

@@ -8,26 +8,34 @@ docs/authentication.md ("Walk-through: a real authorization server") runs the sa
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import itertools
+import json
 import os
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import authserver
+import jwt
 import pytest
 import requests
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from connector.auth.keys import load_private_key
+from connector.auth.methods import RefreshingAuth
 from connector.auth.smart import CLIENT_ASSERTION_TYPE, SmartBackendAuth
 from connector.cli import main
 from connector.identifiers import reference_strings
 
-from .conftest import NARROW_MISSING, SECRET_CLIENT_SECRET, SHORT_TOKEN_TTL_SECONDS, AuthEnv, KeyPair
+from .conftest import CONDITION_SCOPE, NARROW_MISSING, SECRET_CLIENT_SECRET, AuthEnv, KeyPair
 from .syncutil import (
     Program,
     assert_clean_state,
@@ -62,11 +70,11 @@ def program_for(tmp_path: Path, env: AuthEnv, *, enrollments: int | None = None)
 
 
 def use_smart(program: Program, client_id: str, key: KeyPair, *, token_url: str | None = None,
-              extra: str = "") -> None:
+              extra: str = "", scopes: tuple[str, ...] = authserver.SYNC_SCOPES) -> None:
     """[auth] smart-backend; without token_url, the token endpoint comes from HAPI's smart-configuration."""
     lines = [
         "[auth]", 'mode = "smart-backend"', f'client_id = "{client_id}"', f'private_key_file = "{key.private_key}"',
-        f'kid = "{key.kid}"', f'scope = "{" ".join(authserver.SYNC_SCOPES)}"',
+        f'kid = "{key.kid}"', f'scope = "{" ".join(scopes)}"',
     ]
     if token_url:
         lines.append(f'token_url = "{token_url}"')
@@ -135,6 +143,145 @@ def test_the_fhir_server_enforces_bearer_tokens_and_scopes(authenv: AuthEnv) -> 
     assert statuses[0].startswith("200") and statuses[1].startswith("403"), statuses
 
 
+def fhir_json(headers: dict[str, str]) -> dict[str, str]:
+    return {**headers, "Content-Type": "application/fhir+json"}
+
+
+def diagnostics(response: requests.Response) -> str:
+    return " ".join(str(issue.get("diagnostics", "")) for issue in response.json().get("issue", []))
+
+
+def a_goal(patient_id: str, marker: str) -> dict[str, Any]:
+    return {"resourceType": "Goal", "identifier": [{"system": "urn:peersync:test:enforcement", "value": marker}],
+            "lifecycleStatus": "active", "description": {"text": "walk daily"},
+            "subject": {"reference": f"Patient/{patient_id}"}}
+
+
+@pytest.fixture(scope="module")
+def enforcement_data(authenv: AuthEnv) -> dict[str, str]:
+    """Three Patients and a Goal about the first, stored with the harness's admin token."""
+    admin = fhir_json(authenv.admin_headers())
+    base = authenv.fhir_base_url
+    patients = [requests.post(f"{base}/Patient", json={"resourceType": "Patient", "active": True}, headers=admin,
+                              timeout=60).json()["id"] for _ in range(3)]
+    goal = requests.post(f"{base}/Goal", json=a_goal(patients[0], uuid.uuid4().hex), headers=admin, timeout=60)
+    assert goal.status_code == 201, goal.text
+    return {"patient": patients[0], "goal": goal.json()["id"]}
+
+
+def test_update_needs_u_and_delete_needs_d(authenv: AuthEnv, enforcement_data: dict[str, str]) -> None:
+    base, patient = authenv.fhir_base_url, enforcement_data["patient"]
+    create_only = fhir_json(authenv.scoped_headers("system/Goal.c"))
+    created = requests.post(f"{base}/Goal", json=a_goal(patient, uuid.uuid4().hex), headers=create_only, timeout=60)
+    assert created.status_code == 201, created.text
+    goal = created.json()
+    goal_id = goal["id"]
+
+    refused = requests.put(f"{base}/Goal/{goal_id}", json=goal, headers=create_only, timeout=60)
+    assert refused.status_code == 403 and "needs scope system/Goal.u" in diagnostics(refused)
+    updated = requests.put(f"{base}/Goal/{goal_id}", json=goal, headers=fhir_json(authenv.scoped_headers(
+        "system/Goal.u")), timeout=60)
+    assert updated.status_code == 200, updated.text
+
+    cru = authenv.scoped_headers("system/Goal.c", "system/Goal.r", "system/Goal.u")
+    refused = requests.delete(f"{base}/Goal/{goal_id}", headers=cru, timeout=60)
+    assert refused.status_code == 403 and "needs scope system/Goal.d" in diagnostics(refused)
+    assert requests.get(f"{base}/Goal/{goal_id}", headers=cru, timeout=60).status_code == 200  # still there
+    deleted = requests.delete(f"{base}/Goal/{goal_id}", headers=authenv.scoped_headers("system/Goal.d"), timeout=60)
+    assert deleted.status_code in (200, 204), deleted.text
+    assert requests.get(f"{base}/Goal/{goal_id}", headers=cru, timeout=60).status_code == 410
+
+
+def test_read_needs_r_and_search_needs_s(authenv: AuthEnv, enforcement_data: dict[str, str]) -> None:
+    base, patient = authenv.fhir_base_url, enforcement_data["patient"]
+    read_only = authenv.scoped_headers("system/Patient.r")
+    search_only = authenv.scoped_headers("system/Patient.s")
+
+    assert requests.get(f"{base}/Patient/{patient}", headers=read_only, timeout=60).status_code == 200
+    refused = requests.get(f"{base}/Patient?_id={patient}", headers=read_only, timeout=60)
+    assert refused.status_code == 403 and "needs scope system/Patient.s" in diagnostics(refused)
+    found = requests.get(f"{base}/Patient?_id={patient}", headers=search_only, timeout=60)
+    assert found.status_code == 200 and found.json()["total"] == 1
+    refused = requests.get(f"{base}/Patient/{patient}", headers=search_only, timeout=60)
+    assert refused.status_code == 403 and "needs scope system/Patient.r" in diagnostics(refused)
+
+
+def test_every_entry_of_a_transaction_is_checked(authenv: AuthEnv, enforcement_data: dict[str, str]) -> None:
+    """One entry of a type the token does not grant refuses the whole transaction: nothing of it is stored."""
+    base, patient = authenv.fhir_base_url, enforcement_data["patient"]
+    marker = uuid.uuid4().hex
+    transaction = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": a_goal(patient, marker), "request": {"method": "POST", "url": "Goal"}},
+        {"resource": {"resourceType": "CareTeam", "subject": {"reference": f"Patient/{patient}"}},
+         "request": {"method": "POST", "url": "CareTeam"}}]}
+    headers = authenv.scoped_headers("system/Goal.c", "system/Goal.s")
+
+    refused = requests.post(base, json=transaction, headers=fhir_json(headers), timeout=60)
+
+    assert refused.status_code == 403 and "needs scope system/CareTeam.c" in diagnostics(refused)
+    stored = requests.get(f"{base}/Goal?identifier=urn:peersync:test:enforcement|{marker}", headers=headers,
+                          timeout=60)
+    assert stored.status_code == 200 and stored.json()["total"] == 0  # the Goal entry was rolled back
+    granted = authenv.scoped_headers("system/Goal.c", "system/CareTeam.c")
+    assert requests.post(base, json=transaction, headers=fhir_json(granted), timeout=60).status_code == 200
+
+
+def test_included_resources_and_pages_need_scopes_too(authenv: AuthEnv, enforcement_data: dict[str, str]) -> None:
+    """_include/_revinclude of a type the token does not grant, and a page of a search, are refused (403)."""
+    base, patient, goal = authenv.fhir_base_url, enforcement_data["patient"], enforcement_data["goal"]
+    goals_only = authenv.scoped_headers("system/Goal.r", "system/Goal.s")
+    refused = requests.get(f"{base}/Goal?_id={goal}&_include=Goal:subject", headers=goals_only, timeout=60)
+    assert refused.status_code == 403 and "system/Patient.s" in diagnostics(refused)
+    both = authenv.scoped_headers("system/Goal.s", "system/Patient.r")
+    included = requests.get(f"{base}/Goal?_id={goal}&_include=Goal:subject", headers=both, timeout=60)
+    assert included.status_code == 200
+    assert {e["resource"]["resourceType"] for e in included.json()["entry"]} == {"Goal", "Patient"}
+    patients_only = authenv.scoped_headers("system/Patient.r", "system/Patient.s")
+    refused = requests.get(f"{base}/Patient?_id={patient}&_revinclude=Goal:subject", headers=patients_only,
+                           timeout=60)
+    assert refused.status_code == 403 and "system/Goal.s" in diagnostics(refused)
+
+    first = requests.get(f"{base}/Patient?_count=1", headers=patients_only, timeout=60).json()
+    next_page = next(link["url"] for link in first["link"] if link["relation"] == "next")
+    refused = requests.get(next_page, headers=goals_only, timeout=60)
+    assert refused.status_code == 403 and "a page of a search of Patient needs scope system/Patient.s" in \
+        diagnostics(refused)
+    read_not_search = authenv.scoped_headers("system/Patient.r")
+    assert requests.get(next_page, headers=read_not_search, timeout=60).status_code == 403
+    assert requests.get(next_page, headers=patients_only, timeout=60).status_code == 200
+
+
+def mint_access_token(authenv: AuthEnv, *, signing_jwk: dict[str, Any] | None = None,
+                      **claims: Any) -> dict[str, str]:
+    """A bearer header with a JWT shaped like the authorization server's (RFC 9068), signed with its key unless
+    ``signing_jwk`` is given, granting Patient.rs; ``claims`` replace the defaults (iss, aud, exp)."""
+    key = jwt.PyJWK(signing_jwk or authserver.signing_jwk(authenv.auth.port))
+    now = int(time.time())
+    body = {"iss": authenv.auth.issuer, "aud": authenv.fhir_base_url, "sub": "harness-scoped",
+            "client_id": "harness-scoped", "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex,
+            "scope": "system/Patient.rs"} | claims
+    token = jwt.encode(body, key.key, algorithm="RS256", headers={"typ": "at+jwt", "kid": "authz-signing-1"})
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_invalid_access_tokens_are_refused_with_401(authenv: AuthEnv) -> None:
+    """The token's signature, issuer, audience and expiry are each checked: one wrong claim is a 401."""
+    url = f"{authenv.fhir_base_url}/Patient?_count=1"
+    assert requests.get(url, headers=mint_access_token(authenv), timeout=60).status_code == 200  # the control
+    foreign = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa.generate_private_key(65537, 2048))) | {
+        "kid": "authz-signing-1", "alg": "RS256"}
+    cases = {
+        "a foreign key": mint_access_token(authenv, signing_jwk=foreign),
+        "a wrong issuer": mint_access_token(authenv, iss="http://127.0.0.1:1/not-the-issuer"),
+        "a wrong audience": mint_access_token(authenv, aud="http://127.0.0.1:1/other-fhir"),
+        "an expired token": mint_access_token(authenv, iat=int(time.time()) - 120, exp=int(time.time()) - 60),
+    }
+    for case, headers in cases.items():
+        refused = requests.get(url, headers=headers, timeout=60)
+        assert refused.status_code == 401, f"{case}: HTTP {refused.status_code}"
+        assert 'error="invalid_token"' in refused.headers["WWW-Authenticate"], case
+
+
 # -- SMART Backend Services: the demo sync end to end -----------------------------------------------------------------
 
 
@@ -185,21 +332,39 @@ def test_wrong_kid_is_refused_with_exit_77(tmp_path: Path, authenv: AuthEnv) -> 
     assert not server_resources(program)
 
 
-def test_expired_assertion_is_refused_with_exit_77(tmp_path: Path, authenv: AuthEnv,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def peersync_with(patch: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess (like :func:`peersync`) after ``patch``, Python run first in that process."""
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("PEERSYNC_")}
+    clean["PEERSYNC_SECRETS_DIR"] = ""
+    code = f"{patch}\nfrom connector.cli import main\nmain()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=clean,
+                          timeout=600, check=False)
+
+
+# The host's clock ten minutes slow, as seen by the code that signs the assertion.
+SLOW_CLOCK = "import time, types, connector.auth.smart as smart\n" \
+             "smart.time = types.SimpleNamespace(time=lambda: time.time() - 600)"
+
+
+def same_jti(jti: uuid.UUID) -> str:
+    """Every assertion of that process carries this jti."""
+    return "import types, uuid, connector.auth.smart as smart\n" \
+           f"smart.uuid = types.SimpleNamespace(uuid4=lambda: uuid.UUID('{jti}'))"
+
+
+def test_expired_assertion_is_refused_with_exit_77(tmp_path: Path, authenv: AuthEnv) -> None:
     program = program_for(tmp_path, authenv, enrollments=1)
     use_smart(program, "peersync-smart", authenv.rs384)
-    ten_minutes_ago = time.time() - 600
-    monkeypatch.setattr("connector.auth.smart.time.time", lambda: ten_minutes_ago)
 
-    result = CliRunner().invoke(main, ["auth", "test", "--config", str(program.config)])
+    result = peersync_with(SLOW_CLOCK, "sync", "--config", str(program.config))
 
-    assert result.exit_code == 77, result.output
-    assert "invalid_client" in result.output and "clock is correct" in result.output
+    assert result.returncode == 77, result.stderr[-3000:]
+    assert "invalid_client" in result.stderr and "this host's clock is correct (NTP)" in result.stderr
     assert authenv.grants("peersync-smart")[-1]["reason"] == "jwt expired"
+    assert not server_resources(program)
 
 
-def test_replayed_assertion_is_refused(tmp_path: Path, authenv: AuthEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replayed_assertion_is_refused_with_exit_77(tmp_path: Path, authenv: AuthEnv) -> None:
     """The server keeps the jti of every assertion until it expires: the same assertion works once."""
     # At the token endpoint: one signed assertion, sent twice.
     signer = SmartBackendAuth(authenv.fhir_base_url, requests.Session(),
@@ -215,17 +380,19 @@ def test_replayed_assertion_is_refused(tmp_path: Path, authenv: AuthEnv, monkeyp
     assert second.json()["error"] == "invalid_client"
     assert authenv.grants("peersync-smart")[-1]["reason"] == "client assertion tokens must only be used once"
 
-    # Through peersync: two runs whose assertions share a jti; the second is refused (exit 77).
+    # Through peersync: `auth test` and then `sync`, both signing with the same jti; the sync is refused.
     program = program_for(tmp_path, authenv, enrollments=1)
     use_smart(program, "peersync-smart", authenv.rs384)
-    same = uuid.uuid4()
-    monkeypatch.setattr("connector.auth.smart.uuid.uuid4", lambda: same)
-    runner = CliRunner()
-    assert runner.invoke(main, ["auth", "test", "--config", str(program.config)]).exit_code == 0
-    replay = runner.invoke(main, ["auth", "test", "--config", str(program.config)])
-    assert replay.exit_code == 77, replay.output
-    assert "invalid_client" in replay.output
+    patch = same_jti(uuid.uuid4())
+    assert peersync_with(patch, "auth", "test", "--config", str(program.config)).returncode == 0
+
+    replay = peersync_with(patch, "sync", "--config", str(program.config))
+
+    assert replay.returncode == 77, replay.stderr[-3000:]
+    assert "invalid_client" in replay.stderr
+    assert "the assertion was not already used: each jti is accepted once" in replay.stderr
     assert authenv.grants("peersync-smart")[-1]["reason"] == "client assertion tokens must only be used once"
+    assert not server_resources(program)
 
 
 # -- key rotation -----------------------------------------------------------------------------------------------------
@@ -235,34 +402,36 @@ def test_key_rotation_without_a_failed_run(tmp_path: Path, authenv: AuthEnv) -> 
     """docs/authentication.md "Rotate (two kids)": publish both, let the server see the new set, switch, retire.
 
     oidc-provider keeps a client's JWK Set for at least 60 s (longer if the host's cache headers say so) and
-    re-fetches it only when that time is up; restarting it stands for "wait until the EHR has fetched the new set".
-    """
-    host = authenv.rotating_host
+    fetches it again only when that time is up (and a signature fails); at each step the harness makes it fetch
+    the set now instead (server.mjs, ``/harness/clients/<id>/jwks-stale``): "the EHR has fetched the new set"."""
+    host, client = authenv.rotating_host, "peersync-rotating"
     old = authenv.new_key("ES384", "rotation-old")
     new = authenv.new_key("RS384", "rotation-new")
     program = program_for(tmp_path, authenv, enrollments=1)
+    before = len(authenv.grants(client))
     exits: list[int] = []
+    fetches: list[int] = [host.fetches]
 
-    host.publish(old.jwks)
-    authenv.auth.start()  # a fresh cache, so the set with only the old key is what the server sees first
-    use_smart(program, "peersync-rotating", old)
-    exits.append(sync(program).returncode)
+    def step(*published: KeyPair, use: KeyPair) -> None:
+        host.publish(*(key.jwks for key in published))
+        authenv.auth.refresh_client_jwks(client)
+        use_smart(program, client, use)
+        exits.append(sync(program).returncode)
+        fetches.append(host.fetches)
 
-    host.publish(old.jwks, new.jwks)  # step 2: both keys
-    exits.append(sync(program).returncode)  # still the old key: fine whatever the server has cached
-    authenv.auth.start()  # step 3: the server's cache of the set has expired
-    use_smart(program, "peersync-rotating", new)  # step 4: switch
-    exits.append(sync(program).returncode)
+    step(old, use=old)  # 1: only the old key
+    step(old, new, use=old)  # 2: both keys published, still signing with the old one
+    step(old, new, use=new)  # 3-4: the server has the set with both; switch
+    step(new, use=new)  # 5: retire the old key
 
-    host.publish(new.jwks)  # step 5: retire the old key
-    authenv.auth.start()
-    exits.append(sync(program).returncode)
-
-    assert exits[0] in (0, DEMO_EXIT) and exits == [exits[0]] * 4, exits
-    assert sum(e["event"] == "grant.success" for e in authenv.grants("peersync-rotating")) == 1
-    use_smart(program, "peersync-rotating", old)
+    assert exits == [DEMO_EXIT] * 4, exits  # the demo's one rejected row: no run failed
+    assert all(later > earlier for earlier, later in itertools.pairwise(fetches)), fetches
+    grants = authenv.grants(client)[before:]
+    assert [g["event"] for g in grants] == ["grant.success"] * 4
+    use_smart(program, client, old)
     retired = sync(program)
     assert retired.returncode == 77 and "invalid_client" in retired.stderr
+    assert not any(g["event"] == "grant.error" for g in grants)
     assert set(versions_per_identifier(program)) == {"1"}  # four runs, each record written once
 
 
@@ -290,23 +459,104 @@ scope = "{" ".join(authserver.SYNC_SCOPES)}"
 
 # -- a token that expires mid-run -------------------------------------------------------------------------------------
 
+FORCED_EXPIRIES_AT_WRITES = (3, 8)  # the write requests before which the harness lets the current token expire
 
-def test_token_expiring_mid_run_is_replaced_without_lost_or_repeated_writes(tmp_path: Path, authenv: AuthEnv) -> None:
-    """Tokens live 3 s; with no refresh margin they expire in use, the server answers 401, peersync gets a new one."""
-    program = program_for(tmp_path, authenv)
-    use_smart(program, "peersync-short", authenv.rs384, extra="refresh_margin_seconds = 0\n")
+
+@dataclass
+class WireLog:
+    """Every request peersync sends during one in-process run: method, URL without query, body digest, status."""
+
+    token_url: str
+    calls: list[tuple[str, str, str, int]] = field(default_factory=list)
+
+    def fhir_calls(self) -> list[tuple[str, str, str, int]]:
+        return [call for call in self.calls if call[1] != self.token_url]
+
+    def writes(self) -> list[tuple[str, str, str, int]]:
+        """The write requests (POST/PUT/PATCH/DELETE to the FHIR server, not the token endpoint)."""
+        return [call for call in self.fhir_calls() if call[0] in ("POST", "PUT", "PATCH", "DELETE")]
+
+    def by_type(self) -> Counter[tuple[str, str, int]]:
+        """(method, resource type, status) of each write that was not refused with 401."""
+        return Counter((method, url.split("/fhir/", 1)[1].split("?")[0].split("/")[0], status)
+                       for method, url, _, status in self.writes() if status != 401)
+
+
+def wired_sync(program: Program, monkeypatch: pytest.MonkeyPatch, token_url: str,
+               expire_before_writes: tuple[int, ...] = ()) -> tuple[Any, WireLog]:
+    """``peersync sync -v`` in-process, every request logged at the wire; before each write request numbered in
+    ``expire_before_writes`` the harness waits until the bearer token in it has passed its ``exp``."""
+    wire = WireLog(token_url)
+    send = requests.Session.send
+
+    def logged_send(self: requests.Session, request: requests.PreparedRequest, **kwargs: Any) -> Any:
+        url = (request.url or "").split("?")[0]
+        is_write = request.method in ("POST", "PUT", "PATCH", "DELETE") and url != token_url
+        if is_write and len(wire.writes()) + 1 in expire_before_writes:
+            bearer = request.headers["Authorization"].removeprefix("Bearer ")
+            exp = jwt.decode(bearer, options={"verify_signature": False})["exp"]
+            time.sleep(max(0.0, exp - time.time()) + 0.1)  # the FHIR server allows no clock skew
+        response = send(self, request, **kwargs)
+        body = request.body if isinstance(request.body, bytes) else str(request.body or "").encode()
+        wire.calls.append((str(request.method), request.url or "", hashlib.sha256(body).hexdigest(),
+                           response.status_code))
+        return response
+
+    with monkeypatch.context() as patch:
+        patch.setattr(requests.Session, "send", logged_send)
+        result = CliRunner().invoke(main, ["sync", "--config", str(program.config), "-v"])
+    return result, wire
+
+
+def test_token_expiring_mid_run_is_replaced_without_lost_or_repeated_writes(
+    tmp_path: Path, authenv: AuthEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's tokens live 3 s; peersync's refresh clock is told they never expire, so it keeps using each
+    one until the server refuses it. Before the 3rd and 8th write request the harness waits until the token in
+    that request has passed its ``exp``: at least those two requests meet an expired token whatever the run's
+    pace (others may too). One request at a time, single writes: every 401 is one new token and one re-sent
+    request, and the wire is compared with the same program synced by a client whose tokens do not expire."""
+    programs = []
+    for name in ("control", "expiring"):
+        program = program_for(tmp_path / name, authenv, enrollments=3)
+        text = program.config.read_text(encoding="utf-8")
+        program.config.write_text(text.replace("[server]\n", '[server]\nwrite_strategy = "single"\n')
+                                  .replace("concurrency = 4", "concurrency = 1"), encoding="utf-8")
+        programs.append(program)
+    control, program = programs
+    use_smart(control, "peersync-smart", authenv.rs384, token_url=authenv.auth.token_url)
+    use_smart(program, "peersync-short", authenv.rs384, token_url=authenv.auth.token_url)
+    control_result, control_wire = wired_sync(control, monkeypatch, authenv.auth.token_url)
+    assert control_result.exit_code == DEMO_EXIT, control_result.output[-3000:]  # the demo's one rejected row
+    parse = RefreshingAuth._parse_token_response
+
+    def never_due(self: RefreshingAuth, *args: Any) -> Any:
+        return dataclasses.replace(parse(self, *args), expires_at=float("inf"), refresh_at=float("inf"))
+
+    monkeypatch.setattr(RefreshingAuth, "_parse_token_response", never_due)
     before = len(authenv.grants("peersync-short"))
-    started = time.monotonic()
 
-    result = sync(program)
+    result, wire = wired_sync(program, monkeypatch, authenv.auth.token_url, FORCED_EXPIRIES_AT_WRITES)
 
-    elapsed = time.monotonic() - started
     grants = authenv.grants("peersync-short")[before:]
-    assert result.returncode == DEMO_EXIT, result.stderr[-3000:]
+    assert result.exit_code == DEMO_EXIT, result.output[-3000:]
     assert all(g["event"] == "grant.success" for g in grants)
-    assert len(grants) >= 2, f"{elapsed:.1f} s run, {SHORT_TOKEN_TTL_SECONDS} s tokens: {len(grants)} token(s)"
-    assert_clean_state(program, REVIEW)  # nothing lost, no duplicate
-    assert set(versions_per_identifier(program)) == {"1"}, "a record was written twice"
+    refused = [i for i, call in enumerate(wire.fhir_calls()) if call[3] == 401]
+    invalidated = result.stderr.count("access token invalidated after a 401")
+    assert len(refused) == invalidated >= len(FORCED_EXPIRIES_AT_WRITES), result.stderr[-3000:]
+    assert len(grants) == len(refused) + 1, f"{len(grants)} tokens, {len(refused)} 401s"
+    calls = wire.fhir_calls()
+    for i in refused:  # the next request is the same one again (method, URL, body), with the new token
+        assert calls[i + 1][:3] == calls[i][:3] and calls[i + 1][3] != 401
+    retried_writes = sum(call[3] == 401 for call in wire.writes())
+    assert retried_writes >= len(FORCED_EXPIRIES_AT_WRITES)
+    assert len(wire.writes()) == len(control_wire.writes()) + retried_writes
+    assert wire.by_type() == control_wire.by_type()  # the same writes, type by type, none lost or repeated
+    expected = expected_identities(program, REVIEW)
+    assert {t: n for (method, t, status), n in wire.by_type().items() if status == 201 and method == "PUT"} \
+        == dict(expected), "each record created exactly once"
+    assert_clean_state(program, REVIEW)  # every record on the server, exactly once
+    assert versions_per_identifier(program) == versions_per_identifier(control)
 
 
 # -- granted scopes that miss one type --------------------------------------------------------------------------------
@@ -346,3 +596,23 @@ def test_the_fhir_server_names_a_missing_scope_peersync_was_told_not_to_require(
     for landed in ("CarePlan", "Goal", "Communication"):
         assert types[landed] == expected[landed], f"{landed}: {types[landed]} on the server of {expected[landed]}"
     assert not unresolved_references(program, [r for rs in found.values() for r in rs])
+
+
+def test_without_the_condition_scope_doctor_warns_and_careplans_have_no_addresses(tmp_path: Path,
+                                                                                   authenv: AuthEnv) -> None:
+    """system/Condition.rs is optional (docs/authentication.md, "Scopes to request"): without it doctor warns
+    naming it (exit 0), and the sync writes the CarePlans without addresses; nothing is refused or parked."""
+    program = program_for(tmp_path, authenv, enrollments=3)
+    use_smart(program, "peersync-no-condition", authenv.rs384,
+              scopes=tuple(s for s in authserver.SYNC_SCOPES if s != CONDITION_SCOPE))
+
+    doctor = peersync("doctor", "--config", str(program.config))
+    result = sync(program)
+
+    assert doctor.returncode == 0, doctor.stdout[-3000:]
+    assert f"the granted scopes do not cover {CONDITION_SCOPE}" in doctor.stdout, doctor.stdout[-3000:]
+    assert result.returncode == DEMO_EXIT, result.stderr[-3000:]  # the demo's one rejected row
+    assert "Condition search failed; the CarePlan is written without addresses" in result.stderr
+    found = assert_clean_state(program, REVIEW)
+    careplans = [r for (kind, _), rs in found.items() if kind == "CarePlan" for r in rs]
+    assert careplans and not any("addresses" in careplan for careplan in careplans)

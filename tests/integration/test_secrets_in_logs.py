@@ -8,6 +8,7 @@ stdout, stderr (JSON logs, --verbose), the ledger's text, the rejects report and
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import responses
 from click.testing import CliRunner
 
 from connector.auth.methods import RefreshingAuth
+from connector.auth.smart import SmartBackendAuth
 from connector.cli import main
 
 from .conftest import AuthEnv
@@ -83,49 +85,81 @@ metrics_file = "{metrics}"
 JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}")  # any JWS: access token or client assertion
 
 
-def test_sync_against_a_real_authorization_server_never_outputs_a_token(
+def test_a_real_authorization_server_never_outputs_a_token(
     tmp_path: Path, authenv: AuthEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SMART Backend Services with oidc-provider and the enforcing HAPI server: the same scan, plus every JWT.
+    """SMART Backend Services with oidc-provider and the enforcing HAPI server: the same scan, plus every JWT,
+    over ``auth test``, ``doctor``, a sync that renews its token, ``status``, and a run refused with exit 77.
 
-    A client with short-lived tokens (3 s), so the run renews its token.
-    """
+    Spies keep every access token issued and every client assertion signed, so the scan looks for each of them.
+    The sync's first token is made due at its next use, so the sync certainly renews it (two tokens or more)."""
     issued: list[str] = []
+    make_due: list[bool] = []  # set before the sync: its first token is due again at once
+    assertions: list[str] = []
     parse = RefreshingAuth._parse_token_response
+    sign = SmartBackendAuth.client_assertion
 
     def spy(self: RefreshingAuth, resp: requests.Response, token_url: str, fetched_at: float) -> Any:
-        issued.append(resp.json().get("access_token", ""))
-        return parse(self, resp, token_url, fetched_at)
+        token = parse(self, resp, token_url, fetched_at)  # raises for a refusal (the refused run)
+        issued.append(token.value.get_secret_value())
+        if make_due:
+            make_due.clear()
+            return dataclasses.replace(token, refresh_at=float("-inf"))
+        return token
+
+    def signing_spy(self: SmartBackendAuth, token_url: str) -> str:
+        assertions.append(sign(self, token_url))
+        return assertions[-1]
 
     monkeypatch.setattr(RefreshingAuth, "_parse_token_response", spy)
+    monkeypatch.setattr(SmartBackendAuth, "client_assertion", signing_spy)
     program = make_program(tmp_path, authenv.fhir_base_url, headers=authenv.admin_headers())
     trim_inputs(program.inputs, set(demo_enrollments()[:4]))
     metrics = tmp_path / "metrics.prom"
     key = authenv.rs384
-    program.config.write_text(program.config.read_text(encoding="utf-8") + f"""
+    config = program.config.read_text(encoding="utf-8")
+    auth_section = f"""
 [auth]
 mode = "smart-backend"
 client_id = "peersync-short"
 private_key_file = "{key.private_key}"
 kid = "{key.kid}"
 scope = "{" ".join(authserver.SYNC_SCOPES)}"
-
+"""
+    program.config.write_text(config + auth_section + f"""
 [output]
 metrics_file = "{metrics}"
 """, encoding="utf-8")
+    runner = CliRunner()
+    logging = ["--log-format", "json", "-v"]
+    results = {}
+    tokens: dict[str, int] = {}  # tokens issued to each command
+    for name, args in {"auth test": ["auth", "test"], "doctor": ["doctor", *logging],
+                       "sync": ["sync", *logging, "--json"], "status": ["status", *logging]}.items():
+        before = len(issued)
+        make_due[:] = [True] if name == "sync" else []
+        results[name] = runner.invoke(main, [*args, "--config", str(program.config)], catch_exceptions=False)
+        tokens[name] = len(issued) - before
+    refused = tmp_path / "refused.toml"
+    refused.write_text(program.config.read_text(encoding="utf-8").replace(f'kid = "{key.kid}"',
+                                                                        'kid = "not-registered"'), encoding="utf-8")
+    results["refused sync"] = runner.invoke(main, ["sync", *logging, "--config", str(refused)],
+                                            catch_exceptions=False)
 
-    result = CliRunner().invoke(main, ["sync", "--config", str(program.config), "--log-format", "json", "-v",
-                                       "--json"], catch_exceptions=False)
-
-    assert result.exit_code in (0, 65), result.output
-    assert issued and all(issued)
-    outputs = {"stdout": result.stdout, "stderr": result.stderr, "metrics": metrics.read_text(encoding="utf-8"),
+    exits = {name: result.exit_code for name, result in results.items()}
+    assert exits == {"auth test": 0, "doctor": 0, "sync": 65, "status": 0, "refused sync": 77}, exits  # 65: the
+    # demo's rejected row
+    assert tokens["auth test"] == tokens["doctor"] == 1 and tokens["sync"] >= 2 and tokens["status"] == 0, tokens
+    assert all(issued) and len(assertions) == len(issued) + 1  # one more: the refused run's
+    outputs = {"metrics": metrics.read_text(encoding="utf-8"),
                "ledger": program.settings().sync.ledger.read_bytes().decode("utf-8", "replace")}
+    for name, result in results.items():
+        outputs[f"{name} stdout"], outputs[f"{name} stderr"] = result.stdout, result.stderr
     for report in program.settings().rejects_dir().glob("rejects.*"):
         outputs[report.name] = report.read_text(encoding="utf-8")
-    assert outputs["stderr"].count("\n") > 5
+    assert outputs["sync stderr"].count("\n") > 5 and "invalid_client" in outputs["refused sync stderr"]
     for name, text in outputs.items():
         assert not JWT_RE.search(text), f"a JWT leaked into {name}"
         assert "PRIVATE KEY" not in text, f"key material leaked into {name}"
-        for token in issued:
-            assert token[-24:] not in text, f"an access token leaked into {name}"
+        for secret in (*issued, *assertions):
+            assert secret[-24:] not in text, f"an access token or client assertion leaked into {name}"
