@@ -262,7 +262,8 @@ def main(argv: list[str]) -> int:
             print(f"{name}: {value}")
         return 0
     if argv == ["stop"]:
-        stop_enforcing_fhir_server()
+        if os.environ.get("PEERSYNC_KEEP_SERVER", "").strip().lower() in ("", "0", "false", "no"):
+            stop_enforcing_fhir_server()  # kept with PEERSYNC_KEEP_SERVER, like the suite's fixture does
         env = {**os.environ, "PEERSYNC_AUTHZ_PORT": str(authz_port())}
         subprocess.run(["bash", str(AUTH_SERVER_SH), "stop"], env=env, check=False, timeout=120)
         return 0
