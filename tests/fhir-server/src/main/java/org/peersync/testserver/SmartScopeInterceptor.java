@@ -139,8 +139,9 @@ public class SmartScopeInterceptor {
 			}
 			if (paging) {
 				require(grants, type, 's', "a page of a search");
-			} else if (!allows(grants, type, 'r')) {
-				require(grants, type, 's', "showing a resource (read, _include or _revinclude)");
+			} else if (!allows(grants, type, 'r') && !allows(grants, type, 's')) {
+				throw forbidden("showing " + type + " (a read, _include or _revinclude) needs scope system/" + type
+						+ ".r or system/" + type + ".s (v1: system/" + type + ".read), which the access token does not grant");
 			}
 		}
 	}
