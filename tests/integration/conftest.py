@@ -26,6 +26,7 @@ SCOPED_SCOPES = tuple(f"system/{t}.{letter}" for t in SCOPED_TYPES for letter in
 SHORT_TOKEN_TTL_SECONDS = 3
 NARROW_MISSING = "system/CareTeam.cu"
 CONDITION_SCOPE = "system/Condition.rs"  # optional: without it CarePlans are written without addresses
+PROCEDURE_SCOPE = "system/Procedure.cus"  # only with [server] contact_procedures = "also" or "instead"
 
 
 @dataclass
@@ -86,6 +87,8 @@ def authenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthEnv]:
         authserver.Client("peersync-short", sync_scope, jwks_uri=jwks_host.url,
                           token_ttl_seconds=SHORT_TOKEN_TTL_SECONDS),
         authserver.Client("peersync-narrow", narrow_scope, jwks_uri=jwks_host.url),
+        authserver.Client("peersync-procedures", " ".join((*authserver.SYNC_SCOPES, PROCEDURE_SCOPE)),
+                          jwks_uri=jwks_host.url),
         authserver.Client("peersync-no-condition", " ".join(s for s in authserver.SYNC_SCOPES if s != CONDITION_SCOPE),
                           jwks_uri=jwks_host.url),
         authserver.Client("peersync-rotating", sync_scope, jwks_uri=rotating_host.url),

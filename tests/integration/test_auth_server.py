@@ -36,7 +36,7 @@ from connector.auth.smart import CLIENT_ASSERTION_TYPE, SmartBackendAuth
 from connector.cli import main
 from connector.identifiers import reference_strings
 
-from .conftest import CONDITION_SCOPE, NARROW_MISSING, SECRET_CLIENT_SECRET, AuthEnv, KeyPair
+from .conftest import CONDITION_SCOPE, NARROW_MISSING, PROCEDURE_SCOPE, SECRET_CLIENT_SECRET, AuthEnv, KeyPair
 from .syncutil import (
     Program,
     assert_clean_state,
@@ -626,6 +626,26 @@ def test_without_the_condition_scope_doctor_warns_and_careplans_have_no_addresse
     found = assert_clean_state(program, REVIEW)
     careplans = [r for (kind, _), rs in found.items() if kind == "CarePlan" for r in rs]
     assert careplans and not any("addresses" in careplan for careplan in careplans)
+
+
+
+def test_contacts_as_procedures_with_the_procedure_scope(tmp_path: Path, authenv: AuthEnv) -> None:
+    """[server] contact_procedures = "also" needs system/Procedure.cus (docs/authentication.md): granted, doctor
+    passes and the enforcing server takes the Procedures beside the Communications."""
+    program = program_for(tmp_path, authenv, enrollments=3)
+    text = program.config.read_text(encoding="utf-8")
+    program.config.write_text(text.replace("[server]\n", '[server]\ncontact_procedures = "also"\n'), encoding="utf-8")
+    use_smart(program, "peersync-procedures", authenv.rs384, scopes=(*authserver.SYNC_SCOPES, PROCEDURE_SCOPE))
+
+    doctor = peersync("doctor", "--config", str(program.config))
+    result = sync(program)
+
+    assert doctor.returncode == 0, doctor.stdout[-3000:]
+    assert "the granted scopes cover every type peersync writes" in doctor.stdout, doctor.stdout[-3000:]
+    assert result.returncode == TRIMMED_EXIT, result.stderr[-3000:]
+    found = assert_clean_state(program, REVIEW)
+    types = Counter(kind for kind, _ in found)
+    assert types["Procedure"] > 0 and types["Procedure"] == types["Communication"], types
 
 
 # -- the documented walk-through --------------------------------------------------------------------------------------
