@@ -30,10 +30,17 @@ from connector.plan.ledger import Ledger
 from connector.pull import clinical
 from connector.pull.answers import VERSION_CONFLICT
 from connector.pull.community import ReferralStatus, referral_status
-from connector.pull.inbound import DELIVERED_TAG_CODE, OPEN_STATUSES, InboundReferral, inbound_referrals
+from connector.pull.inbound import (
+    DELIVERED_TAG_CODE,
+    OPEN_STATUSES,
+    InboundReferral,
+    SkippedTask,
+    inbound_referrals,
+    ref_id,
+)
 from connector.pull.intake import REFERRAL_FIELD, IntakeFile, delivered_task_ids, intake_columns, write_rows
 from connector.read.profile import Profile
-from connector.server.client import FhirClient, FhirHttpError, ServerAnswerError
+from connector.server.client import Action, FhirClient, FhirHttpError, ServerAnswerError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +72,8 @@ class PullSummary:
     delivered: int = 0  # new intake rows
     already_delivered: int = 0
     received: int = 0  # Tasks moved to received
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {task, reason}
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {task, reason}: newly skipped
+    still_skipped: int = 0  # skipped before, re-read, still not deliverable (`peersync status` lists them)
     concurrent_edits: int = 0  # 412 answers re-applied
     intake_file: str | None = None
     referral_statuses: Counter[str] = field(default_factory=Counter)
@@ -126,25 +134,40 @@ class Puller:
         return str(found[0]["id"])
 
     def referrals_in(self, ledger: Ledger) -> None:
-        """Deliver new clinic referrals to an intake file and move their Tasks to ``received``."""
+        """Deliver new clinic referrals to an intake file and move their Tasks to ``received``.
+
+        The search is incremental (``_lastUpdated`` from the newest Task seen, minus the overlap window), and the
+        Tasks it can no longer find are re-read by id: those skipped for a reason the EHR may fix without touching
+        the Task (an MRN added to the Patient, a ServiceRequest corrected) and those delivered but not yet
+        ``received``. One referral's failure is reported and never blocks the others.
+        """
         owner_id = self._program_organization_id()
         started = self.clock()
+        includes = ["Task:focus", "Task:patient", "Task:requester"]
         params: dict[str, Any] = {"owner": f"Organization/{owner_id}", "status": ",".join(OPEN_STATUSES),
-                                  "_include": ["Task:focus", "Task:patient", "Task:requester"], "_count": PAGE_SIZE}
+                                  "_include": includes, "_count": PAGE_SIZE}
         since = ledger.meta(SINCE_KEY)
         if since:
             params["_lastUpdated"] = "ge" + (datetime.fromisoformat(since) - self.opts.overlap).isoformat()
         tasks, included = self.client.search_with_included("Task", params)
+        newest = max((str((t.get("meta") or {}).get("lastUpdated", "")) for t in tasks), default="")
+        known = ledger.pulled_tasks()
+        waiting = ledger.skipped_tasks()
+        found_ids = {str(t.get("id")) for t in tasks}
+        reread = sorted(t for t in {*waiting, *(t for t, state in known.items() if state == "delivered")}
+                        if t not in found_ids)
+        for start in range(0, len(reread), 100):
+            more, more_included = self.client.search_with_included(
+                "Task", {"_id": ",".join(reread[start:start + 100]), "_include": includes, "_count": PAGE_SIZE})
+            tasks += more
+            included += more_included
         by_key = {(r["resourceType"], str(r.get("id"))): r for r in included}
         referrals, skipped = inbound_referrals(
             tasks, by_key, owner_id=owner_id, mrn_system=self.opts.ctx.mrn_system,
             accepted_codes=self.opts.accepted_codes, tag_system=self.tag_system)
-        for skip in skipped:
-            self.summary.skipped.append({"task": skip.task_id, "reason": skip.reason})
-            log.warning("clinic referral skipped: Task/%s: %s", skip.task_id, skip.reason,
-                        extra={"event": "referral-skipped"})
+        self._record_skipped(ledger, tasks, skipped, referrals, waiting=waiting, known=known, owner_id=owner_id,
+                             reread=set(reread))
         columns = intake_columns(self.opts.profile)
-        known = ledger.pulled_tasks()
         in_folder = delivered_task_ids(self.opts.intake_dir, columns[REFERRAL_FIELD])
         intake = IntakeFile(self.opts.intake_dir, columns, started=started, mode=self.opts.file_mode)
         try:
@@ -154,18 +177,66 @@ class Puller:
                 else:
                     intake.write(referral)
                     self.summary.delivered += 1
+                done = referral.task_status == "received" and referral.delivered_before
                 ledger.record_pulled_task(referral.task_id, version=referral.task_version,
-                                          service_request_id=referral.service_request_id, state="delivered",
-                                          run_id=RUN_ID.get())
-                if referral.task_status != "received" or not referral.delivered_before:
-                    self._mark_received(ledger, referral)
+                                          service_request_id=referral.service_request_id,
+                                          state="received" if done else "delivered", run_id=RUN_ID.get())
+                if not done:
+                    self._mark_received_isolated(ledger, referral)
         finally:
             intake.close()
         if intake.rows:
             self.summary.intake_file = str(intake.path)
-        newest = max((str((t.get("meta") or {}).get("lastUpdated", "")) for t in tasks), default="")
         if newest:
             ledger.set_meta(SINCE_KEY, newest)
+
+    def _record_skipped(self, ledger: Ledger, tasks: list[dict[str, Any]], skipped: list[SkippedTask],
+                        referrals: list[InboundReferral], *, waiting: dict[str, str], known: dict[str, str],
+                        owner_id: str, reread: set[str]) -> None:
+        """Report the skipped Tasks (a new skip once, as a problem; one still waiting as a count) and keep in the
+        ledger those the EHR may still fix (open, the program's): re-read on every pull until delivered or closed."""
+        by_id = {str(t.get("id")): t for t in tasks if t.get("id")}
+        keep: dict[str, str] = {}
+        for skip in skipped:
+            task = by_id.get(skip.task_id, {})
+            fixable = (task.get("status") in OPEN_STATUSES and ref_id(task.get("owner"), "Organization") == owner_id)
+            if fixable:
+                keep[skip.task_id] = skip.reason
+            elif skip.task_id in known and task.get("status") not in OPEN_STATUSES:
+                ledger.record_pulled_task(skip.task_id, version=str((task.get("meta") or {}).get("versionId", "")),
+                                          service_request_id="", state="closed", run_id=RUN_ID.get())
+                continue  # delivered before, then closed in the EHR: nothing to report
+            if skip.task_id in waiting and fixable and waiting[skip.task_id] == skip.reason:
+                self.summary.still_skipped += 1  # reported when it was first skipped; `status` lists it
+                continue
+            self.summary.skipped.append({"task": skip.task_id, "reason": skip.reason})
+            log.warning("clinic referral skipped: Task/%s: %s", skip.task_id, skip.reason,
+                        extra={"event": "referral-skipped"})
+        resolved = {*(r.task_id for r in referrals), *(t for t in waiting if t not in keep)}
+        gone = reread - set(by_id)  # deleted on the EHR (or no longer readable): nothing left to wait for
+        for task_id in gone & {t for t, state in known.items() if state == "delivered"}:
+            ledger.record_pulled_task(task_id, version="", service_request_id="", state="closed", run_id=RUN_ID.get())
+        ledger.record_skipped_tasks(keep, resolved=resolved | gone, run_id=RUN_ID.get())
+
+    def _mark_received_isolated(self, ledger: Ledger, referral: InboundReferral) -> None:
+        """:meth:`_mark_received`, with a failure of this one Task reported (no patient data: the Task id, the
+        HTTP status and the server's issue codes) instead of ending the step: the other referrals still land. The
+        server unreachable, credentials refused or rate limits after the retries still end the step."""
+        try:
+            self._mark_received(ledger, referral)
+        except FhirHttpError as exc:
+            if exc.action in (Action.AUTH, Action.RETRY_LATER, Action.FATAL):
+                raise
+            self._referral_problem(referral, f"HTTP {exc.status}" + (f" {exc.outcome.codes()}"
+                                                                     if exc.outcome.issues else ""))
+        except ServerAnswerError:
+            self._referral_problem(referral, "the server's answer was not a FHIR resource")
+
+    def _referral_problem(self, referral: InboundReferral, reason: str) -> None:
+        self.summary.problems.append(f"Task/{referral.task_id}: not moved to received ({reason}); it is in the "
+                                     "intake file, and the next pull tries again")
+        log.warning("clinic referral Task not moved to received: Task/%s: %s", referral.task_id, reason,
+                    extra={"event": "referral-receive-failed"})
 
     def _mark_received(self, ledger: Ledger, referral: InboundReferral) -> None:
         """Move the Task to ``received`` with peersync's delivered tag, never over a concurrent edit."""
@@ -301,22 +372,37 @@ def fetch_referral_statuses(client: FhirClient, ledger: Ledger, ctx: MappingCont
             found, _ = client.search_with_included("Task", {"_id": ",".join(ids[start:start + 100]),
                                                             "_count": "100"})
             tasks.extend(found)
+    changed_before = ledger.organization_changes()
     out: dict[str, ReferralStatus] = {}
+    newly_changed: list[tuple[str, str, str, str, str]] = []
     for task in tasks:
         value = next((str(i.get("value")) for i in task.get("identifier", []) if i.get("system") == system), None)
         written = {v for v in [confirmed.get(value or "", (None, None))[1]] if v}
         if task.get("status") == "entered-in-error":  # voided by peersync: its own version bump
             written.add(str((task.get("meta") or {}).get("versionId", "")))
-        status = referral_status(task, referral_system=system, written_versions=written)
-        if status is not None:
-            out[status.referral_id] = status
+        status = referral_status(task, referral_system=system, written_versions=written,
+                                 organization_changed=(value or "") in changed_before
+                                 and task.get("status") != "entered-in-error")
+        if status is None:
+            continue
+        out[status.referral_id] = status
+        # Remembered only when the ledger knows peersync's own version (with the ledger lost, every version looks
+        # foreign: reported as the organization's, never made sticky).
+        if status.changed_by == "organization" and written and status.version not in written \
+                and changed_before.get(status.referral_id, {}).get("version") != status.version:
+            newly_changed.append((status.referral_id, status.task_id, status.version, status.status,
+                                  status.changed_at))
+    if newly_changed:
+        ledger.record_organization_changes(newly_changed)
     return out
 
 
 def organization_task_fields(client: FhirClient, ledger: Ledger, ctx: MappingContext,
                              referral_ids: list[str]) -> dict[str, Mapping[str, Any]]:
-    """For the referrals a sync is about to re-send: the server's Task of each one the organization has changed
-    since peersync last wrote it (referral id -> Task), so the mapper keeps the organization's status."""
+    """For the referrals a sync is about to re-send: the server's Task of each one the organization has ever
+    changed (referral id -> Task), so the mapper keeps the organization's status. Ownership is sticky: the ledger
+    remembers the organization's change, so a version peersync wrote afterwards (keeping the organization's
+    elements) does not hand the status back to the program's export."""
     if not referral_ids:
         return {}
     system = ctx.system(KIND_REFERRAL_TASK)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import requests
-from reliability.faultproxy import FaultProxy, Schedule
+from reliability.faultproxy import FaultProxy, Restrictions, Schedule
 
 from connector.identifiers import KIND_ORGANIZATION, KIND_REFERRAL_TASK, token_query
 from integration.clinic_sim import UNKNOWN_SERVICE, Clinic, cbo_sets_status
@@ -199,6 +199,42 @@ def test_a_malformed_answer_is_reported_and_the_good_referrals_still_land(progra
     assert summary["referrals_report"]  # the next step ran
 
 
+def test_one_task_the_ehr_refuses_never_blocks_the_others(program: Program, clinic: Clinic) -> None:
+    refused, *others = [clinic.refer(clinic.patient(mrn=f"MRN-X{n}-{program.program_id}")) for n in range(3)]
+    with FaultProxy(program.base_url, restrictions=Restrictions(unprocessable=frozenset({f"Task/{refused['id']}"}))) \
+            as proxy:
+        code, summary, _ = pull(program, server=proxy.base_url)
+    assert code == 65 and summary["delivered"] == 3 and summary["received"] == 2
+    assert [p.split(":")[0] for p in summary["problems"]] == [f"Task/{refused['id']}"]
+    assert "HTTP 422" in summary["problems"][0] and summary["referrals_report"]
+    assert [task(program, t["id"])["status"] for t in others] == ["received", "received"]
+    assert task(program, refused["id"])["status"] == "requested"
+    # The EHR takes it again: the next pull moves it (found by its id: the search's window has moved on), once.
+    code, summary, _ = pull(program)
+    assert (code, summary["delivered"], summary["received"]) == (0, 0, 1)
+    assert task(program, refused["id"])["status"] == "received"
+    assert sorted(r["clinic_referral"] for r in intake_rows(program)) == sorted(t["id"] for t in [refused, *others])
+
+
+def test_a_referral_skipped_for_no_mrn_is_delivered_once_the_ehr_adds_it(program: Program, clinic: Clinic) -> None:
+    patient = clinic.patient(mrn=None)
+    waiting = clinic.refer(patient)
+    no_overlap = {"PEERSYNC_PULL__OVERLAP_MINUTES": "0"}  # the incremental search alone would never see it again
+    code, summary, _ = pull(program, env=no_overlap)
+    assert code == 65 and [s["task"] for s in summary["skipped"]] == [waiting["id"]]
+    newer = clinic.refer(clinic.patient(mrn=f"MRN-N-{program.program_id}"))  # moves the search window past it
+    code, summary, _ = pull(program, env=no_overlap)
+    assert (code, summary["delivered"], summary["still_skipped"], summary["skipped"]) == (0, 1, 1, [])
+
+    patient["identifier"] = [{"system": program.mrn_system, "value": f"MRN-W-{program.program_id}"}]
+    clinic.mrns.append(patient["identifier"][0]["value"])
+    clinic.update(patient)  # the Patient changes; the Task (and its lastUpdated) does not
+    code, summary, _ = pull(program, env=no_overlap)
+    assert (code, summary["delivered"], summary["received"], summary["still_skipped"]) == (0, 1, 1, 0)
+    assert sorted(r["clinic_referral"] for r in intake_rows(program)) == sorted([waiting["id"], newer["id"]])
+    assert task(program, waiting["id"])["status"] == "received"
+
+
 def referral_task_ids(program: Program) -> dict[str, str]:
     system = program.context().system(KIND_REFERRAL_TASK)
     bundle = requests.get(f"{program.base_url}/Task?identifier={token_query(system, '')}&_count=100", timeout=60).json()
@@ -233,6 +269,27 @@ def test_an_organizations_status_is_reported_and_never_rolled_back(program: Prog
     assert final["status"] == "completed"
     assert final["output"][0]["valueString"] == "Enrolled in SNAP"
     assert final["note"] == [{"text": "Called to check in"}]  # the program's own change landed
+
+    # A second edit of the row: the Task's current version is now one peersync wrote (keeping the organization's
+    # elements); the ledger remembers the organization's change, so the program's "made" still does not return.
+    for row in rows:
+        if row["referral_id"] == "R0002":
+            row["outcome_notes"] = "Called again"
+    write_csv(program.inputs / "referrals.csv", rows)
+    assert program.sync().counts["updated"] >= 1
+    final = task(program, tasks["R0002"])
+    assert final["status"] == "completed" and final["output"][0]["valueString"] == "Enrolled in SNAP"
+    assert final["note"] == [{"text": "Called again"}]
+    code, summary, _ = pull(program)
+    assert code == 0 and summary["changed_by_organization"] == 1
+    report = {r["referral_id"]: r for r in json.loads(Path(summary["referrals_report"]).with_suffix(".json")
+                                                       .read_text(encoding="utf-8"))}
+    assert (report["R0002"]["status"], report["R0002"]["changed_by"]) == ("completed", "organization")
+    assert report["R0002"]["outputs"] == "Enrolled in SNAP"
+    assert report["R0002"]["version"] == final["meta"]["versionId"]  # a version peersync wrote, still theirs
+    assert (report["R0001"]["status"], report["R0001"]["changed_by"]) == (task(program, tasks["R0001"])["status"],
+                                                                          "program")
+    assert stat.S_IMODE(Path(summary["referrals_report"]).with_suffix(".json").stat().st_mode) == 0o600
 
 
 def _patient_id(program: Program, enrollment_id: str) -> str:

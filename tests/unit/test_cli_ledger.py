@@ -354,7 +354,7 @@ def test_connections_opening_a_new_ledger_at_once_create_it_once(tmp_path: Path)
             thread.join(60)
         assert len(set(map(str, salts))) == 1 and "" not in salts, salts
         with Ledger(path) as ledger:
-            assert ledger.db.execute("PRAGMA user_version").fetchone()[0] == 3
+            assert ledger.db.execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 def test_a_run_refused_the_lock_does_not_open_the_ledger_for_its_metrics(
