@@ -24,7 +24,7 @@ from typing import Any
 from connector.errors import ConfigError
 from connector.identifiers import KIND_ORGANIZATION, KIND_REFERRAL_TASK, identifier_value, token_query
 from connector.map.context import MappingContext
-from connector.model import Enrollment, Goal, RecordKind
+from connector.model import Enrollment, Goal, RecordKind, TargetMeasure
 from connector.ops.logs import RUN_ID
 from connector.plan.ledger import Ledger
 from connector.pull import clinical
@@ -311,15 +311,18 @@ class Puller:
                 self.summary.problems.append(f"enrollment {enrollment.enrollment_id}: consent recorded but no "
                                              "matched Patient yet (run peersync sync first)")
                 continue
-            codes = f"{clinical.LOINC}|{clinical.HBA1C},{clinical.LOINC}|{clinical.BP_PANEL}"
-            observations = self._search("Observation", {"patient": patient_id, "code": codes,
-                                                        "_sort": "-date", "_count": "20"})
+            # One newest-first search of one per code: a shared page of many readings of one kind (blood
+            # pressure at every visit) would hide an older HbA1c.
+            targeted = {g.target.measure for g in goals.get(enrollment.enrollment_id, []) if g.target}
+            latest = {measure: found for measure, code in clinical.EHR_MEASURES.items()
+                      if (measure is TargetMeasure.HBA1C or measure in targeted)
+                      and (found := clinical.latest_quantity(self._latest(patient_id, code), code))}
+            a1c = latest.get(TargetMeasure.HBA1C)
+            bp = clinical.latest_blood_pressure(self._latest(patient_id, clinical.BP_PANEL))
             appointments = self._search("Appointment", {"patient": patient_id, "date": f"ge{today}",
                                                         "_sort": "date", "_count": "10"})
-            a1c = clinical.latest_a1c(observations)
-            bp = clinical.latest_blood_pressure(observations)
             progress = [f"{g.goal_id}: {p}" for g in goals.get(enrollment.enrollment_id, [])
-                        if (p := clinical.target_progress(g.target, a1c))]
+                        if (p := clinical.target_progress(g.target, latest))]
             rows.append({
                 "enrollment_id": enrollment.enrollment_id, "mrn": enrollment.mrn,
                 "hba1c": f"{a1c.value} {a1c.unit}".strip() if a1c else "",
@@ -335,6 +338,12 @@ class Puller:
                                 "blood_pressure_date", "upcoming_appointments", "goal_targets"], self.opts.file_mode)
         self.summary.clinical_participants = len(rows)
         self.summary.clinical_file = str(path)
+
+    def _latest(self, patient_id: str, code: str) -> list[dict[str, Any]]:
+        """The patient's newest usable Observation with LOINC ``code`` (a list of at most one)."""
+        return self._search("Observation", {"patient": patient_id, "code": f"{clinical.LOINC}|{code}",
+                                            "status": ",".join(clinical.USABLE_STATUSES), "_sort": "-date",
+                                            "_count": "1"})
 
     def _search(self, resource_type: str, params: dict[str, str]) -> list[dict[str, Any]]:
         self.summary.clinical_requests += 1

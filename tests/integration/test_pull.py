@@ -304,8 +304,19 @@ def test_clinical_facts_only_with_consent(program: Program, clinic: Clinic) -> N
     patient_id = _patient_id(program, enrollment)
     clinic.a1c(patient_id, 8.4, "2026-10-02")
     clinic.a1c(patient_id, 7.6, "2026-11-20")
-    clinic.blood_pressure(patient_id, 128, 82, "2026-11-20")
+    clinic.weight(patient_id, 91.2, "2026-11-21")
+    # More than a page of blood pressure readings, all newer than the HbA1c: they must not hide it.
+    for day in range(1, 23):
+        clinic.blood_pressure(patient_id, 120 + day, 80, f"2026-11-{day + 1:02d}" if day < 22 else "2026-11-30")
+    clinic.blood_pressure(patient_id, 128, 82, "2026-12-01")
     clinic.appointment(patient_id, "2027-01-12T09:00:00Z")
+    goals = read_csv(program.inputs / "goals.csv")
+    template = next(g for g in goals if g["enrollment_id"] == enrollment)
+    goals += [{**template, "goal_id": "G-A1C", "target_measure": "hba1c", "target_comparator": "<", "target_value": "7",
+               "target_unit": "%"},
+              {**template, "goal_id": "G-KG", "target_measure": "body-weight", "target_comparator": "<=",
+               "target_value": "88", "target_unit": "kg"}]
+    write_csv(program.inputs / "goals.csv", goals)
     with program.config.open("a", encoding="utf-8") as handle:
         handle.write("clinical_facts = true\n")
     with FaultProxy(program.base_url) as proxy:  # no consent recorded yet
@@ -324,7 +335,9 @@ def test_clinical_facts_only_with_consent(program: Program, clinic: Clinic) -> N
         code, summary, _ = pull(program, server=proxy.base_url)
         by_type = dict(proxy.stats.by_type)
     assert code == 0 and summary["clinical_participants"] == 1
-    assert by_type["Observation"] == 1 and by_type["Appointment"] == 1  # one consenting participant
+    # One consenting participant: one newest-first search of one per code (HbA1c, blood pressure, and the weight
+    # a goal targets; the steps goal has no EHR value: not searched), one for appointments.
+    assert by_type["Observation"] == 3 and by_type["Appointment"] == 1
     path = Path(summary["clinical_file"])
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     (facts,) = read_csv(path)
@@ -332,7 +345,10 @@ def test_clinical_facts_only_with_consent(program: Program, clinic: Clinic) -> N
     observation = facts["hba1c_observation"]  # what the program may name as a goal's outcome_observation
     assert observation.startswith("Observation/")
     assert requests.get(f"{program.base_url}/{observation}", timeout=60).json()["valueQuantity"]["value"] == 7.6
-    assert facts["blood_pressure"] == "128/82 mm[Hg]" and facts["upcoming_appointments"].startswith("2027-01-12")
+    assert facts["blood_pressure"] == "128/82 mm[Hg]" and facts["blood_pressure_date"] == "2026-12-01"
+    assert facts["upcoming_appointments"].startswith("2027-01-12")
+    assert facts["goal_targets"] == ("G-A1C: latest 7.6 % on 2026-11-20; target < 7 %; "
+                                     "G-KG: latest 91.2 kg on 2026-11-21; target <= 88 kg")
 
 
 def test_no_patient_data_in_ledger_logs_or_status(program: Program, clinic: Clinic) -> None:
