@@ -803,13 +803,13 @@ class Ledger:
             db.execute("UPDATE runs SET finished_at=?, outcome=?, exit_code=?, summary=? WHERE run_id=?",
                        (now_iso(), outcome, exit_code, json.dumps(summary, default=str), run_id))
 
-    def runs(self, limit: int = 10) -> list[dict[str, Any]]:
-        """The latest runs, newest first."""
+    def runs(self, limit: int = 10, *, command: str | None = None) -> list[dict[str, Any]]:
+        """The latest runs (of one ``command``, or all), newest first."""
         with self._lock:
             rows = self.db.execute(
                 "SELECT run_id,command,started_at,finished_at,outcome,exit_code,summary FROM runs "
-                "ORDER BY started_at DESC, rowid DESC LIMIT ?",
-                (limit,),
+                "WHERE ? IS NULL OR command = ? ORDER BY started_at DESC, rowid DESC LIMIT ?",
+                (command, command, limit),
             ).fetchall()
         keys = ("run_id", "command", "started_at", "finished_at", "outcome", "exit_code", "summary")
         out = []
@@ -819,13 +819,15 @@ class Ledger:
             out.append(entry)
         return out
 
-    def last_run_with_exit(self, exit_codes: tuple[int, ...]) -> dict[str, Any] | None:
-        """The newest run that ended with one of ``exit_codes`` (run id, start, finish, exit code), or None."""
+    def last_run_with_exit(self, exit_codes: tuple[int, ...], *, command: str | None = None) -> dict[str, Any] | None:
+        """The newest run (of one ``command``, or any) that ended with one of ``exit_codes`` (run id, start, finish,
+        exit code), or None."""
         marks = ",".join("?" * len(exit_codes))
         with self._lock:
             row = self.db.execute(
                 f"SELECT run_id, started_at, finished_at, exit_code FROM runs WHERE exit_code IN ({marks}) "
-                "ORDER BY started_at DESC, rowid DESC LIMIT 1", exit_codes).fetchone()
+                "AND (? IS NULL OR command = ?) ORDER BY started_at DESC, rowid DESC LIMIT 1",
+                (*exit_codes, command, command)).fetchone()
         if row is None:
             return None
         return dict(zip(("run_id", "started_at", "finished_at", "exit_code"), row, strict=True))

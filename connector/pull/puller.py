@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from connector.errors import ConfigError
+from connector.errors import ConfigError, PeersyncError
 from connector.identifiers import KIND_ORGANIZATION, KIND_REFERRAL_TASK, identifier_value, token_query
 from connector.map.context import MappingContext
 from connector.model import Enrollment, Goal, RecordKind, TargetMeasure
@@ -83,16 +84,41 @@ class PullSummary:
     clinical_file: str | None = None
     clinical_requests: int = 0
     problems: list[str] = field(default_factory=list)
+    duration_s: float | None = None
+    error: str | None = None  # the error that stopped the pull (exit 69, 77, 78...), no patient data
+    error_exit_code: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         out = dict(self.__dict__)
         out["referral_statuses"] = dict(self.referral_statuses)
+        out["counts"] = self.counts()
+        out["exit_code"] = self.exit_code()
+        out["outcome"] = self.outcome()
         return out
 
+    def counts(self) -> dict[str, int]:
+        """What `peersync status` and the metrics show of a pull (counts only)."""
+        return {"delivered": self.delivered, "already_delivered": self.already_delivered, "received": self.received,
+                "skipped": len(self.skipped), "still_skipped": self.still_skipped,
+                "concurrent_edits": self.concurrent_edits, "changed_by_organization": self.changed_by_organization,
+                "clinical_participants": self.clinical_participants, "clinical_requests": self.clinical_requests,
+                "problems": len(self.problems)}
+
     def exit_code(self) -> int:
-        """0; 65 when a referral was skipped or a step reported a problem (a person should look)."""
+        """The error's exit code if one stopped the pull; else 0, or 65 when a referral was newly skipped or a step
+        reported a problem (a person should look)."""
+        if self.error_exit_code is not None:
+            return self.error_exit_code
         return 65 if self.skipped or self.problems else 0
+
+    def outcome(self) -> str:
+        """As a sync's (docs/operations.md): ok, partial (65), incomplete (69) or failed."""
+        from connector.run import outcome_of_error
+
+        if self.error_exit_code is not None:
+            return outcome_of_error(self.error_exit_code)
+        return "partial" if self.exit_code() else "ok"
 
 
 class Puller:
@@ -109,6 +135,24 @@ class Puller:
     def tag_system(self) -> str:
         """The meta.tag system of peersync's marks on other systems' resources."""
         return f"{self.opts.ctx.meta_source}/pull"
+
+    def run_recorded(self, ledger: Ledger, run_id: str) -> PullSummary:
+        """:meth:`run`, recorded in the ledger's runs (command ``pull``) so that `peersync status` shows it, also
+        when an error stops it (the error is re-raised after it is recorded)."""
+        ledger.start_run(run_id, "pull")
+        started = time.monotonic()
+        try:
+            self.run(ledger)
+        except PeersyncError as exc:
+            self.summary.error, self.summary.error_exit_code = str(exc)[:300], int(exc.exit_code)
+            raise
+        except Exception as exc:  # a bug: recorded as failed (exit 1), never as "ok"
+            self.summary.error, self.summary.error_exit_code = f"unexpected {type(exc).__name__}", 1
+            raise
+        finally:
+            self.summary.duration_s = round(time.monotonic() - started, 3)
+            ledger.finish_run(run_id, self.summary.outcome(), self.summary.exit_code(), self.summary.as_dict())
+        return self.summary
 
     def run(self, ledger: Ledger) -> PullSummary:
         """Referrals in, referral statuses, then (if enabled) clinical facts; each step goes on if another fails."""

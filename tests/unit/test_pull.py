@@ -238,8 +238,9 @@ def test_doctor_names_the_scopes_pull_needs() -> None:
     from connector.ops.doctor import Report, Status, _check_pull_scopes
 
     report = Report(None)
-    _check_pull_scopes(report, ["system/Task.rus", "system/ServiceRequest.rs", "system/Patient.rs",
-                                "system/Practitioner.rs"], clinical=True)
+    _check_pull_scopes(report, ["system/Organization.rs", "system/Task.rus", "system/ServiceRequest.rs",
+                                "system/Patient.rs", "system/Practitioner.rs", "system/PractitionerRole.rs"],
+                       clinical=True)
     (check,) = [c for c in report.checks if c.name == "auth.scopes.pull"]
     assert check.status is Status.WARN
     assert "system/Observation.rs" in check.detail and "system/Appointment.rs" in check.detail

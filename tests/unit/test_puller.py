@@ -334,3 +334,59 @@ def test_with_the_ledger_lost_a_foreign_looking_version_is_not_made_sticky(ehr: 
     client = FhirClient(BASE, retry=RetryPolicy(attempts=0))
     assert fetch_referral_statuses(client, ledger, CTX)["R1"].changed_by == "organization"
     assert ledger.organization_changes() == {}  # peersync's own version unknown: nothing remembered
+
+
+# -- status and metrics of a pull ------------------------------------------------------------------------------
+
+def test_a_pull_is_recorded_in_the_runs_and_shown_by_status(tmp_path: Path, ehr: FakeEhr, ledger: Ledger) -> None:
+    from connector.ops.status import status_report
+
+    ehr.referral(1, mrn=None)  # skipped: exit 65
+    ehr.add({"resourceType": "Task", "id": "rt1", "status": "accepted", "lastModified": "2026-12-01T10:00:00+00:00",
+             "identifier": [{"system": CTX.system(KIND_REFERRAL_TASK), "value": "R1"}]})
+    ledger.start_run("sync-1", "sync")
+    ledger.finish_run("sync-1", "ok", 0, {})
+    summary = puller(tmp_path).run_recorded(ledger, "pull-1")
+    assert summary.exit_code() == 65 and summary.duration_s is not None
+    report = status_report(ledger.path)
+    pulled = report["last_pull"]
+    assert (pulled["run_id"], pulled["exit_code"], pulled["outcome"]) == ("pull-1", 65, "partial")
+    assert pulled["counts"]["skipped"] == 1
+    assert report["last_run"]["run_id"] == "sync-1" and report["last_success"]["run_id"] == "sync-1"
+    assert [r["run_id"] for r in report["runs"]] == ["sync-1"]  # the sync history stays the sync's
+    assert report["referrals"]["community_referrals"] == [
+        {"referral_id": "R1", "status": "accepted", "changed_at": "2026-12-01T10:00:00+00:00",
+         "changed_by": "organization"}]
+    assert report["referrals"]["clinic_referrals_waiting"] == [
+        {"task": "t1", "reason": f"Patient/p1 has no MRN in the configured system ({MRN_SYSTEM})"}]
+    assert "Delgado" not in json.dumps(report)
+
+
+def test_a_pull_stopped_by_an_error_is_recorded_with_its_exit_code(tmp_path: Path, ledger: Ledger) -> None:
+    from connector.errors import ExitCode
+    from connector.ops.status import status_report
+
+    with responses.RequestsMock() as mock:  # the program's Organization is not on the server: 78
+        mock.add(responses.GET, f"{BASE}/Organization",
+                 json={"resourceType": "Bundle", "type": "searchset", "entry": []})
+        with pytest.raises(Exception, match="Organization"):
+            puller(tmp_path).run_recorded(ledger, "pull-2")
+    pulled = status_report(ledger.path)["last_pull"]
+    assert (pulled["exit_code"], pulled["outcome"]) == (ExitCode.CONFIG_ERROR, "failed") and pulled["error"]
+
+
+def test_pull_metrics_have_their_own_names_and_file() -> None:
+    from connector.ops.metrics import parse_samples, pull_metrics_path, render_pull
+
+    assert pull_metrics_path(Path("/m/peersync.prom")) == Path("/m/peersync-pull.prom")
+    summary = {"exit_code": 65, "duration_s": 1.5, "counts": {"delivered": 2, "skipped": 1},
+               "referral_statuses": {"completed": 1, "requested": 3}}
+    first = parse_samples(render_pull(summary, now=1000))
+    assert first['peersync_pull_last_run_referrals{outcome="delivered"}'] == 2
+    assert first['peersync_pull_community_referrals{status="requested"}'] == 3
+    assert first['peersync_pull_last_success_timestamp_seconds'] == 1000
+    assert all(name.startswith("peersync_pull_") for name in first)  # never a name the sync's file defines
+    second = parse_samples(render_pull({"exit_code": 69}, now=2000, previous=first))
+    assert second['peersync_pull_last_success_timestamp_seconds'] == 1000  # kept over a failed pull
+    assert second['peersync_pull_runs_total{exit_code="65"}'] == 1
+    assert second['peersync_pull_runs_total{exit_code="69"}'] == 1
