@@ -290,6 +290,12 @@ def test_an_organizations_status_is_reported_and_never_rolled_back(program: Prog
     assert (report["R0001"]["status"], report["R0001"]["changed_by"]) == (task(program, tasks["R0001"])["status"],
                                                                           "program")
     assert stat.S_IMODE(Path(summary["referrals_report"]).with_suffix(".json").stat().st_mode) == 0o600
+    status = json.loads(subprocess.run([sys.executable, "-m", "connector.cli", "status", "--config",
+                                        str(program.config), "--json"], capture_output=True, text=True,
+                                       timeout=120).stdout)
+    listed = {r["referral_id"]: r for r in status["referrals"]["community_referrals"]}
+    assert (listed["R0002"]["status"], listed["R0002"]["changed_by"]) == ("completed", "organization")
+    assert status["last_pull"]["exit_code"] == 0 and status["last_run"]["command"] == "sync"
 
 
 def _patient_id(program: Program, enrollment_id: str) -> str:
@@ -351,20 +357,59 @@ def test_clinical_facts_only_with_consent(program: Program, clinic: Clinic) -> N
                                      "G-KG: latest 91.2 kg on 2026-11-21; target <= 88 kg")
 
 
-def test_no_patient_data_in_ledger_logs_or_status(program: Program, clinic: Clinic) -> None:
+def test_no_patient_data_in_ledger_logs_metrics_or_status(program: Program, clinic: Clinic) -> None:
+    """A pull with everything on (consent, clinical facts, a CBO's free text, a skipped referral, metrics), its
+    logs written to a file as a scheduler would, at -v in text and JSON: the simulator's names, phones and MRNs and
+    the organization's free text are in none of the logs, metrics, status or the ledger (and its -wal)."""
+    from reliability import phi
+
     for n in range(2):
         clinic.refer(clinic.patient(mrn=f"MRN-PHI{n}-{program.program_id}"))
     clinic.refer(clinic.patient(mrn=None))
-    code, summary, stderr = pull(program, "-v")
-    assert code == 65  # the Patient without an MRN was skipped
-    status = subprocess.run([sys.executable, "-m", "connector.cli", "status", "--config", str(program.config),
-                             "--json"], capture_output=True, text=True, timeout=120).stdout
-    ledger = program.settings().sync.ledger.read_bytes().decode("utf-8", "replace")
-    secrets = [*clinic.names, *clinic.phones, *clinic.mrns]
-    assert secrets and intake_rows(program)
-    for text, where in ((stderr, "logs"), (status, "status"), (ledger, "ledger"), (json.dumps(summary), "summary")):
-        leaked = [s for s in secrets if s in text]
-        assert not leaked, f"patient data in the {where}: {len(leaked)} value(s)"
+    enrollment = demo_enrollments()[0]
+    patient_id = _patient_id(program, enrollment)
+    clinic.a1c(patient_id, 7.9, "2026-11-20")
+    rows = read_csv(program.inputs / "enrollments.csv")
+    for row in rows:
+        if row["enrollment_id"] == enrollment:
+            row["clinical_consent"] = "yes"
+    write_csv(program.inputs / "enrollments.csv", rows)
+    org_text = ["Client Rosa prefers Tuesday pickups at the Eastside pantry", "Enrolled in WIC by caseworker Mariela"]
+    cbo_sets_status(clinic, referral_task_ids(program)["R0002"], "completed", reason=org_text[0], output=org_text[1])
+    with program.config.open("a", encoding="utf-8") as handle:
+        handle.write('clinical_facts = true\n[output]\nmetrics_file = "state/metrics.prom"\n')
+    logs = program.root / "logs"
+    logs.mkdir()
+    codes = []
+    for n, fmt in enumerate(("text", "json")):
+        code, summary, stderr = pull(program, "-v", "--log-format", fmt)
+        (logs / f"pull-{n}.log").write_text(stderr, encoding="utf-8")
+        codes.append(code)
+    assert codes[0] == 65  # the Patient without an MRN was skipped
+    assert summary["clinical_participants"] == 1 and summary["clinical_requests"] == 3  # HbA1c, BP, appointments
+    assert intake_rows(program)
+    status = "".join(subprocess.run([sys.executable, "-m", "connector.cli", "status", "--config",
+                                     str(program.config), *args], capture_output=True, text=True,
+                                    timeout=120).stdout for args in ((), ("--json",)))
+    ledger = program.settings().sync.ledger
+    metrics = sorted(ledger.parent.glob("metrics*.prom"))
+    assert [m.name for m in metrics] == ["metrics-pull.prom"]  # pull's own file (no sync ran with metrics on)
+    secrets = {"name": [*clinic.names, "Ruiz"], "phone": clinic.phones, "mrn": clinic.mrns, "note": org_text}
+    assert all(secrets.values())
+    artifacts = {**{f"log {p.name}": p.read_text(encoding="utf-8") for p in sorted(logs.glob("*.log"))},
+                 "status": status, "summary": json.dumps(summary),
+                 **{m.name: m.read_text(encoding="utf-8") for m in metrics}}
+    for suffix in ("", "-wal"):
+        path = Path(f"{ledger}{suffix}")
+        if path.exists():
+            artifacts[f"ledger{suffix}"] = path.read_bytes().decode("utf-8", "replace")
+    hits = [h for where, text in artifacts.items() for h in phi.scan_values(where, text, secrets)]
+    assert not hits, f"{len(hits)} patient data hit(s): " + "; ".join(f"{h.where}: {h.category}" for h in hits[:10])
+    # the scanner finds what it looks for (positive controls: the 0600 PHI files hold them by design)
+    assert phi.scan_values("intake", "".join(p.read_text(encoding="utf-8") for p in
+                                             program.settings().intake_dir().glob("*.csv")), secrets)
+    assert phi.scan_values("referrals", Path(summary["referrals_report"]).read_text(encoding="utf-8"),
+                           {"note": org_text})
 
 
 def enroll(program: Program, task_id: str, mrn: str, enrollment_id: str, status: str = "active",
