@@ -64,6 +64,7 @@ class PullOptions:
     program_organization: tuple[str, str] | None = None  # (system, value); None: the one peersync writes
     clinical_facts: bool = False
     file_mode: int = 0o600
+    mark_received: bool = True  # False: tag delivered Tasks only (SDOH CC's referral Task statuses exclude received)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class PullSummary:
 
     delivered: int = 0  # new intake rows
     already_delivered: int = 0
-    received: int = 0  # Tasks moved to received
+    received: int = 0  # Tasks moved to received (with pull.mark_received off: tagged delivered)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {task, reason}: newly skipped
     still_skipped: int = 0  # skipped before, re-read, still not deliverable (`peersync status` lists them)
     concurrent_edits: int = 0  # 412 answers re-applied
@@ -218,10 +219,18 @@ class Puller:
             for referral in referrals:
                 if referral.task_id in known or referral.task_id in in_folder or referral.delivered_before:
                     self.summary.already_delivered += 1
+                    if self.opts.mark_received and known.get(referral.task_id) in ("received", "closed") \
+                            and referral.task_status == "requested":
+                        # Delivered once per Task id (docs/care-coordination.md): a Task the EHR sets back to
+                        # requested is the same referral; acknowledged again, not a second intake row.
+                        self.summary.problems.append(
+                            f"Task/{referral.task_id}: requested again in the EHR (version {referral.task_version}) "
+                            "after it was delivered to intake; not delivered twice: the program's intake row stands")
                 else:
                     intake.write(referral)
                     self.summary.delivered += 1
-                done = referral.task_status == "received" and referral.delivered_before
+                done = referral.delivered_before and (referral.task_status == "received"
+                                                      or not self.opts.mark_received)
                 ledger.record_pulled_task(referral.task_id, version=referral.task_version,
                                           service_request_id=referral.service_request_id,
                                           state="received" if done else "delivered", run_id=RUN_ID.get())
@@ -283,7 +292,8 @@ class Puller:
                     extra={"event": "referral-receive-failed"})
 
     def _mark_received(self, ledger: Ledger, referral: InboundReferral) -> None:
-        """Move the Task to ``received`` with peersync's delivered tag, never over a concurrent edit."""
+        """Move the Task to ``received`` (with ``pull.mark_received`` off: leave its status) with peersync's
+        delivered tag, never over a concurrent edit."""
         task = self.client.read("Task", referral.task_id)
         for _attempt in range(MAX_MATCH_RETRIES):
             if task.get("status") not in OPEN_STATUSES:
@@ -292,8 +302,10 @@ class Puller:
                 return
             version = str((task.get("meta") or {}).get("versionId", ""))
             updated = dict(task)
-            updated["status"] = "received"
-            updated["lastModified"] = self.clock().isoformat(timespec="seconds")
+            target = "received" if self.opts.mark_received else str(task.get("status"))
+            if updated.get("status") != target:
+                updated["status"] = target
+                updated["lastModified"] = self.clock().isoformat(timespec="seconds")
             meta = dict(updated.get("meta") or {})
             tags = [t for t in meta.get("tag", []) if t.get("system") != self.tag_system]
             meta["tag"] = [*tags, {"system": self.tag_system, "code": DELIVERED_TAG_CODE}]
@@ -308,9 +320,9 @@ class Puller:
                          extra={"event": "task-concurrent-edit"})
                 task = self.client.read("Task", referral.task_id)
                 continue
-            if stored.get("status") != "received":  # believed only when the stored Task says so
+            if stored.get("status") != target:  # believed only when the stored Task says so
                 self.summary.problems.append(f"Task/{referral.task_id}: the server's answer does not show it "
-                                             "received; the next pull tries again")
+                                             f"{target}; the next pull tries again")
                 return
             ledger.record_pulled_task(referral.task_id, version=version, service_request_id=referral.service_request_id,
                                       state="received", run_id=RUN_ID.get())

@@ -156,11 +156,12 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
         yield opened
 
 
-def puller(tmp_path: Path) -> Puller:
+def puller(tmp_path: Path, *, mark_received: bool = True) -> Puller:
     """A Puller whose clock moves a second per call (each pull its own intake file name)."""
     ticks = itertools.count(len(list((tmp_path / "intake").glob("*.csv"))) * 1000)
     opts = PullOptions(ctx=CTX, profile=load_profile("peersync-template"), inputs=[], intake_dir=tmp_path / "intake",
-                       reports_dir=tmp_path / "reports", program_organization=("urn:org", "p1"))
+                       reports_dir=tmp_path / "reports", program_organization=("urn:org", "p1"),
+                       mark_received=mark_received)
     return Puller(opts, FhirClient(BASE, retry=RetryPolicy(attempts=0)),
                   clock=lambda: NOW + timedelta(seconds=next(ticks)))
 
@@ -390,3 +391,29 @@ def test_pull_metrics_have_their_own_names_and_file() -> None:
     assert second['peersync_pull_last_success_timestamp_seconds'] == 1000  # kept over a failed pull
     assert second['peersync_pull_runs_total{exit_code="65"}'] == 1
     assert second['peersync_pull_runs_total{exit_code="69"}'] == 1
+
+
+def test_a_task_the_ehr_sets_back_to_requested_is_acknowledged_not_delivered_twice(tmp_path: Path, ehr: FakeEhr,
+                                                                                    ledger: Ledger) -> None:
+    ehr.referral(1)
+    assert puller(tmp_path).run(ledger).received == 1
+    task = ehr.resources[("Task", "t1")]
+    ehr._bump(task, {**task, "status": "requested"})  # the EHR reopens it (a new version)
+    summary = puller(tmp_path).run(ledger)
+    assert (summary.delivered, summary.already_delivered, summary.received) == (0, 1, 1)
+    assert summary.problems == ["Task/t1: requested again in the EHR (version 3) after it was delivered to intake; "
+                                "not delivered twice: the program's intake row stands"]
+    assert intake_task_ids(tmp_path) == ["t1"] and ehr.resources[("Task", "t1")]["status"] == "received"
+
+
+def test_with_mark_received_off_the_task_keeps_its_status_and_gets_the_tag_once(tmp_path: Path, ehr: FakeEhr,
+                                                                                 ledger: Ledger) -> None:
+    ehr.referral(1)
+    summary = puller(tmp_path, mark_received=False).run(ledger)
+    stored = ehr.resources[("Task", "t1")]
+    assert (summary.delivered, summary.received, summary.problems) == (1, 1, [])
+    assert stored["status"] == "requested" and stored["meta"]["versionId"] == "2"
+    assert stored["meta"]["tag"] == [{"system": f"{CTX.meta_source}/pull", "code": "delivered-to-intake"}]
+    summary = puller(tmp_path, mark_received=False).run(ledger)  # found again: tagged, nothing written
+    assert (summary.delivered, summary.already_delivered, summary.received, summary.problems) == (0, 1, 0, [])
+    assert ehr.resources[("Task", "t1")]["meta"]["versionId"] == "2"
