@@ -312,8 +312,8 @@ def test_clinical_facts_only_with_consent(program: Program, clinic: Clinic) -> N
     clinic.a1c(patient_id, 7.6, "2026-11-20")
     clinic.weight(patient_id, 91.2, "2026-11-21")
     # More than a page of blood pressure readings, all newer than the HbA1c: they must not hide it.
-    for day in range(1, 23):
-        clinic.blood_pressure(patient_id, 120 + day, 80, f"2026-11-{day + 1:02d}" if day < 22 else "2026-11-30")
+    for n in range(22):
+        clinic.blood_pressure(patient_id, 120 + n, 80, f"2026-11-{21 + n % 9:02d}T{8 + n // 9:02d}:00:00Z")
     clinic.blood_pressure(patient_id, 128, 82, "2026-12-01")
     clinic.appointment(patient_id, "2027-01-12T09:00:00Z")
     goals = read_csv(program.inputs / "goals.csv")
