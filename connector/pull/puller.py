@@ -255,10 +255,11 @@ class Puller:
             fixable = (task.get("status") in OPEN_STATUSES and ref_id(task.get("owner"), "Organization") == owner_id)
             if fixable:
                 keep[skip.task_id] = skip.reason
-            elif skip.task_id in known and task.get("status") not in OPEN_STATUSES:
+            elif skip.task_id in known:  # delivered before, then closed or handed to another owner in the EHR
                 ledger.record_pulled_task(skip.task_id, version=str((task.get("meta") or {}).get("versionId", "")),
                                           service_request_id="", state="closed", run_id=RUN_ID.get())
-                continue  # delivered before, then closed in the EHR: nothing to report
+                if task.get("status") not in OPEN_STATUSES:
+                    continue  # the EHR ended it: nothing to report
             if skip.task_id in waiting and fixable and waiting[skip.task_id] == skip.reason:
                 self.summary.still_skipped += 1  # reported when it was first skipped; `status` lists it
                 continue

@@ -417,3 +417,18 @@ def test_with_mark_received_off_the_task_keeps_its_status_and_gets_the_tag_once(
     summary = puller(tmp_path, mark_received=False).run(ledger)  # found again: tagged, nothing written
     assert (summary.delivered, summary.already_delivered, summary.received, summary.problems) == (0, 1, 0, [])
     assert ehr.resources[("Task", "t1")]["meta"]["versionId"] == "2"
+
+
+def test_a_delivered_task_handed_to_another_owner_is_reported_once_and_no_longer_re_read(
+        tmp_path: Path, ehr: FakeEhr, ledger: Ledger) -> None:
+    ehr.referral(1)
+    ehr.put_failures["t1"] = [422]  # delivered, not received: re-read by id on the next pull
+    puller(tmp_path).run(ledger)
+    ehr.resources[("Task", "t1")]["owner"] = {"reference": "Organization/other-org"}
+    ehr.resources[("Task", "t1")]["meta"]["lastUpdated"] = (NOW - timedelta(days=1)).isoformat()
+    summary = puller(tmp_path).run(ledger)
+    assert summary.skipped == [{"task": "t1", "reason": "owned by another organization"}]
+    assert ledger.pulled_tasks() == {"t1": "closed"}
+    ehr.requests.clear()
+    summary = puller(tmp_path).run(ledger)
+    assert summary.skipped == [] and not any(q.get("_id") for _m, _p, q in ehr.requests)
