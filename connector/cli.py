@@ -874,11 +874,12 @@ def _print_plan(result: dict[str, Any]) -> None:
 @translate_errors
 def pull(config_path: Path | None, as_json: bool) -> None:
     """Bring back what the program needs from the EHR: new clinic referrals to an intake file (PHI, 0600; each Task
-    moves to received), the status community organizations set on the program's referrals (referrals.csv/json),
-    and, with pull.clinical_facts on, clinical facts of consenting participants. Takes the ledger lock.
+    moves to received, or is only tagged with pull.mark_received off), the status community organizations set on
+    the program's referrals (referrals.csv/json), and, with pull.clinical_facts on, clinical facts of consenting
+    participants. Takes the ledger lock; recorded in the ledger's runs (`peersync status`).
 
-    Exit codes: 0 done; 65 a referral was skipped or a step failed (see the summary); 69 server unavailable;
-    75 another run holds the lock; 77 auth; 78 config.
+    Exit codes: 0 done; 65 a referral was newly skipped, one Task was refused, or a step failed (see the summary);
+    69 server unavailable; 75 another run holds the lock; 77 auth; 78 config.
     """
     from connector.plan.ledger import Ledger
     from connector.pull.puller import Puller, PullSummary

@@ -7,6 +7,10 @@ Order of a clinic referral's delivery, so that a crash at any point neither lose
    re-applies) and gets peersync's delivered tag.
 A referral is delivered once per Task id: the ledger, the intake folder and the tag on the server each say
 "delivered", so a re-run after a crash between the steps, or with the ledger lost, writes no second row.
+
+One referral's failure (a Task the server refuses, or deleted meanwhile) is reported and never blocks the others;
+Tasks skipped for a reason the EHR can fix, and Tasks delivered but not yet received, are re-read by id on every
+pull (a fix on the Patient does not change the Task's lastUpdated, so the incremental search would miss them).
 """
 
 from __future__ import annotations
