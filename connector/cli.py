@@ -712,6 +712,19 @@ class _ProgressBar:
             self.bar.__exit__(None, None, None)
 
 
+def _write_pull_metrics(settings: Any, summary: Any) -> None:
+    """The pull's own metrics file beside the sync's (``<metrics_file stem>-pull.prom``, peersync_pull_* names)."""
+    if settings.output.metrics_file is None:
+        return
+    from connector.ops.metrics import pull_metrics_path, write_pull_textfile
+
+    path = pull_metrics_path(settings.output.metrics_file)
+    try:
+        write_pull_textfile(path, summary.as_dict(), mode=settings.file_mode())
+    except (OSError, PeersyncError) as exc:
+        _warn(f"could not write the metrics file {path}: {type(exc).__name__}")
+
+
 def _write_metrics(settings: Any, summary: dict[str, Any]) -> None:
     if settings.output.metrics_file is None:
         return
@@ -861,20 +874,29 @@ def _print_plan(result: dict[str, Any]) -> None:
 @translate_errors
 def pull(config_path: Path | None, as_json: bool) -> None:
     """Bring back what the program needs from the EHR: new clinic referrals to an intake file (PHI, 0600; each Task
-    moves to received), the status community organizations set on the program's referrals (referrals.csv/json),
-    and, with pull.clinical_facts on, clinical facts of consenting participants. Takes the ledger lock.
+    moves to received, or is only tagged with pull.mark_received off), the status community organizations set on
+    the program's referrals (referrals.csv/json), and, with pull.clinical_facts on, clinical facts of consenting
+    participants. Takes the ledger lock; recorded in the ledger's runs (`peersync status`).
 
-    Exit codes: 0 done; 65 a referral was skipped or a step failed (see the summary); 69 server unavailable;
-    75 another run holds the lock; 77 auth; 78 config.
+    Exit codes: 0 done; 65 a referral was newly skipped, one Task was refused, or a step failed (see the summary);
+    69 server unavailable; 75 another run holds the lock; 77 auth; 78 config.
     """
     from connector.plan.ledger import Ledger
-    from connector.pull.puller import Puller
+    from connector.pull.puller import Puller, PullSummary
     from connector.run import LedgerLock
     from connector.wiring import build_client, pull_options
 
     settings = _settings(config_path)
-    with LedgerLock(settings.sync.ledger), Ledger(settings.sync.ledger, mode=settings.file_mode()) as ledger:
-        summary = Puller(pull_options(settings), build_client(settings)).run(ledger)
+    puller: Puller | None = None
+    try:
+        with LedgerLock(settings.sync.ledger), Ledger(settings.sync.ledger, mode=settings.file_mode()) as ledger:
+            puller = Puller(pull_options(settings), build_client(settings))
+            summary = puller.run_recorded(ledger, RUN_ID.get())
+    except PeersyncError as exc:
+        failed = puller.summary if puller else PullSummary(error=str(exc)[:300], error_exit_code=int(exc.exit_code))
+        _write_pull_metrics(settings, failed)
+        raise
+    _write_pull_metrics(settings, summary)
     result = summary.as_dict()
     if as_json:
         _echo_json(result)
@@ -944,17 +966,38 @@ def status(config_path: Path | None, as_json: bool, runs: int) -> None:
                    + " (the server does not accept " + ", ".join(sorted(parked["refused_types"])) + "; "
                    "sent again when its CapabilityStatement or the settings change, or with sync --retry-parked)")
     referrals = result.get("referrals") or {}
-    if referrals.get("community") or referrals.get("clinic_referrals_delivered"):
+    if referrals.get("community") or referrals.get("clinic_referrals_delivered") \
+            or referrals.get("clinic_referrals_waiting"):
         community = ", ".join(f"{k} {v}" for k, v in referrals["community"].items()) or "none"
         click.echo(f"referrals:    community {community} ({referrals['changed_by_organization']} changed by the "
                    f"organization, seen {referrals['last_seen'] or 'never'}); clinic referrals delivered to intake "
                    f"{referrals['clinic_referrals_delivered']}")
+        _echo_referrals(referrals)
+    pulled = result.get("last_pull")
+    if pulled:
+        click.echo(f"last pull:    {pulled['run_id']} {pulled['started_at']} {pulled['outcome']}"
+                   + (f" (exit {pulled['exit_code']})" if pulled["exit_code"] is not None else "")
+                   + (f": {pulled['error']}" if pulled["error"] else ""))
     click.echo(f"{'run':<14}{'started':<27}{'outcome':<12}{'exit':>5}{'secs':>9}  counts")
     for run in result["runs"]:
         shown = ", ".join(f"{k} {v}" for k, v in run["counts"].items() if v)
         secs = "" if run["duration_s"] is None else f"{run['duration_s']:.1f}"
         code = "-" if run["exit_code"] is None else str(run["exit_code"])
         click.echo(f"{run['run_id']:<14}{run['started_at']:<27}{run['outcome']!s:<12}{code:>5}{secs:>9}  {shown}")
+
+
+def _echo_referrals(referrals: dict[str, Any], limit: int = 20) -> None:
+    """The community referrals (id, status, when, by whom) and the clinic referrals waiting, as short tables."""
+    rows = referrals.get("community_referrals") or []
+    if rows:
+        click.echo(f"  {'referral':<16}{'status':<13}{'changed':<27}by")
+        for row in rows[:limit]:
+            changed = row["changed_at"] or "-"
+            click.echo(f"  {row['referral_id']:<16}{row['status']:<13}{changed:<27}{row['changed_by']}")
+        if len(rows) > limit:
+            click.echo(f"  ... {len(rows) - limit} more (status --json lists them all)")
+    for waiting in (referrals.get("clinic_referrals_waiting") or [])[:limit]:
+        click.echo(f"  clinic referral Task/{waiting['task']} waiting: {waiting['reason']}")
 
 
 def _age(iso: str | None) -> str:

@@ -372,7 +372,8 @@ class Syncer:
                                answers: dict[str, tuple[Enrollment, DesiredTask]]) -> SyncOptions:
         """The options with what the mapper needs from the server about referrals: the Tasks a community
         organization changed since peersync wrote them (their status is kept, never rolled back), and the
-        ServiceRequests of the clinic referrals enrollments answer (CarePlan.basedOn)."""
+        ServiceRequests of the clinic referrals enrollments answer (CarePlan.supportingInfo: R4 limits
+        CarePlan.basedOn to CarePlan)."""
         from connector.pull.puller import organization_task_fields
 
         owned = organization_task_fields(self.client, ledger, self.opts.ctx, source_ids_to_write(staging, "referral"))

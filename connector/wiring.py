@@ -129,5 +129,6 @@ def pull_options(settings: Settings) -> PullOptions:
         accepted_codes=frozenset(settings.pull.referral_codes),
         program_organization=organization,
         clinical_facts=settings.pull.clinical_facts,
+        mark_received=settings.pull.mark_received,
         file_mode=settings.file_mode(),
     )

@@ -310,6 +310,9 @@ class PullSettings(_Section):
                                                     "appointments for participants whose enrollment records consent.")
     reports_dir: Path | None = Field(None, description="referrals.csv/json and clinical-facts.csv (0600; default: "
                                                        "next to the ledger, pull/).")
+    mark_received: bool = Field(True, description="Move each delivered Task to received (false: only tag it "
+                                                  "delivered, for an EHR that validates Tasks against SDOH Clinical "
+                                                  "Care, whose referral Task statuses exclude received).")
 
 
 class DirectorySettings(_Section):

@@ -821,7 +821,8 @@ def _check_auth_online(report: Report, client: Any, settings: Any = None,
                        "and add them to auth.scope (docs/authentication.md, 'Scopes to request')")
         else:
             report.add("auth.scopes", Status.PASS, "the granted scopes cover every type peersync writes")
-        _check_pull_scopes(report, granted, clinical=bool(settings is not None and settings.pull.clinical_facts))
+        if settings is not None and pull_configured(settings):
+            _check_pull_scopes(report, granted, clinical=settings.pull.clinical_facts)
         if missing_scopes(granted, ["system/Condition.rs"]):
             report.add("auth.scopes.condition", Status.WARN, "the granted scopes do not cover system/Condition.rs: "
                        "CarePlans will not address the patient's Conditions (CarePlan.addresses)",
@@ -830,10 +831,19 @@ def _check_auth_online(report: Report, client: Any, settings: Any = None,
     return True
 
 
-# What `peersync pull` reads and updates: referral Tasks (moved to received), their ServiceRequests, Patients and
-# requesters; with pull.clinical_facts, Observations and Appointments of consenting participants.
-PULL_SCOPES = ("system/Task.rus", "system/ServiceRequest.rs", "system/Patient.rs", "system/Practitioner.rs")
+# What `peersync pull` reads and updates: the program's Organization (its first request,
+# Organization?identifier=), referral Tasks (moved to received), their ServiceRequests and Patients, and their
+# requesters (Task:requester may be a Practitioner, a PractitionerRole or an Organization); with
+# pull.clinical_facts, Observations and Appointments of consenting participants.
+PULL_SCOPES = ("system/Organization.rs", "system/Task.rus", "system/ServiceRequest.rs", "system/Patient.rs",
+               "system/Practitioner.rs", "system/PractitionerRole.rs")
 CLINICAL_SCOPES = ("system/Observation.rs", "system/Appointment.rs")
+
+
+def pull_configured(settings: Any) -> bool:
+    """Whether this site uses `peersync pull`: a ``[pull]`` section (or a PEERSYNC_PULL__ variable) is set. A
+    sync-only site is not warned about scopes it never needs."""
+    return "pull" in settings.model_fields_set
 
 
 def _check_pull_scopes(report: Report, granted: Any, *, clinical: bool) -> None:

@@ -175,3 +175,61 @@ def metrics_file_of_broken_config(config_path: Path | None, environ: Mapping[str
         return None
     path = Path(value)
     return path if path.is_absolute() else (base / path).resolve()
+
+
+def pull_metrics_path(metrics_file: Path) -> Path:
+    """Where `peersync pull` writes its metrics: beside the sync's file, ``<stem>-pull.prom``. A file of its own
+    with ``peersync_pull_*`` names: the textfile collector refuses a metric that two files both define, and a pull
+    must not overwrite the sync's last-run gauges that the alert rules read."""
+    return metrics_file.with_name(f"{metrics_file.stem}-pull{metrics_file.suffix or '.prom'}")
+
+
+def render_pull(summary: dict[str, Any], now: float | None = None, *, previous: dict[str, float] | None = None) -> str:
+    """The metrics text of one pull (counts only: no patient data)."""
+    now = time.time() if now is None else now
+    previous = previous or {}
+    exit_code = int(summary.get("exit_code", 0))
+    families: list[_Family] = []
+
+    def family(name: str, kind: str, help_text: str) -> _Family:
+        fam = _Family(name, kind, help_text)
+        families.append(fam)
+        return fam
+
+    family("peersync_pull_last_run_exit_code", "gauge",
+           "Exit code of the last pull (0 ok, 65 a referral skipped or a step failed, 69 server, 75 lock, 77 auth, "
+           "78 config).").add(exit_code)
+    family("peersync_pull_last_run_timestamp_seconds", "gauge", "When the last pull finished (Unix time).").add(
+        round(now))
+    success = previous.get("peersync_pull_last_success_timestamp_seconds", 0)
+    if exit_code in SUCCESS_EXIT_CODES:
+        success = round(now)
+    family("peersync_pull_last_success_timestamp_seconds", "gauge",
+           "When a pull last completed with exit 0 or 65 (Unix time; 0: never).").add(success)
+    family("peersync_pull_last_run_duration_seconds", "gauge", "Duration of the last pull.").add(
+        float(summary.get("duration_s") or 0.0))
+    referrals = family("peersync_pull_last_run_referrals", "gauge", "Clinic referrals and steps of the last pull, "
+                       "by outcome (delivered, received, skipped, still_skipped, problems...).")
+    for name, value in (summary.get("counts") or {}).items():
+        referrals.add(int(value), outcome=name)
+    community = family("peersync_pull_community_referrals", "gauge",
+                       "The program's community referrals by the status their Task had at the last pull.")
+    for status, count in sorted((summary.get("referral_statuses") or {}).items()):
+        community.add(int(count), status=status)
+    runs = family("peersync_pull_runs_total", "counter", "Pulls by exit code, summed over all pulls.")
+    codes = set(_label_values(previous, "peersync_pull_runs_total", "exit_code")) | {str(exit_code)}
+    for code in sorted(codes, key=lambda c: int(c) if c.isdigit() else 999):
+        key = f'peersync_pull_runs_total{{exit_code="{code}"}}'
+        runs.add(int(previous.get(key, 0)) + (1 if code == str(exit_code) else 0), exit_code=code)
+    return "\n".join(line for fam in families for line in fam.render()) + "\n"
+
+
+def write_pull_textfile(path: Path, summary: dict[str, Any], *, now: float | None = None,
+                        mode: int = PRIVATE_FILE_MODE) -> None:
+    """Write a pull's metrics atomically (as :func:`write_textfile`), carrying its counters over."""
+    make_folder(path.parent, mode)
+    try:
+        previous = parse_samples(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        previous = {}
+    write_atomically(path, render_pull(summary, now, previous=previous), mode)

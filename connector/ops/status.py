@@ -37,8 +37,8 @@ def parked(ledger: Ledger) -> dict[str, Any]:
 
 
 def last_success(ledger: Ledger) -> dict[str, Any] | None:
-    """The newest run that completed (exit 0 or 65), or None."""
-    return ledger.last_run_with_exit(tuple(SUCCESS_EXIT_CODES))
+    """The newest sync that completed (exit 0, 65 or 76), or None (a pull is no sync: its runs are apart)."""
+    return ledger.last_run_with_exit(tuple(SUCCESS_EXIT_CODES), command="sync")
 
 
 def status_report(ledger_path: Path, runs: int = 5) -> dict[str, Any]:
@@ -51,7 +51,8 @@ def status_report(ledger_path: Path, runs: int = 5) -> dict[str, Any]:
     if not ledger_path.is_file():
         return report
     with Ledger(ledger_path) as ledger:
-        recent = ledger.runs(runs)
+        recent = ledger.runs(runs, command="sync")
+        pulls = ledger.runs(1, command="pull")
         report["backlog"] = backlog(ledger)
         report["parked"] = parked(ledger)
         report["last_success"] = last_success(ledger)
@@ -59,12 +60,14 @@ def status_report(ledger_path: Path, runs: int = 5) -> dict[str, Any]:
     lock_held = lock_is_held(Path(f"{ledger_path}.lock"))
     report["runs"] = [_run_row(run, newest=(i == 0), lock_held=lock_held) for i, run in enumerate(recent)]
     report["last_run"] = report["runs"][0] if report["runs"] else None
+    report["last_pull"] = _run_row(pulls[0], newest=True, lock_held=lock_held) if pulls else None
     return report
 
 
 def referral_summary(ledger: Ledger) -> dict[str, Any]:
-    """What the last ``peersync pull`` saw: community referrals by status (and how many the organization changed),
-    and the clinic referrals delivered to intake. Counts only."""
+    """What the last ``peersync pull`` saw: each community referral (the program's referral id, never patient
+    data: status, when it changed, who changed it), counts by status, the clinic referrals delivered to intake,
+    and the clinic referral Tasks skipped and still waiting for a fix in the EHR (Task id and reason)."""
     statuses = ledger.referral_statuses()
     by_status: dict[str, int] = {}
     for row in statuses:
@@ -73,7 +76,11 @@ def referral_summary(ledger: Ledger) -> dict[str, Any]:
     return {"community": dict(sorted(by_status.items())),
             "changed_by_organization": sum(row["changed_by"] == "organization" for row in statuses),
             "last_seen": max((row["seen_at"] for row in statuses), default=None),
-            "clinic_referrals_delivered": len(pulled)}
+            "clinic_referrals_delivered": len(pulled),
+            "community_referrals": [{key: row[key] for key in ("referral_id", "status", "changed_at", "changed_by")}
+                                    for row in statuses],
+            "clinic_referrals_waiting": [{"task": task, "reason": reason}
+                                         for task, reason in sorted(ledger.skipped_tasks().items())]}
 
 
 def lock_is_held(lock_path: Path, proc_locks: Path = Path("/proc/locks")) -> bool | None:

@@ -28,7 +28,7 @@ from typing import Any, Self
 from connector.errors import WRITE_ACCESS_FIX, LedgerError
 from connector.files import PRIVATE_FILE_MODE, create_file, make_folder
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 
@@ -149,6 +149,31 @@ def _v3(db: sqlite3.Connection) -> None:
         """)
 
 
+def _v4(db: sqlite3.Connection) -> None:
+    """``peersync pull``: the referrals a community organization has changed (sticky: a later version peersync
+    writes, keeping the organization's status, does not make the referral the program's again), and the clinic
+    referral Tasks skipped for a fixable reason, re-read by id on every pull until delivered or closed (a fix on
+    the Patient does not change the Task's lastUpdated, so the incremental search would never see it again).
+    Ids, codes and times only."""
+    _run_statements(db, """
+        CREATE TABLE organization_changes (
+            referral_id TEXT PRIMARY KEY,    -- the program's referral id
+            task_id TEXT NOT NULL,
+            version TEXT NOT NULL,           -- the latest Task version the organization wrote
+            status TEXT NOT NULL,            -- the status it set there
+            changed_at TEXT,
+            recorded_at TEXT NOT NULL
+        );
+        CREATE TABLE skipped_tasks (
+            task_id TEXT PRIMARY KEY,        -- the clinic's referral Task (server id)
+            reason TEXT NOT NULL,            -- why (ids and codes, no patient data)
+            first_skipped_at TEXT NOT NULL,
+            last_seen_at TEXT NOT NULL,
+            run_id TEXT
+        );
+        """)
+
+
 def _run_statements(db: sqlite3.Connection, script: str) -> None:
     """Run a script's statements one by one: ``executescript`` would commit the migration's transaction."""
     statement = ""
@@ -161,7 +186,7 @@ def _run_statements(db: sqlite3.Connection, script: str) -> None:
 
 # Ordered migrations: MIGRATIONS[i] takes the schema from version i to i + 1. Ledger._migrate runs them, with
 # the user_version bumps, in one transaction.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]
 
 
 def now_iso() -> str:
@@ -339,7 +364,8 @@ class Ledger:
     # -- pull: clinic referrals and referral statuses ---------------------------------------------------
 
     def pulled_tasks(self) -> dict[str, str]:
-        """Clinic referral Task id -> state (delivered | received) for every Task delivered to intake."""
+        """Clinic referral Task id -> state (delivered | received | closed) for every Task delivered to intake
+        (closed: the EHR ended or deleted it before it was received)."""
         with self._lock:
             return dict(self.db.execute("SELECT task_id, state FROM pulled_tasks").fetchall())
 
@@ -351,6 +377,41 @@ class Ledger:
                 "INSERT INTO pulled_tasks(task_id, version, service_request_id, state, delivered_at, run_id) "
                 "VALUES(?,?,?,?,?,?) ON CONFLICT(task_id) DO UPDATE SET state=excluded.state, "
                 "version=excluded.version", (task_id, version, service_request_id, state, now_iso(), run_id))
+
+    def skipped_tasks(self) -> dict[str, str]:
+        """Clinic referral Task id -> reason, for every Task skipped and not yet delivered or closed."""
+        with self._lock:
+            return dict(self.db.execute("SELECT task_id, reason FROM skipped_tasks").fetchall())
+
+    def record_skipped_tasks(self, skipped: dict[str, str], *, resolved: set[str], run_id: str) -> None:
+        """Task id -> reason of the Tasks this pull skipped; ``resolved`` (delivered, closed, or no longer the
+        program's) are forgotten."""
+        seen = now_iso()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO skipped_tasks(task_id, reason, first_skipped_at, last_seen_at, run_id) VALUES(?,?,?,?,?) "
+                "ON CONFLICT(task_id) DO UPDATE SET reason=excluded.reason, last_seen_at=excluded.last_seen_at, "
+                "run_id=excluded.run_id", [(task_id, reason, seen, seen, run_id) for task_id, reason in skipped.items()
+                                           if task_id not in resolved])
+            db.executemany("DELETE FROM skipped_tasks WHERE task_id=?", [(task_id,) for task_id in resolved])
+
+    def organization_changes(self) -> dict[str, dict[str, str]]:
+        """Referral id -> {task_id, version, status, changed_at} of the latest change a community organization
+        made to the referral's Task."""
+        with self._lock:
+            rows = self.db.execute("SELECT referral_id, task_id, version, status, changed_at "
+                                   "FROM organization_changes").fetchall()
+        return {r[0]: {"task_id": r[1], "version": r[2], "status": r[3], "changed_at": r[4]} for r in rows}
+
+    def record_organization_changes(self, rows: list[tuple[str, str, str, str, str]]) -> None:
+        """(referral id, task id, version, status, changed at) of Task versions an organization wrote."""
+        recorded = now_iso()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO organization_changes(referral_id, task_id, version, status, changed_at, recorded_at) "
+                "VALUES(?,?,?,?,?,?) ON CONFLICT(referral_id) DO UPDATE SET task_id=excluded.task_id, "
+                "version=excluded.version, status=excluded.status, changed_at=excluded.changed_at, "
+                "recorded_at=excluded.recorded_at", [(*row, recorded) for row in rows])
 
     def confirmed_versions(self, resource_type: str, system: str) -> dict[str, tuple[str | None, str | None]]:
         """Identifier value -> (server id, version) peersync last confirmed, for one identifier system."""
@@ -742,13 +803,13 @@ class Ledger:
             db.execute("UPDATE runs SET finished_at=?, outcome=?, exit_code=?, summary=? WHERE run_id=?",
                        (now_iso(), outcome, exit_code, json.dumps(summary, default=str), run_id))
 
-    def runs(self, limit: int = 10) -> list[dict[str, Any]]:
-        """The latest runs, newest first."""
+    def runs(self, limit: int = 10, *, command: str | None = None) -> list[dict[str, Any]]:
+        """The latest runs (of one ``command``, or all), newest first."""
         with self._lock:
             rows = self.db.execute(
                 "SELECT run_id,command,started_at,finished_at,outcome,exit_code,summary FROM runs "
-                "ORDER BY started_at DESC, rowid DESC LIMIT ?",
-                (limit,),
+                "WHERE ? IS NULL OR command = ? ORDER BY started_at DESC, rowid DESC LIMIT ?",
+                (command, command, limit),
             ).fetchall()
         keys = ("run_id", "command", "started_at", "finished_at", "outcome", "exit_code", "summary")
         out = []
@@ -758,13 +819,15 @@ class Ledger:
             out.append(entry)
         return out
 
-    def last_run_with_exit(self, exit_codes: tuple[int, ...]) -> dict[str, Any] | None:
-        """The newest run that ended with one of ``exit_codes`` (run id, start, finish, exit code), or None."""
+    def last_run_with_exit(self, exit_codes: tuple[int, ...], *, command: str | None = None) -> dict[str, Any] | None:
+        """The newest run (of one ``command``, or any) that ended with one of ``exit_codes`` (run id, start, finish,
+        exit code), or None."""
         marks = ",".join("?" * len(exit_codes))
         with self._lock:
             row = self.db.execute(
                 f"SELECT run_id, started_at, finished_at, exit_code FROM runs WHERE exit_code IN ({marks}) "
-                "ORDER BY started_at DESC, rowid DESC LIMIT 1", exit_codes).fetchone()
+                "AND (? IS NULL OR command = ?) ORDER BY started_at DESC, rowid DESC LIMIT 1",
+                (*exit_codes, command, command)).fetchone()
         if row is None:
             return None
         return dict(zip(("run_id", "started_at", "finished_at", "exit_code"), row, strict=True))

@@ -16,6 +16,18 @@ HBA1C = "4548-4"  # Hemoglobin A1c/Hemoglobin.total in Blood
 BP_PANEL = "85354-9"  # Blood pressure panel with all children optional
 SYSTOLIC = "8480-6"
 DIASTOLIC = "8462-4"
+BODY_WEIGHT = "29463-7"
+FASTING_GLUCOSE = "1558-6"  # Fasting glucose [Mass/volume] in Serum or Plasma
+# Goal targets the EHR holds a measurement for (the same LOINC codes the Goal mapper uses, connector.map.codes).
+# Steps and activity minutes/days are what the participant reports to the program, not EHR results: no EHR value.
+EHR_MEASURES: dict[TargetMeasure, str] = {
+    TargetMeasure.HBA1C: HBA1C,
+    TargetMeasure.BODY_WEIGHT: BODY_WEIGHT,
+    TargetMeasure.FASTING_GLUCOSE: FASTING_GLUCOSE,
+}
+# Observation statuses a value is taken from (also sent as the search's status filter, so the newest usable one
+# is the first of a newest-first search of one).
+USABLE_STATUSES = ("final", "amended", "corrected", "preliminary")
 
 
 @dataclass(frozen=True)
@@ -44,12 +56,17 @@ def _quantity(quantity: Mapping[str, Any] | None) -> tuple[str, str] | None:
 
 
 def _usable(observation: Mapping[str, Any]) -> bool:
-    return observation.get("status") in ("final", "amended", "corrected", "preliminary")
+    return observation.get("status") in USABLE_STATUSES
 
 
 def latest_a1c(observations: Iterable[Mapping[str, Any]]) -> Measurement | None:
     """The most recent usable HbA1c (LOINC 4548-4) among ``observations``."""
-    found = [(obs, q) for obs in observations if _usable(obs) and _has_code(obs.get("code"), HBA1C)
+    return latest_quantity(observations, HBA1C)
+
+
+def latest_quantity(observations: Iterable[Mapping[str, Any]], code: str) -> Measurement | None:
+    """The most recent usable Observation with LOINC ``code`` and a quantity value among ``observations``."""
+    found = [(obs, q) for obs in observations if _usable(obs) and _has_code(obs.get("code"), code)
              and (q := _quantity(obs.get("valueQuantity"))) is not None]
     if not found:
         return None
@@ -85,8 +102,10 @@ def upcoming_appointments(appointments: Iterable[Mapping[str, Any]], *, today: s
     return out
 
 
-def target_progress(target: GoalTarget | None, a1c: Measurement | None) -> str:
-    """For a goal with an HbA1c target: the latest value next to the target (else empty)."""
-    if target is None or target.measure is not TargetMeasure.HBA1C or a1c is None:
+def target_progress(target: GoalTarget | None, latest: Mapping[TargetMeasure, Measurement]) -> str:
+    """For a goal with a target the EHR measures (HbA1c, body weight, fasting glucose): the latest value next to
+    the target; empty for other targets or when the EHR has no value."""
+    if target is None or (found := latest.get(target.measure)) is None:
         return ""
-    return f"latest {a1c.value} {a1c.unit} on {a1c.date}; target {target.comparator.value} {target.value}"
+    unit = f" {target.unit}" if target.unit else ""
+    return f"latest {found.value} {found.unit} on {found.date}; target {target.comparator.value} {target.value}{unit}"

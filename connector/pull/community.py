@@ -3,10 +3,11 @@ peersync wrote (SDOH Clinical Care: the performer moves the Task through accepte
 rejected/cancelled, with ``statusReason`` and ``output``).
 
 The rule for who wins (docs/care-coordination.md): once the organization has changed a Task (a version peersync
-did not write), its status, ``statusReason``, ``businessStatus`` and ``output`` are the organization's. A later
-sync that re-sends the Task keeps them (``connector.map.requests.keep_organization_fields``), so a program
-export never rolls back what the organization set. The program's own statuses apply until the organization
-has said anything.
+did not write), its status, ``statusReason``, ``businessStatus`` and ``output`` are the organization's, for good.
+The ledger records that change (``organization_changes``: referral, version, status), so the version a later sync
+writes while keeping those elements (``connector.map.requests.keep_organization_fields``) is still the
+organization's status: a program export never rolls back what the organization set, however often the program
+edits the row. The program's own statuses apply until the organization has said anything.
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ def _output_value(output: Mapping[str, Any]) -> str:
     return ""
 
 
-def referral_status(task: Mapping[str, Any], *, referral_system: str,
-                    written_versions: set[str]) -> ReferralStatus | None:
+def referral_status(task: Mapping[str, Any], *, referral_system: str, written_versions: set[str],
+                    organization_changed: bool = False) -> ReferralStatus | None:
     """The status of one of our referral Tasks (None when it carries no referral identifier of this program).
 
     ``written_versions`` are the versions peersync itself confirmed for this Task (from the ledger): any other
-    version was written by someone else, the organization or its platform.
+    version was written by someone else, the organization or its platform. ``organization_changed``: the ledger
+    remembers that the organization changed this Task before; its status stays the organization's even in a
+    version peersync wrote afterwards (peersync re-sent the Task keeping the organization's elements).
     """
     referral_id = next((str(i["value"]) for i in task.get("identifier", [])
                         if i.get("system") == referral_system and i.get("value")), None)
@@ -68,7 +71,7 @@ def referral_status(task: Mapping[str, Any], *, referral_system: str,
         return None
     meta = task.get("meta") or {}
     version = str(meta.get("versionId", ""))
-    by_program = version in written_versions
+    by_program = version in written_versions and not organization_changed
     return ReferralStatus(
         referral_id=referral_id,
         task_id=str(task.get("id", "")),

@@ -101,6 +101,16 @@ class Clinic:
             "valueQuantity": {"value": value, "unit": "%", "system": "http://unitsofmeasure.org", "code": "%"},
         })
 
+    def weight(self, patient_id: str, kg: float, when: str) -> dict[str, Any]:
+        return self.create({
+            "resourceType": "Observation", "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                      "code": "vital-signs"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+            "subject": {"reference": f"Patient/{patient_id}"}, "effectiveDateTime": when,
+            "valueQuantity": {"value": kg, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"},
+        })
+
     def blood_pressure(self, patient_id: str, systolic: int, diastolic: int, when: str) -> dict[str, Any]:
         def part(code: str, value: int) -> dict[str, Any]:
             return {"code": {"coding": [{"system": "http://loinc.org", "code": code}]},

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import requests
-from reliability.faultproxy import FaultProxy, Schedule
+from reliability.faultproxy import FaultProxy, Restrictions, Schedule
 
 from connector.identifiers import KIND_ORGANIZATION, KIND_REFERRAL_TASK, token_query
 from integration.clinic_sim import UNKNOWN_SERVICE, Clinic, cbo_sets_status
@@ -199,6 +199,42 @@ def test_a_malformed_answer_is_reported_and_the_good_referrals_still_land(progra
     assert summary["referrals_report"]  # the next step ran
 
 
+def test_one_task_the_ehr_refuses_never_blocks_the_others(program: Program, clinic: Clinic) -> None:
+    refused, *others = [clinic.refer(clinic.patient(mrn=f"MRN-X{n}-{program.program_id}")) for n in range(3)]
+    with FaultProxy(program.base_url, restrictions=Restrictions(unprocessable=frozenset({f"Task/{refused['id']}"}))) \
+            as proxy:
+        code, summary, _ = pull(program, server=proxy.base_url)
+    assert code == 65 and summary["delivered"] == 3 and summary["received"] == 2
+    assert [p.split(":")[0] for p in summary["problems"]] == [f"Task/{refused['id']}"]
+    assert "HTTP 422" in summary["problems"][0] and summary["referrals_report"]
+    assert [task(program, t["id"])["status"] for t in others] == ["received", "received"]
+    assert task(program, refused["id"])["status"] == "requested"
+    # The EHR takes it again: the next pull moves it (found by its id: the search's window has moved on), once.
+    code, summary, _ = pull(program)
+    assert (code, summary["delivered"], summary["received"]) == (0, 0, 1)
+    assert task(program, refused["id"])["status"] == "received"
+    assert sorted(r["clinic_referral"] for r in intake_rows(program)) == sorted(t["id"] for t in [refused, *others])
+
+
+def test_a_referral_skipped_for_no_mrn_is_delivered_once_the_ehr_adds_it(program: Program, clinic: Clinic) -> None:
+    patient = clinic.patient(mrn=None)
+    waiting = clinic.refer(patient)
+    no_overlap = {"PEERSYNC_PULL__OVERLAP_MINUTES": "0"}  # the incremental search alone would never see it again
+    code, summary, _ = pull(program, env=no_overlap)
+    assert code == 65 and [s["task"] for s in summary["skipped"]] == [waiting["id"]]
+    newer = clinic.refer(clinic.patient(mrn=f"MRN-N-{program.program_id}"))  # moves the search window past it
+    code, summary, _ = pull(program, env=no_overlap)
+    assert (code, summary["delivered"], summary["still_skipped"], summary["skipped"]) == (0, 1, 1, [])
+
+    patient["identifier"] = [{"system": program.mrn_system, "value": f"MRN-W-{program.program_id}"}]
+    clinic.mrns.append(patient["identifier"][0]["value"])
+    clinic.update(patient)  # the Patient changes; the Task (and its lastUpdated) does not
+    code, summary, _ = pull(program, env=no_overlap)
+    assert (code, summary["delivered"], summary["received"], summary["still_skipped"]) == (0, 1, 1, 0)
+    assert sorted(r["clinic_referral"] for r in intake_rows(program)) == sorted([waiting["id"], newer["id"]])
+    assert task(program, waiting["id"])["status"] == "received"
+
+
 def referral_task_ids(program: Program) -> dict[str, str]:
     system = program.context().system(KIND_REFERRAL_TASK)
     bundle = requests.get(f"{program.base_url}/Task?identifier={token_query(system, '')}&_count=100", timeout=60).json()
@@ -234,6 +270,33 @@ def test_an_organizations_status_is_reported_and_never_rolled_back(program: Prog
     assert final["output"][0]["valueString"] == "Enrolled in SNAP"
     assert final["note"] == [{"text": "Called to check in"}]  # the program's own change landed
 
+    # A second edit of the row: the Task's current version is now one peersync wrote (keeping the organization's
+    # elements); the ledger remembers the organization's change, so the program's "made" still does not return.
+    for row in rows:
+        if row["referral_id"] == "R0002":
+            row["outcome_notes"] = "Called again"
+    write_csv(program.inputs / "referrals.csv", rows)
+    assert program.sync().counts["updated"] >= 1
+    final = task(program, tasks["R0002"])
+    assert final["status"] == "completed" and final["output"][0]["valueString"] == "Enrolled in SNAP"
+    assert final["note"] == [{"text": "Called again"}]
+    code, summary, _ = pull(program)
+    assert code == 0 and summary["changed_by_organization"] == 1
+    report = {r["referral_id"]: r for r in json.loads(Path(summary["referrals_report"]).with_suffix(".json")
+                                                       .read_text(encoding="utf-8"))}
+    assert (report["R0002"]["status"], report["R0002"]["changed_by"]) == ("completed", "organization")
+    assert report["R0002"]["outputs"] == "Enrolled in SNAP"
+    assert report["R0002"]["version"] == final["meta"]["versionId"]  # a version peersync wrote, still theirs
+    assert (report["R0001"]["status"], report["R0001"]["changed_by"]) == (task(program, tasks["R0001"])["status"],
+                                                                          "program")
+    assert stat.S_IMODE(Path(summary["referrals_report"]).with_suffix(".json").stat().st_mode) == 0o600
+    status = json.loads(subprocess.run([sys.executable, "-m", "connector.cli", "status", "--config",
+                                        str(program.config), "--json"], capture_output=True, text=True,
+                                       timeout=120).stdout)
+    listed = {r["referral_id"]: r for r in status["referrals"]["community_referrals"]}
+    assert (listed["R0002"]["status"], listed["R0002"]["changed_by"]) == ("completed", "organization")
+    assert status["last_pull"]["exit_code"] == 0 and status["last_run"]["command"] == "sync"
+
 
 def _patient_id(program: Program, enrollment_id: str) -> str:
     import sqlite3
@@ -247,8 +310,19 @@ def test_clinical_facts_only_with_consent(program: Program, clinic: Clinic) -> N
     patient_id = _patient_id(program, enrollment)
     clinic.a1c(patient_id, 8.4, "2026-10-02")
     clinic.a1c(patient_id, 7.6, "2026-11-20")
-    clinic.blood_pressure(patient_id, 128, 82, "2026-11-20")
+    clinic.weight(patient_id, 91.2, "2026-11-21")
+    # More than a page of blood pressure readings, all newer than the HbA1c: they must not hide it.
+    for n in range(22):
+        clinic.blood_pressure(patient_id, 120 + n, 80, f"2026-11-{21 + n % 9:02d}T{8 + n // 9:02d}:00:00Z")
+    clinic.blood_pressure(patient_id, 128, 82, "2026-12-01")
     clinic.appointment(patient_id, "2027-01-12T09:00:00Z")
+    goals = read_csv(program.inputs / "goals.csv")
+    template = next(g for g in goals if g["enrollment_id"] == enrollment)
+    goals += [{**template, "goal_id": "G-A1C", "target_measure": "hba1c", "target_comparator": "<", "target_value": "7",
+               "target_unit": "%"},
+              {**template, "goal_id": "G-KG", "target_measure": "body-weight", "target_comparator": "<=",
+               "target_value": "88", "target_unit": "kg"}]
+    write_csv(program.inputs / "goals.csv", goals)
     with program.config.open("a", encoding="utf-8") as handle:
         handle.write("clinical_facts = true\n")
     with FaultProxy(program.base_url) as proxy:  # no consent recorded yet
@@ -267,7 +341,9 @@ def test_clinical_facts_only_with_consent(program: Program, clinic: Clinic) -> N
         code, summary, _ = pull(program, server=proxy.base_url)
         by_type = dict(proxy.stats.by_type)
     assert code == 0 and summary["clinical_participants"] == 1
-    assert by_type["Observation"] == 1 and by_type["Appointment"] == 1  # one consenting participant
+    # One consenting participant: one newest-first search of one per code (HbA1c, blood pressure, and the weight
+    # a goal targets; the steps goal has no EHR value: not searched), one for appointments.
+    assert by_type["Observation"] == 3 and by_type["Appointment"] == 1
     path = Path(summary["clinical_file"])
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     (facts,) = read_csv(path)
@@ -275,23 +351,65 @@ def test_clinical_facts_only_with_consent(program: Program, clinic: Clinic) -> N
     observation = facts["hba1c_observation"]  # what the program may name as a goal's outcome_observation
     assert observation.startswith("Observation/")
     assert requests.get(f"{program.base_url}/{observation}", timeout=60).json()["valueQuantity"]["value"] == 7.6
-    assert facts["blood_pressure"] == "128/82 mm[Hg]" and facts["upcoming_appointments"].startswith("2027-01-12")
+    assert facts["blood_pressure"] == "128/82 mm[Hg]" and facts["blood_pressure_date"] == "2026-12-01"
+    assert facts["upcoming_appointments"].startswith("2027-01-12")
+    assert facts["goal_targets"] == ("G-A1C: latest 7.6 % on 2026-11-20; target < 7 %; "
+                                     "G-KG: latest 91.2 kg on 2026-11-21; target <= 88 kg")
 
 
-def test_no_patient_data_in_ledger_logs_or_status(program: Program, clinic: Clinic) -> None:
+def test_no_patient_data_in_ledger_logs_metrics_or_status(program: Program, clinic: Clinic) -> None:
+    """A pull with everything on (consent, clinical facts, a CBO's free text, a skipped referral, metrics), its
+    logs written to a file as a scheduler would, at -v in text and JSON: the simulator's names, phones and MRNs and
+    the organization's free text are in none of the logs, metrics, status or the ledger (and its -wal)."""
+    from reliability import phi
+
     for n in range(2):
         clinic.refer(clinic.patient(mrn=f"MRN-PHI{n}-{program.program_id}"))
     clinic.refer(clinic.patient(mrn=None))
-    code, summary, stderr = pull(program, "-v")
-    assert code == 65  # the Patient without an MRN was skipped
-    status = subprocess.run([sys.executable, "-m", "connector.cli", "status", "--config", str(program.config),
-                             "--json"], capture_output=True, text=True, timeout=120).stdout
-    ledger = program.settings().sync.ledger.read_bytes().decode("utf-8", "replace")
-    secrets = [*clinic.names, *clinic.phones, *clinic.mrns]
-    assert secrets and intake_rows(program)
-    for text, where in ((stderr, "logs"), (status, "status"), (ledger, "ledger"), (json.dumps(summary), "summary")):
-        leaked = [s for s in secrets if s in text]
-        assert not leaked, f"patient data in the {where}: {len(leaked)} value(s)"
+    enrollment = demo_enrollments()[0]
+    patient_id = _patient_id(program, enrollment)
+    clinic.a1c(patient_id, 7.9, "2026-11-20")
+    rows = read_csv(program.inputs / "enrollments.csv")
+    for row in rows:
+        if row["enrollment_id"] == enrollment:
+            row["clinical_consent"] = "yes"
+    write_csv(program.inputs / "enrollments.csv", rows)
+    org_text = ["Client Rosa prefers Tuesday pickups at the Eastside pantry", "Enrolled in WIC by caseworker Mariela"]
+    cbo_sets_status(clinic, referral_task_ids(program)["R0002"], "completed", reason=org_text[0], output=org_text[1])
+    with program.config.open("a", encoding="utf-8") as handle:
+        handle.write('clinical_facts = true\n[output]\nmetrics_file = "state/metrics.prom"\n')
+    logs = program.root / "logs"
+    logs.mkdir()
+    codes = []
+    for n, fmt in enumerate(("text", "json")):
+        code, summary, stderr = pull(program, "-v", "--log-format", fmt)
+        (logs / f"pull-{n}.log").write_text(stderr, encoding="utf-8")
+        codes.append(code)
+    assert codes[0] == 65  # the Patient without an MRN was skipped
+    assert summary["clinical_participants"] == 1 and summary["clinical_requests"] == 3  # HbA1c, BP, appointments
+    assert intake_rows(program)
+    status = "".join(subprocess.run([sys.executable, "-m", "connector.cli", "status", "--config",
+                                     str(program.config), *args], capture_output=True, text=True,
+                                    timeout=120).stdout for args in ((), ("--json",)))
+    ledger = program.settings().sync.ledger
+    metrics = sorted(ledger.parent.glob("metrics*.prom"))
+    assert [m.name for m in metrics] == ["metrics-pull.prom"]  # pull's own file (no sync ran with metrics on)
+    secrets = {"name": [*clinic.names, "Ruiz"], "phone": clinic.phones, "mrn": clinic.mrns, "note": org_text}
+    assert all(secrets.values())
+    artifacts = {**{f"log {p.name}": p.read_text(encoding="utf-8") for p in sorted(logs.glob("*.log"))},
+                 "status": status, "summary": json.dumps(summary),
+                 **{m.name: m.read_text(encoding="utf-8") for m in metrics}}
+    for suffix in ("", "-wal"):
+        path = Path(f"{ledger}{suffix}")
+        if path.exists():
+            artifacts[f"ledger{suffix}"] = path.read_bytes().decode("utf-8", "replace")
+    hits = [h for where, text in artifacts.items() for h in phi.scan_values(where, text, secrets)]
+    assert not hits, f"{len(hits)} patient data hit(s): " + "; ".join(f"{h.where}: {h.category}" for h in hits[:10])
+    # the scanner finds what it looks for (positive controls: the 0600 PHI files hold them by design)
+    assert phi.scan_values("intake", "".join(p.read_text(encoding="utf-8") for p in
+                                             program.settings().intake_dir().glob("*.csv")), secrets)
+    assert phi.scan_values("referrals", Path(summary["referrals_report"]).read_text(encoding="utf-8"),
+                           {"note": org_text})
 
 
 def enroll(program: Program, task_id: str, mrn: str, enrollment_id: str, status: str = "active",

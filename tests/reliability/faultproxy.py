@@ -51,6 +51,8 @@ EHR restrictions (:class:`Restrictions`, independent of the schedule), answered 
                        with Medplum's "Transaction requires strict isolation but has too many entries"
 ``writable_types``     a write (bundle, PUT, POST) of any other resource type is refused with 403 and an
                        OperationOutcome ``forbidden`` naming the refused types
+``unprocessable``      a write (PUT, POST) to one of these routes (``Task/123``) is refused with 422 (``processing``):
+                       one resource the EHR's business rules will not take
 =====================  ==========================================================================================
 
 The schedule is a ``random.Random(seed)`` consumed once per request in arrival order: with one client
@@ -165,12 +167,17 @@ class Restrictions:
     max_entries: int | None = None
     limit_status: int = 413
     writable_types: frozenset[str] | None = None
+    unprocessable: frozenset[str] = frozenset()
 
     def refusal(self, method: str, route: str, body: bytes) -> tuple[int, bytes, str] | None:
         """(status, OperationOutcome, what) for a request this EHR refuses, or None to forward it. ``route``: the
         request path below the FHIR base, without the query ("" for a transaction or batch)."""
         if method not in ("POST", "PUT", "PATCH", "DELETE"):
             return None
+        if route in self.unprocessable:
+            outcome = {"resourceType": "OperationOutcome", "issue": [{
+                "severity": "error", "code": "processing", "diagnostics": "Rejected by a business rule"}]}
+            return 422, json.dumps(outcome).encode(), "unprocessable"
         entries: list[dict[str, object]] = []
         if route == "":
             try:

@@ -107,3 +107,15 @@ def scan(where: str, text: str, categories: tuple[str, ...] = ALL) -> list[Hit]:
 def scan_bytes(where: str, data: bytes, categories: tuple[str, ...] = ALL) -> list[Hit]:
     """Scan binary content (a SQLite file: its text is UTF-8), free pages and all."""
     return scan(where, data.decode("utf-8", errors="replace"), categories)
+
+
+def scan_values(where: str, text: str, values: dict[str, list[str]]) -> list[Hit]:
+    """Hits of values that are not in the fixtures (a test's own simulator: the clinic's names, phones and MRNs,
+    a community organization's free text), by category: word matches, and substrings for ``note``."""
+    hits: list[Hit] = []
+    for category, words in values.items():
+        for word in sorted({w for w in words if w}, key=len, reverse=True):
+            pattern = re.escape(word) if category == "note" else r"(?<![\w])" + re.escape(word) + r"(?![\w])"
+            for match in re.finditer(pattern, text):
+                hits.append(Hit(where, category, word, text[max(0, match.start() - 60):match.end() + 60]))
+    return hits

@@ -25,7 +25,9 @@ pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 PARTICIPANTS = 12
 # Output that keys on record ids by design: the review queue lists subjects (participant:E0013, contact:C000045),
 # the dry-run plan counts per participant (E0001: 21 unchanged).
-RECORD_IDS_ALLOWED = ("review list", "ledger", "plan")
+# `peersync pull`'s referrals report and `status` after a pull list each community referral by the program's
+# referral id (R0001), by design (docs/care-coordination.md).
+RECORD_IDS_ALLOWED = ("review list", "ledger", "plan", "status after pull", "state/pull/")
 
 
 def ledger_text(path: Path) -> str:
@@ -72,6 +74,10 @@ def test_no_phi_in_logs_reports_outputs_ledger_or_metrics(faultproxy, program_fa
     run("review list --json", "review", "list", "--config", config, "--all", "--json")
     run("plan --json", "plan", "--config", config, "--json")
     run("landed --json", "landed", "--config", config, "--json")
+    run("pull -v", "pull", "--config", config, "-v", codes=(0, 65))
+    run("pull --json", "pull", "--config", config, "--json", "--log-format", "json", codes=(0, 65))
+    run("status after pull", "status", "--config", config)
+    run("status after pull --json", "status", "--config", config, "--json")
     run("check -v", "check", "--profile", "peersync-template", str(rel.program.inputs), "-v",
         "--rejects-dir", str(rel.root / "check-rejects"))
 
@@ -89,10 +95,12 @@ def test_no_phi_in_logs_reports_outputs_ledger_or_metrics(faultproxy, program_fa
         if path.exists():
             hits += phi.scan_bytes(f"ledger file{suffix} (raw bytes)", path.read_bytes(), phi.PHI)
     assert (rel.root / "state" / "metrics.prom").exists(), "the metrics file was not written"
+    assert (rel.root / "state" / "metrics-pull.prom").exists(), "the pull's metrics file was not written"
+    assert any(k.endswith("referrals.csv") for k in artifacts), "no referrals report was scanned"
     assert any("rejects.csv" in k for k in artifacts), "no rejects report was scanned"
     scanned = sum(len(t) for t in artifacts.values())
     record("phi-leakage", "PHI in logs (text, JSON, -v, -q), reports, command output, ledger, metrics",
-           runs=6, faults_injected=faults, faults_by_kind=by_kind, records_sent=len(server_resources(rel.program)),
+           runs=8, faults_injected=faults, faults_by_kind=by_kind, records_sent=len(server_resources(rel.program)),
            duplicates=0, lost=0, phi_hits=len(hits), seed=seed,
            notes=[f"{len(artifacts) + 2} artifacts scanned ({scanned:,} characters plus the ledger's bytes) for "
                   f"{sum(len(v) for v in phi.tokens().values())} sensitive values from the fixtures",

@@ -354,7 +354,7 @@ def test_connections_opening_a_new_ledger_at_once_create_it_once(tmp_path: Path)
             thread.join(60)
         assert len(set(map(str, salts))) == 1 and "" not in salts, salts
         with Ledger(path) as ledger:
-            assert ledger.db.execute("PRAGMA user_version").fetchone()[0] == 3
+            assert ledger.db.execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 def test_a_run_refused_the_lock_does_not_open_the_ledger_for_its_metrics(
@@ -367,3 +367,24 @@ def test_a_run_refused_the_lock_does_not_open_the_ledger_for_its_metrics(
     assert run("sync", "--config", str(cfg)).exit_code == ExitCode.LOCK_HELD
     assert opened == []
     assert metrics(cfg)["peersync_last_run_exit_code"] == 75
+
+
+def test_status_lists_each_referral_and_the_last_pull(cfg: Path) -> None:
+    with Ledger(cfg.parent / "state" / "ledger.sqlite") as ledger:
+        ledger.start_run("sync-1", "sync")
+        ledger.finish_run("sync-1", "ok", 0, {})
+        ledger.start_run("pull-1", "pull")
+        ledger.finish_run("pull-1", "partial", 65, {"counts": {"skipped": 1}})
+        ledger.record_referral_statuses([("R0002", "41", "3", "completed", "2026-12-01T10:00:00+00:00",
+                                          "organization"), ("R0001", "40", "1", "requested", "", "program")])
+        ledger.record_skipped_tasks({"77": "Patient/9 has no MRN in the configured system (urn:x)"}, resolved=set(),
+                                    run_id="pull-1")
+    data = json.loads(run("status", "--config", str(cfg), "--json").stdout)
+    assert data["last_run"]["run_id"] == "sync-1" and [r["run_id"] for r in data["runs"]] == ["sync-1"]
+    assert (data["last_pull"]["run_id"], data["last_pull"]["exit_code"]) == ("pull-1", 65)
+    assert [(r["referral_id"], r["changed_by"]) for r in data["referrals"]["community_referrals"]] == [
+        ("R0001", "program"), ("R0002", "organization")]
+    text = run("status", "--config", str(cfg)).stdout
+    assert re.search(r"R0002\s+completed\s+2026-12-01T10:00:00\+00:00\s+organization", text)
+    assert "clinic referral Task/77 waiting: Patient/9 has no MRN" in text
+    assert "last pull:    pull-1" in text and "partial (exit 65)" in text

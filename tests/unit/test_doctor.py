@@ -407,6 +407,31 @@ def test_auth_success_reports_scopes_never_the_token(tmp_path: Path) -> None:
     assert report.exit_code() == 0
 
 
+@pytest.mark.parametrize("pull_section", ["", "[pull]\nclinical_facts = true\n"])
+def test_pull_scopes_are_checked_only_where_pull_is_configured(tmp_path: Path, pull_section: str) -> None:
+    secret = tmp_path / "client-secret"
+    secret.write_text("cs-very-secret-value\n", encoding="utf-8")
+    os.chmod(secret, 0o400)
+    granted = "system/Patient.rs system/Goal.cu system/Task.rus system/ServiceRequest.rs system/Practitioner.rs"
+    path = config(tmp_path, extra=pull_section,
+                  auth=f'mode = "client-credentials"\nclient_id = "peersync-test"\nclient_secret_file = "{secret}"\n'
+                       f'token_url = "{TOKEN_URL}"\nscope = "{granted}"')
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        stub_server(rsps)
+        rsps.add(responses.POST, TOKEN_URL, json={"access_token": ACCESS_TOKEN, "token_type": "bearer",
+                                                  "expires_in": 300, "scope": granted})
+        report = run_doctor(path)
+    if not pull_section:  # a sync-only site: no warning about scopes it never needs
+        assert by_name(report, "auth.scopes.pull") == []
+        return
+    check = one(report, "auth.scopes.pull")
+    assert check.status is Status.WARN
+    # pull's first request is Organization?identifier=; Task:requester may include a PractitionerRole or an
+    # Organization; with clinical facts, Observations and Appointments
+    assert check.detail.split("needs ", 1)[1].split() == ["system/Organization.rs", "system/PractitionerRole.rs",
+                                                          "system/Observation.rs", "system/Appointment.rs"]
+
+
 def test_written_types_follow_contact_procedures() -> None:
     from types import SimpleNamespace
 

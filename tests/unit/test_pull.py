@@ -147,10 +147,30 @@ def test_the_latest_usable_a1c_and_blood_pressure() -> None:
     assert clinical.latest_blood_pressure(found) == clinical.Measurement("131/85", "mm[Hg]", "2026-11-01")
     assert clinical.latest_a1c([]) is None
     target = GoalTarget(measure=TargetMeasure.HBA1C, comparator=Comparator.LT, value=Decimal("7.0"), unit="%")
-    assert clinical.target_progress(target, clinical.latest_a1c(found)) == \
-        "latest 7.2 % on 2026-11-15; target < 7.0"
+    latest = {TargetMeasure.HBA1C: clinical.latest_a1c(found)}
+    assert clinical.target_progress(target, latest) == "latest 7.2 % on 2026-11-15; target < 7.0 %"
     steps = GoalTarget(measure=TargetMeasure.STEPS_PER_DAY, value=Decimal(7000))
-    assert clinical.target_progress(steps, clinical.latest_a1c(found)) == ""
+    assert clinical.target_progress(steps, latest) == ""  # reported to the program, never an EHR result
+
+
+def test_weight_and_fasting_glucose_targets_show_the_latest_ehr_value() -> None:
+    def obs(code: str, value: float, unit: str, when: str, status: str = "final") -> dict[str, Any]:
+        return {"resourceType": "Observation", "id": f"{code}-{when}", "status": status,
+                "code": {"coding": [{"system": clinical.LOINC, "code": code}]}, "effectiveDateTime": when,
+                "valueQuantity": {"value": value, "unit": unit}}
+
+    found = [obs(clinical.BODY_WEIGHT, 92.5, "kg", "2026-10-01"), obs(clinical.BODY_WEIGHT, 90.1, "kg", "2026-11-20"),
+             obs(clinical.BODY_WEIGHT, 70, "kg", "2026-11-30", status="entered-in-error"),
+             obs(clinical.FASTING_GLUCOSE, 131, "mg/dL", "2026-11-02")]
+    latest = {m: v for m, code in clinical.EHR_MEASURES.items() if (v := clinical.latest_quantity(found, code))}
+    assert set(latest) == {TargetMeasure.BODY_WEIGHT, TargetMeasure.FASTING_GLUCOSE}
+    weight = GoalTarget(measure=TargetMeasure.BODY_WEIGHT, comparator=Comparator.LE, value=Decimal(88), unit="kg")
+    glucose = GoalTarget(measure=TargetMeasure.FASTING_GLUCOSE, comparator=Comparator.LT, value=Decimal(130),
+                         unit="mg/dL")
+    a1c = GoalTarget(measure=TargetMeasure.HBA1C, comparator=Comparator.LT, value=Decimal(7), unit="%")
+    assert clinical.target_progress(weight, latest) == "latest 90.1 kg on 2026-11-20; target <= 88 kg"
+    assert clinical.target_progress(glucose, latest) == "latest 131 mg/dL on 2026-11-02; target < 130 mg/dL"
+    assert clinical.target_progress(a1c, latest) == ""  # no HbA1c on the EHR: nothing shown, nothing invented
 
 
 def test_upcoming_appointments_are_booked_future_ones_in_order() -> None:
@@ -218,8 +238,9 @@ def test_doctor_names_the_scopes_pull_needs() -> None:
     from connector.ops.doctor import Report, Status, _check_pull_scopes
 
     report = Report(None)
-    _check_pull_scopes(report, ["system/Task.rus", "system/ServiceRequest.rs", "system/Patient.rs",
-                                "system/Practitioner.rs"], clinical=True)
+    _check_pull_scopes(report, ["system/Organization.rs", "system/Task.rus", "system/ServiceRequest.rs",
+                                "system/Patient.rs", "system/Practitioner.rs", "system/PractitionerRole.rs"],
+                       clinical=True)
     (check,) = [c for c in report.checks if c.name == "auth.scopes.pull"]
     assert check.status is Status.WARN
     assert "system/Observation.rs" in check.detail and "system/Appointment.rs" in check.detail
