@@ -20,6 +20,7 @@ from connector.map import (
     map_goal,
     map_referral,
 )
+from connector.map._util import markdown_text
 from connector.map.export import iter_bundles
 from connector.model import Contact, Enrollment, Goal, RecordKind, Referral
 from connector.read.profile import load_profile
@@ -68,16 +69,36 @@ def _value(resource: dict[str, Any]) -> str:
 
 
 def test_the_demos_declined_referrals_read_cancelled_with_the_participants_reason(demo: dict[str, Any]) -> None:
-    declined = {r.referral_id for r in demo["records"][RecordKind.REFERRAL] if r.status == "participant-declined"}
+    declined = {r.referral_id: r for r in demo["records"][RecordKind.REFERRAL] if r.status == "participant-declined"}
     assert len(declined) == 12  # every declined referral of the demo was declined by the participant
     tasks = {_value(t): t for t in _resources(demo["bundles"], "Task")}
-    for referral_id in declined:
+    reasons_sent = 0
+    for referral_id, referral in declined.items():
         task = tasks[referral_id]
         assert task["status"] == "cancelled"
-        assert task["statusReason"]["coding"][0]["code"] == "183944003"  # SNOMED CT: procedure refused
+        # our code, as on clinic-referral Tasks, and SNOMED CT 1296859006 "Procedure declined" (active concept)
+        assert [(c["system"], c["code"]) for c in task["statusReason"]["coding"]] == [
+            (demo["ctx"].code_system("referral-status-reason"), "participant-declined"),
+            ("http://snomed.info/sct", "1296859006")]
         assert task["statusReason"]["text"] == "Declined by the participant"
         assert task["businessStatus"]["text"] == "Declined by the participant"
+        # the participant's own reason, as the program recorded it, reaches the Task's note
+        if referral.outcome_notes:
+            assert task["note"] == [{"text": markdown_text(referral.outcome_notes)}]
+            reasons_sent += 1
+    assert reasons_sent >= 6  # the demo records a reason for most refusals ("no childcare in the evenings" ...)
     assert not [t for t in tasks.values() if t["status"] == "rejected"]  # no organization declined in the demo
+
+
+def test_a_declined_community_referral_carries_the_reason_code_of_a_declined_clinic_referral() -> None:
+    from connector.model import EnrollmentStatus
+    from connector.pull.answers import REASONS, DesiredTask, apply_step
+
+    _, task = map_referral(Referral(referral_id="R1", enrollment_id="E1", resource_name="Food bank", need="food",
+                                    referred_on=date(2025, 2, 1), status="participant-declined"), ENROLLMENT, CTX)
+    clinic = apply_step({"resourceType": "Task"}, "cancelled", DesiredTask("cancelled",
+                        REASONS[EnrollmentStatus.DECLINED]), careplan_id=None, now="2025-02-02", ctx=CTX)
+    assert task["statusReason"]["coding"] == clinic["statusReason"]["coding"]
 
 
 def test_an_open_referral_task_is_draft_for_a_server_that_acts_on_requested_tasks() -> None:
@@ -238,6 +259,43 @@ def test_a_profile_overrides_the_referral_code_of_a_need() -> None:
     assert map_referral(made, ENROLLMENT, ctx)[1]["lastModified"] == "2025-02-01"
 
 
+def test_a_referral_is_coded_only_as_specifically_as_is_true() -> None:
+    """Gap: every food referral was coded "Assistance with application for food pantry program" (a cooking class
+    too), every social-connection referral "Referral to peer support" (a walking group too)."""
+    cooking = Referral(referral_id="R1", enrollment_id="E1", resource_name="Eastside Diabetes Cooking Class",
+                       need="food", referred_on=date(2025, 2, 1), status="completed")
+    walking = Referral(**{**cooking.model_dump(), "resource_name": "Walking group", "need": "social-connection"})
+    for referral in (cooking, walking):
+        sr, task = map_referral(referral, ENROLLMENT, CTX)
+        assert sr["code"]["coding"] == [{"system": "http://snomed.info/sct", "code": "410606002",
+                                         "display": "Social service procedure (procedure)"}]
+        # the resulting activity claims no more than the request: a service received from that resource
+        output = task["output"][0]["valueCodeableConcept"]
+        assert output == {"coding": sr["code"]["coding"], "text": f"Service received from {referral.resource_name}"}
+    # a program states what a resource really provides; that code wins over its need's
+    peer_group = Referral(**{**walking.model_dump(), "resource_id": "RD-501",
+                             "resource_name": "Diabetes support group"})
+    peer = ("http://snomed.info/sct", "461481000124109", "Referral to peer support")
+    ctx = dataclasses.replace(CTX, referral_resource_codes=(("RD-501", *peer),),
+                              referral_codes=(("social-connection", "http://example.org/x", "SC", "Social"),))
+    sr, task = map_referral(peer_group, ENROLLMENT, ctx)
+    assert sr["code"]["coding"] == [dict(zip(("system", "code", "display"), peer, strict=True))]
+    assert task["output"][0]["valueCodeableConcept"]["coding"] == sr["code"]["coding"]
+    assert map_referral(walking, ENROLLMENT, ctx)[0]["code"]["coding"][0]["code"] == "SC"  # no resource code: need's
+
+
+def test_the_demo_codes_only_its_peer_support_group_as_peer_support(demo: dict[str, Any]) -> None:
+    referrals = {r.referral_id: r for r in demo["records"][RecordKind.REFERRAL]}
+    codes_by_resource: dict[str | None, set[str]] = {}
+    for sr in _resources(demo["bundles"], "ServiceRequest"):
+        r = referrals[_value(sr)]
+        codes_by_resource.setdefault(r.resource_id, set()).add(sr["code"]["coding"][0]["code"])
+    assert codes_by_resource["RD-501"] == {"461481000124109"}  # the demo profile's code for its support group
+    assert codes_by_resource["RD-103"] == {"410606002"}  # SNAP application help: not a food pantry application
+    assert all("467771000124109" not in found for found in codes_by_resource.values())
+    assert all("461481000124109" not in found for rid, found in codes_by_resource.items() if rid != "RD-501")
+
+
 def test_a_goal_set_by_the_supporter_without_a_named_one_has_no_expressed_by() -> None:
     goal = Goal(goal_id="G1", enrollment_id="E1", description="walk", behavior="being-active",
                 start_date=date(2025, 1, 6), set_by="supporter")
@@ -286,3 +344,9 @@ def test_a_profiles_referral_codes_reach_the_context_and_the_fingerprint() -> No
     assert program_fingerprint(ctx) != program_fingerprint(MappingContext.from_profile(profile))
     with pytest.raises(ValueError, match="referral_codes"):
         ProgramSpec.model_validate({**profile.program.model_dump(), "referral_codes": {"rent": housing}})
+    # per community resource, beside (or instead of) per need
+    table = {"resources": {"RD-9": housing}, "needs": {"housing": housing}}
+    both = ProgramSpec.model_validate({**profile.program.model_dump(), "referral_codes": table})
+    by_resource = MappingContext.from_profile(profile.model_copy(update={"program": both}))
+    assert by_resource.referral_resource_codes == (("RD-9", "http://snomed.info/sct", "123", "Housing help"),)
+    assert program_fingerprint(by_resource) != program_fingerprint(ctx)
