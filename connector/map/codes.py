@@ -329,6 +329,11 @@ SNOMED_SOCIAL_SERVICE = coding(SNOMED, "410606002", "Social service procedure (p
 # FHIR R4 procedure-category value set (SNOMED CT): the standard code beside a support type, where one means the same
 SNOMED_EDUCATION = coding(SNOMED, "409073007", "Education")
 SUPPORT_TYPE_STANDARD = {SupportType.EDUCATION: SNOMED_EDUCATION}
+# Broader SNOMED CT encounter codes beside our peer-support-contact code on a contact's Procedure (field-coverage.md):
+# 185317003 (NHS interaction-type vocabulary; eCQM value sets), 439708006 (VSAC eCQM "Home Healthcare Services",
+# 2.16.840.1.113883.3.464.1003.101.12.1016, display "Home visit (procedure)").
+SNOMED_TELEPHONE_ENCOUNTER = coding(SNOMED, "185317003", "Telephone encounter")
+SNOMED_HOME_VISIT = coding(SNOMED, "439708006", "Home visit")
 # need → SDOHCC category (physical activity has none: it uses the PA IG category instead)
 NEED_SDOHCC = {
     NeedCategory.FOOD: coding(SDOHCC_TEMPORARY_CODES, "food-insecurity", "Food Insecurity"),
