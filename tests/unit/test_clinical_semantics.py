@@ -296,6 +296,35 @@ def test_the_demo_codes_only_its_peer_support_group_as_peer_support(demo: dict[s
     assert all("461481000124109" not in found for rid, found in codes_by_resource.items() if rid != "RD-501")
 
 
+def test_the_template_reads_a_goals_outcome_observation_into_outcome_reference(tmp_path: Path) -> None:
+    """The shipped template has the column and its profile maps it: a program can link the EHR's result."""
+    import csv
+    import shutil
+
+    from connector.read.program import read_program as read
+
+    folder = tmp_path / "template"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "fixtures" / "demo" / "template", folder)
+    goals_csv = folder / "goals.csv"
+    with goals_csv.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert "outcome_observation" in rows[0]  # the template's own column
+    rows[1]["outcome_observation"] = "Observation/hba1c-77"
+    with goals_csv.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    profile = load_profile("peersync-template")
+    with Staging() as staging:
+        read(profile, [folder], staging)
+        goals = {g.goal_id: g for g in staging.records(RecordKind.GOAL)}
+    linked = goals[rows[1]["goal_id"]]
+    assert linked.outcome_observation is not None
+    goal = map_goal(linked, ENROLLMENT, MappingContext.from_profile(profile))
+    assert goal["outcomeReference"] == [{"reference": "Observation/hba1c-77"}]
+    assert goals[rows[0]["goal_id"]].outcome_observation is None
+
+
 def test_a_goal_set_by_the_supporter_without_a_named_one_has_no_expressed_by() -> None:
     goal = Goal(goal_id="G1", enrollment_id="E1", description="walk", behavior="being-active",
                 start_date=date(2025, 1, 6), set_by="supporter")
