@@ -239,6 +239,26 @@ def test_a_cancelled_contact_has_no_sent_and_its_planned_time_is_on_a_revoked_re
     assert map_contact(not_reached, ENROLLMENT, CTX)["sent"] == "2025-02-10T15:05:00+00:00"
 
 
+def test_a_cancelled_contact_for_a_plan_another_contact_carried_out_does_not_read_as_fulfilling_it() -> None:
+    """Planned contact P1 is `done` (contact C2 carried it out); C1, also for P1, was cancelled. C1 keeps P1 in
+    `basedOn` (the plan it was meant to carry out, R4 Event pattern) but says, by its own status, that it did not
+    happen; only C2 is the CarePlan activity's outcome (docs/fhir-modeling-corrections.md)."""
+    when = datetime(2025, 2, 10, 15, 5, tzinfo=UTC)
+    cancelled = Contact(contact_id="C1", enrollment_id="E1", supporter_id="S02", mode="telephone",
+                        outcome="cancelled", occurred_at=when, planned_contact_id="P1")
+    done = Contact(**{**cancelled.model_dump(), "contact_id": "C2", "outcome": "completed"})
+    c1 = map_contact(cancelled, ENROLLMENT, CTX)
+    assert c1["status"] == "not-done" and c1["statusReason"]
+    assert "sent" not in c1 and "received" not in c1
+    assert parse_conditional_reference(c1["basedOn"][1]["reference"])[2] == "P1"
+    assert map_contact(done, ENROLLMENT, CTX)["status"] == "completed"
+    careplan, _ = map_enrollment(ENROLLMENT, goal_ids=[], planned_contact_ids=["P1"], referral_ids=[], ctx=CTX,
+                                 performed_contacts=[("C2", "P1")])
+    (activity,) = careplan["activity"]
+    outcomes = [parse_conditional_reference(r["reference"])[2] for r in activity["outcomeReference"]]
+    assert outcomes == ["C2"]
+
+
 # -- 6. and 7. referral codes and requesters -----------------------------------------------------------------------
 
 
