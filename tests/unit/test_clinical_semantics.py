@@ -10,7 +10,18 @@ from typing import Any
 
 import pytest
 
-from connector.identifiers import KIND_ROLE, KIND_STAFF, parse_conditional_reference
+from connector.identifiers import (
+    KIND_CANCELLED_CONTACT,
+    KIND_CONTACT,
+    KIND_CONTACT_PROCEDURE,
+    KIND_CONTACT_REQUEST,
+    KIND_GOAL,
+    KIND_REFERRAL,
+    KIND_REFERRAL_TASK,
+    KIND_ROLE,
+    KIND_STAFF,
+    parse_conditional_reference,
+)
 from connector.map import (
     MappingContext,
     TeamMember,
@@ -125,19 +136,35 @@ def test_only_the_organization_declining_rejects_the_task() -> None:
 # -- 2. who wrote it -----------------------------------------------------------------------------------------------
 
 
-def _writers(resource: dict[str, Any]) -> set[str]:
-    """Staff ids of the supporters a resource names as its writer (sender, requester, expressedBy, a Procedure's
-    performer, note author)."""
-    refs = [resource.get(k, {}).get("reference", "") for k in ("sender", "requester", "expressedBy")]
-    refs += [p.get("actor", {}).get("reference", "") for p in resource.get("performer", [])
-             if resource["resourceType"] == "Procedure"]
-    refs += [n.get("authorReference", {}).get("reference", "") for n in resource.get("note", [])]
-    out = set()
-    for ref in refs:
-        parsed = parse_conditional_reference(ref) if ref else None
-        if parsed and parsed[0] in ("PractitionerRole", "Practitioner"):
-            out.add(parsed[2])
+def _source_writers(records: dict[RecordKind, list[Any]]) -> dict[tuple[str, str], set[str]]:
+    """(identifier kind, source id) → the staff ids the **source records** name as having written that record:
+    a contact's, planned contact's or referral's supporter_id, a goal's supporter when that supporter set it
+    alone, and the supporter_id of every note on it. Read from the source, not from the mapped elements the
+    Provenance grouping reads, so the test cannot agree with a wrong mapping by construction."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for c in records[RecordKind.CONTACT]:
+        for kind in (KIND_CONTACT, KIND_CONTACT_PROCEDURE, KIND_CANCELLED_CONTACT):
+            out[(kind, c.contact_id)] = {c.supporter_id}
+    for p in records[RecordKind.PLANNED_CONTACT]:
+        out[(KIND_CONTACT_REQUEST, p.planned_contact_id)] = {p.supporter_id} - {None}
+    for r in records[RecordKind.REFERRAL]:
+        out[(KIND_REFERRAL, r.referral_id)] = out[(KIND_REFERRAL_TASK, r.referral_id)] = {r.supporter_id} - {None}
+    notes: dict[str, set[str]] = {}
+    for n in records[RecordKind.GOAL_NOTE]:
+        notes.setdefault(n.goal_id, set()).add(n.supporter_id)
+    for g in records[RecordKind.GOAL]:
+        written = {g.supporter_id} if g.set_by == "supporter" else set()
+        written |= notes.get(g.goal_id, set()) | {n.supporter_id for n in g.notes}
+        out[(KIND_GOAL, g.goal_id)] = written - {None}
     return out
+
+
+def _record_key(resource: dict[str, Any]) -> tuple[str, str] | None:
+    """(identifier kind, source id) of a mapped resource, from its business identifier."""
+    identifier = (resource.get("identifier") or [{}])[0]
+    if "system" not in identifier:
+        return None
+    return identifier["system"].rsplit("/", 1)[1], str(identifier["value"])
 
 
 @pytest.mark.parametrize("fixture", ["demo", "demo_with_procedures"])
@@ -146,27 +173,34 @@ def test_no_provenance_credits_an_author_who_did_not_write_its_targets(fixture: 
     demo = request.getfixturevalue(fixture)
     ctx: MappingContext = demo["ctx"]
     assert fixture == "demo" or len(_resources(demo["bundles"], "Procedure")) >= 100  # the Procedures are checked
+    source_writers = _source_writers(demo["records"])
     credited_per_bundle = []
+    written_resources = 0
     for bundle in demo["bundles"]:
         by_url = {e["fullUrl"]: e["resource"] for e in bundle["entry"]}
         targeted: set[str] = set()
-        credited = set()
+        credited_for: dict[str, set[str]] = {}
         for prov in (r for r in by_url.values() if r["resourceType"] == "Provenance"):
             who = prov["agent"][0]["who"]["reference"]
             # the program's bundle holds the Organization itself: its reference is the entry's fullUrl there
             kind, system, value = parse_conditional_reference(who) or (by_url[who]["resourceType"], "", "")
             for target in prov["target"]:
-                written_by = _writers(by_url[target["reference"]])
+                written_by = source_writers.get(_record_key(by_url[target["reference"]]) or ("", ""), set())
                 if kind == "PractitionerRole":
                     assert system == ctx.system(KIND_ROLE)
                     assert value in written_by, (value, by_url[target["reference"]]["resourceType"])
-                else:  # the program Organization: only for what no supporter is named as writing
+                    credited_for.setdefault(target["reference"], set()).add(value)
+                else:  # the program Organization: only for what the source names no supporter as writing
                     assert kind == "Organization" and not written_by
                 targeted.add(target["reference"])
-            if kind == "PractitionerRole":
-                credited.add(value)
         assert targeted == {url for url, r in by_url.items() if r["resourceType"] != "Provenance"}
-        credited_per_bundle.append(len(credited))
+        # and every supporter the source names as a writer is credited for what they wrote
+        for url, resource in by_url.items():
+            written_by = source_writers.get(_record_key(resource) or ("", ""), set())
+            assert credited_for.get(url, set()) == written_by, (url, written_by)
+            written_resources += bool(written_by)
+        credited_per_bundle.append(len(set().union(*credited_for.values()) if credited_for else set()))
+    assert written_resources >= 500  # the oracle covers the demo's contacts, requests, referrals and goals
     # the demo's supporters stand in for each other: many participants' records are written by several
     assert sum(n >= 2 for n in credited_per_bundle) >= 20
 
