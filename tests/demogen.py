@@ -110,7 +110,7 @@ TEMPLATE_COLUMNS: dict[str, list[str]] = {
                    "conditions", "clinic_referral", "clinical_consent"],
     "goal": ["goal_id", "enrollment_id", "goal_in_own_words", "behavior", "target_measure", "target_comparator",
              "target_value", "target_unit", "start_date", "due_date", "lifecycle_status", "achievement_status",
-             "status_date", "set_by", "supporter_id", "void"],
+             "status_date", "outcome_observation", "set_by", "supporter_id", "void"],
     "goal_note": ["note_id", "goal_id", "date", "supporter_id", "note"],
     "contact": ["contact_id", "enrollment_id", "supporter_id", "contact_datetime", "duration_minutes", "mode",
                 "setting", "outcome", "support_types", "essential_elements", "goal_ids", "notes",
@@ -1376,8 +1376,8 @@ class _TemplateRows:
                 yield [f"G{g.seq:04d}", p.enrollment_id, g.text, g.behavior, self._text(measure),
                        self._text(comparator), (_number(value) if value else None) if self.excel else value,
                        self._text(unit), self._date(g.start), self._date(g.due), g.lifecycle,
-                       self._text(g.achievement), self._text(None), g.set_by, self._text(g.supporter),
-                       self._text(None)], p, g
+                       self._text(g.achievement), self._text(None), self._text(None), g.set_by,
+                       self._text(g.supporter), self._text(None)], p, g
 
     def goal_notes(self) -> Iterator[list[Any]]:
         for p in self.program.persons:
@@ -1832,6 +1832,8 @@ COLUMN_HELP: dict[str, dict[str, str]] = {
         "due_date": "Target date (optional).", "lifecycle_status": "Goal status.",
         "achievement_status": "Progress (optional).",
         "status_date": "Date the status last changed (optional; leave empty when not recorded).",
+        "outcome_observation": "The clinic's result that shows how the goal turned out, as Observation/<id> "
+                               "(optional; e.g. hba1c_observation from peersync pull's clinical-facts.csv).",
         "set_by": "Who set the goal.",
         "supporter_id": "staff_id of the supporter who helped set it (optional).",
         "void": "1 / yes if the row was entered in error.",

@@ -178,14 +178,31 @@ TASK_STATUS = {
     ReferralStatus.PARTICIPANT_DECLINED: "cancelled",
     ReferralStatus.CANCELLED: "cancelled",
 }
-# SNOMED CT "Procedure refused" (situation): a root of R4's procedure-not-performed-reason value set.
-SNOMED_PROCEDURE_REFUSED = coding(SNOMED, "183944003", "Procedure refused")
+# SNOMED CT 1296859006 "Procedure declined (situation)", active since the 2023-12-01 International release; it took
+# the place of 183944003 "Procedure refused", no longer active (SNOMED naming: "<procedure> declined (situation)").
+# HL7 US Quality Core codes a declined Task's statusReason with it (docs/fhir-modeling-corrections.md).
+SNOMED_PROCEDURE_DECLINED = coding(SNOMED, "1296859006", "Procedure declined")
+# our referral-status-reason code: the same reason on clinic-referral Tasks (connector/pull/answers.py)
+CS_REFERRAL_STATUS_REASON = "referral-status-reason"
+PARTICIPANT_DECLINED_REASON = "participant-declined"
 # SDOHCC asks for statusReason.text on rejected and cancelled Tasks; the participant's refusal is also coded.
-TASK_STATUS_REASON: dict[ReferralStatus, dict[str, Any]] = {
-    ReferralStatus.DECLINED: {"text": "Declined by the community organization"},
-    ReferralStatus.PARTICIPANT_DECLINED: {"coding": [SNOMED_PROCEDURE_REFUSED], "text": "Declined by the participant"},
-    ReferralStatus.CANCELLED: {"text": "Referral cancelled before the service was delivered"},
+TASK_STATUS_REASON_TEXT: dict[ReferralStatus, str] = {
+    ReferralStatus.DECLINED: "Declined by the community organization",
+    ReferralStatus.PARTICIPANT_DECLINED: "Declined by the participant",
+    ReferralStatus.CANCELLED: "Referral cancelled before the service was delivered",
 }
+
+
+def task_status_reason(status: ReferralStatus, ctx: MappingContext) -> dict[str, Any] | None:
+    """A referral Task's statusReason: text for every ended-without-service status; a participant's refusal also
+    coded, with our referral-status-reason code (as on clinic-referral Tasks) and the SNOMED CT one."""
+    text = TASK_STATUS_REASON_TEXT.get(status)
+    if text is None:
+        return None
+    if status is ReferralStatus.PARTICIPANT_DECLINED:
+        ours = local_coding(ctx, CS_REFERRAL_STATUS_REASON, PARTICIPANT_DECLINED_REASON)
+        return {"coding": [ours, dict(SNOMED_PROCEDURE_DECLINED)], "text": text}
+    return {"text": text}
 # Task.businessStatus: the program's own status, in its words.
 TASK_BUSINESS_STATUS = {
     ReferralStatus.MADE: "Referral made",
@@ -312,6 +329,11 @@ SNOMED_SOCIAL_SERVICE = coding(SNOMED, "410606002", "Social service procedure (p
 # FHIR R4 procedure-category value set (SNOMED CT): the standard code beside a support type, where one means the same
 SNOMED_EDUCATION = coding(SNOMED, "409073007", "Education")
 SUPPORT_TYPE_STANDARD = {SupportType.EDUCATION: SNOMED_EDUCATION}
+# Broader SNOMED CT encounter codes beside our peer-support-contact code on a contact's Procedure (field-coverage.md):
+# 185317003 (NHS interaction-type vocabulary; eCQM value sets), 439708006 (VSAC eCQM "Home Healthcare Services",
+# 2.16.840.1.113883.3.464.1003.101.12.1016, display "Home visit (procedure)").
+SNOMED_TELEPHONE_ENCOUNTER = coding(SNOMED, "185317003", "Telephone encounter")
+SNOMED_HOME_VISIT = coding(SNOMED, "439708006", "Home visit")
 # need → SDOHCC category (physical activity has none: it uses the PA IG category instead)
 NEED_SDOHCC = {
     NeedCategory.FOOD: coding(SDOHCC_TEMPORARY_CODES, "food-insecurity", "Food Insecurity"),
@@ -341,9 +363,14 @@ def shipped_referral_codes() -> dict[str, dict[str, str]]:
     return {need: coding(str(c["system"]), str(c["code"]), str(c["display"])) for need, c in table.items()}
 
 
-def referral_service_code(need: NeedCategory, ctx: MappingContext) -> dict[str, Any]:
-    """ServiceRequest.code's coding for a need: the profile's code, else the shipped table's, else SNOMED CT
-    "Social service procedure" (no verified specific code for that need)."""
+def referral_service_code(need: NeedCategory, ctx: MappingContext, resource_id: str | None = None) -> dict[str, Any]:
+    """ServiceRequest.code's coding for a referral: the profile's code for its community resource (what the program
+    states that resource provides), else the profile's code for its need, else the shipped table's (a code true for
+    every referral of that need), else SNOMED CT "Social service procedure" (true of any community referral)."""
+    if resource_id is not None:
+        for override_resource, system, code, display in ctx.referral_resource_codes:
+            if override_resource == resource_id:
+                return coding(system, code, display)
     for override_need, system, code, display in ctx.referral_codes:
         if override_need == need.value:
             return coding(system, code, display)

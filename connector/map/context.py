@@ -74,6 +74,8 @@ class MappingContext:
         program_phone: the program's phone, used as PractitionerRole telecom when a supporter has none (pd-1).
         referral_codes: the profile's ServiceRequest.code per referral need, ``(need, system, code, display)``;
             they replace the shipped table (``mappings/referral-codes.yaml``) for those needs.
+        referral_resource_codes: the profile's ServiceRequest.code per community resource,
+            ``(resource_id, system, code, display)``: what the program really refers to; before any need's code.
         clinical_notes: clinical-note mode: ``off``, ``also`` (notes and the structured resources) or ``only``.
         note_period: what one note covers: one ``contact``, an ISO ``week`` or a calendar ``month``.
         organization_tasks: referral Tasks whose status belongs to the community organization (see below).
@@ -93,6 +95,7 @@ class MappingContext:
     connector_version: str = __version__
     program_phone: str | None = None
     referral_codes: tuple[tuple[str, str, str, str], ...] = ()
+    referral_resource_codes: tuple[tuple[str, str, str, str], ...] = ()
     clinical_notes: str = "off"
     note_period: str = "month"
     # Referral Tasks a community organization changed since peersync wrote them (identifier value -> the server's
@@ -117,7 +120,9 @@ class MappingContext:
             "timezone": program.timezone,
             "program_phone": program.phone,
             "referral_codes": tuple(sorted((need.value, c.system, c.code, c.display)
-                                           for need, c in program.referral_codes.items())),
+                                           for need, c in program.referral_codes.needs.items())),
+            "referral_resource_codes": tuple(sorted((resource_id, c.system, c.code, c.display)
+                                                    for resource_id, c in program.referral_codes.resources.items())),
         }
         values.update(overrides)
         return cls(**values)

@@ -12,7 +12,16 @@ from datetime import timedelta
 from typing import Any
 
 from connector.identifiers import KIND_CONTACT_PROCEDURE, KIND_GOAL, KIND_ROLE, KIND_STAFF
-from connector.model import Contact, ContactOutcome, Enrollment, Goal, Supporter, SupportType
+from connector.model import (
+    Contact,
+    ContactMode,
+    ContactOutcome,
+    ContactSetting,
+    Enrollment,
+    Goal,
+    Supporter,
+    SupportType,
+)
 
 from . import codes
 from ._util import markdown_text
@@ -43,6 +52,18 @@ def procedure_category(c: Contact) -> dict[str, Any] | None:
     if support & {SupportType.EDUCATION, SupportType.SKILLS_TRAINING}:
         return {"coding": [dict(codes.SNOMED_EDUCATION)]}
     return None
+
+
+def procedure_code(c: Contact, ctx: MappingContext) -> dict[str, Any]:
+    """Our peer-support-contact code, with a broader SNOMED CT encounter code beside it where one is true of the
+    contact's mode and place (docs/field-coverage.md): a telephone contact is a telephone encounter, a face-to-face
+    contact at the participant's home a home visit. Nothing else is inferred."""
+    concept = codes.local_concept(ctx, codes.CS_PEER_SUPPORT_ACTIVITY, "peer-support-contact")
+    if c.mode is ContactMode.TELEPHONE:
+        concept["coding"].append(dict(codes.SNOMED_TELEPHONE_ENCOUNTER))
+    elif c.mode is ContactMode.FACE_TO_FACE and c.setting is ContactSetting.HOME:
+        concept["coding"].append(dict(codes.SNOMED_HOME_VISIT))
+    return concept
 
 
 def performed(c: Contact, ctx: MappingContext) -> dict[str, Any]:
@@ -77,7 +98,7 @@ def map_contact_procedure(c: Contact, e: Enrollment, ctx: MappingContext, *, sup
     category = procedure_category(c)
     if category:
         out["category"] = category
-    out["code"] = codes.local_concept(ctx, codes.CS_PEER_SUPPORT_ACTIVITY, "peer-support-contact")
+    out["code"] = procedure_code(c, ctx)
     out["subject"] = ctx.patient_ref(e)
     out.update(performed(c, ctx))
     out["performer"] = [{"actor": ctx.ref("PractitionerRole", KIND_ROLE, c.supporter_id),

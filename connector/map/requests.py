@@ -85,7 +85,8 @@ def map_referral(r: Referral, e: Enrollment, ctx: MappingContext) -> list[dict[s
     requester = supporter_or_program(r.supporter_id, ctx)
     performer = cbo_ref(r, ctx)
     need_text = r.original_text.get("need") if r.need is NeedCategory.OTHER else None
-    service = {"coding": [codes.referral_service_code(r.need, ctx)], "text": f"Referral to {r.resource_name}"}
+    service = {"coding": [codes.referral_service_code(r.need, ctx, r.resource_id)],
+               "text": f"Referral to {r.resource_name}"}
     notes = [{"text": markdown_text(r.outcome_notes)}] if r.outcome_notes else []
     service_request = resource(
         "ServiceRequest",
@@ -106,7 +107,7 @@ def map_referral(r: Referral, e: Enrollment, ctx: MappingContext) -> list[dict[s
         task_status, reason = codes.ENTERED_IN_ERROR, None
     else:
         task_status = codes.TASK_STATUS[r.status]
-        reason = codes.TASK_STATUS_REASON.get(r.status)
+        reason = codes.task_status_reason(r.status, ctx)
         if task_status == "requested" and ctx.referral_tasks == "draft":
             task_status = "draft"  # recorded, not yet for the organization to act on ([server] referral_tasks)
     task = resource(
@@ -144,11 +145,16 @@ def _last_modified(r: Referral) -> str | None:
 
 
 def _output(r: Referral, service: dict[str, Any]) -> list[dict[str, Any]]:
-    """SDOHCC PerformedActivityCode: a completed referral's service, as the activity that resulted from it."""
+    """SDOHCC PerformedActivityCode: a completed referral's service, as the activity that resulted from it.
+
+    The code is the ServiceRequest's, which is only ever as specific as the program knows to be true (the
+    resource's own code, a need-level code true for every referral of the need, else "Social service
+    procedure"); the text says the service was received from the resource, not that a referral was made."""
     if r.void or r.status is not ReferralStatus.COMPLETED:
         return []
     return [{"type": {"coding": [dict(codes.SDOHCC_RESULTING_ACTIVITY)]},
-             "valueCodeableConcept": {"coding": [dict(c) for c in service["coding"]], "text": service["text"]}}]
+             "valueCodeableConcept": {"coding": [dict(c) for c in service["coding"]],
+                                      "text": f"Service received from {r.resource_name}"}}]
 
 
 # The elements of a referral Task that belong to the performing organization once it has changed the Task.

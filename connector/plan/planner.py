@@ -288,14 +288,18 @@ def mapping_fingerprint(*parts: str) -> str:
 # (named and quoted in its narrative), the fingerprint the program's time zone (narrative times are stated in it).
 # 4: peersync's codes under https://peersync.github.io/fhir (versioned package); CarePlan custodian, contributors,
 # outcomes and addressed Conditions (MCC eCare Plan); standard codes beside ours; contacts as Procedures (optional).
-MAPPING_VERSION = "4"
+# 5: referral codes only as specific as is true (per resource in the profile, a need-level code only where true
+# for every referral of the need); participant refusals coded SNOMED 1296859006 "Procedure declined".
+MAPPING_VERSION = "5"
 
 
 def program_fingerprint(ctx: MappingContext) -> str:
     """The mapping fingerprint of a deployment: a change re-sends everything (conditionally: no duplicates)."""
     return mapping_fingerprint(MAPPING_VERSION, ctx.program_id, ctx.program_name, ctx.base_url, ctx.mrn_system,
                                ctx.terminology_base, ctx.program_phone or "", ctx.timezone,
-                               *("|".join(code) for code in ctx.referral_codes), ctx.contact_procedures,
+                               *("|".join(code) for code in ctx.referral_codes),
+                               *("resource|" + "|".join(code) for code in ctx.referral_resource_codes),
+                               ctx.contact_procedures,
                                ctx.referral_tasks, *ctx.directory.fingerprint_parts())
 
 

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from connector.identifiers import KIND_CAREPLAN, identifier_value
-from connector.map.codes import SNOMED_PROCEDURE_REFUSED
+from connector.map.codes import SNOMED_PROCEDURE_DECLINED
 from connector.map.context import MappingContext
 from connector.model import Contact, ContactOutcome, Enrollment, EnrollmentStatus, Goal, GoalAchievement
 from connector.plan.ledger import Ledger
@@ -99,7 +99,7 @@ def apply_step(task: Mapping[str, Any], status: str, desired: DesiredTask, *, ca
         code, display = desired.reason
         codings = [{"system": ctx.code_system(STATUS_REASON_SYSTEM), "code": code, "display": display}]
         if code == "participant-declined":  # the standard code beside ours (docs/fhir-modeling-corrections.md)
-            codings.append(dict(SNOMED_PROCEDURE_REFUSED))
+            codings.append(dict(SNOMED_PROCEDURE_DECLINED))
         out["statusReason"] = {"coding": codings, "text": display}
     outputs = [o for o in out.get("output", []) if not _is_ours(o)]
     if careplan_id and status in ("in-progress", "on-hold", "completed"):

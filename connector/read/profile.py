@@ -16,7 +16,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -197,6 +197,26 @@ class ReferralCode(_Strict):
     display: str = Field(min_length=1)
 
 
+class ReferralCodeTable(_Strict):
+    """What a program really refers to: a code per community resource (``resource_id``), else per need.
+
+    A flat mapping of needs (``{food: {...}}``, the earlier form) reads as ``needs``."""
+
+    resources: dict[Annotated[str, Field(pattern=r"^\S+$")], ReferralCode] = Field(
+        default_factory=dict, description="resource_id → the code of the service that resource provides."
+    )
+    needs: dict[NeedCategory, ReferralCode] = Field(
+        default_factory=dict, description="need → a code true for every referral of that need."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_needs(cls, value: Any) -> Any:
+        if isinstance(value, dict) and not set(value) <= {"resources", "needs"}:
+            return {"needs": value}
+        return value
+
+
 class ProgramSpec(_Strict):
     """The program's identity: its identifier namespace, time zone and the clinic's MRN system."""
 
@@ -208,8 +228,9 @@ class ProgramSpec(_Strict):
     phone: str | None = Field(
         None, min_length=1, description="The program's phone: PractitionerRole.telecom of supporters who have none."
     )
-    referral_codes: dict[NeedCategory, ReferralCode] = Field(
-        default_factory=dict, description="ServiceRequest.code per referral need, replacing the shipped table."
+    referral_codes: ReferralCodeTable = Field(
+        default_factory=lambda: ReferralCodeTable(),
+        description="ServiceRequest.code per community resource and per referral need, before the shipped table.",
     )
 
     @field_validator("timezone")

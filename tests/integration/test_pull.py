@@ -444,7 +444,7 @@ def test_an_enrollment_answers_the_clinic_referral_on_the_server(program: Progra
     assert careplan["supportingInfo"] == [{"reference": referral["focus"]["reference"]}]
     refused = task(program, declined["id"])
     assert refused["status"] == "cancelled"  # the participant declined: not the program's decision (SDOH CC)
-    assert [c["code"] for c in refused["statusReason"]["coding"]] == ["participant-declined", "183944003"]
+    assert [c["code"] for c in refused["statusReason"]["coding"]] == ["participant-declined", "1296859006"]
 
     assert program.sync().counts["clinic_tasks_updated"] == 0  # nothing changed: nothing written
 

@@ -635,8 +635,8 @@ def _validate_all(http: requests.Session, base_url: str, resources: list[dict[st
     narrative_issues: list[str] = []
     checked = 0
     for resource in resources:
-        if resource["resourceType"] == "Patient":
-            continue
+        if resource["resourceType"] == "Patient" or resource["id"].startswith("ps-stand-in-"):
+            continue  # the EHR's own records, only there so that references resolve
         us_core = US_CORE_PROFILES.get(resource["resourceType"])
         for profile in [None, us_core] if us_core else [None]:
             label = f"{resource['resourceType']}/{resource['id']} [{profile or 'R4'}]"
@@ -716,3 +716,147 @@ def test_demo_program_validates(
     )
     resources = _demo_program(ctx, tmp_path)
     _validate_all(http, base_url, _with_provenance(resources, ctx))
+
+
+# -- what a sync sends -------------------------------------------------------------------------------------------------
+
+
+def _sync_bundles(ctx: MappingContext, tmp: Path) -> list[dict[str, Any]]:
+    """The transaction bundles a first sync sends for a small demo program (``iter_bundles``: per-author
+    Provenances, Procedures beside Communications, draft Tasks), one of its goals naming the EHR's HbA1c result
+    (``outcome_observation``), plus one participant's change-set built again as a later send (UPDATE Provenances,
+    ``build_change_set`` with ``first_send`` False)."""
+    import csv
+    import dataclasses
+    import tempfile
+
+    from connector.map.export import iter_bundles
+    from connector.map.units import iter_planned_units
+    from connector.plan.ledger import Ledger
+    from connector.plan.planner import compute_plan, participants_to_write, program_fingerprint, units_to_write
+    from connector.read.profile import load_profile
+    from connector.read.program import read_program
+    from connector.read.staging import Staging
+    from connector.write.changeset import build_change_set
+
+    generate_program(tmp, fmt="template", participants=4, months=3)
+    goals_csv = tmp / "goals.csv"
+    with goals_csv.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows[0]["outcome_observation"] = f"Observation/{STAND_IN_OBSERVATION}"
+    with goals_csv.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with Staging() as staging:
+        read_program(load_profile("peersync-template"), [tmp], staging)
+        bundles = [bundle for _name, bundle in iter_bundles(staging, ctx, recorded=RECORDED)]
+        with tempfile.TemporaryDirectory() as ledger_dir, Ledger(Path(ledger_dir) / "l.sqlite") as empty:
+            compute_plan(staging, empty, program_id=ctx.program_id, fingerprint=program_fingerprint(ctx), ctx=ctx)
+            participant = participants_to_write(staging)[0]
+            writes = list(iter_planned_units(staging, participant, units_to_write(staging, participant), ctx))
+            Ledger.detach_from(staging.db)
+    later = [dataclasses.replace(w, first_send=False) for w in writes]
+    bundles.append(build_change_set(later, ctx=ctx, patient=None, resolve=lambda _identity: None,
+                                    recorded=RECORDED).bundle)
+    return bundles
+
+
+STAND_IN_OBSERVATION = "ps-stand-in-hba1c"
+STAND_IN_CONDITION = "ps-stand-in-diabetes"
+
+
+def _resources_of_bundles(bundles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The bundles' resources as ``_validate_all`` writes them: one per identity (a later version wins), ids
+    assigned, every ``urn:uuid`` reference (Provenance targets, the program Organization) made literal, Patient
+    references on this test's MRN system, conditional references literal (``_literalize``)."""
+    import copy
+
+    by_identity: dict[tuple[str, str, str], dict[str, Any]] = {}
+    provenances: list[dict[str, Any]] = []
+    identity_of_url: dict[str, tuple[str, str, str]] = {}
+    provenance_urls: list[tuple[str, dict[str, Any]]] = []
+    for bundle in bundles:
+        for entry in bundle["entry"]:
+            resource = copy.deepcopy(entry["resource"])
+            if resource["resourceType"] == "Provenance":
+                provenances.append(resource)
+                provenance_urls.append((entry["fullUrl"], resource))
+                continue
+            ident = resource["identifier"][0]
+            identity = (resource["resourceType"], ident["system"], ident["value"])
+            by_identity[identity] = resource
+            identity_of_url[entry["fullUrl"]] = identity
+    resources = list(by_identity.values())
+    ids = _assign_ids(resources)
+    for n, provenance in enumerate(provenances):
+        provenance["id"] = f"ps-sync-provenance-{n}"
+    local = {url: f"{identity[0]}/{ids[identity]}" for url, identity in identity_of_url.items()}
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: fix(v) for k, v in node.items()}
+            ref = out.get("reference")
+            if isinstance(ref, str) and ref.startswith("urn:uuid:"):
+                out["reference"] = local[ref]
+            parsed = parse_conditional_reference(ref) if isinstance(ref, str) else None
+            if parsed is not None and parsed[0] == "Patient":
+                out["reference"] = f"Patient?identifier={MRN_SYSTEM}|{parsed[2]}"
+            return out
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        return node
+
+    fixed = [fix(r) for r in resources + provenances]
+    # the CarePlan of a participant whose enrollment names a diagnosis addresses the EHR's Condition (found by a
+    # search at sync time, never created): a stand-in Condition, as the sync would have found it
+    careplan = next(r for r in fixed if r["resourceType"] == "CarePlan")
+    careplan["addresses"] = [{"reference": f"Condition/{STAND_IN_CONDITION}"}]
+    return _literalize(fixed, ids)
+
+
+def _stand_ins(patient_ref: str) -> list[dict[str, Any]]:
+    """The EHR's own records a sync links to: the HbA1c result a goal names, the diagnosis a CarePlan addresses."""
+    return [
+        {"resourceType": "Observation", "id": STAND_IN_OBSERVATION, "status": "final",
+         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                   "code": "laboratory"}]}],
+         "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}], "text": "Hemoglobin A1c"},
+         "subject": {"reference": patient_ref}, "effectiveDateTime": "2026-01-02",
+         "valueQuantity": {"value": 6.8, "unit": "%", "system": "http://unitsofmeasure.org", "code": "%"}},
+        {"resourceType": "Condition", "id": STAND_IN_CONDITION,
+         "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                        "code": "active"}]},
+         "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "E11.9"}],
+                  "text": "Type 2 diabetes"},
+         "subject": {"reference": patient_ref}},
+    ]
+
+
+def test_what_sync_sends_validates(base_url: str, http: requests.Session, conformance_loaded: None,
+                                   tmp_path: Path) -> None:
+    """Not the test's own mapping loop: the bundles ``iter_bundles`` / ``build_change_set`` produce, with contacts
+    also as Procedures, per-author CREATE and UPDATE Provenances, the draft referral Task, CarePlan.addresses and
+    Goal.outcomeReference, against base R4 and US Core 6.1.0: 0 errors."""
+    from connector.read.profile import load_profile
+
+    ctx = MappingContext.from_profile(
+        load_profile("peersync-template"),
+        program_id="validate-sync",
+        base_url="https://fhir.validate-sync.example.org/peer-support",
+        mrn_system=MRN_SYSTEM,
+        program_phone="+1-555-010-0198",
+        contact_procedures="also",
+        referral_tasks="draft",
+    )
+    resources = _resources_of_bundles(_sync_bundles(ctx, tmp_path))
+    kinds = Counter(r["resourceType"] for r in resources)
+    assert kinds["Procedure"] and kinds["Communication"] and kinds["Provenance"] >= 3
+    activities = {p["activity"]["coding"][0]["code"] for p in resources if p["resourceType"] == "Provenance"}
+    assert {"CREATE", "UPDATE"} <= activities
+    authors = {p["agent"][0]["who"]["reference"].split("/")[0] for p in resources if p["resourceType"] == "Provenance"}
+    assert authors == {"PractitionerRole", "Organization"}
+    assert any(t["status"] == "draft" for t in resources if t["resourceType"] == "Task")
+    assert any(g.get("outcomeReference") for g in resources if g["resourceType"] == "Goal")
+    careplan = next(r for r in resources if r["resourceType"] == "CarePlan" and r.get("addresses"))
+    _validate_all(http, base_url, _stand_ins(careplan["subject"]["reference"]) + resources)

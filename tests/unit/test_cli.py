@@ -234,7 +234,7 @@ def test_terminology_publish_dry_run(tmp_path: Path) -> None:
     assert result.exit_code == 0 and json.loads(result.stdout)["type"] == "transaction"
     resources = [e["resource"] for e in json.loads(result.stdout)["entry"]]
     assert {r["id"] for r in resources} >= {"adces7-behavior", "peer-support-activity", "contact-duration"}
-    assert all(r["url"].startswith("https://peersync.github.io/fhir/") and r["version"] == "2.0.0" for r in resources)
+    assert all(r["url"].startswith("https://peersync.github.io/fhir/") and r["version"] == "2.1.0" for r in resources)
 
 
 def test_terminology_publish_ignores_a_deprecated_terminology_base(tmp_path: Path) -> None:

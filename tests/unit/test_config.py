@@ -191,3 +191,27 @@ def test_locate_finds_sections_and_keys() -> None:
     assert locate(text, "server", "base_url") == 6
     assert locate(text, "auth", "mode") is None
     assert locate(None, "server") is None
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, "requested"), ('"draft"', "draft")])
+def test_server_referral_tasks_reaches_the_mapping_context_and_the_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        setting: str | None, expected: str) -> None:
+    """[server] referral_tasks, from the file or the environment, is what the referral mapper sees."""
+    from datetime import date
+
+    from connector.map import map_referral
+    from connector.model import Enrollment, Referral
+    from connector.wiring import mapping_context
+
+    text = MINIMAL if setting is None else MINIMAL.replace("[server]\n", f"[server]\nreferral_tasks = {setting}\n")
+    ctx = mapping_context(load_settings(write(tmp_path, text)))
+    assert ctx.referral_tasks == expected
+    made = Referral(referral_id="R1", enrollment_id="E1", resource_name="Food bank", need="food",
+                    referred_on=date(2025, 2, 1))
+    enrollment = Enrollment(enrollment_id="E1", mrn="M1", start_date=date(2025, 1, 6), supporter_id="S1")
+    assert map_referral(made, enrollment, ctx)[1]["status"] == expected
+    monkeypatch.setenv("PEERSYNC_SERVER__REFERRAL_TASKS", "draft")
+    assert mapping_context(load_settings(write(tmp_path, MINIMAL))).referral_tasks == "draft"
+    monkeypatch.setenv("PEERSYNC_SERVER__REFERRAL_TASKS", "sometimes")
+    with pytest.raises(ConfigError, match="referral_tasks"):
+        load_settings(write(tmp_path, MINIMAL))

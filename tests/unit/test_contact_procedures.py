@@ -87,6 +87,22 @@ def test_category_only_where_a_verified_code_fits(support: tuple[str, ...], code
                                                         "409073007": "Education"}[code]}]
 
 
+@pytest.mark.parametrize(("mode", "setting", "standard"), [
+    ("telephone", None, ("185317003", "Telephone encounter")),
+    ("face-to-face", "home", ("439708006", "Home visit")),
+    ("face-to-face", "clinic", None),  # not a home visit, and no verified code for the rest
+    ("video", "home", None),  # at home, but not a visit
+    ("text-message", None, None),
+])
+def test_a_broader_snomed_encounter_code_sits_beside_ours_only_where_true(
+        mode: str, setting: str | None, standard: tuple[str, str] | None) -> None:
+    p = map_contact_procedure(contact(mode=mode, setting=setting), enrollment(), context())
+    assert p["code"]["coding"][0]["code"] == "peer-support-contact" and p["code"]["text"] == "Peer support contact"
+    extra = [(c["code"], c["display"]) for c in p["code"]["coding"][1:]]
+    assert extra == ([standard] if standard else [])
+    assert all(c["system"] == SNOMED for c in p["code"]["coding"][1:])
+
+
 def test_the_communication_category_carries_snomed_education_beside_our_code() -> None:
     r = map_contact(contact(support_types=("education", "emotional")), enrollment(), context())
     education, emotional = r["category"]

@@ -945,8 +945,8 @@ def test_referral_status(ctx: MappingContext, status: ReferralStatus, sr: str, t
 def test_referral_codes(ctx: MappingContext, need: NeedCategory) -> None:
     sr, _ = map_referral(referral(need=need), enrollment(), ctx)
     systems = [c["coding"][0]["system"] for c in sr["category"]]
-    specific = {NeedCategory.FOOD: "467771000124109", NeedCategory.SOCIAL_CONNECTION: "461481000124109",
-                NeedCategory.PHYSICAL_ACTIVITY: "390893007"}
+    # a need-level code only where it is true for every referral of the need (mappings/referral-codes.yaml)
+    specific = {NeedCategory.PHYSICAL_ACTIVITY: "390893007"}
     if need is NeedCategory.PHYSICAL_ACTIVITY:
         assert systems == [codes.PA_TEMPORARY_CODES, ctx.code_system("referral-need")]
     else:
@@ -954,7 +954,7 @@ def test_referral_codes(ctx: MappingContext, need: NeedCategory) -> None:
                            ctx.code_system("referral-need")]
         assert sr["category"][0]["coding"][0]["code"] == "sdoh"
         assert sr["category"][1]["coding"][0]["code"] == "410606002"  # US Core ServiceRequest category
-    # a specific procedure where a verified one exists, else the generic social service procedure
+    # else the generic social service procedure, true of any community referral
     assert sr["code"]["coding"][0]["code"] == specific.get(need, "410606002")
     assert sr["reasonCode"][0]["coding"][0]["code"] == need.value
     assert sr["code"]["coding"][0]["system"] == codes.SNOMED  # US Core Procedure Codes: 1..1

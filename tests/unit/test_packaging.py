@@ -114,3 +114,24 @@ def test_every_runtime_dependency_is_imported_by_the_package() -> None:
     unused = [name for name, module in _IMPORT_NAMES.items()
               if not re.search(rf"^\s*(from|import) {re.escape(module)}\b", source, re.MULTILINE)]
     assert unused == [], f"declared but never imported: {unused}"
+
+
+def test_the_canonical_base_belongs_to_the_project_home_the_package_declares() -> None:
+    """One terminology base, stated in one place and owned by the GitHub organisation that hosts the project:
+    pyproject's [project.urls], the FHIR package, every terminology resource, the connector's User-Agent."""
+    import json
+    from urllib.parse import urlsplit
+
+    from connector.map.context import TERMINOLOGY_BASE
+    from connector.wiring import USER_AGENT
+
+    urls = PYPROJECT["project"]["urls"]
+    owner = urlsplit(urls["Repository"]).path.strip("/").split("/")[0]
+    assert urls["Terminology"] == TERMINOLOGY_BASE
+    assert urlsplit(TERMINOLOGY_BASE).hostname == f"{owner}.github.io"  # GitHub Pages serves it to that owner only
+    package = json.loads((REPO / "mappings" / "terminology" / "package.json").read_text(encoding="utf-8"))
+    assert package["canonical"] == TERMINOLOGY_BASE and package["url"] == urls["Repository"]
+    for path in (REPO / "mappings" / "terminology").glob("*-*.json"):
+        resource = json.loads(path.read_text(encoding="utf-8"))
+        assert resource["url"].startswith(TERMINOLOGY_BASE + "/"), path.name
+    assert urls["Repository"] in USER_AGENT

@@ -333,3 +333,57 @@ def test_the_reference_checker_reports_stored_conditional_and_dangling_reference
         ("Communication/c1", "basedOn", "CarePlan", "stored conditional"),
         ("Task/t1", "focus", "ServiceRequest", "not on the server")}
     assert sum(c.request.url.endswith("/Patient/p1") for c in responses.calls) == 1  # each target read once
+
+
+@responses.activate
+@pytest.mark.parametrize("strategy", [Strategy.SINGLE, Strategy.BATCH])
+def test_stepwise_provenances_credit_each_contact_to_the_supporter_the_source_names(strategy: Strategy) -> None:
+    """Issue 19 authorship on the batch/single path (StepwiseSender._send_provenance): the oracle is the source
+    contacts' supporter_id, not the elements the Provenance grouping reads."""
+    from datetime import date
+
+    from connector.map import map_contact
+    from connector.model import Contact, Enrollment
+
+    enrollment = Enrollment(enrollment_id="E1", mrn="M1", start_date=date(2025, 1, 6), supporter_id="S01")
+    contacts = [Contact(contact_id=cid, enrollment_id="E1", supporter_id=sid, mode="telephone",
+                        occurred_at=datetime(2025, 2, day, 15, tzinfo=UTC))
+                for cid, sid, day in (("C1", "S01", 3), ("C2", "S02", 4), ("C3", "S02", 5))]
+    units = [PendingWrite(UnitWrite(f"contact:{c.contact_id}", "contact", [map_contact(c, enrollment, CTX)]), "h")
+             for c in contacts]
+
+    def stored_id(identity: tuple[str, str, str]) -> str:
+        return f"{identity[0].lower()}-{identity[2]}"
+
+    def single(request: Any) -> tuple[int, dict[str, str], str]:
+        value = re.search(r"%7C([^&]+)$", request.url) or re.search(r"\|([^&]+)$", request.url)
+        assert value is not None
+        return stored_answer(request, f"communication-{value.group(1)}", "1")
+
+    def batch(request: Any) -> tuple[int, dict[str, str], str]:
+        bundle = json.loads(request.body)
+        entries = [{"response": {"status": "201 Created", "location":
+                                 f"Communication/communication-{e['resource']['identifier'][0]['value']}/_history/1"}}
+                   for e in bundle["entry"]]
+        return 200, {}, json.dumps({"resourceType": "Bundle", "type": "batch-response", "entry": entries})
+
+    responses.add_callback(responses.PUT, re.compile(f"{BASE}/Communication.*"), callback=single)
+    responses.add_callback(responses.POST, f"{BASE}/", callback=batch)
+    responses.add_callback(responses.POST, f"{BASE}/Provenance", callback=lambda r: stored_answer(r, "pv", "1"))
+    outcomes = StepwiseSender(FhirClient(BASE, retry=FAST), strategy, CONDITIONAL_EVERYWHERE, CTX).send(
+        units, patient=None, known=KnownIds(), recorded=NOW,
+        resolve=lambda i: None if i[0] == "Communication" else (stored_id(i), "1"))
+    assert all(o.failure is None for o in outcomes.values()), outcomes
+    provenances = [json.loads(c.request.body) for c in responses.calls if c.request.url == f"{BASE}/Provenance"]
+    credited = {}
+    for provenance in provenances:
+        (agent,) = [a for a in provenance["agent"] if a["type"]["coding"][0]["code"] == "author"]
+        author = agent["who"]["reference"]
+        assert author.startswith("PractitionerRole/practitionerrole-"), author
+        credited[author.removeprefix("PractitionerRole/practitionerrole-")] = {
+            t["reference"].removeprefix("Communication/communication-") for t in provenance["target"]}
+    # the source says who wrote each contact
+    expected: dict[str, set[str]] = {}
+    for c in contacts:
+        expected.setdefault(c.supporter_id, set()).add(c.contact_id)
+    assert credited == expected
