@@ -448,7 +448,7 @@ def map_command(profile_ref: str, inputs: tuple[Path, ...], out_dir: Path, as_js
                 raise click.BadParameter("no accepted enrollment has this id; check the id (an enrollment id) and "
                                          "the rejects report", param_hint="--participant")
             previews = write_note_previews(st, ctx, preview_dir, participant)
-    summary["previews"] = [str(p) for p in previews]
+    summary["previews"] = len(previews)  # a count: the files are named by enrollment id, an identifier of the person
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

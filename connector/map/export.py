@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import orjson
 
-from connector.files import make_folder, write_atomically
+from connector.files import make_folder, open_new_binary, write_atomically
 from connector.identifiers import identifier_value
 from connector.map import MappingContext
 from connector.map.note import preview_page
@@ -52,19 +52,19 @@ def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_d
     """Read, map and write every record; return the summary (also written as summary.json)."""
     report: ReadReport = read_program(profile, inputs, staging)
     bundles_dir = out_dir / "bundles"
-    bundles_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(bundles_dir)  # 0700, files 0600: every file here holds patient data
     ndjson: dict[str, IO[bytes]] = {}
     counts: Counter[str] = Counter()
     bundles = 0
     try:
         for name, bundle in iter_bundles(staging, ctx, recorded=recorded, max_bundle_entries=max_bundle_entries):
             bundles += 1
-            (bundles_dir / f"{name}.json").write_bytes(orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
+            write_atomically(bundles_dir / f"{name}.json", orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
             for entry in bundle["entry"]:
                 resource = entry["resource"]
                 resource_type = resource["resourceType"]
                 if resource_type not in ndjson:
-                    ndjson[resource_type] = (out_dir / f"{resource_type}.ndjson").open("wb")
+                    ndjson[resource_type] = open_new_binary(out_dir / f"{resource_type}.ndjson")
                 ndjson[resource_type].write(orjson.dumps(resource) + b"\n")
                 counts[resource_type] += 1
     finally:
@@ -77,7 +77,7 @@ def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_d
         "resources": dict(sorted(counts.items())),
         "out_dir": str(out_dir),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_atomically(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
