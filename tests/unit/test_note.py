@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -129,10 +130,30 @@ def test_the_document_reference_follows_us_core() -> None:
     assert "Rosa Lopez" in decoded(doc, "text/plain")
 
 
-def test_loinc_note_type_is_a_document_code() -> None:
-    # LOINC 85901-7: Component "Note", Method "Community health care", Scale "Doc", class DOC.ONT, so it is in US
-    # Core's DocumentReference type value set (LOINC codes with SCALE_TYP = DOC); see docs/clinical-notes.md.
-    assert NOTE_TYPE == {"system": "http://loinc.org", "code": "85901-7", "display": "Community health care Note"}
+ASSETS = Path(__file__).resolve().parents[2] / "mappings"
+
+
+def test_loinc_note_type_is_a_document_code_in_the_us_core_type_value_set() -> None:
+    # NOTE_TYPE is written out in note.py; the shipped LOINC excerpt holds the term's published properties
+    # (docs/clinical-notes.md cites them). A wrong code, display or a code whose scale is not DOC fails here.
+    loinc = json.loads((ASSETS / "fhir" / "loinc" / "CodeSystem-loinc-note-type.json").read_text(encoding="utf-8"))
+    assert loinc["url"] == NOTE_TYPE["system"] and loinc["content"] == "fragment"
+    assert "Regenstrief Institute" in loinc["copyright"] and "http://loinc.org/license" in loinc["copyright"]
+    term = next(c for c in loinc["concept"] if c["code"] == NOTE_TYPE["code"])
+    assert term["display"] == NOTE_TYPE["display"]
+    properties = {p["code"]: p["valueString"] for p in term["property"]}
+    assert properties["COMPONENT"] == "Note" and properties["CLASS"] == "DOC.ONT" and properties["STATUS"] == "ACTIVE"
+
+    value_set = json.loads((ASSETS / "fhir" / "us-core-6.1.0" / "ValueSet-us-core-documentreference-type.json")
+                           .read_text(encoding="utf-8"))
+    profile = json.loads((ASSETS / "fhir" / "us-core-6.1.0" / "StructureDefinition-us-core-documentreference.json")
+                         .read_text(encoding="utf-8"))
+    [binding] = [e["binding"] for e in profile["snapshot"]["element"] if e["id"] == "DocumentReference.type"]
+    assert binding["strength"] == "required" and binding["valueSet"] == value_set["url"]
+    [loinc_rule] = [rule for rule in value_set["compose"]["include"] if rule["system"] == NOTE_TYPE["system"]]
+    for rule in loinc_rule["filter"]:  # every filter of the rule holds for the term (LOINC is case-insensitive)
+        assert rule["op"] == "=" and properties[rule["property"]].casefold() == rule["value"].casefold(), rule
+    assert loinc_rule["filter"], "the rule must filter LOINC, not take all of it"
 
 
 def test_a_note_whose_contacts_are_all_voided_is_entered_in_error() -> None:
