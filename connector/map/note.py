@@ -38,7 +38,7 @@ from connector.model import (
 
 from ._util import resource
 from .context import MappingContext
-from .narrative import bullets, escape_text, labelled, narrative, with_narrative, xhtml_div
+from .narrative import bullets, clean_text, escape_text, narrative, with_narrative, xhtml_div
 
 NotePeriodKind = Literal["contact", "week", "month"]
 
@@ -296,7 +296,7 @@ def note_sections(sources: NoteSources, tz: str) -> list[tuple[str, list[Line]]]
 def render_note(sources: NoteSources, ctx: MappingContext) -> RenderedNote:
     """The note as plain text and as a standalone HTML page (every source value escaped)."""
     tz = ctx.timezone
-    title = f"Peer support note: {ctx.program_name}"
+    title = clean_text(f"Peer support note: {ctx.program_name}")  # also the attachments' title
     when = period_text(sources.period, tz)
     staff = dict.fromkeys(c.supporter_id for c in (sources.live_contacts() or sources.contacts))
     by = "; ".join(supporter_line(sources.supporter(s)) for s in staff)
@@ -321,7 +321,8 @@ def render_note(sources: NoteSources, ctx: MappingContext) -> RenderedNote:
         items = "".join(f"<li><b>{esc(line.lead)}</b>: {esc(line.text)}</li>" if line.lead
                         else f"<li>{esc(line.text)}</li>" for line in lines)
         body.append(f"<h2>{esc(heading)}</h2><ul>{items}</ul>")
-    return RenderedNote(title, "\n".join(plain) + "\n", html_page(title, "".join(body)))
+    # the words as written, less what no text can carry (lone surrogates, control characters, bidi overrides)
+    return RenderedNote(title, clean_text("\n".join(plain)) + "\n", html_page(title, "".join(body)))
 
 
 def note_narrative(sources: NoteSources, ctx: MappingContext) -> dict[str, str]:
@@ -335,7 +336,8 @@ def note_narrative(sources: NoteSources, ctx: MappingContext) -> dict[str, str]:
     else:
         for heading, lines in note_sections(sources, tz):
             blocks.append(f"<p><b>{escape_text(heading)}</b></p>")
-            blocks.append(bullets(labelled(line.lead, escape_text(line.text)) if line.lead
+            # a lead is a source value (a goal's words, a resource's name), escaped like the text, never a label
+            blocks.append(bullets(f"<li><b>{escape_text(line.lead)}</b>: {escape_text(line.text)}</li>" if line.lead
                                   else f"<li>{escape_text(line.text)}</li>" for line in lines))
     return narrative(xhtml_div(*blocks))
 

@@ -8,9 +8,11 @@ import json
 import re
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from connector.map import MappingContext
 from connector.map.export import write_note_previews
@@ -28,6 +30,7 @@ from connector.plan.planner import Act, compute_plan
 from connector.read.profile import load_profile
 from connector.read.program import read_program
 from connector.read.staging import Staging
+from tests.unit.test_narrative import TEXT, _lines, parsed_div, visible_text
 
 DEMO = Path(__file__).resolve().parents[2] / "fixtures" / "demo" / "template"
 CST = timezone(timedelta(hours=-6))
@@ -206,3 +209,78 @@ def test_preview_files_are_private_and_hold_the_rendered_notes(demo_staging, tmp
     assert written[0].stat().st_mode & 0o777 == 0o600
     page = written[0].read_text(encoding="utf-8")
     assert page.count('<article class="note">') >= 1 and not re.search(r"<script", page, re.I)
+
+
+# -- hostile text in every source of a note ----------------------------------------------------------------------------
+
+# The elements and attributes of the note's HTML template (connector/map/note.py html_page and render_note, and
+# escape_text's <br/> and <span dir>): a source value must never add to them.
+PAGE_ELEMENTS = frozenset("html head meta title style body h1 h2 p ul li b br span".split())
+PAGE_ATTRIBUTES = frozenset("lang charset http-equiv content class dir".split())
+
+
+class _Page(HTMLParser):
+    """The tags, attributes and visible text of an HTML page, as a browser's tokenizer would see them."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: set[str] = set()
+        self.attributes: set[str] = set()
+        self.text: list[str] = []
+        self._in_head_text = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.add(tag)
+        self.attributes |= {name for name, _ in attrs}
+        self._in_head_text = tag in ("style", "title")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_head_text = False
+
+    def handle_data(self, data: str) -> None:
+        if not self._in_head_text:
+            self.text.append(data)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(note=TEXT, progress=TEXT, words=TEXT, name=TEXT, title=TEXT, resource_name=TEXT, program=TEXT)
+def test_hostile_note_sources_stay_inert_in_the_narrative_and_the_html(
+        note: str, progress: str, words: str, name: str, title: str, resource_name: str, program: str) -> None:
+    """Markup, scripts, entities, very long text, right-to-left text, control characters and lone surrogates in a
+    contact's note, a goal's words and progress note, the supporter's name and title, a referral's resource and the
+    program's name: the note's narrative is valid inert XHTML, its HTML page keeps only the template's elements
+    and shows every value as text, and each attachment's size and hash are those of its data."""
+    ctx = MappingContext(program_id="demo", program_name=program, base_url="https://example.org/ps",
+                         mrn_system="urn:mrn", timezone="America/Chicago")
+    supporter = SUPPORTER.model_copy(update={"given_name": name, "title_text": title})
+    # model_copy does not validate, so a value the readers would refuse (a lone surrogate) still gets through
+    goal = Goal(goal_id="G1", enrollment_id="E1", description="A1c", behavior="monitoring",
+                target=GoalTarget(measure="hba1c", comparator="<", value=Decimal(7)), start_date=date(2025, 3, 1),
+                notes=(GoalNote(note_id="N1", goal_id="G1", noted_on=date(2025, 3, 20), text="-"),))
+    goal = goal.model_copy(update={"description": words,
+                                   "notes": (goal.notes[0].model_copy(update={"text": progress}),)})
+    referral = Referral(referral_id="R1", enrollment_id="E1", resource_name="Food bank", need="food",
+                        referred_on=date(2025, 3, 10)).model_copy(update={"resource_name": resource_name,
+                                                                          "outcome_notes": note})
+    [sources] = group_notes(ENROLLMENT, [contact("C1", datetime(2025, 3, 4, 11, tzinfo=CST), goal_ids=("G1",))
+                                         .model_copy(update={"notes": note})],
+                            [goal], [referral], [], {"S1": supporter}, kind="month", timezone=ctx.timezone)
+    values = (note, progress, words, name, title, resource_name)
+
+    doc = map_note(sources, ctx)
+    narrative_text = visible_text(parsed_div(doc))  # txt-1/txt-2 and our element subset, or it fails
+    for value in values:
+        assert all(line in narrative_text for line in _lines(value))
+
+    for content in doc["content"]:
+        attachment = content["attachment"]
+        data = base64.b64decode(attachment["data"])
+        assert attachment["size"] == len(data)
+        assert attachment["hash"] == base64.b64encode(hashlib.sha1(data).digest()).decode()
+    page = _Page()
+    page.feed(decoded(doc, "text/html"))
+    page.close()
+    assert page.elements <= PAGE_ELEMENTS and page.attributes <= PAGE_ATTRIBUTES
+    shown = "".join(page.text)
+    for value in (*values, program):
+        assert all(line in shown for line in _lines(value)), value[:80]
