@@ -199,18 +199,18 @@ def with_narrative(resource: Mapping[str, Any], text: Mapping[str, str]) -> dict
 
 
 ENTERED_IN_ERROR_NOTICE = "<p><b>Entered in error</b>: disregard this record</p>"
+SUPERSEDED_NOTICE = "<p><b>Superseded</b>: replaced by the program's newer notes for this period</p>"
 
 
-def mark_entered_in_error(text: Mapping[str, Any] | None) -> dict[str, str]:
+def mark_entered_in_error(text: Mapping[str, Any] | None, notice: str = ENTERED_IN_ERROR_NOTICE) -> dict[str, str]:
     """The narrative of a resource set to entered-in-error as it stands on the server (a record gone from the input):
-    its old narrative with a notice in front, so the chart does not keep showing it as current. Idempotent."""
+    its old narrative with a notice in front, so the chart does not keep showing it as current. Idempotent.
+    ``notice``: :data:`SUPERSEDED_NOTICE` for a note replaced by others rather than withdrawn."""
     div = str((text or {}).get("div") or xhtml_div())
-    if ENTERED_IN_ERROR_NOTICE not in div:
+    if notice not in div:
         start = div.index(">") + 1
-        if div[start - 2] == "/":  # an empty <div .../>
-            div = div[: start - 2] + ">" + ENTERED_IN_ERROR_NOTICE + "</div>"
-        else:
-            div = div[:start] + ENTERED_IN_ERROR_NOTICE + div[start:]
+        empty = div[start - 2] == "/"  # an empty <div .../>
+        div = f"{div[: start - 2]}>{notice}</div>" if empty else div[:start] + notice + div[start:]
     return {"status": str((text or {}).get("status") or "generated"), "div": div}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -340,6 +341,35 @@ def note_narrative(sources: NoteSources, ctx: MappingContext) -> dict[str, str]:
             blocks.append(bullets(f"<li><b>{escape_text(line.lead)}</b>: {escape_text(line.text)}</li>" if line.lead
                                   else f"<li>{escape_text(line.text)}</li>" for line in lines))
     return narrative(xhtml_div(*blocks))
+
+
+def amended(doc: dict[str, Any]) -> dict[str, Any]:
+    """A new version of a note the clinic already received (its contacts were edited): ``docStatus = amended``,
+    "modified subsequent to being released as final" (FHIR R4 composition-status,
+    https://hl7.org/fhir/R4/valueset-composition-status.html). The first version of a note is ``final``."""
+    return doc | {"docStatus": "amended"}
+
+
+def replaced(old_source_id: str, current: Iterable[NoteSources], timezone: str) -> bool:
+    """Whether a note gone from the source was replaced rather than withdrawn: a live contact of the participant's
+    current notes falls in the period it covered (``note_period`` changed, so its contacts are now in weekly notes
+    instead of a monthly one, or the reverse). It is then ``superseded``, not ``entered-in-error``: it was not
+    wrong. A note whose contacts are gone from the input, or moved out of its period, is withdrawn."""
+    key = old_source_id.rsplit("|", 1)[-1]
+    live = [c for note in current if not note.voided for c in note.live_contacts()]
+    if key.startswith("contact-"):
+        return any(c.contact_id == key.removeprefix("contact-") for c in live)
+    match = re.fullmatch(r"(\d{4})-W(\d{2})|(\d{4})-(\d{2})", key)
+    if match is None:
+        return False
+    if match.group(1):
+        first = date.fromisocalendar(int(match.group(1)), int(match.group(2)), 1)
+        last = first + timedelta(days=6)
+    else:
+        first = date(int(match.group(3)), int(match.group(4)), 1)
+        last = (first + timedelta(days=32)).replace(day=1) - timedelta(days=1)
+    zone = ZoneInfo(timezone)
+    return any(first <= c.occurred_at.astimezone(zone).date() <= last for c in live)
 
 
 def html_page(title: str, body: str) -> str:

@@ -30,7 +30,7 @@ from connector.map import (
     map_referral,
     map_supporter,
 )
-from connector.map.note import NoteSources, group_notes, map_note
+from connector.map.note import NoteSources, amended, group_notes, map_note
 from connector.model import (
     RECORD_MODELS,
     Contact,
@@ -125,8 +125,10 @@ def iter_planned_units(staging: Staging, participant: str, planned: Sequence[Pla
     for mapped in iter_participant_units(staging, participant, [(u.kind, u.source_id) for u in planned], ctx,
                                          condition_refs=condition_refs):
         unit = by_key.get(mapped.unit_key)
-        yield PendingWrite(mapped, unit.unit_hash if unit else None,
-                           first_send=unit is not None and unit.action == "create")
+        first_send = unit is not None and unit.action == "create"
+        if mapped.kind == "note" and unit is not None and unit.action in ("update", "void"):
+            mapped.resources[:] = [amended(r) for r in mapped.resources]  # a new version of a note already sent
+        yield PendingWrite(mapped, unit.unit_hash if unit else None, first_send=first_send)
 
 
 def map_participant_units(

@@ -167,6 +167,8 @@ def test_notes_only_mode_writes_valid_idempotent_notes(tmp_path: Path, fhir_base
     changed = {k for k, d in after.items() if before[k] != d["meta"]["versionId"]}
     assert changed == {identifier_value(note.source_id)}
     assert after[identifier_value(note.source_id)]["status"] == "current"
+    assert after[identifier_value(note.source_id)]["docStatus"] == "amended"  # a new version of a sent note
+    assert {d["docStatus"] for k, d in after.items() if k not in changed} == {"final"}
 
     # voiding every contact of that note marks it entered-in-error, and nothing else changes
     covered = {c.contact_id for c in note.contacts}
@@ -207,3 +209,26 @@ def test_one_note_per_contact_validates(tmp_path: Path, fhir_base_url: str) -> N
     sample = [documents[k] for k in sorted(documents)[::10]]
     errors = [e for d in sample for e in _validation_errors(program.base_url.rstrip("/"), d)]
     assert not errors, "\n".join(errors)
+
+
+def test_changing_note_period_supersedes_the_old_notes(tmp_path: Path, fhir_base_url: str) -> None:
+    program = _with_notes(tmp_path, fhir_base_url, "only", period="month")
+    assert program.sync().exit_code == 65
+    monthly = _documents(program)
+    assert monthly and all(d["status"] == "current" for d in monthly.values())
+
+    text = program.config.read_text(encoding="utf-8")
+    # every monthly note goes: the deletion guard would hold that back (docs/clinical-notes.md says to raise it)
+    text = text.replace('note_period = "month"', 'note_period = "week"').replace("[sync]\n",
+                                                                               "[sync]\nmax_delete_fraction = 1.0\n")
+    program.config.write_text(text, encoding="utf-8")
+    switch = program.sync()
+    assert switch.counts["created"] > 0 and switch.counts["deleted"] == len(monthly)
+    after = _documents(program)
+    weekly = {k: d for k, d in after.items() if k not in monthly}
+    assert set(weekly) == _expected_notes(program)
+    # replaced, not wrong: superseded, with a notice in front of the narrative; the new notes are first versions
+    assert {after[k]["status"] for k in monthly} == {"superseded"}
+    assert all("Superseded" in after[k]["text"]["div"] for k in monthly)
+    assert {(d["status"], d["docStatus"]) for d in weekly.values()} == {("current", "final")}
+    assert program.sync().write_requests == 0

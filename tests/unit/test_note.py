@@ -23,13 +23,16 @@ from connector.map.note import (
     map_note,
     period_of,
     render_note,
+    replaced,
 )
+from connector.map.units import iter_planned_units, participant_notes
 from connector.model import Contact, Enrollment, Goal, GoalNote, GoalTarget, PlannedContact, Referral, Supporter
 from connector.plan.ledger import Ledger
-from connector.plan.planner import Act, compute_plan
+from connector.plan.planner import Act, PlannedUnit, compute_plan
 from connector.read.profile import load_profile
 from connector.read.program import read_program
 from connector.read.staging import Staging
+from connector.write.changeset import void_bundle
 from tests.unit.test_narrative import TEXT, _lines, parsed_div, visible_text
 
 DEMO = Path(__file__).resolve().parents[2] / "fixtures" / "demo" / "template"
@@ -284,3 +287,47 @@ def test_hostile_note_sources_stay_inert_in_the_narrative_and_the_html(
     shown = "".join(page.text)
     for value in (*values, program):
         assert all(line in shown for line in _lines(value)), value[:80]
+
+
+# -- replaced and amended notes ----------------------------------------------------------------------------------------
+
+
+def test_a_note_whose_period_other_notes_now_cover_was_replaced_not_withdrawn() -> None:
+    contacts = [contact("C1", datetime(2025, 3, 4, 11, tzinfo=CST)),
+                contact("C2", datetime(2025, 3, 20, 11, tzinfo=CST))]
+    weekly, monthly = notes_of(contacts, kind="week"), notes_of(contacts, kind="month")
+    assert replaced("E1|2025-03", weekly, CTX.timezone)  # note_period month -> week
+    assert replaced("E1|2025-W10", monthly, CTX.timezone)  # week -> month (W10 is 3 to 9 March 2025)
+    assert replaced("E1|contact-C1", monthly, CTX.timezone)  # contact -> month
+    assert not replaced("E1|2025-02", weekly, CTX.timezone)  # nothing of February is left: withdrawn
+    assert not replaced("E1|2025-W11", weekly, CTX.timezone)
+    assert not replaced("E1|contact-C9", monthly, CTX.timezone)
+    voided = notes_of([c.model_copy(update={"void": True}) for c in contacts], kind="week")
+    assert not replaced("E1|2025-03", voided, CTX.timezone)  # voided contacts replace nothing
+
+
+def test_a_replaced_note_is_superseded_and_says_so_a_withdrawn_one_entered_in_error() -> None:
+    doc = map_note(notes_of([contact("C1", datetime(2025, 3, 4, 11, tzinfo=CST))])[0], CTX) | {"id": "41"}
+    goal = {"resourceType": "Goal", "id": "7", "lifecycleStatus": "active"}
+    recorded = datetime(2025, 4, 1, tzinfo=UTC)
+    superseded = void_bundle("note:E1|2025-03", [doc, goal], ctx=CTX, recorded=recorded, superseded=True)
+    withdrawn = void_bundle("note:E1|2025-03", [doc], ctx=CTX, recorded=recorded)
+    assert superseded is not None and withdrawn is not None
+    new_doc, new_goal = (e["resource"] for e in superseded["entry"][:2])
+    assert new_doc["status"] == "superseded" and new_goal["lifecycleStatus"] == "entered-in-error"
+    assert "<b>Superseded</b>" in new_doc["text"]["div"] and "Entered in error" not in new_doc["text"]["div"]
+    assert withdrawn["entry"][0]["resource"]["status"] == "entered-in-error"
+
+
+def test_a_new_version_of_a_sent_note_is_amended(demo_staging) -> None:  # type: ignore[no-untyped-def]
+    staging, _ = demo_staging
+    ctx = MappingContext.from_profile(load_profile("peersync-template"), clinical_notes="only", note_period="month")
+    note = participant_notes(staging, "E0001", ctx)[0]
+    docs = {}
+    for action in (Act.CREATE, Act.UPDATE):
+        planned = [PlannedUnit(f"note:{note.source_id}", "note", note.source_id, "h", action)]
+        [write] = iter_planned_units(staging, "E0001", planned, ctx)
+        docs[action] = write.unit.resources[0]
+    assert docs[Act.CREATE]["docStatus"] == "final" and docs[Act.UPDATE]["docStatus"] == "amended"
+    assert {k: v for k, v in docs[Act.UPDATE].items() if k != "docStatus"} == \
+        {k: v for k, v in docs[Act.CREATE].items() if k != "docStatus"}
