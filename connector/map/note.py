@@ -345,7 +345,7 @@ def note_narrative(sources: NoteSources, ctx: MappingContext) -> dict[str, str]:
 
 def amended(doc: dict[str, Any]) -> dict[str, Any]:
     """A new version of a note the clinic already received (its contacts were edited): ``docStatus = amended``,
-    "modified subsequent to being released as final" (FHIR R4 composition-status,
+    its content modified after it was released as final (FHIR R4 composition-status,
     https://hl7.org/fhir/R4/valueset-composition-status.html). The first version of a note is ``final``."""
     return doc | {"docStatus": "amended"}
 
