@@ -130,7 +130,7 @@ def write_note_previews(staging: Staging, ctx: MappingContext, out_dir: Path,
     chosen = [participant] if participant is not None else staging.participants()
     written = []
     for pid in chosen:
-        notes = participant_notes(staging, pid, ctx)
+        notes = [n for n in participant_notes(staging, pid, ctx) if not n.voided]  # as a first sync: never sent
         if not notes:
             continue
         path = out_dir / f"notes-{identifier_value(pid)}.html"

@@ -368,6 +368,10 @@ def _add_note_units(db: sqlite3.Connection, staging: Staging, ctx: MappingContex
             rows.append((f"{NOTE_KIND}:{note.source_id}", NOTE_KIND, note.source_id, participant, unit_hash,
                          int(note.voided)))
     db.executemany("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?)", rows)
+    # A note whose contacts are all voided and that the clinic never received is not sent: an entered-in-error
+    # document nobody saw would only add a withdrawn note to the chart.
+    db.execute(f"DELETE FROM units WHERE kind = '{NOTE_KIND}' AND voided = 1 AND unit_key NOT IN "
+               "(SELECT unit_key FROM ledger.units WHERE hash IS NOT NULL)")
     if not structured:
         kinds = (*STRUCTURED_KINDS, "cbo")
         db.execute(f"DELETE FROM units WHERE kind IN ({','.join('?' * len(kinds))})", kinds)

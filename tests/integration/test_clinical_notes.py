@@ -91,12 +91,13 @@ def _count(program: Program, resource_type: str, kind: str) -> int:
 
 
 def _expected_notes(program: Program) -> set[str]:
-    """Identifier values of the notes of every participant not in review, from the staged input."""
+    """Identifier values of the notes a first sync writes for every participant not in review, from the staged
+    input (a note whose contacts are all voided is never sent as a first version)."""
     ctx = program.context()
     with Staging() as staging:
         read_program(load_profile("peersync-template"), [program.inputs], staging)
         return {identifier_value(n.source_id) for p in staging.participants() if p not in REVIEW
-                for n in participant_notes(staging, p, ctx)}
+                for n in participant_notes(staging, p, ctx) if not n.voided}
 
 
 def _load_us_core(base_url: str) -> None:

@@ -331,3 +331,18 @@ def test_a_new_version_of_a_sent_note_is_amended(demo_staging) -> None:  # type:
     assert docs[Act.CREATE]["docStatus"] == "final" and docs[Act.UPDATE]["docStatus"] == "amended"
     assert {k: v for k, v in docs[Act.UPDATE].items() if k != "docStatus"} == \
         {k: v for k, v in docs[Act.CREATE].items() if k != "docStatus"}
+
+
+def test_a_voided_note_the_clinic_never_received_is_not_sent(demo_staging) -> None:  # type: ignore[no-untyped-def]
+    staging, ledger = demo_staging
+    ctx = MappingContext.from_profile(load_profile("peersync-template"), clinical_notes="only", note_period="contact")
+    voided = [f"note:{n.source_id}" for p in staging.participants() for n in participant_notes(staging, p, ctx)
+              if n.voided]
+    assert voided  # the demo has contacts voided at the source (one note per contact: their notes are all-voided)
+    plan = plan_units(staging, ledger, "only", "contact")
+    assert not set(voided) & set(plan)
+    # one the clinic did receive is sent again, as entered-in-error
+    with ledger.db:
+        ledger.db.execute("INSERT INTO units (unit_key, kind, participant, hash, voided, state, updated_at) "
+                          "VALUES (?, 'note', 'E0002', 'old', 0, 'sent', '2025-01-01T00:00:00Z')", (voided[0],))
+    assert plan_units(staging, ledger, "only", "contact")[voided[0]] == Act.VOID
