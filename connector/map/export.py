@@ -31,7 +31,13 @@ from connector.files import make_folder, open_new_binary, write_atomically
 from connector.identifiers import identifier_value
 from connector.map import MappingContext
 from connector.map.note import preview_page
-from connector.map.units import iter_planned_units, map_planned_global_units, participant_notes
+from connector.map.units import (
+    iter_planned_units,
+    map_participant_units,
+    map_planned_global_units,
+    participant_notes,
+    participant_unit_keys,
+)
 from connector.plan.ledger import Ledger
 from connector.plan.planner import (
     compute_plan,
@@ -124,16 +130,27 @@ def iter_bundles(staging: Staging, ctx: MappingContext, *, recorded: datetime | 
 
 def write_note_previews(staging: Staging, ctx: MappingContext, out_dir: Path,
                         participant: str | None = None) -> list[Path]:
-    """Render participants' clinical notes (all, or one) to ``notes-<id>.html`` in ``out_dir``, each file created
-    0600 (it holds patient data): what the clinic will see, before the first sync. Returns the files written."""
+    """Render what the clinic will see of participants (all, or one) to ``notes-<id>.html`` in ``out_dir``, each
+    file created 0600 (it holds patient data), before the first sync: their clinical notes (unless
+    ``clinical_notes`` is off: the clinic receives none) and the narratives of their structured resources (unless
+    it is ``only``). Returns the files written."""
     make_folder(out_dir)
     chosen = [participant] if participant is not None else staging.participants()
     written = []
     for pid in chosen:
-        notes = [n for n in participant_notes(staging, pid, ctx) if not n.voided]  # as a first sync: never sent
-        if not notes:
+        notes = [] if ctx.clinical_notes == "off" else [
+            n for n in participant_notes(staging, pid, ctx) if not n.voided]  # as a first sync: never sent
+        narratives = [] if ctx.clinical_notes == "only" else participant_narratives(staging, pid, ctx)
+        if not notes and not narratives:
             continue
         path = out_dir / f"notes-{identifier_value(pid)}.html"
-        write_atomically(path, preview_page(notes, ctx, f"Peer support notes: {ctx.program_name}"))
+        write_atomically(path, preview_page(notes, ctx, f"Peer support notes: {ctx.program_name}", narratives))
         written.append(path)
     return written
+
+
+def participant_narratives(staging: Staging, participant: str, ctx: MappingContext) -> list[tuple[str, str]]:
+    """(resource type, narrative div) of one participant's structured resources, as a first sync writes them."""
+    units = map_participant_units(staging, participant, participant_unit_keys(staging, participant), ctx)
+    return [(r["resourceType"], r["text"]["div"]) for unit in units for r in unit.resources
+            if "text" in r and r["resourceType"] != "DocumentReference"]

@@ -423,11 +423,19 @@ def map_note(sources: NoteSources, ctx: MappingContext) -> dict[str, Any]:
     ), note_narrative(sources, ctx))
 
 
-def preview_page(notes: Sequence[NoteSources], ctx: MappingContext, heading: str) -> str:
-    """One HTML page with several notes' HTML bodies, for ``peersync map --preview-html`` (escaped, inert)."""
+def preview_page(notes: Sequence[NoteSources], ctx: MappingContext, heading: str,
+                 narratives: Sequence[tuple[str, str]] = ()) -> str:
+    """One HTML page for ``peersync map --preview-html`` (escaped, inert): several notes' HTML bodies, then the
+    narratives (resource type, ``text.div``) of the structured resources, as the chart shows them."""
+    heading = clean_text(heading)
     parts = [f"<h1>{html.escape(heading)}</h1>"]
     for sources in notes:
         page = render_note(sources, ctx).html
         body = page[page.index("<body>") + len("<body>"):page.rindex("</body>")]
         parts.append(f'<article class="note">{body.replace("<h1>", "<h2>").replace("</h1>", "</h2>")}</article><hr>')
+    if narratives:
+        # the divs are our generated XHTML narratives: every source value in them is already escaped
+        parts.append("<h2>Structured resources: their narratives</h2>")
+        parts += [f'<section class="narrative"><p class="meta">{html.escape(resource_type)}</p>{div}</section>'
+                  for resource_type, div in narratives]
     return html_page(heading, "".join(parts))

@@ -94,7 +94,7 @@ def demo_inputs(tmp_path: Path, hostile: bool) -> Path:
 def preview(tmp_path: Path, *, hostile: bool = False) -> tuple[dict[str, Path], dict[str, list]]:
     """The demo's note previews (file per participant) and the notes behind them."""
     profile = load_profile("peersync-template")
-    ctx = MappingContext.from_profile(profile)
+    ctx = MappingContext.from_profile(profile, clinical_notes="only")
     with Staging(tmp_path / "staging.sqlite") as staging:
         read_program(profile, [demo_inputs(tmp_path, hostile)], staging)
         files = write_note_previews(staging, ctx, tmp_path / "preview")
@@ -196,8 +196,8 @@ def test_a_person_sees_every_narrative_without_our_csp(tmp_path: Path) -> None:
 def test_hostile_source_text_in_narratives_shows_as_text_and_runs_nothing_without_csp(tmp_path: Path) -> None:
     found, staging = narratives(tmp_path, hostile=True)
     staging.close()
-    participant = next(p for p, types in found.items()
-                       if any("SCRIPT&#x27;+&#x27;-RAN" in d or "SCRIPT'+'-RAN" in d for d in types.get("Communication", [])))
+    participant = next(p for p, types in found.items() if any(
+        "SCRIPT&#x27;+&#x27;-RAN" in d or "SCRIPT'+'-RAN" in d for d in types.get("Communication", [])))
     dom = run_chromium(ehr_page(tmp_path / "hostile.html", found[participant]), tmp_path, "--dump-dom")
     text = visible_text(dom)
     assert "<script>document.title='SCRIPT'+'-RAN'" in text and "<img src=x onerror=" in text  # literal, visible

@@ -12,8 +12,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 
+from connector.cli import main
 from connector.map import MappingContext
 from connector.map.export import write_note_previews
 from connector.map.note import (
@@ -207,11 +209,24 @@ def test_a_mode_never_deletes_what_another_mode_wrote(demo_staging) -> None:  # 
 
 def test_preview_files_are_private_and_hold_the_rendered_notes(demo_staging, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     staging, _ = demo_staging
-    written = write_note_previews(staging, CTX, tmp_path / "preview", "E0001")
-    assert [p.name for p in written] == ["notes-E0001.html"]
-    assert written[0].stat().st_mode & 0o777 == 0o600
-    page = written[0].read_text(encoding="utf-8")
-    assert page.count('<article class="note">') >= 1 and not re.search(r"<script", page, re.I)
+    pages = {}
+    for mode in ("off", "also", "only"):
+        ctx = MappingContext.from_profile(load_profile("peersync-template"), clinical_notes=mode)
+        written = write_note_previews(staging, ctx, tmp_path / mode, "E0001")
+        assert [p.name for p in written] == ["notes-E0001.html"]
+        assert written[0].stat().st_mode & 0o777 == 0o600
+        pages[mode] = written[0].read_text(encoding="utf-8")
+        assert not re.search(r"<script", pages[mode], re.I)
+    # what the clinic will see: notes unless they are off, the structured resources' narratives unless notes only
+    assert '<article class="note">' not in pages["off"] and '<article class="note">' in pages["only"]
+    assert '<section class="narrative">' in pages["off"] and '<section class="narrative">' not in pages["only"]
+    assert '<article class="note">' in pages["also"] and "<b>Peer support contact</b>" in pages["also"]
+
+
+def test_map_warns_that_a_preview_without_notes_holds_no_notes(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["map", "--profile", "peersync-template", str(DEMO), "--out",
+                                       str(tmp_path / "out"), "--preview-html", str(tmp_path / "p"), "-q"])
+    assert "the clinic receives no notes" in result.stderr and "--clinical-notes" in result.stderr
 
 
 # -- hostile text in every source of a note ----------------------------------------------------------------------------
