@@ -279,9 +279,12 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
     if kind == "enrollment":
         supporter = records.record(RecordKind.SUPPORTER, enrollment.supporter_id)
         performed, contributors = _contacts_and_contributors(records)
+        goal_ids = records.keys(RecordKind.GOAL)
+        goal_records = [records.record(RecordKind.GOAL, g) for g in goal_ids]
         resources = map_enrollment(
             enrollment,
-            goal_ids=records.keys(RecordKind.GOAL),
+            goal_ids=goal_ids,
+            goal_words={g.goal_id: g.description for g in goal_records if isinstance(g, Goal)},
             planned_contact_ids=records.keys(RecordKind.PLANNED_CONTACT),
             referral_ids=records.keys(RecordKind.REFERRAL),
             ctx=ctx,

@@ -128,7 +128,8 @@ INSERT INTO units
                SELECT c.kind || ':' || c.key || ':' || coalesce(json_extract(c.body,'$.void'), 0) || ':'
                       || coalesce(json_extract(c.body,'$.supporter_id'), '') || ':'
                       || coalesce(json_extract(c.body,'$.outcome'), '') || ':'
-                      || coalesce(json_extract(c.body,'$.planned_contact_id'), '') AS k
+                      || coalesce(json_extract(c.body,'$.planned_contact_id'), '') || ':'
+                      || coalesce(json_extract(c.body,'$.description'), '') AS k  -- a goal's words: the narrative
                FROM staged c WHERE c.participant=e.key
                AND +c.kind IN ('goal','planned_contact','referral','contact') ORDER BY c.kind, c.key)),
                (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(e.body,'$.supporter_id')),

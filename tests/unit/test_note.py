@@ -27,7 +27,7 @@ from connector.map.note import (
     render_note,
     replaced,
 )
-from connector.map.units import iter_planned_units, participant_notes
+from connector.map.units import iter_planned_units, map_participant_units, participant_notes
 from connector.model import Contact, Enrollment, Goal, GoalNote, GoalTarget, PlannedContact, Referral, Supporter
 from connector.plan.ledger import Ledger
 from connector.plan.planner import Act, PlannedUnit, compute_plan
@@ -361,3 +361,23 @@ def test_a_voided_note_the_clinic_never_received_is_not_sent(demo_staging) -> No
         ledger.db.execute("INSERT INTO units (unit_key, kind, participant, hash, voided, state, updated_at) "
                           "VALUES (?, 'note', 'E0002', 'old', 0, 'sent', '2025-01-01T00:00:00Z')", (voided[0],))
     assert plan_units(staging, ledger, "only", "contact")[voided[0]] == Act.VOID
+
+
+def test_the_care_plan_is_re_sent_when_a_goal_s_words_change(demo_staging) -> None:  # type: ignore[no-untyped-def]
+    # The CarePlan's narrative shows the goals' words, so its unit hash covers them.
+    staging, ledger = demo_staging
+    ctx = MappingContext.from_profile(load_profile("peersync-template"))
+
+    def careplan_hash() -> str:
+        compute_plan(staging, ledger, program_id=ctx.program_id, fingerprint="fp", ctx=ctx)
+        return staging.db.execute("SELECT hash FROM plan WHERE unit_key = 'enrollment:E0001'").fetchone()[0]
+
+    before = careplan_hash()
+    goal = staging.db.execute("SELECT key FROM staged WHERE kind = 'goal' AND participant = 'E0001'").fetchone()[0]
+    with staging.db:
+        staging.db.execute("UPDATE staged SET body = json_set(body, '$.description', 'Other words') "
+                           "WHERE kind = 'goal' AND key = ?", (goal,))
+    assert careplan_hash() != before
+    [careplan] = [r for u in map_participant_units(staging, "E0001", [("enrollment", "E0001")], ctx)
+                  for r in u.resources if r["resourceType"] == "CarePlan"]
+    assert "“Other words”" in careplan["text"]["div"] and "E0001" not in careplan["text"]["div"]
