@@ -420,7 +420,8 @@ def _print_read_report(summary: dict[str, Any], lines: list[str]) -> None:
 @click.option("--note-period", type=click.Choice(["contact", "week", "month"]), default="month", show_default=True,
               help="What one clinical note covers, as program.note_period.")
 @click.option("--preview-html", "preview_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Also render the participants' clinical notes to DIR/notes-<participant>.html (0600).")
+              help="Also render what the clinic will see (the notes, and the structured resources' narratives) "
+                   "to DIR/notes-<participant>.html (0600).")
 @click.option("--participant", help="With --preview-html: only this participant (enrollment id).")
 @logging_options
 @translate_errors
@@ -447,8 +448,12 @@ def map_command(profile_ref: str, inputs: tuple[Path, ...], out_dir: Path, as_js
             if participant is not None and participant not in st.participants():
                 raise click.BadParameter("no accepted enrollment has this id; check the id (an enrollment id) and "
                                          "the rejects report", param_hint="--participant")
+            if clinical_notes == "off":
+                click.echo("warning: --preview-html with --clinical-notes off: the clinic receives no notes, so the "
+                           "preview shows only the narratives of the structured resources; add --clinical-notes "
+                           "also (or only) to see the notes too", err=True)
             previews = write_note_previews(st, ctx, preview_dir, participant)
-    summary["previews"] = [str(p) for p in previews]
+    summary["previews"] = len(previews)  # a count: the files are named by enrollment id, an identifier of the person
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

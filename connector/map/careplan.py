@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from connector.identifiers import (
@@ -71,6 +71,7 @@ def map_enrollment(
     performed_contacts: Sequence[tuple[str, str | None]] = (),
     contributor_ids: Sequence[str] = (),
     condition_refs: Sequence[str] = (),
+    goal_words: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """An enrollment as [CarePlan, CareTeam], shaped as the MCC eCare Plan guide asks.
 
@@ -129,6 +130,7 @@ def map_enrollment(
     )
     status_text = "entered in error" if e.void else _STATUS_TEXT[e.status]
     careplan = with_narrative(careplan, careplan_narrative(
-        careplan, enrollment_id=e.enrollment_id, status_text=status_text, program_name=ctx.program_name,
-        goal_ids=goal_ids, planned_contacts=len(planned_contact_ids), referrals=len(referral_ids)))
+        careplan, status_text=status_text, program_name=ctx.program_name,
+        goals=len(goal_ids), goal_words=[w for g in goal_ids if (w := (goal_words or {}).get(g))],
+        planned_contacts=len(planned_contact_ids), referrals=len(referral_ids)))
     return [careplan, map_careteam(e, ctx, supporter, team)]

@@ -27,11 +27,17 @@ from typing import IO, Any
 
 import orjson
 
-from connector.files import make_folder, write_atomically
+from connector.files import make_folder, open_new_binary, write_atomically
 from connector.identifiers import identifier_value
 from connector.map import MappingContext
 from connector.map.note import preview_page
-from connector.map.units import iter_planned_units, map_planned_global_units, participant_notes
+from connector.map.units import (
+    iter_planned_units,
+    map_participant_units,
+    map_planned_global_units,
+    participant_notes,
+    participant_unit_keys,
+)
 from connector.plan.ledger import Ledger
 from connector.plan.planner import (
     compute_plan,
@@ -52,19 +58,19 @@ def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_d
     """Read, map and write every record; return the summary (also written as summary.json)."""
     report: ReadReport = read_program(profile, inputs, staging)
     bundles_dir = out_dir / "bundles"
-    bundles_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(bundles_dir)  # 0700, files 0600: every file here holds patient data
     ndjson: dict[str, IO[bytes]] = {}
     counts: Counter[str] = Counter()
     bundles = 0
     try:
         for name, bundle in iter_bundles(staging, ctx, recorded=recorded, max_bundle_entries=max_bundle_entries):
             bundles += 1
-            (bundles_dir / f"{name}.json").write_bytes(orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
+            write_atomically(bundles_dir / f"{name}.json", orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
             for entry in bundle["entry"]:
                 resource = entry["resource"]
                 resource_type = resource["resourceType"]
                 if resource_type not in ndjson:
-                    ndjson[resource_type] = (out_dir / f"{resource_type}.ndjson").open("wb")
+                    ndjson[resource_type] = open_new_binary(out_dir / f"{resource_type}.ndjson")
                 ndjson[resource_type].write(orjson.dumps(resource) + b"\n")
                 counts[resource_type] += 1
     finally:
@@ -77,7 +83,7 @@ def map_program(profile: Profile, inputs: list[Path], ctx: MappingContext, out_d
         "resources": dict(sorted(counts.items())),
         "out_dir": str(out_dir),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_atomically(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -124,16 +130,27 @@ def iter_bundles(staging: Staging, ctx: MappingContext, *, recorded: datetime | 
 
 def write_note_previews(staging: Staging, ctx: MappingContext, out_dir: Path,
                         participant: str | None = None) -> list[Path]:
-    """Render participants' clinical notes (all, or one) to ``notes-<id>.html`` in ``out_dir``, each file created
-    0600 (it holds patient data): what the clinic will see, before the first sync. Returns the files written."""
+    """Render what the clinic will see of participants (all, or one) to ``notes-<id>.html`` in ``out_dir``, each
+    file created 0600 (it holds patient data), before the first sync: their clinical notes (unless
+    ``clinical_notes`` is off: the clinic receives none) and the narratives of their structured resources (unless
+    it is ``only``). Returns the files written."""
     make_folder(out_dir)
     chosen = [participant] if participant is not None else staging.participants()
     written = []
     for pid in chosen:
-        notes = participant_notes(staging, pid, ctx)
-        if not notes:
+        notes = [] if ctx.clinical_notes == "off" else [
+            n for n in participant_notes(staging, pid, ctx) if not n.voided]  # as a first sync: never sent
+        narratives = [] if ctx.clinical_notes == "only" else participant_narratives(staging, pid, ctx)
+        if not notes and not narratives:
             continue
         path = out_dir / f"notes-{identifier_value(pid)}.html"
-        write_atomically(path, preview_page(notes, ctx, f"Peer support notes: {ctx.program_name}"))
+        write_atomically(path, preview_page(notes, ctx, f"Peer support notes: {ctx.program_name}", narratives))
         written.append(path)
     return written
+
+
+def participant_narratives(staging: Staging, participant: str, ctx: MappingContext) -> list[tuple[str, str]]:
+    """(resource type, narrative div) of one participant's structured resources, as a first sync writes them."""
+    units = map_participant_units(staging, participant, participant_unit_keys(staging, participant), ctx)
+    return [(r["resourceType"], r["text"]["div"]) for unit in units for r in unit.resources
+            if "text" in r and r["resourceType"] != "DocumentReference"]

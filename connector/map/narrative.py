@@ -199,18 +199,18 @@ def with_narrative(resource: Mapping[str, Any], text: Mapping[str, str]) -> dict
 
 
 ENTERED_IN_ERROR_NOTICE = "<p><b>Entered in error</b>: disregard this record</p>"
+SUPERSEDED_NOTICE = "<p><b>Superseded</b>: replaced by the program's newer notes for this period</p>"
 
 
-def mark_entered_in_error(text: Mapping[str, Any] | None) -> dict[str, str]:
+def mark_entered_in_error(text: Mapping[str, Any] | None, notice: str = ENTERED_IN_ERROR_NOTICE) -> dict[str, str]:
     """The narrative of a resource set to entered-in-error as it stands on the server (a record gone from the input):
-    its old narrative with a notice in front, so the chart does not keep showing it as current. Idempotent."""
+    its old narrative with a notice in front, so the chart does not keep showing it as current. Idempotent.
+    ``notice``: :data:`SUPERSEDED_NOTICE` for a note replaced by others rather than withdrawn."""
     div = str((text or {}).get("div") or xhtml_div())
-    if ENTERED_IN_ERROR_NOTICE not in div:
+    if notice not in div:
         start = div.index(">") + 1
-        if div[start - 2] == "/":  # an empty <div .../>
-            div = div[: start - 2] + ">" + ENTERED_IN_ERROR_NOTICE + "</div>"
-        else:
-            div = div[:start] + ENTERED_IN_ERROR_NOTICE + div[start:]
+        empty = div[start - 2] == "/"  # an empty <div .../>
+        div = f"{div[: start - 2]}>{notice}</div>" if empty else div[:start] + notice + div[start:]
     return {"status": str((text or {}).get("status") or "generated"), "div": div}
 
 
@@ -393,22 +393,33 @@ def goal_narrative(resource: Mapping[str, Any], goal: Goal) -> dict[str, str]:
 # -- CarePlan and CareTeam -------------------------------------------------------------------------------------------
 
 
-def careplan_narrative(resource: Mapping[str, Any], *, enrollment_id: str, status_text: str, program_name: str,
-                       goal_ids: Sequence[str], planned_contacts: int, referrals: int) -> dict[str, str]:
-    """The peer-support plan: program, enrollment, status, period and what it holds (counts and goal ids).
-
-    No goal words here: the plan is re-sent when goals are added or removed, not when their words change."""
+def careplan_narrative(resource: Mapping[str, Any], *, status_text: str, program_name: str, goals: int,
+                       goal_words: Sequence[str], planned_contacts: int, referrals: int) -> dict[str, str]:
+    """The peer-support plan: program, status, period and what it holds: the goals in the participant's own words
+    (shortened), and counts. No internal ids: a clinician cannot use them. The plan's hash covers the goals' words
+    (connector/plan/planner.py), so it is re-sent when they change."""
     period = resource.get("period", {})
     dates = f"{format_date(period['start'])} to {format_date(period['end']) if period.get('end') else 'ongoing'}"
-    goals = f"{len(goal_ids)}{' (' + ', '.join(escape_text(g) for g in goal_ids) + ')' if goal_ids else ''}"
+    goals_html = str(goals)
+    if goal_words:
+        goals_html += ": " + "; ".join(f"“{escape_text(_shortened(words))}”" for words in goal_words)
     items = [
-        labelled("Enrollment", f"{escape_text(enrollment_id)}, {escape(status_text)}, {dates}"),
-        labelled("Goals", goals),
+        labelled("Enrollment", f"{escape(status_text)}, {dates}"),
+        labelled("Goals", goals_html),
         labelled("Planned contacts", str(planned_contacts)),
         labelled("Community referrals", str(referrals)),
     ]
     div = xhtml_div(_heading(str(resource.get("title", "Care plan")), escape_text(program_name)), bullets(items))
     return narrative(div)
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    """At most ``limit`` characters, cut at a word where one is near, with an ellipsis."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut).rstrip(" ,;:.") + "…"
 
 
 def careteam_narrative(resource: Mapping[str, Any], *, supporter: Supporter | None,

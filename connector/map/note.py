@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -38,7 +39,7 @@ from connector.model import (
 
 from ._util import resource
 from .context import MappingContext
-from .narrative import bullets, escape_text, labelled, narrative, with_narrative, xhtml_div
+from .narrative import bullets, clean_text, escape_text, narrative, with_narrative, xhtml_div
 
 NotePeriodKind = Literal["contact", "week", "month"]
 
@@ -296,7 +297,7 @@ def note_sections(sources: NoteSources, tz: str) -> list[tuple[str, list[Line]]]
 def render_note(sources: NoteSources, ctx: MappingContext) -> RenderedNote:
     """The note as plain text and as a standalone HTML page (every source value escaped)."""
     tz = ctx.timezone
-    title = f"Peer support note: {ctx.program_name}"
+    title = clean_text(f"Peer support note: {ctx.program_name}")  # also the attachments' title
     when = period_text(sources.period, tz)
     staff = dict.fromkeys(c.supporter_id for c in (sources.live_contacts() or sources.contacts))
     by = "; ".join(supporter_line(sources.supporter(s)) for s in staff)
@@ -321,7 +322,8 @@ def render_note(sources: NoteSources, ctx: MappingContext) -> RenderedNote:
         items = "".join(f"<li><b>{esc(line.lead)}</b>: {esc(line.text)}</li>" if line.lead
                         else f"<li>{esc(line.text)}</li>" for line in lines)
         body.append(f"<h2>{esc(heading)}</h2><ul>{items}</ul>")
-    return RenderedNote(title, "\n".join(plain) + "\n", html_page(title, "".join(body)))
+    # the words as written, less what no text can carry (lone surrogates, control characters, bidi overrides)
+    return RenderedNote(title, clean_text("\n".join(plain)) + "\n", html_page(title, "".join(body)))
 
 
 def note_narrative(sources: NoteSources, ctx: MappingContext) -> dict[str, str]:
@@ -335,9 +337,39 @@ def note_narrative(sources: NoteSources, ctx: MappingContext) -> dict[str, str]:
     else:
         for heading, lines in note_sections(sources, tz):
             blocks.append(f"<p><b>{escape_text(heading)}</b></p>")
-            blocks.append(bullets(labelled(line.lead, escape_text(line.text)) if line.lead
+            # a lead is a source value (a goal's words, a resource's name), escaped like the text, never a label
+            blocks.append(bullets(f"<li><b>{escape_text(line.lead)}</b>: {escape_text(line.text)}</li>" if line.lead
                                   else f"<li>{escape_text(line.text)}</li>" for line in lines))
     return narrative(xhtml_div(*blocks))
+
+
+def amended(doc: dict[str, Any]) -> dict[str, Any]:
+    """A new version of a note the clinic already received (its contacts were edited): ``docStatus = amended``,
+    its content modified after it was released as final (FHIR R4 composition-status,
+    https://hl7.org/fhir/R4/valueset-composition-status.html). The first version of a note is ``final``."""
+    return doc | {"docStatus": "amended"}
+
+
+def replaced(old_source_id: str, current: Iterable[NoteSources], timezone: str) -> bool:
+    """Whether a note gone from the source was replaced rather than withdrawn: a live contact of the participant's
+    current notes falls in the period it covered (``note_period`` changed, so its contacts are now in weekly notes
+    instead of a monthly one, or the reverse). It is then ``superseded``, not ``entered-in-error``: it was not
+    wrong. A note whose contacts are gone from the input, or moved out of its period, is withdrawn."""
+    key = old_source_id.rsplit("|", 1)[-1]
+    live = [c for note in current if not note.voided for c in note.live_contacts()]
+    if key.startswith("contact-"):
+        return any(c.contact_id == key.removeprefix("contact-") for c in live)
+    match = re.fullmatch(r"(\d{4})-W(\d{2})|(\d{4})-(\d{2})", key)
+    if match is None:
+        return False
+    if match.group(1):
+        first = date.fromisocalendar(int(match.group(1)), int(match.group(2)), 1)
+        last = first + timedelta(days=6)
+    else:
+        first = date(int(match.group(3)), int(match.group(4)), 1)
+        last = (first + timedelta(days=32)).replace(day=1) - timedelta(days=1)
+    zone = ZoneInfo(timezone)
+    return any(first <= c.occurred_at.astimezone(zone).date() <= last for c in live)
 
 
 def html_page(title: str, body: str) -> str:
@@ -391,11 +423,19 @@ def map_note(sources: NoteSources, ctx: MappingContext) -> dict[str, Any]:
     ), note_narrative(sources, ctx))
 
 
-def preview_page(notes: Sequence[NoteSources], ctx: MappingContext, heading: str) -> str:
-    """One HTML page with several notes' HTML bodies, for ``peersync map --preview-html`` (escaped, inert)."""
+def preview_page(notes: Sequence[NoteSources], ctx: MappingContext, heading: str,
+                 narratives: Sequence[tuple[str, str]] = ()) -> str:
+    """One HTML page for ``peersync map --preview-html`` (escaped, inert): several notes' HTML bodies, then the
+    narratives (resource type, ``text.div``) of the structured resources, as the chart shows them."""
+    heading = clean_text(heading)
     parts = [f"<h1>{html.escape(heading)}</h1>"]
     for sources in notes:
         page = render_note(sources, ctx).html
         body = page[page.index("<body>") + len("<body>"):page.rindex("</body>")]
         parts.append(f'<article class="note">{body.replace("<h1>", "<h2>").replace("</h1>", "</h2>")}</article><hr>')
+    if narratives:
+        # the divs are our generated XHTML narratives: every source value in them is already escaped
+        parts.append("<h2>Structured resources: their narratives</h2>")
+        parts += [f'<section class="narrative"><p class="meta">{html.escape(resource_type)}</p>{div}</section>'
+                  for resource_type, div in narratives]
     return html_page(heading, "".join(parts))

@@ -30,7 +30,7 @@ from connector.map import (
     map_referral,
     map_supporter,
 )
-from connector.map.note import NoteSources, group_notes, map_note
+from connector.map.note import NoteSources, amended, group_notes, map_note
 from connector.model import (
     RECORD_MODELS,
     Contact,
@@ -125,8 +125,10 @@ def iter_planned_units(staging: Staging, participant: str, planned: Sequence[Pla
     for mapped in iter_participant_units(staging, participant, [(u.kind, u.source_id) for u in planned], ctx,
                                          condition_refs=condition_refs):
         unit = by_key.get(mapped.unit_key)
-        yield PendingWrite(mapped, unit.unit_hash if unit else None,
-                           first_send=unit is not None and unit.action == "create")
+        first_send = unit is not None and unit.action == "create"
+        if mapped.kind == "note" and unit is not None and unit.action in ("update", "void"):
+            mapped.resources[:] = [amended(r) for r in mapped.resources]  # a new version of a note already sent
+        yield PendingWrite(mapped, unit.unit_hash if unit else None, first_send=first_send)
 
 
 def map_participant_units(
@@ -277,9 +279,12 @@ def _map_one(records: _ParticipantRecords, enrollment: Enrollment, kind: str, so
     if kind == "enrollment":
         supporter = records.record(RecordKind.SUPPORTER, enrollment.supporter_id)
         performed, contributors = _contacts_and_contributors(records)
+        goal_ids = records.keys(RecordKind.GOAL)
+        goal_records = [records.record(RecordKind.GOAL, g) for g in goal_ids]
         resources = map_enrollment(
             enrollment,
-            goal_ids=records.keys(RecordKind.GOAL),
+            goal_ids=goal_ids,
+            goal_words={g.goal_id: g.description for g in goal_records if isinstance(g, Goal)},
             planned_contact_ids=records.keys(RecordKind.PLANNED_CONTACT),
             referral_ids=records.keys(RecordKind.REFERRAL),
             ctx=ctx,

@@ -128,7 +128,8 @@ INSERT INTO units
                SELECT c.kind || ':' || c.key || ':' || coalesce(json_extract(c.body,'$.void'), 0) || ':'
                       || coalesce(json_extract(c.body,'$.supporter_id'), '') || ':'
                       || coalesce(json_extract(c.body,'$.outcome'), '') || ':'
-                      || coalesce(json_extract(c.body,'$.planned_contact_id'), '') AS k
+                      || coalesce(json_extract(c.body,'$.planned_contact_id'), '') || ':'
+                      || coalesce(json_extract(c.body,'$.description'), '') AS k  -- a goal's words: the narrative
                FROM staged c WHERE c.participant=e.key
                AND +c.kind IN ('goal','planned_contact','referral','contact') ORDER BY c.kind, c.key)),
                (SELECT s.hash FROM staged s WHERE s.kind='supporter' AND s.key=json_extract(e.body,'$.supporter_id')),
@@ -372,6 +373,10 @@ def _add_note_units(db: sqlite3.Connection, staging: Staging, ctx: MappingContex
             rows.append((f"{NOTE_KIND}:{note.source_id}", NOTE_KIND, note.source_id, participant, unit_hash,
                          int(note.voided)))
     db.executemany("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?)", rows)
+    # A note whose contacts are all voided and that the clinic never received is not sent: an entered-in-error
+    # document nobody saw would only add a withdrawn note to the chart.
+    db.execute(f"DELETE FROM units WHERE kind = '{NOTE_KIND}' AND voided = 1 AND unit_key NOT IN "
+               "(SELECT unit_key FROM ledger.units WHERE hash IS NOT NULL)")
     if not structured:
         kinds = (*STRUCTURED_KINDS, "cbo")
         db.execute(f"DELETE FROM units WHERE kind IN ({','.join('?' * len(kinds))})", kinds)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from connector.identifiers import token_query
 from connector.map import MappingContext, map_provenance, resource_authors
-from connector.map.narrative import mark_entered_in_error
+from connector.map.narrative import SUPERSEDED_NOTICE, mark_entered_in_error
 from connector.write.bundle import (
     BuiltBundle,
     BundledResource,
@@ -120,17 +120,23 @@ def build_change_set(writes: Sequence[PendingWrite], *, ctx: MappingContext, pat
 
 
 def void_bundle(unit_key: str, current: Sequence[dict[str, Any]], *, ctx: MappingContext, recorded: datetime,
-                conditional_provenance: bool = True) -> dict[str, Any] | None:
+                conditional_provenance: bool = True, superseded: bool = False) -> dict[str, Any] | None:
     """The transaction that marks a unit's resources entered-in-error (``current``: as read from the server),
-    with a NULLIFY Provenance of the void's change-set. None when no resource has a status to set."""
+    with a NULLIFY Provenance of the void's change-set. None when no resource has a status to set.
+    ``superseded``: a clinical note replaced by other notes (connector.map.note.replaced) is set ``superseded``
+    instead: it was not wrong (FHIR R4 document-reference-status)."""
     entries: list[dict[str, Any]] = []
     for resource in current:
         resource_type = resource["resourceType"]
         if resource_type not in STATUS_ELEMENT:
             continue
         voided = {k: v for k, v in resource.items() if k != "meta"}  # the server sets meta; ours would conflict
-        voided[STATUS_ELEMENT[resource_type]] = "entered-in-error"
-        voided["text"] = mark_entered_in_error(resource.get("text"))
+        if superseded and resource_type == "DocumentReference":
+            voided["status"] = "superseded"
+            voided["text"] = mark_entered_in_error(resource.get("text"), SUPERSEDED_NOTICE)
+        else:
+            voided[STATUS_ELEMENT[resource_type]] = "entered-in-error"
+            voided["text"] = mark_entered_in_error(resource.get("text"))
         entries.append({"resource": voided, "request": {"method": "PUT", "url": f"{resource_type}/{resource['id']}"}})
     if not entries:
         return None

@@ -28,7 +28,8 @@ from connector.errors import (
 )
 from connector.identifiers import identifier_system, token_query
 from connector.map.directory import missing_directory_entries
-from connector.map.units import iter_planned_units, map_planned_global_units
+from connector.map.note import replaced
+from connector.map.units import iter_planned_units, map_planned_global_units, participant_notes
 from connector.model import Enrollment, RecordKind
 from connector.ops.logs import RUN_ID, opaque_key, outcome_codes
 from connector.plan.ledger import ConfirmedUnit, Ledger, UnitState
@@ -266,9 +267,17 @@ class Writer:
         writes = [u for u in planned if u.action is not Act.DELETE]
         enrollment = staging.record(RecordKind.ENROLLMENT, participant)
 
+        # A note whose period is now covered by other notes was replaced, not withdrawn. Decided here: the voids
+        # may run on another thread, after a shared change-set is recorded, and the staging store stays on this one.
+        current_notes = participant_notes(staging, participant, self.opts.ctx) \
+            if any(u.kind == "note" for u in deletes) else []
+        superseded = {u.unit_key for u in deletes
+                      if u.kind == "note" and replaced(u.source_id, current_notes, self.opts.ctx.timezone)}
+
         def voids() -> None:
             for unit in deletes:
-                self._void_remote(ledger, unit.unit_key, unit.kind, participant)
+                self._void_remote(ledger, unit.unit_key, unit.kind, participant,
+                                  superseded=unit.unit_key in superseded)
 
         if writes and isinstance(enrollment, Enrollment) and \
                 self._write_participant(staging, ledger, enrollment, writes, after=voids):
@@ -1084,8 +1093,10 @@ class Writer:
 
     # -- corrections -----------------------------------------------------------------------------------
 
-    def _void_remote(self, ledger: Ledger, unit_key: str, kind: str, participant: str | None) -> None:
-        """A record gone from the source: mark its resources entered-in-error (read, set status, update by id)."""
+    def _void_remote(self, ledger: Ledger, unit_key: str, kind: str, participant: str | None, *,
+                     superseded: bool = False) -> None:
+        """A record gone from the source: mark its resources entered-in-error (read, set status, update by id);
+        ``superseded`` for a clinical note replaced by others."""
         refused = self.limits.refused_of(res.resource_type for res in ledger.resources_of(unit_key))
         if refused:
             self._park(ledger, UnitWrite(unit_key, kind, []), None, participant, refused)
@@ -1093,7 +1104,7 @@ class Writer:
         current = [self.client.read(res.resource_type, res.server_id) for res in ledger.resources_of(unit_key)
                    if res.resource_type in STATUS_ELEMENT and res.server_id]
         bundle = void_bundle(unit_key, current, ctx=self.opts.ctx, recorded=self.clock(),
-                             conditional_provenance=self.plan.provenance_conditional_create)
+                             conditional_provenance=self.plan.provenance_conditional_create, superseded=superseded)
         if bundle is not None:
             try:
                 confirmation = self._send_void(bundle)

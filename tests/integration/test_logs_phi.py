@@ -134,3 +134,25 @@ def test_text_logs_are_also_free_of_patient_data(tmp_path: Path, fhir_base_url: 
     assert "[run " in result.stderr and "partial (exit 65)" in result.stdout
     found = leaks(result.stdout + result.stderr, phi_values())
     assert not found, found[:10]
+
+
+def test_sync_with_clinical_notes_logs_no_patient_data(tmp_path: Path, fhir_base_url: str) -> None:
+    """The same scan with clinical notes written beside the structured resources (program.clinical_notes = "also"),
+    then one per contact (every note replaced: superseded), so the note units' log lines are covered too."""
+    program = make_program(tmp_path, fhir_base_url)
+    config = program.config.read_text(encoding="utf-8")
+    program.config.write_text(config.replace("[program]\n", '[program]\nclinical_notes = "also"\n', 1)
+                              .replace("[sync]\n", "[sync]\nmax_delete_fraction = 1.0\n", 1), encoding="utf-8")
+    values = phi_values()
+    first = peersync(program, "sync", "--log-format", "json", "-v", "--json")
+    assert first.returncode == 65, first.stderr[-2000:]
+    assert json.loads(first.stdout)["counts"]["created"] > 0
+    text = program.config.read_text(encoding="utf-8")
+    program.config.write_text(text.replace('clinical_notes = "also"\n', 'clinical_notes = "also"\nnote_period = '
+                                           '"contact"\n'), encoding="utf-8")
+    second = peersync(program, "sync", "--log-format", "json", "-v", "--json")
+    assert second.returncode == 65, second.stderr[-2000:]
+    json_lines(first.stderr), json_lines(second.stderr)
+    for name, output in (("sync", first.stdout + first.stderr), ("re-sync per contact", second.stdout + second.stderr)):
+        found = leaks(output, values)
+        assert not found, f"{name} with clinical notes contains patient data or identifier values: {found[:10]}"

@@ -50,7 +50,7 @@ from connector.model import (
 )
 from connector.ops.validate import us_core_resources
 from tests.demogen import generate_program
-from tests.integration.test_clinical_notes import LOINC_UNAVAILABLE
+from tests.integration.test_clinical_notes import loinc_unavailable, unexpected_type_issues
 
 pytestmark = pytest.mark.integration
 
@@ -645,7 +645,9 @@ def _validate_all(http: requests.Session, base_url: str, resources: list[dict[st
                 severity = issue.get("severity")
                 if "dom-6" in _issue_text(issue) or "txt-" in _issue_text(issue):
                     narrative_issues.append(f"{label} {severity}: {_issue_text(issue)}")
-                if severity in ("error", "fatal") and any(t in _issue_text(issue) for t in LOINC_UNAVAILABLE):
+                if unexpected_type_issues([issue]):
+                    errors.append(f"{label} {severity}: {_issue_text(issue)}")
+                elif severity in ("error", "fatal") and loinc_unavailable(issue):
                     warnings[f"{resource['resourceType']} (no LOINC on this server) {_issue_text(issue)}"] += 1
                 elif severity in ("error", "fatal"):
                     errors.append(f"{label} {severity}: {_issue_text(issue)}")

@@ -67,7 +67,8 @@ def map_case(case: dict[str, Any]) -> list[dict[str, Any]]:
     if name == "map_enrollment":
         supporter = Supporter.model_validate(shared["supporter"]) if kwargs.pop("with_supporter", False) else None
         team = [mappers.TeamMember(m["supporter_id"], date.fromisoformat(m["since"])) for m in kwargs.pop("team", [])]
-        return mappers.map_enrollment(record, ctx=ctx, supporter=supporter, team=team, **kwargs)
+        words = {g["goal_id"]: g["description"] for g in shared.get("goals", [])}  # as units.py gives them
+        return mappers.map_enrollment(record, ctx=ctx, supporter=supporter, team=team, goal_words=words, **kwargs)
     if name == "map_goal":
         return [mappers.map_goal(record, enrollment, ctx)]
     if name == "map_contact":

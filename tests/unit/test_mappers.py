@@ -615,16 +615,19 @@ def test_careplan_contributors_and_addressed_conditions(ctx: MappingContext) -> 
 
 def test_careplan_narrative_escapes_source_text_and_has_no_phi(ctx: MappingContext) -> None:
     evil = MappingContext(**{**_fields(ctx), "program_name": "Salud <script>alert('x')</script> & Vida"})
+    long_words = "Walk after dinner with my granddaughter every single evening, then work up to 7000 steps a day"
     cp, _ = map_enrollment(
-        enrollment(enrollment_id="E<1>&"), goal_ids=["G<b>", "G&2"], planned_contact_ids=[], referral_ids=[], ctx=evil
+        enrollment(enrollment_id="E<1>&"), goal_ids=["G<b>", "G&2"], planned_contact_ids=[], referral_ids=[], ctx=evil,
+        goal_words={"G<b>": "Bajar <b>mi</b> A1c & más", "G&2": long_words},
     )
     div = cp["text"]["div"]
     assert cp["text"]["status"] == "generated"
     assert "<script>" not in div and "&lt;script&gt;" in div and "&amp; Vida" in div
-    assert "E&lt;1&gt;&amp;" in div and "G&lt;b&gt;" in div and "G&amp;2" in div
+    assert "E&lt;1&gt;" not in div and "G&lt;b&gt;" not in div  # no internal ids: a clinician cannot use them
     root = ET.fromstring(div)  # well-formed XHTML
     assert root.tag == "{http://www.w3.org/1999/xhtml}div"
-    assert "Goals: 2" in "".join(root.itertext())
+    text = "".join(root.itertext())
+    assert "Goals: 2: “Bajar <b>mi</b> A1c & más”; “Walk after dinner with my granddaughter every single…”" in text
     assert MRN not in div and not any(n in div for n in NAMES)
 
 
