@@ -49,6 +49,35 @@ class _Family:
         return lines
 
 
+class _Exposition:
+    """The families of one metrics file, in the order they were added."""
+
+    def __init__(self) -> None:
+        self.families: list[_Family] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> _Family:
+        fam = _Family(name, kind, help_text)
+        self.families.append(fam)
+        return fam
+
+    def text(self) -> str:
+        return "\n".join(line for fam in self.families for line in fam.render()) + "\n"
+
+
+def _last_success(previous: dict[str, float], name: str, exit_code: int, now: float) -> float:
+    """The last-success gauge: now when this run completed, else the previous file's value (0 until a success, so
+    "no success for 2 hours" fires for an install that never succeeded)."""
+    return round(now) if exit_code in SUCCESS_EXIT_CODES else previous.get(name, 0)
+
+
+def _count_runs(runs: _Family, previous: dict[str, float], exit_code: int) -> None:
+    """A runs-by-exit-code counter: the previous file's counts, plus one for this run's code."""
+    codes = set(_label_values(previous, runs.name, "exit_code")) | {str(exit_code)}
+    for code in sorted(codes, key=lambda c: int(c) if c.isdigit() else 999):
+        key = f'{runs.name}{{exit_code="{code}"}}'
+        runs.add(int(previous.get(key, 0)) + (1 if code == str(exit_code) else 0), exit_code=code)
+
+
 def _label_values(samples: dict[str, float], name: str, label: str) -> list[str]:
     """Values of one label among a family's series in parsed samples, in file order."""
     pattern = re.compile(rf'^{re.escape(name)}\{{{label}="([^"]*)"\}}$')
@@ -76,22 +105,15 @@ def render(summary: dict[str, Any], now: float | None = None, *, backlog: dict[s
     now = time.time() if now is None else now
     previous = previous or {}
     exit_code = int(summary.get("exit_code", 0))
-    families: list[_Family] = []
-
-    def family(name: str, kind: str, help_text: str) -> _Family:
-        fam = _Family(name, kind, help_text)
-        families.append(fam)
-        return fam
+    doc = _Exposition()
+    family = doc.family
 
     family("peersync_info", "gauge", "peersync version (always 1).").add(1, version=__version__)
     fam = family("peersync_last_run_exit_code", "gauge",
                  "Exit code of the last run (0 ok, 65 data issues, 69 server, 75 lock, 77 auth, 78 config).")
     fam.add(exit_code)
     family("peersync_last_run_timestamp_seconds", "gauge", "When the last run finished (Unix time).").add(round(now))
-    # Seeded at 0 until the first success, so "no success for 2 hours" fires for an install that never succeeded.
-    success = previous.get("peersync_last_success_timestamp_seconds", 0)
-    if exit_code in SUCCESS_EXIT_CODES:
-        success = round(now)
+    success = _last_success(previous, "peersync_last_success_timestamp_seconds", exit_code, now)
     family("peersync_last_success_timestamp_seconds", "gauge",
            "When a run last completed with exit 0 or 65 (Unix time; 0: never).").add(success)
     family("peersync_last_run_duration_seconds", "gauge", "Duration of the last run.").add(
@@ -137,11 +159,8 @@ def render(summary: dict[str, Any], now: float | None = None, *, backlog: dict[s
         key = f'peersync_records_total{{outcome="{name}"}}'
         total.add(int(previous.get(key, 0)) + int(counts.get(name, 0)), outcome=name)
     runs = family("peersync_runs_total", "counter", "Runs by exit code, summed over all runs.")
-    codes = set(_label_values(previous, "peersync_runs_total", "exit_code")) | {str(exit_code)}
-    for code in sorted(codes, key=lambda c: int(c) if c.isdigit() else 999):
-        key = f'peersync_runs_total{{exit_code="{code}"}}'
-        runs.add(int(previous.get(key, 0)) + (1 if code == str(exit_code) else 0), exit_code=code)
-    return "\n".join(line for fam in families for line in fam.render()) + "\n"
+    _count_runs(runs, previous, exit_code)
+    return doc.text()
 
 
 def write_textfile(path: Path, summary: dict[str, Any], *, backlog: dict[str, int] | None = None,
@@ -189,21 +208,15 @@ def render_pull(summary: dict[str, Any], now: float | None = None, *, previous: 
     now = time.time() if now is None else now
     previous = previous or {}
     exit_code = int(summary.get("exit_code", 0))
-    families: list[_Family] = []
-
-    def family(name: str, kind: str, help_text: str) -> _Family:
-        fam = _Family(name, kind, help_text)
-        families.append(fam)
-        return fam
+    doc = _Exposition()
+    family = doc.family
 
     family("peersync_pull_last_run_exit_code", "gauge",
            "Exit code of the last pull (0 ok, 65 a referral skipped or a step failed, 69 server, 75 lock, 77 auth, "
            "78 config).").add(exit_code)
     family("peersync_pull_last_run_timestamp_seconds", "gauge", "When the last pull finished (Unix time).").add(
         round(now))
-    success = previous.get("peersync_pull_last_success_timestamp_seconds", 0)
-    if exit_code in SUCCESS_EXIT_CODES:
-        success = round(now)
+    success = _last_success(previous, "peersync_pull_last_success_timestamp_seconds", exit_code, now)
     family("peersync_pull_last_success_timestamp_seconds", "gauge",
            "When a pull last completed with exit 0 or 65 (Unix time; 0: never).").add(success)
     family("peersync_pull_last_run_duration_seconds", "gauge", "Duration of the last pull.").add(
@@ -217,11 +230,8 @@ def render_pull(summary: dict[str, Any], now: float | None = None, *, previous: 
     for status, count in sorted((summary.get("referral_statuses") or {}).items()):
         community.add(int(count), status=status)
     runs = family("peersync_pull_runs_total", "counter", "Pulls by exit code, summed over all pulls.")
-    codes = set(_label_values(previous, "peersync_pull_runs_total", "exit_code")) | {str(exit_code)}
-    for code in sorted(codes, key=lambda c: int(c) if c.isdigit() else 999):
-        key = f'peersync_pull_runs_total{{exit_code="{code}"}}'
-        runs.add(int(previous.get(key, 0)) + (1 if code == str(exit_code) else 0), exit_code=code)
-    return "\n".join(line for fam in families for line in fam.render()) + "\n"
+    _count_runs(runs, previous, exit_code)
+    return doc.text()
 
 
 def write_pull_textfile(path: Path, summary: dict[str, Any], *, now: float | None = None,
